@@ -1,0 +1,3 @@
+from fewshot.cli import main
+
+raise SystemExit(main())
