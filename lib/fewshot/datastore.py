@@ -1,0 +1,65 @@
+"""Finding labelled volumes on disk, in the two layouts users have.
+
+* A MONAI Label local datastore: images at the top level, final labels under ``labels/final/``
+  with the same file name. The image id is the file name without its extension, as in MONAI Label.
+* A dataset folder of ``image_N.nii.gz`` + ``label_N.nii.gz`` pairs (the few-shot benchmarks' layout).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from fewshot.volume import IMAGE_SUFFIXES
+
+
+def image_id_of(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _images_in(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p for p in directory.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES)
+    )
+
+
+def scan_datastore(directory: str | os.PathLike) -> dict[str, tuple[str, str | None]]:
+    """image id -> (image path, final label path or None)."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such datastore directory")
+    labels = {image_id_of(p): str(p) for p in _images_in(root / "labels" / "final")}
+    return {image_id_of(p): (str(p), labels.get(image_id_of(p))) for p in _images_in(root)}
+
+
+def labelled(datastore: dict[str, tuple[str, str | None]]) -> dict[str, tuple[str, str]]:
+    return {k: (img, lab) for k, (img, lab) in datastore.items() if lab}
+
+
+def _natural_key(text: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def scan_pairs(directory: str | os.PathLike) -> dict[str, tuple[str, str]]:
+    """``image_N`` / ``label_N`` pairs -> {case id N: (image path, label path)}, in natural order."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such data directory")
+    out = {}
+    for image in _images_in(root):
+        m = re.match(r"image_(.+)$", image_id_of(image))
+        if not m:
+            continue
+        for suffix in IMAGE_SUFFIXES:
+            label = root / f"label_{m.group(1)}{suffix}"
+            if label.is_file():
+                out[m.group(1)] = (str(image), str(label))
+                break
+    return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))

@@ -1,0 +1,314 @@
+"""Volumes in and labels out, with their geometry kept exact.
+
+Reading goes through MONAI's ``LoadImage`` (NIfTI, NRRD, DICOM series, ...). The engine works on
+*canvas slices*: the volume is oriented to RAS, cut along its slicing axis, intensity-normalised,
+resampled in plane to a common pixel spacing and centred on an S x S canvas. ``CanvasGeometry``
+remembers every step so that a canvas label goes back to the input's exact array shape, affine and
+orientation.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel import orientations as nio
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Anything with these suffixes (or a directory of DICOM files) is handed to MONAI's LoadImage.
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+RAS = nio.axcodes2ornt(("R", "A", "S"))
+
+
+class VolumeError(ValueError):
+    """A file that cannot be used as a volume or label; the message says which file and why."""
+
+
+@dataclass
+class Volume:
+    """A 3D image as read from disk: array in the file's own axis order, plus its geometry."""
+
+    array: np.ndarray  # (X, Y, Z) float32, file array order
+    affine: np.ndarray  # 4x4 voxel -> world (RAS, mm)
+    path: str
+    header: nib.Nifti1Header | None = None  # kept for NIfTI inputs so labels copy qform/sform exactly
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)
+
+    def content_hash(self) -> str:
+        """Identifies the voxels and geometry, for caches that must not outlive a changed file."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.array).tobytes())
+        h.update(np.asarray(self.affine, dtype=np.float64).tobytes())
+        return h.hexdigest()[:24]
+
+
+def _is_nifti(path: str) -> bool:
+    return path.lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read and validate a 3D image. Raises VolumeError with a message a user can act on."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise VolumeError(f"{path}: no such file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise VolumeError(f"{path}: the file is empty")
+    from monai.transforms import LoadImage  # heavy import, only when a file is read
+
+    reader = "NibabelReader" if _is_nifti(path) else None
+    try:
+        image = LoadImage(image_only=True, reader=reader, dtype=np.float32)(path)
+    except Exception as exc:  # MONAI wraps reader failures in many types
+        raise VolumeError(f"{path}: not a readable medical image ({type(exc).__name__}: {exc})") from None
+    array = np.asarray(image, dtype=np.float32)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    # Trailing singleton axes (e.g. a 4D NIfTI with one time point) are harmless; anything else is not 3D.
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise VolumeError(f"{path}: expected a 3D image, got {array.ndim}D with shape {array.shape}")
+    if min(array.shape) < 1 or array.size == 0:
+        raise VolumeError(f"{path}: the image has no voxels (shape {array.shape})")
+    if not np.all(np.isfinite(array)):
+        raise VolumeError(f"{path}: the image holds NaN or infinite values")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise VolumeError(f"{path}: the image has no usable voxel-to-world affine")
+    header = nib.load(path).header.copy() if _is_nifti(path) else None
+    return Volume(array=array, affine=affine, path=path, header=header)
+
+
+def read_label(path: str | os.PathLike, image: Volume, allowed: Sequence[int] | None = None) -> np.ndarray:
+    """Read a label volume and check it belongs to ``image``: same shape and affine, integer values.
+
+    ``allowed``: label values accepted besides 0; others raise. Returns uint16 in the file's array order.
+    """
+    label = read_volume(path)
+    if label.shape != image.shape:
+        raise VolumeError(f"{path}: label shape {label.shape} does not match image shape {image.shape}")
+    if not np.allclose(label.affine, image.affine, atol=1e-3, rtol=1e-4):
+        raise VolumeError(
+            f"{path}: label geometry (affine) does not match its image; "
+            f"label affine diagonal {np.diag(label.affine)[:3].round(3).tolist()}, image {np.diag(image.affine)[:3].round(3).tolist()}"
+        )
+    return validate_label_values(label.array, str(path), allowed)
+
+
+def validate_label_values(values: np.ndarray, where: str, allowed: Sequence[int] | None = None) -> np.ndarray:
+    if np.any(values != np.round(values)):
+        raise VolumeError(f"{where}: label values must be integers (found fractional values)")
+    if values.min() < 0 or values.max() > np.iinfo(np.uint16).max:
+        raise VolumeError(f"{where}: label values must lie in 0..65535 (found {values.min():g}..{values.max():g})")
+    out = values.astype(np.uint16)
+    if allowed is not None:
+        unknown = sorted(set(np.unique(out).tolist()) - {0} - {int(a) for a in allowed})
+        if unknown:
+            raise VolumeError(f"{where}: label values {unknown} are not among the configured labels {sorted(allowed)}")
+    return out
+
+
+def write_label(path: str | os.PathLike, label: np.ndarray, image: Volume) -> None:
+    """Write a label with exactly the image's shape and affine (its NIfTI header, when it has one).
+
+    Written to a temporary file then renamed, so a crash never leaves a torn label behind.
+    """
+    path = str(path)
+    if label.shape != image.shape:
+        raise VolumeError(f"label shape {label.shape} does not match image shape {image.shape}")
+    dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
+    data = label.astype(dtype)
+    if image.header is not None:
+        header = image.header.copy()
+        header.set_data_dtype(dtype)
+        header["scl_slope"], header["scl_inter"] = 1.0, 0.0
+        out = nib.Nifti1Image(data, None, header=header)
+        # A header without sform/qform codes would make nibabel fall back to a default affine.
+        if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+            out = nib.Nifti1Image(data, image.affine)
+    else:
+        out = nib.Nifti1Image(data, image.affine)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix, prefix=".tmp-")
+    os.close(fd)
+    try:
+        nib.save(out, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------- canvas slices
+
+
+@dataclass
+class CanvasGeometry:
+    """Everything needed to map canvas slices back to the input array, exactly."""
+
+    source_shape: tuple[int, int, int]  # file array order
+    source_ornt: np.ndarray  # nibabel orientation of the file's axes (io_orientation of its affine)
+    axis: int  # slicing axis in RAS array order
+    plane_shape: tuple[int, int]  # in-plane shape before resampling
+    resampled_shape: tuple[int, int]  # in-plane shape at the common pixel spacing
+    offset: tuple[int, int]  # where the resampled slice's (0, 0) sits on the canvas (may be negative)
+    canvas: int
+
+    @property
+    def to_ras(self) -> np.ndarray:
+        return nio.ornt_transform(self.source_ornt, RAS)
+
+    @property
+    def from_ras(self) -> np.ndarray:
+        return nio.ornt_transform(RAS, self.source_ornt)
+
+
+def choose_axis(spacing_ras: Sequence[float], setting) -> int:
+    """``auto``: the axis with the coarsest spacing (the acquisition's slice direction);
+    ties go to the last such axis (axial for isotropic CT)."""
+    if setting in (None, "auto"):
+        coarsest = max(spacing_ras)
+        return max(i for i, s in enumerate(spacing_ras) if np.isclose(s, coarsest, rtol=0.05))
+    axis = int(setting)
+    if axis not in (0, 1, 2):
+        raise VolumeError(f"slicing_axis must be auto, 0, 1 or 2, not {setting!r}")
+    return axis
+
+
+def normalise_intensity(array: np.ndarray, settings: Mapping) -> np.ndarray:
+    """-> float32 in [0, 1]. CT gets a window, MR a percentile clip (MR has no absolute scale)."""
+    modality = settings.get("modality", "auto")
+    if modality == "auto":
+        modality = "ct" if float(array.min()) < -500 else "mr"
+    if modality == "ct":
+        window = settings.get("ct_window", "abdomen")
+        if isinstance(window, str):
+            windows = settings.get("ct_windows", {})
+            if window not in windows:
+                raise VolumeError(f"unknown CT window {window!r}; known: {sorted(windows)}")
+            window = windows[window]
+        center, width = float(window[0]), float(window[1])
+        lo, hi = center - width / 2, center + width / 2
+    elif modality == "mr":
+        p_lo, p_hi = settings.get("mr_percentiles", [0.5, 99.5])
+        lo, hi = np.percentile(array, [p_lo, p_hi])
+    else:
+        raise VolumeError(f"unknown modality {modality!r}; use auto, ct or mr")
+    if hi <= lo:  # a constant image: nothing to stretch
+        return np.zeros_like(array, dtype=np.float32)
+    return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _resize(stack: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, *size); antialiased when shrinking so thin structures are not aliased away."""
+    if tuple(stack.shape[-2:]) == tuple(size):
+        return stack
+    if mode == "nearest":
+        return F.interpolate(stack, size=size, mode="nearest-exact")
+    shrinking = size[0] < stack.shape[-2] or size[1] < stack.shape[-1]
+    return F.interpolate(stack, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def _place(stack: torch.Tensor, offset: tuple[int, int], canvas: int) -> torch.Tensor:
+    """Put (N, C, h, w) at ``offset`` on an N x C x canvas x canvas zero canvas, cropping what falls outside."""
+    n, c, h, w = stack.shape
+    out = stack.new_zeros((n, c, canvas, canvas))
+    oy, ox = offset
+    y0, x0 = max(oy, 0), max(ox, 0)
+    y1, x1 = min(oy + h, canvas), min(ox + w, canvas)
+    out[:, :, y0:y1, x0:x1] = stack[:, :, y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+    return out
+
+
+def _take(stack: torch.Tensor, offset: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``_place``: cut a region of ``shape`` at ``offset`` from the canvas (zeros where it was cropped)."""
+    n, c, canvas, _ = stack.shape
+    h, w = shape
+    out = stack.new_zeros((n, c, h, w))
+    oy, ox = offset
+    y0, x0 = max(oy, 0), max(ox, 0)
+    y1, x1 = min(oy + h, canvas), min(ox + w, canvas)
+    out[:, :, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = stack[:, :, y0:y1, x0:x1]
+    return out
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Reorient (flips and axis permutations only, no interpolation) so axes run R, A, S.
+
+    Returns the reoriented array, the file's own orientation and the spacing along R, A, S.
+    """
+    source = nio.io_orientation(affine)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing_ras = tuple(float(spacing[int(i)]) for i in np.argsort(source[:, 0]))
+    return nio.apply_orientation(array, nio.ornt_transform(source, RAS)), source, spacing_ras
+
+
+def volume_to_canvas(volume: Volume, settings: Mapping) -> tuple[np.ndarray, CanvasGeometry]:
+    """Volume -> (Z, S, S) float32 canvas slices in [0, 1] and the geometry to come back."""
+    ras, source_ornt, spacing_ras = to_ras(volume.array, volume.affine)
+    axis = choose_axis(spacing_ras, settings.get("slicing_axis", "auto"))
+    plane_spacing = [s for i, s in enumerate(spacing_ras) if i != axis]
+    slices = np.moveaxis(normalise_intensity(ras, settings.get("intensity", {})), axis, 0)
+    plane_shape = tuple(int(s) for s in slices.shape[1:])
+    target = float(settings.get("pixel_spacing_mm", 1.0))
+    canvas = int(settings.get("canvas", 256))
+    resampled = tuple(max(1, int(round(n * sp / target))) for n, sp in zip(plane_shape, plane_spacing))
+    offset = tuple((canvas - r) // 2 for r in resampled)
+    geometry = CanvasGeometry(
+        source_shape=volume.shape, source_ornt=source_ornt, axis=axis, plane_shape=plane_shape,
+        resampled_shape=resampled, offset=offset, canvas=canvas,
+    )
+    stack = torch.from_numpy(np.ascontiguousarray(slices))[:, None]
+    stack = _place(_resize(stack, resampled, "bilinear"), offset, canvas)
+    return stack[:, 0].clamp_(0, 1).numpy(), geometry
+
+
+def label_to_canvas(label: np.ndarray, geometry: CanvasGeometry) -> np.ndarray:
+    """Label in file array order -> (Z, S, S) uint16 canvas masks (nearest neighbour: values stay exact)."""
+    ras = nio.apply_orientation(label, geometry.to_ras)
+    slices = np.moveaxis(ras, geometry.axis, 0).astype(np.int32)
+    stack = torch.from_numpy(np.ascontiguousarray(slices))[:, None].float()
+    stack = _place(_resize(stack, geometry.resampled_shape, "nearest"), geometry.offset, geometry.canvas)
+    return stack[:, 0].round().numpy().astype(np.uint16)
+
+
+def canvas_to_label(
+    probabilities: np.ndarray, labels: Sequence[int], geometry: CanvasGeometry, threshold: float = 0.5
+) -> np.ndarray:
+    """(Z, L, S, S) per-label probabilities -> label volume in the input's array order.
+
+    Probabilities are resampled (bilinear) to the native grid before the decision, so edges are
+    placed at native resolution rather than as blocky upsampled canvas pixels. Each voxel takes the
+    most probable label if that probability exceeds ``threshold``, else background.
+    """
+    z, n_labels = probabilities.shape[:2]
+    out = np.zeros((z,) + geometry.plane_shape, dtype=np.uint16)
+    if n_labels:
+        lut = np.asarray([0] + [int(v) for v in labels], dtype=np.uint16)
+        # Chunks over z bound memory for large volumes with many labels.
+        for start in range(0, z, 16):
+            stack = torch.from_numpy(np.ascontiguousarray(probabilities[start : start + 16], dtype=np.float32))
+            native = _resize(_take(stack, geometry.offset, geometry.resampled_shape), geometry.plane_shape, "bilinear")
+            best, idx = native.max(dim=1)
+            choice = torch.where(best > threshold, idx + 1, torch.zeros_like(idx))
+            out[start : start + 16] = lut[choice.numpy()]
+    result = nio.apply_orientation(np.moveaxis(out, 0, geometry.axis), geometry.from_ras)
+    assert result.shape == geometry.source_shape, (result.shape, geometry.source_shape)
+    return np.ascontiguousarray(result)
