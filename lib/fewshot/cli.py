@@ -1,0 +1,157 @@
+"""``python -m fewshot segment|bank|models|eval|bench``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("fewshot")
+
+
+def bank_dir_for(datastore: str | os.PathLike, preset: str) -> Path:
+    """Where a datastore's bank for a preset lives; the MONAI Label app uses the same place."""
+    return Path(datastore) / ".fewshot" / f"bank-{preset}"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="foundation", help="preset name from configs/presets (default: foundation)")
+    parser.add_argument("--models-dir", default=None, help="models directory (default: $FEWSHOT_MODELS_DIR or ./models)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or auto (default: the preset's)")
+    parser.add_argument("--labels", default=None, help="label names and values, e.g. liver=1,spleen=4")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a preset setting, e.g. --set retrieval.top_k=8 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def _settings(args) -> dict:
+    from fewshot.config import load_preset, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    if args.device:
+        overrides["device"] = args.device
+    return load_preset(args.preset, overrides)
+
+
+def _engine(args, datastore: str):
+    from fewshot.config import parse_label_map
+    from fewshot.pipeline import Engine
+
+    settings = _settings(args)
+    bank_dir = getattr(args, "bank", None) or bank_dir_for(datastore, args.preset)
+    engine, report = Engine.from_settings(
+        settings, bank_dir=bank_dir, models_dir=args.models_dir, label_names=parse_label_map(args.labels)
+    )
+    return engine, report
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="slice", file=sys.stderr)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _sync_bank(engine, datastore: str) -> dict:
+    from fewshot.datastore import labelled, scan_datastore
+
+    sources = labelled(scan_datastore(datastore))
+    if not sources:
+        raise SystemExit(f"{datastore}: no final labels under labels/final/; label at least one image first")
+    return engine.reconcile(sources, progress=_progress_bar("building support bank"))
+
+
+def cmd_segment(args) -> int:
+    engine, _ = _engine(args, args.support)
+    _sync_bank(engine, args.support)
+    requested = [s for s in args.only.split(",") if s] if args.only else None
+    seg = engine.segment(args.image, labels=requested, progress=_progress_bar("segmenting"))
+    sidecar = seg.save(args.output)
+    summary = {k: v for k, v in seg.summary().items() if k != "provenance"}
+    summary["output"] = str(args.output)
+    summary["sidecar"] = str(sidecar)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_bank(args) -> int:
+    engine, report = _engine(args, args.datastore)
+    if args.action == "build":
+        result = _sync_bank(engine, args.datastore)
+        print(json.dumps({"reconcile": result, "bank": engine.bank.stats()}, indent=1))
+        return 1 if result["failed"] else 0
+    stats = engine.bank.stats()
+    stats["directory"] = str(engine.bank.directory)
+    if report.dropped or report.discarded_all:
+        stats["needs_rebuild"] = {"dropped": report.dropped, "discarded_all": report.discarded_all}
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fewshot", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment a volume from a datastore's labelled images")
+    seg.add_argument("--image", required=True, help="volume to segment (NIfTI, NRRD, DICOM folder, ...)")
+    seg.add_argument("--support", required=True, help="MONAI Label datastore: images + labels/final/")
+    seg.add_argument("--output", required=True, help="output label file (.nii.gz); a .json sidecar goes beside it")
+    seg.add_argument("--bank", default=None, help="bank directory (default: <support>/.fewshot/bank-<preset>)")
+    seg.add_argument("--only", default=None, help="comma-separated label names or values to segment (default: all)")
+    _common(seg)
+    seg.set_defaults(func=cmd_segment)
+
+    bank = sub.add_parser("bank", help="build or describe a datastore's support bank")
+    bank.add_argument("action", choices=["build", "stats"])
+    bank.add_argument("--datastore", required=True)
+    bank.add_argument("--bank", default=None, help="bank directory (default: <datastore>/.fewshot/bank-<preset>)")
+    _common(bank)
+    bank.set_defaults(func=cmd_bank)
+
+    from fewshot.weights import add_models_commands
+
+    add_models_commands(sub)
+
+    try:
+        from fewshot.eval.runner import add_eval_command
+
+        add_eval_command(sub)
+    except ImportError:
+        pass
+    try:
+        from fewshot.bench import add_bench_command
+
+        add_bench_command(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from fewshot.config import ConfigError
+    from fewshot.volume import VolumeError
+    from fewshot.weights import MissingWeightsError
+
+    try:
+        return int(args.func(args) or 0)
+    except (MissingWeightsError, VolumeError, ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,429 @@
+"""The engine: a preset's embedder, matcher and transfer step composed around a SupportBank.
+
+``Engine.ingest`` turns a labelled volume into bank entries (slices, augmented copies, embeddings,
+cached transfer payloads). ``Engine.segment`` runs retrieve -> match -> transfer on a new volume
+and returns a label with the input's exact geometry, plus provenance and timings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from fewshot.bank import SliceBatch, SupportBank
+from fewshot.types import Embedder, LabelTransfer, Matcher, SlicePlan, Support
+from fewshot.volume import (
+    CanvasGeometry,
+    Volume,
+    VolumeError,
+    canvas_to_label,
+    label_to_canvas,
+    read_label,
+    read_volume,
+    volume_to_canvas,
+    write_label,
+)
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PreparedVolume:
+    volume: Volume
+    canvas: np.ndarray  # (Z, S, S) float32
+    geometry: CanvasGeometry
+    key: str  # content hash: caches keyed on it never outlive a changed file
+
+
+@dataclass
+class IngestReport:
+    image_id: str
+    slices: int  # bank entries written (originals + augmented copies)
+    positive_slices: int
+    negative_slices: int
+    augmented_slices: int
+    labels: list[int]
+    seconds: float
+
+
+@dataclass
+class Segmentation:
+    label: np.ndarray  # input array order, uint16
+    volume: Volume
+    labels: dict[str, int]  # name -> value segmented
+    provenance: dict  # label name -> slice -> supports used and scores
+    timings: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)  # label name -> why it was not segmented
+
+    def summary(self) -> dict:
+        counts = {name: int((self.label == value).sum()) for name, value in self.labels.items()}
+        return {
+            "image": self.volume.path,
+            "shape": list(self.volume.shape),
+            "labels": self.labels,
+            "voxels": counts,
+            "skipped": self.skipped,
+            "timings": self.timings,
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | os.PathLike, sidecar: bool = True) -> Path | None:
+        write_label(path, self.label, self.volume)
+        if not sidecar:
+            return None
+        side = Path(str(path).removesuffix(".gz").removesuffix(".nii") + ".json")
+        side.write_text(json.dumps(self.summary(), indent=1))
+        return side
+
+
+def settings_hash(*sections: Mapping) -> str:
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _evenly_spaced(items: Sequence[int], count: int) -> list[int]:
+    if count < 0 or count >= len(items):
+        return list(items)
+    if count == 0:
+        return []
+    picks = np.linspace(0, len(items) - 1, count).round().astype(int)
+    return [items[i] for i in sorted(set(picks.tolist()))]
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Mapping,
+        embedder: Embedder,
+        matcher: Matcher | None,
+        transfer: LabelTransfer,
+        bank: SupportBank,
+        label_names: Mapping[str, int] | None = None,
+    ):
+        self.settings = dict(settings)
+        self.embedder = embedder
+        self.matcher = matcher
+        self.transfer = transfer
+        self.bank = bank
+        self.label_names = dict(label_names or {})
+        self._prepared: OrderedDict[str, tuple[PreparedVolume, np.ndarray]] = OrderedDict()
+        self._prepared_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ construction
+
+    @staticmethod
+    def bank_fingerprint(settings: Mapping, embedder: Embedder, transfer: LabelTransfer) -> str:
+        """What bank entries depend on: a change to any of these makes old entries meaningless."""
+        bank = settings.get("bank", {})
+        shaped = settings_hash(
+            settings.get("volume", {}),
+            {k: bank.get(k) for k in ("negatives_per_image", "augmentations_per_slice", "augmentation")},
+            settings.get("embedder", {}),
+        )
+        return f"{embedder.name}+{transfer.fingerprint()}+{shaped}"
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Mapping,
+        bank_dir: str | os.PathLike | None = None,
+        models_dir: str | os.PathLike | None = None,
+        label_names: Mapping[str, int] | None = None,
+    ) -> tuple["Engine", object]:
+        """Build the preset's steps and open (or create) its bank. Returns (engine, bank LoadReport)."""
+        from fewshot.presets import build_steps
+
+        embedder, matcher, transfer = build_steps(settings, models_dir=models_dir)
+        bank_settings = settings.get("bank", {})
+        bank, report = SupportBank.open(
+            bank_dir,
+            cls.bank_fingerprint(settings, embedder, transfer),
+            index_transform=embedder.index_transform,
+            approximate_above=bank_settings.get("approximate_above", 20000),
+            hnsw_m=bank_settings.get("hnsw_m", 32),
+            hnsw_ef_search=bank_settings.get("hnsw_ef_search", 128),
+        )
+        return cls(settings, embedder, matcher, transfer, bank, label_names), report
+
+    # ------------------------------------------------------------------ labels
+
+    def label_values(self, extra: Sequence[int] = ()) -> list[int]:
+        return sorted(set(self.label_names.values()) | set(self.bank.label_values) | {int(v) for v in extra})
+
+    def name_of(self, value: int) -> str:
+        for name, v in self.label_names.items():
+            if v == value:
+                return name
+        return str(value)
+
+    # ------------------------------------------------------------------ volumes
+
+    def prepare(self, image: str | os.PathLike | Volume) -> PreparedVolume:
+        volume = image if isinstance(image, Volume) else read_volume(image)
+        canvas, geometry = volume_to_canvas(volume, self.settings.get("volume", {}))
+        if len(canvas) < 1:
+            raise VolumeError(f"{volume.path}: no slices along the slicing axis")
+        key = f"{volume.content_hash()}-{settings_hash(self.settings.get('volume', {}))}"
+        return PreparedVolume(volume, canvas, geometry, key)
+
+    def _prepared_with_embeddings(self, image) -> tuple[PreparedVolume, np.ndarray]:
+        """Canvas slices and their embeddings, cached per volume content for interactive reuse."""
+        prepared = self.prepare(image)
+        with self._prepared_lock:
+            hit = self._prepared.get(prepared.key)
+            if hit is not None:
+                self._prepared.move_to_end(prepared.key)
+                return prepared, hit[1]
+        embeddings = self.embedder.embed(prepared.canvas)
+        with self._prepared_lock:
+            self._prepared[prepared.key] = (prepared, embeddings)
+            while len(self._prepared) > int(self.settings.get("transfer", {}).get("feature_cache", 4)):
+                self._prepared.popitem(last=False)
+        return prepared, embeddings
+
+    def embed_volume(self, image) -> np.ndarray:
+        """Per-slice embeddings of a volume (Z, D), e.g. for active learning."""
+        return self._prepared_with_embeddings(image)[1]
+
+    # ------------------------------------------------------------------ growing the bank
+
+    def support_batch(self, image_id: str, prepared: PreparedVolume, masks: np.ndarray, label_values: Sequence[int]) -> SliceBatch:
+        """Canvas slices + masks -> bank entries: positives, sampled negatives, augmented copies, embeddings, payloads."""
+        from fewshot.match.augment import augment_support
+
+        bank_settings = self.settings.get("bank", {})
+        canvas = prepared.canvas
+        positive = [z for z in range(len(masks)) if masks[z].any()]
+        negative = [z for z in range(len(masks)) if not masks[z].any()]
+        negative = _evenly_spaced(negative, int(bank_settings.get("negatives_per_image", -1)))
+        images, out_masks, index, augmentation = [], [], [], []
+        for z in sorted(positive + negative):
+            images.append(canvas[z])
+            out_masks.append(masks[z])
+            index.append(z)
+            augmentation.append("")
+        n_aug = int(bank_settings.get("augmentations_per_slice", 0))
+        aug_params = bank_settings.get("augmentation", {})
+        seed = int(aug_params.get("seed", 0))
+        for z in positive if n_aug > 0 else []:
+            # Seeded by image and slice: re-ingesting the same label gives the same bank.
+            digest = hashlib.sha256(f"{seed}:{image_id}:{z}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            for aug in augment_support(canvas[z], masks[z], n_aug, aug_params, rng):
+                images.append(aug.image)
+                out_masks.append(aug.mask)
+                index.append(z)
+                augmentation.append(aug.description)
+        images_arr = np.stack(images).astype(np.float32)
+        masks_arr = np.stack(out_masks).astype(np.uint16)
+        embeddings = self.embedder.embed(images_arr)
+        payload = self.transfer.encode_supports(images_arr, masks_arr, list(label_values))
+        return SliceBatch(
+            images=images_arr, masks=masks_arr, embeddings=embeddings,
+            slice_index=np.asarray(index, np.int32), augmentation=augmentation,
+            payload=payload, payload_labels=tuple(int(v) for v in label_values),
+        )
+
+    def ingest(
+        self,
+        image_id: str,
+        image_path: str | os.PathLike,
+        label_path: str | os.PathLike,
+        allowed_labels: Sequence[int] | None = None,
+        source: Mapping | None = None,
+    ) -> IngestReport:
+        """Add (or replace) all slices of one labelled image. Validates before touching the bank."""
+        start = time.perf_counter()
+        volume = read_volume(image_path)
+        label = read_label(label_path, volume, allowed_labels)
+        present = sorted(int(v) for v in np.unique(label) if v)
+        prepared = self.prepare(volume)
+        masks = label_to_canvas(label, prepared.geometry)
+        label_values = self.label_values(present)
+        batch = self.support_batch(image_id, prepared, masks, label_values)
+        src = {"image": str(image_path), "label": str(label_path), "label_sha256": file_sha256(label_path)}
+        src.update(source or {})
+        self.bank.put(image_id, batch, src)
+        n_pos = sum(1 for a, m in zip(batch.augmentation, batch.masks) if not a and m.any())
+        n_aug = sum(1 for a in batch.augmentation if a)
+        report = IngestReport(
+            image_id=image_id, slices=len(batch.images), positive_slices=n_pos,
+            negative_slices=len(batch.images) - n_pos - n_aug, augmented_slices=n_aug,
+            labels=present, seconds=round(time.perf_counter() - start, 3),
+        )
+        logger.info(
+            "ingested %r: %d slices (%d labelled, %d negative, %d augmented) in %.1f s",
+            image_id, report.slices, report.positive_slices, report.negative_slices, n_aug, report.seconds,
+        )
+        return report
+
+    def remove(self, image_id: str) -> bool:
+        return self.bank.remove(image_id)
+
+    def stale_images(self, sources: Mapping[str, tuple[str, str]]) -> dict[str, str]:
+        """Images whose bank entries do not reflect their current label: id -> reason."""
+        stale = {}
+        wanted = set(self.label_values())
+        for image_id, (_, label_path) in sources.items():
+            if image_id not in self.bank:
+                stale[image_id] = "not in the bank"
+                continue
+            record = self.bank.record(image_id)
+            if record["source"].get("label_sha256") != file_sha256(label_path):
+                stale[image_id] = "label changed since it was ingested"
+            elif record["payload"] and not wanted <= set(record["payload_labels"]):
+                stale[image_id] = f"no cached memories for labels {sorted(wanted - set(record['payload_labels']))}"
+        return stale
+
+    def reconcile(self, sources: Mapping[str, tuple[str, str]], progress: Progress | None = None) -> dict:
+        """Make the bank match ``sources`` (image id -> (image path, final label path)).
+
+        Entries of images without a final label are removed; missing or stale ones are (re)ingested.
+        One bad file is reported and skipped; it never stops the others.
+        """
+        removed = [i for i in self.bank.image_ids() if i not in sources]
+        for image_id in removed:
+            self.bank.remove(image_id)
+        stale = self.stale_images(sources)
+        done, failed = [], {}
+        for n, (image_id, reason) in enumerate(sorted(stale.items()), 1):
+            logger.info("reconcile %d/%d: ingesting %r (%s)", n, len(stale), image_id, reason)
+            image_path, label_path = sources[image_id]
+            try:
+                self.ingest(image_id, image_path, label_path)
+                done.append(image_id)
+            except (VolumeError, OSError) as exc:
+                failed[image_id] = str(exc)
+                logger.error("reconcile: %r skipped: %s", image_id, exc)
+            if progress:
+                progress(n, len(stale))
+        return {"removed": removed, "ingested": done, "failed": failed, "kept": sorted(set(sources) - set(stale) - set(failed))}
+
+    # ------------------------------------------------------------------ segmenting
+
+    def plan(self, prepared: PreparedVolume, embeddings: np.ndarray, labels: Sequence[int]) -> tuple[list[SlicePlan], dict]:
+        """Retrieve top-K per slice, re-rank with the matcher, keep k: one SlicePlan per slice."""
+        retrieval = self.settings.get("retrieval", {})
+        keep = int(self.settings.get("selection", {}).get("keep", 4))
+        top_k = max(int(retrieval.get("top_k", 16)), keep)
+        timings = {"retrieve": 0.0, "match": 0.0}
+        t0 = time.perf_counter()
+        scores, rows = self.bank.search(embeddings, top_k)
+        timings["retrieve"] = time.perf_counter() - t0
+        wanted = [int(v) for v in labels]
+        plans: list[SlicePlan] = []
+        warned = False
+        for z in range(len(prepared.canvas)):
+            candidates = []
+            for s, row in zip(scores[z], rows[z]):
+                if not self.bank.payload_covers(row[0], wanted):
+                    if not warned:
+                        logger.warning("some bank entries lack cached memories for labels %s: reconcile the bank", wanted)
+                        warned = True
+                    continue
+                candidates.append(self.bank.support(row, float(s), wanted))
+            if self.matcher is not None and len(candidates) > keep:
+                t0 = time.perf_counter()
+                dist = self.matcher.distances(prepared.canvas[z], np.stack([c.image for c in candidates]))
+                timings["match"] += time.perf_counter() - t0
+                for c, d in zip(candidates, dist):
+                    c.match_distance = float(d)
+                candidates = [candidates[i] for i in np.argsort(dist, kind="stable")]
+            chosen = candidates[:keep]
+            allowed = tuple(v for v in wanted if any(v in c.labels for c in chosen))
+            plans.append(SlicePlan(slice_index=z, supports=chosen, labels=allowed))
+        return plans, timings
+
+    def resolve_labels(self, requested: Sequence[str | int] | None) -> tuple[dict[str, int], dict[str, str]]:
+        """Requested label names/values -> ({name: value} to segment, {name: why skipped})."""
+        in_bank = set(self.bank.label_values)
+        if requested:
+            pairs = {}
+            for item in requested:
+                if isinstance(item, int) or str(item).isdigit():
+                    pairs[self.name_of(int(item))] = int(item)
+                elif item in self.label_names:
+                    pairs[item] = self.label_names[item]
+                else:
+                    raise ValueError(f"unknown label {item!r}; known: {sorted(self.label_names) or sorted(in_bank)}")
+        else:
+            pairs = {self.name_of(v): v for v in self.label_values()}
+        chosen = {n: v for n, v in pairs.items() if v in in_bank}
+        skipped = {n: "no labelled example in the support bank yet" for n, v in pairs.items() if v not in in_bank}
+        return chosen, skipped
+
+    def segment(
+        self,
+        image: str | os.PathLike | Volume,
+        labels: Sequence[str | int] | None = None,
+        progress: Progress | None = None,
+    ) -> Segmentation:
+        t_start = time.perf_counter()
+        chosen, skipped = self.resolve_labels(labels)
+        for name, why in skipped.items():
+            logger.info("label %r skipped: %s", name, why)
+        t0 = time.perf_counter()
+        prepared, embeddings = self._prepared_with_embeddings(image)
+        timings = {"prepare_and_embed": time.perf_counter() - t0}
+        values = list(chosen.values())
+        if not values:
+            label = np.zeros(prepared.volume.shape, np.uint16)
+            timings["total"] = time.perf_counter() - t_start
+            return Segmentation(label, prepared.volume, {}, {}, _round(timings), skipped)
+        plans, plan_timings = self.plan(prepared, embeddings, values)
+        timings.update(plan_timings)
+        result = self.transfer.segment_volume(prepared.canvas, plans, values, cache_key=prepared.key, progress=progress)
+        for stage, seconds in result.seconds.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        t0 = time.perf_counter()
+        probs = np.stack([s.probabilities for s in result.slices]) if result.slices else np.zeros((0, len(values)))
+        label = canvas_to_label(probs, result.labels, prepared.geometry)
+        timings["postprocess"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        timings["slices"] = len(prepared.canvas)
+        provenance = self._provenance(plans, result, chosen, prepared.geometry)
+        return Segmentation(label, prepared.volume, chosen, provenance, _round(timings), skipped)
+
+    def _provenance(self, plans, result, chosen: Mapping[str, int], geometry: CanvasGeometry) -> dict:
+        """label name -> {"slicing_axis", "slices": {z: {"supports": [...], "object_score", "present"}}}."""
+        out = {}
+        for name, value in chosen.items():
+            c = list(result.labels).index(value)
+            per_slice = {}
+            for plan, sres in zip(plans, result.slices):
+                if value not in plan.labels:
+                    continue
+                per_slice[str(plan.slice_index)] = {
+                    "supports": [
+                        dict(s.ref.as_dict(), similarity=round(s.score, 4),
+                             **({"match_distance": round(s.match_distance, 4)} if s.match_distance is not None else {}),
+                             has_label=value in s.labels)
+                        for s in plan.supports
+                    ],
+                    "object_score": round(float(sres.object_scores[c]), 3),
+                    "present": bool(sres.probabilities[c].max() > 0.5),
+                }
+            out[name] = {"slicing_axis_ras": geometry.axis, "slices": per_slice}
+        return out
+
+
+def _round(timings: Mapping[str, float]) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in timings.items()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,115 @@
+"""Build a preset's three steps from its settings.
+
+Each step's ``type`` names a builder below; parameters come from the preset's YAML. A new preset
+that recombines or re-parameterises these steps is a new file in ``configs/presets/``, no code.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping
+
+import torch
+
+from fewshot import weights
+from fewshot.types import Embedder, LabelTransfer, Matcher
+
+logger = logging.getLogger(__name__)
+
+
+class PresetError(ValueError):
+    pass
+
+
+def resolve_device(setting: str | None) -> str:
+    if setting in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(setting).startswith("cuda") and not torch.cuda.is_available():
+        raise PresetError(f"device {setting!r} requested but CUDA is not available on this machine; use device cpu")
+    return str(setting)
+
+
+class _Context:
+    def __init__(self, settings: Mapping, models_dir):
+        self.random_weights = bool(settings.get("random_weights", False))
+        self.models_dir = weights.models_dir(models_dir)
+        self.device = resolve_device(settings.get("device"))
+
+    def checkpoint(self, name: str):
+        return weights.resolve(name, self.models_dir, random_weights=self.random_weights)
+
+
+def _dinov2(section, ctx: _Context) -> Embedder:
+    from fewshot.embed.dinov2 import Dinov2Embedder
+
+    return Dinov2Embedder(ctx.checkpoint(section["model"]), section, ctx.device)
+
+
+def _descriptor(section, ctx: _Context) -> Embedder:
+    from fewshot.embed.descriptor import DescriptorEmbedder
+
+    return DescriptorEmbedder(section)
+
+
+def _lpips(section, ctx: _Context) -> Matcher:
+    from fewshot.match.lpips_match import LpipsMatcher
+
+    return LpipsMatcher(ctx.checkpoint(section["model"]), section, ctx.device)
+
+
+def _ncc(section, ctx: _Context) -> Matcher:
+    from fewshot.match.ncc import NccMatcher
+
+    return NccMatcher(section)
+
+
+def _sam2(section, ctx: _Context) -> LabelTransfer:
+    from fewshot.transfer.sam2_memory import Sam2Transfer
+
+    name = section["model"]
+    spec = weights.load_registry()[name]
+    return Sam2Transfer.from_settings(
+        section,
+        checkpoint_path=ctx.checkpoint(name),
+        config_path=weights.sam2_config_path(spec),
+        device=ctx.device,
+        model_id=name + ("-random" if ctx.random_weights and not spec.random_only else ""),
+    )
+
+
+def _registration(section, ctx: _Context) -> LabelTransfer:
+    from fewshot.transfer.registration import RegistrationTransfer
+
+    return RegistrationTransfer(section)
+
+
+EMBEDDERS: dict[str, Callable] = {"dinov2": _dinov2, "descriptor": _descriptor}
+MATCHERS: dict[str, Callable] = {"lpips": _lpips, "ncc": _ncc}
+TRANSFERS: dict[str, Callable] = {"sam2": _sam2, "registration": _registration}
+
+
+def _pick(table: Mapping[str, Callable], section: Mapping, what: str) -> Callable:
+    kind = section.get("type")
+    if kind not in table:
+        raise PresetError(f"{what} type {kind!r} is unknown; available: {', '.join(sorted(table))}")
+    return table[kind]
+
+
+def build_steps(settings: Mapping, models_dir=None) -> tuple[Embedder, Matcher | None, LabelTransfer]:
+    """-> (embedder, matcher or None when matching is off, transfer). Fails fast on missing weights."""
+    ctx = _Context(settings, models_dir)
+    if ctx.random_weights:
+        logger.warning(
+            "preset %r uses RANDOM WEIGHTS: its masks are meaningless (for tests and timing only)",
+            settings.get("name"),
+        )
+    matcher_section = settings.get("matcher", {}) or {}
+    embedder = _pick(EMBEDDERS, settings.get("embedder", {}), "embedder")(settings["embedder"], ctx)
+    matcher = None
+    if matcher_section.get("type", "none") not in (None, "none", False):
+        matcher = _pick(MATCHERS, matcher_section, "matcher")(matcher_section, ctx)
+    transfer = _pick(TRANSFERS, settings.get("transfer", {}), "transfer")(settings["transfer"], ctx)
+    logger.info(
+        "preset %r on %s: embedder %s, matcher %s, transfer %s",
+        settings.get("name"), ctx.device, embedder.name, getattr(matcher, "name", "off"), transfer.name,
+    )
+    return embedder, matcher, transfer
