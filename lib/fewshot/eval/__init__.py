@@ -1,0 +1,26 @@
+"""Evaluation: scores (``metrics``), the literature's protocols as data (``protocols``), figures (``plots``).
+
+``plots`` is imported on demand (``from fewshot.eval import plots``) so that scoring does not load
+matplotlib.
+"""
+from .metrics import CaseLabelScore, LabelScore, dice, hd95, per_label_scores
+from .protocols import (
+    GROWTH_STEPS,
+    Fold,
+    GrowthSplit,
+    alpnet_folds,
+    clinical_split,
+    growth_splits,
+    growth_steps,
+    label_presence,
+    organ_chunks,
+    organ_extent,
+    query_chunk_assignment,
+    support_slice_per_chunk,
+)
+
+__all__ = [
+    "CaseLabelScore", "LabelScore", "dice", "hd95", "per_label_scores",
+    "GROWTH_STEPS", "Fold", "GrowthSplit", "alpnet_folds", "clinical_split", "growth_splits", "growth_steps",
+    "label_presence", "organ_chunks", "organ_extent", "query_chunk_assignment", "support_slice_per_chunk",
+]

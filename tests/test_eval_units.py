@@ -1,0 +1,294 @@
+"""Unit tests of the evaluation package's pure parts: metrics, protocol bookkeeping, plots."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from fewshot.eval import metrics, plots, protocols
+from fewshot.eval.metrics import CaseLabelScore, dice, hd95, per_label_scores, surface_distances
+
+# --------------------------------------------------------------------------------------- metrics
+
+
+def square(shape=(32, 32), top=10, left=10, size=10) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[top:top + size, left:left + size] = True
+    return m
+
+
+def test_identical_masks_score_perfectly():
+    m = square()
+    assert dice(m, m) == 1.0
+    assert hd95(m, m, (2.0, 1.0)) == 0.0
+
+
+def test_disjoint_masks_have_zero_dice():
+    a, b = square(left=0, size=5), square(left=20, size=5)
+    assert dice(a, b) == 0.0
+    # nearest surfaces: column 4 vs column 20 -> 16 px at 1 mm; farthest corner pairs add more
+    assert hd95(a, b, (1.0, 1.0)) >= 16.0
+
+
+def test_empty_conventions():
+    empty, full = np.zeros((8, 8), bool), square((8, 8), 2, 2, 3)
+    assert dice(empty, empty) == 1.0
+    assert math.isnan(dice(empty, empty, both_empty=float("nan")))
+    assert dice(empty, full) == 0.0
+    assert hd95(empty, empty, (1.0, 1.0)) == 0.0
+    assert math.isnan(hd95(empty, full, (1.0, 1.0)))
+    assert math.isnan(hd95(full, empty, (1.0, 1.0)))
+
+
+def test_offset_squares_worked_by_hand():
+    # A = rows 10..19 x cols 10..19, B = the same square 3 columns to the right (cols 13..22).
+    # Overlap 10 x 7 = 70 px -> Dice = 2*70 / (100+100) = 0.7.
+    # Surface distances A->B with spacing (2 mm rows, 1 mm cols), 36 surface pixels of A:
+    #   top/bottom rows: cols 13..19 lie on B's top/bottom row -> 0 (14 px); cols 10,11,12 -> 3,2,1 mm
+    #   left column (rows 11..18): nearest is B's left column 3 px away -> 3 mm (8 px)
+    #   right column (rows 11..18, inside B): B's right column 3 mm away, or B's top/bottom row at
+    #   2 mm per row: rows 11 and 18 -> 2 mm, rows 12..17 -> 3 mm
+    #   => {0: 14, 1: 2, 2: 4, 3: 16}; B->A is the mirror image, so the pooled counts double.
+    # 95th percentile of the 72 pooled values: positions 67 and 68 of the sorted list are both 3 -> 3 mm.
+    a, b = square(), square(left=13)
+    assert dice(a, b) == pytest.approx(0.7)
+    d = surface_distances(a, b, (2.0, 1.0))
+    assert Counter(np.round(d, 6).tolist()) == {0.0: 28, 1.0: 4, 2.0: 8, 3.0: 32}
+    assert hd95(a, b, (2.0, 1.0)) == pytest.approx(3.0)
+    # Isotropic 1 mm: right-column rows 11/18 -> 1 mm, 12/17 -> 2 mm, 13..16 -> 3 mm, so per direction
+    # {0: 14, 1: 4, 2: 4, 3: 14}: the row spacing changed the distribution, as it must.
+    d_iso = surface_distances(a, b, (1.0, 1.0))
+    assert Counter(np.round(d_iso, 6).tolist()) == {0.0: 28, 1.0: 8, 2.0: 8, 3.0: 28}
+
+
+def test_anisotropic_spacing_is_honoured():
+    a = square()
+    along_rows, along_cols = square(top=13), square(left=13)
+    assert hd95(a, along_cols, (2.0, 1.0)) == pytest.approx(3.0)
+    assert hd95(a, along_rows, (2.0, 1.0)) == pytest.approx(6.0)  # 3 rows x 2 mm
+    one, other = np.zeros((4, 6, 6), bool), np.zeros((4, 6, 6), bool)
+    one[0, 2, 2], other[1, 2, 2] = True, True
+    assert hd95(one, other, (5.0, 1.0, 1.0)) == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        hd95(one, other, (1.0, 1.0))
+
+
+def _brute_force_hd95(p: np.ndarray, t: np.ndarray, spacing) -> float:
+    """Independent reference: surface by explicit neighbour test, distances by all pairs."""
+    def surface_points(m):
+        padded = np.pad(m, 1)
+        inner = np.ones_like(m)
+        for ax in range(m.ndim):
+            for shift in (-1, 1):
+                inner &= np.roll(padded, shift, axis=ax)[tuple(slice(1, -1) for _ in range(m.ndim))]
+        return np.argwhere(m & ~inner) * np.asarray(spacing)
+
+    sp, st = surface_points(p), surface_points(t)
+    d = cdist(sp, st)
+    return float(np.percentile(np.concatenate([d.min(axis=1), d.min(axis=0)]), 95))
+
+
+@pytest.mark.parametrize("ndim,spacing", [(2, (1.7, 0.6)), (3, (4.0, 1.25, 1.25))])
+def test_hd95_matches_brute_force_on_random_blobs(ndim, spacing):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(ndim)
+    shape = (40, 40) if ndim == 2 else (12, 24, 24)
+    for _ in range(3):
+        p = ndimage.binary_opening(ndimage.gaussian_filter(rng.random(shape), 2) > 0.5)
+        t = ndimage.binary_opening(ndimage.gaussian_filter(rng.random(shape), 2) > 0.5)
+        assert p.any() and t.any()
+        assert hd95(p, t, spacing) == pytest.approx(_brute_force_hd95(p, t, spacing), abs=1e-9)
+
+
+def test_per_label_scores_with_label_values_and_slice_restriction():
+    truth = np.zeros((10, 16, 16), np.uint16)
+    truth[2:5, 4:10, 4:10] = 200
+    truth[3:7, 10:14, 2:6] = 500
+    pred = truth.copy()
+    pred[8, 4:10, 4:10] = 200  # a false positive far outside label 200's extent
+    whole = per_label_scores(pred, truth, [200, 500], spacing=(8.0, 1.25, 1.25))
+    assert whole[500] == metrics.LabelScore(dice=1.0, hd95=0.0)
+    assert whole[200].dice == pytest.approx(2 * 108 / (144 + 108))
+    assert whole[200].hd95 > 0
+    restricted = per_label_scores(pred, truth, [200, 500], (8.0, 1.25, 1.25), slices=range(2, 7))
+    assert restricted[200].dice == 1.0 and restricted[200].hd95 == 0.0
+    per_label = per_label_scores(pred, truth, [200, 500], (8.0, 1.25, 1.25),
+                                 slices={200: [2, 3, 4], 500: [3, 4, 5, 6]})
+    assert per_label[200].dice == 1.0 and per_label[500].dice == 1.0
+    # slicing along another axis: columns 0..3 hold none of label 200
+    along_x = per_label_scores(pred, truth, [200], (8.0, 1.25, 1.25), slices=[0, 1, 2, 3], axis=2)
+    assert along_x[200] == metrics.LabelScore(dice=1.0, hd95=0.0)
+
+
+# ------------------------------------------------------------------------------------- protocols
+
+CHAOS_IDS = ["1", "2", "3", "5", "8", "10", "13", "15", "19", "20",
+             "21", "22", "31", "32", "33", "34", "36", "37", "38", "39"]
+
+
+def test_alpnet_folds_on_chaos_ids():
+    rng = np.random.default_rng(0)
+    shuffled = [f"image_{i}" for i in rng.permutation(CHAOS_IDS)]
+    folds = protocols.alpnet_folds(shuffled, n_folds=5)
+    assert [f.index for f in folds] == [0, 1, 2, 3, 4]
+    # SSL-ALPNet: numeric sort, groups of 4, support = the scan after the group (circular).
+    assert folds[0].query_ids == ("image_1", "image_2", "image_3", "image_5")
+    assert folds[0].support_id == "image_8"
+    assert folds[4].query_ids == ("image_36", "image_37", "image_38", "image_39")
+    assert folds[4].support_id == "image_1"
+    queried = Counter(q for f in folds for q in f.query_ids)
+    assert set(queried) == set(shuffled) and set(queried.values()) == {1}
+    assert [f.support_id for f in folds] == ["image_8", "image_19", "image_31", "image_36", "image_1"]
+    for f in folds:
+        assert f.support_id not in f.query_ids
+
+
+def test_adnet_convention_differs_only_in_last_fold():
+    cmr = [str(i) for i in range(1, 36)]  # 35 CMR scans: ADNet's get_folds uses groups of 7
+    alp = protocols.alpnet_folds(cmr, 5)
+    adn = protocols.alpnet_folds(cmr, 5, convention="adnet")
+    assert alp[:4] == adn[:4]
+    assert alp[0].query_ids == tuple(str(i) for i in range(1, 8)) and alp[0].support_id == "8"
+    # ADNet FOLD[4] = indices {0, 28..34}; sorted, the last (scan "35") is the support.
+    assert adn[4].support_id == "35"
+    assert adn[4].query_ids == ("1",) + tuple(str(i) for i in range(29, 35))
+    assert alp[4].support_id == "1" and alp[4].query_ids == tuple(str(i) for i in range(29, 36))
+    for f in adn:
+        assert f.support_id not in f.query_ids
+
+
+def test_folds_for_uneven_counts_and_bad_inputs():
+    folds = protocols.alpnet_folds([f"c{i}" for i in range(7)], n_folds=3)
+    assert [len(f.query_ids) for f in folds] == [3, 2, 2]
+    assert [f.support_id for f in folds] == ["c3", "c5", "c0"]
+    with pytest.raises(ValueError):
+        protocols.alpnet_folds(["1", "2", "3"], n_folds=3)
+    with pytest.raises(ValueError):
+        protocols.alpnet_folds(["1", "1", "2", "3"], n_folds=2)
+
+
+def test_alpnet_chunks_and_support_slices_worked_example():
+    # Organ on slices 10..21 (12 slices). Query rule: chunk = int((z - 10) // (11 / 3)):
+    #   z = 10..13 -> (0..3) // 3.67 = 0; z = 14..17 -> (4..7) // 3.67 = 1; z = 18..20 -> 2; z = 21 -> 3, clipped to 2.
+    # Support rule: zlist[int(pct * 12)] with pct = 1/6, 1/2, 5/6 -> zlist[2], zlist[6], zlist[10] = 12, 16, 20.
+    presence = np.zeros(30, bool)
+    presence[10:22] = True
+    chunks = protocols.organ_chunks(presence, n_chunks=3)
+    assert chunks == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19, 20, 21]]
+    assert protocols.support_slice_per_chunk(chunks) == [12, 16, 20]
+
+    # Organ on slices 5..14 (10 slices): width 9 / 3 = 3 -> [5,6,7], [8,9,10], [11..13] + 14 clipped.
+    # Support: int(pct * 10) = 1, 5, 8 -> zlist[1], zlist[5], zlist[8] = 6, 10, 13.
+    chunks = protocols.organ_chunks(list(range(5, 15)))
+    assert chunks == [[5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
+    assert protocols.support_slice_per_chunk(chunks) == [6, 10, 13]
+
+
+def test_query_chunk_assignment_uses_the_query_extent():
+    # Query organ on slices 3..9: width 6 / 3 = 2 -> 3,4 -> 0; 5,6 -> 1; 7,8 -> 2; 9 -> 3 clipped to 2.
+    q = np.zeros(12, bool)
+    q[3:10] = True
+    assert protocols.query_chunk_assignment(q) == {3: 0, 4: 0, 5: 1, 6: 1, 7: 2, 8: 2, 9: 2}
+    # Over the whole scan, slices outside the extent clip to the first/last chunk.
+    everywhere = protocols.query_chunk_assignment(q, n_slices=12)
+    assert [everywhere[z] for z in range(12)] == [0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
+    assert protocols.query_chunk_assignment(np.zeros(5, bool)) == {}
+
+
+def test_single_slice_and_gapped_organs():
+    assert protocols.organ_chunks([7]) == [[7], [], []]
+    assert protocols.support_slice_per_chunk([[7], [], []]) == [7, 7, 7]
+    assert protocols.query_chunk_assignment([7]) == {7: 0}
+    # Gap: slices 2,3,4 and 10,11 -> extent 2..11, width 3 -> the middle chunk is empty.
+    gapped = protocols.organ_chunks([2, 3, 4, 10, 11])
+    assert gapped == [[2, 3, 4], [], [10, 11]]
+    assert protocols.support_slice_per_chunk(gapped) == [2, 4, 11]  # zlist[0], zlist[2], zlist[4]
+    with pytest.raises(ValueError):
+        protocols.support_slice_per_chunk([[], [], []])
+
+
+def test_label_presence_and_extent():
+    lab = np.zeros((9, 4, 4), np.uint16)
+    lab[2, 1, 1] = 600
+    lab[5, 0, 0] = 600
+    lab[4, 2, 2] = 200
+    pres = protocols.label_presence(lab, 600)
+    assert pres.tolist() == [False, False, True, False, False, True, False, False, False]
+    assert protocols.organ_extent(pres) == [2, 3, 4, 5]
+    assert protocols.organ_extent(pres, margin=4) == list(range(0, 9))
+    assert protocols.organ_extent(protocols.label_presence(lab, 500)) == []
+    assert protocols.label_presence(lab, 200, axis=2).tolist() == [False, False, True, False]
+
+
+def test_clinical_split_is_seeded_and_disjoint():
+    s1, q1 = protocols.clinical_split(CHAOS_IDS, shots=3, seed=7)
+    s2, q2 = protocols.clinical_split(list(reversed(CHAOS_IDS)), shots=3, seed=7)
+    assert (s1, q1) == (s2, q2)
+    assert len(s1) == 3 and not set(s1) & set(q1) and set(s1) | set(q1) == set(CHAOS_IDS)
+    draws = {tuple(protocols.clinical_split(CHAOS_IDS, 3, seed)[0]) for seed in range(5)}
+    assert len(draws) > 1
+    for bad in (0, 20):
+        with pytest.raises(ValueError):
+            protocols.clinical_split(CHAOS_IDS, bad, 0)
+
+
+def test_growth_splits_are_nested_with_fixed_queries():
+    assert protocols.growth_steps(5) == [1, 2, 4]
+    assert protocols.growth_steps(100) == list(protocols.GROWTH_STEPS)
+    splits = protocols.growth_splits(CHAOS_IDS, seed=1)
+    assert [s.n_labelled for s in splits] == [1, 2, 4, 8]
+    queries = splits[0].query_ids
+    assert len(queries) == 12
+    for prev, cur in zip(splits, splits[1:]):
+        assert cur.support_ids[: prev.n_labelled] == prev.support_ids
+        assert cur.query_ids == queries
+    assert not set(splits[-1].support_ids) & set(queries)
+    small = protocols.growth_splits(["a1", "a2", "a3", "a4", "a5"], seed=0)
+    assert [s.n_labelled for s in small] == [1, 2, 4] and len(small[0].query_ids) == 1
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_plots_write_readable_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [CaseLabelScore(case_id=f"case{c}", label=lb, dice=float(rng.uniform(0.5, 0.95)),
+                           hd95=float(rng.uniform(2, 20)) if c else math.nan, label_name=name)
+            for c in range(6) for lb, name in [(200, "LV myocardium"), (500, "LV blood pool"), (600, "RV")]]
+    _assert_png(plots.box_plot_per_label(rows, tmp_path / "box.png", title="CMR, 1-shot"))
+    dice_only = [{"case_id": r.case_id, "label": r.label, "dice": r.dice} for r in rows]
+    _assert_png(plots.box_plot_per_label(dice_only, tmp_path / "box_dice.png"))
+
+    curves = {"random": [(1, 0.55, 0.1), (2, 0.6, 0.08), (4, 0.66, 0.05), (8, 0.7, 0.04)],
+              "diverse": [(1, 0.58, 0.09), (2, 0.65, 0.07), (4, 0.7, 0.05), (8, 0.73, 0.03)]}
+    _assert_png(plots.growth_curve(curves, tmp_path / "growth.png"))
+
+    yy, xx = np.mgrid[:64, :64]
+    image = (np.sin(xx / 6.0) * np.cos(yy / 9.0) + 1) / 2
+    truth = np.zeros((64, 64), np.uint16)
+    truth[(yy - 30) ** 2 + (xx - 30) ** 2 < 150] = 500
+    truth[(yy - 30) ** 2 + (xx - 30) ** 2 < 40] = 600
+    pred = np.roll(truth, 4, axis=1)
+    out = plots.overlay_montage([("best: case 3, Dice 0.91", image, truth, truth),
+                                 ("worst: case 5, Dice 0.42", image, truth, pred)],
+                                tmp_path / "montage.png", label_names={500: "LV blood pool", 600: "RV"})
+    _assert_png(out)
+    _assert_png(plots.bar_chart({"embed": 0.12, "retrieve": 0.01, "match": 0.4, "transfer": 2.3},
+                                "Seconds per slice by stage", "seconds", tmp_path / "bars.png"))
+    _assert_png(plots.line_chart({"exact": [(1e3, 0.1), (1e4, 1.0), (1e5, 9.0)],
+                                  "hnsw": [(1e3, 0.2), (1e4, 0.3), (1e5, 0.5)]},
+                                 "Search time against bank size", "bank entries", "ms per query",
+                                 tmp_path / "lines.png", logx=True, logy=True))
+    with pytest.raises(ValueError):
+        plots.bar_chart({}, "t", "y", tmp_path / "none.png")

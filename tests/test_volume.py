@@ -1,0 +1,151 @@
+"""Volume I/O: exact geometry round trips, slicing axis, normalisation, and clear errors on bad files."""
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import shared_dataset
+from fewshot.volume import (
+    VolumeError,
+    canvas_to_label,
+    choose_axis,
+    label_to_canvas,
+    normalise_intensity,
+    read_label,
+    read_volume,
+    volume_to_canvas,
+    write_label,
+)
+
+SETTINGS = {"pixel_spacing_mm": 1.25, "canvas": 128, "intensity": {"modality": "mr"}}
+
+
+def _save(path, data, affine):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _blob_volume(shape):
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    image = (np.exp(-(zz**2 + yy**2 + xx**2) * 3) * 1000).astype(np.float32)
+    label = np.zeros(shape, np.uint16)
+    label[(zz**2 + yy**2 + xx**2) < 0.3] = 7
+    label[(zz - 0.5) ** 2 + yy**2 + xx**2 < 0.15] = 9
+    return image, label
+
+
+AFFINES = {
+    "ras_aniso": np.diag([0.9, 1.1, 5.0, 1.0]),
+    "lps_flipped": np.diag([-1.2, -1.2, 4.0, 1.0]),
+    "permuted_oblique": np.array([[0, 0, 3.5, 10], [1.3, 0.1, 0, -5], [0, -1.3, 0, 7], [0, 0, 0, 1.0]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+def test_round_trip_keeps_shape_affine_and_labels(tmp_path, name):
+    image, label = _blob_volume((40, 36, 12))
+    affine = AFFINES[name]
+    vol = read_volume(_save(tmp_path / "img.nii.gz", image, affine))
+    lab = read_label(_save(tmp_path / "lab.nii.gz", label, affine), vol)
+    canvas, geom = volume_to_canvas(vol, SETTINGS)
+    assert canvas.dtype == np.float32 and canvas.min() >= 0 and canvas.max() <= 1
+    # The coarse axis (5 mm / 4 mm / 3.5 mm) is chosen to slice along, whatever the file's axis order.
+    assert canvas.shape[0] == 12
+    masks = label_to_canvas(lab, geom)
+    assert set(np.unique(masks)) <= {0, 7, 9}
+    probs = np.stack([(masks == v).astype(np.float32) for v in (7, 9)], axis=1)
+    back = canvas_to_label(probs, [7, 9], geom)
+    assert back.shape == image.shape
+    for v in (7, 9):
+        inter = ((back == v) & (label == v)).sum()
+        assert 2 * inter / ((back == v).sum() + (label == v).sum()) > 0.85
+    out = tmp_path / "out.nii.gz"
+    write_label(out, back, vol)
+    written = nib.load(str(out))
+    assert written.shape == image.shape
+    np.testing.assert_array_equal(written.affine, nib.load(str(tmp_path / "img.nii.gz")).affine)
+    assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(affine)
+
+
+def test_real_volumes_round_trip_exactly():
+    for name in ("chaos-t2", "cmr-bssfp"):
+        root = shared_dataset(name)
+        image_path = sorted(root.glob("image_*.nii.gz"))[0]
+        vol = read_volume(image_path)
+        lab = read_label(str(image_path).replace("image_", "label_"), vol)
+        # At the data's own spacing the canvas is lossless: one-hot probabilities give the label back exactly.
+        canvas, geom = volume_to_canvas(vol, {"pixel_spacing_mm": 1.25, "canvas": 256})
+        masks = label_to_canvas(lab, geom)
+        values = [int(v) for v in np.unique(lab) if v]
+        probs = np.stack([(masks == v).astype(np.float32) for v in values], axis=1)
+        np.testing.assert_array_equal(canvas_to_label(probs, values, geom), lab)
+
+
+def test_axis_choice():
+    assert choose_axis((1.0, 1.0, 5.0), "auto") == 2
+    assert choose_axis((8.0, 1.25, 1.25), "auto") == 0
+    assert choose_axis((1.0, 1.0, 1.0), "auto") == 2  # isotropic: axial
+    assert choose_axis((1.0, 1.0, 5.0), 1) == 1
+    with pytest.raises(VolumeError):
+        choose_axis((1.0, 1.0, 1.0), 3)
+
+
+def test_intensity_presets():
+    ct = np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0], np.float32)
+    out = normalise_intensity(ct, {"modality": "auto", "ct_window": "abdomen", "ct_windows": {"abdomen": [40, 400]}})
+    np.testing.assert_allclose(out, [0, 0, 0.5, 1, 1])
+    mr = np.arange(1000, dtype=np.float32)
+    out = normalise_intensity(mr, {"modality": "mr", "mr_percentiles": [1, 99]})
+    assert out.min() == 0 and out.max() == 1 and 0.45 < out[500] < 0.55
+    assert normalise_intensity(np.full(10, 5.0, np.float32), {"modality": "mr"}).max() == 0
+
+
+def test_resampling_gives_anatomy_comparable_size(tmp_path):
+    # The same 40 mm square at 1 mm and at 2 mm spacing covers the same canvas area.
+    sizes = []
+    for spacing, n in ((1.0, 80), (2.0, 40)):
+        img = np.zeros((n, n, 4), np.float32)
+        c = n // 2
+        half = int(20 / spacing)
+        img[c - half : c + half, c - half : c + half] = 100
+        vol = read_volume(_save(tmp_path / f"sq{spacing}.nii.gz", img, np.diag([spacing, spacing, 5, 1])))
+        canvas, _ = volume_to_canvas(vol, {"pixel_spacing_mm": 1.0, "canvas": 96, "intensity": {"modality": "mr"}})
+        sizes.append((canvas[0] > 0.5).sum())
+    assert abs(sizes[0] - sizes[1]) / sizes[0] < 0.1
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"\x00garbage")
+    with pytest.raises(VolumeError, match="not a readable medical image"):
+        read_volume(garbage)
+    text = tmp_path / "notes.nii"
+    text.write_text("this is not an image")
+    with pytest.raises(VolumeError):
+        read_volume(text)
+    with pytest.raises(VolumeError, match="no such file"):
+        read_volume(tmp_path / "missing.nii.gz")
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(VolumeError, match="empty"):
+        read_volume(empty)
+    flat = _save(tmp_path / "flat.nii.gz", np.zeros((32, 32), np.float32), np.eye(4))
+    with pytest.raises(VolumeError, match="expected a 3D image"):
+        read_volume(flat)
+    nan = np.zeros((8, 8, 4), np.float32)
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(VolumeError, match="NaN"):
+        read_volume(_save(tmp_path / "nan.nii.gz", nan, np.eye(4)))
+
+
+def test_labels_are_checked_against_their_image(tmp_path):
+    image, label = _blob_volume((20, 20, 6))
+    vol = read_volume(_save(tmp_path / "img.nii.gz", image, np.eye(4)))
+    with pytest.raises(VolumeError, match="does not match image shape"):
+        read_label(_save(tmp_path / "small.nii.gz", label[:10], np.eye(4)), vol)
+    with pytest.raises(VolumeError, match="affine"):
+        read_label(_save(tmp_path / "moved.nii.gz", label, np.diag([2, 2, 2, 1.0])), vol)
+    with pytest.raises(VolumeError, match="integers"):
+        read_label(_save(tmp_path / "frac.nii.gz", label.astype(np.float32) + 0.5, np.eye(4)), vol)
+    with pytest.raises(VolumeError, match="not among the configured labels"):
+        read_label(_save(tmp_path / "unknown.nii.gz", label, np.eye(4)), vol, allowed=[7])
+    assert read_label(_save(tmp_path / "ok.nii.gz", label, np.eye(4)), vol, allowed=[7, 9]).dtype == np.uint16
