@@ -1,0 +1,1 @@
+"""Label transfer: chosen supports (image + mask) -> masks for the query volume."""
