@@ -6,6 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tests check mechanics, not speed. One intra-op thread keeps them from thrashing when a server
+# subprocess (or anything else) shares the two cores; timings live in `python -m fewshot bench`.
+torch.set_num_threads(1)
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEWSHOT_SHARED_DATA", PROJECT.parent / "shared" / "data"))

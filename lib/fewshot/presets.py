@@ -66,11 +66,11 @@ def _sam2(section, ctx: _Context) -> LabelTransfer:
     from fewshot.transfer.sam2_memory import Sam2Transfer
 
     name = section["model"]
-    spec = weights.load_registry()[name]
+    spec = weights.get_spec(name)
     return Sam2Transfer.from_settings(
         section,
         checkpoint_path=ctx.checkpoint(name),
-        config_path=weights.sam2_config_path(spec),
+        config_path=spec.sam2_config,
         device=ctx.device,
         model_id=name + ("-random" if ctx.random_weights and not spec.random_only else ""),
     )
