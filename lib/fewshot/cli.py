@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bank)
     bank.set_defaults(func=cmd_bank)
 
-    from fewshot.weights import add_models_commands
+    from fewshot.weights import add_models_commands, run_models_command
 
-    add_models_commands(sub)
+    add_models_commands(sub).set_defaults(func=run_models_command)
 
     try:
         from fewshot.eval.runner import add_eval_command

@@ -40,6 +40,7 @@ from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 from sam2.modeling.sam2_utils import get_1d_sine_pe
 
 from fewshot.transfer.sam2_model import build_sam2_model
+from fewshot.weights import checkpoint_fingerprint
 from fewshot.types import SlicePlan, SliceResult, Support, SupportRef, VolumeResult
 
 logger = logging.getLogger(__name__)
@@ -150,14 +151,6 @@ def propagation_order(plans: list[SlicePlan]) -> tuple[int | None, list[tuple[in
     return anchor, order
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Sam2Transfer:
     """LabelTransfer with SAM 2 memories: supports encoded once, queries propagated slice by slice."""
 
@@ -211,7 +204,8 @@ class Sam2Transfer:
     def fingerprint(self) -> str:
         if self._weights_digest is None:
             if self.checkpoint_path is not None:
-                self._weights_digest = sha256_file(self.checkpoint_path)
+                # Cached by size and mtime in the models directory: not re-hashed at every start.
+                self._weights_digest = checkpoint_fingerprint(self.checkpoint_path)
             else:  # a model handed in without its file: hash the weights themselves
                 h = hashlib.sha256()
                 for key, tensor in sorted(self.model.state_dict().items()):
