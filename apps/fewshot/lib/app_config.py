@@ -1,0 +1,106 @@
+"""The app's `-c key value` options, parsed once at start-up.
+
+App keys: ``preset``, ``models_dir``, ``device``, ``labels``, ``warm_embeddings``. Any dotted key
+(``-c retrieval.top_k 8``) or top-level preset key is an engine override, applied to the preset's
+settings exactly as ``python -m fewshot ... --set key=value`` would.
+
+Label names come from, in order of precedence: ``-c labels liver=1,spleen=2`` (or ``-c labels
+path/to/labels.yaml``), a ``labels.yaml`` at the top of the datastore, the preset's ``labels``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from fewshot.cli import bank_dir_for
+from fewshot.config import ConfigError, load_preset, parse_label_map, parse_value
+
+logger = logging.getLogger(__name__)
+
+APP_KEYS = ("preset", "models_dir", "device", "labels", "warm_embeddings")
+# Keys MONAI Label itself reads from the same -c dictionary; not ours to reject.
+MONAI_KEYS = ("server_mode",)
+DEFAULT_PRESET = "foundation"
+DATASTORE_LABELS_FILE = "labels.yaml"
+STATE_DIR = ".fewshot"  # inside the datastore: bank(s) and cached embeddings
+
+
+def _label_file(path: Path) -> dict[str, int]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the label map ({exc})") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the label map must map names to values, e.g. `liver: 1`")
+    return parse_label_map(data)
+
+
+def resolve_labels(option: str | None, studies: Path, settings: Mapping) -> tuple[dict[str, int], str]:
+    """-> (name -> value, where it came from)."""
+    if option:
+        if os.path.isfile(option):
+            return _label_file(Path(option)), option
+        return parse_label_map(option), "-c labels"
+    in_datastore = studies / DATASTORE_LABELS_FILE
+    if in_datastore.is_file():
+        return _label_file(in_datastore), str(in_datastore)
+    if settings.get("labels"):
+        return parse_label_map(settings["labels"]), f"preset {settings.get('name')!r}"
+    return {}, "none configured: any integer label values are accepted"
+
+
+@dataclass
+class AppConfig:
+    studies: Path
+    preset: str = DEFAULT_PRESET
+    models_dir: str | None = None
+    labels: dict[str, int] = field(default_factory=dict)
+    labels_source: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    warm_embeddings: bool = True
+    settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, str], studies: str | os.PathLike) -> "AppConfig":
+        studies = Path(studies)
+        preset = conf.get("preset") or DEFAULT_PRESET
+        overrides: dict[str, Any] = {}
+        if conf.get("device"):
+            overrides["device"] = conf["device"]
+        base = load_preset(preset)
+        for key, value in conf.items():
+            if key in APP_KEYS or key in MONAI_KEYS:
+                continue
+            if "." in key or key in base:
+                overrides[key] = parse_value(value) if isinstance(value, str) else value
+            else:
+                logger.warning("-c %s: not an app option (%s) nor a setting of preset %r; ignored", key, ", ".join(APP_KEYS), preset)
+        settings = load_preset(preset, overrides)
+        labels, source = resolve_labels(conf.get("labels"), studies, settings)
+        warm = str(conf.get("warm_embeddings", "true")).strip().lower() not in ("0", "false", "no", "off")
+        return cls(
+            studies=studies, preset=preset, models_dir=conf.get("models_dir") or None, labels=labels,
+            labels_source=source, overrides=overrides, warm_embeddings=warm, settings=settings,
+        )
+
+    @property
+    def state_dir(self) -> Path:
+        return self.studies / STATE_DIR
+
+    @property
+    def bank_dir(self) -> Path:
+        return bank_dir_for(self.studies, self.preset)
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Label snapshots being ingested (one server per datastore and preset, like the bank)."""
+        return self.state_dir / f"ingest-{self.preset}"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.state_dir / "embeddings"

@@ -1,0 +1,62 @@
+"""Per-image slice embeddings on disk, for the active-learning strategy.
+
+``<studies>/.fewshot/embeddings/<embedder key>/<sha256 of the image file>.npy``: keyed by the
+file's content, so a replaced image is re-embedded and a renamed one is not; keyed by the
+embedder, so switching preset or weights never reuses another network's vectors. File hashes are
+remembered per (path, size, mtime) so a strategy call does not re-read every image.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fewshot.pipeline import file_sha256
+
+logger = logging.getLogger(__name__)
+
+
+class EmbeddingCache:
+    def __init__(self, directory: Path, key: str, compute: Callable[[str], np.ndarray]):
+        self.directory = Path(directory) / key
+        self.compute = compute
+        self._hashes: dict[str, tuple[tuple[int, int], str]] = {}
+        self._lock = threading.Lock()
+
+    def _content_hash(self, image_path: str) -> str:
+        st = os.stat(image_path)
+        stamp = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._hashes.get(image_path)
+            if hit and hit[0] == stamp:
+                return hit[1]
+        digest = file_sha256(image_path)
+        with self._lock:
+            self._hashes[image_path] = (stamp, digest)
+        return digest
+
+    def path_for(self, image_path: str) -> Path:
+        return self.directory / f"{self._content_hash(image_path)}.npy"
+
+    def has(self, image_path: str) -> bool:
+        return self.path_for(image_path).is_file()
+
+    def get(self, image_path: str) -> np.ndarray:
+        """(Z, D) embeddings of the image's slices, computed once per file content."""
+        path = self.path_for(image_path)
+        if path.is_file():
+            try:
+                return np.load(path)
+            except (OSError, ValueError) as exc:  # a torn file from a crash: recompute it
+                logger.warning("embedding cache %s unreadable (%s); recomputing", path, exc)
+        vectors = np.asarray(self.compute(image_path), dtype=np.float32)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
+        np.save(tmp, vectors)
+        os.replace(tmp, path)
+        return vectors
