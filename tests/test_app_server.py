@@ -527,13 +527,18 @@ class FakeDatastore:
 
 
 class FakeHost:
-    """Nearest-neighbour similarity against a fixed set of unit vectors (None: empty bank)."""
+    """A host around a real in-memory SupportBank holding the given unit vectors (None: empty bank)."""
 
-    def __init__(self, bank: np.ndarray | None):
-        self.bank = bank
+    def __init__(self, vectors: np.ndarray | None):
+        from fewshot.bank import SliceBatch, SupportBank
 
-    def nearest_similarity(self, vectors):
-        return None if self.bank is None else (vectors @ self.bank.T).max(axis=1)
+        self.engine = type("E", (), {"bank": SupportBank(None, "fp")})()
+        if vectors is not None:
+            n = len(vectors)
+            self.engine.bank.put("labelled", SliceBatch(
+                images=np.zeros((n, 4, 4), np.float32), masks=np.ones((n, 4, 4), np.uint16),
+                embeddings=vectors, slice_index=np.arange(n), augmentation=[""] * n,
+            ))
 
 
 def _unit_rows(*rows) -> np.ndarray:

@@ -1,47 +1,63 @@
 """How well the support bank covers an unlabelled volume: the active-learning signal.
 
-A slice is covered when some bank entry is close to it in embedding space. A volume's
-*uncovered-ness* is the mean over its slices of (1 - best cosine similarity to the bank); the
-volume the bank covers worst is the one worth labelling next.
+A slice is covered when some bank entry is close to it, as the bank's own index measures it (so a
+PCA-whitened descriptor bank is judged in its whitened space). A volume's *distance from the bank*
+is the mean over its slices of (1 - similarity of the nearest entry); the volume the bank covers
+worst is the one worth labelling next.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Mapping
 
-import faiss
 import numpy as np
 
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+from fewshot.bank import SupportBank
 
 
-def uncovered(bank_vectors: np.ndarray, volumes: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """image id -> mean over slices of (1 - max cosine similarity to any bank vector), in [0, 2].
+@dataclass
+class Proposal:
+    image_id: str | None
+    score: float
+    reason: str
+    scores: dict[str, float] = field(default_factory=dict)
 
-    With an empty bank every volume scores by its own diversity instead (1 - mean similarity of its
-    slices to their volume's centroid), so the first proposal is a varied scan, not an arbitrary one.
-    """
-    out: dict[str, float] = {}
-    if len(bank_vectors) == 0:
-        for image_id, vecs in volumes.items():
-            v = _normalise(vecs)
-            centroid = _normalise(v.mean(axis=0, keepdims=True))
-            out[image_id] = float(np.mean(1.0 - v @ centroid[0]))
-        return out
-    index = faiss.IndexFlatIP(bank_vectors.shape[1])
-    index.add(_normalise(bank_vectors))
-    for image_id, vecs in volumes.items():
-        best, _ = index.search(_normalise(vecs), 1)
-        out[image_id] = float(np.mean(1.0 - best[:, 0]))
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def distance_from_bank(bank: SupportBank, volumes: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """image id -> mean over its slices of (1 - nearest-entry similarity); {} when the bank is empty."""
+    out = {}
+    for image_id, vectors in volumes.items():
+        scores, _ = bank.search(np.asarray(vectors, np.float32), 1)
+        if scores.shape[1] == 0:
+            return {}
+        out[image_id] = float(np.mean(1.0 - scores[:, 0]))
     return out
 
 
-def propose(bank_vectors: np.ndarray, volumes: Mapping[str, np.ndarray]) -> tuple[str | None, dict[str, float]]:
-    """The volume the bank covers worst (ties broken by id for determinism), and all scores."""
-    scores = uncovered(bank_vectors, volumes)
+def most_typical(volumes: Mapping[str, np.ndarray]) -> tuple[str, float]:
+    """With nothing labelled yet, the volume most like the others: one label then serves many."""
+    ids = sorted(volumes)
+    if len(ids) == 1:
+        return ids[0], 0.0
+    means = np.stack([_unit(np.asarray(volumes[i], np.float32).mean(axis=0)) for i in ids])
+    similarity = means @ means.T
+    np.fill_diagonal(similarity, np.nan)
+    typicality = np.nanmean(similarity, axis=1)
+    best = int(np.argmax(typicality))
+    return ids[best], float(typicality[best])
+
+
+def propose(bank: SupportBank, volumes: Mapping[str, np.ndarray]) -> Proposal:
+    """The volume the bank covers worst (ties broken by id, for determinism)."""
+    if not volumes:
+        return Proposal(None, 0.0, "nothing to propose")
+    scores = distance_from_bank(bank, volumes)
     if not scores:
-        return None, scores
-    best = max(sorted(scores), key=lambda k: scores[k])
-    return best, scores
+        chosen, score = most_typical(volumes)
+        return Proposal(chosen, score, "support bank empty: most typical unlabelled image")
+    chosen = max(scores, key=lambda i: (scores[i], i))
+    return Proposal(chosen, scores[chosen], "farthest from the support bank", scores)

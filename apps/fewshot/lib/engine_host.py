@@ -166,13 +166,6 @@ class EngineHost:
         with self.lock:
             return np.asarray(self.engine.embed_volume(image_path), dtype=np.float32)
 
-    def nearest_similarity(self, embeddings: np.ndarray) -> np.ndarray | None:
-        """Per query vector, the similarity of its nearest bank entry; None for an empty bank."""
-        scores, rows = self.engine.bank.search(embeddings, 1)
-        if scores.shape[1] == 0:
-            return None
-        return scores[:, 0]
-
     def embedding_key(self) -> str:
         """Names what per-slice embeddings depend on, so cached ones are never reused by another embedder."""
         s = self.engine.settings

@@ -14,17 +14,13 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from fewshot.coverage import propose
 from lib.embedding_cache import EmbeddingCache
 
 logger = logging.getLogger(__name__)
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.linalg.norm(v)), 1e-12)
 
 
 class BankCoverage(Strategy):
@@ -56,36 +52,13 @@ class BankCoverage(Strategy):
                 logger.warning("bank_coverage: %r skipped: %s", image_id, exc)
         if not embeddings:
             return None
-        distances = {}
-        for image_id, vectors in embeddings.items():
-            similarity = self.host.nearest_similarity(vectors)
-            if similarity is None:
-                break
-            distances[image_id] = float(np.mean(1.0 - similarity))
-        if distances:
-            chosen = max(distances, key=lambda i: (distances[i], i))
-            reason = "farthest from the support bank"
-            score = distances[chosen]
-        else:
-            chosen, score = self._most_typical(embeddings)
-            reason = "support bank empty: most typical unlabelled image"
+        proposal = propose(self.host.engine.bank, embeddings)  # the bank locks its own index
+        chosen, score, reason = proposal.image_id, proposal.score, proposal.reason
         logger.info(
             "bank_coverage: %r (%s, score %.4f) among %d unlabelled images in %.2f s",
             chosen, reason, score, len(embeddings), time.perf_counter() - start,
         )
         return {"id": chosen, "score": round(score, 6), "reason": reason}
-
-    @staticmethod
-    def _most_typical(embeddings: dict[str, np.ndarray]) -> tuple[str, float]:
-        ids = sorted(embeddings)
-        if len(ids) == 1:
-            return ids[0], 0.0
-        means = np.stack([_unit(np.asarray(embeddings[i], np.float32).mean(axis=0)) for i in ids])
-        similarity = means @ means.T
-        np.fill_diagonal(similarity, np.nan)
-        typicality = np.nanmean(similarity, axis=1)
-        best = int(np.argmax(typicality))
-        return ids[best], float(typicality[best])
 
     # ------------------------------------------------------------------ background warm-up
 
