@@ -1,0 +1,422 @@
+"""Weights-free label transfer: multi-atlas segmentation by 2D registration and local label fusion.
+
+For each query slice, each chosen support (an "atlas": image + label map) is registered to it
+with SimpleITK in two stages, both multi-resolution and cheap at canvas size:
+
+1. affine (or similarity), initialised by matching image moments, optimising normalised
+   correlation (robust to the contrast left between patients by intensity normalisation);
+2. deformable: fast symmetric-forces demons on the histogram-matched support, coarse to fine,
+   giving a smooth displacement field (``deformable.method: none`` stops after stage 1).
+
+The support's labels are warped one-hot with linear interpolation (soft votes) and fused by
+locally weighted voting: at each pixel a support's vote weighs exp(-local SSD / h), the SSD
+between the query and the warped support in a Gaussian window (Artaechevarria et al. 2009), so
+supports that align well *here* decide *here*. Labels the plan does not allow stay exactly 0.
+
+3D consistency, after all slices: each label's probability map is averaged with its neighbours
+in z (weights ``consistency.z_weights``, renormalised over neighbours where the label is
+allowed; never spreading into slices where it is not), then optionally only the largest 3D
+connected component of each label (above ``consistency.threshold``) is kept.
+
+Slices are registered in a process pool (``workers``), SimpleITK single-threaded in each worker,
+so both cores work on different slices without oversubscription.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from fewshot.config import ConfigError
+from fewshot.types import SlicePlan, SliceResult, VolumeResult
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_VERSION = "registration-v1"
+_PROB_CLIP = 1e-4  # object scores are log-odds of probabilities clipped to [clip, 1 - clip]
+
+
+@dataclass(frozen=True)
+class AffineStage:
+    transform: str  # "affine" or "similarity" (rotation + isotropic scale + shift)
+    shrink_factors: tuple[int, ...]  # coarse to fine pyramid levels
+    smoothing_sigmas: tuple[float, ...]  # Gaussian smoothing (pixels) per level
+    iterations: int  # optimiser iterations per level
+    learning_rate: float  # initial step of the regular-step gradient descent
+    min_step: float  # the optimiser stops once its step has shrunk below this
+
+
+@dataclass(frozen=True)
+class DeformableStage:
+    method: str  # "demons" or "none"
+    shrink_factors: tuple[int, ...]
+    iterations: tuple[int, ...]  # demons iterations per level
+    field_sigma: float  # smoothing of the displacement field (pixels at each level): its stiffness
+
+
+@dataclass(frozen=True)
+class FusionStage:
+    window_sigma: float  # Gaussian window (pixels) of the local SSD
+    h: float  # SSD scale of the weights exp(-SSD / h); intensities are in [0, 1]
+
+
+@dataclass(frozen=True)
+class ConsistencyStage:
+    z_weights: tuple[float, ...]  # odd-length kernel over neighbouring slices, centred on the slice; [1] = off
+    largest_component: bool  # keep only each label's largest 3D connected component
+    threshold: float  # probability above which a pixel belongs to a component
+
+
+@dataclass(frozen=True)
+class RegistrationSettings:
+    workers: int  # processes registering slices in parallel; 1 = in this process
+    threads_per_worker: int  # SimpleITK threads inside each worker
+    start_method: str  # multiprocessing start method of the pool ("spawn" is safe in threaded servers)
+    log_every: int  # log progress every this many slices
+    affine: AffineStage
+    deformable: DeformableStage
+    fusion: FusionStage
+    consistency: ConsistencyStage
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> "RegistrationSettings":
+        def section(name: str, kind):
+            raw = settings.get(name)
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"transfer type registration needs a {name!r} section (configs/presets/classic.yaml)")
+            names = [f.name for f in fields(kind)]
+            missing = [k for k in names if k not in raw]
+            if missing:
+                raise ConfigError(f"transfer.{name} needs settings {missing} (configs/presets/classic.yaml)")
+            return kind(**{k: tuple(raw[k]) if isinstance(raw[k], (list, tuple)) else raw[k] for k in names})
+
+        top = ("workers", "threads_per_worker", "start_method", "log_every")
+        missing = [k for k in top if k not in settings]
+        if missing:
+            raise ConfigError(f"transfer type registration needs settings {missing} (configs/presets/classic.yaml)")
+        out = cls(
+            workers=int(settings["workers"]),
+            threads_per_worker=int(settings["threads_per_worker"]),
+            start_method=str(settings["start_method"]),
+            log_every=int(settings["log_every"]),
+            affine=section("affine", AffineStage),
+            deformable=section("deformable", DeformableStage),
+            fusion=section("fusion", FusionStage),
+            consistency=section("consistency", ConsistencyStage),
+        )
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        a, d, c = self.affine, self.deformable, self.consistency
+        problems = []
+        if self.workers < 1 or self.threads_per_worker < 1:
+            problems.append("workers and threads_per_worker must be >= 1")
+        if a.transform not in ("affine", "similarity"):
+            problems.append(f"affine.transform {a.transform!r} must be affine or similarity")
+        if len(a.shrink_factors) != len(a.smoothing_sigmas) or not a.shrink_factors:
+            problems.append("affine.shrink_factors and affine.smoothing_sigmas need the same, non-zero length")
+        if d.method not in ("demons", "none"):
+            problems.append(f"deformable.method {d.method!r} must be demons or none")
+        if d.method == "demons" and (len(d.shrink_factors) != len(d.iterations) or not d.shrink_factors):
+            problems.append("deformable.shrink_factors and deformable.iterations need the same, non-zero length")
+        if self.fusion.h <= 0 or self.fusion.window_sigma <= 0:
+            problems.append("fusion.h and fusion.window_sigma must be positive")
+        if len(c.z_weights) % 2 != 1 or min(c.z_weights) < 0 or c.z_weights[len(c.z_weights) // 2] <= 0:
+            problems.append("consistency.z_weights must have odd length, non-negative weights and a positive centre")
+        if self.start_method not in multiprocessing.get_all_start_methods():
+            problems.append(f"start_method {self.start_method!r} is not available here")
+        if problems:
+            raise ConfigError("transfer registration settings: " + "; ".join(problems))
+
+    def result_affecting(self) -> dict:
+        """Settings that change the masks (not how the work is spread over processes)."""
+        d = asdict(self)
+        for key in ("workers", "threads_per_worker", "start_method", "log_every"):
+            d.pop(key)
+        return d
+
+
+# ---------------------------------------------------------------------------------- registration
+
+
+def _image(array: np.ndarray) -> sitk.Image:
+    return sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _initial_transform(fixed: sitk.Image, moving: sitk.Image, kind: str) -> sitk.Transform:
+    base = sitk.AffineTransform(2) if kind == "affine" else sitk.Similarity2DTransform()
+    try:
+        return sitk.CenteredTransformInitializer(fixed, moving, base, sitk.CenteredTransformInitializerFilter.MOMENTS)
+    except RuntimeError:  # a blank image has no moments: centre the image boxes instead
+        return sitk.CenteredTransformInitializer(fixed, moving, base, sitk.CenteredTransformInitializerFilter.GEOMETRY)
+
+
+def register_affine(fixed: sitk.Image, moving: sitk.Image, stage: AffineStage) -> sitk.Transform:
+    """fixed -> moving point mapping (SimpleITK convention), starting from the moments' alignment."""
+    initial = _initial_transform(fixed, moving, stage.transform)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsCorrelation()
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=stage.learning_rate, minStep=stage.min_step, numberOfIterations=stage.iterations,
+        gradientMagnitudeTolerance=1e-6,
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([int(s) for s in stage.shrink_factors])
+    method.SetSmoothingSigmasPerLevel([float(s) for s in stage.smoothing_sigmas])
+    method.SetInitialTransform(initial, inPlace=False)
+    try:
+        return method.Execute(fixed, moving)
+    except RuntimeError as err:  # e.g. the images do not overlap at all: keep the moments' guess
+        logger.debug("affine registration failed (%s); using the moments initialisation", err)
+        return initial
+
+
+def register_demons(fixed: sitk.Image, moving: sitk.Image, stage: DeformableStage) -> sitk.Transform:
+    """Displacement field on the fixed grid, estimated coarse to fine; moving must already be close."""
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetStandardDeviations(float(stage.field_sigma))
+    field = None
+    for shrink, iterations in zip(stage.shrink_factors, stage.iterations):
+        shrink = int(shrink)
+        f, m = fixed, moving
+        if shrink > 1:  # anti-alias before subsampling
+            f = sitk.Shrink(sitk.SmoothingRecursiveGaussian(f, 0.5 * shrink), [shrink] * 2)
+            m = sitk.Shrink(sitk.SmoothingRecursiveGaussian(m, 0.5 * shrink), [shrink] * 2)
+        demons.SetNumberOfIterations(int(iterations))
+        if field is None:
+            field = demons.Execute(f, m)
+        else:  # displacements are in physical units, so the coarse field carries over as is
+            field = demons.Execute(f, m, sitk.Resample(field, f, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID()))
+    # Back on the full-resolution grid (a no-op resample when the last level was unshrunk).
+    field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def register(fixed_array: np.ndarray, moving_array: np.ndarray, settings: RegistrationSettings) -> tuple[sitk.Transform, sitk.Image]:
+    """-> (fixed -> moving transform, the moving image histogram-matched to the fixed one)."""
+    fixed, moving = _image(fixed_array), _image(moving_array)
+    # Demons and the fusion weights compare intensities directly, so put the support's on the query's scale.
+    matched = sitk.HistogramMatching(moving, fixed, numberOfHistogramLevels=64, numberOfMatchPoints=7, thresholdAtMeanIntensity=True)
+    affine = register_affine(fixed, matched, settings.affine)
+    if settings.deformable.method == "none":
+        return affine, matched
+    moved = sitk.Resample(matched, fixed, affine, sitk.sitkLinear, 0.0)
+    field = register_demons(fixed, moved, settings.deformable)
+    # CompositeTransform applies its last transform first: x -> affine(x + u(x)).
+    return sitk.CompositeTransform([affine, field]), matched
+
+
+def warp_support(
+    query: np.ndarray, image: np.ndarray, mask: np.ndarray, labels: Sequence[int], settings: RegistrationSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> (warped support image (S, S) on the query's intensity scale, warped one-hot votes (L, S, S))."""
+    transform, matched = register(query, image, settings)
+    channels = [sitk.GetArrayFromImage(matched)] + [(mask == v).astype(np.float32) for v in labels]
+    stacked = sitk.GetImageFromArray(np.stack(channels, axis=-1), isVector=True)
+    reference = _image(query)
+    warped = sitk.GetArrayFromImage(sitk.Resample(stacked, reference, transform, sitk.sitkLinear, 0.0))
+    warped = np.moveaxis(warped, -1, 0)
+    return warped[0], np.clip(warped[1:], 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------- fusion
+
+
+def fuse_votes(query: np.ndarray, warped_images: np.ndarray, votes: np.ndarray, stage: FusionStage) -> np.ndarray:
+    """Locally weighted voting. warped_images (K, S, S), votes (K, L, S, S) -> probabilities (L, S, S)."""
+    sq = (warped_images - query[None]) ** 2
+    local_ssd = np.stack([ndimage.gaussian_filter(d, stage.window_sigma, mode="nearest") for d in sq])
+    # Subtracting the per-pixel minimum leaves the normalised weights unchanged and avoids underflow.
+    weights = np.exp(-(local_ssd - local_ssd.min(axis=0, keepdims=True)) / stage.h)
+    weights /= weights.sum(axis=0, keepdims=True)
+    return np.einsum("kxy,klxy->lxy", weights, votes).astype(np.float32)
+
+
+def segment_slice(
+    query: np.ndarray,
+    supports: Sequence[tuple[np.ndarray, np.ndarray]],
+    labels: Sequence[int],
+    allowed: Sequence[int],
+    settings: RegistrationSettings,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """One query slice and its (image, mask) supports -> (probabilities (L, S, S), stage seconds)."""
+    probs = np.zeros((len(labels),) + query.shape, np.float32)
+    allowed_idx = [i for i, v in enumerate(labels) if v in set(allowed)]
+    if not allowed_idx or not supports:
+        return probs, {"register": 0.0, "fuse": 0.0}
+    t0 = time.perf_counter()
+    warped = [warp_support(query, image, mask, labels, settings) for image, mask in supports]
+    t1 = time.perf_counter()
+    fused = fuse_votes(query, np.stack([w[0] for w in warped]), np.stack([w[1] for w in warped]), settings.fusion)
+    probs[allowed_idx] = fused[allowed_idx]
+    return probs, {"register": t1 - t0, "fuse": time.perf_counter() - t1}
+
+
+# ---------------------------------------------------------------------------------- 3D consistency
+
+
+def smooth_along_z(probs: np.ndarray, allowed: np.ndarray, z_weights: Sequence[float]) -> np.ndarray:
+    """probs (Z, L, S, S), allowed (Z, L) bool -> z-averaged probabilities, 0 where not allowed.
+
+    The kernel is renormalised over the neighbours where the label is allowed, so a label's map is
+    never diluted by (nor spread into) slices whose supports say the organ is absent.
+    """
+    kernel = np.asarray(z_weights, np.float32)
+    radius = len(kernel) // 2
+    if radius == 0:
+        return probs * allowed[:, :, None, None]
+    out = np.zeros_like(probs)
+    n = len(probs)
+    for z in range(n):
+        total = np.zeros(probs.shape[1], np.float32)
+        for k, w in enumerate(kernel):
+            zz = z + k - radius
+            if 0 <= zz < n and w > 0:
+                use = allowed[zz].astype(np.float32) * w
+                out[z] += use[:, None, None] * probs[zz]
+                total += use
+        out[z] /= np.maximum(total, 1e-12)[:, None, None]
+    return out * allowed[:, :, None, None]
+
+
+def keep_largest_component(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Per label, zero the above-threshold pixels outside the largest 3D connected component."""
+    out = probs.copy()
+    structure = np.ones((3, 3, 3), bool)  # neighbours across faces, edges and corners
+    for c in range(probs.shape[1]):
+        inside = probs[:, c] > threshold
+        components, count = ndimage.label(inside, structure=structure)
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        out[:, c][inside & (components != int(sizes.argmax()))] = 0.0
+    return out
+
+
+def object_scores(probs: np.ndarray) -> np.ndarray:
+    """(L, S, S) -> (L,) log-odds of each label's highest probability (> 0 means present)."""
+    peak = np.clip(probs.reshape(len(probs), -1).max(axis=1) if probs.size else np.zeros(len(probs)), _PROB_CLIP, 1 - _PROB_CLIP)
+    return np.log(peak / (1 - peak)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------- the step
+
+
+def _init_worker(threads: int) -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+class RegistrationTransfer:
+    """LabelTransfer by multi-atlas registration; needs nothing beyond each support's image and mask."""
+
+    name = "registration"
+
+    def __init__(self, settings: Mapping):
+        self.settings = RegistrationSettings.from_settings(settings)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.settings.result_affecting(), sort_keys=True).encode()).hexdigest()[:12]
+        return f"{FINGERPRINT_VERSION}-{digest}"
+
+    def encode_supports(self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
+        return {}  # registration works from the image and mask the bank already stores
+
+    def segment_volume(
+        self,
+        query: np.ndarray,
+        plans: list[SlicePlan],
+        labels: Sequence[int],
+        cache_key: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> VolumeResult:
+        s = self.settings
+        labels = tuple(int(v) for v in labels)
+        query = np.asarray(query, np.float32)
+        if len(plans) != len(query):
+            raise ValueError(f"{len(plans)} slice plans for a query of {len(query)} slices")
+        n = len(query)
+        probs = np.zeros((n, len(labels)) + query.shape[1:], np.float32)
+        allowed = np.array([[v in plan.labels for v in labels] for plan in plans], bool).reshape(n, len(labels))
+        totals = {"register": 0.0, "fuse": 0.0}
+        per_slice: list[dict[str, float]] = [{"register": 0.0, "fuse": 0.0} for _ in range(n)]
+        work = [z for z in range(n) if allowed[z].any() and plans[z].supports]
+        done = n - len(work)  # slices where no label is allowed need no registration
+        if progress:
+            progress(done, n)
+        logger.info("registration transfer: %d of %d slices to register, %d supports each at most, %d worker(s)",
+                    len(work), n, max((len(plans[z].supports) for z in work), default=0), s.workers)
+
+        def record(z: int, result) -> None:
+            nonlocal done
+            probs[z], per_slice[z] = result
+            for stage, sec in per_slice[z].items():
+                totals[stage] += sec
+            done += 1
+            if progress:
+                progress(done, n)
+            if done % s.log_every == 0 or done == n:
+                logger.info("registration transfer: %d/%d slices", done, n)
+
+        def job(z: int) -> tuple:
+            supports = [(sup.image, sup.mask) for sup in plans[z].supports]
+            return (query[z], supports, labels, plans[z].labels, s)
+
+        remaining = work
+        if s.workers > 1 and len(work) > 1:
+            remaining = self._run_pool(work, job, record)
+        if remaining:
+            previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(s.threads_per_worker)
+            try:
+                for z in remaining:
+                    record(z, segment_slice(*job(z)))
+            finally:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+        t0 = time.perf_counter()
+        c = s.consistency
+        probs = smooth_along_z(probs, allowed, c.z_weights)
+        if c.largest_component:
+            probs = keep_largest_component(probs, c.threshold)
+        totals["consistency"] = time.perf_counter() - t0
+        slices = [SliceResult(probabilities=probs[z], object_scores=object_scores(probs[z]), seconds=per_slice[z]) for z in range(n)]
+        # register/fuse are summed over slices (busy seconds across workers), not wall time.
+        return VolumeResult(labels=labels, slices=slices, seconds=totals)
+
+    def _run_pool(self, work: list[int], job, record) -> list[int]:
+        """Slices ``work`` in a process pool; -> the slices left undone if the pool could not run."""
+        s = self.settings
+        context = multiprocessing.get_context(s.start_method)
+        pending_slices = set(work)
+        try:
+            with ProcessPoolExecutor(min(s.workers, len(work)), mp_context=context,
+                                     initializer=_init_worker, initargs=(s.threads_per_worker,)) as pool:
+                pending = {pool.submit(segment_slice, *job(z)): z for z in work}
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        z = pending.pop(future)
+                        record(z, future.result())
+                        pending_slices.discard(z)
+        except BrokenProcessPool:
+            # Typically a script without an `if __name__ == "__main__":` guard under the spawn
+            # start method: finish here rather than fail the whole volume.
+            logger.warning(
+                "registration worker processes failed to start (%s start method; a calling script needs an "
+                "`if __name__ == '__main__':` guard); registering the remaining %d slices in this process. "
+                "Set transfer.workers=1 to skip the pool.", s.start_method, len(pending_slices),
+            )
+        return [z for z in work if z in pending_slices]

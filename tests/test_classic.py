@@ -1,0 +1,297 @@
+"""The weights-free `classic` preset: descriptor embedder, NCC matcher, registration label transfer.
+
+Real slices come from ../shared/data (skipped when absent). Canvas slices are built here with a
+small helper (percentile-normalised native 256 x 256 slices at 1.25 mm, which is the canvas
+geometry already), so these tests do not depend on ``fewshot.volume``.
+"""
+from __future__ import annotations
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from conftest import shared_dataset
+from fewshot.config import ConfigError, load_preset
+from fewshot.embed.descriptor import DescriptorEmbedder
+from fewshot.match.ncc import NccMatcher
+from fewshot.transfer.registration import (
+    RegistrationTransfer,
+    keep_largest_component,
+    smooth_along_z,
+)
+from fewshot.types import Embedder, LabelTransfer, Matcher, SlicePlan, Support, SupportRef
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def canvas_volume(dataset: str, case: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Z, 256, 256) float32 slices in [0, 1] (0.5-99.5 percentile window) and uint16 label maps."""
+    root = shared_dataset(dataset)
+    image = nib.load(root / f"image_{case}.nii.gz").get_fdata(dtype=np.float32)
+    label = nib.load(root / f"label_{case}.nii.gz").get_fdata(dtype=np.float32)
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    image = np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+    # The last array axis is the slicing axis (coarsest spacing) in these volumes.
+    return np.ascontiguousarray(np.moveaxis(image, -1, 0)), np.ascontiguousarray(np.moveaxis(label, -1, 0).astype(np.uint16))
+
+
+def richest_slice(masks: np.ndarray) -> int:
+    """The slice with the most labelled pixels."""
+    return int((masks > 0).reshape(len(masks), -1).sum(axis=1).argmax())
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def support(image: np.ndarray, mask: np.ndarray, index: int = 0) -> Support:
+    labels = tuple(int(v) for v in np.unique(mask) if v)
+    return Support(SupportRef("test", index), image.astype(np.float32), mask.astype(np.uint16), labels)
+
+
+def prediction(probabilities: np.ndarray, labels) -> np.ndarray:
+    """(L, S, S) -> label map: the most probable label where it exceeds 0.5 (the pipeline's rule)."""
+    best = probabilities.max(axis=0)
+    return np.where(best > 0.5, np.asarray(labels)[probabilities.argmax(axis=0)], 0)
+
+
+@pytest.fixture(scope="module")
+def classic():
+    return load_preset("classic")
+
+
+@pytest.fixture(scope="module")
+def transfer(classic):
+    """In-process (workers=1): deterministic and no pool start-up in most tests."""
+    return RegistrationTransfer(dict(classic["transfer"], workers=1))
+
+
+# ------------------------------------------------------------------------------------ descriptor
+
+
+def test_descriptor_shape_determinism_and_blocks(classic):
+    embedder = DescriptorEmbedder(classic["embedder"])
+    assert isinstance(embedder, Embedder)
+    s = classic["embedder"]
+    assert embedder.dim == s["thumbnail"] ** 2 + s["cells"] ** 2 * s["orientations"]
+    assert embedder.index_transform == f"PCAW{s['pca_dims']},L2norm"
+    rng = np.random.default_rng(0)
+    images = ndimage.gaussian_filter(rng.random((5, 256, 256)), (0, 4, 4)).astype(np.float32)
+    images[3] = 0.0  # a blank slice must not produce NaNs
+    vectors = embedder.embed(images)
+    assert vectors.shape == (5, embedder.dim) and vectors.dtype == np.float32
+    assert np.isfinite(vectors).all()
+    np.testing.assert_array_equal(vectors, embedder.embed(images))
+    np.testing.assert_array_equal(vectors[1:2], embedder.embed(images[1:2]))  # batching changes nothing
+    thumb = s["thumbnail"] ** 2
+    for block in (vectors[[0, 1, 2, 4], :thumb], vectors[[0, 1, 2, 4], thumb:]):
+        np.testing.assert_allclose(np.linalg.norm(block, axis=1), 1.0, atol=1e-3)
+    # Brightness and contrast changes leave the descriptor (nearly) unchanged.
+    np.testing.assert_allclose(embedder.embed(0.5 * images[:1] + 0.2), vectors[:1], atol=1e-3)
+
+
+def test_descriptor_retrieves_own_slice_after_pca_whitening(classic):
+    import faiss
+
+    images, _ = canvas_volume("chaos-t2", 1)
+    embedder = DescriptorEmbedder(classic["embedder"])
+    vectors = embedder.embed(images)
+    index = faiss.index_factory(embedder.dim, "PCAW16,L2norm,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    _, rows = index.search(vectors, 1)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(len(images)))
+    # A slightly shifted, noisy copy still finds its own slice among the volume's others.
+    rng = np.random.default_rng(1)
+    moved = np.stack([ndimage.shift(x, (3, -2), order=1) for x in images])
+    moved = np.clip(moved + rng.normal(0, 0.01, moved.shape), 0, 1).astype(np.float32)
+    _, rows = index.search(embedder.embed(moved), 1)
+    assert (rows[:, 0] == np.arange(len(images))).mean() >= 0.9
+
+
+def test_descriptor_rejects_incomplete_settings():
+    with pytest.raises(ConfigError, match="thumbnail"):
+        DescriptorEmbedder({"type": "descriptor", "orientations": 8})
+
+
+# ------------------------------------------------------------------------------------ NCC matcher
+
+
+def test_ncc_ranks_the_query_and_a_moved_copy_first(classic):
+    matcher = NccMatcher(classic["matcher"])
+    assert isinstance(matcher, Matcher)
+    images, _ = canvas_volume("cmr-bssfp", 1)
+    z = len(images) // 2
+    query = images[z]
+    others = np.stack([x for k, x in enumerate(images) if abs(k - z) > 1])
+    d = matcher.distances(query, np.concatenate([others, query[None]]))
+    assert d.shape == (len(others) + 1,) and d.dtype == np.float32
+    assert int(np.argmin(d)) == len(others) and d[-1] < 1e-3
+    # Rotated by 5 degrees and shifted 8 pixels: the rigid search aligns it back.
+    moved = ndimage.shift(ndimage.rotate(query, 5, reshape=False, order=1), (8, -8), order=1)
+    d = matcher.distances(query, np.concatenate([others, moved[None]]))
+    assert int(np.argmin(d)) == len(others) and d[-1] < 0.02
+    unaligned = 1.0 - np.corrcoef(query.ravel(), moved.ravel())[0, 1]
+    assert unaligned > 10 * d[-1]
+    # A blank candidate is as far as can be, and no candidates give no distances.
+    assert matcher.distances(query, np.zeros((1, 256, 256), np.float32))[0] == pytest.approx(1.0)
+    assert matcher.distances(query, np.zeros((0, 256, 256), np.float32)).shape == (0,)
+
+
+# ------------------------------------------------------------------------------------ registration
+
+
+@pytest.mark.parametrize("dataset", ["chaos-t2", "cmr-bssfp"])
+def test_own_label_as_only_support_is_reproduced(transfer, dataset):
+    images, masks = canvas_volume(dataset, 1)
+    z = richest_slice(masks)
+    labels = [int(v) for v in np.unique(masks) if v]
+    plan = SlicePlan(0, [support(images[z], masks[z], z)], tuple(int(v) for v in np.unique(masks[z]) if v))
+    result = transfer.segment_volume(images[z : z + 1], [plan], labels)
+    assert result.labels == tuple(labels)
+    sres = result.slices[0]
+    assert sres.probabilities.shape == (len(labels), 256, 256) and sres.probabilities.dtype == np.float32
+    assert set(sres.seconds) >= {"register", "fuse"} and set(result.seconds) >= {"register", "fuse"}
+    pred = prediction(sres.probabilities, labels)
+    for c, v in enumerate(labels):
+        if v in plan.labels:
+            assert dice(pred == v, masks[z] == v) >= 0.95, v
+            assert sres.object_scores[c] > 0
+        else:
+            assert not sres.probabilities[c].any() and sres.object_scores[c] < 0
+
+
+def test_known_affine_transform_is_recovered(transfer):
+    images, masks = canvas_volume("chaos-t2", 1)
+    z = richest_slice(masks)
+    query, truth = images[z], masks[z]
+    # support = query under rotation 10 deg, scale 1.1 and a shift, about the canvas centre.
+    angle, scale, shift = np.deg2rad(10.0), 1.1, np.array([9.0, -7.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    matrix = rotation / scale  # output -> input coordinates, as ndimage.affine_transform wants
+    centre = np.array(query.shape) / 2.0
+    offset = centre - matrix @ (centre + shift)
+    moved_image = ndimage.affine_transform(query, matrix, offset, order=1).astype(np.float32)
+    moved_mask = ndimage.affine_transform(truth, matrix, offset, order=0).astype(np.uint16)
+    labels = [int(v) for v in np.unique(truth) if v]
+    before = dice(moved_mask > 0, truth > 0)
+    plan = SlicePlan(0, [support(moved_image, moved_mask)], tuple(labels))
+    result = transfer.segment_volume(query[None], [plan], labels)
+    pred = prediction(result.slices[0].probabilities, labels)
+    assert before < 0.8  # the transform is big enough to matter
+    assert dice(pred > 0, truth > 0) >= 0.9
+    for v in labels:
+        if (truth == v).sum() > 500:  # small structures lose a few edge pixels to the resampling
+            assert dice(pred == v, truth == v) >= 0.9, v
+
+
+def test_labels_not_in_the_plan_stay_empty(transfer):
+    images, masks = canvas_volume("cmr-bssfp", 1)
+    z = richest_slice(masks)
+    labels = [int(v) for v in np.unique(masks) if v]
+    assert len(labels) >= 2
+    same = [support(images[z], masks[z], z)]
+    # Slice 1 allows only the first label, slice 2 none: its neighbours' maps must not leak in
+    # through the z smoothing, although every support contains every label.
+    plans = [
+        SlicePlan(0, same, tuple(labels)),
+        SlicePlan(1, same, (labels[0],)),
+        SlicePlan(2, same, ()),
+    ]
+    result = transfer.segment_volume(np.stack([images[z]] * 3), plans, labels)
+    p0, p1, p2 = (s.probabilities for s in result.slices)
+    assert all(p0[c].max() > 0.5 for c in range(len(labels)))
+    assert p1[0].max() > 0.5
+    assert not p1[1:].any() and not p2.any()
+    assert (result.slices[2].object_scores < 0).all()
+    assert result.slices[2].seconds["register"] == 0.0  # nothing allowed: nothing registered
+
+
+def test_no_checkpoint_is_opened(classic):
+    """The whole preset (embed, match, transfer) runs on the code alone: no weight file is read."""
+    opened: list[str] = []
+    recording = [True]
+
+    def audit(event, args):
+        if recording[0] and event == "open" and args and isinstance(args[0], (str, bytes)):
+            opened.append(args[0] if isinstance(args[0], str) else args[0].decode(errors="replace"))
+
+    sys.addaudithook(audit)  # hooks cannot be removed; this one stops recording when the test ends
+    try:
+        images, masks = canvas_volume("cmr-bssfp", 2)
+        labels = [int(v) for v in np.unique(masks) if v]
+        embedder = DescriptorEmbedder(classic["embedder"])
+        matcher = NccMatcher(classic["matcher"])
+        transfer = RegistrationTransfer(dict(classic["transfer"], workers=1))
+        zs = [z for z in range(len(images)) if masks[z].any()][:3]
+        embedder.embed(images)
+        matcher.distances(images[zs[0]], images[zs])
+        plans = [SlicePlan(i, [support(images[z], masks[z], z), support(images[zs[0]], masks[zs[0]], zs[0])], tuple(labels))
+                 for i, z in enumerate(zs)]
+        result = transfer.segment_volume(images[zs], plans, labels)
+        assert len(result.slices) == len(zs)
+    finally:
+        recording[0] = False
+    offending = [p for p in opened if p.lower().endswith(CHECKPOINT_SUFFIXES)]
+    assert not offending, offending
+
+
+def test_process_pool_gives_the_same_result(classic, transfer):
+    images, masks = canvas_volume("cmr-bssfp", 1)
+    zs = [z for z in range(len(images)) if masks[z].any()][2:5]
+    labels = [int(v) for v in np.unique(masks) if v]
+    plans = [SlicePlan(i, [support(images[zs[(i + 1) % 3]], masks[zs[(i + 1) % 3]]),
+                           support(images[zs[(i + 2) % 3]], masks[zs[(i + 2) % 3]])], tuple(labels))
+             for i in range(3)]
+    seen = []
+    pooled = RegistrationTransfer(dict(classic["transfer"], workers=2)).segment_volume(
+        images[zs], plans, labels, progress=lambda done, total: seen.append((done, total)))
+    inline = transfer.segment_volume(images[zs], plans, labels)
+    assert seen[-1] == (3, 3)
+    for a, b in zip(pooled.slices, inline.slices):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ step contract and 3D rules
+
+
+def test_fingerprint_and_encode_supports(classic):
+    transfer = RegistrationTransfer(classic["transfer"])
+    assert isinstance(transfer, LabelTransfer)
+    assert transfer.fingerprint().startswith("registration-v1-")
+    assert transfer.fingerprint() == RegistrationTransfer(dict(classic["transfer"], workers=1)).fingerprint()
+    changed = dict(classic["transfer"], fusion=dict(classic["transfer"]["fusion"], h=0.5))
+    assert RegistrationTransfer(changed).fingerprint() != transfer.fingerprint()
+    assert transfer.encode_supports(np.zeros((2, 8, 8), np.float32), np.zeros((2, 8, 8), np.uint16), [1]) == {}
+    with pytest.raises(ConfigError, match="deformable"):
+        RegistrationTransfer({k: v for k, v in classic["transfer"].items() if k != "deformable"})
+
+
+def test_z_smoothing_respects_allowed_slices():
+    probs = np.zeros((4, 1, 4, 4), np.float32)
+    probs[:, 0] = 1.0
+    allowed = np.array([[True], [True], [True], [False]])
+    out = smooth_along_z(probs, allowed, (0.25, 0.5, 0.25))
+    np.testing.assert_allclose(out[:3], 1.0)  # renormalised over allowed neighbours: not diluted
+    assert not out[3].any()  # nor spread into a slice where the label is absent
+    probs[1] = 0.0
+    out = smooth_along_z(probs, allowed, (0.25, 0.5, 0.25))
+    np.testing.assert_allclose(out[1, 0], 0.5)
+    np.testing.assert_allclose(out[0, 0], 2 / 3, rtol=1e-6)
+
+
+def test_largest_component_keeps_the_main_chain():
+    probs = np.zeros((3, 1, 16, 16), np.float32)
+    probs[:, 0, 2:8, 2:8] = 0.9  # a chain through all slices
+    probs[1, 0, 12:14, 12:14] = 0.8  # a small island
+    probs[1, 0, 10, 10] = 0.3  # below threshold: not a component, left alone
+    out = keep_largest_component(probs, 0.5)
+    assert (out[:, 0, 2:8, 2:8] == 0.9).all()
+    assert not out[1, 0, 12:14, 12:14].any()
+    assert out[1, 0, 10, 10] == pytest.approx(0.3)
