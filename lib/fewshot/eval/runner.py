@@ -1,0 +1,779 @@
+"""``python -m fewshot eval``: run a preset on a labelled dataset under a protocol and report Dice.
+
+Two protocols (rules in ``protocols.py``):
+
+* ``alpnet``: the few-shot literature's 1-way 1-shot protocol. For each fold and organ, three
+  support slices of the fold's support scan are encoded once (masks binarised to that organ) and
+  each query slice of the organ's z-extent is segmented with its chunk's support, through the
+  preset's transfer step directly (no retrieval: the protocol fixes the supports). Only the
+  extent's slices are scored; Dice per scan, averaged over scans and folds.
+* ``clinical``: the tool's real use. ``--shots`` scans are ingested into an in-memory bank and
+  every other scan is segmented whole with all labels through ``Engine.segment``; every slice is
+  scored, so false positives on organ-free slices count. Dice and HD95 per label per scan.
+
+``--growth`` adds a curve of Dice against the number of labelled scans (1, 2, 4, 8): one fixed
+query set, one fixed candidate pool, scans added in the order the ``bank_coverage`` strategy
+proposes (``coverage.propose``) versus random orders (3 seeds). It is scored the clinical way.
+
+Scoring happens on the native voxel grid, reoriented to RAS with the slicing axis first so that
+slice indices are the canvas's, with the volume's own spacing for HD95 (mm).
+
+A dataset file ``configs/datasets/<name>.yaml`` (picked by ``--dataset`` or by the data folder's
+name) supplies label names and volume settings that suit the dataset, e.g. a finer canvas
+spacing for the tiny hippocampus crops. Precedence: preset < dataset file < ``--set``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from fewshot.config import CONFIGS_DIR, ConfigError, parse_label_map, parse_overrides
+from fewshot.eval import protocols
+from fewshot.eval.metrics import LabelScore, per_label_scores
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("alpnet", "clinical")
+RANDOM_SEEDS = 3  # random orders averaged on the growth curve
+MONTAGE_CASES = 2  # best and worst cases each shown in the overlay montage
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+
+@dataclass
+class DatasetConfig:
+    """``configs/datasets/<name>.yaml``: label names and settings that suit one dataset."""
+
+    name: str
+    description: str = ""
+    labels: dict[str, int] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # deep-merged over the preset (dotted-flattened)
+
+    def overrides(self) -> dict:
+        return _flatten(self.settings)
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def available_datasets() -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / "datasets").glob("*.yaml"))
+
+
+def load_dataset_config(name: str) -> DatasetConfig:
+    path = CONFIGS_DIR / "datasets" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(available_datasets()) or 'none'}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping")
+    unknown = set(raw) - {"description", "labels", "settings"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (use description, labels, settings)")
+    return DatasetConfig(name=name, description=str(raw.get("description", "")),
+                         labels=parse_label_map(raw.get("labels")), settings=dict(raw.get("settings") or {}))
+
+
+def dataset_for(data_dir: str | Path, name: str | None) -> DatasetConfig | None:
+    """The dataset file named by ``name``; without one, the file named like the data folder, if any."""
+    if name == "none":
+        return None
+    if name:
+        return load_dataset_config(name)
+    folder = Path(data_dir).resolve().name
+    if folder in available_datasets():
+        logger.info("using dataset settings configs/datasets/%s.yaml (pass --dataset none to ignore)", folder)
+        return load_dataset_config(folder)
+    return None
+
+
+# ------------------------------------------------------------------------------------ scans
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image: str
+    label: str
+
+
+@dataclass
+class Reference:
+    """A scan's image and reference label on the native grid, slicing axis first (RAS order)."""
+
+    image: np.ndarray  # (Z, H, W) float32
+    label: np.ndarray  # (Z, H, W) uint16
+    spacing: tuple[float, float, float]  # mm along (Z, H, W)
+
+
+def slice_major(array: np.ndarray, affine: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """File-order array -> RAS with ``axis`` (the canvas's slicing axis) first, and its spacing.
+
+    Uses the same reorientation as the canvas, so index z here is canvas slice z.
+    """
+    from fewshot.volume import to_ras
+
+    ras, _, spacing_ras = to_ras(array, affine)
+    spacing = (spacing_ras[axis],) + tuple(s for i, s in enumerate(spacing_ras) if i != axis)
+    return np.moveaxis(ras, axis, 0), tuple(float(s) for s in spacing)
+
+
+def label_values_in(cases: Sequence[Case]) -> list[int]:
+    import nibabel as nib
+
+    values: set[int] = set()
+    for case in cases:
+        values.update(int(v) for v in np.unique(np.asarray(nib.load(case.label).dataobj)) if v)
+    return sorted(values)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Preview:
+    """The middle reference slice of a case, for the overlay montage (display orientation)."""
+
+    slice_index: int
+    image: np.ndarray
+    truth: np.ndarray
+    prediction: np.ndarray
+
+
+@dataclass
+class CaseResult:
+    """One query scan segmented in one fold."""
+
+    case_id: str
+    fold: int
+    support_ids: tuple[str, ...]
+    scores: dict[int, LabelScore]
+    scored_slices: dict[int, int]  # label -> slices scored
+    reference_voxels: dict[int, int]
+    predicted_voxels: dict[int, int]  # within the scored slices
+    seconds: float  # wall time segmenting this scan (all its labels)
+    segmented_slices: int  # slices the transfer step worked on (summed over 1-way runs)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    preview: Preview | None = None
+
+    def mean_dice(self) -> float:
+        values = [s.dice for s in self.scores.values() if math.isfinite(s.dice)]
+        return float(np.mean(values)) if values else math.nan
+
+
+def _display(slice2d: np.ndarray) -> np.ndarray:
+    # RAS in-plane axes (first, second) -> rows, columns with the second axis pointing up.
+    return np.flipud(np.asarray(slice2d).T)
+
+
+def make_preview(ref: Reference, prediction: np.ndarray, labels: Sequence[int]) -> Preview | None:
+    inside = np.isin(ref.label, list(labels)).any(axis=(1, 2))
+    zs = np.flatnonzero(inside)
+    if not len(zs):
+        return None
+    z = int(zs[len(zs) // 2])
+    return Preview(z, _display(ref.image[z]), _display(ref.label[z]), _display(prediction[z]))
+
+
+def _finite(values) -> np.ndarray:
+    arr = np.asarray([float(v) for v in values], dtype=float)
+    return arr[np.isfinite(arr)]
+
+
+def _stats(values) -> tuple[float, float, int]:
+    arr = _finite(values)
+    if not arr.size:
+        return math.nan, math.nan, 0
+    return float(arr.mean()), float(arr.std()), int(arr.size)
+
+
+def _json_safe(obj):
+    """NaN/inf -> null and numpy scalars -> Python, so metrics.json is strict JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class EvalReport:
+    metrics: dict
+    out_dir: Path
+    files: dict[str, Path]
+
+
+class EvalRun:
+    """One evaluation: an engine, the dataset's scans and label map, and what has been measured."""
+
+    def __init__(self, engine, cases: Sequence[Case], labels: Mapping[str, int], max_queries: int | None = None,
+                 seed: int = 0):
+        self.engine = engine
+        self.cases = {c.case_id: c for c in cases}
+        self.labels = dict(labels)  # name -> value, the labels evaluated
+        self.values = sorted(self.labels.values())
+        self.name_of = {v: n for n, v in self.labels.items()}
+        self.max_queries = max_queries
+        self.seed = seed
+        self._references: dict[str, tuple[object, Reference]] = {}
+
+    # -------------------------------------------------------------- helpers
+
+    def _queries(self, ids: Sequence[str]) -> list[str]:
+        ids = list(ids)
+        return ids[: self.max_queries] if self.max_queries else ids
+
+    def reference(self, case_id: str, prepared) -> Reference:
+        case = self.cases[case_id]
+        from fewshot.volume import read_label
+
+        label = read_label(case.label, prepared.volume)
+        axis = prepared.geometry.axis
+        image, spacing = slice_major(prepared.volume.array, prepared.volume.affine, axis)
+        label_sm, _ = slice_major(label, prepared.volume.affine, axis)
+        return Reference(image=image.astype(np.float32), label=label_sm.astype(np.uint16), spacing=spacing)
+
+    def _score(self, case_id: str, fold: int, support_ids, ref: Reference, prediction: np.ndarray,
+               labels: Sequence[int], slices: Mapping[int, Sequence[int]] | None, both_empty: float,
+               seconds: float, segmented: int, stages: Mapping[str, float]) -> CaseResult:
+        scores = per_label_scores(prediction, ref.label, labels, ref.spacing, slices=slices, axis=0,
+                                  both_empty_dice=both_empty)
+        n_slices = len(ref.label)
+        scored, ref_vox, pred_vox = {}, {}, {}
+        for v in labels:
+            zs = list(slices[v]) if slices is not None else list(range(n_slices))
+            scored[v] = len(zs)
+            ref_vox[v] = int((ref.label[zs] == v).sum()) if zs else 0
+            pred_vox[v] = int((prediction[zs] == v).sum()) if zs else 0
+        result = CaseResult(
+            case_id=case_id, fold=fold, support_ids=tuple(support_ids), scores=scores, scored_slices=scored,
+            reference_voxels=ref_vox, predicted_voxels=pred_vox, seconds=seconds, segmented_slices=segmented,
+            stage_seconds=dict(stages), preview=make_preview(ref, prediction, labels),
+        )
+        logger.info("%s, case %s: %s (%.1f s)", f"fold {fold}" if fold >= 0 else "growth curve", case_id,
+                    ", ".join(f"{self.name_of.get(v, v)} Dice {s.dice:.3f}" for v, s in scores.items()), seconds)
+        return result
+
+    # -------------------------------------------------------------- alpnet
+
+    def alpnet_supports(self, support_id: str, n_chunks: int) -> tuple[dict[int, list], dict[int, list[int]]]:
+        """organ -> one Support per chunk (encoded once, mask binarised to the organ), and their slices."""
+        from fewshot.types import Support, SupportRef
+        from fewshot.volume import label_to_canvas, read_label
+
+        case = self.cases[support_id]
+        prepared = self.engine.prepare(case.image)
+        masks = label_to_canvas(read_label(case.label, prepared.volume), prepared.geometry)
+        supports, slices = {}, {}
+        for organ in self.values:
+            # Canvas presence: a support slice must hold the organ after resampling to the canvas.
+            presence = (masks == organ).any(axis=(1, 2))
+            if not presence.any():
+                logger.warning("support scan %s has no %s: that organ is not evaluated in this fold",
+                               support_id, self.name_of[organ])
+                continue
+            zs = protocols.support_slice_per_chunk(protocols.organ_chunks(presence, n_chunks))
+            images = prepared.canvas[zs]
+            binary = np.where(masks[zs] == organ, organ, 0).astype(np.uint16)
+            payload = self.engine.transfer.encode_supports(images, binary, [organ])
+            supports[organ] = [
+                Support(ref=SupportRef(support_id, int(z)), image=images[e], mask=binary[e], labels=(organ,),
+                        payload={k: v[e] for k, v in payload.items()})
+                for e, z in enumerate(zs)
+            ]
+            slices[organ] = [int(z) for z in zs]
+        return supports, slices
+
+    def alpnet_query(self, fold: int, support_id: str, query_id: str, supports: Mapping[int, list],
+                     n_chunks: int) -> CaseResult:
+        from fewshot.types import SlicePlan
+        from fewshot.volume import canvas_to_label
+
+        start = time.perf_counter()
+        prepared = self.engine.prepare(self.cases[query_id].image)
+        ref = self.reference(query_id, prepared)
+        n = len(prepared.canvas)
+        prediction = np.zeros_like(ref.label)
+        extents, stages, segmented = {}, {}, 0
+        evaluated = []
+        for organ, organ_supports in supports.items():
+            presence = protocols.label_presence(ref.label, organ, axis=0)
+            if not presence.any():
+                logger.info("case %s has no %s: not scored for it", query_id, self.name_of[organ])
+                continue
+            # The query's own reference extent decides the chunks (an oracle the protocol grants).
+            chunk_of = protocols.query_chunk_assignment(presence, n_chunks)
+            plans = [SlicePlan(z, [organ_supports[chunk_of[z]]], (organ,)) if z in chunk_of
+                     else SlicePlan(z, [], ()) for z in range(n)]
+            result = self.engine.transfer.segment_volume(prepared.canvas, plans, [organ], cache_key=prepared.key)
+            probs = np.stack([s.probabilities for s in result.slices])
+            native = canvas_to_label(probs, [organ], prepared.geometry)
+            organ_pred, _ = slice_major(native, prepared.volume.affine, prepared.geometry.axis)
+            prediction[organ_pred == organ] = organ
+            extents[organ] = protocols.organ_extent(presence)
+            segmented += len(chunk_of)
+            evaluated.append(organ)
+            for stage, sec in result.seconds.items():
+                stages[stage] = stages.get(stage, 0.0) + sec
+        seconds = time.perf_counter() - start
+        # 1-way: each organ is scored against its own prediction only, on its own extent.
+        return self._score(query_id, fold, (support_id,), ref, prediction, evaluated, extents, 1.0,
+                           seconds, segmented, stages)
+
+    def run_alpnet(self, n_folds: int, n_chunks: int = 3, convention: str = "alpnet") -> tuple[list[CaseResult], list[dict]]:
+        folds = protocols.alpnet_folds(list(self.cases), n_folds, convention)
+        results, fold_info = [], []
+        jobs = sum(len(self._queries(f.query_ids)) for f in folds)
+        with _progress(jobs, "alpnet queries") as bar:
+            for fold in folds:
+                logger.info("fold %d: support scan %s, queries %s", fold.index, fold.support_id, list(fold.query_ids))
+                supports, slices = self.alpnet_supports(fold.support_id, n_chunks)
+                queries = self._queries(fold.query_ids)
+                for query_id in queries:
+                    results.append(self.alpnet_query(fold.index, fold.support_id, query_id, supports, n_chunks))
+                    bar.update(1)
+                fold_info.append({
+                    "index": fold.index, "support_ids": [fold.support_id], "query_ids": queries,
+                    "support_slices": {self.name_of[o]: z for o, z in slices.items()},
+                })
+        return results, fold_info
+
+    # -------------------------------------------------------------- clinical
+
+    def clear_bank(self) -> None:
+        for image_id in self.engine.bank.image_ids():
+            self.engine.remove(image_id)
+
+    def segment_and_score(self, fold: int, support_ids, query_id: str) -> CaseResult:
+        """Whole-scan segmentation with the engine's retrieval, all labels, every slice scored."""
+        start = time.perf_counter()
+        seg = self.engine.segment(self.cases[query_id].image, labels=self.values)
+        seconds = time.perf_counter() - start
+        prepared = self.engine.prepare(seg.volume)
+        ref = self.reference(query_id, prepared)
+        prediction, _ = slice_major(seg.label, seg.volume.affine, prepared.geometry.axis)
+        stages = {k: float(v) for k, v in seg.timings.items() if k not in ("total", "slices")}
+        # A label absent from both reference and prediction has no Dice (nan, left out of means);
+        # a label predicted where the reference has none scores 0.
+        return self._score(query_id, fold, support_ids, ref, prediction, self.values, None, math.nan,
+                           seconds, len(prepared.canvas), stages)
+
+    def run_clinical(self, shots: int, n_splits: int = 1) -> tuple[list[CaseResult], list[dict]]:
+        splits = [protocols.clinical_split(list(self.cases), shots, self.seed + i) for i in range(n_splits)]
+        results, fold_info = [], []
+        jobs = sum(len(self._queries(q)) for _, q in splits)
+        with _progress(jobs, "clinical queries") as bar:
+            for index, (support_ids, query_ids) in enumerate(splits):
+                self.clear_bank()
+                logger.info("split %d: support bank %s, queries %s", index, support_ids, query_ids)
+                for sid in support_ids:
+                    case = self.cases[sid]
+                    self.engine.ingest(sid, case.image, case.label)
+                queries = self._queries(query_ids)
+                for query_id in queries:
+                    results.append(self.segment_and_score(index, support_ids, query_id))
+                    bar.update(1)
+                fold_info.append({"index": index, "seed": self.seed + index, "support_ids": list(support_ids),
+                                  "query_ids": queries})
+        return results, fold_info
+
+    # -------------------------------------------------------------- growth curve
+
+    def _put_cached(self, case_id: str, cache: dict, label_values: Sequence[int]) -> None:
+        """Add a scan to the bank, computing its entries once per run (the orders re-add the same scans)."""
+        if case_id not in cache:
+            from fewshot.volume import label_to_canvas, read_label, read_volume
+
+            case = self.cases[case_id]
+            volume = read_volume(case.image)
+            prepared = self.engine.prepare(volume)
+            masks = label_to_canvas(read_label(case.label, volume), prepared.geometry)
+            cache[case_id] = self.engine.support_batch(case_id, prepared, masks, label_values)
+        case = self.cases[case_id]
+        self.engine.bank.put(case_id, cache[case_id], {"image": case.image, "label": case.label})
+
+    def run_growth(self, steps: Sequence[int] = protocols.GROWTH_STEPS) -> dict:
+        ids = list(self.cases)
+        first = protocols.growth_splits(ids, self.seed, steps)[0]
+        all_queries = list(first.query_ids)
+        queries = self._queries(all_queries)
+        pool = sorted((i for i in ids if i not in set(all_queries)), key=protocols.scan_sort_key)
+        usable = protocols.growth_steps(len(pool), steps)
+        label_values = self.engine.label_values(self.values)
+        batches: dict[str, object] = {}
+        scored: dict[tuple[frozenset, str], float] = {}  # same bank, same query: same result
+        logger.info("growth curve: pool %s, queries %s, steps %s", pool, queries, usable)
+
+        embeddings: dict[str, np.ndarray] = {}
+
+        def coverage_next(added: list[str]) -> str:
+            from fewshot.coverage import propose
+
+            remaining = [c for c in pool if c not in added]
+            for c in remaining:
+                if c not in embeddings:
+                    embeddings[c] = self.engine.embed_volume(self.cases[c].image)
+            return propose(self.engine.bank, {c: embeddings[c] for c in remaining}).image_id
+
+        def fixed_next(order: list[str]) -> Callable[[list[str]], str]:
+            return lambda added: order[len(added)]
+
+        strategies: dict[str, list[tuple[int, Callable]]] = {"bank_coverage": [(self.seed, coverage_next)]}
+        strategies["random"] = [
+            (s, fixed_next([pool[i] for i in np.random.default_rng(s).permutation(len(pool))]))
+            for s in range(self.seed, self.seed + RANDOM_SEEDS)
+        ]
+        out = {"scoring": "clinical: whole scans, all labels, every slice; Dice per query scan = mean over labels",
+               "pool_ids": pool, "query_ids": queries, "steps": usable, "strategies": {}}
+        rows = []
+        total = sum(len(runs) for runs in strategies.values()) * len(usable) * len(queries)
+        with _progress(total, "growth curve") as bar:
+            for strategy, runs in strategies.items():
+                points = {n: [] for n in usable}
+                orders = []
+                for seed, next_scan in runs:
+                    self.clear_bank()
+                    added: list[str] = []
+                    per_step = {}
+                    for n in usable:
+                        while len(added) < n:
+                            case_id = next_scan(added)
+                            self._put_cached(case_id, batches, label_values)
+                            added.append(case_id)
+                        case_means = []
+                        for q in queries:
+                            key = (frozenset(added), q)
+                            if key not in scored:
+                                scored[key] = self.segment_and_score(-1, tuple(added), q).mean_dice()
+                            case_means.append(scored[key])
+                            rows.append({"strategy": strategy, "seed": seed, "n_labelled": n, "case_id": q,
+                                         "dice": scored[key], "support_ids": " ".join(added)})
+                            bar.update(1)
+                        points[n].extend(case_means)
+                        per_step[n] = float(np.nanmean(case_means)) if len(_finite(case_means)) else math.nan
+                    orders.append({"seed": seed, "order": list(added), "dice_by_step": per_step})
+                    logger.info("growth %s (seed %d): order %s, Dice %s", strategy, seed, added,
+                                {n: round(d, 3) for n, d in per_step.items()})
+                out["strategies"][strategy] = {
+                    "runs": orders,
+                    "points": [dict(zip(("n_labelled", "dice_mean", "dice_std", "n"), (n, *_stats(points[n]))))
+                               for n in usable],
+                }
+        self.clear_bank()
+        out["rows"] = rows
+        return out
+
+
+class _progress:
+    """A tqdm bar over jobs (shown on terminals only); logging reports progress everywhere."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="scan", disable=None)
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def summarise(results: Sequence[CaseResult], name_of: Mapping[int, str]) -> dict:
+    per_label = {}
+    for value in sorted({v for r in results for v in r.scores}):
+        dices = [r.scores[value].dice for r in results if value in r.scores]
+        hds = [r.scores[value].hd95 for r in results if value in r.scores]
+        d_mean, d_std, d_n = _stats(dices)
+        h_mean, h_std, h_n = _stats(hds)
+        per_label[name_of.get(value, str(value))] = {
+            "value": value, "dice_mean": d_mean, "dice_std": d_std, "n": d_n,
+            "hd95_mean": h_mean, "hd95_std": h_std, "hd95_n": h_n,
+        }
+    label_means = [s["dice_mean"] for s in per_label.values()]
+    hd_means = [s["hd95_mean"] for s in per_label.values()]
+    return {
+        "per_label": per_label,
+        "mean_dice": float(np.mean(_finite(label_means))) if len(_finite(label_means)) else math.nan,
+        "mean_hd95": float(np.mean(_finite(hd_means))) if len(_finite(hd_means)) else math.nan,
+    }
+
+
+def fold_summaries(results: Sequence[CaseResult], folds: list[dict], name_of: Mapping[int, str]) -> list[dict]:
+    for info in folds:
+        mine = [r for r in results if r.fold == info["index"]]
+        info["per_label_dice"] = {
+            name_of.get(v, str(v)): _stats(r.scores[v].dice for r in mine if v in r.scores)[0]
+            for v in sorted({v for r in mine for v in r.scores})
+        }
+    return folds
+
+
+def timing_summary(results: Sequence[CaseResult]) -> dict:
+    per_slice = [r.seconds / r.segmented_slices for r in results if r.segmented_slices]
+    stages: dict[str, float] = {}
+    for r in results:
+        for stage, sec in r.stage_seconds.items():
+            stages[stage] = stages.get(stage, 0.0) + sec
+    slices = sum(r.segmented_slices for r in results)
+    return {
+        "seconds_per_slice": float(np.mean(per_slice)) if per_slice else math.nan,
+        "seconds_per_slice_std": float(np.std(per_slice)) if per_slice else math.nan,
+        "what": "wall time segmenting a query scan (reading, preparing, all its labels) / slices segmented",
+        "slices_segmented": slices,
+        "seconds_total": float(sum(r.seconds for r in results)),
+        "stage_seconds_per_slice": {k: v / slices for k, v in stages.items()} if slices else {},
+    }
+
+
+def case_rows(results: Sequence[CaseResult], name_of: Mapping[int, str]) -> list[dict]:
+    rows = []
+    for r in results:
+        for value, score in r.scores.items():
+            rows.append({
+                "fold": r.fold, "case_id": r.case_id, "support_ids": " ".join(r.support_ids),
+                "label": value, "label_name": name_of.get(value, str(value)),
+                "dice": score.dice, "hd95": score.hd95, "scored_slices": r.scored_slices[value],
+                "reference_voxels": r.reference_voxels[value], "predicted_voxels": r.predicted_voxels[value],
+                "seconds": round(r.seconds, 3),
+            })
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case_id"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+    return path
+
+
+def montage_cases(results: Sequence[CaseResult], count: int = MONTAGE_CASES) -> list[tuple[str, CaseResult]]:
+    """The ``count`` best and worst cases by mean Dice over labels (each case shown once)."""
+    ranked = sorted((r for r in results if r.preview is not None and math.isfinite(r.mean_dice())),
+                    key=lambda r: r.mean_dice(), reverse=True)
+    count = min(count, max(1, len(ranked) // 2))
+    best = ranked[:count]
+    shown = {id(r) for r in best}  # identity: results hold arrays, so == is not usable
+    worst = [r for r in ranked[::-1][:count] if id(r) not in shown]
+    return [("best", r) for r in best] + [("worst", r) for r in worst[::-1]]
+
+
+def write_plots(out: Path, results: Sequence[CaseResult], rows: list[dict], growth: dict | None,
+                name_of: Mapping[int, str], title: str) -> dict[str, Path]:
+    from fewshot.eval import plots
+
+    files = {}
+    if rows:
+        files["boxplot"] = plots.box_plot_per_label(rows, out / "dice_per_label.png", title=f"{title}: per-case scores",
+                                                    label_names=dict(name_of))
+    chosen = montage_cases(results)
+    if chosen:
+        panels = [(f"{kind}: {r.case_id} (fold {r.fold})\nmean Dice {r.mean_dice():.3f}, slice {r.preview.slice_index}",
+                   r.preview.image, r.preview.truth, r.preview.prediction) for kind, r in chosen]
+        files["montage"] = plots.overlay_montage(panels, out / "overlays_best_worst.png",
+                                                 title=f"{title}: best and worst cases", label_names=dict(name_of))
+    if growth and growth["steps"]:
+        curves = {}
+        for strategy, data in growth["strategies"].items():
+            label = f"{strategy} (mean of {len(data['runs'])} seeds)" if len(data["runs"]) > 1 else strategy
+            curves[label] = [(p["n_labelled"], p["dice_mean"], p["dice_std"]) for p in data["points"]
+                             if p["dice_mean"] is not None and math.isfinite(p["dice_mean"])]
+        files["growth"] = plots.growth_curve(curves, out / "growth_curve.png",
+                                             title=f"{title}: Dice as labelled scans are added")
+    return files
+
+
+# ------------------------------------------------------------------------------------ entry point
+
+
+def run_eval(
+    data_dir: str | Path,
+    protocol: str,
+    preset: str,
+    out_dir: str | Path,
+    *,
+    labels: str | Mapping[str, int] | None = None,
+    folds: int | None = None,
+    shots: int = 1,
+    growth: bool = False,
+    growth_steps: Sequence[int] = protocols.GROWTH_STEPS,
+    models_dir: str | Path | None = None,
+    overrides: Mapping | Sequence[str] | None = None,
+    max_queries: int | None = None,
+    dataset: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    chunks: int = 3,
+    fold_convention: str = "alpnet",
+) -> EvalReport:
+    """Evaluate ``preset`` on the ``image_N``/``label_N`` pairs of ``data_dir``; write OUT/metrics.json,
+    OUT/cases.csv and PNG plots. ``folds``: alpnet folds (default 5) or clinical random splits (default 1)."""
+    from fewshot.config import load_preset
+    from fewshot.datastore import scan_pairs
+    from fewshot.pipeline import Engine
+
+    started = time.perf_counter()
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if max_queries is not None and max_queries < 1:
+        raise ValueError("--max-queries must be at least 1")
+    pairs = scan_pairs(data_dir)
+    if len(pairs) < 2:
+        raise ValueError(f"{data_dir}: found {len(pairs)} image_N/label_N pairs; evaluation needs at least 2")
+    cases = [Case(cid, img, lab) for cid, (img, lab) in pairs.items()]
+
+    ds = dataset_for(data_dir, dataset)
+    merged = dict(ds.overrides()) if ds else {}
+    merged.update(parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else dict(overrides or {}))
+    if device:
+        merged["device"] = device
+    settings = load_preset(preset, merged)
+
+    label_map = parse_label_map(labels) or (dict(ds.labels) if ds else {})
+    if not label_map:
+        label_map = {str(v): v for v in label_values_in(cases)}
+        logger.info("no label names given: evaluating every value found in the labels, %s", sorted(label_map.values()))
+    if not label_map:
+        raise ValueError(f"{data_dir}: the labels hold no foreground values")
+
+    engine, _ = Engine.from_settings(settings, bank_dir=None, models_dir=models_dir, label_names=label_map)
+    run = EvalRun(engine, cases, label_map, max_queries=max_queries, seed=seed)
+    name_of = run.name_of
+
+    if protocol == "alpnet":
+        n_folds = 5 if folds is None else folds
+        results, fold_info = run.run_alpnet(n_folds, chunks, fold_convention)
+        protocol_info = {"folds": n_folds, "chunks": chunks, "fold_convention": fold_convention,
+                         "scored": "each organ on the slices of its reference z-extent, 1-way, Dice per scan"}
+    else:
+        n_folds = 1 if folds is None else folds
+        results, fold_info = run.run_clinical(shots, n_folds)
+        protocol_info = {"shots": shots, "splits": n_folds, "seed": seed,
+                         "scored": "whole scans, all labels, every slice; Dice undefined (null) when a label is "
+                                   "absent from both reference and prediction"}
+    growth_out = run.run_growth(growth_steps) if growth else None
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = case_rows(results, name_of)
+    files = {"cases": _write_csv(out / "cases.csv", rows)}
+    if growth_out is not None:
+        files["growth_cases"] = _write_csv(out / "growth.csv", growth_out.pop("rows"))
+    title = f"{Path(data_dir).name}, {preset}, {protocol}"
+    files.update(write_plots(out, results, rows, growth_out, name_of, title))
+
+    metrics = {
+        "protocol": protocol,
+        "preset": preset,
+        "data": str(Path(data_dir).resolve()),
+        "dataset": asdict(ds) if ds else None,
+        "labels": label_map,
+        **summarise(results, name_of),
+        "protocol_settings": protocol_info,
+        "folds": fold_summaries(results, fold_info, name_of),
+        "n_cases": len(results),
+        "timing": timing_summary(results),
+        "growth": growth_out,
+        "settings": engine.settings,
+        "max_queries": max_queries,
+        "elapsed_seconds": time.perf_counter() - started,
+        "files": {k: p.name for k, p in files.items()},
+    }
+    files["metrics"] = out / "metrics.json"
+    metrics["files"]["metrics"] = "metrics.json"
+    files["metrics"].write_text(json.dumps(_json_safe(metrics), indent=1, default=str))
+    logger.info("%s on %s with %s: mean Dice %.3f over %d labels; wrote %s", protocol, Path(data_dir).name, preset,
+                metrics["mean_dice"], len(metrics["per_label"]), out)
+    return EvalReport(metrics=metrics, out_dir=out, files=files)
+
+
+def cmd_eval(args) -> int:
+    report = run_eval(
+        args.data, args.protocol, args.preset, args.out, labels=args.labels, folds=args.folds, shots=args.shots,
+        growth=args.growth, growth_steps=args.growth_steps, models_dir=args.models_dir, overrides=args.overrides, max_queries=args.max_queries,
+        dataset=args.dataset, seed=args.seed, device=args.device, chunks=args.chunks,
+        fold_convention=args.fold_convention,
+    )
+    m = report.metrics
+    summary = {
+        "protocol": m["protocol"], "preset": m["preset"], "mean_dice": m["mean_dice"],
+        "per_label": {k: {"dice_mean": v["dice_mean"], "dice_std": v["dice_std"], "n": v["n"]}
+                      for k, v in m["per_label"].items()},
+        "seconds_per_slice": m["timing"]["seconds_per_slice"],
+        "out": str(report.out_dir),
+    }
+    print(json.dumps(_json_safe(summary), indent=1))
+    return 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("growth steps must be positive integers")
+    return values
+
+
+def add_eval_command(subparsers) -> None:
+    from fewshot.cli import _common
+
+    p = subparsers.add_parser(
+        "eval", help="Dice (and HD95) of a preset on a labelled dataset, under the alpnet or clinical protocol",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="folder of image_N / label_N pairs (NIfTI)")
+    p.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    p.add_argument("--out", required=True, help="output folder for metrics.json, cases.csv and PNG plots")
+    p.add_argument("--dataset", default=None,
+                   help="configs/datasets/<name>.yaml to apply (default: the one named like the data folder; "
+                        "'none' for none)")
+    p.add_argument("--folds", type=int, default=None,
+                   help="alpnet: cross-validation folds (default 5); clinical: random support draws (default 1)")
+    p.add_argument("--shots", type=int, default=1, help="clinical: labelled scans in the support bank (default 1)")
+    p.add_argument("--growth", action="store_true",
+                   help="also draw Dice against 1, 2, 4, 8 labelled scans: bank_coverage order vs random orders")
+    p.add_argument("--growth-steps", type=_int_list, default=protocols.GROWTH_STEPS, metavar="N,N,...",
+                   help="labelled-scan counts of the growth curve (default 1,2,4,8)")
+    p.add_argument("--max-queries", type=int, default=None, help="query scans per fold at most (quick runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the clinical and growth splits (default 0)")
+    p.add_argument("--chunks", type=int, default=3, help="alpnet: chunks of the organ's z-extent (default 3)")
+    p.add_argument("--fold-convention", default="alpnet", choices=("alpnet", "adnet"),
+                   help="alpnet: which scan supports each fold (SSL-ALPNet's or ADNet's rule)")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
