@@ -129,6 +129,38 @@ class _Shard:
         return len(self.arrays["images"])
 
 
+def build_index(
+    data: np.ndarray,
+    index_transform: str = "",
+    approximate_above: int = 20000,
+    hnsw_m: int = 32,
+    hnsw_ef_search: int = 128,
+):
+    """The faiss inner-product index a SupportBank searches over ``data`` (N, D): (index, spec).
+
+    Exact (Flat) up to ``approximate_above`` vectors, HNSW above; ``index_transform`` is the
+    embedder's faiss prefix. A module function so the benchmark times the very index the bank builds.
+    """
+    n, d = data.shape
+    transform = index_transform
+    match = re.match(r"PCAW?(\d+)", transform or "")
+    if match and n < max(2 * int(match.group(1)), int(match.group(1)) + 1):
+        # PCA needs more vectors than dimensions to be fitted; a tiny bank is searched normalised only.
+        transform = "L2norm"
+    approximate = n > approximate_above
+    body = f"HNSW{hnsw_m}" if approximate else "Flat"
+    spec = f"{transform},{body}" if transform else body
+    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(data)
+    if approximate:
+        hnsw = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index)
+        hnsw.hnsw.efSearch = hnsw_ef_search
+    index.add(data)
+    logger.debug("support bank index %s over %d vectors", spec, n)
+    return index, spec
+
+
 class SupportBank:
     """Labelled slices for retrieval, grouped by source image id.
 
@@ -426,24 +458,7 @@ class SupportBank:
             return self._index
 
     def _build_index(self, data: np.ndarray):
-        n, d = data.shape
-        transform = self.index_transform
-        match = re.match(r"PCAW?(\d+)", transform or "")
-        if match and n < max(2 * int(match.group(1)), int(match.group(1)) + 1):
-            # PCA needs more vectors than dimensions to be fitted; a tiny bank is searched normalised only.
-            transform = "L2norm"
-        approximate = n > self.approximate_above
-        body = f"HNSW{self.hnsw_m}" if approximate else "Flat"
-        spec = f"{transform},{body}" if transform else body
-        index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            index.train(data)
-        if approximate:
-            hnsw = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index)
-            hnsw.hnsw.efSearch = self.hnsw_ef_search
-        index.add(data)
-        logger.debug("support bank index %s over %d vectors", spec, n)
-        return index, spec
+        return build_index(data, self.index_transform, self.approximate_above, self.hnsw_m, self.hnsw_ef_search)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[tuple[str, int]]]]:
         """Top-``k`` entries per query vector: (scores (N, k'), rows[N][k'] = (image_id, entry))."""
