@@ -124,18 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_commands(sub).set_defaults(func=run_models_command)
 
-    try:
-        from fewshot.eval.runner import add_eval_command
+    from fewshot.bench import add_bench_command
+    from fewshot.eval.runner import add_eval_command
 
-        add_eval_command(sub)
-    except ImportError:
-        pass
-    try:
-        from fewshot.bench import add_bench_command
-
-        add_bench_command(sub)
-    except ImportError:
-        pass
+    add_eval_command(sub)
+    add_bench_command(sub)
     return parser
 
 
