@@ -153,8 +153,14 @@ def test_cached_memories_never_reencode_supports(engine_factory, chaos, tiny_set
         assert sum(calls) == n_slices
         assert max(len(v["supports"]) for info in seg.provenance.values() for v in info["slices"].values()) == 16
         calls.clear()
-        engine.segment(chaos / "image_2.nii.gz")  # interactive reuse: cached query features too
-        assert sum(calls) == 0
+        again = engine.segment(chaos / "image_2.nii.gz")  # same image, same bank: the result is reused
+        assert sum(calls) == 0 and again.timings.get("reused") is True
+        np.testing.assert_array_equal(again.label, seg.label)
+        engine.ingest("b", chaos / "image_3.nii.gz", chaos / "label_3.nii.gz")  # a save changes the bank
+        calls.clear()
+        changed = engine.segment(chaos / "image_2.nii.gz")
+        assert "reused" not in changed.timings  # recomputed against the new bank ...
+        assert sum(calls) == 0  # ... with the cached image features of the query
     finally:
         model.forward_image = original
 

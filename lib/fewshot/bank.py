@@ -189,6 +189,7 @@ class SupportBank:
         self._memory: dict[str, SliceBatch] = {}  # in-memory banks (directory None)
         self._lock = threading.RLock()
         self._index = None
+        self.generation = uuid.uuid4().hex
         self._rows: list[tuple[str, int]] = []
         self.index_kind = "empty"
 
@@ -439,6 +440,8 @@ class SupportBank:
 
     def _invalidate(self) -> None:
         self._index = None
+        # Changes whenever the entries do: results computed against an older bank are stale.
+        self.generation = uuid.uuid4().hex
 
     def _ensure_index(self):
         with self._lock:

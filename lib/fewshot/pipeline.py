@@ -118,6 +118,9 @@ class Engine:
         self.label_names = dict(label_names or {})
         self._prepared: OrderedDict[str, tuple[PreparedVolume, np.ndarray]] = OrderedDict()
         self._prepared_lock = threading.Lock()
+        # Finished segmentations keyed by (volume, bank generation, labels, settings): asking again for the same
+        # image against an unchanged bank (a viewer re-running inference) costs nothing.
+        self._results: OrderedDict[tuple, Segmentation] = OrderedDict()
 
     # ------------------------------------------------------------------ construction
 
@@ -376,6 +379,14 @@ class Engine:
         prepared, embeddings = self._prepared_with_embeddings(image)
         timings = {"prepare_and_embed": time.perf_counter() - t0}
         values = list(chosen.values())
+        result_key = (prepared.key, self.bank.generation, tuple(values), settings_hash(self.settings))
+        with self._prepared_lock:
+            cached = self._results.get(result_key)
+        if cached is not None:
+            logger.info("segmentation of %s reused: same volume, same bank, same labels", prepared.volume.path)
+            timings = dict(cached.timings, total=time.perf_counter() - t_start, reused=True)
+            return Segmentation(cached.label.copy(), prepared.volume, dict(cached.labels), cached.provenance,
+                                _round(timings), dict(skipped))
         if not values:
             label = np.zeros(prepared.volume.shape, np.uint16)
             timings["total"] = time.perf_counter() - t_start
@@ -392,7 +403,12 @@ class Engine:
         timings["total"] = time.perf_counter() - t_start
         timings["slices"] = len(prepared.canvas)
         provenance = self._provenance(plans, result, chosen, prepared.geometry)
-        return Segmentation(label, prepared.volume, chosen, provenance, _round(timings), skipped)
+        segmentation = Segmentation(label, prepared.volume, chosen, provenance, _round(timings), skipped)
+        with self._prepared_lock:
+            self._results[result_key] = segmentation
+            while len(self._results) > int(self.settings.get("transfer", {}).get("feature_cache", 4)):
+                self._results.popitem(last=False)
+        return segmentation
 
     def _provenance(self, plans, result, chosen: Mapping[str, int], geometry: CanvasGeometry) -> dict:
         """label name -> {"slicing_axis", "slices": {z: {"supports": [...], "object_score", "present"}}}."""
