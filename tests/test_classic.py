@@ -226,9 +226,10 @@ def test_no_checkpoint_is_opened(classic):
     try:
         images, masks = canvas_volume("cmr-bssfp", 2)
         labels = [int(v) for v in np.unique(masks) if v]
-        embedder = DescriptorEmbedder(classic["embedder"])
-        matcher = NccMatcher(classic["matcher"])
-        transfer = RegistrationTransfer(dict(classic["transfer"], workers=1))
+        from fewshot.presets import build_steps  # the steps exactly as the engine builds them
+
+        embedder, matcher, transfer = build_steps(load_preset("classic", {"transfer.workers": 1}))
+        assert (type(embedder), type(matcher), type(transfer)) == (DescriptorEmbedder, NccMatcher, RegistrationTransfer)
         zs = [z for z in range(len(images)) if masks[z].any()][:3]
         embedder.embed(images)
         matcher.distances(images[zs[0]], images[zs])
@@ -238,6 +239,7 @@ def test_no_checkpoint_is_opened(classic):
         assert len(result.slices) == len(zs)
     finally:
         recording[0] = False
+    assert any(p.endswith(".nii.gz") for p in opened)  # the hook does see file opens
     offending = [p for p in opened if p.lower().endswith(CHECKPOINT_SUFFIXES)]
     assert not offending, offending
 

@@ -107,6 +107,17 @@ def test_summary_averages_scans_and_leaves_undefined_scores_out():
     assert json.loads(json.dumps(runner._json_safe(s)))["per_label"]["two"]["hd95_mean"] is None
 
 
+def test_impossible_split_fails_before_any_network_loads(tmp_path):
+    data = shared_dataset("msd-hippocampus")
+    with pytest.raises(ValueError, match="5 scans cannot make 5 folds"):
+        runner.run_eval(data, "alpnet", "random-tiny", tmp_path / "x", folds=5)
+    with pytest.raises(ValueError, match="shots"):
+        runner.run_eval(data, "clinical", "random-tiny", tmp_path / "x", shots=5)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        runner.run_eval(data, "oneshot", "random-tiny", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------------------- end to end
 
 

@@ -384,7 +384,7 @@ class Engine:
             cached = self._results.get(result_key)
         if cached is not None:
             logger.info("segmentation of %s reused: same volume, same bank, same labels", prepared.volume.path)
-            timings = dict(cached.timings, total=time.perf_counter() - t_start, reused=True)
+            timings = {"total": time.perf_counter() - t_start, "slices": cached.timings.get("slices", 0), "reused": True}
             return Segmentation(cached.label.copy(), prepared.volume, dict(cached.labels), cached.provenance,
                                 _round(timings), dict(skipped))
         if not values:

@@ -12,7 +12,6 @@ slices along the directions in which the bank's slices actually differ.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -20,7 +19,6 @@ import numpy as np
 
 from fewshot.config import ConfigError
 
-logger = logging.getLogger(__name__)
 
 _EPS = 1e-6
 

@@ -670,17 +670,24 @@ def run_eval(
     if not label_map:
         raise ValueError(f"{data_dir}: the labels hold no foreground values")
 
+    # Splits are checked before the networks load, so an impossible request fails at once.
+    n_folds = (5 if protocol == "alpnet" else 1) if folds is None else folds
+    if protocol == "alpnet":
+        protocols.alpnet_folds([c.case_id for c in cases], n_folds, fold_convention)
+    else:
+        protocols.clinical_split([c.case_id for c in cases], shots, seed)
+    if growth:
+        protocols.growth_splits([c.case_id for c in cases], seed, growth_steps)
+
     engine, _ = Engine.from_settings(settings, bank_dir=None, models_dir=models_dir, label_names=label_map)
     run = EvalRun(engine, cases, label_map, max_queries=max_queries, seed=seed)
     name_of = run.name_of
 
     if protocol == "alpnet":
-        n_folds = 5 if folds is None else folds
         results, fold_info = run.run_alpnet(n_folds, chunks, fold_convention)
         protocol_info = {"folds": n_folds, "chunks": chunks, "fold_convention": fold_convention,
                          "scored": "each organ on the slices of its reference z-extent, 1-way, Dice per scan"}
     else:
-        n_folds = 1 if folds is None else folds
         results, fold_info = run.run_clinical(shots, n_folds)
         protocol_info = {"shots": shots, "splits": n_folds, "seed": seed,
                          "scored": "whole scans, all labels, every slice; Dice undefined (null) when a label is "

@@ -8,7 +8,6 @@ FFTs per candidate; the rotation search rotates the query, not every candidate.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -19,7 +18,6 @@ from scipy import ndimage
 from fewshot.config import ConfigError
 from fewshot.embed.descriptor import area_resize
 
-logger = logging.getLogger(__name__)
 
 _EPS = 1e-6
 
