@@ -78,7 +78,7 @@ class LoadReport:
     discarded_all: str = ""  # non-empty when the whole bank was unusable (version or fingerprint)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -277,7 +277,7 @@ class SupportBank:
                 return f"{name} missing"
             if path.stat().st_size != expected["size"]:
                 return f"{name} truncated or altered (size {path.stat().st_size}, expected {expected['size']})"
-            if _sha256(path) != expected["sha256"]:
+            if file_sha256(path) != expected["sha256"]:
                 return f"{name} checksum mismatch"
         return ""
 
@@ -350,10 +350,10 @@ class SupportBank:
                     np.save(f, np.ascontiguousarray(arr))
                     f.flush()
                     os.fsync(f.fileno())
-                files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+                files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
             meta = tmp / "meta.json"
             meta.write_text(json.dumps({"image_id": image_id, "augmentation": list(batch.augmentation)}))
-            files["meta.json"] = {"size": meta.stat().st_size, "sha256": _sha256(meta)}
+            files["meta.json"] = {"size": meta.stat().st_size, "sha256": file_sha256(meta)}
             _fsync_dir(tmp)
             name = f"{_safe_name(image_id)}-{uuid.uuid4().hex[:8]}"
             os.rename(tmp, shards / name)

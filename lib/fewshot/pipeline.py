@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from fewshot.bank import SliceBatch, SupportBank
+from fewshot.bank import SliceBatch, SupportBank, file_sha256
 from fewshot.types import Embedder, LabelTransfer, Matcher, SlicePlan, Support
 from fewshot.volume import (
     CanvasGeometry,
@@ -436,10 +436,3 @@ class Engine:
 def _round(timings: Mapping[str, float]) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in timings.items()}
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
