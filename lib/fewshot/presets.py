@@ -94,9 +94,31 @@ def _pick(table: Mapping[str, Callable], section: Mapping, what: str) -> Callabl
     return table[kind]
 
 
+def _check_weights_present(settings: Mapping, ctx: _Context) -> None:
+    """Fail before loading anything, naming every missing weight at once (not one per attempt)."""
+    if ctx.random_weights:
+        return
+    problems = []
+    for name in weights.preset_models(settings):
+        try:
+            weights.resolve(name, ctx.models_dir)
+        except weights.MissingWeightsError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise weights.MissingWeightsError(problems[0])
+    if problems:
+        names = " ".join(weights.preset_models(settings))
+        dir_flag = "" if ctx.models_dir == weights.models_dir() else f" --models-dir {ctx.models_dir}"
+        raise weights.MissingWeightsError(
+            f"preset {settings.get('name')!r} needs weights that are not in {ctx.models_dir}; fetch them all with "
+            f"`python -m fewshot models download {names}{dir_flag}`. Details: " + " | ".join(problems)
+        )
+
+
 def build_steps(settings: Mapping, models_dir=None) -> tuple[Embedder, Matcher | None, LabelTransfer]:
     """-> (embedder, matcher or None when matching is off, transfer). Fails fast on missing weights."""
     ctx = _Context(settings, models_dir)
+    _check_weights_present(settings, ctx)
     if ctx.random_weights:
         logger.warning(
             "preset %r uses RANDOM WEIGHTS: its masks are meaningless (for tests and timing only)",
