@@ -292,3 +292,20 @@ def test_plots_write_readable_pngs(tmp_path):
                                  tmp_path / "lines.png", logx=True, logy=True))
     with pytest.raises(ValueError):
         plots.bar_chart({}, "t", "y", tmp_path / "none.png")
+
+
+# --------------------------------------------------------------------------------------- label maps
+
+
+def test_label_map_accepts_name_value_and_value_name():
+    from fewshot.config import ConfigError, parse_label_map
+
+    expected = {"liver": 1, "right_kidney": 2, "spleen": 4}
+    assert parse_label_map("liver=1,right_kidney=2,spleen=4") == expected
+    assert parse_label_map("1=liver,2=right_kidney,4=spleen") == expected  # issue 4's spelling
+    assert parse_label_map("1=liver, right_kidney=2 ,spleen=4") == expected
+    assert parse_label_map({"LV-MYO": 200}) == parse_label_map({200: "LV-MYO"}) == {"LV-MYO": 200}
+    for bad, why in [("1=2", "two integers"), ("liver=kidney", "no integer"), ("liver=0", "positive"),
+                     ("0=liver", "positive"), ("liver", "name=value"), ("liver=1,liver=2", "two values")]:
+        with pytest.raises(ConfigError, match=why):
+            parse_label_map(bad)

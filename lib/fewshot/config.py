@@ -89,28 +89,44 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _as_int(text) -> int | None:
+    try:
+        return int(str(text).strip())
+    except (TypeError, ValueError):
+        return None
+
+
 def parse_label_map(text: str | Mapping | None) -> dict[str, int]:
-    """'liver=1,spleen=4' or {'liver': 1} -> {'liver': 1, 'spleen': 4}; values must be positive ints."""
+    """'liver=1,spleen=4', '1=liver,4=spleen' or {'liver': 1} -> {'liver': 1, 'spleen': 4}.
+
+    Each pair may be written name=value or value=name (issue 4 writes ``--labels 1=liver``): the
+    side that is an integer is the value. Values must be positive; a pair of two integers or of two
+    names is ambiguous and refused.
+    """
     if not text:
         return {}
     if isinstance(text, Mapping):
-        items = list(text.items())
+        pairs = [(k, v, f"{k}: {v}") for k, v in text.items()]
     else:
-        items = []
+        pairs = []
         for part in str(text).split(","):
             if not part.strip():
                 continue
             if "=" not in part:
-                raise ConfigError(f"label {part!r} must look like name=value")
-            name, value = part.split("=", 1)
-            items.append((name.strip(), value.strip()))
+                raise ConfigError(f"label {part.strip()!r} must look like name=value (or value=name)")
+            left, right = (t.strip() for t in part.split("=", 1))
+            pairs.append((left, right, part.strip()))
     out: dict[str, int] = {}
-    for name, value in items:
-        try:
-            v = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"label {name!r} has value {value!r}, which is not an integer") from None
+    for left, right, written in pairs:
+        left_int, right_int = _as_int(left), _as_int(right)
+        if left_int is not None and right_int is not None:
+            raise ConfigError(f"label {written!r} has two integers: write name=value, e.g. liver=1")
+        if left_int is None and right_int is None:
+            raise ConfigError(f"label {written!r} has no integer value: write name=value, e.g. liver=1")
+        name, v = (str(left), right_int) if right_int is not None else (str(right), left_int)
         if v <= 0:
             raise ConfigError(f"label {name!r} has value {v}; label values must be positive (0 is background)")
-        out[str(name)] = v
+        if name in out and out[name] != v:
+            raise ConfigError(f"label {name!r} is given two values, {out[name]} and {v}")
+        out[name] = v
     return out
