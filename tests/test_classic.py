@@ -72,6 +72,25 @@ def transfer(classic):
     return RegistrationTransfer(dict(classic["transfer"], workers=1))
 
 
+# ------------------------------------------------------------------------------------ settings
+
+
+def test_classic_settings_name_no_foundation_models(classic):
+    """Its steps are other types than foundation's: none of foundation's step parameters leak in."""
+    from fewshot import weights
+
+    assert (classic["embedder"]["type"], classic["matcher"]["type"], classic["transfer"]["type"]) == \
+        ("descriptor", "ncc", "registration")
+    for section, foreign in (("embedder", {"model", "input_size"}), ("matcher", {"model"}),
+                             ("transfer", {"model", "image_size", "neighbours", "mask_threshold"})):
+        assert not foreign & set(classic[section]), (section, classic[section])
+    assert weights.preset_models(classic) == []
+    foundation = load_preset("foundation")
+    assert classic["volume"] == foundation["volume"] and classic["retrieval"] == foundation["retrieval"]
+    assert classic["bank"]["augmentations_per_slice"] == 0  # merged sections still merge
+    assert classic["bank"]["negatives_per_image"] == foundation["bank"]["negatives_per_image"]
+
+
 # ------------------------------------------------------------------------------------ descriptor
 
 

@@ -1,8 +1,9 @@
 """Presets and settings: YAML files under ``configs/``, merged with user overrides.
 
 A preset file may name a parent with ``inherits: <preset>``; its keys are deep-merged over the
-parent's. Overrides use dotted keys (``retrieval.top_k=8``), as MONAI Label's ``-c`` options and
-the CLI's ``--set`` pass them.
+parent's, except that a section naming another step ``type`` than the parent's replaces it
+whole. Overrides use dotted keys (``retrieval.top_k=8``), as MONAI Label's ``-c`` options and the
+CLI's ``--set`` pass them.
 """
 from __future__ import annotations
 
@@ -51,7 +52,14 @@ def load_preset(name: str, overrides: Mapping[str, Any] | None = None) -> dict:
     cfg = _read_yaml(path)
     parent = cfg.pop("inherits", None)
     if parent:
-        cfg = deep_merge(load_preset(parent), cfg)
+        base = load_preset(parent)
+        for section, value in cfg.items():
+            # A step of another type takes none of the parent step's parameters: merged, classic would
+            # carry foundation's `model: dinov2-vits14` into its settings, /info and metrics.
+            if isinstance(value, Mapping) and isinstance(base.get(section), dict) \
+                    and "type" in value and value["type"] != base[section].get("type"):
+                base.pop(section)
+        cfg = deep_merge(base, cfg)
     cfg["name"] = name
     for key, value in (overrides or {}).items():
         set_dotted(cfg, key, value)
