@@ -149,3 +149,36 @@ def test_labels_are_checked_against_their_image(tmp_path):
     with pytest.raises(VolumeError, match="not among the configured labels"):
         read_label(_save(tmp_path / "unknown.nii.gz", label, np.eye(4)), vol, allowed=[7])
     assert read_label(_save(tmp_path / "ok.nii.gz", label, np.eye(4)), vol, allowed=[7, 9]).dtype == np.uint16
+
+
+def test_wide_field_of_view_is_shrunk_to_fit_never_cropped(tmp_path, caplog):
+    """512 x 512 at 0.8 mm (410 mm) on a 256 px x 1.25 mm (320 mm) canvas: the edge label survives."""
+    shape = (512, 512, 4)
+    image = np.random.default_rng(0).random(shape).astype(np.float32) * 100
+    label = np.zeros(shape, np.uint16)
+    label[:12, 200:260, :] = 3  # against the first in-plane edge
+    label[300:340, -10:, 1:3] = 5  # against the other axis' last edge
+    affine = np.diag([-0.8, 0.8, 5.0, 1.0])
+    vol = read_volume(_save(tmp_path / "wide.nii.gz", image, affine))
+    lab = read_label(_save(tmp_path / "wide_label.nii.gz", label, affine), vol)
+    settings = {"pixel_spacing_mm": 1.25, "canvas": 256, "intensity": {"modality": "mr"}}
+    with caplog.at_level("INFO", logger="fewshot.volume"):
+        canvas, geom = volume_to_canvas(vol, settings)
+    assert "nothing is cropped" in caplog.text
+    assert geom.pixel_spacing_mm == pytest.approx(512 * 0.8 / 256)
+    assert max(geom.resampled_shape) == 256 and min(geom.offset) >= 0
+    masks = label_to_canvas(lab, geom)
+    # Every slice that holds a label on disk holds it on the canvas too (none wrongly "negative").
+    for v in (3, 5):
+        on_disk = [bool((lab[..., z] == v).any()) for z in range(4)]
+        assert [bool((masks[z] == v).any()) for z in range(4)] == on_disk
+    probs = np.stack([(masks == v).astype(np.float32) for v in (3, 5)], axis=1)
+    back = canvas_to_label(probs, [3, 5], geom)
+    assert back.shape == shape
+    for v in (3, 5):
+        inter = ((back == v) & (label == v)).sum()
+        assert 2 * inter / ((back == v).sum() + (label == v).sum()) > 0.85
+    # A field of view that fits keeps the preset's spacing.
+    small = read_volume(_save(tmp_path / "small.nii.gz", image[:200, :200], affine))
+    assert volume_to_canvas(small, settings)[1].pixel_spacing_mm == 1.25
+

@@ -2,7 +2,8 @@
 
 Reading goes through MONAI's ``LoadImage`` (NIfTI, NRRD, DICOM series, ...). The engine works on
 *canvas slices*: the volume is oriented to RAS, cut along its slicing axis, intensity-normalised,
-resampled in plane to a common pixel spacing and centred on an S x S canvas. ``CanvasGeometry``
+resampled in plane to a common pixel spacing and centred on an S x S canvas (a field of view wider
+than S x spacing gets a coarser spacing of its own, so nothing is ever cropped). ``CanvasGeometry``
 remembers every step so that a canvas label goes back to the input's exact array shape, affine and
 orientation.
 """
@@ -168,8 +169,9 @@ class CanvasGeometry:
     axis: int  # slicing axis in RAS array order
     plane_shape: tuple[int, int]  # in-plane shape before resampling
     resampled_shape: tuple[int, int]  # in-plane shape at the common pixel spacing
-    offset: tuple[int, int]  # where the resampled slice's (0, 0) sits on the canvas (may be negative)
+    offset: tuple[int, int]  # where the resampled slice's (0, 0) sits on the canvas (>= 0: never cropped)
     canvas: int
+    pixel_spacing_mm: float = 0.0  # in-plane spacing used: the preset's, or coarser when the field of view is wider
 
     @property
     def to_ras(self) -> np.ndarray:
@@ -269,11 +271,21 @@ def volume_to_canvas(volume: Volume, settings: Mapping) -> tuple[np.ndarray, Can
     plane_shape = tuple(int(s) for s in slices.shape[1:])
     target = float(settings.get("pixel_spacing_mm", 1.0))
     canvas = int(settings.get("canvas", 256))
-    resampled = tuple(max(1, int(round(n * sp / target))) for n, sp in zip(plane_shape, plane_spacing))
+    extent = [n * sp for n, sp in zip(plane_shape, plane_spacing)]
+    # A field of view wider than the canvas is shrunk to fit rather than cropped: anatomy at the edge
+    # would otherwise vanish from bank entries (wrongly "negative") and could never be predicted.
+    spacing = max(target, max(extent) / canvas)
+    if spacing > target:
+        logger.info(
+            "%s: in-plane field of view %.0f x %.0f mm is wider than the canvas (%d px x %.2f mm = %.0f mm); "
+            "resampled at %.3f mm so nothing is cropped",
+            volume.path, extent[0], extent[1], canvas, target, canvas * target, spacing,
+        )
+    resampled = tuple(min(canvas, max(1, int(round(e / spacing)))) for e in extent)
     offset = tuple((canvas - r) // 2 for r in resampled)
     geometry = CanvasGeometry(
         source_shape=volume.shape, source_ornt=source_ornt, axis=axis, plane_shape=plane_shape,
-        resampled_shape=resampled, offset=offset, canvas=canvas,
+        resampled_shape=resampled, offset=offset, canvas=canvas, pixel_spacing_mm=spacing,
     )
     stack = torch.from_numpy(np.ascontiguousarray(slices))[:, None]
     stack = _place(_resize(stack, resampled, "bilinear"), offset, canvas)
