@@ -182,3 +182,46 @@ def test_wide_field_of_view_is_shrunk_to_fit_never_cropped(tmp_path, caplog):
     small = read_volume(_save(tmp_path / "small.nii.gz", image[:200, :200], affine))
     assert volume_to_canvas(small, settings)[1].pixel_spacing_mm == 1.25
 
+
+def test_single_slice_volume_is_a_2d_image(tmp_path):
+    for shape in ((64, 64, 1), (64, 1, 64)):
+        path = _save(tmp_path / "one.nii.gz", np.zeros(shape, np.float32), np.eye(4))
+        with pytest.raises(VolumeError, match="expected a 3D image, got a 2D image"):
+            read_volume(path)
+
+
+def test_labels_are_written_as_nifti_only(tmp_path):
+    image, label = _blob_volume((20, 20, 6))
+    vol = read_volume(_save(tmp_path / "img.nii.gz", image, np.eye(4)))
+    with pytest.raises(VolumeError, match="NIfTI"):
+        write_label(tmp_path / "out.nrrd", label, vol)
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_nrrd_input_round_trip(tmp_path):
+    """NRRD (read by MONAI's LoadImage) in, NIfTI label out with the same voxel-to-world mapping."""
+    sitk = pytest.importorskip("SimpleITK")
+    image, label = _blob_volume((8, 36, 40))  # SimpleITK order: z, y, x
+    itk_image = sitk.GetImageFromArray(image)
+    itk_image.SetSpacing((0.9, 1.1, 4.0))
+    itk_image.SetOrigin((12.0, -30.0, 7.0))
+    itk_image.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+    sitk.WriteImage(itk_image, str(tmp_path / "img.nrrd"))
+    vol = read_volume(tmp_path / "img.nrrd")
+    assert vol.shape == (40, 36, 8)
+    # ITK's LPS direction/origin, expressed in RAS as NIfTI affines are.
+    expected = np.eye(4)
+    expected[:3, :3] = np.array(itk_image.GetDirection()).reshape(3, 3) * np.array(itk_image.GetSpacing())
+    expected[:3, 3] = itk_image.GetOrigin()
+    expected = np.diag([-1, -1, 1, 1]) @ expected
+    np.testing.assert_allclose(vol.affine, expected, atol=1e-6)
+    canvas, geom = volume_to_canvas(vol, SETTINGS)
+    assert canvas.shape[0] == 8
+    lab = label.transpose(2, 1, 0)
+    masks = label_to_canvas(lab, geom)
+    probs = np.stack([(masks == v).astype(np.float32) for v in (7, 9)], axis=1)
+    back = canvas_to_label(probs, [7, 9], geom)
+    write_label(tmp_path / "out.nii.gz", back, vol)
+    written = nib.load(str(tmp_path / "out.nii.gz"))
+    assert written.shape == vol.shape
+    np.testing.assert_allclose(written.affine, expected, atol=1e-4)

@@ -85,6 +85,9 @@ def read_volume(path: str | os.PathLike) -> Volume:
         array = array[..., 0]
     if array.ndim != 3:
         raise VolumeError(f"{path}: expected a 3D image, got {array.ndim}D with shape {array.shape}")
+    if 1 in array.shape:
+        # One slice (H, W, 1) is a 2D image stored in a 3D file: slicing across it would give 1-pixel lines.
+        raise VolumeError(f"{path}: expected a 3D image, got a 2D image stored as 3D (shape {array.shape})")
     if min(array.shape) < 1 or array.size == 0:
         raise VolumeError(f"{path}: the image has no voxels (shape {array.shape})")
     if not np.all(np.isfinite(array)):
@@ -130,6 +133,8 @@ def write_label(path: str | os.PathLike, label: np.ndarray, image: Volume) -> No
     Written to a temporary file then renamed, so a crash never leaves a torn label behind.
     """
     path = str(path)
+    if not _is_nifti(path):
+        raise VolumeError(f"{path}: labels are written as NIfTI; name the output .nii.gz or .nii")
     if label.shape != image.shape:
         raise VolumeError(f"label shape {label.shape} does not match image shape {image.shape}")
     dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
