@@ -93,7 +93,8 @@ def test_eval_command_line_is_registered():
 def test_summary_averages_scans_and_leaves_undefined_scores_out():
     def case(cid, fold, d1, d2, h1=1.0):
         return runner.CaseResult(cid, fold, ("s",), {1: LabelScore(d1, h1), 2: LabelScore(d2, math.nan)},
-                                 {1: 3, 2: 3}, {1: 5, 2: 5}, {1: 5, 2: 0}, seconds=2.0, segmented_slices=4)
+                                 {1: 3, 2: 3}, {1: 5, 2: 5}, {1: 5, 2: 0}, seconds=2.0, query_slices=4,
+                                 organ_slices=8, cpu_seconds=3.0)
 
     results = [case("a", 0, 0.8, 0.0, 2.0), case("b", 0, 0.6, math.nan), case("c", 1, 0.4, 0.5)]
     s = runner.summarise(results, {1: "one", 2: "two"})
@@ -103,7 +104,11 @@ def test_summary_averages_scans_and_leaves_undefined_scores_out():
     assert s["per_label"]["one"]["hd95_mean"] == pytest.approx(4 / 3)
     assert s["per_label"]["two"]["hd95_n"] == 0 and math.isnan(s["per_label"]["two"]["hd95_mean"])
     assert s["mean_dice"] == pytest.approx((0.6 + 0.25) / 2)
-    assert runner.timing_summary(results)["seconds_per_slice"] == pytest.approx(0.5)
+    timing = runner.timing_summary(results)
+    assert timing["wall_seconds_per_query_slice"] == pytest.approx(0.5)
+    assert timing["wall_seconds_per_organ_slice"] == pytest.approx(0.25)
+    assert timing["cpu_seconds_per_query_slice"] == pytest.approx(0.75)
+    assert timing["query_slices"] == 12 and timing["organ_slices"] == 24
     assert json.loads(json.dumps(runner._json_safe(s)))["per_label"]["two"]["hd95_mean"] is None
 
 
@@ -116,6 +121,55 @@ def test_impossible_split_fails_before_any_network_loads(tmp_path):
     with pytest.raises(ValueError, match="unknown protocol"):
         runner.run_eval(data, "oneshot", "random-tiny", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+class _OverlappingTransfer:
+    """A transfer step that returns given canvas masks: organ 2's prediction also covers organ 1."""
+
+    name = "stub"
+
+    def __init__(self, truth_canvas: np.ndarray):
+        self.truth = truth_canvas
+
+    def encode_supports(self, images, masks, labels):
+        return {}
+
+    def segment_volume(self, query, plans, labels, cache_key=None, progress=None):
+        from fewshot.types import SliceResult, VolumeResult
+
+        (organ,) = labels
+        mask = (self.truth == 1) | (self.truth == 2) if organ == 2 else self.truth == organ
+        slices = [SliceResult(probabilities=mask[z][None].astype(np.float32), object_scores=np.ones(1, np.float32))
+                  for z in range(len(query))]
+        return VolumeResult(labels=(organ,), slices=slices)
+
+
+def test_alpnet_scores_each_organ_on_its_own_one_way_prediction(tmp_path):
+    """Two organs whose 1-way predictions overlap: neither may cost the other its true positives."""
+    from fewshot.config import load_preset
+    from fewshot.pipeline import Engine
+    from fewshot.volume import label_to_canvas, read_label
+
+    image = np.random.default_rng(0).random((48, 48, 6)).astype(np.float32)
+    label = np.zeros((48, 48, 6), np.uint16)
+    label[10:20, 10:20, 1:5] = 1
+    label[20:34, 10:30, 1:5] = 2  # beside organ 1, as the LV blood pool sits inside the myocardium
+    affine = np.diag([1.25, 1.25, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "image_1.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "label_1.nii.gz")
+    case = runner.Case("1", str(tmp_path / "image_1.nii.gz"), str(tmp_path / "label_1.nii.gz"))
+    engine, _ = Engine.from_settings(load_preset("classic"), label_names={"one": 1, "two": 2})
+    prepared = engine.prepare(case.image)
+    engine.transfer = _OverlappingTransfer(label_to_canvas(read_label(case.label, prepared.volume), prepared.geometry))
+    run = runner.EvalRun(engine, [case], {"one": 1, "two": 2})
+
+    result = run.alpnet_query(0, "support", "1", {1: [None] * 3, 2: [None] * 3}, 3)
+    assert result.scores[1].dice == pytest.approx(1.0)  # a shared label map would have overwritten it: Dice 0
+    assert result.predicted_voxels[1] == result.reference_voxels[1] == 400
+    # Organ 2 pays for its own over-segmentation: 2 * 1120 / (1120 + 1520).
+    assert result.scores[2].dice == pytest.approx(2 * 1120 / (1120 + 1520))
+    assert result.predicted_voxels[2] == 1520
+    assert result.preview is not None and set(np.unique(result.preview.prediction)) == {0, 2}  # display only
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -139,7 +193,19 @@ def test_alpnet_protocol_end_to_end_with_random_tiny(tmp_path, models_dir):
         assert set(fold["support_slices"]) == {"anterior", "posterior"}
         for zs in fold["support_slices"].values():
             assert len(zs) == 3 and zs == sorted(zs)
-    assert m["timing"]["seconds_per_slice"] > 0 and m["timing"]["slices_segmented"] > 0
+    t = m["timing"]
+    assert t["wall_seconds_per_query_slice"] > 0 and t["cpu_seconds_per_query_slice"] > 0
+    # 1-way runs: two organs whose extents overlap make more organ-slices than distinct query slices.
+    assert t["organ_slices"] > t["query_slices"] > 0
+    assert t["wall_seconds_per_organ_slice"] < t["wall_seconds_per_query_slice"]
+    # The protocol is documented where the figures are: fold source, settings 1/2, fold table.
+    assert "setting 2" in m["protocol_settings"]["settings_1_and_2"] and m["protocol_settings"]["fold_source"]
+    table = read_rows(out / "folds.csv")
+    assert [(r["fold"], r["support_ids"], r["query_ids"]) for r in table] == [("0", "199", "015"), ("1", "015", "199")]
+    for r, fold in zip(table, m["folds"]):
+        for name, zs in fold["support_slices"].items():
+            assert f"{name}: {' '.join(map(str, zs))}" in r["support_slices"]
+    assert "| 0 | 199 | 015 |" in (out / "folds.md").read_text()
 
     rows = read_rows(out / "cases.csv")
     assert len(rows) == 4
@@ -168,7 +234,10 @@ def test_clinical_protocol_and_growth_curve_with_random_tiny(tmp_path, models_di
     assert len(fold["support_ids"]) == 1 and len(fold["query_ids"]) == 1
     assert not set(fold["support_ids"]) & set(fold["query_ids"])
     rows = read_rows(out / "cases.csv")
-    assert len(rows) == 2 and {"dice", "hd95", "scored_slices"} <= set(rows[0])
+    assert len(rows) == 2 and {"dice", "hd95", "scored_slices", "hd95_undefined_because"} <= set(rows[0])
+    (table,) = read_rows(out / "folds.csv")
+    assert table["support_ids"] == fold["support_ids"][0] and "anterior: " in table["support_labelled_slices"]
+    assert m["timing"]["organ_slices"] == 2 * m["timing"]["query_slices"]  # all labels on every slice
     # Clinical scoring counts every slice of the scan, organ-free ones included (the hippocampus
     # crops are RAS and isotropic, so the slicing axis is the last one).
     (query,) = fold["query_ids"]
@@ -196,9 +265,31 @@ def test_classic_preset_segments_hippocampus_meaningfully(tmp_path, models_dir):
     data = shared_dataset("msd-hippocampus")
     out = tmp_path / "classic"
     # One registration worker: two slices' worth of work per organ does not pay for starting a pool.
+    # Two grid points of the fusion's SSD scale, chosen per fold on the other fold (nested selection).
     report = runner.run_eval(data, "alpnet", "classic", out, folds=2, max_queries=1, models_dir=models_dir,
-                             overrides=["volume.canvas=128", "transfer.workers=1"])
+                             overrides=["volume.canvas=128", "transfer.workers=1"],
+                             select=["transfer.fusion.h=0.005,0.5"])
     m = report.metrics
     assert m["mean_dice"] > 0.3, m["per_label"]
     for stats in m["per_label"].values():
         assert stats["dice_mean"] > 0.2
+
+    sel = m["selection"]
+    assert sel["grid"] == {"transfer.fusion.h": [0.005, 0.5]} and len(sel["points"]) == 2
+    grid_rows = read_rows(out / "cases_grid.csv")
+    assert len(grid_rows) == 2 * 2 * 2  # points x folds x labels
+    rows = read_rows(out / "cases.csv")
+    by_point = {(r["point"], r["fold"], r["label"]): float(r["dice"]) for r in grid_rows}
+    for group in sel["per_group"]:
+        fold, other = group["group"], 1 - group["group"]
+        # Chosen on the other fold's scans only ...
+        other_means = [np.mean([by_point[(str(p), str(other), lb)] for lb in ("1", "2")]) for p in (0, 1)]
+        assert group["chosen_point"] == int(np.argmax(other_means))
+        assert group["mean_dice_other_groups"] == pytest.approx(max(other_means))
+        # ... and this fold is reported at that point, in cases.csv and the headline.
+        for r in rows:
+            if r["fold"] == str(fold):
+                assert r["selected_point"] == str(group["chosen_point"])
+                assert float(r["dice"]) == pytest.approx(by_point[(str(group["chosen_point"]), str(fold), r["label"])])
+    assert m["mean_dice"] == pytest.approx(np.mean([np.mean([float(r["dice"]) for r in rows if r["label"] == lb])
+                                                    for lb in ("1", "2")]))

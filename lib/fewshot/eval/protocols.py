@@ -25,6 +25,14 @@ ADNet (Hansen et al., MedIA 2022, https://github.com/sha168/ADNet) reuses this p
 CHAOS-T2 and defines CMR folds in ``dataloading/dataset_specifics.py`` ``get_folds`` (groups of 7
 of the 35 scans); its ``datasets.py`` takes the *last of the sorted fold indices* as support,
 which differs from SSL-ALPNet only in the last fold (``convention="adnet"``).
+
+CMR: SSL-ALPNet's paper reports CMR but its public code defines folds for CHAOS-T2 and SABS only,
+so the CMR split here is ADNet's grouping (7 scans per fold) with SSL-ALPNet's support rule by
+default (``configs/datasets/cmr-bssfp.yaml`` records this in metrics.json).
+
+Settings 1 and 2 of SSL-ALPNet differ only in which slices a model may be *trained* on (setting 2
+drops every training slice that holds a test organ). Nothing here is trained on the evaluated
+scans, so for this engine the two settings coincide and one run answers both.
 """
 from __future__ import annotations
 
