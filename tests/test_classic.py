@@ -263,7 +263,17 @@ def test_no_checkpoint_is_opened(classic):
     assert not offending, offending
 
 
-def test_process_pool_gives_the_same_result(classic, transfer):
+def test_process_pool_gives_the_same_result_and_is_started_once(classic, transfer, monkeypatch):
+    from fewshot.transfer import registration
+
+    started = []
+
+    class CountingPool(registration.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(registration, "ProcessPoolExecutor", CountingPool)
     images, masks = canvas_volume("cmr-bssfp", 1)
     zs = [z for z in range(len(images)) if masks[z].any()][2:5]
     labels = [int(v) for v in np.unique(masks) if v]
@@ -271,11 +281,21 @@ def test_process_pool_gives_the_same_result(classic, transfer):
                            support(images[zs[(i + 2) % 3]], masks[zs[(i + 2) % 3]])], tuple(labels))
              for i in range(3)]
     seen = []
-    pooled = RegistrationTransfer(dict(classic["transfer"], workers=2)).segment_volume(
-        images[zs], plans, labels, progress=lambda done, total: seen.append((done, total)))
+    pooled_step = RegistrationTransfer(dict(classic["transfer"], workers=2))
+    try:
+        pooled = pooled_step.segment_volume(images[zs], plans, labels,
+                                            progress=lambda done, total: seen.append((done, total)))
+        # A second volume (alpnet: the next organ or query) reuses the running workers.
+        again = pooled_step.segment_volume(images[zs], plans, labels)
+        assert len(started) == 1
+    finally:
+        pooled_step.close()
+    assert started[0]._shutdown_thread  # close() stopped the workers
     inline = transfer.segment_volume(images[zs], plans, labels)
     assert seen[-1] == (3, 3)
     for a, b in zip(pooled.slices, inline.slices):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    for a, b in zip(again.slices, pooled.slices):
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
 
 

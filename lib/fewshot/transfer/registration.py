@@ -19,7 +19,9 @@ allowed; never spreading into slices where it is not), then optionally only the 
 connected component of each label (above ``consistency.threshold``) is kept.
 
 Slices are registered in a process pool (``workers``), SimpleITK single-threaded in each worker,
-so both cores work on different slices without oversubscription.
+so both cores work on different slices without oversubscription. The pool is started once per
+transfer step, on first use, and reused by every later call (the alpnet protocol calls
+``segment_volume`` per organ per query scan); ``close()`` or interpreter exit stops it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import threading
 import time
+import weakref
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields
@@ -326,6 +330,30 @@ class RegistrationTransfer:
 
     def __init__(self, settings: Mapping):
         self.settings = RegistrationSettings.from_settings(settings)
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_failed = False  # workers could not start once: do not try again on every call
+        self._pool_lock = threading.Lock()  # one pool even when a threaded server segments concurrently
+        self._finalizer: weakref.finalize | None = None
+
+    def _executor(self) -> ProcessPoolExecutor | None:
+        """The transfer's worker pool, started on first use; None once starting it has failed."""
+        with self._pool_lock:
+            if self._pool is None and not self._pool_failed:
+                s = self.settings
+                self._pool = ProcessPoolExecutor(
+                    s.workers, mp_context=multiprocessing.get_context(s.start_method),
+                    initializer=_init_worker, initargs=(s.threads_per_worker,),
+                )
+                # Runs on garbage collection or at interpreter exit, whichever comes first.
+                self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=True, cancel_futures=True)
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (a later call starts new ones)."""
+        with self._pool_lock:
+            finalizer, self._finalizer, self._pool = self._finalizer, None, None
+        if finalizer is not None:
+            finalizer()  # shuts the pool down, once
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(json.dumps(self.settings.result_affecting(), sort_keys=True).encode()).hexdigest()[:12]
@@ -397,26 +425,28 @@ class RegistrationTransfer:
         return VolumeResult(labels=labels, slices=slices, seconds=totals)
 
     def _run_pool(self, work: list[int], job, record) -> list[int]:
-        """Slices ``work`` in a process pool; -> the slices left undone if the pool could not run."""
+        """Slices ``work`` in the worker pool; -> the slices left undone if the pool could not run."""
         s = self.settings
-        context = multiprocessing.get_context(s.start_method)
         pending_slices = set(work)
+        pool = self._executor()
+        if pool is None:
+            return work
         try:
-            with ProcessPoolExecutor(min(s.workers, len(work)), mp_context=context,
-                                     initializer=_init_worker, initargs=(s.threads_per_worker,)) as pool:
-                pending = {pool.submit(segment_slice, *job(z)): z for z in work}
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        z = pending.pop(future)
-                        record(z, future.result())
-                        pending_slices.discard(z)
+            pending = {pool.submit(segment_slice, *job(z)): z for z in work}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    z = pending.pop(future)
+                    record(z, future.result())
+                    pending_slices.discard(z)
         except BrokenProcessPool:
             # Typically a script without an `if __name__ == "__main__":` guard under the spawn
-            # start method: finish here rather than fail the whole volume.
+            # start method: finish here rather than fail the whole volume, and stop trying.
+            self.close()
+            self._pool_failed = True
             logger.warning(
                 "registration worker processes failed to start (%s start method; a calling script needs an "
-                "`if __name__ == '__main__':` guard); registering the remaining %d slices in this process. "
-                "Set transfer.workers=1 to skip the pool.", s.start_method, len(pending_slices),
+                "`if __name__ == '__main__':` guard); registering the remaining %d slices in this process, and "
+                "later volumes too. Set transfer.workers=1 to skip the pool.", s.start_method, len(pending_slices),
             )
         return [z for z in work if z in pending_slices]
