@@ -167,3 +167,129 @@ def test_payload_coverage(tmp_path):
     bank = SupportBank(None, "fp")
     bank.put("a", _batch(np.random.default_rng(10), labels=(1, 2)))
     assert bank.payload_covers("a", [1, 2]) and not bank.payload_covers("a", [1, 3])
+
+
+def test_two_banks_on_one_directory_keep_each_others_commits(tmp_path):
+    """The CLI and the app (or its batch-infer subprocess) share a bank directory."""
+    rng = np.random.default_rng(11)
+    first, _ = SupportBank.open(tmp_path, "fp")
+    second, _ = SupportBank.open(tmp_path, "fp")
+    first.put("a", _batch(rng))
+    second.put("b", _batch(rng))  # must not write a manifest without "a"
+    first.put("c", _batch(rng))  # ... nor this one without "b"
+    reopened, report = SupportBank.open(tmp_path, "fp")
+    assert reopened.image_ids() == ["a", "b", "c"] and not report.dropped
+    # Readers see the other's commits without reopening, in search results too.
+    assert second.image_ids() == ["a", "b", "c"]
+    vectors = np.asarray(reopened.embeddings()[[0, 6, 12]])
+    _, rows = second.search(vectors, 1)
+    assert [r[0][0] for r in rows] == ["a", "b", "c"]
+    # Removing what another process added works, and every shard on disk is referenced.
+    assert second.remove("a")
+    assert first.image_ids() == ["b", "c"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {r["shard"] for r in manifest["images"].values()} == {p.name for p in (tmp_path / "shards").iterdir()}
+
+
+_WRITER = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_bank import _batch
+from fewshot.bank import SupportBank
+rng = np.random.default_rng({seed})
+for i in range(12):
+    bank, report = SupportBank.open({directory!r}, "fp")  # a fresh load each time: loads race with commits
+    assert not report.dropped, report.dropped
+    bank.put("{tag}-%d" % i, _batch(rng, n=3))
+"""
+
+
+def test_two_processes_writing_one_bank_lose_nothing(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WRITER.format(tests=tests, seed=seed, directory=str(tmp_path), tag=tag)],
+                         stderr=subprocess.PIPE, text=True)
+        for seed, tag in ((1, "x"), (2, "y"))
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    bank, report = SupportBank.open(tmp_path, "fp")
+    assert not report.dropped
+    assert bank.image_ids() == sorted(f"{t}-{i}" for t in "xy" for i in range(12))
+    assert len(list((tmp_path / "shards").iterdir())) == 24
+
+
+def test_read_only_open_reports_but_never_touches(tmp_path):
+    bank = SupportBank(tmp_path, "model-A")
+    bank.put("a", _batch(np.random.default_rng(12)))
+    manifest = (tmp_path / "manifest.json").read_bytes()
+    shards = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    other, report = SupportBank.open(tmp_path, "model-B", read_only=True)
+    assert "model-A" in report.discarded_all and other.image_ids() == []
+    assert (tmp_path / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == shards
+    same, report = SupportBank.open(tmp_path, "model-A", read_only=True)
+    assert report.loaded == ["a"] and same.stats()["slices"] == 6
+    with pytest.raises(Exception, match="read-only"):
+        same.put("b", _batch(np.random.default_rng(13)))
+    assert not SupportBank.open(tmp_path / "absent", "fp", read_only=True)[1].loaded
+    assert not (tmp_path / "absent").exists()
+
+
+def test_entry_labels_are_stored_not_recomputed(tmp_path, monkeypatch):
+    bank = SupportBank(tmp_path, "fp")
+    bank.put("a", _batch(np.random.default_rng(14)))
+    again, _ = SupportBank.open(tmp_path, "fp")
+
+    def no_unique(*args, **kwargs):
+        raise AssertionError("np.unique over masks at query time")
+
+    monkeypatch.setattr(np, "unique", no_unique)
+    stats = again.stats()
+    assert stats["negative_slices"] == 1 and stats["per_label"] == {"1": 3, "2": 2}
+    assert again.support(("a", 1)).labels == (2,) and again.support(("a", 5)).labels == ()
+
+
+def test_small_banks_are_whitened_in_fewer_dimensions():
+    """Few-shot banks hold tens of entries: PCA keeps n // 2 dimensions instead of switching off."""
+    rng = np.random.default_rng(15)
+    bank = SupportBank(None, "fp", index_transform="PCAW32,L2norm")
+    bank.put("a", _batch(rng, n=20, dim=64, payload=False))
+    assert bank.stats()["index"] == "PCAW10,L2norm,Flat"  # reported before any search builds it
+    scores, _ = bank.search(rng.normal(size=(2, 64)).astype(np.float32), 3)
+    assert bank.index_kind == "PCAW10,L2norm,Flat" and np.all(scores <= 1.0001)
+    tiny = SupportBank(None, "fp", index_transform="PCAW32,L2norm")
+    tiny.put("a", _batch(rng, n=6, dim=64, payload=False))
+    assert tiny.stats()["index"] == "L2norm,Flat"  # 3 dimensions would say nothing
+
+
+def test_additions_grow_the_index_in_place(tmp_path):
+    rng = np.random.default_rng(16)
+    bank = SupportBank(tmp_path, "fp", approximate_above=50)
+    for i in range(12):
+        bank.put(f"img{i}", _batch(rng, n=6, dim=32, payload=False))
+    bank.search(rng.normal(size=(1, 32)).astype(np.float32), 4)
+    index = bank._index
+    assert bank.index_kind.startswith("HNSW") and index.ntotal == 72
+    new = _batch(rng, n=6, dim=32, payload=False)
+    bank.put("new", new)
+    assert bank._index is index and index.ntotal == 78  # added, not rebuilt
+    _, rows = bank.search(new.embeddings, 1)
+    assert [r[0] for r in rows] == [("new", i) for i in range(6)]
+    bank.put("new", _batch(rng, n=6, dim=32, payload=False))  # a replacement: HNSW cannot delete
+    assert bank._index is None
+    _, rows = bank.search(new.embeddings, 1)
+    assert bank._index is not index and bank._index.ntotal == 78
+    # An exact bank grown in place searches like one rebuilt from disk.
+    flat = SupportBank(tmp_path / "flat", "fp")
+    flat.put("a", _batch(rng, dim=32))
+    flat.search(rng.normal(size=(1, 32)).astype(np.float32), 2)
+    flat.put("b", _batch(rng, dim=32))
+    queries = rng.normal(size=(6, 32)).astype(np.float32)
+    reloaded, _ = SupportBank.open(tmp_path / "flat", "fp")
+    assert flat.search(queries, 5)[1] == reloaded.search(queries, 5)[1]

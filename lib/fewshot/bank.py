@@ -4,13 +4,21 @@ On disk (one directory)::
 
     manifest.json              format version, fingerprint, one record per image id (files + sha256)
     shards/<id>-<generation>/  one directory per image id: images.npy, masks.npy, embeddings.npy,
-                               slice_index.npy, payload.<name>.npy, meta.json
+                               slice_index.npy, payload.<name>.npy, meta.json (augmentations and
+                               the label values present in each entry)
+    .lock                      flock: exclusive for writers, shared for readers
 
 Every write goes to a temporary directory first and is renamed into place; the manifest is
 replaced last (write, fsync, rename). A crash therefore leaves either the old or the new shard
 referenced, never a torn one. On load every file is checked against the manifest; an image whose
 shard is missing, truncated or altered is dropped and reported, so the caller can rebuild it from
 its source label (the datastore's final labels are the truth, the bank is a cache).
+
+Several processes may share one directory (the CLI, the MONAI Label app and its batch-infer
+subprocess). The on-disk manifest is the shared truth: a writer re-reads it under the exclusive
+lock before changing anything, so it never drops another process's commit nor deletes a shard the
+manifest references; readers pick up other processes' commits when the manifest file changed
+(one ``stat`` per search).
 
 The bank knows nothing of the networks: embeddings are vectors, payloads are named arrays.
 """
@@ -38,7 +46,9 @@ from fewshot.types import Support, SupportRef
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: slice_index in the file's own slice order, per-entry label values in meta.json.
+FORMAT_VERSION = 2
+MIN_PCA_DIMS = 4  # below this a PCA of the bank says little: search the normalised vectors instead
 _ARRAYS = ("images", "masks", "embeddings", "slice_index")
 
 
@@ -53,7 +63,7 @@ class SliceBatch:
     images: np.ndarray  # (E, S, S) float in [0, 1]; stored as float16
     masks: np.ndarray  # (E, S, S) uint16 label maps
     embeddings: np.ndarray  # (E, D) float32
-    slice_index: np.ndarray  # (E,) int: slice of the source volume
+    slice_index: np.ndarray  # (E,) int: slice of the source volume, along its file's own slicing axis
     augmentation: list[str]  # (E,) "" for original slices
     # The transfer step's cached arrays, each (E, L, ...): axis 1 runs over ``payload_labels``.
     payload: dict[str, np.ndarray] = field(default_factory=dict)
@@ -110,23 +120,57 @@ def _safe_name(image_id: str) -> str:
     return f"{stem}-{hashlib.sha1(image_id.encode()).hexdigest()[:10]}"
 
 
+def _entry_labels(masks: np.ndarray) -> list[tuple[int, ...]]:
+    """Label values present in each mask, computed once when entries are written."""
+    return [tuple(int(v) for v in np.unique(m) if v) for m in masks]
+
+
 class _Shard:
     """One image's entries, memory-mapped read-only from its shard directory."""
 
     def __init__(self, directory: Path, record: Mapping):
         self.directory = directory
-        self.record = record
         self.arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
         self.payload = {
             name: np.load(directory / f"payload.{name}.npy", mmap_mode="r") for name in record.get("payload", [])
         }
-        self.augmentation: list[str] = json.loads((directory / "meta.json").read_text())["augmentation"]
-        self.labels_per_entry = [
-            tuple(int(v) for v in np.unique(m) if v) for m in self.arrays["masks"]
-        ]
+        meta = json.loads((directory / "meta.json").read_text())
+        self.augmentation: list[str] = meta["augmentation"]
+        self.entry_labels: list[tuple[int, ...]] = [tuple(int(v) for v in e) for e in meta["labels"]]
+        if len(self.entry_labels) != len(self) or len(self.augmentation) != len(self):
+            raise ValueError("meta.json does not describe every entry")
 
     def __len__(self) -> int:
         return len(self.arrays["images"])
+
+
+class _MemoryShard:
+    """The same view over a SliceBatch kept in memory (a bank without a directory)."""
+
+    def __init__(self, batch: SliceBatch, entry_labels: list[tuple[int, ...]]):
+        self.arrays = {name: getattr(batch, name) for name in _ARRAYS}
+        self.payload = batch.payload
+        self.augmentation = list(batch.augmentation)
+        self.entry_labels = entry_labels
+
+    def __len__(self) -> int:
+        return len(self.arrays["images"])
+
+
+def index_spec(n: int, index_transform: str = "", approximate_above: int = 20000, hnsw_m: int = 32) -> str:
+    """The faiss index_factory string a bank of ``n`` vectors is searched with.
+
+    A PCA transform (``PCAW64,...``) is fitted on the bank itself, so it keeps at most n // 2
+    dimensions: few-shot banks (tens of entries) are still whitened, just in fewer dimensions.
+    """
+    transform = index_transform or ""
+    match = re.match(r"PCA(W?)(\d+)", transform)
+    if match:
+        dims = min(int(match.group(2)), n // 2)
+        rest = transform[match.end():].lstrip(",")
+        transform = f"PCA{match.group(1)}{dims}" + (f",{rest}" if rest else "") if dims >= MIN_PCA_DIMS else rest or "L2norm"
+    body = f"HNSW{hnsw_m}" if n > approximate_above else "Flat"
+    return f"{transform},{body}" if transform else body
 
 
 def build_index(
@@ -142,18 +186,11 @@ def build_index(
     embedder's faiss prefix. A module function so the benchmark times the very index the bank builds.
     """
     n, d = data.shape
-    transform = index_transform
-    match = re.match(r"PCAW?(\d+)", transform or "")
-    if match and n < max(2 * int(match.group(1)), int(match.group(1)) + 1):
-        # PCA needs more vectors than dimensions to be fitted; a tiny bank is searched normalised only.
-        transform = "L2norm"
-    approximate = n > approximate_above
-    body = f"HNSW{hnsw_m}" if approximate else "Flat"
-    spec = f"{transform},{body}" if transform else body
+    spec = index_spec(n, index_transform, approximate_above, hnsw_m)
     index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(data)
-    if approximate:
+    if "HNSW" in spec:
         hnsw = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index)
         hnsw.hnsw.efSearch = hnsw_ef_search
     index.add(data)
@@ -166,7 +203,7 @@ class SupportBank:
 
     ``fingerprint`` names what produced embeddings and payloads (embedder, transfer network and
     weights, canvas settings). A bank on disk with another fingerprint is discarded on load,
-    never mixed with new entries.
+    never mixed with new entries; opened ``read_only`` it is only reported, never touched.
     """
 
     def __init__(
@@ -177,6 +214,7 @@ class SupportBank:
         approximate_above: int = 20000,
         hnsw_m: int = 32,
         hnsw_ef_search: int = 128,
+        read_only: bool = False,
     ):
         self.directory = Path(directory) if directory is not None else None
         self.fingerprint = fingerprint
@@ -184,14 +222,19 @@ class SupportBank:
         self.approximate_above = int(approximate_above)
         self.hnsw_m = int(hnsw_m)
         self.hnsw_ef_search = int(hnsw_ef_search)
+        self.read_only = bool(read_only)
         self._records: dict[str, dict] = {}
-        self._shards: dict[str, _Shard] = {}
-        self._memory: dict[str, SliceBatch] = {}  # in-memory banks (directory None)
+        self._shards: dict[str, _Shard | _MemoryShard] = {}
         self._lock = threading.RLock()
+        self._flock_depth = 0
         self._index = None
         self.generation = uuid.uuid4().hex
         self._rows: list[tuple[str, int]] = []
         self.index_kind = "empty"
+        # The manifest file last read or written, held open so that its inode cannot be reused:
+        # "same inode, mtime and size" then reliably means "nobody committed since".
+        self._manifest_handle = None
+        self._manifest_stamp: tuple | None = None
 
     # ------------------------------------------------------------------ persistence
 
@@ -206,66 +249,153 @@ class SupportBank:
         return self.directory / "manifest.json"
 
     @contextlib.contextmanager
-    def _write_lock(self):
-        """Serialises writers within the process (RLock) and across processes (flock)."""
+    def _file_lock(self, exclusive: bool):
+        """Serialises threads (RLock) and processes (flock: exclusive to write, shared to read)."""
         with self._lock:
-            if self.directory is None:
-                yield
-                return
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with open(self.directory / ".lock", "w") as lockfile:
-                fcntl.flock(lockfile, fcntl.LOCK_EX)
+            if self.directory is None or self._flock_depth:  # flock is per open file: never re-take it
+                self._flock_depth += 1
                 try:
                     yield
                 finally:
+                    self._flock_depth -= 1
+                return
+            if exclusive:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            elif not self.directory.is_dir():
+                yield
+                return
+            with open(self.directory / ".lock", "a") as lockfile:
+                fcntl.flock(lockfile, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                self._flock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._flock_depth -= 1
                     fcntl.flock(lockfile, fcntl.LOCK_UN)
+
+    def _write_lock(self):
+        if self.read_only:
+            raise BankError(f"support bank {self.directory} was opened read-only")
+        return self._file_lock(exclusive=True)
 
     def _load(self) -> LoadReport:
         report = LoadReport()
-        if self.directory is None or not self.manifest_path.exists():
+        if self.directory is None or (self.read_only and not self.manifest_path.exists()):
             return report
-        try:
-            manifest = json.loads(self.manifest_path.read_text())
-            version, fingerprint, images = manifest["version"], manifest["fingerprint"], manifest["images"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            report.discarded_all = f"manifest unreadable ({exc})"
-            manifest = None
-        if manifest is not None and version != FORMAT_VERSION:
-            report.discarded_all = f"bank format version {version}, this code writes {FORMAT_VERSION}"
-        elif manifest is not None and fingerprint != self.fingerprint:
-            report.discarded_all = f"built by {fingerprint!r}, now running {self.fingerprint!r}"
-        if report.discarded_all:
-            logger.warning("support bank %s discarded: %s; it will be rebuilt from the labels", self.directory, report.discarded_all)
-            with self._write_lock():
-                self._records.clear()
-                self._write_manifest()
-                self._remove_orphans()
-            return report
-        for image_id, record in images.items():
-            problem = self._check_shard(record)
-            if problem:
-                report.dropped[image_id] = problem
-                logger.warning("support bank: entries of %r dropped (%s); rebuild them from the label", image_id, problem)
-                continue
-            try:
-                self._shards[image_id] = _Shard(self.directory / "shards" / record["shard"], record)
-            except (OSError, ValueError, KeyError) as exc:
-                report.dropped[image_id] = f"unreadable shard ({exc})"
-                continue
-            self._records[image_id] = record
-            report.loaded.append(image_id)
-        if report.dropped:
-            with self._write_lock():
-                self._write_manifest()
-        with self._write_lock():
-            self._remove_orphans()
-        self._invalidate()
+        with self._file_lock(exclusive=not self.read_only):
+            self._sync(repair=not self.read_only, report=report)
+        report.loaded = sorted(self._records)
         logger.info(
             "support bank loaded from %s: %d images, %d slices%s",
             self.directory, len(self._records), self.num_entries,
             f"; {len(report.dropped)} dropped" if report.dropped else "",
         )
         return report
+
+    def _disk_stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.manifest_path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _hold_manifest(self, handle) -> None:
+        if self._manifest_handle is not None:
+            self._manifest_handle.close()
+        self._manifest_handle = handle
+        st = os.fstat(handle.fileno()) if handle is not None else None
+        self._manifest_stamp = (st.st_ino, st.st_mtime_ns, st.st_size) if st else None
+
+    def _read_manifest(self) -> tuple[dict, str]:
+        """The on-disk records (image id -> record), and why they are unusable ("" when fine)."""
+        try:
+            handle = open(self.manifest_path, "rb")
+        except FileNotFoundError:
+            self._hold_manifest(None)
+            return {}, ""
+        self._hold_manifest(handle)
+        try:
+            manifest = json.loads(handle.read())
+            version, fingerprint, images = manifest["version"], manifest["fingerprint"], manifest["images"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return {}, f"manifest unreadable ({exc})"
+        if version != FORMAT_VERSION:
+            return {}, f"bank format version {version}, this code writes {FORMAT_VERSION}"
+        if fingerprint != self.fingerprint:
+            return {}, f"built by {fingerprint!r} ({len(images)} images), now running {self.fingerprint!r}"
+        return dict(images), ""
+
+    def _sync(self, repair: bool, report: LoadReport | None = None) -> bool:
+        """Make the in-memory records those of the on-disk manifest; call under the file lock.
+
+        ``repair`` (exclusive lock only): rewrite a manifest that names damaged or unusable shards
+        and delete shard directories it does not reference. Returns True if anything changed.
+        """
+        report = report if report is not None else LoadReport()
+        images, problem = self._read_manifest()
+        if problem:
+            report.discarded_all = problem
+            if repair:
+                logger.warning("support bank %s discarded: %s; it will be rebuilt from the labels", self.directory, problem)
+            else:
+                logger.warning("support bank %s not usable here (%s); left as it is", self.directory, problem)
+        changed = self._adopt(images, report)
+        if repair:
+            if problem or report.dropped:
+                self._write_manifest()
+            self._remove_orphans()
+        return changed
+
+    def _adopt(self, images: Mapping[str, dict], report: LoadReport) -> bool:
+        added, removed = [], []
+        for image_id in [i for i in self._records if i not in images]:
+            self._records.pop(image_id)
+            self._shards.pop(image_id, None)
+            removed.append(image_id)
+        for image_id, record in images.items():
+            mine = self._records.get(image_id)
+            if mine is not None and mine.get("shard") == record.get("shard"):
+                continue  # unchanged: its files were checked when it was first loaded
+            problem = self._check_shard(record)
+            if not problem:
+                try:
+                    shard = _Shard(self.directory / "shards" / record["shard"], record)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    problem = f"unreadable shard ({exc})"
+            if mine is not None:
+                self._records.pop(image_id)
+                self._shards.pop(image_id, None)
+                removed.append(image_id)
+            if problem:
+                report.dropped[image_id] = problem
+                logger.warning("support bank: entries of %r dropped (%s); rebuild them from the label", image_id, problem)
+                continue
+            self._records[image_id] = record
+            self._shards[image_id] = shard
+            added.append(image_id)
+        if added or removed:
+            self._changed(added, removed)
+        return bool(added or removed)
+
+    def refresh(self) -> bool:
+        """Pick up what other processes committed since this bank last read or wrote the manifest.
+
+        One ``stat`` when nothing changed. Returns True if the entries changed.
+        """
+        if self.directory is None:
+            return False
+        with self._lock:
+            if self._disk_stamp() == self._manifest_stamp:
+                return False
+            with self._file_lock(exclusive=False):
+                before = set(self._records)
+                changed = self._sync(repair=False)
+            if changed:
+                logger.info(
+                    "support bank %s changed on disk (another process): now %d images (%+d)",
+                    self.directory, len(self._records), len(self._records) - len(before),
+                )
+            return changed
 
     def _check_shard(self, record: Mapping) -> str:
         shard = self.directory / "shards" / str(record.get("shard", ""))
@@ -286,9 +416,14 @@ class SupportBank:
             self.manifest_path,
             {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "images": self._records},
         )
+        self._hold_manifest(open(self.manifest_path, "rb"))  # ours: we hold the exclusive lock
 
     def _remove_orphans(self) -> None:
-        """Shard directories no record points to: leftovers of an interrupted write."""
+        """Shard directories the manifest does not reference (leftovers of an interrupted write or of
+        a replaced image), and stray temporary manifests. Only under the exclusive lock, right after
+        reading the manifest: every shard another process committed is referenced by then."""
+        for tmp in self.directory.glob(".manifest.json.*.tmp"):
+            tmp.unlink(missing_ok=True)
         shards = self.directory / "shards"
         if not shards.is_dir():
             return
@@ -303,9 +438,8 @@ class SupportBank:
         """Add the entries of ``image_id``, replacing all its previous entries (never duplicates)."""
         if not isinstance(image_id, str) or not image_id:
             raise BankError("image id must be a non-empty string")
-        if len(batch.embeddings) and batch.embeddings.shape[1] != self.dim and self.num_entries:
-            raise BankError(f"embedding dimension {batch.embeddings.shape[1]} differs from the bank's {self.dim}")
-        labels = sorted({int(v) for m in batch.masks for v in np.unique(m) if v})
+        entry_labels = _entry_labels(batch.masks)
+        labels = sorted({v for present in entry_labels for v in present})
         record = {
             "entries": int(len(batch.images)),
             "labels": labels,
@@ -315,22 +449,27 @@ class SupportBank:
             "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         with self._write_lock():
+            if self.directory is not None:
+                self._sync(repair=True)  # other processes' commits first: never write over them
+            if len(batch.embeddings) and self.num_entries and batch.embeddings.shape[1] != self.dim:
+                raise BankError(f"embedding dimension {batch.embeddings.shape[1]} differs from the bank's {self.dim}")
+            replaced = image_id in self._records
             if self.directory is None:
-                self._memory[image_id] = batch
+                self._shards[image_id] = _MemoryShard(batch, entry_labels)
                 self._records[image_id] = record
             else:
                 old = self._records.get(image_id, {}).get("shard")
-                shard_name, files = self._write_shard(image_id, batch)
+                shard_name, files = self._write_shard(image_id, batch, entry_labels)
                 record.update(shard=shard_name, files=files)
                 self._records[image_id] = record
                 self._write_manifest()  # the commit point: from here on the new shard is the truth
                 self._shards[image_id] = _Shard(self.directory / "shards" / shard_name, record)
                 if old and old != shard_name:
                     shutil.rmtree(self.directory / "shards" / old, ignore_errors=True)
-            self._invalidate()
+            self._changed([image_id], [image_id] if replaced else [])
         logger.info("support bank: %r now has %d slices (labels %s)", image_id, record["entries"], labels)
 
-    def _write_shard(self, image_id: str, batch: SliceBatch) -> tuple[str, dict]:
+    def _write_shard(self, image_id: str, batch: SliceBatch, entry_labels: list[tuple[int, ...]]) -> tuple[str, dict]:
         shards = self.directory / "shards"
         shards.mkdir(parents=True, exist_ok=True)
         tmp = shards / f".tmp-{uuid.uuid4().hex}"
@@ -352,7 +491,9 @@ class SupportBank:
                     os.fsync(f.fileno())
                 files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
             meta = tmp / "meta.json"
-            meta.write_text(json.dumps({"image_id": image_id, "augmentation": list(batch.augmentation)}))
+            meta.write_text(json.dumps({
+                "image_id": image_id, "augmentation": list(batch.augmentation), "labels": [list(e) for e in entry_labels],
+            }))
             files["meta.json"] = {"size": meta.stat().st_size, "sha256": file_sha256(meta)}
             _fsync_dir(tmp)
             name = f"{_safe_name(image_id)}-{uuid.uuid4().hex[:8]}"
@@ -365,16 +506,17 @@ class SupportBank:
 
     def remove(self, image_id: str) -> bool:
         with self._write_lock():
+            if self.directory is not None:
+                self._sync(repair=True)
             record = self._records.pop(image_id, None)
             if record is None:
                 return False
-            self._memory.pop(image_id, None)
             self._shards.pop(image_id, None)
             if self.directory is not None:
                 self._write_manifest()
                 if record.get("shard"):
                     shutil.rmtree(self.directory / "shards" / record["shard"], ignore_errors=True)
-            self._invalidate()
+            self._changed([], [image_id])
         logger.info("support bank: %r removed", image_id)
         return True
 
@@ -384,15 +526,15 @@ class SupportBank:
         return image_id in self._records
 
     def image_ids(self) -> list[str]:
+        self.refresh()
         return sorted(self._records)
 
     def record(self, image_id: str) -> dict:
         return dict(self._records[image_id])
 
-    def _batches(self) -> Iterable[tuple[str, object]]:
-        source = self._memory if self.directory is None else self._shards
-        for image_id in sorted(source):
-            yield image_id, source[image_id]
+    def _batches(self) -> Iterable[tuple[str, _Shard | _MemoryShard]]:
+        for image_id in sorted(self._shards):
+            yield image_id, self._shards[image_id]
 
     @property
     def num_entries(self) -> int:
@@ -401,47 +543,65 @@ class SupportBank:
     @property
     def dim(self) -> int:
         for _, b in self._batches():
-            emb = b.embeddings if isinstance(b, SliceBatch) else b.arrays["embeddings"]
-            return int(emb.shape[1])
+            return int(b.arrays["embeddings"].shape[1])
         return 0
 
     @property
     def label_values(self) -> list[int]:
         return sorted({v for r in self._records.values() for v in r["labels"]})
 
+    def index_spec(self) -> str:
+        """The index a search runs on now (what ``build_index`` builds for the current entries)."""
+        n = self.num_entries
+        return index_spec(n, self.index_transform, self.approximate_above, self.hnsw_m) if n else "empty"
+
     def stats(self) -> dict:
+        self.refresh()
         per_label: dict[str, int] = {}
         negatives = augmented = 0
-        for _, b in self._batches():
-            masks = b.masks if isinstance(b, SliceBatch) else b.arrays["masks"]
-            aug = b.augmentation
-            for m, a in zip(masks, aug):
-                present = np.unique(m)
-                if a:
-                    augmented += 1
-                    continue  # per-label counts are of real slices a user labelled
-                if len(present) == 1 and present[0] == 0:
-                    negatives += 1
-                for v in present:
-                    if v:
-                        per_label[str(int(v))] = per_label.get(str(int(v)), 0) + 1
-        return {
-            "images": len(self._records),
-            "slices": self.num_entries,
-            "labels": self.label_values,
-            "per_label": per_label,
-            "negative_slices": negatives,
-            "augmented_slices": augmented,
-            "index": self.index_kind,
-            "fingerprint": self.fingerprint,
-        }
+        with self._lock:
+            for _, b in self._batches():
+                for present, aug in zip(b.entry_labels, b.augmentation):
+                    if aug:
+                        augmented += 1
+                        continue  # per-label counts are of real slices a user labelled
+                    if not present:
+                        negatives += 1
+                    for v in present:
+                        per_label[str(v)] = per_label.get(str(v), 0) + 1
+            return {
+                "images": len(self._records),
+                "slices": self.num_entries,
+                "labels": self.label_values,
+                "per_label": per_label,
+                "negative_slices": negatives,
+                "augmented_slices": augmented,
+                "index": self.index_spec(),
+                "fingerprint": self.fingerprint,
+            }
 
     # ------------------------------------------------------------------ search
 
-    def _invalidate(self) -> None:
-        self._index = None
-        # Changes whenever the entries do: results computed against an older bank are stale.
+    def _changed(self, added: Sequence[str], removed: Sequence[str]) -> None:
+        """Entries changed: a new generation; the index grows in place where that gives the index a
+        rebuild would (pure additions, no fitted transform, same kind), else it is rebuilt lazily."""
+        # Results computed against an older bank are stale from here on.
         self.generation = uuid.uuid4().hex
+        if self._index is None:
+            return
+        spec = index_spec(self.num_entries, self.index_transform, self.approximate_above, self.hnsw_m)
+        if removed or spec != self.index_kind or "PCA" in spec:
+            # faiss HNSW cannot delete, and a PCA is fitted on all entries: rebuild at the next search.
+            self._index, self._rows = None, []
+            return
+        for image_id in added:
+            emb = np.ascontiguousarray(self._shards[image_id].arrays["embeddings"], dtype=np.float32)
+            self._index.add(emb)
+            self._rows.extend((image_id, i) for i in range(len(emb)))
+
+    def _invalidate(self) -> None:
+        self.generation = uuid.uuid4().hex
+        self._index, self._rows = None, []
 
     def _ensure_index(self):
         with self._lock:
@@ -449,7 +609,7 @@ class SupportBank:
                 return self._index
             rows, vectors = [], []
             for image_id, b in self._batches():
-                emb = b.embeddings if isinstance(b, SliceBatch) else b.arrays["embeddings"]
+                emb = b.arrays["embeddings"]
                 vectors.append(np.asarray(emb, dtype=np.float32))
                 rows.extend((image_id, i) for i in range(len(emb)))
             self._rows = rows
@@ -464,40 +624,53 @@ class SupportBank:
         return build_index(data, self.index_transform, self.approximate_above, self.hnsw_m, self.hnsw_ef_search)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[tuple[str, int]]]]:
-        """Top-``k`` entries per query vector: (scores (N, k'), rows[N][k'] = (image_id, entry))."""
+        """Top-``k`` entries per query vector: (scores (N, k'), rows[N][k'] = (image_id, entry)).
+
+        k' is the same for every query: the smallest number of hits any query got (an approximate
+        index can return fewer than k), so scores and rows always line up.
+        """
+        self.refresh()
         with self._lock:
             index = self._ensure_index()
             if index is None:
                 return np.zeros((len(vectors), 0), np.float32), [[] for _ in range(len(vectors))]
             k = min(int(k), len(self._rows))
             scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-            rows = [[self._rows[i] for i in line if i >= 0] for line in ids]
-            return scores[:, : min(len(r) for r in rows) if rows else 0], rows
+            found = int((ids >= 0).sum(axis=1).min()) if len(ids) else 0
+            rows = [[self._rows[i] for i in line[:found]] for line in ids]
+            return scores[:, :found], rows
+
+    def _entry(self, row: tuple[str, int]):
+        image_id, i = row
+        with self._lock:
+            return self._records[image_id], self._shards[image_id], int(i)
+
+    def entry_labels(self, row: tuple[str, int]) -> tuple[int, ...]:
+        _, shard, i = self._entry(row)
+        return shard.entry_labels[i]
+
+    def images(self, rows: Sequence[tuple[str, int]]) -> np.ndarray:
+        """(M, S, S) float32 images of ``rows``, without their payloads (for re-ranking)."""
+        out = []
+        for row in rows:
+            _, shard, i = self._entry(row)
+            out.append(shard.arrays["images"][i])
+        return np.asarray(out, dtype=np.float32)
 
     def support(self, row: tuple[str, int], score: float = 0.0, labels: Sequence[int] | None = None) -> Support:
         """Materialise one entry. ``labels`` picks and orders the payload's label axis for the transfer step."""
-        image_id, i = row
-        with self._lock:
-            record = self._records[image_id]
-            if self.directory is None:
-                b = self._memory[image_id]
-                image, mask, slice_index, aug, payload = b.images[i], b.masks[i], b.slice_index[i], b.augmentation[i], b.payload
-            else:
-                s = self._shards[image_id]
-                image, mask, slice_index = s.arrays["images"][i], s.arrays["masks"][i], s.arrays["slice_index"][i]
-                aug, payload = s.augmentation[i], s.payload
-        mask = np.asarray(mask, dtype=np.uint16)
+        record, shard, i = self._entry(row)
         entry_payload = {}
-        if payload:
+        if shard.payload:
             # Payload arrays are (E, L, ...) with L in the record's payload_labels order.
             order = record["payload_labels"]
             wanted = list(range(len(order))) if labels is None else [order.index(v) for v in labels]
-            entry_payload = {name: np.asarray(arr[i][wanted]) for name, arr in payload.items()}
+            entry_payload = {name: np.asarray(arr[i][wanted]) for name, arr in shard.payload.items()}
         return Support(
-            ref=SupportRef(image_id=image_id, slice_index=int(slice_index), augmentation=aug),
-            image=np.asarray(image, dtype=np.float32),
-            mask=mask,
-            labels=tuple(int(v) for v in np.unique(mask) if v),
+            ref=SupportRef(image_id=row[0], slice_index=int(shard.arrays["slice_index"][i]), augmentation=shard.augmentation[i]),
+            image=np.asarray(shard.arrays["images"][i], dtype=np.float32),
+            mask=np.asarray(shard.arrays["masks"][i], dtype=np.uint16),
+            labels=shard.entry_labels[i],
             score=float(score),
             payload=entry_payload,
         )
@@ -508,6 +681,7 @@ class SupportBank:
         return not record["payload"] or set(labels) <= set(record["payload_labels"])
 
     def embeddings(self) -> np.ndarray:
-        """All entry vectors (N, D), for coverage measures; order matches search rows."""
-        vecs = [np.asarray(b.embeddings if isinstance(b, SliceBatch) else b.arrays["embeddings"], np.float32) for _, b in self._batches()]
+        """All entry vectors (N, D), for coverage measures; order matches a freshly built index."""
+        with self._lock:
+            vecs = [np.asarray(b.arrays["embeddings"], np.float32) for _, b in self._batches()]
         return np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)

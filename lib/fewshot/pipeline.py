@@ -372,6 +372,7 @@ class Engine:
         progress: Progress | None = None,
     ) -> Segmentation:
         t_start = time.perf_counter()
+        self.bank.refresh()  # another process may have changed the bank: its generation keys the result cache
         chosen, skipped = self.resolve_labels(labels)
         for name, why in skipped.items():
             logger.info("label %r skipped: %s", name, why)
