@@ -41,10 +41,22 @@ def _labels_of(path) -> set[int]:
     return {int(v) for v in np.unique(np.asarray(nib.load(str(path)).dataobj)) if v}
 
 
+def _force_presence(engine) -> None:
+    """Random weights put SAM 2's object score near 0, so masks often hide behind "absent"; push it
+    to "present" so that the output shows what the supports allow."""
+    import torch
+
+    with torch.no_grad():
+        engine.transfer.model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(10.0)
+
+
 def test_segment_keeps_geometry_and_support_labels(engine_factory, chaos, cmr, tmp_path):
-    """Volumes of different shape and spacing come back with their own shape and affine."""
-    for root, support_case, query_case in ((chaos, "1", "2"), (cmr, "1", "2")):
+    """Volumes of different shape, spacing and orientation come back with their own shape and affine;
+    every label is a support label, and none is put on a slice whose chosen supports lack it."""
+    # CMR image_10 is LSP: its file slices run against the canvas's RAS order.
+    for root, support_case, query_case in ((chaos, "1", "2"), (cmr, "1", "10")):
         engine, _ = engine_factory()
+        _force_presence(engine)
         engine.ingest(f"s{support_case}", root / f"image_{support_case}.nii.gz", root / f"label_{support_case}.nii.gz")
         seg = engine.segment(root / f"image_{query_case}.nii.gz")
         out = tmp_path / f"{root.name}.nii.gz"
@@ -53,13 +65,78 @@ def test_segment_keeps_geometry_and_support_labels(engine_factory, chaos, cmr, t
         assert written.shape == source.shape
         np.testing.assert_array_equal(written.affine, source.affine)
         assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(source.affine)
-        assert _labels_of(out) <= _labels_of(root / f"label_{support_case}.nii.gz")
+        output = np.asarray(written.dataobj)
+        assert _labels_of(out) and _labels_of(out) <= _labels_of(root / f"label_{support_case}.nii.gz")
         meta = json.loads(sidecar.read_text())
         assert set(meta["timings"]) >= {"total", "retrieve", "postprocess"}
-        # Provenance names real support slices of the one labelled image.
         for name, info in meta["provenance"].items():
+            value = meta["labels"][name]
+            axis = info["slice_axis"]
             for z, entry in info["slices"].items():
-                assert all(s["image_id"] == f"s{support_case}" for s in entry["supports"])
+                # Provenance names real support slices of the one labelled image, with the label.
+                assert all(s["image_id"] == f"s{support_case}" and s["axis"] == 2 for s in entry["supports"])
+                assert any(s["has_label"] for s in entry["supports"])
+            # File slice numbers: the label is exactly absent from the slices provenance does not list.
+            for z in range(output.shape[axis]):
+                if str(z) not in info["slices"]:
+                    assert not (np.take(output, z, axis=axis) == value).any(), (name, z)
+
+
+def test_bank_entries_name_file_slices_and_keep_negatives(engine_factory, cmr):
+    """Entries of an LSP volume record the file's slice numbers; label-free slices are stored as negatives."""
+    engine, _ = engine_factory()
+    engine.ingest("a", cmr / "image_10.nii.gz", cmr / "label_10.nii.gz")
+    label = np.asarray(nib.load(str(cmr / "label_10.nii.gz")).dataobj)
+    on_disk = {z: {int(v) for v in np.unique(label[..., z]) if v} for z in range(label.shape[2])}
+    entries = [engine.bank.support(("a", i)) for i in range(engine.bank.record("a")["entries"])]
+    originals = [e for e in entries if not e.ref.augmentation]
+    assert {e.ref.slice_index for e in originals if e.labels} == {z for z, v in on_disk.items() if v}
+    for e in originals:
+        assert set(e.labels) == on_disk[e.ref.slice_index]
+    negatives = [e for e in originals if not e.labels]
+    assert len(negatives) == 4 == engine.bank.stats()["negative_slices"]  # random-tiny keeps 4 per image
+    assert engine.bank.record("a")["source"]["slice_axis"] == 2
+
+
+def test_wide_field_of_view_volume(engine_factory, chaos, tmp_path):
+    """A 0.8 mm, 410 mm-wide resampling of a shared volume (canvas: 128 px x 2.5 mm = 320 mm), its anatomy
+    pushed against one edge: labels survive ingestion and the output keeps the input's geometry."""
+    import torch
+
+    img, lab = nib.load(str(chaos / "image_2.nii.gz")), nib.load(str(chaos / "label_2.nii.gz"))
+    zoom = 1.25 / 0.8
+    def resample(data, mode):
+        t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data.astype(np.float32), 2, 0)))[:, None]
+        t = torch.nn.functional.interpolate(t, size=(400, 400), mode=mode)[:, 0].numpy()
+        return np.pad(np.moveaxis(t, 0, 2), ((112, 0), (56, 56), (0, 0)))
+    affine = img.affine @ np.diag([1 / zoom, 1 / zoom, 1, 1])
+    affine[:3, 3] -= affine[:3, :3] @ np.array([112, 56, 0])
+    image = resample(np.asarray(img.dataobj), "bilinear")
+    label = resample(np.asarray(lab.dataobj), "nearest").round().astype(np.uint8)
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "wide.nii.gz"))
+    nib.save(nib.Nifti1Image(label, affine), str(tmp_path / "wide_label.nii.gz"))
+    engine, _ = engine_factory()
+    engine.ingest("wide", tmp_path / "wide.nii.gz", tmp_path / "wide_label.nii.gz")
+    geometry = engine.prepare(tmp_path / "wide.nii.gz").geometry
+    spacing = 512 * 0.8 / geometry.resampled_shape[0]  # in-plane mm per canvas pixel
+    canvas_mm2, file_mm2 = {}, {}
+    for i in range(engine.bank.record("wide")["entries"]):
+        entry = engine.bank.support(("wide", i))
+        if not entry.ref.augmentation:
+            for v in np.unique(label[..., entry.ref.slice_index]):
+                if v:
+                    file_mm2[int(v)] = file_mm2.get(int(v), 0) + (label[..., entry.ref.slice_index] == v).sum() * 0.8**2
+                    canvas_mm2[int(v)] = canvas_mm2.get(int(v), 0) + (entry.mask == v).sum() * spacing**2
+    # Every organ keeps its area on the canvas (shrunk to 3.2 mm = 410 mm / 128 px to fit, not cropped).
+    assert spacing == pytest.approx(3.2)
+    assert set(canvas_mm2) == set(file_mm2) == {1, 2, 3, 4}
+    for v in file_mm2:
+        assert canvas_mm2[v] == pytest.approx(file_mm2[v], rel=0.1), v
+    seg = engine.segment(tmp_path / "wide.nii.gz")
+    seg.save(tmp_path / "out.nii.gz")
+    written = nib.load(str(tmp_path / "out.nii.gz"))
+    assert written.shape == image.shape == (512, 512, img.shape[2])
+    np.testing.assert_array_equal(written.affine, nib.load(str(tmp_path / "wide.nii.gz")).affine)
 
 
 def test_bank_persists_and_reloads_identically(engine_factory, chaos, tmp_path):

@@ -183,6 +183,26 @@ def test_wide_field_of_view_is_shrunk_to_fit_never_cropped(tmp_path, caplog):
     assert volume_to_canvas(small, settings)[1].pixel_spacing_mm == 1.25
 
 
+@pytest.mark.parametrize("codes", [("L", "S", "P"), ("P", "S", "R"), ("S", "L", "A"), ("R", "A", "I")])
+def test_canvas_slices_map_to_the_files_own_slice_numbers(tmp_path, codes):
+    """Canvas slices run in RAS order; provenance must name the file's slice: find it again on disk."""
+    ornt = nib.orientations.axcodes2ornt(codes)
+    affine = np.eye(4)
+    spacing = (1.2, 1.3, 6.0)  # file axis 2 is the coarse one, so it is the slicing axis
+    for file_axis, (ras_axis, flip) in enumerate(ornt):
+        affine[int(ras_axis), file_axis] = flip * spacing[file_axis]
+    shape = (30, 28, 9)
+    label = np.zeros(shape, np.uint16)
+    label[10:20, 10:20, 2] = 4  # on file slice 2 only
+    image = np.random.default_rng(1).random(shape).astype(np.float32)
+    vol = read_volume(_save(tmp_path / "img.nii.gz", image, affine))
+    canvas, geom = volume_to_canvas(vol, SETTINGS)
+    masks = label_to_canvas(read_label(_save(tmp_path / "lab.nii.gz", label, affine), vol), geom)
+    (z,) = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
+    assert geom.file_axis == 2 and geom.file_slice(z) == 2
+    assert sorted(geom.file_slice(i) for i in range(len(canvas))) == list(range(9))
+
+
 def test_single_slice_volume_is_a_2d_image(tmp_path):
     for shape in ((64, 64, 1), (64, 1, 64)):
         path = _save(tmp_path / "one.nii.gz", np.zeros(shape, np.float32), np.eye(4))

@@ -210,10 +210,12 @@ class Engine:
         negative = [z for z in range(len(masks)) if not masks[z].any()]
         negative = _evenly_spaced(negative, int(bank_settings.get("negatives_per_image", -1)))
         images, out_masks, index, augmentation = [], [], [], []
+        # Entries record the file's own slice number, so provenance names a slice a user can open.
+        file_slice = prepared.geometry.file_slice
         for z in sorted(positive + negative):
             images.append(canvas[z])
             out_masks.append(masks[z])
-            index.append(z)
+            index.append(file_slice(z))
             augmentation.append("")
         n_aug = int(bank_settings.get("augmentations_per_slice", 0))
         aug_params = bank_settings.get("augmentation", {})
@@ -225,7 +227,7 @@ class Engine:
             for aug in augment_support(canvas[z], masks[z], n_aug, aug_params, rng):
                 images.append(aug.image)
                 out_masks.append(aug.mask)
-                index.append(z)
+                index.append(file_slice(z))
                 augmentation.append(aug.description)
         images_arr = np.stack(images).astype(np.float32)
         masks_arr = np.stack(out_masks).astype(np.uint16)
@@ -255,6 +257,7 @@ class Engine:
         label_values = self.label_values(present)
         batch = self.support_batch(image_id, prepared, masks, label_values)
         src = {"image": str(image_path), "label": str(label_path), "label_sha256": file_sha256(label_path)}
+        src["slice_axis"] = prepared.geometry.file_axis  # the file array axis entries' slice numbers run along
         src.update(source or {})
         self.bank.put(image_id, batch, src)
         n_pos = sum(1 for a, m in zip(batch.augmentation, batch.masks) if not a and m.any())
@@ -412,7 +415,21 @@ class Engine:
         return segmentation
 
     def _provenance(self, plans, result, chosen: Mapping[str, int], geometry: CanvasGeometry) -> dict:
-        """label name -> {"slicing_axis", "slices": {z: {"supports": [...], "object_score", "present"}}}."""
+        """label name -> {"slice_axis", "slices": {slice: {"supports": [...], "object_score", "present"}}}.
+
+        Slice numbers are the files' own: the query's along its array axis ``slice_axis``, each
+        support's along the axis named by its ``axis`` (both 0-based, as in nibabel/numpy).
+        """
+        axes: dict[str, int | None] = {}
+
+        def support_entry(s, value):
+            if s.ref.image_id not in axes:
+                axes[s.ref.image_id] = self.bank.record(s.ref.image_id)["source"].get("slice_axis") if s.ref.image_id in self.bank else None
+            entry = dict(s.ref.as_dict(), axis=axes[s.ref.image_id], similarity=round(s.score, 4), has_label=value in s.labels)
+            if s.match_distance is not None:
+                entry["match_distance"] = round(s.match_distance, 4)
+            return entry
+
         out = {}
         for name, value in chosen.items():
             c = list(result.labels).index(value)
@@ -420,17 +437,12 @@ class Engine:
             for plan, sres in zip(plans, result.slices):
                 if value not in plan.labels:
                     continue
-                per_slice[str(plan.slice_index)] = {
-                    "supports": [
-                        dict(s.ref.as_dict(), similarity=round(s.score, 4),
-                             **({"match_distance": round(s.match_distance, 4)} if s.match_distance is not None else {}),
-                             has_label=value in s.labels)
-                        for s in plan.supports
-                    ],
+                per_slice[str(geometry.file_slice(plan.slice_index))] = {
+                    "supports": [support_entry(s, value) for s in plan.supports],
                     "object_score": round(float(sres.object_scores[c]), 3),
                     "present": bool(sres.probabilities[c].max() > 0.5),
                 }
-            out[name] = {"slicing_axis_ras": geometry.axis, "slices": per_slice}
+            out[name] = {"slice_axis": geometry.file_axis, "slices": dict(sorted(per_slice.items(), key=lambda kv: int(kv[0])))}
         return out
 
 

@@ -5,7 +5,7 @@ Reading goes through MONAI's ``LoadImage`` (NIfTI, NRRD, DICOM series, ...). The
 resampled in plane to a common pixel spacing and centred on an S x S canvas (a field of view wider
 than S x spacing gets a coarser spacing of its own, so nothing is ever cropped). ``CanvasGeometry``
 remembers every step so that a canvas label goes back to the input's exact array shape, affine and
-orientation.
+orientation, and maps canvas slice numbers to the file's own slice numbers.
 """
 from __future__ import annotations
 
@@ -185,6 +185,17 @@ class CanvasGeometry:
     @property
     def from_ras(self) -> np.ndarray:
         return nio.ornt_transform(RAS, self.source_ornt)
+
+    @property
+    def file_axis(self) -> int:
+        """The file's array axis the canvas slices are cut along."""
+        return int(np.flatnonzero(self.source_ornt[:, 0] == self.axis)[0])
+
+    def file_slice(self, z: int) -> int:
+        """Canvas slice ``z`` (RAS order) -> index along :attr:`file_axis` of the file's own array."""
+        if self.source_ornt[self.file_axis, 1] < 0:
+            return int(self.source_shape[self.file_axis] - 1 - z)
+        return int(z)
 
 
 def choose_axis(spacing_ras: Sequence[float], setting) -> int:
