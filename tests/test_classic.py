@@ -232,35 +232,169 @@ def test_labels_not_in_the_plan_stay_empty(transfer):
     assert result.slices[2].seconds["register"] == 0.0  # nothing allowed: nothing registered
 
 
-def test_no_checkpoint_is_opened(classic):
-    """The whole preset (embed, match, transfer) runs on the code alone: no weight file is read."""
-    opened: list[str] = []
-    recording = [True]
+# ------------------------------------------------------------------------------------ the engine, end to end
 
-    def audit(event, args):
-        if recording[0] and event == "open" and args and isinstance(args[0], (str, bytes)):
-            opened.append(args[0] if isinstance(args[0], str) else args[0].decode(errors="replace"))
+_OPEN_LOG_ENV = "FEWSHOT_TEST_OPEN_LOG"
+_recorders: list[list[str]] = []  # audit hooks cannot be removed: one hook, appending to the active recorders
 
-    sys.addaudithook(audit)  # hooks cannot be removed; this one stops recording when the test ends
+
+def _record_open(event, args):
+    if event == "open" and _recorders and args and isinstance(args[0], (str, bytes)):
+        path = args[0] if isinstance(args[0], str) else args[0].decode(errors="replace")
+        for recorder in _recorders:
+            recorder.append(path)
+
+
+class recorded_opens:
+    """Every file this process opens through Python while the block runs, plus (via the registration
+    worker initializer below) every file the worker processes open after they start."""
+
+    installed = False
+
+    def __init__(self, tmp_path):
+        self.paths: list[str] = []
+        self.log = tmp_path / "worker-opens.log"
+
+    def __enter__(self):
+        import os
+
+        if not recorded_opens.installed:
+            sys.addaudithook(_record_open)
+            recorded_opens.installed = True
+        self.log.write_text("")
+        os.environ[_OPEN_LOG_ENV] = str(self.log)  # spawned workers inherit it
+        _recorders.append(self.paths)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        _recorders.remove(self.paths)
+        os.environ.pop(_OPEN_LOG_ENV, None)
+        self.paths.extend(line for line in self.log.read_text().splitlines() if line)
+
+
+def audited_init_worker(threads: int) -> None:
+    """Registration worker initializer (imported by name in each spawned worker): the real one, plus an
+    audit hook that logs the worker's opens through a descriptor opened before the hook exists."""
+    import os
+
+    import SimpleITK
+
+    SimpleITK.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    path = os.environ.get(_OPEN_LOG_ENV)
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+        def hook(event, args):
+            if event == "open" and args and isinstance(args[0], (str, bytes)):
+                name = args[0] if isinstance(args[0], str) else args[0].decode(errors="replace")
+                os.write(fd, (name + "\n").encode())
+
+        sys.addaudithook(hook)
+
+
+def offending(paths: list[str], models_dir) -> list[str]:
+    """Opened files that are weights: anything under the models directory, or a checkpoint anywhere."""
+    from pathlib import Path
+
+    root = Path(models_dir).resolve()
+    out = []
+    for p in paths:
+        resolved = Path(p).resolve() if p else Path(p)
+        if resolved == root or root in resolved.parents or p.lower().endswith(CHECKPOINT_SUFFIXES):
+            out.append(p)
+    return out
+
+
+def cmr_slab(tmp_path, case: int = 1, z0: int = 8, z1: int = 14):
+    """Slices z0..z1-1 of a CMR scan (4 with the heart, then 2 below it), written with their geometry."""
+    data = shared_dataset("cmr-bssfp")
+    paths = []
+    for kind in ("image", "label"):
+        full = nib.load(data / f"{kind}_{case}.nii.gz")
+        path = tmp_path / f"{kind}_{case}.nii.gz"
+        nib.save(full.slicer[:, :, z0:z1], path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_engine_opens(tmp_path_factory, models_dir):
+    """What building a weights-loading preset opens, under the same audit: the check can fail."""
+    from fewshot.pipeline import Engine
+
+    with recorded_opens(tmp_path_factory.mktemp("audit-tiny")) as audit:
+        Engine.from_settings(load_preset("random-tiny"), models_dir=models_dir)
+    return audit.paths
+
+
+@pytest.fixture(scope="module")
+def classic_self_segmentation(tmp_path_factory, models_dir, tiny_engine_opens):
+    """Engine.from_settings(classic) -> ingest a real scan with its label -> segment the SAME scan, with
+    the preset's two registration workers, every open of this process and of the workers recorded.
+    Depends on tiny_engine_opens so that the models directory holds checkpoints to (wrongly) open."""
+    from fewshot.pipeline import Engine
+    from fewshot.transfer import registration
+
+    tmp = tmp_path_factory.mktemp("classic-engine")
+    image, label = cmr_slab(tmp)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(registration, "_init_worker", audited_init_worker)
     try:
-        images, masks = canvas_volume("cmr-bssfp", 2)
-        labels = [int(v) for v in np.unique(masks) if v]
-        from fewshot.presets import build_steps  # the steps exactly as the engine builds them
-
-        embedder, matcher, transfer = build_steps(load_preset("classic", {"transfer.workers": 1}))
-        assert (type(embedder), type(matcher), type(transfer)) == (DescriptorEmbedder, NccMatcher, RegistrationTransfer)
-        zs = [z for z in range(len(images)) if masks[z].any()][:3]
-        embedder.embed(images)
-        matcher.distances(images[zs[0]], images[zs])
-        plans = [SlicePlan(i, [support(images[z], masks[z], z), support(images[zs[0]], masks[zs[0]], zs[0])], tuple(labels))
-                 for i, z in enumerate(zs)]
-        result = transfer.segment_volume(images[zs], plans, labels)
-        assert len(result.slices) == len(zs)
+        with recorded_opens(tmp) as audit:
+            engine, _ = Engine.from_settings(load_preset("classic"), models_dir=models_dir,
+                                             label_names={"LV-MYO": 200, "LV-BP": 500, "RV": 600})
+            assert engine.settings["transfer"]["workers"] == 2
+            engine.ingest("cmr-1", image, label)
+            seg = engine.segment(image)
+            engine.transfer.close()
     finally:
-        recording[0] = False
-    assert any(p.endswith(".nii.gz") for p in opened)  # the hook does see file opens
-    offending = [p for p in opened if p.lower().endswith(CHECKPOINT_SUFFIXES)]
-    assert not offending, offending
+        mp.undo()
+    return seg, np.asarray(nib.load(label).dataobj), audit.paths
+
+
+def test_classic_engine_reproduces_a_scan_from_its_own_label(classic_self_segmentation):
+    """Retrieval, NCC, registration, fusion, presence vote, 3D consistency and the canvas mapping
+    together leave an image segmented from itself as it was labelled (registration to itself is
+    the identity); the two slices below the heart stay empty although four of their five supports
+    hold every label."""
+    seg, truth, _ = classic_self_segmentation
+    assert seg.label.shape == truth.shape
+    for value in (200, 500, 600):
+        assert dice(seg.label == value, truth == value) >= 0.95, value
+    for z in range(truth.shape[2]):
+        if not truth[..., z].any():
+            assert not seg.label[..., z].any(), z
+    assert seg.timings["register"] > 0 and not seg.timings.get("reused")
+
+
+def test_classic_engine_opens_no_weights(classic_self_segmentation, tiny_engine_opens, models_dir):
+    """Building, ingesting and segmenting with classic opens nothing under the models directory and no
+    checkpoint anywhere, in this process or its workers; the same audit catches random-tiny."""
+    _, _, opened = classic_self_segmentation
+    assert any(p.endswith("image_1.nii.gz") for p in opened)  # the audit sees this process's reads
+    assert offending(opened, models_dir) == []
+    caught = offending(tiny_engine_opens, models_dir)
+    assert any(p.lower().endswith(CHECKPOINT_SUFFIXES) for p in caught), tiny_engine_opens[-20:]
+
+
+def test_worker_audit_records_worker_opens(tmp_path, classic, monkeypatch):
+    """The worker side of the audit is live: what a registration worker opens reaches the record."""
+    from pathlib import Path
+
+    from fewshot.transfer import registration
+
+    monkeypatch.setattr(registration, "_init_worker", audited_init_worker)
+    step = RegistrationTransfer(dict(classic["transfer"], workers=2))
+    try:
+        with recorded_opens(tmp_path) as audit:
+            assert step._executor().submit(Path(__file__).read_bytes).result()
+            opened_here = list(audit.paths)
+        assert __file__ not in opened_here  # not this process ...
+        assert __file__ in audit.paths  # ... a worker
+    finally:
+        step.close()
 
 
 def test_process_pool_gives_the_same_result_and_is_started_once(classic, transfer, monkeypatch):
@@ -312,6 +446,21 @@ def test_fingerprint_and_encode_supports(classic):
     assert transfer.encode_supports(np.zeros((2, 8, 8), np.float32), np.zeros((2, 8, 8), np.uint16), [1]) == {}
     with pytest.raises(ConfigError, match="deformable"):
         RegistrationTransfer({k: v for k, v in classic["transfer"].items() if k != "deformable"})
+
+
+def test_presence_vote_weighs_supports_by_global_similarity(classic):
+    from fewshot.transfer.registration import FusionStage, presence_vote
+
+    stage = FusionStage(**dict(classic["transfer"]["fusion"]))
+    query = np.zeros((8, 8), np.float32)
+    # One support identical to the query, without the label; three others, each holding it, with a
+    # mean squared difference of 2 h: weights 1 vs 3 exp(-2) = 0.41, so the label is absent.
+    warped = np.stack([query] + [query + np.sqrt(2 * stage.h)] * 3)
+    holds = np.array([[False], [True], [True], [True]])
+    assert not presence_vote(query, warped, holds, stage)[0]
+    assert presence_vote(query, warped, holds, FusionStage(stage.window_sigma, stage.h, "any"))[0]
+    # Equally similar supports: a plain majority.
+    assert presence_vote(query, np.stack([query] * 4), holds, stage)[0]
 
 
 def test_z_smoothing_respects_allowed_slices():

@@ -72,6 +72,8 @@ class DeformableStage:
 class FusionStage:
     window_sigma: float  # Gaussian window (pixels) of the local SSD
     h: float  # SSD scale of the weights exp(-SSD / h); intensities are in [0, 1]
+    presence: str  # "weighted": a label is kept on a slice only if the supports holding it win the vote
+    #                weighted by exp(-global SSD / h); "any": kept if any support holds it
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,8 @@ class RegistrationSettings:
             problems.append("deformable.shrink_factors and deformable.iterations need the same, non-zero length")
         if self.fusion.h <= 0 or self.fusion.window_sigma <= 0:
             problems.append("fusion.h and fusion.window_sigma must be positive")
+        if self.fusion.presence not in ("weighted", "any"):
+            problems.append(f"fusion.presence {self.fusion.presence!r} must be weighted or any")
         if len(c.z_weights) % 2 != 1 or min(c.z_weights) < 0 or c.z_weights[len(c.z_weights) // 2] <= 0:
             problems.append("consistency.z_weights must have odd length, non-negative weights and a positive centre")
         if self.start_method not in multiprocessing.get_all_start_methods():
@@ -248,24 +252,43 @@ def fuse_votes(query: np.ndarray, warped_images: np.ndarray, votes: np.ndarray, 
     return np.einsum("kxy,klxy->lxy", weights, votes).astype(np.float32)
 
 
+def presence_vote(query: np.ndarray, warped_images: np.ndarray, holds: np.ndarray, stage: FusionStage) -> np.ndarray:
+    """Whether each label is on the slice at all: warped_images (K, S, S), holds (K, L) bool -> (L,) bool.
+
+    Local votes decide *where* a label lies; this decides *whether*: the supports that hold the
+    label must outweigh those that do not, each weighted by exp(-its global SSD to the query / h),
+    the fusion's own scale. Without it, one support in k holding an organ lets the organ appear
+    wherever the deformable stage has made that support look like the query.
+    """
+    if stage.presence == "any":
+        return holds.any(axis=0)
+    ssd = ((warped_images - query[None]) ** 2).reshape(len(warped_images), -1).mean(axis=1)
+    weights = np.exp(-(ssd - ssd.min()) / stage.h)
+    return (weights / weights.sum()) @ holds.astype(np.float64) > 0.5
+
+
 def segment_slice(
     query: np.ndarray,
     supports: Sequence[tuple[np.ndarray, np.ndarray]],
     labels: Sequence[int],
     allowed: Sequence[int],
     settings: RegistrationSettings,
-) -> tuple[np.ndarray, dict[str, float]]:
-    """One query slice and its (image, mask) supports -> (probabilities (L, S, S), stage seconds)."""
+) -> tuple[np.ndarray, dict[str, float], tuple[int, ...]]:
+    """One query slice and its (image, mask) supports -> (probabilities (L, S, S), stage seconds,
+    the allowed labels the presence vote kept)."""
     probs = np.zeros((len(labels),) + query.shape, np.float32)
     allowed_idx = [i for i, v in enumerate(labels) if v in set(allowed)]
     if not allowed_idx or not supports:
-        return probs, {"register": 0.0, "fuse": 0.0}
+        return probs, {"register": 0.0, "fuse": 0.0}, ()
     t0 = time.perf_counter()
     warped = [warp_support(query, image, mask, labels, settings) for image, mask in supports]
     t1 = time.perf_counter()
-    fused = fuse_votes(query, np.stack([w[0] for w in warped]), np.stack([w[1] for w in warped]), settings.fusion)
-    probs[allowed_idx] = fused[allowed_idx]
-    return probs, {"register": t1 - t0, "fuse": time.perf_counter() - t1}
+    images = np.stack([w[0] for w in warped])
+    fused = fuse_votes(query, images, np.stack([w[1] for w in warped]), settings.fusion)
+    holds = np.array([[(mask == labels[i]).any() for i in allowed_idx] for _, mask in supports], bool)
+    kept = [i for i, keep in zip(allowed_idx, presence_vote(query, images, holds, settings.fusion)) if keep]
+    probs[kept] = fused[kept]
+    return probs, {"register": t1 - t0, "fuse": time.perf_counter() - t1}, tuple(labels[i] for i in kept)
 
 
 # ---------------------------------------------------------------------------------- 3D consistency
@@ -389,7 +412,9 @@ class RegistrationTransfer:
 
         def record(z: int, result) -> None:
             nonlocal done
-            probs[z], per_slice[z] = result
+            probs[z], per_slice[z], present = result
+            # Labels the presence vote dropped count as absent for the 3D rules too.
+            allowed[z] &= np.isin(labels, present)
             for stage, sec in per_slice[z].items():
                 totals[stage] += sec
             done += 1
