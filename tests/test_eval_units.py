@@ -386,6 +386,8 @@ def test_select_grid_parsing_and_clinical_groups():
     assert len(points) == 4 and points[0] == {"embedder.pca_dims": 16, "transfer.fusion.h": 0.005}
     assert points[1] == {"embedder.pca_dims": 16, "transfer.fusion.h": 0.05}
     assert runner.grid_points({}) == [{}]
+    assert runner.parse_select(["transfer.consistency.z_weights=[1],[0.25, 0.5, 0.25]"]) == {
+        "transfer.consistency.z_weights": [[1], [0.25, 0.5, 0.25]]}
     for bad in (["pca_dims"], ["a=1,1"], ["a=1", "a=2"], ["=1,2"]):
         with pytest.raises(ConfigError):
             runner.parse_select(bad)

@@ -767,8 +767,23 @@ def write_fold_table(out: Path, rows: list[dict], protocol: str) -> tuple[Path, 
 SELECTION_GROUPS = 5  # clinical: query scans are split into this many groups for nested selection
 
 
+def _top_level_split(text: str) -> list[str]:
+    """'1,[0.25,0.5,0.25],[1]' -> ['1', '[0.25,0.5,0.25]', '[1]']: commas inside brackets stay."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return parts + [current]
+
+
 def parse_select(items: Sequence[str] | None) -> dict[str, list]:
-    """['embedder.pca_dims=16,32,64', ...] -> {'embedder.pca_dims': [16, 32, 64], ...} (YAML values)."""
+    """['embedder.pca_dims=16,32,64', ...] -> {'embedder.pca_dims': [16, 32, 64], ...} (YAML values;
+    a list value is written in brackets: 'transfer.consistency.z_weights=[1],[0.25,0.5,0.25]')."""
     from fewshot.config import parse_value
 
     grid: dict[str, list] = {}
@@ -776,7 +791,7 @@ def parse_select(items: Sequence[str] | None) -> dict[str, list]:
         if "=" not in item:
             raise ConfigError(f"--select {item!r} must look like KEY=V1,V2,...")
         key, values = (t.strip() for t in item.split("=", 1))
-        parsed = [parse_value(v.strip()) for v in values.split(",") if v.strip()]
+        parsed = [parse_value(v.strip()) for v in _top_level_split(values) if v.strip()]
         if not key or not parsed:
             raise ConfigError(f"--select {item!r} names no key or no values")
         if key in grid:
