@@ -305,3 +305,60 @@ def test_cli_segment_and_bank_stats(chaos, tmp_path, models_dir):
         capture_output=True, text=True, env=env, cwd=PROJECT, timeout=600,
     )
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def _synthetic_case(directory, name, slices=range(2, 6), value=1, shape=(48, 48, 8), seed=0):
+    """A small labelled volume (2.5 mm in plane, like the random-tiny canvas): a bright square of
+    ``value`` on ``slices``, nothing elsewhere. Returns (image path, label path)."""
+    rng = np.random.default_rng(seed)
+    image = rng.random(shape).astype(np.float32) * 50
+    label = np.zeros(shape, np.uint8)
+    for z in slices:
+        image[12:30, 14:34, z] += 100
+        label[12:30, 14:34, z] = value
+    affine = np.diag([2.5, 2.5, 6.0, 1.0])
+    paths = directory / f"{name}.nii.gz", directory / f"{name}_label.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), str(paths[0]))
+    nib.save(nib.Nifti1Image(label, affine), str(paths[1]))
+    return paths
+
+
+def test_plan_reranks_by_matcher_and_keeps_k():
+    """top_k candidates ranked on ids and images; payloads read for the k kept only."""
+    from fewshot.bank import SliceBatch, SupportBank
+    from fewshot.pipeline import PreparedVolume
+
+    rng = np.random.default_rng(0)
+    n, size = 12, 8
+    masks = np.zeros((n, size, size), np.uint16)
+    masks[::2, 2:5, 2:5] = 1  # even entries hold label 1, odd ones are negatives
+    emb = rng.normal(size=(n, 6)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    images = np.stack([np.full((size, size), i / n, np.float32) for i in range(n)])  # brightness = entry number
+    bank = SupportBank(None, "fp")
+    bank.put("a", SliceBatch(images=images, masks=masks, embeddings=emb, slice_index=np.arange(n),
+                             augmentation=[""] * n, payload={"memory": np.zeros((n, 1, 3), np.float32)}, payload_labels=(1,)))
+
+    class Brightest:  # a matcher that prefers bright candidates: a ranking retrieval would never give
+        name = "brightest"
+
+        def distances(self, query, candidates):
+            return -candidates.mean(axis=(1, 2))
+
+    loads = []
+    original = bank.support
+    bank.support = lambda row, score=0.0, labels=None: (loads.append(row), original(row, score, labels))[1]
+    settings = {"retrieval": {"top_k": 6}, "selection": {"keep": 2}}
+    prepared = PreparedVolume(volume=None, canvas=np.zeros((3, size, size), np.float32), geometry=None, key="q")
+    queries = emb[[0, 5, 9]]
+    _, retrieved = bank.search(queries, 6)
+    for matcher in (Brightest(), None):
+        loads.clear()
+        plans, _ = Engine(settings, None, matcher, None, bank).plan(prepared, queries, [1])
+        assert len(loads) == 3 * 2  # k payloads per slice, not top_k
+        for plan, rows in zip(plans, retrieved):
+            kept = [s.ref.slice_index for s in plan.supports]
+            expected = sorted((r[1] for r in rows), reverse=True)[:2] if matcher else [r[1] for r in rows[:2]]
+            assert kept == expected
+            assert plan.labels == ((1,) if any(i % 2 == 0 for i in kept) else ())
+            assert all((s.match_distance is not None) == (matcher is not None) for s in plan.supports)

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fewshot.bank import SliceBatch, SupportBank, file_sha256
-from fewshot.types import Embedder, LabelTransfer, Matcher, SlicePlan, Support
+from fewshot.types import Embedder, LabelTransfer, Matcher, SlicePlan
 from fewshot.volume import (
     CanvasGeometry,
     Volume,
@@ -318,7 +318,11 @@ class Engine:
     # ------------------------------------------------------------------ segmenting
 
     def plan(self, prepared: PreparedVolume, embeddings: np.ndarray, labels: Sequence[int]) -> tuple[list[SlicePlan], dict]:
-        """Retrieve top-K per slice, re-rank with the matcher, keep k: one SlicePlan per slice."""
+        """Retrieve top-K per slice, re-rank with the matcher, keep k: one SlicePlan per slice.
+
+        Candidates are ranked on their ids and images only; payloads (SAM 2 memories, MBs each)
+        are read for the k kept supports alone.
+        """
         retrieval = self.settings.get("retrieval", {})
         keep = int(self.settings.get("selection", {}).get("keep", 4))
         top_k = max(int(retrieval.get("top_k", 16)), keep)
@@ -327,25 +331,25 @@ class Engine:
         scores, rows = self.bank.search(embeddings, top_k)
         timings["retrieve"] = time.perf_counter() - t0
         wanted = [int(v) for v in labels]
+        covered = {image_id: self.bank.payload_covers(image_id, wanted) for image_id in {r[0] for line in rows for r in line}}
+        if not all(covered.values()):
+            logger.warning("some bank entries lack cached memories for labels %s: reconcile the bank", wanted)
         plans: list[SlicePlan] = []
-        warned = False
         for z in range(len(prepared.canvas)):
-            candidates = []
-            for s, row in zip(scores[z], rows[z]):
-                if not self.bank.payload_covers(row[0], wanted):
-                    if not warned:
-                        logger.warning("some bank entries lack cached memories for labels %s: reconcile the bank", wanted)
-                        warned = True
-                    continue
-                candidates.append(self.bank.support(row, float(s), wanted))
-            if self.matcher is not None and len(candidates) > keep:
+            ranked = [(row, float(s)) for s, row in zip(scores[z], rows[z]) if covered[row[0]]]
+            distances: list[float | None] = [None] * len(ranked)
+            if self.matcher is not None and len(ranked) > keep:
                 t0 = time.perf_counter()
-                dist = self.matcher.distances(prepared.canvas[z], np.stack([c.image for c in candidates]))
+                dist = self.matcher.distances(prepared.canvas[z], self.bank.images([row for row, _ in ranked]))
                 timings["match"] += time.perf_counter() - t0
-                for c, d in zip(candidates, dist):
-                    c.match_distance = float(d)
-                candidates = [candidates[i] for i in np.argsort(dist, kind="stable")]
-            chosen = candidates[:keep]
+                order = np.argsort(dist, kind="stable")
+                ranked = [ranked[i] for i in order]
+                distances = [float(dist[i]) for i in order]
+            chosen = []
+            for (row, score), distance in zip(ranked[:keep], distances):
+                support = self.bank.support(row, score, wanted)
+                support.match_distance = distance
+                chosen.append(support)
             allowed = tuple(v for v in wanted if any(v in c.labels for c in chosen))
             plans.append(SlicePlan(slice_index=z, supports=chosen, labels=allowed))
         return plans, timings
