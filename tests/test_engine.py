@@ -362,3 +362,19 @@ def test_plan_reranks_by_matcher_and_keeps_k():
             assert kept == expected
             assert plan.labels == ((1,) if any(i % 2 == 0 for i in kept) else ())
             assert all((s.match_distance is not None) == (matcher is not None) for s in plan.supports)
+
+
+def test_mask_threshold_reaches_the_output(engine_factory, tmp_path):
+    image, label = _synthetic_case(tmp_path, "case")
+    engine, _ = engine_factory()
+    _force_presence(engine)
+    engine.ingest("a", image, label)
+    counts = {}
+    for logit in (-30.0, 0.0, 30.0):
+        engine.transfer.mask_threshold = logit
+        seg = engine.segment(image)
+        counts[logit] = int((seg.label > 0).sum())
+        presence = {e["present"] for info in seg.provenance.values() for e in info["slices"].values()}
+        if logit:  # provenance's "present" follows the same threshold
+            assert presence == {logit < 0}
+    assert counts[-30.0] > counts[0.0] > counts[30.0] == 0

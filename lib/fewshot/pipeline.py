@@ -387,7 +387,7 @@ class Engine:
         prepared, embeddings = self._prepared_with_embeddings(image)
         timings = {"prepare_and_embed": time.perf_counter() - t0}
         values = list(chosen.values())
-        result_key = (prepared.key, self.bank.generation, tuple(values), settings_hash(self.settings))
+        result_key = (prepared.key, self.bank.generation, tuple(values), settings_hash(self.settings), self.probability_threshold)
         with self._prepared_lock:
             cached = self._results.get(result_key)
         if cached is not None:
@@ -406,11 +406,12 @@ class Engine:
             timings[stage] = timings.get(stage, 0.0) + seconds
         t0 = time.perf_counter()
         probs = np.stack([s.probabilities for s in result.slices]) if result.slices else np.zeros((0, len(values)))
-        label = canvas_to_label(probs, result.labels, prepared.geometry)
+        threshold = self.probability_threshold
+        label = canvas_to_label(probs, result.labels, prepared.geometry, threshold=threshold)
         timings["postprocess"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         timings["slices"] = len(prepared.canvas)
-        provenance = self._provenance(plans, result, chosen, prepared.geometry)
+        provenance = self._provenance(plans, result, chosen, prepared.geometry, threshold)
         segmentation = Segmentation(label, prepared.volume, chosen, provenance, _round(timings), skipped)
         with self._prepared_lock:
             self._results[result_key] = segmentation
@@ -418,7 +419,13 @@ class Engine:
                 self._results.popitem(last=False)
         return segmentation
 
-    def _provenance(self, plans, result, chosen: Mapping[str, int], geometry: CanvasGeometry) -> dict:
+    @property
+    def probability_threshold(self) -> float:
+        """Probability above which a voxel is labelled: the transfer step's own (SAM 2 derives it from
+        ``transfer.mask_threshold``), 0.5 for steps that do not say."""
+        return float(getattr(self.transfer, "probability_threshold", 0.5))
+
+    def _provenance(self, plans, result, chosen: Mapping[str, int], geometry: CanvasGeometry, threshold: float = 0.5) -> dict:
         """label name -> {"slice_axis", "slices": {slice: {"supports": [...], "object_score", "present"}}}.
 
         Slice numbers are the files' own: the query's along its array axis ``slice_axis``, each
@@ -444,7 +451,7 @@ class Engine:
                 per_slice[str(geometry.file_slice(plan.slice_index))] = {
                     "supports": [support_entry(s, value) for s in plan.supports],
                     "object_score": round(float(sres.object_scores[c]), 3),
-                    "present": bool(sres.probabilities[c].max() > 0.5),
+                    "present": bool(sres.probabilities[c].max() > threshold),
                 }
             out[name] = {"slice_axis": geometry.file_axis, "slices": dict(sorted(per_slice.items(), key=lambda kv: int(kv[0])))}
         return out
