@@ -258,6 +258,9 @@ def test_bad_input_leaves_the_bank_unchanged(engine_factory, chaos, tmp_path):
     bad["fractional"] = (chaos / "image_2.nii.gz", tmp_path / "frac.nii.gz", "integers")
     nib.save(nib.Nifti1Image(np.zeros((64, 64), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))
     bad["2d"] = (tmp_path / "flat.nii.gz", tmp_path / "flat.nii.gz", "expected a 3D image")
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), np.float32), np.eye(4)), str(tmp_path / "one.nii.gz"))
+    bad["2d_as_3d"] = (tmp_path / "one.nii.gz", tmp_path / "one.nii.gz", "got a 2D image")
+    bad["missing"] = (tmp_path / "absent.nii.gz", chaos / "label_2.nii.gz", "no such file")
     (tmp_path / "notes.txt").write_text("not an image")
     bad["text"] = (tmp_path / "notes.txt", chaos / "label_2.nii.gz", "not a readable medical image")
     for name, (image, label, message) in bad.items():
@@ -378,3 +381,34 @@ def test_mask_threshold_reaches_the_output(engine_factory, tmp_path):
         if logit:  # provenance's "present" follows the same threshold
             assert presence == {logit < 0}
     assert counts[-30.0] > counts[0.0] > counts[30.0] == 0
+
+
+def test_stale_images_follow_image_content_and_present_labels(engine_factory, tmp_path):
+    image, label = _synthetic_case(tmp_path, "a")
+    other_image, other_label = _synthetic_case(tmp_path, "b", value=2, seed=1)
+    engine, _ = engine_factory(tmp_path / "bank")
+    sources = {"a": (str(image), str(label))}
+    assert engine.reconcile(sources)["ingested"] == ["a"]
+    # A configured label with no example anywhere does not make the bank stale.
+    engine.label_names = {"organ": 1, "gallbladder": 9}
+    assert engine.stale_images(sources) == {}
+    # Touched but unchanged: not stale. Other voxels under the same name: stale.
+    os.utime(image, ns=(1, 1))
+    assert engine.stale_images(sources) == {}
+    data = nib.load(str(image))
+    nib.save(nib.Nifti1Image(np.asarray(data.dataobj) * 2, data.affine), str(image))
+    assert engine.stale_images(sources) == {"a": "image changed since it was ingested"}
+    # Reconcile: a label value new to the bank (2, from "b") makes "a" need its memories, in the same pass;
+    # an image whose ingestion fails in any way never stops the others.
+    sources = {"a": (str(image), str(label)), "b": (str(other_image), str(other_label)), "c": (str(image), str(label))}
+    ingest = engine.ingest
+
+    def flaky(image_id, *args, **kwargs):
+        if image_id == "c":
+            raise RuntimeError("encoder blew up")
+        return ingest(image_id, *args, **kwargs)
+
+    engine.ingest = flaky
+    result = engine.reconcile(sources)
+    assert result["ingested"] == ["a", "b"] and result["failed"] == {"c": "encoder blew up"}
+    assert engine.bank.label_values == [1, 2] and set(engine.stale_images(sources)) == {"c"}

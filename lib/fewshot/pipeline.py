@@ -91,6 +91,36 @@ def settings_hash(*sections: Mapping) -> str:
     return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def content_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of every file under a directory (a DICOM series)."""
+    if not os.path.isdir(path):
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def file_stamp(path: str | os.PathLike, prefix: str) -> dict:
+    """What the bank records of a source file: size and mtime (a cheap "unchanged") and sha256."""
+    st = os.stat(path)
+    return {f"{prefix}_size": st.st_size, f"{prefix}_mtime_ns": st.st_mtime_ns, f"{prefix}_sha256": content_sha256(path)}
+
+
+def same_content(source: Mapping, prefix: str, path: str | os.PathLike) -> bool:
+    """True if ``path`` still holds what ``source`` recorded. Same size and mtime is taken as
+    unchanged; otherwise the content is hashed (a file touched but not changed is not stale)."""
+    recorded = source.get(f"{prefix}_sha256")
+    if not recorded:
+        return False
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        if st.st_size == source.get(f"{prefix}_size") and st.st_mtime_ns == source.get(f"{prefix}_mtime_ns"):
+            return True
+    return content_sha256(path) == recorded
+
+
 def _evenly_spaced(items: Sequence[int], count: int) -> list[int]:
     if count < 0 or count >= len(items):
         return list(items)
@@ -249,6 +279,15 @@ class Engine:
     ) -> IngestReport:
         """Add (or replace) all slices of one labelled image. Validates before touching the bank."""
         start = time.perf_counter()
+        # Stamped before reading: a file changed during ingestion then looks stale, never fresh.
+        src = {"image": str(image_path), "label": str(label_path)}
+        for path, prefix in ((image_path, "image"), (label_path, "label")):
+            if not os.path.exists(path):
+                raise VolumeError(f"{path}: no such file")
+            try:
+                src.update(file_stamp(path, prefix))
+            except OSError as exc:
+                raise VolumeError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         volume = read_volume(image_path)
         label = read_label(label_path, volume, allowed_labels)
         present = sorted(int(v) for v in np.unique(label) if v)
@@ -256,7 +295,6 @@ class Engine:
         masks = label_to_canvas(label, prepared.geometry)
         label_values = self.label_values(present)
         batch = self.support_batch(image_id, prepared, masks, label_values)
-        src = {"image": str(image_path), "label": str(label_path), "label_sha256": file_sha256(label_path)}
         src["slice_axis"] = prepared.geometry.file_axis  # the file array axis entries' slice numbers run along
         src.update(source or {})
         self.bank.put(image_id, batch, src)
@@ -277,18 +315,26 @@ class Engine:
         return self.bank.remove(image_id)
 
     def stale_images(self, sources: Mapping[str, tuple[str, str]]) -> dict[str, str]:
-        """Images whose bank entries do not reflect their current label: id -> reason."""
+        """Images whose bank entries do not reflect their current image and label: id -> reason."""
+        self.bank.refresh()
         stale = {}
-        wanted = set(self.label_values())
-        for image_id, (_, label_path) in sources.items():
+        # Memories are needed for labels some image actually holds; a configured name with no
+        # example anywhere (yet) must not make the whole bank stale.
+        wanted = set(self.bank.label_values)
+        for image_id, (image_path, label_path) in sources.items():
             if image_id not in self.bank:
                 stale[image_id] = "not in the bank"
                 continue
             record = self.bank.record(image_id)
-            if record["source"].get("label_sha256") != file_sha256(label_path):
-                stale[image_id] = "label changed since it was ingested"
-            elif record["payload"] and not wanted <= set(record["payload_labels"]):
-                stale[image_id] = f"no cached memories for labels {sorted(wanted - set(record['payload_labels']))}"
+            try:
+                if not same_content(record["source"], "label", label_path):
+                    stale[image_id] = "label changed since it was ingested"
+                elif not same_content(record["source"], "image", image_path):
+                    stale[image_id] = "image changed since it was ingested"
+                elif record["payload"] and not wanted <= set(record["payload_labels"]):
+                    stale[image_id] = f"no cached memories for labels {sorted(wanted - set(record['payload_labels']))}"
+            except OSError as exc:
+                stale[image_id] = f"cannot be read ({exc})"
         return stale
 
     def reconcile(self, sources: Mapping[str, tuple[str, str]], progress: Progress | None = None) -> dict:
@@ -302,17 +348,25 @@ class Engine:
             self.bank.remove(image_id)
         stale = self.stale_images(sources)
         done, failed = [], {}
-        for n, (image_id, reason) in enumerate(sorted(stale.items()), 1):
-            logger.info("reconcile %d/%d: ingesting %r (%s)", n, len(stale), image_id, reason)
+        todo = sorted(stale.items())
+        for n, (image_id, reason) in enumerate(todo, 1):
+            logger.info("reconcile %d/%d: ingesting %r (%s)", n, len(todo), image_id, reason)
             image_path, label_path = sources[image_id]
+            labels_before = set(self.bank.label_values)
             try:
                 self.ingest(image_id, image_path, label_path)
                 done.append(image_id)
-            except (VolumeError, OSError) as exc:
-                failed[image_id] = str(exc)
-                logger.error("reconcile: %r skipped: %s", image_id, exc)
+            except Exception as exc:  # one bad file (or a bug it triggers) must not stop the others
+                failed[image_id] = str(exc) or type(exc).__name__
+                logger.error("reconcile: %r skipped: %s", image_id, failed[image_id],
+                             exc_info=not isinstance(exc, (VolumeError, OSError)))
+            if set(self.bank.label_values) - labels_before:
+                # A label value new to the bank: images ingested before it need its (absent) memories.
+                again = {i: r for i, r in self.stale_images({i: sources[i] for i in done}).items() if i != image_id}
+                todo.extend(sorted(again.items()))
             if progress:
-                progress(n, len(stale))
+                progress(n, len(todo))
+        done = sorted(set(done))
         return {"removed": removed, "ingested": done, "failed": failed, "kept": sorted(set(sources) - set(stale) - set(failed))}
 
     # ------------------------------------------------------------------ segmenting
