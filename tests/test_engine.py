@@ -412,3 +412,27 @@ def test_stale_images_follow_image_content_and_present_labels(engine_factory, tm
     result = engine.reconcile(sources)
     assert result["ingested"] == ["a", "b"] and result["failed"] == {"c": "encoder blew up"}
     assert engine.bank.label_values == [1, 2] and set(engine.stale_images(sources)) == {"c"}
+
+
+def test_cli_bank_stats_never_touches_the_bank(engine_factory, tiny_settings, tmp_path, capsys):
+    """`bank stats` with other settings reports the mismatch; a later `bank build` would rebuild."""
+    from fewshot.cli import bank_dir_for, main
+
+    store = tmp_path / "store"
+    (store / "labels" / "final").mkdir(parents=True)
+    _synthetic_case(tmp_path, "case")
+    shutil.copy(tmp_path / "case.nii.gz", store / "image_1.nii.gz")
+    shutil.copy(tmp_path / "case_label.nii.gz", store / "labels" / "final" / "image_1.nii.gz")
+    bank_dir = bank_dir_for(store, "random-tiny")
+    engine, _ = engine_factory(bank_dir)
+    engine.reconcile(labelled(scan_datastore(store)))
+    manifest = (bank_dir / "manifest.json").read_bytes()
+    shards = sorted(p.name for p in (bank_dir / "shards").iterdir())
+    capsys.readouterr()
+    assert main(["bank", "stats", "--datastore", str(store), "--preset", "random-tiny", "--set", "volume.canvas=64"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert "built by" in stats["needs_rebuild"]["discarded_all"] and stats["images"] == 0
+    assert (bank_dir / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in (bank_dir / "shards").iterdir()) == shards
+    assert main(["bank", "stats", "--datastore", str(store), "--preset", "random-tiny"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1

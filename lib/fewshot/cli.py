@@ -35,14 +35,15 @@ def _settings(args) -> dict:
     return load_preset(args.preset, overrides)
 
 
-def _engine(args, datastore: str):
+def _engine(args, datastore: str, read_only: bool = False):
     from fewshot.config import parse_label_map
     from fewshot.pipeline import Engine
 
     settings = _settings(args)
     bank_dir = getattr(args, "bank", None) or bank_dir_for(datastore, args.preset)
     engine, report = Engine.from_settings(
-        settings, bank_dir=bank_dir, models_dir=args.models_dir, label_names=parse_label_map(args.labels)
+        settings, bank_dir=bank_dir, models_dir=args.models_dir, label_names=parse_label_map(args.labels),
+        read_only=read_only,
     )
     return engine, report
 
@@ -87,7 +88,8 @@ def cmd_segment(args) -> int:
 
 
 def cmd_bank(args) -> int:
-    engine, report = _engine(args, args.datastore)
+    # stats only looks: a bank built with other settings is reported, never discarded.
+    engine, report = _engine(args, args.datastore, read_only=args.action == "stats")
     if args.action == "build":
         result = _sync_bank(engine, args.datastore)
         print(json.dumps({"reconcile": result, "bank": engine.bank.stats()}, indent=1))
@@ -139,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from fewshot.bank import BankError
     from fewshot.config import ConfigError
     from fewshot.volume import VolumeError
-    from fewshot.weights import MissingWeightsError
+    from fewshot.weights import WeightsError
 
     try:
         return int(args.func(args) or 0)
-    except (MissingWeightsError, VolumeError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (WeightsError, BankError, VolumeError, ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

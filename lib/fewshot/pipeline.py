@@ -172,8 +172,11 @@ class Engine:
         bank_dir: str | os.PathLike | None = None,
         models_dir: str | os.PathLike | None = None,
         label_names: Mapping[str, int] | None = None,
+        read_only: bool = False,
     ) -> tuple["Engine", object]:
-        """Build the preset's steps and open (or create) its bank. Returns (engine, bank LoadReport)."""
+        """Build the preset's steps and open (or create) its bank. Returns (engine, bank LoadReport).
+
+        ``read_only``: the bank is only looked at (a mismatched or damaged bank is reported, not discarded)."""
         from fewshot.presets import build_steps
 
         embedder, matcher, transfer = build_steps(settings, models_dir=models_dir)
@@ -185,6 +188,7 @@ class Engine:
             approximate_above=bank_settings.get("approximate_above", 20000),
             hnsw_m=bank_settings.get("hnsw_m", 32),
             hnsw_ef_search=bank_settings.get("hnsw_ef_search", 128),
+            read_only=read_only,
         )
         return cls(settings, embedder, matcher, transfer, bank, label_names), report
 
