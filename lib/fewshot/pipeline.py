@@ -83,7 +83,12 @@ class Segmentation:
         if not sidecar:
             return None
         side = Path(str(path).removesuffix(".gz").removesuffix(".nii") + ".json")
-        side.write_text(json.dumps(self.summary(), indent=1))
+        tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.summary(), indent=1))
+            os.replace(tmp, side)  # never a half-written sidecar beside a finished label
+        finally:
+            tmp.unlink(missing_ok=True)
         return side
 
 
