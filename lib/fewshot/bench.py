@@ -10,11 +10,18 @@ What is timed, on the real architectures (or on the tiny random ones with ``--qu
   ``Sam2Transfer.segment_slice_reencoding``), for each k and size;
 * **whole path vs k**: engine.segment per slice at each k (all labels at once, as the tool runs);
 * **whole volume** (at the preset's own size): ingestion of one labelled volume, segmentation of
-  another, a second segmentation of the same image (cached image features), network vs
-  non-network time (forward hooks on every nn.Module), peak RSS;
-* **retrieval scale**: faiss latency, recall@16 against exact search and build time for banks of
+  another, a second segmentation of the same image with the bank unchanged (the finished result is
+  returned) and another after the bank changed (cached image features, everything else redone; the
+  ">= 5x" target is judged on this one), network vs non-network time (forward hooks on every
+  nn.Module), peak RSS;
+* **retrieval scale**: faiss latency, recall@16 against exact search (1000 queries, with a 95 %
+  confidence interval) and build time for banks of
   synthetic clustered vectors of the embedder's dimension, indexed by ``bank.build_index`` exactly
   as the SupportBank indexes its entries.
+
+With ``--preset classic`` (no networks, registration on the canvas) there is one size, the canvas;
+the stages are the classic path's (descriptor, NCC, registration and fusion in the worker pool,
+3D consistency), the memories comparison and the SAM 2 / network targets do not apply and say so.
 
 Random weights time the same as real ones: cost depends on shapes, not on weight values.
 Everything lands in ``OUT/bench.json`` (rewritten after each section, so a long run that is stopped
@@ -56,6 +63,21 @@ STAGES = {
     "postprocess": "post-processing",
     "other": "other (planning, bookkeeping)",
 }
+# The classic preset's path. Registration and fusion run in worker processes, so their own timers sum
+# busy time over workers (kept apart, under busy_s); the wall-time partition names what is in-process.
+CLASSIC_STAGES = {
+    "prepare_and_embed": "prepare + embed (canvas, descriptor)",
+    "retrieve": "retrieve (faiss)",
+    "match": "match (NCC)",
+    "register_fuse_wall": "register + fuse (wall, worker pool)",
+    "consistency": "3D consistency",
+    "postprocess": "post-processing",
+}
+CLASSIC_BUSY = ("register", "fuse")
+
+
+def stages_for(settings: Mapping) -> dict[str, str]:
+    return STAGES if settings.get("transfer", {}).get("type") == "sam2" else CLASSIC_STAGES
 
 
 # --------------------------------------------------------------------------------------------- plans
@@ -74,7 +96,7 @@ class BenchPlan:
     support_slices: int | None = None
     query_slices: int | None = None
     retrieval_sizes: tuple[int, ...] = (1_000, 10_000, 100_000, 1_000_000)
-    retrieval_queries: int = 200
+    retrieval_queries: int = 1000  # recall@16 per query is noisy: 1000 give a 95 % CI of about +-0.005 at 0.95
     per_slice_budget_s: float = 1.5  # the issue's CPU target for k=16 at 512, used for the recommendation
 
 
@@ -314,8 +336,10 @@ class SegmentRun:
     stages_s: dict[str, float]
     network_s: float
     peak_rss_mb: float
-    cpu_s: float = float("nan")  # process CPU time: with one thread, the wall time on an idle core
+    cpu_s: float = float("nan")  # CPU time of this process and its worker processes
     network_cpu_s: float = float("nan")
+    reused: bool = False  # the engine handed back a finished segmentation (same volume, bank, labels, settings)
+    busy_s: dict[str, float] | None = None  # stage timers summed over worker processes (classic)
 
     @property
     def overhead_fraction(self) -> float:
@@ -339,7 +363,8 @@ class SegmentRun:
             "non_network_per_slice_s": _r((self.total_s - self.network_s) / n),
             "non_network_fraction": _r(self.overhead_fraction), "peak_rss_mb": self.peak_rss_mb,
             "cpu_s": _r(self.cpu_s), "cpu_per_slice_s": _r(self.cpu_s / n),
-            "non_network_cpu_fraction": _r(self.overhead_cpu_fraction),
+            "non_network_cpu_fraction": _r(self.overhead_cpu_fraction), "reused": self.reused,
+            **({"busy_s": {k: _r(v) for k, v in self.busy_s.items()}} if self.busy_s is not None else {}),
         }
 
 
@@ -358,20 +383,29 @@ def _set_keep(engine, k: int) -> None:
 
 
 def timed_segment(engine, image, device: str, cold: bool = True) -> SegmentRun:
+    from fewshot.eval.runner import cpu_seconds
+
     if cold:
         _forget_query_caches(engine)
+    names = stages_for(engine.settings)
     with PeakRss() as rss, NetworkClock(device) as clock:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         seg = engine.segment(image)
-        total, cpu = time.perf_counter() - t0, time.process_time() - c0
+        total, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     timings = dict(seg.timings)
-    stages = {name: float(timings.get(name, 0.0)) for name in STAGES if name != "other"}
-    stages["other"] = max(0.0, total - sum(stages.values()))
+    busy = None
+    if names is STAGES:
+        stages = {name: float(timings.get(name, 0.0)) for name in STAGES if name != "other"}
+        stages["other"] = max(0.0, total - sum(stages.values()))
+    else:
+        stages = {name: float(timings.get(name, 0.0)) for name in names if name != "register_fuse_wall"}
+        stages["register_fuse_wall"] = max(0.0, total - sum(stages.values()))
+        busy = {name: float(timings.get(name, 0.0)) for name in CLASSIC_BUSY}
     segmented = set()
     for per_label in seg.provenance.values():
         segmented.update(per_label["slices"])
     return SegmentRun(total, int(timings.get("slices", 0)), len(segmented), stages, clock.seconds, rss.mb,
-                      cpu, clock.cpu_seconds)
+                      cpu, clock.cpu_seconds, bool(timings.get("reused")), busy)
 
 
 @dataclass
@@ -531,6 +565,13 @@ class SizeResult:
             return None
         return self.whole_volume.total_s / self.second_inference.total_s
 
+    @property
+    def feature_reuse_speedup(self) -> float | None:
+        """First segmentation vs the same image after a bank change: cached image features, the rest redone."""
+        if self.whole_volume is None or self.after_bank_change is None or self.after_bank_change.total_s <= 0:
+            return None
+        return self.whole_volume.total_s / self.after_bank_change.total_s
+
     def as_dict(self) -> dict:
         return {
             "image_size": self.image_size, "labels": self.labels, "load_s": _r(self.load_s),
@@ -542,8 +583,7 @@ class SizeResult:
             "second_inference": self.second_inference.as_dict() if self.second_inference else None,
             "reuse_speedup": _r(self.reuse_speedup, 2),
             "after_bank_change": self.after_bank_change.as_dict() if self.after_bank_change else None,
-            "feature_reuse_speedup": _r(self.whole_volume.total_s / self.after_bank_change.total_s, 2)
-            if self.whole_volume and self.after_bank_change and self.after_bank_change.total_s > 0 else None,
+            "feature_reuse_speedup": _r(self.feature_reuse_speedup, 2),
             "peak_rss_mb": self.peak_rss_mb,
         }
 
@@ -560,7 +600,9 @@ def bench_size(
     from fewshot.config import load_preset
     from fewshot.pipeline import Engine
 
-    settings = load_preset(plan.preset, {**overrides, "transfer.image_size": size})
+    sam2 = load_preset(plan.preset, overrides).get("transfer", {}).get("type") == "sam2"
+    # Classic has no input size: registration runs on the canvas, whose size is ``size`` already.
+    settings = load_preset(plan.preset, {**overrides, "transfer.image_size": size} if sam2 else overrides)
     keep = int(settings.get("selection", {}).get("keep", 4))
     bank_dir = work / f"bank-{size}"
     slabs = work / "subvolumes"
@@ -580,12 +622,16 @@ def bench_size(
         if support_slab:
             support_image, support_label = write_subvolume(support_image, support_label, support_slab, slabs,
                                                            f"support-{support_slab}")
+        from fewshot.volume import read_volume
+
+        read_volume(support_image)  # untimed: the readers' one-time imports are start-up, not ingestion
         logger.info("bench %d: ingesting %s", size, support_image.name)
         ingest = timed_ingest(engine, "support", support_image, support_label, device, subvolume=bool(support_slab))
         logger.info("bench %d: ingested %d entries in %.1f s", size, ingest.entries, ingest.seconds)
 
         # Warm-up, untimed: builds the faiss index and lets each network allocate its kernels once.
-        warm, _ = write_subvolume(data.query_image, data.query_label, 1, slabs, "query-1")
+        # Two slices: a one-slice file is a 2D image, which the engine refuses to read as a volume.
+        warm, _ = write_subvolume(data.query_image, data.query_label, 2, slabs, "query-2")
         timed_segment(engine, warm, device)
         sub_image, _ = write_subvolume(data.query_image, data.query_label, plan.subvolume_slices, slabs,
                                        f"query-{plan.subvolume_slices}")
@@ -608,7 +654,10 @@ def bench_size(
             changed = timed_segment(engine, query, device, cold=False)
             logger.info("bench %d: whole volume %.1f s, second inference %.1f s, after a bank change %.1f s",
                         size, first.total_s, second.total_s, changed.total_s)
-    memories = memories_comparison(engine, sub_image, plan.ks, plan.memory_query_slices)
+    # Re-encoding supports per query is SAM 2's question; registration caches nothing to compare.
+    memories = memories_comparison(engine, sub_image, plan.ks, plan.memory_query_slices) if sam2 else []
+    if hasattr(engine.transfer, "close"):
+        engine.transfer.close()  # the registration worker pool
     result = SizeResult(size, load_s, ingest, whole_path[keep], {k: whole_path[k] for k in plan.ks}, memories,
                         len(engine.bank.label_values), first, second, changed, tool_rss.mb)
     return result, engine
@@ -625,8 +674,10 @@ class RetrievalPoint:
     build_s: float
     batch_ms_per_query: float  # one search call for all queries (the engine searches a volume at once)
     single_ms_per_query: float  # one call per query (median)
-    recall_at_k: float  # against exact inner-product search
+    recall_at_k: float  # against exact inner-product search, mean over queries
     k: int = RECALL_K
+    queries: int = 0
+    recall_ci95: tuple[float, float] | None = None  # normal approximation over the per-query recalls
 
 
 class ClusteredVectors:
@@ -700,10 +751,14 @@ def retrieval_scale(sizes: Sequence[int], dim: int, bank_settings: Mapping, inde
             single.append((time.perf_counter() - t0) * 1000)
         # Exact inner-product neighbours without copying the data into a second index.
         _, exact = faiss.knn(queries, data, k, metric=faiss.METRIC_INNER_PRODUCT)
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), exact.tolist())]))
-        point = RetrievalPoint(n, dim, spec, build_s, batch_ms, _median(single), recall, k)
-        logger.info("retrieval %d (%s): build %.1f s, %.3f ms/query batched, %.3f ms single, recall@%d %.3f",
-                    n, spec, build_s, batch_ms, point.single_ms_per_query, k, recall)
+        per_query = np.array([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), exact.tolist())])
+        recall = float(per_query.mean())
+        half = 1.96 * float(per_query.std(ddof=1)) / np.sqrt(len(per_query)) if len(per_query) > 1 else float("nan")
+        point = RetrievalPoint(n, dim, spec, build_s, batch_ms, _median(single), recall, k, len(per_query),
+                               (max(0.0, recall - half), min(1.0, recall + half)))
+        logger.info("retrieval %d (%s): build %.1f s, %.3f ms/query batched, %.3f ms single, recall@%d %.4f "
+                    "(95%% CI %.4f-%.4f, %d queries)", n, spec, build_s, batch_ms, point.single_ms_per_query, k,
+                    recall, *point.recall_ci95, len(per_query))
         points.append(point)
         if on_point:
             on_point(point)
@@ -741,39 +796,54 @@ def _check(what, target, measured, unit, ok: Callable[[float], bool], note="", m
     return check
 
 
+NOT_APPLICABLE_CLASSIC = "not applicable to the classic preset: no networks, nothing to cache or re-encode"
+
+
 def evaluate_targets(sizes: Mapping[int, SizeResult], retrieval: Sequence[RetrievalPoint],
-                     default_size: int, quick: bool) -> list[TargetCheck]:
-    """The issue's targets table, each with what this run measured."""
+                     default_size: int, quick: bool, sam2: bool = True) -> list[TargetCheck]:
+    """The issue's targets table, each with what this run measured (None where it does not apply)."""
     checks = []
     for size, res in sizes.items():
         at16 = next((p for p in res.memories if p.k == 16), None)
         checks.append(_check(
             f"per-slice time at k=16, cached memories vs re-encoding each support per query ({size}²)",
             ">= 4x faster", at16.speedup if at16 else None, "x", lambda v: v >= 4.0,
-            "one label; both routes include planning (faiss, bank fetch, LPIPS)" if at16 else "k=16 not measured",
+            "one label; both routes include planning (faiss, bank fetch, LPIPS)" if at16
+            else ("k=16 not measured" if sam2 else NOT_APPLICABLE_CLASSIC),
             at16.cpu_speedup if at16 else None,
         ))
-    res512 = sizes.get(512)
+    res512 = sizes.get(512) if sam2 else None
     run = res512.whole_path.get(16) if res512 else None
     checks.append(_check(
         "per-slice time at k=16 at 512², whole path (engine.segment, all labels)", "<= 1.5 s",
         run.total_s / max(1, run.slices) if run else None, "s", lambda v: v <= 1.5,
-        f"{run.slices} slices, {res512.labels} labels batched" if run else "512 with k=16 not measured in this run",
+        f"{run.slices} slices, {res512.labels} labels batched" if run
+        else ("512 with k=16 not measured in this run" if sam2 else NOT_APPLICABLE_CLASSIC),
         run.cpu_s / max(1, run.slices) if run else None,
     ))
     default = sizes[default_size]
-    vol = default.whole_volume
+    vol = default.whole_volume if sam2 else None
     checks.append(_check(
         f"non-network overhead per slice, whole volume at {default_size}²", "<= 10 % of the total",
         vol.overhead_fraction * 100 if vol else None, "%", lambda v: v <= 10.0,
-        "everything outside nn.Module forward calls, including file reading and SAM 2's glue ops",
+        "everything outside nn.Module forward calls, including file reading and SAM 2's glue ops" if sam2
+        else NOT_APPLICABLE_CLASSIC,
         vol.overhead_cpu_fraction * 100 if vol else None,
     ))
+    # The issue asks for a second inference that reuses cached image features. With an unchanged bank
+    # the engine now returns the finished result, which is faster still but redoes no work at all, so
+    # it says nothing about the feature cache: the target is judged on a second inference after the
+    # bank changed (retrieval, matching, attention and decode run again on cached image features).
+    first, changed, same = default.whole_volume, default.after_bank_change, default.second_inference
+    reuse_note = (f"with an unchanged bank the finished result is returned: {default.reuse_speedup:.0f}x faster "
+                  "(not counted: no work is redone)" if default.reuse_speedup else "")
     checks.append(_check(
-        f"second inference on the same image ({default_size}²)", ">= 5x faster than the first",
-        default.reuse_speedup, "x", lambda v: v >= 5.0,
-        "the second call reuses DINOv2 embeddings and SAM 2 image features; attention and decode run again",
-        vol.cpu_s / default.second_inference.cpu_s if vol and default.second_inference and default.second_inference.cpu_s > 0 else None,
+        f"second inference on the same image after a bank change ({default_size}²)", ">= 5x faster than the first",
+        default.feature_reuse_speedup, "x", lambda v: v >= 5.0,
+        ("judged on feature reuse: query embeddings" + (" and SAM 2 image features" if sam2 else "")
+         + " come from the cache, retrieval, matching and the transfer step run again"
+         + ("" if sam2 else " (registration caches nothing)") + "; " + reuse_note),
+        first.cpu_s / changed.cpu_s if first and changed and changed.cpu_s > 0 else None,
     ))
     big = next((p for p in retrieval if p.entries >= 1_000_000), None)
     largest = max(retrieval, key=lambda p: p.entries) if retrieval else None
@@ -781,16 +851,26 @@ def evaluate_targets(sizes: Mapping[int, SizeResult], retrieval: Sequence[Retrie
     checks.append(_check("faiss query latency at 1e6 entries", "<= 5 ms per query",
                          big.batch_ms_per_query if big else None, "ms", lambda v: v <= 5.0,
                          why or f"{big.index}, batched queries; single query {big.single_ms_per_query:.2f} ms"))
+    recall_note = why
+    if big:
+        low, high = big.recall_ci95
+        verdict = ("the whole interval is above the target" if low >= 0.95 else
+                   "the whole interval is below the target" if high < 0.95 else
+                   "the interval straddles the target: not distinguishable from 0.95 with this many queries")
+        recall_note = (f"{big.index} against exact search, clustered vectors, {big.queries} queries; "
+                       f"95 % CI {low:.4f}-{high:.4f}: {verdict}")
     checks.append(_check("faiss recall@16 at 1e6 entries", ">= 0.95", big.recall_at_k if big else None, "",
-                         lambda v: v >= 0.95, why or f"{big.index} against exact search, clustered vectors"))
+                         lambda v: v >= 0.95, recall_note))
     checks.append(TargetCheck(
         "PUT /datastore/label response (ingestion is asynchronous)", "<= 0.5 s", None, "s", None,
         f"a server endpoint, not timed by this bench; the ingestion it schedules takes {default.ingest.seconds:.1f} s",
     ))
     checks.append(_check(
-        "peak RSS with SAM 2.1 tiny + DINOv2-S on CPU" if not quick else "peak RSS (tiny random networks)",
+        "peak RSS with SAM 2.1 tiny + DINOv2-S on CPU" if sam2 and not quick else
+        "peak RSS (tiny random networks)" if sam2 else "peak RSS (classic, this process)",
         "<= 4 GB", default.peak_rss_mb / 1024, "GB", lambda v: v <= 4.0,
-        f"load, ingest and segment at {default_size}² (sampled every 20 ms)",
+        f"load, ingest and segment at {default_size}² (sampled every 20 ms)"
+        + ("" if sam2 else "; the registration worker processes hold their own memory, not counted here"),
     ))
     return checks
 
@@ -869,8 +949,10 @@ def write_plots(out: Path, report: dict) -> list[str]:
     written = []
     sizes = report.get("sizes", {})
     for size, res in sizes.items():
-        per_slice = {STAGES[k]: v for k, v in res["stages"]["stages_per_slice_s"].items()}
-        written.append(bar_chart(per_slice, f"Seconds per slice by stage, SAM 2 at {size}² "
+        names = report.get("stage_names") or STAGES
+        per_slice = {names[k]: v for k, v in res["stages"]["stages_per_slice_s"].items()}
+        what = f"SAM 2 at {size}²" if names is STAGES or report.get("transfer") == "sam2" else f"classic, canvas {size}²"
+        written.append(bar_chart(per_slice, f"Seconds per slice by stage, {what} "
                                  f"(k={report['default_keep']}, {res['stages']['slices']} slices)",
                                  "seconds per slice", out / f"stages_{size}.png"))
     mem = {}
@@ -892,7 +974,9 @@ def write_plots(out: Path, report: dict) -> list[str]:
         volume[f"ingest {size}²" + (" (slab)" if res["ingest"]["subvolume"] else "")] = res["ingest"]["seconds"]
         if res["whole_volume"]:
             volume[f"segment {size}²"] = res["whole_volume"]["total_s"]
-            volume[f"2nd segment {size}²"] = res["second_inference"]["total_s"]
+            volume[f"2nd segment {size}² (result reused)"] = res["second_inference"]["total_s"]
+            if res.get("after_bank_change"):
+                volume[f"after a bank change {size}² (features reused)"] = res["after_bank_change"]["total_s"]
     if volume:
         written.append(bar_chart(volume, "Whole volumes: ingestion and segmentation", "seconds", out / "whole_volume.png"))
     retrieval = report.get("retrieval") or []
@@ -970,8 +1054,22 @@ def run_bench(
         overrides["device"] = device
     preset = preset or ("random-tiny" if quick else choose_preset(models_dir))
     base = load_preset(preset, overrides)
-    preset_size = int(base["transfer"]["image_size"])
-    plan = quick_plan(preset, preset_size) if quick else full_plan(preset, preset_size)
+    sam2 = base.get("transfer", {}).get("type") == "sam2"
+    if sam2:
+        preset_size = int(base["transfer"]["image_size"])
+        plan = quick_plan(preset, preset_size) if quick else full_plan(preset, preset_size)
+    else:
+        if sizes:
+            raise ValueError(f"--sizes are SAM 2 input sizes; preset {preset!r} transfers labels by "
+                             f"{base.get('transfer', {}).get('type')} on the canvas (set volume.canvas instead)")
+        # One size, the canvas; k up to the preset's own keep in quick mode (16 registrations per slice is slow).
+        preset_size = int(base.get("volume", {}).get("canvas", 256))
+        plan = quick_plan(preset, preset_size) if quick else full_plan(preset, preset_size)
+        keep = int(base.get("selection", {}).get("keep", 4))
+        plan = replace(plan, sizes=(preset_size,),
+                       ks=tuple(sorted({1, keep})) if quick else tuple(sorted({1, 4, keep, 16})))
+        if quick:  # every slice is k registrations on the canvas: thin slabs keep CI short
+            plan = replace(plan, subvolume_slices=2, support_slices=6, query_slices=4)
     plan = replace(plan, **{k: tuple(int(x) for x in v) for k, v in
                             {"sizes": sizes, "ks": ks, "retrieval_sizes": retrieval_sizes}.items() if v})
     device = resolve_device(base.get("device"))
@@ -982,9 +1080,16 @@ def run_bench(
         "weights": "random" if base.get("random_weights") else "pretrained",
         "started": _dt.datetime.now().isoformat(timespec="seconds"), "environment": _environment(device),
         "plan": asdict(plan), "default_keep": default_keep, "sizes": {}, "retrieval": [],
+        "transfer": base.get("transfer", {}).get("type"), "stage_names": stages_for(base),
+        "size_meaning": "SAM 2 input size (transfer.image_size)" if sam2 else
+        "the canvas (volume.canvas): registration has no input size of its own",
     }
     if quick:
-        report["note"] = "quick mode: tiny random networks through the same code paths; figures are not comparable to the targets"
+        report["note"] = ("quick mode: " + ("tiny random networks" if sam2 else "small slabs and few k") +
+                          " through the same code paths; figures are not comparable to the targets")
+    if not sam2:
+        report["busy_note"] = ("classic: register and fuse run in worker processes; stages_s partitions wall time "
+                               "(register_fuse_wall), busy_s sums the workers' own timers, cpu_s includes the workers")
     try:
         data_used = find_data(data, work, synthetic)
         report["data"] = {k: str(v) for k, v in asdict(data_used).items()}
@@ -1008,11 +1113,16 @@ def run_bench(
 
         retrieval = retrieval_scale(plan.retrieval_sizes, dim, base.get("bank", {}), index_transform,
                                     plan.retrieval_queries, on_point=keep_point)
-        report["targets"] = [asdict(c) for c in evaluate_targets(results, retrieval, plan.sizes[0], quick)]
+        report["targets"] = [asdict(c) for c in evaluate_targets(results, retrieval, plan.sizes[0], quick, sam2)]
         report["guide"] = guide_comparison(results)
         top_k = int(base.get("retrieval", {}).get("top_k", 16))
-        report["recommendation"] = recommend_cpu_defaults(results, plan.per_slice_budget_s, top_k)
-        report["recommendation_by_cpu_time"] = recommend_cpu_defaults(results, plan.per_slice_budget_s, top_k, "cpu")
+        if sam2:
+            report["recommendation"] = recommend_cpu_defaults(results, plan.per_slice_budget_s, top_k)
+            report["recommendation_by_cpu_time"] = recommend_cpu_defaults(results, plan.per_slice_budget_s, top_k,
+                                                                          "cpu")
+        else:
+            report["recommendation"] = {"reason": "no recommendation: the (image_size, k) rule is SAM 2's; choose "
+                                                  "classic's k by accuracy (eval --select selection.keep=...)"}
         report["plots"] = write_plots(out, report)
         report["complete"] = True
     finally:
