@@ -5,6 +5,10 @@ set of angles) and integer translation that maximise their normalised cross-corr
 over the images' overlap only. All translations are scored at once with FFTs of the zero-padded
 images (and of their squares, for the overlap's means and variances), so the cost is a handful of
 FFTs per candidate; the rotation search rotates the query, not every candidate.
+
+Single-threaded on purpose: 16 candidates at 256² take ~26 ms per query slice on this project's
+2-core CPU, ~2 % of a classic slice (registration: ~0.3 s per support, already spread over both
+cores by the worker pool); ``scipy.fft`` with 2 workers measured no faster (27-34 ms).
 """
 from __future__ import annotations
 
