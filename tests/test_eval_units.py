@@ -242,7 +242,8 @@ def test_growth_splits_are_nested_with_fixed_queries():
     splits = protocols.growth_splits(CHAOS_IDS, seed=1)
     assert [s.n_labelled for s in splits] == [1, 2, 4, 8]
     queries = splits[0].query_ids
-    assert len(queries) == 12
+    assert len(queries) == 10  # half the scans: the pool of 10 leaves a choice even at 8 labelled
+    assert len(protocols.growth_splits([f"c{i}" for i in range(35)], seed=0)[0].query_ids) == 17
     for prev, cur in zip(splits, splits[1:]):
         assert cur.support_ids[: prev.n_labelled] == prev.support_ids
         assert cur.query_ids == queries

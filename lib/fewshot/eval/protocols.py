@@ -232,13 +232,15 @@ def growth_splits(case_ids: Sequence[str], seed: int, steps: Sequence[int] = GRO
 
     One seeded permutation: its last ``n_queries`` scans are the queries at every step, and the
     support set of size n is the permutation's first n scans (each step adds to the previous).
-    By default the queries are every scan the largest step does not need (at least one).
+    By default half the scans are queries, and fewer when that would leave the candidate pool smaller
+    than the largest step: a pool larger than the largest step leaves an active-learning strategy a
+    real choice at every step (with a pool of exactly 8, every order ends with the same 8 scans).
     """
     ids = sorted(case_ids, key=scan_sort_key)
     if len(ids) < 2:
         raise ValueError("a growth curve needs at least two scans (one support, one query)")
     if n_queries is None:
-        n_queries = max(1, len(ids) - max(steps))
+        n_queries = max(1, min(len(ids) // 2, len(ids) - max(steps)))
     if not 1 <= n_queries < len(ids):
         raise ValueError(f"n_queries must be in [1, {len(ids) - 1}]; got {n_queries}")
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
