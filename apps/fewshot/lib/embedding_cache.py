@@ -46,6 +46,18 @@ class EmbeddingCache:
     def has(self, image_path: str) -> bool:
         return self.path_for(image_path).is_file()
 
+    def load(self, image_path: str) -> np.ndarray | None:
+        """The cached embeddings, or None when they have not been computed (never computes)."""
+        path = self.path_for(image_path)
+        try:
+            return np.load(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # a torn file from a crash: the warm-up recomputes it
+            logger.warning("embedding cache %s unreadable (%s); dropped", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+
     def get(self, image_path: str) -> np.ndarray:
         """(Z, D) embeddings of the image's slices, computed once per file content."""
         path = self.path_for(image_path)

@@ -1,15 +1,21 @@
 """One few-shot engine shared by the infer task, the ingestion worker and the strategy.
 
-The engine's steps are not safe to call from several threads at once (SAM 2 feature caches,
-torch modules), so every call that runs a network goes through :attr:`EngineHost.lock`. The bank
-statistics shown in ``/info`` are a snapshot refreshed by the ingestion worker after each change:
-``/info`` is called on every request by MONAI Label and must never wait for an encoder.
+:attr:`EngineHost.lock` guards the bank's contents: a segmentation holds it from retrieval to the
+last support slice it reads, and a change to the bank (commit of an ingestion, removal) takes it.
+Encoding a label's slices for the bank, the expensive part of an ingestion, runs outside the lock,
+so an inference asked for meanwhile does not wait for it (the networks run in inference mode and
+their caches have their own locks). The bank statistics and label values shown in ``/info`` are a
+snapshot refreshed after each change: ``/info`` is called by every client action and must never
+wait for an encoder.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -17,7 +23,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fewshot import weights
+from fewshot.bank import SupportBank
 from fewshot.config import ConfigError
+from fewshot.coverage import Proposal, propose
 from fewshot.pipeline import Engine, IngestReport, Segmentation, settings_hash
 from fewshot.presets import PresetError, resolve_device
 
@@ -58,28 +66,88 @@ class WeightsInUse:
         return f"{self.model} ({'RANDOM weights, ' if self.random else ''}{self.path})"
 
 
+# Tests only: "IMAGE_ID=SECONDS" pauses that image's ingestions between encoding and commit, so that
+# a test can act (kill the server, run an inference) while an ingestion is certainly in flight.
+TEST_PAUSE_ENV = "FEWSHOT_APP_TEST_INGEST_PAUSE"
+
+
+def _test_pause() -> tuple[str, float] | None:
+    text = os.environ.get(TEST_PAUSE_ENV, "").strip()
+    if not text:
+        return None
+    image_id, _, seconds = text.rpartition("=")
+    return image_id, float(seconds)
+
+
+class _CommitLockedBank:
+    """The engine's bank as its ``ingest`` sees it: everything passes through, except that the
+    commit (``put``) waits for the host's lock. Lets ``Engine.ingest`` encode without the lock."""
+
+    def __init__(self, bank: SupportBank, lock: threading.RLock, pause: tuple[str, float] | None = None):
+        self._bank, self._lock, self._pause = bank, lock, pause
+
+    def put(self, image_id, batch, source=None):
+        if self._pause and self._pause[0] == image_id:
+            logger.warning("test hook (%s): ingestion of %r paused %.1f s before its commit", TEST_PAUSE_ENV, image_id, self._pause[1])
+            time.sleep(self._pause[1])
+        with self._lock:
+            return self._bank.put(image_id, batch, source)
+
+    def __getattr__(self, name):
+        return getattr(self._bank, name)
+
+    def __contains__(self, image_id):
+        return image_id in self._bank
+
+
+def _open_engine(config: AppConfig, read_only: bool) -> tuple[Engine, object]:
+    settings = config.settings
+    kwargs = dict(bank_dir=config.bank_dir, models_dir=config.models_dir, label_names=config.labels)
+    if not read_only:
+        return Engine.from_settings(settings, **kwargs)
+    if "read_only" in inspect.signature(Engine.from_settings).parameters:
+        return Engine.from_settings(settings, read_only=True, **kwargs)
+    # Engine.from_settings cannot open its bank read-only yet: the same steps, bank opened by hand.
+    from fewshot.presets import build_steps
+
+    embedder, matcher, transfer = build_steps(settings, models_dir=config.models_dir)
+    b = settings.get("bank", {})
+    bank, report = SupportBank.open(
+        config.bank_dir, Engine.bank_fingerprint(settings, embedder, transfer), read_only=True,
+        index_transform=embedder.index_transform, approximate_above=b.get("approximate_above", 20000),
+        hnsw_m=b.get("hnsw_m", 32), hnsw_ef_search=b.get("hnsw_ef_search", 128),
+    )
+    return Engine(settings, embedder, matcher, transfer, bank, config.labels), report
+
+
 class EngineHost:
-    def __init__(self, config: AppConfig, engine: Engine, load_report, weights_in_use: list[WeightsInUse]):
+    def __init__(self, config: AppConfig, engine: Engine, load_report, weights_in_use: list[WeightsInUse], read_only: bool = False):
         self.config = config
         self.engine = engine
         self.load_report = load_report
         self.weights = weights_in_use
+        self.read_only = read_only
         self.device = resolve_device(engine.settings.get("device"))
         self.defaults = InferOptions.defaults(engine)
         self.lock = threading.RLock()
+        self._ingest_engine = Engine(
+            engine.settings, engine.embedder, engine.matcher, engine.transfer,
+            _CommitLockedBank(engine.bank, self.lock, _test_pause()), engine.label_names,
+        )
         self._stats: dict = {}
+        self._label_values: list[int] = []
         self._stats_lock = threading.Lock()
         self.refresh_stats()
 
     # ------------------------------------------------------------------ start-up
 
     @classmethod
-    def open(cls, config: AppConfig) -> "EngineHost":
+    def open(cls, config: AppConfig, read_only: bool = False) -> "EngineHost":
+        """``read_only``: for MONAI Label's background-task process, which must never write the
+        bank the live server owns."""
         settings = config.settings
         try:
-            engine, report = Engine.from_settings(
-                settings, bank_dir=config.bank_dir, models_dir=config.models_dir, label_names=config.labels
-            )
+            engine, report = _open_engine(config, read_only)
             in_use = [
                 WeightsInUse(name, str(weights.resolve(name, config.models_dir, random_weights=bool(settings.get("random_weights")))),
                              bool(settings.get("random_weights")) or weights.get_spec(name).random_only)
@@ -87,7 +155,7 @@ class EngineHost:
             ]
         except (weights.WeightsError, ConfigError, PresetError) as exc:
             raise StartupError(f"preset {config.preset!r} cannot start: {exc}") from None
-        host = cls(config, engine, report, in_use)
+        host = cls(config, engine, report, in_use, read_only=read_only)
         host._log_start()
         return host
 
@@ -100,7 +168,9 @@ class EngineHost:
             logger.info("  weights: none (weights-free preset)")
         logger.info("  labels: %s (%s)", self.config.labels or "{}", self.config.labels_source)
         r = self.load_report
-        if r.discarded_all:
+        if self.read_only:
+            logger.info("support bank %s opened read-only: %d images", self.config.bank_dir, len(self.engine.bank.image_ids()))
+        elif r.discarded_all:
             logger.warning("support bank %s discarded (%s): it is rebuilt from the final labels", self.config.bank_dir, r.discarded_all)
         else:
             logger.info(
@@ -119,17 +189,22 @@ class EngineHost:
     # ------------------------------------------------------------------ labels
 
     def label_map(self) -> dict[str, int]:
-        """Configured names plus any value found in saved labels, ordered by value."""
+        """Configured names plus any value found in saved labels (as of the last bank change),
+        ordered by value."""
         names = dict(self.config.labels)
         known = set(names.values())
-        for value in self.engine.bank.label_values:
+        with self._stats_lock:
+            found = list(self._label_values)
+        for value in found:
             if value not in known:
                 names[str(value)] = int(value)
         return dict(sorted(names.items(), key=lambda kv: kv[1]))
 
     def allowed_values(self) -> list[int] | None:
-        """Values an uploaded label may hold besides 0; None when no label map is configured."""
-        return sorted(self.config.labels.values()) if self.config.labels else None
+        """Values an uploaded label may hold besides 0: every label ``/info`` lists (configured, or
+        found in a saved label, which the datastore already holds); None when no label map is
+        configured."""
+        return sorted(self.label_map().values()) if self.config.labels else None
 
     # ------------------------------------------------------------------ engine calls (serialised)
 
@@ -144,27 +219,38 @@ class EngineHost:
         return Engine(settings, self.engine.embedder, matcher, self.engine.transfer, self.engine.bank, self.engine.label_names)
 
     def segment(self, image_path: str, labels: Sequence[str | int] | None, options: InferOptions) -> Segmentation:
-        with self.lock:
+        with self.lock:  # retrieval and the support slices it names must come from one bank state
             return self._engine_for(options).segment(image_path, labels=labels or None)
 
     def ingest(self, image_id: str, image_path: str, label_path: str, source: Mapping) -> IngestReport:
-        with self.lock:
-            return self.engine.ingest(image_id, image_path, label_path, source=source)
+        """Encodes without the lock; only the commit takes it (see _CommitLockedBank)."""
+        self._writable()
+        return self._ingest_engine.ingest(image_id, image_path, label_path, source=source)
 
     def remove(self, image_id: str) -> bool:
+        self._writable()
         with self.lock:
             return self.engine.remove(image_id)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise RuntimeError("the support bank is read-only in this process (a MONAI Label background task)")
 
     def stale_images(self, sources: Mapping[str, tuple[str, str]]) -> dict[str, str]:
         with self.lock:
             return self.engine.stale_images(sources)
 
     def bank_ids(self) -> list[str]:
-        return self.engine.bank.image_ids()
+        with self.lock:
+            return self.engine.bank.image_ids()
+
+    def propose(self, embeddings: Mapping[str, np.ndarray]) -> Proposal:
+        with self.lock:
+            return propose(self.engine.bank, embeddings)
 
     def embed_volume(self, image_path: str) -> np.ndarray:
-        with self.lock:
-            return np.asarray(self.engine.embed_volume(image_path), dtype=np.float32)
+        # No bank access: runs beside inferences and commits.
+        return np.asarray(self.engine.embed_volume(image_path), dtype=np.float32)
 
     def embedding_key(self) -> str:
         """Names what per-slice embeddings depend on, so cached ones are never reused by another embedder."""
@@ -176,6 +262,10 @@ class EngineHost:
     def refresh_stats(self) -> dict:
         with self.lock:
             raw = self.engine.bank.stats()
+            values = list(self.engine.bank.label_values)
+            ids = self.engine.bank.image_ids()
+        with self._stats_lock:
+            self._label_values = values
         names = {v: n for n, v in self.label_map().items()}
         stats = {
             "images": raw["images"],
@@ -184,7 +274,7 @@ class EngineHost:
             "negative_slices": raw.get("negative_slices", 0),
             "augmented_slices": raw.get("augmented_slices", 0),
             "index": raw.get("index"),
-            "image_ids": self.bank_ids(),
+            "image_ids": ids,
         }
         with self._stats_lock:
             self._stats = stats

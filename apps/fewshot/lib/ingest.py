@@ -14,6 +14,11 @@ encoder. Work comes in three kinds, in this priority:
 The label is copied to a private snapshot before it is read, so the checksum the bank records is
 that of the very bytes it ingested, even if the user saves again meanwhile. A crash (kill -9) at
 any point leaves the bank's last committed state; the next start-up's resynchronisation repairs it.
+
+When an image's current final label cannot be ingested (unreadable, not matching its image), its
+previous entries are removed: they describe a label the datastore no longer holds. The failure is
+reported in ``/info`` (``ingestion.failed``). An I/O error is retried a few times first, keeping
+the entries meanwhile.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ logger = logging.getLogger(__name__)
 Sources = Callable[[], Mapping[str, tuple[str, str]]]  # image id -> (image path, final label path)
 IdleTask = Callable[[], bool]  # does one step; returns True while there is more to do
 BUSY_STATES = ("starting", "resyncing", "ingesting", "removing")  # the bank is about to change
+RETRY_DELAYS = (2.0, 10.0, 60.0)  # seconds before each new attempt after an I/O error
 
 
 @dataclass
@@ -73,8 +79,10 @@ class IngestionWorker:
         self.on_change = on_change or (lambda: None)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._resync_reason: str | None = None
+        self._resync_after = 0.0  # not before this time (file events come in bursts while a file is written)
         self._idle_tasks: list[IdleTask] = []
         self._idle_done: set[int] = set()
+        self._retries: dict[str, tuple[float, int]] = {}  # image id -> (when, attempts so far)
         self._cond = threading.Condition()
         self._status = WorkerStatus()
         self._stop = False
@@ -103,17 +111,24 @@ class IngestionWorker:
     def _enqueue(self, job: Job) -> None:
         with self._cond:
             self._jobs.pop(job.image_id, None)  # the latest request for an image wins
+            if not job.reason.startswith("retry"):
+                self._retries.pop(job.image_id, None)  # a new save starts the attempts afresh
             self._jobs[job.image_id] = job
             self._status.pending = list(self._jobs)
             self._cond.notify_all()
         logger.info("bank: %s of %r queued (%s)", job.action, job.image_id, job.reason)
 
-    def resync(self, reason: str) -> None:
+    def resync(self, reason: str, delay: float = 0.0) -> None:
+        """``delay``: wait until no new request came for that long (a file still being written)."""
         with self._cond:
+            self._resync_after = max(self._resync_after, time.time() + delay)
             self._resync_reason = self._resync_reason or reason
             self._status.resync_pending = True
             self._idle_done.clear()  # the datastore changed: idle tasks may have new work
             self._cond.notify_all()
+
+    def _resync_ready(self) -> bool:
+        return self._resync_reason is not None and time.time() >= self._resync_after
 
     def add_idle_task(self, task: IdleTask) -> None:
         with self._cond:
@@ -122,7 +137,7 @@ class IngestionWorker:
 
     def status(self) -> dict:
         with self._cond:
-            return self._status.as_dict()
+            return dict(self._status.as_dict(), retrying=sorted(self._retries))
 
     def busy(self) -> bool:
         with self._cond:
@@ -159,9 +174,14 @@ class IngestionWorker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stop or self._jobs or self._resync_reason or self._has_idle_work()):
+                while not (self._stop or self._jobs or self._resync_ready() or self._has_idle_work()):
                     self._status.state, self._status.current, self._status.progress = "idle", None, ""
-                    self._cond.wait()
+                    self._queue_due_retries()
+                    if not self._jobs:
+                        wakes = [when for when, _ in self._retries.values()]
+                        if self._resync_reason is not None:
+                            wakes.append(self._resync_after)
+                        self._cond.wait(max(0.0, min(wakes) - time.time()) if wakes else None)
                 if self._stop:
                     self._status.state = "stopped"
                     return
@@ -169,8 +189,10 @@ class IngestionWorker:
                 if self._drain_jobs():
                     continue
                 with self._cond:
-                    reason, self._resync_reason = self._resync_reason, None
-                    self._status.resync_pending = False
+                    reason = None
+                    if self._resync_ready():
+                        reason, self._resync_reason = self._resync_reason, None
+                        self._status.resync_pending = False
                     if reason:
                         self._status.state, self._status.current, self._status.progress = "resyncing", None, "checking"
                 if reason:
@@ -192,6 +214,8 @@ class IngestionWorker:
         if job.action == "ingest" and job.image_id not in sources:
             job = Job(job.image_id, "remove", "its final label is gone")
         if job.action == "remove":
+            with self._cond:
+                self._retries.pop(job.image_id, None)
             self._set(state="removing", current=job.image_id)
             if self.host.remove(job.image_id):
                 self._changed({"image": job.image_id, "action": "removed"})
@@ -199,6 +223,33 @@ class IngestionWorker:
             return
         self._set(state="ingesting", current=job.image_id)
         self._ingest(job.image_id, *sources[job.image_id], job.reason)
+
+    def _queue_due_retries(self) -> None:
+        """Under the condition's lock: turn retries whose time has come into jobs."""
+        now = time.time()
+        for image_id, (when, attempts) in list(self._retries.items()):
+            if when <= now and image_id not in self._jobs:
+                self._jobs[image_id] = Job(image_id, "ingest", f"retry {attempts + 1} after an I/O error")
+                self._status.pending = list(self._jobs)
+
+    def _failed(self, image_id: str, exc: Exception, message: str) -> None:
+        """The current label could not be ingested: retry an I/O error later, otherwise drop the
+        image's entries, which no longer describe its label."""
+        with self._cond:
+            attempts = self._retries.get(image_id, (0.0, 0))[1]
+            retry = isinstance(exc, OSError) and attempts < len(RETRY_DELAYS)
+            if retry:
+                self._retries[image_id] = (time.time() + RETRY_DELAYS[attempts], attempts + 1)
+                self._status.failed[image_id] = f"{message} (I/O error; attempt {attempts + 1}, retrying)"
+                return
+            self._retries.pop(image_id, None)
+        removed = self.host.remove(image_id)
+        note = "; its previous bank entries were removed" if removed else "; it has no entries in the bank"
+        with self._cond:
+            self._status.failed[image_id] = message + note
+        if removed:
+            logger.warning("bank: %r removed from the bank: its current final label cannot be used", image_id)
+            self._changed({"image": image_id, "action": "removed", "reason": message})
 
     def _ingest(self, image_id: str, image_path: str, label_path: str, reason: str) -> bool:
         values_before = set(self.host.engine.bank.label_values)
@@ -215,11 +266,12 @@ class IngestionWorker:
                 logger.error("bank: %r not ingested: %s", image_id, message)
             else:
                 logger.exception("bank: %r not ingested", image_id)
-            with self._cond:
-                self._status.failed[image_id] = message
+            self._failed(image_id, exc, message)
             return False
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        with self._cond:
+            self._retries.pop(image_id, None)
         self._forget_failure(image_id)
         seconds = round(time.perf_counter() - start, 3)
         self._changed({"image": image_id, "action": "ingested", "slices": report.slices, "seconds": seconds})

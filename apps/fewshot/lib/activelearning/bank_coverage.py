@@ -8,16 +8,20 @@ examples of, so labelling it helps the next inferences most.
 With an empty bank there is nothing to be far from: the strategy proposes the most typical image
 instead (the one whose mean slice embedding is closest to the other candidates'), so the first
 label is a representative example rather than an outlier.
+
+A request never runs the embedder: it scores the candidates whose slice embeddings the background
+warm-up has cached, and names the others as ``warming``. Before any is cached it proposes the
+first unlabelled image in id order (MONAI Label's ``first``).
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from fewshot.coverage import propose
 from lib.embedding_cache import EmbeddingCache
 
 logger = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ class BankCoverage(Strategy):
         super().__init__("Unlabelled image whose slices the few-shot support bank covers worst")
         self.host = host
         self.cache = cache
+        self._unusable: dict[str, tuple[tuple, str]] = {}  # image path -> (file stamp, why it cannot be embedded)
 
     def candidates(self, datastore: Datastore) -> dict[str, str]:
         """Unlabelled image id -> image path."""
@@ -38,40 +43,73 @@ class BankCoverage(Strategy):
                 out[image_id] = path
         return out
 
+    @staticmethod
+    def _stamp(path: str) -> tuple:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+
+    def _is_unusable(self, path: str) -> bool:
+        hit = self._unusable.get(path)
+        try:
+            return hit is not None and hit[0] == self._stamp(path)
+        except OSError:
+            return True
+
     def __call__(self, request, datastore: Datastore):
         start = time.perf_counter()
         candidates = self.candidates(datastore)
         if not candidates:
             logger.info("bank_coverage: every image is labelled")
             return None
-        embeddings = {}
+        embeddings, warming, unusable = {}, [], []
         for image_id, path in candidates.items():
+            if self._is_unusable(path):
+                unusable.append(image_id)
+                continue
             try:
-                embeddings[image_id] = self.cache.get(path)
-            except Exception as exc:  # an unreadable image is skipped, not proposed
+                vectors = self.cache.load(path)
+            except OSError as exc:
                 logger.warning("bank_coverage: %r skipped: %s", image_id, exc)
-        if not embeddings:
-            return None
-        proposal = propose(self.host.engine.bank, embeddings)  # the bank locks its own index
-        chosen, score, reason = proposal.image_id, proposal.score, proposal.reason
+                unusable.append(image_id)
+                continue
+            if vectors is None:
+                warming.append(image_id)
+            else:
+                embeddings[image_id] = vectors
+        if embeddings:
+            proposal = self.host.propose(embeddings)
+            result = {"id": proposal.image_id, "score": round(proposal.score, 6), "reason": proposal.reason}
+        else:
+            order = [i for i in candidates if i not in unusable] or list(candidates)
+            result = {"id": order[0], "score": 0.0, "reason": "slice embeddings not computed yet: first unlabelled image in id order"}
+        if warming:
+            result["warming"] = warming
         logger.info(
-            "bank_coverage: %r (%s, score %.4f) among %d unlabelled images in %.2f s",
-            chosen, reason, score, len(embeddings), time.perf_counter() - start,
+            "bank_coverage: %r (%s, score %.4f) among %d unlabelled images (%d still warming) in %.2f s",
+            result["id"], result["reason"], result["score"], len(candidates), len(warming), time.perf_counter() - start,
         )
-        return {"id": chosen, "score": round(score, 6), "reason": reason}
+        return result
 
     # ------------------------------------------------------------------ background warm-up
 
     def warm_step(self, datastore: Datastore) -> bool:
         """Embed one unlabelled image not yet cached; True while more remain (an idle task)."""
         for image_id, path in self.candidates(datastore).items():
+            if self._is_unusable(path):
+                continue
             try:
                 if self.cache.has(path):
                     continue
-                self.cache.get(path)
-                logger.info("bank_coverage: cached slice embeddings of %r", image_id)
-            except Exception as exc:
-                logger.warning("bank_coverage: cannot embed %r: %s", image_id, exc)
+                stamp = self._stamp(path)
+            except OSError as exc:
+                logger.warning("bank_coverage: cannot read %r: %s", image_id, exc)
                 continue
+            try:
+                self.cache.get(path)
+            except Exception as exc:  # remembered until the file changes: proposals skip it
+                logger.warning("bank_coverage: cannot embed %r: %s", image_id, exc)
+                self._unusable[path] = (stamp, str(exc))
+                continue
+            logger.info("bank_coverage: cached slice embeddings of %r", image_id)
             return True
         return False
