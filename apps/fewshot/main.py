@@ -6,14 +6,19 @@
 Tasks: infer ``fewshot_sam2``; strategies ``bank_coverage``, ``random``, ``first``. The engine is the
 ``fewshot`` package (``lib/fewshot`` at the project's root); this app only adapts it to MONAI Label:
 ``lib/datastore.py`` validates uploads and reports final-label changes, ``lib/ingest.py`` keeps the
-bank in step in a background thread, ``lib/infers`` and ``lib/activelearning`` wrap the engine.
+bank in step in a background thread, ``lib/infers`` and ``lib/activelearning`` wrap the engine,
+``lib/routes.py`` and ``lib/sessions.py`` check what MONAI Label's stock endpoints accept blindly.
+
+MONAI Label runs ``/batch/infer`` (and ``/train``, ``/scoring``) in a second process that builds a
+second copy of this app on the same datastore. That copy opens the bank read-only and starts no
+ingestion: the live server alone writes the bank.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import tempfile
+import threading
 from pathlib import Path
 from typing import Dict
 
@@ -25,7 +30,7 @@ except ImportError:  # a fresh clone: use the engine beside the app
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.first import First
@@ -40,23 +45,40 @@ from lib.embedding_cache import EmbeddingCache
 from lib.engine_host import EngineHost, StartupError
 from lib.infers.fewshot_sam2 import FewshotSam2
 from lib.ingest import IngestionWorker
+from lib.sessions import SafeSessions
 from lib.validation import UploadValidator, check_id
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+FINAL = DefaultLabelTag.FINAL.value
+
+
+def background_task_process() -> bool:
+    """True in the process MONAI Label starts for /batch/infer, /train and /scoring:
+    ``python -m monailabel.interfaces.utils.app`` (monailabel/utils/async_tasks/utils.py), whose
+    ``run_main`` builds this app again while the live server keeps running."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "monailabel.interfaces.utils.app"
 
 
 class FewshotApp(MONAILabelApp):
+    _live: "FewshotApp | None" = None  # the app whose worker owns the bank in this process
+
     def __init__(self, app_dir, studies, conf):
         if str(studies).startswith(("http://", "https://")):
             self._fail(f"the few-shot app needs a local datastore folder for its support bank, not {studies}")
+        self.read_only = background_task_process()
+        self._uploads: set[str] = set()
+        self._uploads_lock = threading.Lock()
         try:
             self.app_config = AppConfig.from_conf(conf or {}, studies)
-            self.host = EngineHost.open(self.app_config)
+            self.host = EngineHost.open(self.app_config, read_only=self.read_only)
         except (StartupError, ConfigError) as exc:
             self._fail(str(exc))
-        self.worker = IngestionWorker(self.host, sources=self._final_labels, scratch_dir=self.app_config.scratch_dir)
+        self.worker = None if self.read_only else IngestionWorker(
+            self.host, sources=self._final_labels, scratch_dir=self.app_config.scratch_dir
+        )
         self.cache = EmbeddingCache(self.app_config.embeddings_dir, self.host.embedding_key(), self.host.embed_volume)
         super().__init__(
             app_dir=app_dir,
@@ -66,11 +88,23 @@ class FewshotApp(MONAILabelApp):
             description=self.host.describe(),
             version=VERSION,
         )
+        if self.read_only:
+            logger.info("few-shot app in a MONAI Label background task: bank read-only, no ingestion")
+            return
+        if FewshotApp._live is not None and FewshotApp._live.worker is not None:
+            FewshotApp._live.worker.stop()  # POST /reload built a new app: one writer per bank
+        FewshotApp._live = self
         if self.app_config.warm_embeddings and "bank_coverage" in self._strategies:
             strategy: BankCoverage = self._strategies["bank_coverage"]
             self.worker.add_idle_task(lambda: strategy.warm_step(self.datastore()))
         self.worker.resync("start-up")
         self.worker.start()
+        if "monailabel.app" in sys.modules:
+            from monailabel.app import app as fastapi_app
+
+            from lib import routes
+
+            routes.install(fastapi_app)
 
     @staticmethod
     def _fail(message: str):
@@ -89,8 +123,9 @@ class FewshotApp(MONAILabelApp):
         logger.info("Init Datastore for: %s", self.studies)
         return FewshotDatastore(
             self.studies,
-            validator=UploadValidator(self.host.allowed_values),
+            validator=UploadValidator(self.host.allowed_values, self.host.label_map),
             listener=self,
+            clean_tmp=not self.read_only,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
@@ -102,27 +137,59 @@ class FewshotApp(MONAILabelApp):
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"bank_coverage": BankCoverage(self.host, self.cache), "random": Random(), "first": First()}
 
+    def _load_sessions(self, load=False):
+        if not load:
+            return None
+        return SafeSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
+
+    def check_infer_request(self, model: str, request: dict) -> None:
+        """Cheap checks on an /infer or /batch/infer request, before any work is done."""
+        if model not in self._infers:
+            raise HTTPException(404, f"unknown model {model!r}; this app serves {sorted(self._infers)}")
+        if request.get("save_label") and request.get("label_tag", DefaultLabelTag.ORIGINAL) == FINAL:
+            # Final labels are what a radiologist reviewed: they become the bank's support examples.
+            raise HTTPException(
+                400, "an automatic result cannot be saved as the 'final' label; save it as 'original' "
+                "(the default), review it, then submit it as the final label",
+            )
+        task = self._infers[model]
+        if isinstance(task, FewshotSam2):
+            task.options(request)
+            task.result_format(request)
+
     def infer(self, request, datastore=None):
+        self.check_infer_request(request.get("model"), request)
         image = request.get("image")
         if isinstance(image, str):
-            self._check_infer_image(image, datastore or self.datastore())
+            self.check_infer_image(image, datastore)
         return super().infer(request, datastore)
 
-    def _check_infer_image(self, image: str, datastore: Datastore) -> None:
-        """An image is a datastore id, or a file the server itself wrote (an upload, a session).
+    def register_upload(self, path: str) -> None:
+        with self._uploads_lock:
+            self._uploads.add(os.path.realpath(path))
 
-        MONAI Label would otherwise read any path on the server a client names."""
-        if datastore.get_image_uri(image) and not os.path.isabs(image):
+    def forget_upload(self, path: str) -> None:
+        with self._uploads_lock:
+            self._uploads.discard(os.path.realpath(path))
+
+    def check_infer_image(self, image: str, datastore: Datastore | None = None) -> None:
+        """An image is a datastore id, an upload this server stored for the request, or a session's
+        image. MONAI Label would otherwise read any path on the server a client names."""
+        datastore = datastore or self.datastore()
+        if not os.path.isabs(image):
+            check_id(image)
+            if not datastore.get_image_uri(image):
+                raise HTTPException(404, f"unknown image id {image!r}: the datastore has no such image")
             return
         real = os.path.realpath(image)
-        own_dirs = {os.path.realpath(tempfile.gettempdir())}
+        with self._uploads_lock:
+            if real in self._uploads:
+                return
         sessions = self.sessions()
-        if sessions is not None and getattr(sessions, "store_path", None):
-            own_dirs.add(os.path.realpath(sessions.store_path))
-        if os.path.isabs(image) and os.path.exists(real) and any(real.startswith(d + os.sep) for d in own_dirs):
+        store = os.path.realpath(sessions.store_path) if sessions is not None and sessions.store_path else None
+        if store and real.startswith(store + os.sep) and os.path.exists(real):
             return
-        check_id(image)
-        raise HTTPException(404, f"unknown image id {image!r}: the datastore has no such image")
+        raise HTTPException(400, f"invalid image id {image!r}: pass a datastore id, upload the image, or use a session")
 
     def on_save_label(self, image_id, label_id):
         return {"support_bank": self.bank_status()}
@@ -133,18 +200,23 @@ class FewshotApp(MONAILabelApp):
         """image id -> (image, final label), from the files on disk (the source of truth)."""
         return labelled(scan_datastore(self.studies))
 
+    # The live server's worker is told; a background task's copy leaves the bank to it (the server
+    # notices datastore changes itself).
+
     def final_label_saved(self, image_id: str, reason: str) -> None:
-        self.worker.ingest(image_id, reason)
+        if self.worker is not None:
+            self.worker.ingest(image_id, reason)
 
     def final_label_removed(self, image_id: str) -> None:
-        self.worker.remove(image_id)
+        if self.worker is not None:
+            self.worker.remove(image_id)
 
-    def datastore_changed(self) -> None:
+    def datastore_changed(self, delay: float = 0.0) -> None:
         worker = getattr(self, "worker", None)
         if worker is not None:
-            worker.resync("datastore changed on disk")
+            worker.resync("datastore changed on disk", delay)
 
     def bank_status(self) -> dict:
         status = self.host.stats()
-        status["ingestion"] = self.worker.status()
+        status["ingestion"] = self.worker.status() if self.worker is not None else {"state": "read-only"}
         return status

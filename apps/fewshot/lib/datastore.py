@@ -2,19 +2,22 @@
 
 Stock MONAI Label 0.8.5 copies whatever a client uploads into the datastore: a label of the wrong
 shape, a few bytes of garbage (over the previous final label), a traversing id (500, or a file
-written outside the datastore). Here every write is validated first (``lib.validation``) and
-refused with a 4xx before anything on disk changes. Writes that pass are atomic (temporary file,
-then rename), including MONAI Label's own ``datastore_v2.json``, so a crash never leaves a torn
-label or index behind.
+written outside the datastore), info that is not a JSON object (written, then a 500). Here every
+write is validated first (``lib.validation``) and refused with a 4xx before anything on disk
+changes. Writes that pass are atomic (temporary file, then rename), including MONAI Label's own
+``datastore_v2.json``, so a crash never leaves a torn label or index behind; temporary files a
+crash left are removed at start-up.
 
 Changes to final labels are reported to a listener (the app's ingestion worker), which keeps the
-support bank in step; files changed behind the server's back are picked up through ``refresh``.
+support bank in step; files changed behind the server's back are picked up through ``refresh``
+(created or deleted files) and ``_on_modify_event`` (files rewritten in place).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -22,10 +25,11 @@ from typing import Any, Dict, Protocol
 
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.validation import VOLUME_SUFFIXES, UploadValidator, check_id, check_tag, volume_suffix
+from lib.labels import slicer_label_info
+from lib.validation import RESERVED_INFO_KEYS, VOLUME_SUFFIXES, UploadValidator, check_id, check_info, check_tag, volume_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +41,13 @@ class FinalLabelListener(Protocol):
 
     def final_label_removed(self, image_id: str) -> None: ...
 
-    def datastore_changed(self) -> None: ...
+    def datastore_changed(self, delay: float = 0.0) -> None: ...
+
+
+# A file rewritten in place sends a burst of events; the bank is checked once it has been quiet this long.
+REWRITE_SETTLE_SECONDS = 1.0
+# What _atomic_copy and _update_datastore_file leave behind when killed mid-write.
+STALE_TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 
 
 def _atomic_copy(src: str, dest: str) -> None:
@@ -53,10 +63,33 @@ def _atomic_copy(src: str, dest: str) -> None:
 
 
 class FewshotDatastore(LocalDatastore):
-    def __init__(self, datastore_path: str, validator: UploadValidator, listener: FinalLabelListener, **kwargs):
+    def __init__(
+        self, datastore_path: str, validator: UploadValidator, listener: FinalLabelListener, clean_tmp: bool = False, **kwargs
+    ):
+        """``clean_tmp``: remove temporary files a killed write left (only the server itself: a
+        background task's process must not delete the live server's files in flight)."""
         self.validator = validator
         self.listener = listener
         super().__init__(datastore_path, **kwargs)
+        handler = getattr(self, "_handler", None)
+        if handler is not None:
+            # The index is now replaced by a rename, which stock code does not watch: without this
+            # the server would miss what a background task's process records (e.g. original labels).
+            handler.on_moved = self._on_moved_event
+        if clean_tmp:
+            self._remove_stale_tmp()
+
+    def _remove_stale_tmp(self) -> None:
+        folders = {self._datastore_path, self._datastore.image_path(), *self._label_dirs()}
+        for folder in folders:
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if STALE_TMP.match(name) and os.path.isfile(os.path.join(folder, name)):
+                    os.unlink(os.path.join(folder, name))
+                    logger.info("removed %s, left by an interrupted write", os.path.join(folder, name))
+
+    def _label_dirs(self) -> list[str]:
+        root = self._datastore.label_path(None)
+        return [os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))] if os.path.isdir(root) else []
 
     # ------------------------------------------------------------------ checks
 
@@ -71,29 +104,43 @@ class FewshotDatastore(LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         check_tag(label_tag)
+        info = dict(check_info({} if label_info is None else label_info, "params", RESERVED_INFO_KEYS))
+        if isinstance(info.get("params"), dict) and "provenance" in info["params"]:
+            # An automatic result saved by /infer or /batch/infer: its per-slice provenance (tens of
+            # kB per image) went to the client; MONAI Label's index keeps the rest (label_names...).
+            info["params"] = {k: v for k, v in info["params"].items() if k != "provenance"}
         image_path = self._image_path(image_id)
         started = time.perf_counter()
-        self.validator.check_label(image_id, image_path, label_filename)
-        ext = volume_suffix(label_filename)
-        label_dir = self._datastore.label_path(label_tag)
-        name = self._filename(image_id, ext)
-        dest = os.path.join(label_dir, name)
-        with FileLock(self._lock_file):
-            os.makedirs(label_dir, exist_ok=True)
-            _atomic_copy(label_filename, dest)
-            # A label saved before under another extension would shadow or duplicate this one.
-            for other in VOLUME_SUFFIXES:
-                stale = os.path.join(label_dir, self._filename(image_id, other))
-                if other != ext and os.path.exists(stale):
-                    os.unlink(stale)
-            info = dict(label_info or {})
-            info.update(ts=int(time.time()), name=name)
-            self._datastore.objects[image_id].labels[label_tag] = DataModel(info=info, ext=ext)
-            self._update_datastore_file(lock=False)
-        logger.info("saved %s label of %r (checked in %.3f s)", label_tag, image_id, time.perf_counter() - started)
+        stored = self.validator.check_label(image_id, image_path, label_filename, slicer_label_info(info))
+        try:
+            ext = volume_suffix(label_filename)
+            label_dir = self._datastore.label_path(label_tag)
+            name = self._filename(image_id, ext)
+            dest = os.path.join(label_dir, name)
+            with FileLock(self._lock_file):
+                os.makedirs(label_dir, exist_ok=True)
+                _atomic_copy(stored, dest)
+                # A label saved before under another extension would shadow or duplicate this one.
+                self._remove_other_extensions(label_dir, image_id, ext)
+                info.update(ts=int(time.time()), name=name)
+                self._datastore.objects[image_id].labels[label_tag] = DataModel(info=info, ext=ext)
+                self._update_datastore_file(lock=False)
+        finally:
+            if stored != label_filename:
+                os.unlink(stored)
+        logger.info(
+            "saved %s label of %r (checked in %.3f s%s)", label_tag, image_id, time.perf_counter() - started,
+            "; segment values translated from the client's label_info" if stored != label_filename else "",
+        )
         if label_tag == FINAL:
             self.listener.final_label_saved(image_id, "final label saved")
         return image_id
+
+    def _remove_other_extensions(self, folder: str, image_id: str, keep: str) -> None:
+        for other in VOLUME_SUFFIXES:
+            stale = os.path.join(folder, self._filename(image_id, other))
+            if other != keep and os.path.exists(stale):
+                os.unlink(stale)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_tag(label_tag)
@@ -108,6 +155,7 @@ class FewshotDatastore(LocalDatastore):
             self.listener.final_label_removed(label_id)
 
     def update_label_info(self, label_id: str, label_tag: str, info: Dict[str, Any]) -> None:
+        check_info(info, "info", RESERVED_INFO_KEYS)
         check_tag(label_tag)
         self._image_path(label_id)
         if not self.get_label_uri(label_id, label_tag):
@@ -117,16 +165,29 @@ class FewshotDatastore(LocalDatastore):
     # ------------------------------------------------------------------ images
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
-        if image_id:
-            check_id(image_id)
-        else:
-            image_id, _ = self._to_id(os.path.basename(image_filename))
+        info = dict(check_info({} if image_info is None else image_info, "params", RESERVED_INFO_KEYS))
+        if not image_id:
+            raise HTTPException(400, "no image id: pass ?image=ID or upload a file named ID.nii.gz")
+        check_id(image_id)
         final_label = self.get_label_uri(image_id, FINAL)
         final_label = final_label if final_label and os.path.isfile(final_label) else None
         self.validator.check_image(image_filename, final_label)
-        image_id = super().add_image(image_id, image_filename, image_info)
+        ext = volume_suffix(image_filename)
+        name = self._filename(image_id, ext)
+        dest = os.path.join(self._datastore.image_path(), name)
+        with FileLock(self._lock_file):
+            _atomic_copy(image_filename, dest)
+            self._remove_other_extensions(self._datastore.image_path(), image_id, ext)
+            # Stock add_image starts the replaced image with no labels, though their files stay on disk.
+            old = self._datastore.objects.get(image_id)
+            info.update(ts=int(time.time()), name=name)
+            self._datastore.objects[image_id] = ImageLabelModel(
+                image=DataModel(info=info, ext=ext), labels=dict(old.labels) if old else {}
+            )
+            self._update_datastore_file(lock=False)
+        logger.info("%s image %r", "replaced" if old else "added", image_id)
         if final_label:
-            # MONAI Label keeps the labels of a replaced image; its bank entries must follow the new voxels.
+            # Its bank entries must follow the new voxels.
             self.listener.final_label_saved(image_id, "image replaced")
         return image_id
 
@@ -136,6 +197,7 @@ class FewshotDatastore(LocalDatastore):
         super().remove_image(image_id)  # removes its labels through remove_label, which tells the bank
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        check_info(info, "info", RESERVED_INFO_KEYS)
         self._image_path(image_id)
         super().update_image_info(image_id, info)
 
@@ -146,6 +208,17 @@ class FewshotDatastore(LocalDatastore):
         listener = getattr(self, "listener", None)  # refresh already runs inside LocalDatastore.__init__
         if listener is not None:
             listener.datastore_changed()
+
+    def _on_moved_event(self, event):
+        if getattr(event, "dest_path", None) == self._datastore_config_path:
+            self._init_from_datastore_file()  # no-op when the file is the one this process wrote
+
+    def _on_modify_event(self, event):
+        super()._on_modify_event(event)
+        # Stock code ignores files rewritten in place; a final label changed that way would keep
+        # its old bank entries until the next start-up.
+        if event.src_path != self._datastore_config_path and not event.is_directory:
+            self.listener.datastore_changed(delay=REWRITE_SETTLE_SECONDS)
 
     def _update_datastore_file(self, lock=True):
         """MONAI Label's index, written atomically (the stock version truncates then writes)."""

@@ -3,19 +3,26 @@
 The task holds no segmentation logic: it turns a request into engine options, calls
 ``EngineHost.segment`` and packs the label file plus a JSON of labels, skipped labels (with the
 reason), per-label provenance (the support slices used for every query slice) and latencies.
+
+The label file has the image's exact voxel grid and geometry, as NIfTI (default) or as NRRD when
+the client asks (``result_extension: .nrrd``, as OHIF's panel does, with ``result_dtype`` and
+``result_compress``). Its ``label_names`` follow what 3D Slicer's plugin expects (``lib.labels``).
 """
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict
 
+import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.engine_host import EngineHost, InferOptions
+from lib.labels import BACKGROUND, result_label_names, with_background
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +32,32 @@ MEMORIES_RANGE = (1, 32)
 PRE_STAGES = ("prepare_and_embed",)
 POST_STAGES = ("postprocess",)
 NOT_SECONDS = ("total", "slices")
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
+
+
+@dataclass(frozen=True)
+class ResultFormat:
+    extension: str = ".nii.gz"
+    dtype: str | None = None  # None: the smallest unsigned type that holds the values
+    compress: bool = False  # NRRD only (NIfTI .nii.gz is always gzipped)
+
+
+def write_nrrd(path: str, label: np.ndarray, affine: np.ndarray, dtype, compress: bool) -> None:
+    """A labelmap NRRD on the image's voxel grid: MONAI's RAS affine written as NRRD's LPS space."""
+    import nrrd
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
+    header = {
+        "dimension": 3,
+        "space": "left-posterior-superior",
+        "space directions": lps[:3, :3].T,  # one row per array axis
+        "space origin": lps[:3, 3],
+        "kinds": ["domain", "domain", "domain"],
+        "encoding": "gzip" if compress else "raw",
+        "endian": "little",
+    }
+    nrrd.write(path, np.ascontiguousarray(label).astype(dtype), header, index_order="F")
 
 
 def _as_bool(value: Any, name: str) -> bool:
@@ -68,7 +101,7 @@ class FewshotSam2(InferTask):
 
     def info(self) -> Dict[str, Any]:
         info = super().info()
-        info["labels"] = self.host.label_map()
+        info["labels"] = with_background(self.host.label_map())
         info["support_bank"] = self.bank_status()
         info["preset"] = self.host.config.preset
         return info
@@ -104,21 +137,50 @@ class FewshotSam2(InferTask):
         if not labels:
             return None
         if isinstance(labels, str):
-            return [s.strip() for s in labels.split(",") if s.strip()]
-        if isinstance(labels, dict):
-            return [str(k) for k in labels]
-        return [str(v) for v in labels]
+            names = [s.strip() for s in labels.split(",") if s.strip()]
+        elif isinstance(labels, dict):
+            names = [str(k) for k in labels]
+        else:
+            names = [str(v) for v in labels]
+        # Clients echo the /info labels, background included; it is not a structure to segment.
+        return [n for n in names if n != BACKGROUND] or None
+
+    def result_format(self, request: Dict[str, Any]) -> ResultFormat:
+        """Checked before any work: a request for a format we cannot write fails at once."""
+        ext = request.get("result_extension") or ".nii.gz"
+        if not isinstance(ext, str) or ext.lower() not in RESULT_EXTENSIONS:
+            raise HTTPException(400, f"result_extension {ext!r} is not supported; use one of {', '.join(RESULT_EXTENSIONS)}")
+        dtype = request.get("result_dtype") or None
+        if dtype is not None:
+            if str(dtype) not in RESULT_DTYPES:
+                raise HTTPException(400, f"result_dtype {dtype!r} is not supported; use one of {', '.join(RESULT_DTYPES)}")
+            top = max(self.host.label_map().values(), default=0)
+            if top > np.iinfo(np.dtype(str(dtype))).max:
+                raise HTTPException(400, f"result_dtype {dtype} cannot hold label value {top}")
+        compress = _as_bool(request.get("result_compress", False), "result_compress")
+        return ResultFormat(ext.lower(), None if dtype is None else str(dtype), compress)
+
+    def write(self, seg, fmt: ResultFormat) -> str:
+        fd, out = tempfile.mkstemp(suffix=fmt.extension, prefix="fewshot-")
+        os.close(fd)
+        if fmt.extension == ".nrrd":
+            label = seg.label
+            dtype = fmt.dtype or (np.uint8 if label.max(initial=0) < 256 else np.uint16)
+            write_nrrd(out, label, seg.volume.affine, dtype, fmt.compress)
+        else:
+            seg.save(out, sidecar=False)  # the engine's writer keeps a NIfTI image's header exactly
+        return out
 
     def __call__(self, request: Dict[str, Any]):
         start = time.perf_counter()
         options, notes = self.options(request)
+        fmt = self.result_format(request)
         try:
             seg = self.host.segment(request["image"], self.requested_labels(request), options)
         except ValueError as exc:  # unknown label names, unreadable image (VolumeError)
             raise HTTPException(422, str(exc)) from None
         t_write = time.perf_counter()
-        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix="fewshot-", delete=False).name
-        seg.save(out, sidecar=False)
+        out = self.write(seg, fmt)
         write = time.perf_counter() - t_write
         summary = seg.summary()
         timings = summary["timings"]
@@ -130,8 +192,11 @@ class FewshotSam2(InferTask):
         messages = [f"{name}: skipped, {why}" for name, why in seg.skipped.items()] + notes
         if not seg.labels:
             messages.insert(0, "nothing segmented: save a final label of these structures first, it joins the support bank")
+        label_map = self.host.label_map()
         result = {
-            "label_names": self.host.label_map(),
+            # Slicer maps voxel value i to the i-th of these names (by value, background left out).
+            "label_names": result_label_names(label_map),
+            "centroids": {},  # OHIF's panel reads this key (stock tasks send {} when they compute none)
             "segmented": summary["labels"],
             "voxels": summary["voxels"],
             "skipped": summary["skipped"],
