@@ -11,7 +11,6 @@ wait for an encoder.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 import threading
@@ -100,26 +99,6 @@ class _CommitLockedBank:
         return image_id in self._bank
 
 
-def _open_engine(config: AppConfig, read_only: bool) -> tuple[Engine, object]:
-    settings = config.settings
-    kwargs = dict(bank_dir=config.bank_dir, models_dir=config.models_dir, label_names=config.labels)
-    if not read_only:
-        return Engine.from_settings(settings, **kwargs)
-    if "read_only" in inspect.signature(Engine.from_settings).parameters:
-        return Engine.from_settings(settings, read_only=True, **kwargs)
-    # Engine.from_settings cannot open its bank read-only yet: the same steps, bank opened by hand.
-    from fewshot.presets import build_steps
-
-    embedder, matcher, transfer = build_steps(settings, models_dir=config.models_dir)
-    b = settings.get("bank", {})
-    bank, report = SupportBank.open(
-        config.bank_dir, Engine.bank_fingerprint(settings, embedder, transfer), read_only=True,
-        index_transform=embedder.index_transform, approximate_above=b.get("approximate_above", 20000),
-        hnsw_m=b.get("hnsw_m", 32), hnsw_ef_search=b.get("hnsw_ef_search", 128),
-    )
-    return Engine(settings, embedder, matcher, transfer, bank, config.labels), report
-
-
 class EngineHost:
     def __init__(self, config: AppConfig, engine: Engine, load_report, weights_in_use: list[WeightsInUse], read_only: bool = False):
         self.config = config
@@ -147,7 +126,9 @@ class EngineHost:
         bank the live server owns."""
         settings = config.settings
         try:
-            engine, report = _open_engine(config, read_only)
+            engine, report = Engine.from_settings(
+                settings, bank_dir=config.bank_dir, models_dir=config.models_dir, label_names=config.labels, read_only=read_only
+            )
             in_use = [
                 WeightsInUse(name, str(weights.resolve(name, config.models_dir, random_weights=bool(settings.get("random_weights")))),
                              bool(settings.get("random_weights")) or weights.get_spec(name).random_only)
