@@ -135,6 +135,13 @@ def test_bad_files_get_clear_errors(tmp_path):
     nan[0, 0, 0] = np.nan
     with pytest.raises(VolumeError, match="NaN"):
         read_volume(_save(tmp_path / "nan.nii.gz", nan, np.eye(4)))
+    # An uncompressed NIfTI named .nii.gz: MONAI reads it, nibabel (whose header labels are written
+    # with) does not; still one clear VolumeError, not nibabel's exception.
+    plain = _save(tmp_path / "plain.nii", np.zeros((8, 8, 4), np.float32), np.eye(4))
+    misnamed = tmp_path / "misnamed.nii.gz"
+    misnamed.write_bytes(plain.read_bytes())
+    with pytest.raises(VolumeError, match="not a (readable NIfTI file|readable medical image)"):
+        read_volume(misnamed)
 
 
 def test_labels_are_checked_against_their_image(tmp_path):

@@ -94,7 +94,12 @@ def read_volume(path: str | os.PathLike) -> Volume:
         raise VolumeError(f"{path}: the image holds NaN or infinite values")
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise VolumeError(f"{path}: the image has no usable voxel-to-world affine")
-    header = nib.load(path).header.copy() if _is_nifti(path) else None
+    try:
+        # MONAI may read a file nibabel refuses (e.g. a plain .nii named .nii.gz, read by ITK);
+        # the header is what labels are written with, so nibabel must read it too.
+        header = nib.load(path).header.copy() if _is_nifti(path) else None
+    except Exception as exc:
+        raise VolumeError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
     return Volume(array=array, affine=affine, path=path, header=header)
 
 
@@ -104,14 +109,24 @@ def read_label(path: str | os.PathLike, image: Volume, allowed: Sequence[int] | 
     ``allowed``: label values accepted besides 0; others raise. Returns uint16 in the file's array order.
     """
     label = read_volume(path)
-    if label.shape != image.shape:
-        raise VolumeError(f"{path}: label shape {label.shape} does not match image shape {image.shape}")
-    if not np.allclose(label.affine, image.affine, atol=1e-3, rtol=1e-4):
-        raise VolumeError(
-            f"{path}: label geometry (affine) does not match its image; "
-            f"label affine diagonal {np.diag(label.affine)[:3].round(3).tolist()}, image {np.diag(image.affine)[:3].round(3).tolist()}"
-        )
+    check_label_geometry(str(path), label.shape, label.affine, image.shape, image.affine)
     return validate_label_values(label.array, str(path), allowed)
+
+
+# "Same geometry" for a label and its image: affines equal to well below a voxel (mm).
+AFFINE_ATOL, AFFINE_RTOL = 1e-3, 1e-4
+
+
+def check_label_geometry(where: str, label_shape, label_affine, image_shape, image_affine) -> None:
+    """A label belongs to an image only on exactly its voxel grid: same shape, same affine."""
+    label_shape, image_shape = tuple(int(s) for s in label_shape), tuple(int(s) for s in image_shape)
+    if label_shape != image_shape:
+        raise VolumeError(f"{where}: label shape {label_shape} does not match image shape {image_shape}")
+    if not np.allclose(label_affine, image_affine, atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
+        raise VolumeError(
+            f"{where}: label geometry (affine) does not match its image; label affine diagonal "
+            f"{np.diag(label_affine)[:3].round(3).tolist()}, image {np.diag(image_affine)[:3].round(3).tolist()}"
+        )
 
 
 def validate_label_values(values: np.ndarray, where: str, allowed: Sequence[int] | None = None) -> np.ndarray:
