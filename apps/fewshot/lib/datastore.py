@@ -62,7 +62,44 @@ def _atomic_copy(src: str, dest: str) -> None:
             os.unlink(tmp)
 
 
-class FewshotDatastore(LocalDatastore):
+class AtomicIndexMixin:
+    """For LocalDatastore subclasses: MONAI Label's index written atomically (the stock version
+    truncates then writes, so a crash leaves a torn index), and the temporary files a killed
+    write left removed at start-up."""
+
+    def _remove_stale_tmp(self) -> None:
+        folders = {self._datastore_path, self._datastore.image_path(), *self._label_dirs()}
+        for folder in folders:
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if STALE_TMP.match(name) and os.path.isfile(os.path.join(folder, name)):
+                    os.unlink(os.path.join(folder, name))
+                    logger.info("removed %s, left by an interrupted write", os.path.join(folder, name))
+
+    def _label_dirs(self) -> list[str]:
+        root = self._datastore.label_path(None)
+        return [os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))] if os.path.isdir(root) else []
+
+    def _update_datastore_file(self, lock=True):
+        def write():
+            # Renamed into place: a file watcher sees a move, not a modification, so there is
+            # no self-inflicted reload to ignore (stock code sets _ignore_event_config here).
+            path = self._datastore_config_path
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "w") as f:
+                f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            self._config_ts = os.stat(path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+
+class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
     def __init__(
         self, datastore_path: str, validator: UploadValidator, listener: FinalLabelListener, clean_tmp: bool = False, **kwargs
     ):
@@ -78,18 +115,6 @@ class FewshotDatastore(LocalDatastore):
             handler.on_moved = self._on_moved_event
         if clean_tmp:
             self._remove_stale_tmp()
-
-    def _remove_stale_tmp(self) -> None:
-        folders = {self._datastore_path, self._datastore.image_path(), *self._label_dirs()}
-        for folder in folders:
-            for name in os.listdir(folder) if os.path.isdir(folder) else ():
-                if STALE_TMP.match(name) and os.path.isfile(os.path.join(folder, name)):
-                    os.unlink(os.path.join(folder, name))
-                    logger.info("removed %s, left by an interrupted write", os.path.join(folder, name))
-
-    def _label_dirs(self) -> list[str]:
-        root = self._datastore.label_path(None)
-        return [os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))] if os.path.isdir(root) else []
 
     # ------------------------------------------------------------------ checks
 
@@ -219,24 +244,3 @@ class FewshotDatastore(LocalDatastore):
         # its old bank entries until the next start-up.
         if event.src_path != self._datastore_config_path and not event.is_directory:
             self.listener.datastore_changed(delay=REWRITE_SETTLE_SECONDS)
-
-    def _update_datastore_file(self, lock=True):
-        """MONAI Label's index, written atomically (the stock version truncates then writes)."""
-
-        def write():
-            # Renamed into place: the file watcher sees a move, not a modification, so there is
-            # no self-inflicted reload to ignore (stock code sets _ignore_event_config here).
-            path = self._datastore_config_path
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "w") as f:
-                f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            self._config_ts = os.stat(path).st_mtime
-
-        if lock:
-            with FileLock(self._lock_file):
-                write()
-        else:
-            write()
