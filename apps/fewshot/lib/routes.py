@@ -63,6 +63,19 @@ def _upload_id(image: Optional[str], file: UploadFile) -> None:
 # ------------------------------------------------------------------ datastore
 
 
+def _removing_upload_on_failure(background_tasks: BackgroundTasks, call):
+    """Stock upload endpoints copy the upload to a temporary file and schedule its removal as a
+    background task, which never runs when the request fails: every refused upload would stay in
+    the temporary folder. Run those removals on failure too."""
+    try:
+        return call()
+    except BaseException:
+        for task in background_tasks.tasks:
+            if task.func is remove_file:
+                task.func(*task.args, **task.kwargs)
+        raise
+
+
 @router.put("/datastore/image", include_in_schema=False)
 @router.put("/datastore/", include_in_schema=False)
 def add_image(
@@ -74,7 +87,9 @@ def add_image(
 ):
     parse_json_object(params, "params")
     _upload_id(image, file)
-    return datastore_ep.add_image(background_tasks, image, params, file, user.username)
+    return _removing_upload_on_failure(
+        background_tasks, lambda: datastore_ep.add_image(background_tasks, image, params, file, user.username)
+    )
 
 
 @router.put("/datastore/label", include_in_schema=False)
@@ -87,7 +102,9 @@ def save_label(
     user: User = Depends(RBAC(ANNOTATOR)),
 ):
     parse_json_object(params, "params")
-    return datastore_ep.save_label(background_tasks, image, params, tag, label, user.username)
+    return _removing_upload_on_failure(
+        background_tasks, lambda: datastore_ep.save_label(background_tasks, image, params, tag, label, user.username)
+    )
 
 
 @router.put("/datastore/image/info", include_in_schema=False)
