@@ -28,7 +28,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.labels import slicer_label_info
+from lib.labels import client_segments
 from lib.validation import RESERVED_INFO_KEYS, VOLUME_SUFFIXES, UploadValidator, check_id, check_info, check_tag, volume_suffix
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
             info["params"] = {k: v for k, v in info["params"].items() if k != "provenance"}
         image_path = self._image_path(image_id)
         started = time.perf_counter()
-        stored = self.validator.check_label(image_id, image_path, label_filename, slicer_label_info(info))
+        stored = self.validator.check_label(image_id, image_path, label_filename, client_segments(info))
         try:
             ext = volume_suffix(label_filename)
             label_dir = self._datastore.label_path(label_tag)

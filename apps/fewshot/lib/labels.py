@@ -8,10 +8,14 @@ segment order and sends ``label_info = [{"name": ..., "idx": ...}, ...]`` in tha
 So a result's ``label_names`` lists every value from 1 to the largest, with a placeholder for any
 unused value (Slicer finds no segment by that name and skips it), and a saved label that carries
 Slicer's ``label_info`` is translated back from segment order to the configured values.
+
+OHIF's panel creates its segments from the ``/info`` label list (background dropped), segment i
+painting voxel value i, and its "Submit Label" sends ``label_info = [{"name", "segmentIndex",
+...}, ...]``: the same translation applies, keyed by ``segmentIndex``.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from fastapi import HTTPException
@@ -52,12 +56,40 @@ def slicer_label_info(params: Mapping[str, Any]) -> list[str] | None:
     return [e["name"] for e in info]
 
 
-def segment_value_map(names: list[str], label_map: Mapping[str, int], configured: bool) -> tuple[dict[int, int], dict[int, str]]:
-    """Exported value (1..K) -> datastore value, and exported values whose name has no value.
+def ohif_label_info(params: Mapping[str, Any]) -> dict[int, str] | None:
+    """Painted voxel value -> segment name when ``params`` carries OHIF's ``label_info``; else None."""
+    info = params.get("label_info")
+    if not isinstance(info, list) or not info:
+        return None
+    if not all(isinstance(e, dict) and isinstance(e.get("name"), str) and type(e.get("segmentIndex")) is int for e in info):
+        return None
+    out: dict[int, str] = {}
+    for e in info:
+        value, name = e["segmentIndex"], e["name"]
+        if value <= 0:
+            continue
+        if out.get(value, name) != name:
+            raise HTTPException(422, f"label_info names two segments for value {value}: {out[value]!r} and {name!r}")
+        out[value] = name
+    return out or None
+
+
+Segments = Sequence[str] | Mapping[int, str]  # names in export order (Slicer) or by painted value (OHIF)
+
+
+def client_segments(params: Mapping[str, Any]) -> Segments | None:
+    """The segment names a client sent with a label, if it numbered the segments its own way."""
+    return slicer_label_info(params) or ohif_label_info(params)
+
+
+def segment_value_map(names: Segments, label_map: Mapping[str, int], configured: bool) -> tuple[dict[int, int], dict[int, str]]:
+    """Exported value -> datastore value, and exported values whose name has no value. ``names``:
+    a list for values 1..K in order, or a mapping from value to name.
 
     Without a configured label map, a name that is not known keeps its exported value."""
     lut, unknown = {}, {}
-    for position, name in enumerate(names, start=1):
+    pairs = names.items() if isinstance(names, Mapping) else enumerate(names, start=1)
+    for position, name in pairs:
         if name == BACKGROUND:
             lut[position] = 0
         elif name in label_map:
@@ -71,7 +103,7 @@ def segment_value_map(names: list[str], label_map: Mapping[str, int], configured
     return lut, unknown
 
 
-def value_table(values: np.ndarray, names: list[str], label_map: Mapping[str, int], configured: bool, what: str) -> np.ndarray | None:
+def value_table(values: np.ndarray, names: Segments, label_map: Mapping[str, int], configured: bool, what: str) -> np.ndarray | None:
     """Lookup table from Slicer's exported values to the datastore's (``table[v]``); None when
     nothing changes. 422 if a painted segment cannot be mapped."""
     lut, unknown = segment_value_map(names, label_map, configured)

@@ -27,7 +27,7 @@ import numpy as np
 from fastapi import HTTPException
 
 from fewshot.volume import Volume, VolumeError, read_label, read_volume, validate_label_values
-from lib.labels import value_table
+from lib.labels import Segments, value_table
 
 logger = logging.getLogger(__name__)
 
@@ -233,10 +233,10 @@ class UploadValidator:
                 reason = " ".join(_clean(str(exc), upload_path, "").split())
                 raise HTTPException(422, f"{what} is not a valid NIfTI file ({type(exc).__name__}: {reason})") from None
 
-    def check_label(self, image_id: str, image_path: str, upload_path: str, segment_names: list[str] | None = None) -> str:
+    def check_label(self, image_id: str, image_path: str, upload_path: str, segment_names: Segments | None = None) -> str:
         """Validates an uploaded label; returns the file to store: the upload itself, or a copy
-        with its values translated when ``segment_names`` (Slicer's label_info) says the client
-        numbered the segments its own way."""
+        with its values translated when ``segment_names`` (Slicer's or OHIF's label_info) says the
+        client numbered the segments its own way."""
         what = f"the uploaded label for {image_id!r}"
         self.check_type(upload_path, what)
         allowed = self.allowed_values()
