@@ -3,6 +3,9 @@
     monailabel start_server --app apps/fewshot --studies <datastore> [-c preset foundation] \
         [-c models_dir DIR] [-c device cpu|cuda] [-c labels liver=1,spleen=2] [-c retrieval.top_k 8 ...]
 
+``<datastore>`` is a folder, or a DICOMweb URL (``http://pacs/dicom-web``, as OHIF's panel needs):
+``lib/dicomweb.py`` caches its series locally and keeps the bank beside that cache.
+
 Tasks: infer ``fewshot_sam2``; strategies ``bank_coverage``, ``random``, ``first``. The engine is the
 ``fewshot`` package (``lib/fewshot`` at the project's root); this app only adapts it to MONAI Label:
 ``lib/datastore.py`` validates uploads and reports final-label changes, ``lib/ingest.py`` keeps the
@@ -41,6 +44,7 @@ from fewshot.datastore import labelled, scan_datastore
 from lib.activelearning.bank_coverage import BankCoverage
 from lib.app_config import AppConfig
 from lib.datastore import FewshotDatastore
+from lib.dicomweb import FewshotDicomWebDatastore, cache_root, is_dicomweb, make_client
 from lib.embedding_cache import EmbeddingCache
 from lib.engine_host import EngineHost, StartupError
 from lib.infers.fewshot_sam2 import FewshotSam2
@@ -66,13 +70,19 @@ class FewshotApp(MONAILabelApp):
     _live: "FewshotApp | None" = None  # the app whose worker owns the bank in this process
 
     def __init__(self, app_dir, studies, conf):
-        if str(studies).startswith(("http://", "https://")):
-            self._fail(f"the few-shot app needs a local datastore folder for its support bank, not {studies}")
         self.read_only = background_task_process()
         self._uploads: set[str] = set()
         self._uploads_lock = threading.Lock()
+        self.dicomweb_client = None
+        root = studies  # the local folder holding the bank: the datastore, or the DICOMweb cache
+        if is_dicomweb(studies):
+            studies = str(studies).rstrip("/").strip()
+            if not settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI:
+                self._fail("the few-shot app reads DICOMweb series as NIfTI; unset MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false")
+            self.dicomweb_client = make_client(studies)
+            root = cache_root(self.dicomweb_client)
         try:
-            self.app_config = AppConfig.from_conf(conf or {}, studies)
+            self.app_config = AppConfig.from_conf(conf or {}, root)
             self.host = EngineHost.open(self.app_config, read_only=self.read_only)
         except (StartupError, ConfigError) as exc:
             self._fail(str(exc))
@@ -99,6 +109,10 @@ class FewshotApp(MONAILabelApp):
             self.worker.add_idle_task(lambda: strategy.warm_step(self.datastore()))
         self.worker.resync("start-up")
         self.worker.start()
+        if isinstance(self._datastore, FewshotDicomWebDatastore):
+            # The PACS is the truth for final labels; the worker hears of each change the sync brings.
+            sync = lambda: self._datastore.sync_until_done(keep_going=lambda: FewshotApp._live is self)  # noqa: E731
+            threading.Thread(target=sync, name="fewshot-pacs-sync", daemon=True).start()
         if "monailabel.app" in sys.modules:
             from monailabel.app import app as fastapi_app
 
@@ -121,9 +135,21 @@ class FewshotApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         logger.info("Init Datastore for: %s", self.studies)
+        validator = UploadValidator(self.host.allowed_values, self.host.label_map)
+        if self.dicomweb_client is not None:
+            # Not MONAI Label's init_remote_datastore: it downloads dcmqi from GitHub at start-up.
+            return FewshotDicomWebDatastore(
+                self.dicomweb_client,
+                search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+                cache_path=self.app_config.studies,
+                validator=validator,
+                listener=self,
+                fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+                live=not self.read_only,
+            )
         return FewshotDatastore(
             self.studies,
-            validator=UploadValidator(self.host.allowed_values, self.host.label_map),
+            validator=validator,
             listener=self,
             clean_tmp=not self.read_only,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
@@ -197,8 +223,9 @@ class FewshotApp(MONAILabelApp):
     # ------------------------------------------------------------------ the bank and the datastore
 
     def _final_labels(self) -> dict[str, tuple[str, str]]:
-        """image id -> (image, final label), from the files on disk (the source of truth)."""
-        return labelled(scan_datastore(self.studies))
+        """image id -> (image, final label), from the files on disk: the datastore (the source of
+        truth), or the DICOMweb cache, which the PACS sync and saves keep in step with the PACS."""
+        return labelled(scan_datastore(self.app_config.studies))
 
     # The live server's worker is told; a background task's copy leaves the bank to it (the server
     # notices datastore changes itself).
@@ -219,4 +246,7 @@ class FewshotApp(MONAILabelApp):
     def bank_status(self) -> dict:
         status = self.host.stats()
         status["ingestion"] = self.worker.status() if self.worker is not None else {"state": "read-only"}
+        datastore = getattr(self, "_datastore", None)  # bank_status is called while the app is built
+        if isinstance(datastore, FewshotDicomWebDatastore):
+            status["pacs"] = datastore.sync_status()
         return status

@@ -56,7 +56,7 @@ def resolve_labels(option: str | None, studies: Path, settings: Mapping) -> tupl
 
 @dataclass
 class AppConfig:
-    studies: Path
+    studies: Path  # a local folder: the datastore, or a DICOMweb datastore's cache
     preset: str = DEFAULT_PRESET
     models_dir: str | None = None
     labels: dict[str, int] = field(default_factory=dict)

@@ -33,14 +33,17 @@ class BankCoverage(Strategy):
         self.host = host
         self.cache = cache
         self._unusable: dict[str, tuple[tuple, str]] = {}  # image path -> (file stamp, why it cannot be embedded)
+        self._unfetchable: dict[str, str] = {}  # image id -> why a remote datastore could not download it
 
-    def candidates(self, datastore: Datastore) -> dict[str, str]:
-        """Unlabelled image id -> image path."""
+    def candidates(self, datastore: Datastore) -> dict[str, str | None]:
+        """Unlabelled image id -> image path; None for a series a DICOMweb datastore has not
+        downloaded yet (its ``local_image_uri`` never fetches: a request must not download)."""
+        local = getattr(datastore, "local_image_uri", None)
         out = {}
         for image_id in sorted(datastore.get_unlabeled_images()):
-            path = datastore.get_image_uri(image_id)
-            if path:
-                out[image_id] = path
+            path = local(image_id) if local else datastore.get_image_uri(image_id)
+            if path or local:
+                out[image_id] = path or None
         return out
 
     @staticmethod
@@ -63,6 +66,9 @@ class BankCoverage(Strategy):
             return None
         embeddings, warming, unusable = {}, [], []
         for image_id, path in candidates.items():
+            if path is None:
+                (unusable if image_id in self._unfetchable else warming).append(image_id)
+                continue
             if self._is_unusable(path):
                 unusable.append(image_id)
                 continue
@@ -93,8 +99,19 @@ class BankCoverage(Strategy):
     # ------------------------------------------------------------------ background warm-up
 
     def warm_step(self, datastore: Datastore) -> bool:
-        """Embed one unlabelled image not yet cached; True while more remain (an idle task)."""
+        """Embed one unlabelled image not yet cached; True while more remain (an idle task). A
+        DICOMweb datastore's series are downloaded here first, in the background."""
         for image_id, path in self.candidates(datastore).items():
+            if path is None:
+                if image_id in self._unfetchable:
+                    continue
+                try:
+                    path = datastore.get_image_uri(image_id)
+                except Exception as exc:  # remembered until restart: proposals list it as unusable
+                    reason = getattr(exc, "detail", None) or str(exc)
+                    logger.warning("bank_coverage: cannot download %r: %s", image_id, reason)
+                    self._unfetchable[image_id] = reason
+                    continue
             if self._is_unusable(path):
                 continue
             try:
