@@ -101,7 +101,7 @@ def test_retrieval_scale_uses_the_bank_index(quick_report):
 def test_targets_and_recommendation(quick_report):
     _, report = quick_report
     targets = report["targets"]
-    assert len(targets) == 9
+    assert len(targets) == 10
     for t in targets:
         assert (t["measured"] is None) == (t["met"] is None), t
     by_what = {t["what"]: t for t in targets}
@@ -109,6 +109,11 @@ def test_targets_and_recommendation(quick_report):
     assert any(t["met"] is not None for t in targets)
     speedup = next(t for t in targets if t["what"].startswith("per-slice time at k=16, cached") and "128" in t["what"])
     assert speedup["measured"] > 1 and speedup["measured_cpu"] > 1 and isinstance(speedup["met_cpu"], bool)
+    # k=16 with one label (the guide's setting) is timed beside the all-labels run at every size.
+    for res in report["sizes"].values():
+        one = res["one_label_k16"]
+        assert one["segmented_slices"] >= 1 and one["per_slice_s"] > 0
+    assert "per-slice time at k=16 at 512², whole path (engine.segment, one label)" in by_what
     rec = report["recommendation"]
     assert rec["selection.keep"] in (1, 4, 16) and rec["transfer.image_size"] in (128, 64) and rec["reason"]
 
