@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
 
-from fewshot.volume import Volume, VolumeError, read_label, read_volume, validate_label_values
+from fewshot.volume import check_label_geometry, Volume, VolumeError, read_label, read_volume, validate_label_values
 from lib.labels import Segments, value_table
 
 logger = logging.getLogger(__name__)
@@ -119,10 +119,6 @@ def _clean(message: str, upload_path: str, what: str) -> str:
     return first.replace(f"{upload_path}: ", f"{what}: ").replace(upload_path, what)
 
 
-# The engine's tolerance for "same geometry" (fewshot.volume.read_label).
-AFFINE_ATOL, AFFINE_RTOL = 1e-3, 1e-4
-
-
 def _spatial(shape: tuple) -> tuple:
     """Trailing singleton axes dropped, as the engine's reader does."""
     shape = tuple(int(s) for s in shape)
@@ -192,13 +188,7 @@ class UploadValidator:
             label_shape = _spatial(img.shape)
             if len(label_shape) != 3:
                 raise VolumeError(f"{what}: expected a 3D image, got {len(label_shape)}D with shape {label_shape}")
-            if label_shape != shape:
-                raise VolumeError(f"{what}: label shape {label_shape} does not match image shape {shape}")
-            if not np.allclose(img.affine, affine, atol=AFFINE_ATOL, rtol=AFFINE_RTOL):
-                raise VolumeError(
-                    f"{what}: label geometry (affine) does not match its image; label affine diagonal "
-                    f"{np.diag(img.affine)[:3].round(3).tolist()}, image {np.diag(affine)[:3].round(3).tolist()}"
-                )
+            check_label_geometry(what, label_shape, img.affine, shape, affine)
             return _label_values(np.asanyarray(img.dataobj).reshape(label_shape), what, allowed)
         except VolumeError as exc:
             raise HTTPException(422, str(exc)) from None
