@@ -188,6 +188,15 @@ def test_wide_field_of_view_is_shrunk_to_fit_never_cropped(tmp_path, caplog):
     # A field of view that fits keeps the preset's spacing.
     small = read_volume(_save(tmp_path / "small.nii.gz", image[:200, :200], affine))
     assert volume_to_canvas(small, settings)[1].pixel_spacing_mm == 1.25
+    # Exactly the canvas (CHAOS and CMR: 256 px x 1.25 mm), with float32 spacing that makes the extent
+    # 320.00003 mm: it fits, so the preset's spacing stays and nothing is logged.
+    exact_affine = np.diag([np.float32(1.2500001), np.float32(1.2500001), 7.7, 1.0])
+    exact = read_volume(_save(tmp_path / "exact.nii.gz", image[:256, :256], exact_affine))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fewshot.volume"):
+        exact_geom = volume_to_canvas(exact, settings)[1]
+    assert exact_geom.pixel_spacing_mm == 1.25 and exact_geom.resampled_shape == (256, 256)
+    assert "nothing is cropped" not in caplog.text
 
 
 @pytest.mark.parametrize("codes", [("L", "S", "P"), ("P", "S", "R"), ("S", "L", "A"), ("R", "A", "I")])

@@ -305,8 +305,11 @@ def volume_to_canvas(volume: Volume, settings: Mapping) -> tuple[np.ndarray, Can
     extent = [n * sp for n, sp in zip(plane_shape, plane_spacing)]
     # A field of view wider than the canvas is shrunk to fit rather than cropped: anatomy at the edge
     # would otherwise vanish from bank entries (wrongly "negative") and could never be predicted.
-    spacing = max(target, max(extent) / canvas)
-    if spacing > target:
+    # Judged in whole pixels, as the crop would be: a 256 x 1.25 mm slice on a 256 px, 1.25 mm canvas
+    # fits even when float32 affines make its extent 320.00003 mm.
+    spacing = target
+    if max(int(round(e / target)) for e in extent) > canvas:
+        spacing = max(extent) / canvas
         logger.info(
             "%s: in-plane field of view %.0f x %.0f mm is wider than the canvas (%d px x %.2f mm = %.0f mm); "
             "resampled at %.3f mm so nothing is cropped",
