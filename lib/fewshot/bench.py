@@ -236,7 +236,9 @@ class NetworkClock:
 
         self._sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
         self.seconds = 0.0
-        self.cpu_seconds = 0.0  # CPU time of the calling thread inside those calls (see run_bench's threads)
+        # Process CPU time inside those calls: torch's intra-op threads do the work, so the calling
+        # thread's own CPU time would count only its share and make overhead look like half the total.
+        self.cpu_seconds = 0.0
         self._depth = 0
         self._start = self._cpu_start = 0.0
         self._thread = None
@@ -248,7 +250,7 @@ class NetworkClock:
         if self._depth == 0:
             if self._sync:
                 self._sync()
-            self._start, self._cpu_start = time.perf_counter(), time.thread_time()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
         self._depth += 1
 
     def _post(self, module, args, output):
@@ -259,7 +261,7 @@ class NetworkClock:
             if self._sync:
                 self._sync()
             self.seconds += time.perf_counter() - self._start
-            self.cpu_seconds += time.thread_time() - self._cpu_start
+            self.cpu_seconds += time.process_time() - self._cpu_start
 
     def __enter__(self) -> "NetworkClock":
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
