@@ -1,0 +1,206 @@
+"""Time the MONAI Label app the way Slicer uses it: a real server on loopback, MONAI Label's client.
+
+    python scripts/bench_app.py --out out/bench-app [--preset classic] [--data ../shared/data/chaos-t2]
+
+Starts ``monailabel start_server`` on a copy of a few real volumes (two with final labels), then times
+``PUT /datastore/label`` (the issue's <= 0.5 s target: ingestion must not be in the response),
+``GET /info``, and ``POST /infer`` (first call, then the same image again). Saves are timed with the
+bank idle and again back to back, so each lands while the previous one is still being ingested on
+the same two cores. Writes ``OUT/bench_app.json`` and ``OUT/bench_app.png``.
+
+The engine's own bench (``python -m fewshot bench``) cannot time this: the engine has no server.
+``classic`` is the default preset here because its ingestion is real work on any machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parents[1]
+TARGET_PUT_S = 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def summary(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {
+        "n": len(values), "median_s": statistics.median(values), "max_s": ordered[-1],
+        "p90_s": ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))], "all_s": values,
+    }
+
+
+class App:
+    def __init__(self, studies: Path, models_dir: Path, preset: str, log: Path):
+        from monailabel.client import MONAILabelClient
+
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(PROJECT / "apps" / "fewshot"),
+               "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port),
+               "-c", "preset", preset, "-c", "models_dir", str(models_dir)]
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.client = MONAILabelClient(f"http://127.0.0.1:{self.port}", tmpdir=str(log.parent / "client"))
+        (log.parent / "client").mkdir(exist_ok=True)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                self.client.info()
+                return
+            except Exception:
+                time.sleep(0.5)
+        raise SystemExit(f"server not ready after {timeout} s")
+
+    def bank(self) -> dict:
+        return self.client.info()["models"]["fewshot_sam2"]["support_bank"]
+
+    def wait_idle(self, timeout: float = 1800) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            work = self.bank()["ingestion"]
+            if work["state"] == "idle" and not work["pending"] and not work["resync_pending"]:
+                return
+            time.sleep(0.25)
+        raise SystemExit("bank still busy")
+
+    def timed(self, call, *args, **kwargs) -> tuple[object, float]:
+        start = time.perf_counter()
+        out = call(*args, **kwargs)
+        return out, time.perf_counter() - start
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def uint8_copy(source: Path, target: Path, drop: int | None = None) -> Path:
+    """A label as viewers export it (uint8), with the source's geometry; ``drop`` erases one value,
+    so that consecutive saves differ and each one is really re-ingested."""
+    ref = nib.load(source)
+    header = ref.header.copy()
+    header.set_data_dtype(np.uint8)
+    values = np.asarray(ref.dataobj).astype(np.uint8)
+    if drop is not None:
+        values[values == drop] = 0
+    nib.save(nib.Nifti1Image(values, ref.affine, header), target)
+    return target
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [("PUT label\n(bank idle)", results["put_idle"]), ("PUT label\n(ingesting)", results["put_while_ingesting"]),
+              ("GET /info", results["info"])]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.boxplot([g["all_s"] for _, g in groups], showfliers=True)
+    ax.set_xticks(range(1, len(groups) + 1), [name for name, _ in groups])
+    ax.axhline(TARGET_PUT_S, color="tab:red", linestyle="--", label=f"target {TARGET_PUT_S} s (PUT)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"MONAI Label app on loopback, preset {results['preset']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--preset", default="classic")
+    parser.add_argument("--data", type=Path, default=PROJECT.parent / "shared" / "data" / "chaos-t2")
+    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("FEWSHOT_MODELS_DIR", PROJECT / "models")))
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    if not any(args.data.glob("image_*")):
+        raise SystemExit(f"no image_N/label_N pairs in {args.data}")
+    cases = sorted((p.name[len("image_"):].split(".")[0] for p in args.data.glob("image_*.nii.gz")), key=int)[:4]
+    labelled, saved, queried = cases[:2], cases[2], cases[3]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
+        studies = Path(tmp) / "studies"
+        (studies / "labels" / "final").mkdir(parents=True)
+        for case in cases:
+            shutil.copyfile(args.data / f"image_{case}.nii.gz", studies / f"image_{case}.nii.gz")
+        for case in labelled:
+            shutil.copyfile(args.data / f"label_{case}.nii.gz", studies / "labels" / "final" / f"image_{case}.nii.gz")
+        uploads = [uint8_copy(args.data / f"label_{saved}.nii.gz", Path(tmp) / "upload_a.nii.gz"),
+                   uint8_copy(args.data / f"label_{saved}.nii.gz", Path(tmp) / "upload_b.nii.gz", drop=1)]
+
+        app = App(studies, args.models_dir, args.preset, args.out / "server.log")
+        try:
+            start = time.perf_counter()
+            app.wait_ready()
+            app.wait_idle()
+            ready_s = time.perf_counter() - start
+            image = f"image_{saved}"
+            put_idle, put_busy, info, ingest = [], [], [], []
+            for i in range(args.repeats):  # one save at a time, the bank idle before each
+                app.wait_idle()
+                _, seconds = app.timed(app.client.save_label, image, str(uploads[i % 2]))
+                put_idle.append(seconds)
+                info.append(app.timed(app.client.info)[1])
+                app.wait_idle()
+                ingest.append(app.bank()["ingestion"]["last"]["seconds"])
+            for i in range(args.repeats):  # back to back: each lands while the last is being ingested
+                put_busy.append(app.timed(app.client.save_label, image, str(uploads[i % 2]))[1])
+                info.append(app.timed(app.client.info)[1])
+            app.wait_idle()
+            _, first_infer = app.timed(app.client.infer, "fewshot_sam2", f"image_{queried}", {})
+            _, second_infer = app.timed(app.client.infer, "fewshot_sam2", f"image_{queried}", {})
+        finally:
+            app.stop()
+
+    results = {
+        "preset": args.preset, "data": str(args.data), "supports": labelled, "saved_image": f"image_{saved}",
+        "cpu_count": os.cpu_count(), "load_before": os.getloadavg(),
+        "server_ready_s": ready_s,
+        "put_idle": summary(put_idle), "put_while_ingesting": summary(put_busy), "info": summary(info),
+        "ingestion_s": summary(ingest),
+        "infer_first_s": first_infer, "infer_second_s": second_infer,
+        "target": {"what": "PUT /datastore/label response (ingestion is asynchronous)", "target_s": TARGET_PUT_S,
+                   "measured_median_s": statistics.median(put_idle + put_busy),
+                   "measured_max_s": max(put_idle + put_busy),
+                   "met": max(put_idle + put_busy) <= TARGET_PUT_S},
+    }
+    (args.out / "bench_app.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "bench_app.png")
+    print(f"PUT /datastore/label: idle median {results['put_idle']['median_s']:.3f} s (max {results['put_idle']['max_s']:.3f}), "
+          f"while ingesting median {results['put_while_ingesting']['median_s']:.3f} s (max {results['put_while_ingesting']['max_s']:.3f}); "
+          f"ingestion {results['ingestion_s']['median_s']:.1f} s; GET /info median {results['info']['median_s']:.3f} s; "
+          f"infer {first_infer:.1f} s then {second_infer:.2f} s")
+    print(f"wrote {args.out / 'bench_app.json'} and {args.out / 'bench_app.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
