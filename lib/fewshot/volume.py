@@ -14,7 +14,6 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import nibabel as nib
@@ -136,10 +135,27 @@ def validate_label_values(values: np.ndarray, where: str, allowed: Sequence[int]
         raise VolumeError(f"{where}: label values must lie in 0..65535 (found {values.min():g}..{values.max():g})")
     out = values.astype(np.uint16)
     if allowed is not None:
-        unknown = sorted(set(np.unique(out).tolist()) - {0} - {int(a) for a in allowed})
+        present = np.flatnonzero(np.bincount(out.ravel(), minlength=1))  # linear: no sort of millions of voxels
+        unknown = sorted(set(present.tolist()) - {0} - {int(a) for a in allowed})
         if unknown:
             raise VolumeError(f"{where}: label values {unknown} are not among the configured labels {sorted(allowed)}")
     return out
+
+
+def label_nifti(values: np.ndarray, affine: np.ndarray, header=None) -> nib.Nifti1Image:
+    """A label map as a NIfTI image on its image's grid: uint8 when the values fit, else uint16, no
+    intensity scaling, and the image's own header (sform/qform exactly as stored) when there is one."""
+    dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
+    data = np.asarray(values).astype(dtype)
+    if header is None:
+        return nib.Nifti1Image(data, affine)
+    header = header.copy()
+    header.set_data_dtype(dtype)
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
+    # A header without sform/qform codes would make nibabel fall back to a default affine.
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        return nib.Nifti1Image(data, affine)
+    return nib.Nifti1Image(data, None, header=header)
 
 
 def write_label(path: str | os.PathLike, label: np.ndarray, image: Volume) -> None:
@@ -152,18 +168,7 @@ def write_label(path: str | os.PathLike, label: np.ndarray, image: Volume) -> No
         raise VolumeError(f"{path}: labels are written as NIfTI; name the output .nii.gz or .nii")
     if label.shape != image.shape:
         raise VolumeError(f"label shape {label.shape} does not match image shape {image.shape}")
-    dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
-    data = label.astype(dtype)
-    if image.header is not None:
-        header = image.header.copy()
-        header.set_data_dtype(dtype)
-        header["scl_slope"], header["scl_inter"] = 1.0, 0.0
-        out = nib.Nifti1Image(data, None, header=header)
-        # A header without sform/qform codes would make nibabel fall back to a default affine.
-        if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
-            out = nib.Nifti1Image(data, image.affine)
-    else:
-        out = nib.Nifti1Image(data, image.affine)
+    out = label_nifti(label, image.affine, image.header)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = ".nii.gz" if path.endswith(".gz") else ".nii"

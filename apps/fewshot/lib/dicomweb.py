@@ -58,7 +58,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import md5_digest
 from pydicom.dataset import Dataset
 
-from fewshot.volume import VolumeError, read_volume
+from fewshot.volume import VolumeError, label_nifti, read_volume
 from lib.datastore import AtomicIndexMixin, FinalLabelListener, _atomic_copy
 from lib.labels import client_segments
 from lib.validation import RESERVED_INFO_KEYS, VOLUME_SUFFIXES, UploadValidator, check_info, check_tag, volume_suffix
@@ -434,10 +434,7 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
                 f"so its raw label (label.bin) has {voxels} bytes (uint8) or {2 * voxels} (uint16)",
             )
         data = np.fromfile(raw_path, dtype=dtype).reshape(shape, order="F")
-        header = image.header.copy()
-        header.set_data_dtype(np.uint8 if dtype.itemsize == 1 else np.uint16)
-        header["scl_slope"], header["scl_inter"] = 1.0, 0.0
-        nib.save(nib.Nifti1Image(data, image.affine, header), out)
+        nib.save(label_nifti(data, image.affine, image.header), out)
         return str(out)
 
     def _store_seg(self, image_id: str, label_path: str, work: Path) -> dict:
@@ -630,13 +627,8 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
             name = str(segment.get("SegmentLabel", "") or "")
             if name in label_map:
                 table[int(number)] = int(label_map[name])
-        values = table[numbers]
         image = nib.load(image_path)
-        dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
-        header = image.header.copy()
-        header.set_data_dtype(dtype)
-        header["scl_slope"], header["scl_inter"] = 1.0, 0.0
-        nib.save(nib.Nifti1Image(values.astype(dtype), image.affine, header), out)
+        nib.save(label_nifti(table[numbers], image.affine, image.header), out)
         return str(out)
 
     def sync_status(self) -> dict:
