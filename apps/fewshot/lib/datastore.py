@@ -25,7 +25,7 @@ from typing import Any, Dict, Protocol
 
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.labels import client_segments
@@ -60,6 +60,14 @@ def _atomic_copy(src: str, dest: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def without_provenance(info: dict) -> dict:
+    """Label info as the index keeps it. An automatic result saved by /infer or /batch/infer carries
+    per-slice provenance (tens of kB per image) that went to the client; the index keeps the rest."""
+    if isinstance(info.get("params"), dict) and "provenance" in info["params"]:
+        info = dict(info, params={k: v for k, v in info["params"].items() if k != "provenance"})
+    return info
 
 
 class AtomicIndexMixin:
@@ -98,6 +106,53 @@ class AtomicIndexMixin:
         else:
             write()
 
+    def _reload_index(self) -> None:
+        """What another process (a background task) recorded since this one last read or wrote the
+        index. Call with the index lock held, so nothing lands between reading and writing it back
+        (stock ``_init_from_datastore_file`` takes the lock itself)."""
+        path = self._datastore_config_path
+        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+            ts = os.stat(path).st_mtime
+            with open(path) as fp:
+                model = LocalDatastoreModel.model_validate_json(fp.read())
+            model.base_path = self._datastore_path
+            self._datastore, self._config_ts = model, ts
+
+    def _remove_other_extensions(self, folder: str, image_id: str, keep: str) -> None:
+        """A file saved before under another extension would shadow or duplicate the new one."""
+        for other in VOLUME_SUFFIXES:
+            stale = os.path.join(folder, self._filename(image_id, other))
+            if other != keep and os.path.exists(stale):
+                os.unlink(stale)
+
+    def _indexed(self, image_id: str) -> ImageLabelModel:
+        """The image's index entry (callers have checked the image exists)."""
+        return self._datastore.objects[image_id]
+
+    def _write_label(self, image_id: str, tag: str, src: str, ext: str, info: dict) -> str:
+        """``src`` as the image's ``tag`` label, atomically, replacing it in any format, and recorded
+        in the index; all under the index lock. Returns the stored file's name."""
+        label_dir = self._datastore.label_path(tag)
+        name = self._filename(image_id, ext)
+        with FileLock(self._lock_file):
+            self._reload_index()
+            os.makedirs(label_dir, exist_ok=True)
+            _atomic_copy(src, os.path.join(label_dir, name))
+            self._remove_other_extensions(label_dir, image_id, ext)
+            self._indexed(image_id).labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
+            self._update_datastore_file(lock=False)
+        return name
+
+    def _record_image(self, image_id: str, ext: str, info: dict) -> bool:
+        """The image's index entry, its labels kept (stock add_image starts a replaced image with no
+        labels, though their files stay on disk). Call with the index lock held; True if replaced."""
+        self._reload_index()
+        old = self._datastore.objects.get(image_id)
+        info = dict(info, ts=int(time.time()), name=self._filename(image_id, ext))
+        self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext), labels=dict(old.labels) if old else {})
+        self._update_datastore_file(lock=False)
+        return old is not None
+
 
 class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
     def __init__(
@@ -129,27 +184,12 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         check_tag(label_tag)
-        info = dict(check_info({} if label_info is None else label_info, "params", RESERVED_INFO_KEYS))
-        if isinstance(info.get("params"), dict) and "provenance" in info["params"]:
-            # An automatic result saved by /infer or /batch/infer: its per-slice provenance (tens of
-            # kB per image) went to the client; MONAI Label's index keeps the rest (label_names...).
-            info["params"] = {k: v for k, v in info["params"].items() if k != "provenance"}
+        info = without_provenance(dict(check_info({} if label_info is None else label_info, "params", RESERVED_INFO_KEYS)))
         image_path = self._image_path(image_id)
         started = time.perf_counter()
         stored = self.validator.check_label(image_id, image_path, label_filename, client_segments(info))
         try:
-            ext = volume_suffix(label_filename)
-            label_dir = self._datastore.label_path(label_tag)
-            name = self._filename(image_id, ext)
-            dest = os.path.join(label_dir, name)
-            with FileLock(self._lock_file):
-                os.makedirs(label_dir, exist_ok=True)
-                _atomic_copy(stored, dest)
-                # A label saved before under another extension would shadow or duplicate this one.
-                self._remove_other_extensions(label_dir, image_id, ext)
-                info.update(ts=int(time.time()), name=name)
-                self._datastore.objects[image_id].labels[label_tag] = DataModel(info=info, ext=ext)
-                self._update_datastore_file(lock=False)
+            self._write_label(image_id, label_tag, stored, volume_suffix(label_filename), info)
         finally:
             if stored != label_filename:
                 os.unlink(stored)
@@ -160,12 +200,6 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
         if label_tag == FINAL:
             self.listener.final_label_saved(image_id, "final label saved")
         return image_id
-
-    def _remove_other_extensions(self, folder: str, image_id: str, keep: str) -> None:
-        for other in VOLUME_SUFFIXES:
-            stale = os.path.join(folder, self._filename(image_id, other))
-            if other != keep and os.path.exists(stale):
-                os.unlink(stale)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_tag(label_tag)
@@ -198,19 +232,11 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
         final_label = final_label if final_label and os.path.isfile(final_label) else None
         self.validator.check_image(image_filename, final_label)
         ext = volume_suffix(image_filename)
-        name = self._filename(image_id, ext)
-        dest = os.path.join(self._datastore.image_path(), name)
         with FileLock(self._lock_file):
-            _atomic_copy(image_filename, dest)
+            _atomic_copy(image_filename, os.path.join(self._datastore.image_path(), self._filename(image_id, ext)))
             self._remove_other_extensions(self._datastore.image_path(), image_id, ext)
-            # Stock add_image starts the replaced image with no labels, though their files stay on disk.
-            old = self._datastore.objects.get(image_id)
-            info.update(ts=int(time.time()), name=name)
-            self._datastore.objects[image_id] = ImageLabelModel(
-                image=DataModel(info=info, ext=ext), labels=dict(old.labels) if old else {}
-            )
-            self._update_datastore_file(lock=False)
-        logger.info("%s image %r", "replaced" if old else "added", image_id)
+            replaced = self._record_image(image_id, ext, info)
+        logger.info("%s image %r", "replaced" if replaced else "added", image_id)
         if final_label:
             # Its bank entries must follow the new voxels.
             self.listener.final_label_saved(image_id, "image replaced")

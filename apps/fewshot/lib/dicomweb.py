@@ -59,7 +59,7 @@ from monailabel.utils.others.generic import md5_digest
 from pydicom.dataset import Dataset
 
 from fewshot.volume import VolumeError, label_nifti, read_volume
-from lib.datastore import AtomicIndexMixin, FinalLabelListener, _atomic_copy
+from lib.datastore import AtomicIndexMixin, FinalLabelListener, without_provenance
 from lib.labels import client_segments
 from lib.validation import RESERVED_INFO_KEYS, VOLUME_SUFFIXES, UploadValidator, check_info, check_tag, volume_suffix
 
@@ -356,12 +356,14 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
         return series_dir
 
     def _index_image(self, image_id: str, info: dict) -> None:
-        self._init_from_datastore_file()  # what another process (a background task) recorded
         with FileLock(self._lock_file):
-            old = self._datastore.objects.get(image_id)
-            info = dict(info, ts=int(time.time()), name=f"{image_id}{NIFTI}")
-            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=NIFTI), labels=dict(old.labels) if old else {})
-            self._update_datastore_file(lock=False)
+            self._record_image(image_id, NIFTI, info)
+
+    def _indexed(self, image_id: str) -> ImageLabelModel:
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:  # the index was lost; the image file is there (get_image_uri ran)
+            obj = self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info={"name": f"{image_id}{NIFTI}"}, ext=NIFTI))
+        return obj
 
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         raise HTTPException(
@@ -391,9 +393,7 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any], label_id: str = "") -> str:
         check_tag(label_tag)
-        info = dict(check_info({} if label_info is None else label_info, "params", RESERVED_INFO_KEYS + DICOM_INFO_KEYS))
-        if isinstance(info.get("params"), dict) and "provenance" in info["params"]:
-            info["params"] = {k: v for k, v in info["params"].items() if k != "provenance"}  # as the local datastore
+        info = without_provenance(dict(check_info({} if label_info is None else label_info, "params", RESERVED_INFO_KEYS + DICOM_INFO_KEYS)))
         image_path = self.get_image_uri(image_id)
         started = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix="label-", dir=self.scratch))
@@ -488,27 +488,12 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
 
     def _put_label(self, image_id: str, tag: str, src: str, info: dict) -> None:
         """Into the cache, atomically, replacing the image's label of that tag in any format."""
-        ext = volume_suffix(src) or NIFTI
-        label_dir = self._datastore.label_path(tag)
-        name = f"{image_id}{ext}"
-        self._init_from_datastore_file()
-        with FileLock(self._lock_file):
-            os.makedirs(label_dir, exist_ok=True)
-            _atomic_copy(src, os.path.join(label_dir, name))
-            for other in VOLUME_SUFFIXES:
-                if other != ext and os.path.exists(os.path.join(label_dir, f"{image_id}{other}")):
-                    os.unlink(os.path.join(label_dir, f"{image_id}{other}"))
-            info = dict(info, ts=int(time.time()), name=name, saved_at=time.time())
-            obj = self._datastore.objects.get(image_id)
-            if obj is None:  # the index was lost; the image file is there (get_image_uri ran)
-                obj = self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info={"name": f"{image_id}{NIFTI}"}, ext=NIFTI))
-            obj.labels[tag] = DataModel(info=info, ext=ext)
-            self._update_datastore_file(lock=False)
+        self._write_label(image_id, tag, src, volume_suffix(src) or NIFTI, dict(info, saved_at=time.time()))
 
     def _drop_label(self, image_id: str, tag: str) -> None:
         label_dir = self._datastore.label_path(tag)
-        self._init_from_datastore_file()
         with FileLock(self._lock_file):
+            self._reload_index()
             for ext in VOLUME_SUFFIXES:
                 path = os.path.join(label_dir, f"{image_id}{ext}")
                 if os.path.exists(path):
