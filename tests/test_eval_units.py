@@ -9,7 +9,7 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from fewshot.eval import metrics, plots, protocols
-from fewshot.eval.metrics import CaseLabelScore, dice, hd95, per_label_scores, surface_distances
+from fewshot.eval.metrics import CaseLabelScore, dice, hd95, surface_distances
 
 # --------------------------------------------------------------------------------------- metrics
 
@@ -102,26 +102,6 @@ def test_hd95_matches_brute_force_on_random_blobs(ndim, spacing):
         t = ndimage.binary_opening(ndimage.gaussian_filter(rng.random(shape), 2) > 0.5)
         assert p.any() and t.any()
         assert hd95(p, t, spacing) == pytest.approx(_brute_force_hd95(p, t, spacing), abs=1e-9)
-
-
-def test_per_label_scores_with_label_values_and_slice_restriction():
-    truth = np.zeros((10, 16, 16), np.uint16)
-    truth[2:5, 4:10, 4:10] = 200
-    truth[3:7, 10:14, 2:6] = 500
-    pred = truth.copy()
-    pred[8, 4:10, 4:10] = 200  # a false positive far outside label 200's extent
-    whole = per_label_scores(pred, truth, [200, 500], spacing=(8.0, 1.25, 1.25))
-    assert whole[500] == metrics.LabelScore(dice=1.0, hd95=0.0)
-    assert whole[200].dice == pytest.approx(2 * 108 / (144 + 108))
-    assert whole[200].hd95 > 0
-    restricted = per_label_scores(pred, truth, [200, 500], (8.0, 1.25, 1.25), slices=range(2, 7))
-    assert restricted[200].dice == 1.0 and restricted[200].hd95 == 0.0
-    per_label = per_label_scores(pred, truth, [200, 500], (8.0, 1.25, 1.25),
-                                 slices={200: [2, 3, 4], 500: [3, 4, 5, 6]})
-    assert per_label[200].dice == 1.0 and per_label[500].dice == 1.0
-    # slicing along another axis: columns 0..3 hold none of label 200
-    along_x = per_label_scores(pred, truth, [200], (8.0, 1.25, 1.25), slices=[0, 1, 2, 3], axis=2)
-    assert along_x[200] == metrics.LabelScore(dice=1.0, hd95=0.0)
 
 
 # ------------------------------------------------------------------------------------- protocols

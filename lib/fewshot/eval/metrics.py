@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -112,36 +112,3 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float
     if not p_any or not t_any:
         return math.nan
     return float(np.percentile(surface_distances(p, t, tuple(float(s) for s in spacing)), 95))
-
-
-def per_label_scores(
-    pred_labelmap: np.ndarray,
-    truth_labelmap: np.ndarray,
-    labels: Sequence[int],
-    spacing: Sequence[float],
-    slices: Sequence[int] | Mapping[int, Sequence[int]] | None = None,
-    axis: int = 0,
-    both_empty_dice: float = 1.0,
-) -> dict[int, LabelScore]:
-    """Dice and HD95 of each label value in ``labels`` between two label maps.
-
-    ``slices`` restricts scoring to those slice indices along ``axis``: one list for every label,
-    or a mapping label -> list (the SSL-ALPNet protocol scores each organ only on the slices of its
-    own z-extent in the reference; see ``protocols.organ_extent``). The chosen slices are scored as
-    one sub-volume, so non-adjacent indices are measured as if they were neighbours: pass
-    contiguous ranges when HD95 matters.
-    """
-    pred_labelmap = np.asarray(pred_labelmap)
-    truth_labelmap = np.asarray(truth_labelmap)
-    if pred_labelmap.shape != truth_labelmap.shape:
-        raise ValueError(f"shape mismatch: prediction {pred_labelmap.shape} vs reference {truth_labelmap.shape}")
-    scores: dict[int, LabelScore] = {}
-    for label in labels:
-        chosen = slices.get(label) if isinstance(slices, Mapping) else slices
-        pred, truth = pred_labelmap, truth_labelmap
-        if chosen is not None:
-            index = np.asarray(list(chosen), dtype=int)
-            pred, truth = np.take(pred, index, axis=axis), np.take(truth, index, axis=axis)
-        p, t = pred == label, truth == label
-        scores[int(label)] = LabelScore(dice=dice(p, t, both_empty=both_empty_dice), hd95=hd95(p, t, spacing))
-    return scores
