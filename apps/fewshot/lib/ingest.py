@@ -111,8 +111,7 @@ class IngestionWorker:
     def _enqueue(self, job: Job) -> None:
         with self._cond:
             self._jobs.pop(job.image_id, None)  # the latest request for an image wins
-            if not job.reason.startswith("retry"):
-                self._retries.pop(job.image_id, None)  # a new save starts the attempts afresh
+            self._retries.pop(job.image_id, None)  # a new request starts the attempts afresh (retries never come here)
             self._jobs[job.image_id] = job
             self._status.pending = list(self._jobs)
             self._cond.notify_all()
