@@ -17,10 +17,7 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,13 +27,17 @@ import nibabel as nib
 import numpy as np
 
 PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "tests"))
+from app_harness import Server  # noqa: E402  (the tests' server harness: one way to run the app)
+
 TARGET_PUT_S = 0.5
+IDLE_TIMEOUT = 1800  # foundation-random ingests a CHAOS volume in about 100 s on 2 cores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def timed(call, *args, **kwargs) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = call(*args, **kwargs)
+    return out, time.perf_counter() - start
 
 
 def summary(values: list[float]) -> dict:
@@ -45,58 +46,6 @@ def summary(values: list[float]) -> dict:
         "n": len(values), "median_s": statistics.median(values), "max_s": ordered[-1],
         "p90_s": ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))], "all_s": values,
     }
-
-
-class App:
-    def __init__(self, studies: Path, models_dir: Path, preset: str, log: Path):
-        from monailabel.client import MONAILabelClient
-
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(PROJECT / "apps" / "fewshot"),
-               "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port),
-               "-c", "preset", preset, "-c", "models_dir", str(models_dir)]
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=PROJECT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.client = MONAILabelClient(f"http://127.0.0.1:{self.port}", tmpdir=str(log.parent / "client"))
-        (log.parent / "client").mkdir(exist_ok=True)
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                self.client.info()
-                return
-            except Exception:
-                time.sleep(0.5)
-        raise SystemExit(f"server not ready after {timeout} s")
-
-    def bank(self) -> dict:
-        return self.client.info()["models"]["fewshot_sam2"]["support_bank"]
-
-    def wait_idle(self, timeout: float = 1800) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            work = self.bank()["ingestion"]
-            if work["state"] == "idle" and not work["pending"] and not work["resync_pending"]:
-                return
-            time.sleep(0.25)
-        raise SystemExit("bank still busy")
-
-    def timed(self, call, *args, **kwargs) -> tuple[object, float]:
-        start = time.perf_counter()
-        out = call(*args, **kwargs)
-        return out, time.perf_counter() - start
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
 
 
 def uint8_copy(source: Path, target: Path, drop: int | None = None) -> Path:
@@ -156,27 +105,26 @@ def main(argv: list[str] | None = None) -> int:
         uploads = [uint8_copy(args.data / f"label_{saved}.nii.gz", Path(tmp) / "upload_a.nii.gz"),
                    uint8_copy(args.data / f"label_{saved}.nii.gz", Path(tmp) / "upload_b.nii.gz", drop=1)]
 
-        app = App(studies, args.models_dir, args.preset, args.out / "server.log")
+        app = Server(studies, args.models_dir, args.out / "server.log", preset=args.preset).start()
         try:
             start = time.perf_counter()
-            app.wait_ready()
-            app.wait_idle()
+            app.wait_ready(timeout=600)
+            app.wait_bank_idle(timeout=IDLE_TIMEOUT)
             ready_s = time.perf_counter() - start
+            client = app.client()
             image = f"image_{saved}"
             put_idle, put_busy, info, ingest = [], [], [], []
             for i in range(args.repeats):  # one save at a time, the bank idle before each
-                app.wait_idle()
-                _, seconds = app.timed(app.client.save_label, image, str(uploads[i % 2]))
-                put_idle.append(seconds)
-                info.append(app.timed(app.client.info)[1])
-                app.wait_idle()
-                ingest.append(app.bank()["ingestion"]["last"]["seconds"])
+                app.wait_bank_idle(timeout=IDLE_TIMEOUT)
+                put_idle.append(timed(client.save_label, image, str(uploads[i % 2]))[1])
+                info.append(timed(client.info)[1])
+                ingest.append(app.wait_bank_idle(timeout=IDLE_TIMEOUT)["ingestion"]["last"]["seconds"])
             for i in range(args.repeats):  # back to back: each lands while the last is being ingested
-                put_busy.append(app.timed(app.client.save_label, image, str(uploads[i % 2]))[1])
-                info.append(app.timed(app.client.info)[1])
-            app.wait_idle()
-            _, first_infer = app.timed(app.client.infer, "fewshot_sam2", f"image_{queried}", {})
-            _, second_infer = app.timed(app.client.infer, "fewshot_sam2", f"image_{queried}", {})
+                put_busy.append(timed(client.save_label, image, str(uploads[i % 2]))[1])
+                info.append(timed(client.info)[1])
+            app.wait_bank_idle(timeout=IDLE_TIMEOUT)
+            _, first_infer = timed(client.infer, "fewshot_sam2", f"image_{queried}", {})
+            _, second_infer = timed(client.infer, "fewshot_sam2", f"image_{queried}", {})
         finally:
             app.stop()
 

@@ -17,9 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tarfile
 import threading
@@ -31,8 +28,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
-APP = PROJECT / "apps" / "fewshot"
+from app_harness import APP, INGEST_TIMEOUT, PROJECT, STARTUP_TIMEOUT, Server
+
 SHARED_DATA = Path(os.environ.get("FEWSHOT_SHARED_DATA", PROJECT.parent / "shared" / "data"))
 CHAOS = SHARED_DATA / "chaos-t2"
 LABELLED = ["1", "2"]
@@ -45,8 +42,6 @@ INFO_LABELS = {"background": 0, **LABELS_YAML, str(FOUND): FOUND}
 IN_BANK = {"liver", "right_kidney", "left_kidney", "spleen", str(FOUND)}
 SLOW_ID = "slow_case"  # its ingestions pause before the commit (test hook)
 INGEST_PAUSE = 10.0
-STARTUP_TIMEOUT = 240
-INGEST_TIMEOUT = 180
 
 
 def server_test(fn):
@@ -56,12 +51,6 @@ def server_test(fn):
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def image_id(case: str) -> str:
@@ -105,108 +94,6 @@ def save_nifti(values: np.ndarray, case: str, path: Path) -> Path:
 
 def read_label(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj)
-
-
-class Server:
-    """``python -m monailabel.main start_server`` in its own process group, logging to a file."""
-
-    def __init__(self, studies: Path, models_dir: Path, log: Path, preset: str = "random-tiny", extra=(), env=None):
-        self.studies, self.models_dir, self.log_path = studies, models_dir, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        conf = [("preset", preset), ("models_dir", str(models_dir)), *extra]
-        self.cmd = [
-            sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ]
-        for key, value in conf:
-            self.cmd += ["-c", key, value]
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Server":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.cmd, cwd=PROJECT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env,
-        )
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def client(self):
-        from monailabel.client import MONAILabelClient
-
-        tmp = self.log_path.parent / "client"
-        tmp.mkdir(exist_ok=True)
-        return MONAILabelClient(self.url, tmpdir=str(tmp))
-
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                return self.client().info()
-            except Exception:
-                time.sleep(0.5)
-        pytest.fail(f"server not ready after {timeout} s:\n{self.log()[-4000:]}")
-
-    def bank(self) -> dict:
-        return self.client().info()["models"]["fewshot_sam2"]["support_bank"]
-
-    def wait_bank_idle(self, timeout: float = INGEST_TIMEOUT) -> dict:
-        """Until nothing is queued, resyncing, ingesting or warming the strategy's cache."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            bank = self.bank()
-            work = bank["ingestion"]
-            if work["state"] == "idle" and not work["pending"] and not work["resync_pending"]:
-                return bank
-            time.sleep(0.25)
-        pytest.fail(f"bank still busy after {timeout} s: {self.bank()['ingestion']}\n{self.log()[-3000:]}")
-
-    def wait_for_log(self, pattern: str, timeout: float = INGEST_TIMEOUT, start: int = 0) -> re.Match:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            match = re.search(pattern, self.log()[start:])
-            if match:
-                return match
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        pytest.fail(f"no log line matching {pattern!r}:\n{self.log()[-3000:]}")
-
-    def request(self, method: str, selector: str, files: dict | None = None, fields: dict | None = None,
-                body: dict | None = None) -> tuple[int, str]:
-        """The same REST calls as MONAILabelClient (and Slicer), returning the status instead of raising."""
-        from monailabel.client.client import MONAILabelUtils
-
-        if files is None:
-            status, data, _, _ = MONAILabelUtils.http_method(method, self.url, selector, body)
-        else:
-            status, data, _, _ = MONAILabelUtils.http_multipart(
-                method, self.url, selector, fields if fields is not None else {"params": "{}"}, files,
-            )
-        return status, data.decode(errors="replace") if isinstance(data, bytes) else str(data)
-
-    def manifest(self) -> dict:
-        return json.loads((self.studies / ".fewshot" / "bank-random-tiny" / "manifest.json").read_text())
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._log.close()
 
 
 def save_label(server: Server, case_id: str, label: Path, params: dict | None = None) -> tuple[dict, float]:

@@ -1,0 +1,134 @@
+"""A real MONAI Label server running this app, on loopback, for the tests and for scripts/bench_app.py.
+
+``python -m monailabel.main start_server`` in its own process group, logging to a file, driven by
+MONAI Label's own client (the same REST calls as 3D Slicer). Failures raise ``ServerFailed`` with
+the end of the server's log, which pytest reports as a failed test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+APP = PROJECT / "apps" / "fewshot"
+STARTUP_TIMEOUT = 240
+INGEST_TIMEOUT = 180
+
+
+class ServerFailed(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m monailabel.main start_server`` in its own process group, logging to a file."""
+
+    def __init__(self, studies: Path, models_dir: Path, log: Path, preset: str = "random-tiny", extra=(), env=None):
+        self.studies, self.models_dir, self.log_path, self.preset = studies, models_dir, log, preset
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = [("preset", preset), ("models_dir", str(models_dir)), *extra]
+        self.cmd = [
+            sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]
+        for key, value in conf:
+            self.cmd += ["-c", key, value]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=PROJECT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env,
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self):
+        from monailabel.client import MONAILabelClient
+
+        tmp = self.log_path.parent / "client"
+        tmp.mkdir(exist_ok=True)
+        return MONAILabelClient(self.url, tmpdir=str(tmp))
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                return self.client().info()
+            except Exception:
+                time.sleep(0.5)
+        raise ServerFailed(f"server not ready after {timeout} s:\n{self.log()[-4000:]}")
+
+    def bank(self) -> dict:
+        return self.client().info()["models"]["fewshot_sam2"]["support_bank"]
+
+    def wait_bank_idle(self, timeout: float = INGEST_TIMEOUT) -> dict:
+        """Until nothing is queued, resyncing, ingesting or warming the strategy's cache."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            bank = self.bank()
+            work = bank["ingestion"]
+            if work["state"] == "idle" and not work["pending"] and not work["resync_pending"]:
+                return bank
+            time.sleep(0.25)
+        raise ServerFailed(f"bank still busy after {timeout} s: {self.bank()['ingestion']}\n{self.log()[-3000:]}")
+
+    def wait_for_log(self, pattern: str, timeout: float = INGEST_TIMEOUT, start: int = 0) -> re.Match:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            match = re.search(pattern, self.log()[start:])
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise ServerFailed(f"no log line matching {pattern!r}:\n{self.log()[-3000:]}")
+
+    def request(self, method: str, selector: str, files: dict | None = None, fields: dict | None = None,
+                body: dict | None = None) -> tuple[int, str]:
+        """The same REST calls as MONAILabelClient (and Slicer), returning the status instead of raising."""
+        from monailabel.client.client import MONAILabelUtils
+
+        if files is None:
+            status, data, _, _ = MONAILabelUtils.http_method(method, self.url, selector, body)
+        else:
+            status, data, _, _ = MONAILabelUtils.http_multipart(
+                method, self.url, selector, fields if fields is not None else {"params": "{}"}, files,
+            )
+        return status, data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+
+    def manifest(self) -> dict:
+        return json.loads((self.studies / ".fewshot" / f"bank-{self.preset}" / "manifest.json").read_text())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
