@@ -5,7 +5,8 @@ On disk (one directory)::
     manifest.json              format version, fingerprint, one record per image id (files + sha256)
     shards/<id>-<generation>/  one directory per image id: images.npy, masks.npy, embeddings.npy,
                                slice_index.npy, payload.<name>.npy, meta.json (augmentations and
-                               the label values present in each entry)
+                               the label values present in each entry), and for scan-level
+                               transfers atlas.image.npy / atlas.mask.npy (the whole canvas volume)
     .lock                      flock: exclusive for writers, shared for readers
 
 Every write goes to a temporary directory first and is renamed into place; the manifest is
@@ -42,7 +43,7 @@ from typing import Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
-from fewshot.types import Support, SupportRef
+from fewshot.types import Atlas, Support, SupportRef
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class SliceBatch:
     # The transfer step's cached arrays, each (E, L, ...): axis 1 runs over ``payload_labels``.
     payload: dict[str, np.ndarray] = field(default_factory=dict)
     payload_labels: tuple[int, ...] = ()
+    # The whole labelled scan, for transfers that register scans rather than slices (multi-atlas).
+    atlas: Atlas | None = None
 
     def __post_init__(self):
         n = len(self.images)
@@ -139,6 +142,19 @@ class _Shard:
         self.entry_labels: list[tuple[int, ...]] = [tuple(int(v) for v in e) for e in meta["labels"]]
         if len(self.entry_labels) != len(self) or len(self.augmentation) != len(self):
             raise ValueError("meta.json does not describe every entry")
+        self.atlas: Atlas | None = None
+        if record.get("atlas"):
+            info = record["atlas"]
+            self.atlas = Atlas(
+                image_id=str(meta["image_id"]),
+                image=np.load(directory / "atlas.image.npy", mmap_mode="r"),
+                mask=np.load(directory / "atlas.mask.npy", mmap_mode="r"),
+                spacing=tuple(float(v) for v in info["spacing"]),
+                components={int(k): int(v) for k, v in info["components"].items()},
+                key=str(info["key"]),
+            )
+            if self.atlas.image.shape != self.atlas.mask.shape or self.atlas.image.ndim != 3:
+                raise ValueError("atlas image and mask shapes differ")
 
     def __len__(self) -> int:
         return len(self.arrays["images"])
@@ -152,6 +168,7 @@ class _MemoryShard:
         self.payload = batch.payload
         self.augmentation = list(batch.augmentation)
         self.entry_labels = entry_labels
+        self.atlas = batch.atlas
 
     def __len__(self) -> int:
         return len(self.arrays["images"])
@@ -448,6 +465,11 @@ class SupportBank:
             "source": dict(source or {}),
             "added": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        if batch.atlas is not None:
+            a = batch.atlas
+            record["atlas"] = {"spacing": [float(v) for v in a.spacing], "key": a.key,
+                               "components": {str(k): int(v) for k, v in sorted(a.components.items())},
+                               "shape": [int(v) for v in a.image.shape]}
         with self._write_lock():
             if self.directory is not None:
                 self._sync(repair=True)  # other processes' commits first: never write over them
@@ -481,6 +503,9 @@ class SupportBank:
             "slice_index": np.asarray(batch.slice_index, dtype=np.int32),
         }
         arrays.update({f"payload.{k}": np.asarray(v) for k, v in batch.payload.items()})
+        if batch.atlas is not None:
+            arrays["atlas.image"] = np.asarray(batch.atlas.image, dtype=np.float16)
+            arrays["atlas.mask"] = np.asarray(batch.atlas.mask, dtype=np.uint16)
         try:
             files = {}
             for name, arr in arrays.items():
@@ -578,6 +603,7 @@ class SupportBank:
                 "augmented_slices": augmented,
                 "index": self.index_spec(),
                 "fingerprint": self.fingerprint,
+                "atlases": sum(1 for r in self._records.values() if r.get("atlas")),
             }
 
     # ------------------------------------------------------------------ search
@@ -674,6 +700,27 @@ class SupportBank:
             score=float(score),
             payload=entry_payload,
         )
+
+    def atlas_ids(self) -> list[str]:
+        """Images whose whole labelled scan is cached (for scan-level transfers)."""
+        self.refresh()
+        with self._lock:
+            return sorted(i for i, r in self._records.items() if r.get("atlas"))
+
+    def atlas(self, image_id: str) -> Atlas:
+        """The cached atlas of ``image_id``, its arrays read into memory (float32 image)."""
+        with self._lock:
+            shard = self._shards[image_id]
+        if shard.atlas is None:
+            raise BankError(f"{image_id!r} has no cached atlas volume: re-ingest it with a scan-level preset")
+        a = shard.atlas
+        return Atlas(image_id=image_id, image=np.asarray(a.image, dtype=np.float32), mask=np.asarray(a.mask, np.uint16),
+                     spacing=a.spacing, components=dict(a.components), key=a.key)
+
+    def image_embeddings(self, image_id: str) -> np.ndarray:
+        """(E, D) entry vectors of one image, in entry order."""
+        with self._lock:
+            return np.asarray(self._shards[image_id].arrays["embeddings"], np.float32)
 
     def payload_covers(self, image_id: str, labels: Sequence[int]) -> bool:
         """True if the image's cached payloads (if it has any) include every label in ``labels``."""

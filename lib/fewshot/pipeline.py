@@ -1,8 +1,12 @@
 """The engine: a preset's embedder, matcher and transfer step composed around a SupportBank.
 
 ``Engine.ingest`` turns a labelled volume into bank entries (slices, augmented copies, embeddings,
-cached transfer payloads). ``Engine.segment`` runs retrieve -> match -> transfer on a new volume
-and returns a label with the input's exact geometry, plus provenance and timings.
+cached transfer payloads, and for scan-level transfers the whole canvas volume: the atlas).
+``Engine.segment`` runs retrieve -> match -> transfer on a new volume and returns a label with the
+input's exact geometry, plus provenance and timings. A scan-level transfer (``scope = "scan"``,
+multi-atlas) is handed whole labelled scans instead of per-slice supports: the engine offers it the
+atlases its descriptor index finds closest to the query (``selection.candidates``), and the
+transfer keeps the ``selection.keep`` best after aligning them.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fewshot.bank import SliceBatch, SupportBank, file_sha256
-from fewshot.types import Embedder, LabelTransfer, Matcher, SlicePlan
+from fewshot.types import Atlas, Embedder, LabelTransfer, Matcher, SlicePlan
 from fewshot.volume import (
     CanvasGeometry,
     Volume,
@@ -276,7 +280,24 @@ class Engine:
             images=images_arr, masks=masks_arr, embeddings=embeddings,
             slice_index=np.asarray(index, np.int32), augmentation=augmentation,
             payload=payload, payload_labels=tuple(int(v) for v in label_values),
+            atlas=self.atlas_of(image_id, prepared, masks) if self.scan_level else None,
         )
+
+    @property
+    def scan_level(self) -> bool:
+        """True when the transfer registers whole labelled scans (multi-atlas), not slices."""
+        return getattr(self.transfer, "scope", "slice") == "scan"
+
+    @staticmethod
+    def atlas_of(image_id: str, prepared: PreparedVolume, masks: np.ndarray) -> Atlas:
+        """The whole labelled scan as the bank caches it: what does not depend on any query."""
+        from fewshot.transfer.pieces import count_pieces
+
+        image = np.asarray(prepared.canvas, np.float16)  # the bank stores float16: in memory too, so both agree
+        mask = np.ascontiguousarray(masks, np.uint16)
+        key = hashlib.sha256(image.tobytes() + mask.tobytes() + repr(prepared.geometry.spacing).encode()).hexdigest()[:24]
+        return Atlas(image_id=image_id, image=image, mask=mask, spacing=prepared.geometry.spacing,
+                     components=count_pieces(mask), key=key)
 
     def ingest(
         self,
@@ -342,6 +363,8 @@ class Engine:
                     stale[image_id] = "image changed since it was ingested"
                 elif record["payload"] and not wanted <= set(record["payload_labels"]):
                     stale[image_id] = f"no cached memories for labels {sorted(wanted - set(record['payload_labels']))}"
+                elif self.scan_level and not record.get("atlas"):
+                    stale[image_id] = "no atlas volume cached"
             except OSError as exc:
                 stale[image_id] = f"cannot be read ({exc})"
         return stale
@@ -462,9 +485,19 @@ class Engine:
             label = np.zeros(prepared.volume.shape, np.uint16)
             timings["total"] = time.perf_counter() - t_start
             return Segmentation(label, prepared.volume, {}, {}, _round(timings), skipped)
-        plans, plan_timings = self.plan(prepared, embeddings, values)
-        timings.update(plan_timings)
-        result = self.transfer.segment_volume(prepared.canvas, plans, values, cache_key=prepared.key, progress=progress)
+        if self.scan_level:
+            plans = None
+            t0 = time.perf_counter()
+            atlases = self.atlases_for(embeddings)
+            timings["retrieve"] = time.perf_counter() - t0
+            result = self.transfer.segment_with_atlases(
+                prepared.canvas, prepared.geometry.spacing, atlases, values, keep=self.keep,
+                cache_key=prepared.key, progress=progress,
+            )
+        else:
+            plans, plan_timings = self.plan(prepared, embeddings, values)
+            timings.update(plan_timings)
+            result = self.transfer.segment_volume(prepared.canvas, plans, values, cache_key=prepared.key, progress=progress)
         for stage, seconds in result.seconds.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         t0 = time.perf_counter()
@@ -474,13 +507,38 @@ class Engine:
         timings["postprocess"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         timings["slices"] = len(prepared.canvas)
-        provenance = self._provenance(plans, result, chosen, prepared.geometry, threshold)
+        provenance = (self._atlas_provenance(result, chosen, prepared.geometry, threshold) if plans is None
+                      else self._provenance(plans, result, chosen, prepared.geometry, threshold))
         segmentation = Segmentation(label, prepared.volume, chosen, provenance, _round(timings), skipped)
         with self._prepared_lock:
             self._results[result_key] = segmentation
             while len(self._results) > int(self.settings.get("transfer", {}).get("feature_cache", 4)):
                 self._results.popitem(last=False)
         return segmentation
+
+    @property
+    def keep(self) -> int:
+        """Supports kept per query slice, or atlases per query scan for a scan-level transfer."""
+        return int(self.settings.get("selection", {}).get("keep", 4))
+
+    def atlases_for(self, embeddings: np.ndarray) -> list[Atlas]:
+        """The bank's atlases to offer a scan-level transfer: all of them up to ``selection.candidates``;
+        beyond, those whose slices are closest to the query's in the bank's own index (per atlas, the
+        mean over query slices of its best entry's similarity)."""
+        ids = self.bank.atlas_ids()
+        limit = int(self.settings.get("selection", {}).get("candidates", 16))
+        if len(ids) > limit:
+            depth = min(self.bank.num_entries, max(64, 8 * limit))
+            scores, rows = self.bank.search(embeddings, depth)
+            floor = scores[:, -1:] if scores.shape[1] else np.zeros((len(embeddings), 1), np.float32)
+            best = {i: floor[:, 0].copy() for i in ids}
+            for z, line in enumerate(rows):
+                for s, (image_id, _) in zip(scores[z], line):
+                    if image_id in best and s > best[image_id][z]:
+                        best[image_id][z] = s
+            ids = sorted(ids, key=lambda i: (-float(best[i].mean()), i))[:limit]
+            logger.info("atlas candidates by descriptor similarity: %s", ids)
+        return [self.bank.atlas(i) for i in ids]
 
     @property
     def probability_threshold(self) -> float:
@@ -517,6 +575,26 @@ class Engine:
                     "present": bool(sres.probabilities[c].max() > threshold),
                 }
             out[name] = {"slice_axis": geometry.file_axis, "slices": dict(sorted(per_slice.items(), key=lambda kv: int(kv[0])))}
+        return out
+
+    def _atlas_provenance(self, result, chosen: Mapping[str, int], geometry: CanvasGeometry, threshold: float) -> dict:
+        """label name -> {"atlases": the scans registered for it (similarity, time), "slice_axis",
+        "slices": {file slice: {"object_score", "present"}} where the label was predicted}."""
+        out = {}
+        has = {a: set(self.bank.record(a)["labels"]) if a in self.bank else set() for a in (u.image_id for u in result.atlases)}
+        for name, value in chosen.items():
+            c = list(result.labels).index(value)
+            per_slice = {}
+            for z, sres in enumerate(result.slices):
+                peak = float(sres.probabilities[c].max()) if sres.probabilities.size else 0.0
+                if peak > 0:
+                    per_slice[str(geometry.file_slice(z))] = {"object_score": round(float(sres.object_scores[c]), 3),
+                                                              "present": bool(peak > threshold)}
+            out[name] = {
+                "atlases": [u.as_dict() for u in result.atlases if value in has.get(u.image_id, set())],
+                "slice_axis": geometry.file_axis,
+                "slices": dict(sorted(per_slice.items(), key=lambda kv: int(kv[0]))),
+            }
         return out
 
 

@@ -82,9 +82,15 @@ def _registration(section, ctx: _Context) -> LabelTransfer:
     return RegistrationTransfer(section)
 
 
+def _atlas(section, ctx: _Context) -> LabelTransfer:
+    from fewshot.transfer.atlas import AtlasTransfer
+
+    return AtlasTransfer(section)
+
+
 EMBEDDERS: dict[str, Callable] = {"dinov2": _dinov2, "descriptor": _descriptor}
 MATCHERS: dict[str, Callable] = {"lpips": _lpips, "ncc": _ncc}
-TRANSFERS: dict[str, Callable] = {"sam2": _sam2, "registration": _registration}
+TRANSFERS: dict[str, Callable] = {"sam2": _sam2, "registration": _registration, "atlas": _atlas}
 
 
 def _pick(table: Mapping[str, Callable], section: Mapping, what: str) -> Callable:

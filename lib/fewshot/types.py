@@ -1,6 +1,8 @@
 """The small data types that flow between the engine's rooms, and the three step protocols.
 
-A preset composes one Embedder, one Matcher and one LabelTransfer (see ``presets.py``).
+A preset composes one Embedder, one Matcher and one LabelTransfer (see ``presets.py``). A transfer
+works either slice by slice from the supports retrieval chose (``LabelTransfer``), or on whole
+labelled scans, the *atlases* (``AtlasTransfer``: multi-atlas registration and label fusion).
 All images handed between steps are 2D *canvas slices*: float32 arrays of shape (S, S) with
 values in [0, 1], resampled to the preset's common in-plane pixel spacing (``volume.py``).
 Masks on the canvas are integer label maps (uint16) with the dataset's own label values
@@ -73,6 +75,42 @@ class VolumeResult:
     labels: tuple[int, ...]  # label value for each probability channel
     slices: list[SliceResult]  # one per query slice, in slice order
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> total seconds
+    atlases: list["AtlasUse"] = field(default_factory=list)  # scan-level transfers: the atlases used
+
+
+@dataclass
+class Atlas:
+    """One labelled scan as a multi-atlas transfer registers it, computed when its label is saved.
+
+    The canvas volume (slices in RAS order along the slicing axis, the canvas's in-plane grid) and
+    its label map, so an inference never re-reads or re-samples a labelled scan.
+    """
+
+    image_id: str
+    image: np.ndarray  # (Z, S, S) float in [0, 1]
+    mask: np.ndarray  # (Z, S, S) uint16 label map
+    spacing: tuple[float, float, float]  # mm between voxels along (slice, row, column)
+    components: dict[int, int]  # label value -> its sizeable 3D pieces (2 for both kidneys under one label)
+    key: str  # content hash: a registration cached against this atlas never outlives a changed label
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return tuple(sorted(self.components))
+
+
+@dataclass
+class AtlasUse:
+    """Provenance of one atlas in a scan-level segmentation."""
+
+    image_id: str
+    similarity: float  # correlation with the query after the global affine (what chose it)
+    reversed_slices: bool = False  # registered with its slice order reversed (see ``slice_order``)
+    seconds: float = 0.0  # registration time (0 when reused from the cache)
+    reused: bool = False
+
+    def as_dict(self) -> dict:
+        return {"image_id": self.image_id, "similarity": round(self.similarity, 4),
+                "reversed_slices": self.reversed_slices, "seconds": round(self.seconds, 2), "reused": self.reused}
 
 
 @runtime_checkable
@@ -139,4 +177,42 @@ class LabelTransfer(Protocol):
         reused by a second call on the same volume. ``progress`` is an optional callable
         ``progress(done, total)``.
         """
+        ...
+
+
+@runtime_checkable
+class AtlasTransfer(Protocol):
+    """Whole labelled scans -> masks for the query volume (multi-atlas segmentation).
+
+    ``scope = "scan"`` tells the engine to hand it atlases (``Atlas``) instead of per-slice plans.
+    It also offers ``segment_volume`` for protocols that fix support slices (the alpnet protocol).
+    """
+
+    name: str
+    scope: str
+
+    def fingerprint(self) -> str:
+        ...
+
+    def encode_supports(
+        self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]
+    ) -> dict[str, np.ndarray]:
+        ...
+
+    def segment_volume(self, query: np.ndarray, plans: list[SlicePlan], labels: Sequence[int],
+                       cache_key: str | None = None, progress=None) -> VolumeResult:
+        ...
+
+    def segment_with_atlases(
+        self,
+        query: np.ndarray,
+        spacing: tuple[float, float, float],
+        atlases: Sequence[Atlas],
+        labels: Sequence[int],
+        keep: int,
+        cache_key: str | None = None,
+        progress=None,
+    ) -> VolumeResult:
+        """query (Z, S, S) canvas volume with its voxel ``spacing``; the ``keep`` atlases most like
+        the query (of ``atlases``) are registered to it and their labels fused."""
         ...

@@ -197,6 +197,12 @@ class CanvasGeometry:
     offset: tuple[int, int]  # where the resampled slice's (0, 0) sits on the canvas (>= 0: never cropped)
     canvas: int
     pixel_spacing_mm: float = 0.0  # in-plane spacing used: the preset's, or coarser when the field of view is wider
+    slice_spacing_mm: float = 0.0  # spacing along the slicing axis (canvas slices are not resampled in z)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """mm between canvas voxels along (slice, row, column): what registration works in."""
+        return (self.slice_spacing_mm, self.pixel_spacing_mm, self.pixel_spacing_mm)
 
     @property
     def to_ras(self) -> np.ndarray:
@@ -325,6 +331,7 @@ def volume_to_canvas(volume: Volume, settings: Mapping) -> tuple[np.ndarray, Can
     geometry = CanvasGeometry(
         source_shape=volume.shape, source_ornt=source_ornt, axis=axis, plane_shape=plane_shape,
         resampled_shape=resampled, offset=offset, canvas=canvas, pixel_spacing_mm=spacing,
+        slice_spacing_mm=float(spacing_ras[axis]),
     )
     stack = torch.from_numpy(np.ascontiguousarray(slices))[:, None]
     stack = _place(_resize(stack, resampled, "bilinear"), offset, canvas)

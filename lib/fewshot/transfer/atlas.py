@@ -1,0 +1,375 @@
+"""Weights-free label transfer at scan level: multi-atlas registration and joint label fusion.
+
+Every labelled scan in the bank is an *atlas*: its canvas volume and label map, cached when the
+label was saved. For a query scan (``segment_with_atlases``):
+
+1. **choose**: each atlas offered is aligned to the query by a global 3D affine; the ``keep`` whose
+   aligned image correlates best with the query are kept (all of them while the bank holds fewer:
+   every labelled scan counts). The engine offers at most ``selection.candidates`` atlases, the
+   ones whose slices its descriptor index finds closest to the query's.
+2. **register** each kept atlas (``atlas_registration``: local affine and 3D demons on the region of
+   its structures, plus in-plane 2D demons per slice for thick-slice stacks), in ``workers``
+   processes, one atlas per task. Results are cached per (query, atlas, labels): a re-run after
+   one new label registers only that atlas.
+3. **fuse** their labels by joint label fusion (``fusion``), and
+4. **keep the pieces** the atlases say each label has (``pieces``): both kidneys under one label
+   survive, specks elsewhere do not.
+
+The step also segments from slice-level supports (``segment_volume``), for protocols that fix the
+support slices (the alpnet protocol): those go to the 2D ``RegistrationTransfer`` configured under
+``slices``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from fewshot.config import ConfigError
+from fewshot.transfer import atlas_registration as reg
+from fewshot.transfer.fusion import FusionSettings, fuse
+from fewshot.transfer.pieces import expected_pieces, keep_pieces
+from fewshot.transfer.registration import RegistrationTransfer, object_scores
+from fewshot.types import Atlas, AtlasUse, SlicePlan, SliceResult, VolumeResult
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_VERSION = "atlas-v1"
+_PRESET = "configs/presets/classic.yaml"
+
+
+@dataclass(frozen=True)
+class AtlasSettings:
+    workers: int  # processes registering atlases in parallel; 1 = in the calling process
+    threads_per_worker: int  # SimpleITK threads inside each worker
+    start_method: str  # multiprocessing start method ("spawn" is safe in threaded servers)
+    cache_mb: int  # registered atlases kept for re-runs on the same query (LRU, by size)
+    threshold: float  # probability above which a voxel takes its most probable label
+    registration: reg.RegistrationPlan
+    fusion: FusionSettings
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> "AtlasSettings":
+        def section(raw, kind, where: str):
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"transfer type atlas needs a {where!r} section ({_PRESET})")
+            names = [f.name for f in fields(kind)]
+            missing = [k for k in names if k not in raw and not _has_default(kind, k)]
+            if missing:
+                raise ConfigError(f"transfer.{where} needs settings {missing} ({_PRESET})")
+            return kind(**{k: tuple(raw[k]) if isinstance(raw[k], (list, tuple)) else raw[k] for k in names if k in raw})
+
+        top = ("workers", "threads_per_worker", "start_method", "cache_mb", "threshold", "margin_mm",
+               "slice_order", "slice_order_margin")
+        missing = [k for k in top if k not in settings]
+        if missing:
+            raise ConfigError(f"transfer type atlas needs settings {missing} ({_PRESET})")
+        plan = reg.RegistrationPlan(
+            global_affine=section(settings.get("global_affine"), reg.AffineLevels, "global_affine"),
+            local_affine=section(settings.get("local_affine"), reg.AffineLevels, "local_affine"),
+            deformable=section(settings.get("deformable"), reg.DemonsLevels, "deformable"),
+            in_plane=section(settings.get("in_plane"), reg.InPlaneLevels, "in_plane"),
+            margin_mm=float(settings["margin_mm"]),
+            slice_order=str(settings["slice_order"]),
+            slice_order_margin=float(settings["slice_order_margin"]),
+        )
+        out = cls(
+            workers=int(settings["workers"]), threads_per_worker=int(settings["threads_per_worker"]),
+            start_method=str(settings["start_method"]), cache_mb=int(settings["cache_mb"]),
+            threshold=float(settings["threshold"]), registration=plan,
+            fusion=section(settings.get("fusion"), FusionSettings, "fusion"),
+        )
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        p, problems = self.registration, []
+        if self.workers < 1 or self.threads_per_worker < 1:
+            problems.append("workers and threads_per_worker must be >= 1")
+        if self.start_method not in multiprocessing.get_all_start_methods():
+            problems.append(f"start_method {self.start_method!r} is not available here")
+        if p.slice_order not in ("header", "search"):
+            problems.append(f"slice_order {p.slice_order!r} must be header or search")
+        for name in ("global_affine", "local_affine"):
+            levels = getattr(p, name)
+            if not levels.shrink_factors or min(levels.shrink_factors) < 1 or not 0 < levels.sampling <= 1:
+                problems.append(f"{name}: shrink_factors must be >= 1 and sampling in (0, 1]")
+        for name in ("deformable", "in_plane"):
+            levels = getattr(p, name)
+            if levels.method not in ("demons", "none"):
+                problems.append(f"{name}.method {levels.method!r} must be demons or none")
+            if levels.method == "demons" and (len(levels.shrink_factors) != len(levels.iterations) or not levels.iterations):
+                problems.append(f"{name}: shrink_factors and iterations need the same, non-zero length")
+        if self.fusion.method not in ("joint", "majority"):
+            problems.append(f"fusion.method {self.fusion.method!r} must be joint or majority")
+        if len(self.fusion.patch_radius) != 3 or min(self.fusion.patch_radius) < 0:
+            problems.append("fusion.patch_radius needs three non-negative voxel counts (slice, row, column)")
+        if not 0 < self.threshold < 1:
+            problems.append("threshold must lie in (0, 1)")
+        if problems:
+            raise ConfigError("transfer atlas settings: " + "; ".join(problems))
+
+    def result_affecting(self) -> dict:
+        return {"threshold": self.threshold, "registration": asdict(self.registration), "fusion":
+                {k: v for k, v in asdict(self.fusion).items() if k != "threads"}}
+
+
+def _has_default(kind, name: str) -> bool:
+    from dataclasses import MISSING
+
+    f = next(f for f in fields(kind) if f.name == name)
+    return f.default is not MISSING
+
+
+def _init_worker(threads: int) -> None:
+    import os
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)  # ANTs' ITK, read when it loads
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class _CandidateCache:
+    """Registered atlases by (query, atlas key, labels, plan), least recently used first out, bounded in bytes."""
+
+    def __init__(self, limit_mb: int):
+        self.limit = int(limit_mb) * 2**20
+        self._items: OrderedDict[tuple, reg.Candidate | None] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return True, self._items[key]
+        return False, None
+
+    def put(self, key: tuple, candidate: reg.Candidate | None) -> None:
+        size = candidate.nbytes if candidate is not None else 0
+        if size > self.limit:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            self._bytes -= old.nbytes if old is not None else 0
+            self._items[key] = candidate
+            self._bytes += size
+            while self._bytes > self.limit and self._items:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= dropped.nbytes if dropped is not None else 0
+
+
+class AtlasTransfer:
+    """LabelTransfer by multi-atlas segmentation of whole scans (``scope = "scan"``)."""
+
+    name = "atlas"
+    scope = "scan"
+
+    def __init__(self, settings: Mapping):
+        self.settings = AtlasSettings.from_settings(settings)
+        if not isinstance(settings.get("slices"), Mapping):
+            raise ConfigError(f"transfer type atlas needs a 'slices' section: the 2D registration for slice supports ({_PRESET})")
+        self.slices = RegistrationTransfer(settings["slices"])
+        self._plan_key = _digest(asdict(self.settings.registration))
+        self._cache = _CandidateCache(self.settings.cache_mb)
+        self._alignments: dict[tuple, reg.GlobalAlignment] = {}
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_failed = False
+        self._pool_lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
+
+    # ------------------------------------------------------------------ identity
+
+    def fingerprint(self) -> str:
+        digest = _digest([self.settings.result_affecting(), self.slices.fingerprint()])
+        return f"{FINGERPRINT_VERSION}-{digest}"
+
+    def encode_supports(self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
+        return {}  # atlases are the bank's canvas volumes themselves (SliceBatch.atlas)
+
+    @property
+    def probability_threshold(self) -> float:
+        return self.settings.threshold
+
+    # ------------------------------------------------------------------ slice supports (alpnet protocol)
+
+    def segment_volume(self, query, plans: list[SlicePlan], labels, cache_key=None, progress=None) -> VolumeResult:
+        return self.slices.segment_volume(query, plans, labels, cache_key=cache_key, progress=progress)
+
+    # ------------------------------------------------------------------ worker processes
+
+    def _executor(self) -> ProcessPoolExecutor | None:
+        with self._pool_lock:
+            if self._pool is None and not self._pool_failed:
+                s = self.settings
+                self._pool = ProcessPoolExecutor(
+                    s.workers, mp_context=multiprocessing.get_context(s.start_method),
+                    initializer=_init_worker, initargs=(s.threads_per_worker,),
+                )
+                self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=True, cancel_futures=True)
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (a later call starts new ones); the slice transfer's too."""
+        with self._pool_lock:
+            finalizer, self._finalizer, self._pool = self._finalizer, None, None
+        if finalizer is not None:
+            finalizer()
+        self.slices.close()
+
+    def _run(self, function: Callable, jobs: dict, on_done: Callable) -> None:
+        """``function(*args)`` for every job (key -> args), in the pool when it has more than one job;
+        ``on_done(key, result)`` in this thread as each finishes."""
+        remaining = dict(jobs)
+        if self.settings.workers > 1 and len(jobs) > 1:
+            pool = self._executor()
+            if pool is not None:
+                try:
+                    pending = {pool.submit(function, *args): key for key, args in jobs.items()}
+                    while pending:
+                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            key = pending.pop(future)
+                            on_done(key, future.result())
+                            remaining.pop(key)
+                except BrokenProcessPool:
+                    self.close()
+                    self._pool_failed = True
+                    logger.warning(
+                        "atlas registration worker processes failed to start (%s start method; a calling script "
+                        "needs an `if __name__ == '__main__':` guard); registering the remaining %d atlases in this "
+                        "process. Set transfer.workers=1 to skip the pool.", self.settings.start_method, len(remaining))
+        if remaining:
+            previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(self.settings.threads_per_worker)
+            try:
+                for key, args in remaining.items():
+                    on_done(key, function(*args))
+            finally:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+    # ------------------------------------------------------------------ scan level
+
+    def segment_with_atlases(
+        self,
+        query: np.ndarray,
+        spacing: tuple[float, float, float],
+        atlases: Sequence[Atlas],
+        labels: Sequence[int],
+        keep: int,
+        cache_key: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> VolumeResult:
+        labels = tuple(int(v) for v in labels)
+        query = np.asarray(query, np.float32)
+        spacing = tuple(float(s) for s in spacing)
+        plan = self.settings.registration
+        query_key = cache_key or _digest([query.shape, spacing, hashlib.sha256(query.tobytes()).hexdigest()])
+        atlases = [a for a in atlases if set(a.labels) & set(labels)]
+        seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0}
+        steps = len(atlases) + min(keep, len(atlases)) if len(atlases) > keep else len(atlases)
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, steps + 1)
+
+        # 1. choose: global affines rank the atlases when there are more than `keep`.
+        t0 = time.perf_counter()
+        chosen = list(atlases)
+        if len(atlases) > keep:
+            todo = {a.image_id: (query, spacing, a, plan) for a in atlases if (query_key, a.key, self._plan_key) not in self._alignments}
+            by_id = {a.image_id: a for a in atlases}
+
+            def aligned(image_id, alignment):
+                self._alignments[(query_key, by_id[image_id].key, self._plan_key)] = alignment
+                tick()
+
+            self._run(reg.align_globally, todo, aligned)
+            for a in atlases:
+                if a.image_id not in todo:
+                    tick()
+            ranked = sorted(atlases, key=lambda a: -self._alignments[(query_key, a.key, self._plan_key)].similarity)
+            chosen = ranked[:keep]
+            logger.info("atlas selection: kept %s of %d atlases (correlation after the global affine %s)",
+                        [a.image_id for a in chosen], len(atlases),
+                        [round(self._alignments[(query_key, a.key, self._plan_key)].similarity, 3) for a in chosen])
+        seconds["select"] = time.perf_counter() - t0
+
+        # 2. register the chosen atlases (cached per query, atlas, labels and plan).
+        t0 = time.perf_counter()
+        candidates: dict[str, reg.Candidate | None] = {}
+        todo, reused = {}, set()
+        for a in chosen:
+            key = (query_key, a.key, labels, self._plan_key)
+            hit, candidate = self._cache.get(key)
+            if hit:
+                candidates[a.image_id] = candidate
+                reused.add(a.image_id)
+                tick()
+            else:
+                todo[a.image_id] = (query, spacing, a, labels, plan, self._alignments.get((query_key, a.key, self._plan_key)))
+        logger.info("atlas transfer: %d atlas(es) to register, %d reused, %d worker(s); query %s at %s mm",
+                    len(todo), len(reused), self.settings.workers, query.shape, tuple(round(s, 2) for s in spacing))
+        keys = {a.image_id: (query_key, a.key, labels, self._plan_key) for a in chosen}
+
+        def registered(image_id, candidate):
+            candidates[image_id] = candidate
+            self._cache.put(keys[image_id], candidate)
+            tick()
+            logger.info("atlas %s registered in %.1f s (%d/%d)%s", image_id, candidate.seconds if candidate else 0.0,
+                        done, steps, f" ({', '.join(f'{k} {v:.1f} s' for k, v in candidate.stages.items())})"
+                        if candidate else ": none of its labels reaches this scan")
+
+        self._run(reg.register_atlas, todo, registered)
+        seconds["register"] = time.perf_counter() - t0
+        used = [candidates[a.image_id] for a in chosen if candidates.get(a.image_id) is not None]
+
+        # 3. fuse, 4. keep the atlases' pieces.
+        probs = np.zeros((len(labels),) + query.shape, np.float32)
+        if used:
+            t0 = time.perf_counter()
+            box = tuple(slice(min(c.box[d].start for c in used), max(c.box[d].stop for c in used)) for d in range(3))
+            images = np.zeros((len(used),) + tuple(s.stop - s.start for s in box), np.float32)
+            votes = np.zeros((len(used), len(labels)) + images.shape[1:], np.float32)
+            for i, c in enumerate(used):
+                inner = tuple(slice(c.box[d].start - box[d].start, c.box[d].stop - box[d].start) for d in range(3))
+                images[(i,) + inner] = c.image
+                votes[(i, slice(None)) + inner] = c.probabilities
+                outside = np.ones(images.shape[1:], bool)
+                outside[inner] = False
+                images[i][outside] = query[box][outside]  # beyond an atlas's region it agrees with the query: no say there
+            fused = fuse(query[box], images, votes, spacing, self.settings.fusion)
+            seconds["fuse"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            counts = [a.components for a in chosen if candidates.get(a.image_id) is not None]
+            expected = {v: expected_pieces(counts, v) for v in labels}
+            probs[(slice(None),) + box] = keep_pieces(fused, labels, expected, self.settings.threshold)
+            seconds["pieces"] = time.perf_counter() - t0
+        tick()
+        uses = []
+        for a in chosen:
+            c = candidates.get(a.image_id)
+            alignment = c.alignment if c is not None else self._alignments.get((query_key, a.key, self._plan_key))
+            uses.append(AtlasUse(image_id=a.image_id, similarity=alignment.similarity if alignment else float("nan"),
+                                 reversed_slices=bool(alignment and alignment.reversed_slices),
+                                 seconds=0.0 if a.image_id in reused or c is None else c.seconds, reused=a.image_id in reused))
+        slices = [SliceResult(probabilities=probs[:, z], object_scores=object_scores(probs[:, z])) for z in range(len(query))]
+        return VolumeResult(labels=labels, slices=slices, seconds=seconds, atlases=uses)

@@ -1,0 +1,365 @@
+"""Registering one atlas (a labelled scan) to a query scan, in physical space.
+
+The affine stages run in ANTs (antspyx), the deformable ones in SimpleITK: on the development
+pairs ANTs' affine aligned better and SimpleITK's demons matched a B-spline (elastix) at a third
+of its time (docs/results.md, "How classic was designed"). Four stages, each starting from the
+previous one's transform:
+
+1. **global affine** of the whole atlas onto the whole query (Mattes mutual information, centres
+   of mass aligned first). Its correlation with the query is what atlas selection ranks by. With
+   ``slice_order: search`` the atlas is also tried with its slices reversed, and that order is kept
+   only when it correlates better by ``slice_order_margin`` (some exported files mirror the slice
+   order in their header; a real patient never is a mirror image, so the header wins by default).
+2. **region**: the atlas's structures, carried by the global affine onto the query and dilated by
+   ``region.margin_mm``. Everything after this works inside that box, so registration spends its
+   effort on the anatomy to segment and not on the rest of the field of view.
+3. **local affine** on the region (metric restricted to it), then **3D demons** inside its box.
+4. **in-plane refinement** ("2.5D") for thick-slice stacks: each slice of the registered atlas is
+   refined by 2D demons on the query slice. Between slices 8 mm apart a 3D field is interpolated
+   over 8 mm; in plane it has 1.25 mm pixels to follow. Used when the query's slices are at least
+   ``in_plane.min_slice_mm`` thick, decided per query volume from its spacing.
+
+Demons pyramids are built by hand so that thick slices are never shrunk along z: each level
+coarsens every axis towards the same spacing (as ANTs does for its affine levels), so 7.7 mm
+slices stay whole while the 1.25 mm pixels are pooled 4 x 4.
+
+Arrays are in canvas order (slice, row, column); SimpleITK images are (x, y, z) = (column, row,
+slice), so spacings are reversed on the way in. Nothing here imports torch: these functions run
+in worker processes started with ``spawn``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from fewshot.types import Atlas
+
+# antspyx is imported where it is used (2-3 s): worker processes pay it once, on their first atlas.
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class AffineLevels:
+    shrink_factors: tuple[int, ...]  # coarse to fine (ANTs shrinks thick axes less)
+    iterations: int  # optimiser iterations per level
+    sampling: float  # fraction of voxels drawn at random for the metric
+
+
+@dataclass(frozen=True)
+class DemonsLevels:
+    method: str  # "demons" or "none"
+    shrink_factors: tuple[int, ...]  # coarse to fine (in-plane pixels)
+    iterations: tuple[int, ...]  # demons iterations per level
+    field_sigma: float  # Gaussian smoothing of the displacement field (voxels): its stiffness
+
+
+@dataclass(frozen=True)
+class InPlaneLevels(DemonsLevels):
+    min_slice_mm: float = 4.0  # refine each slice in plane when the query's slices are this thick or more
+
+
+@dataclass(frozen=True)
+class RegistrationPlan:
+    """Everything that decides how an atlas is registered (one frozen object: it keys the cache)."""
+
+    global_affine: AffineLevels
+    local_affine: AffineLevels
+    deformable: DemonsLevels
+    in_plane: InPlaneLevels
+    margin_mm: float  # dilation of the atlas's structures that bounds the region registered
+    slice_order: str  # "header" or "search"
+    slice_order_margin: float  # correlation a reversed slice order must win by
+
+
+@dataclass
+class GlobalAlignment:
+    """The global affine of one atlas onto the query, as plain numbers (picklable)."""
+
+    similarity: float  # correlation of the aligned atlas with the query (what selection ranks)
+    reversed_slices: bool
+    matrix: tuple[float, ...]  # 9 values, SimpleITK AffineTransform (x, y, z)
+    translation: tuple[float, ...]
+    center: tuple[float, ...]
+    seconds: float = 0.0
+
+    def transform(self) -> sitk.AffineTransform:
+        t = sitk.AffineTransform(3)
+        t.SetMatrix(self.matrix)
+        t.SetTranslation(self.translation)
+        t.SetCenter(self.center)
+        return t
+
+
+@dataclass
+class Candidate:
+    """An atlas registered to the query: its image and label probabilities inside ``box``."""
+
+    image_id: str
+    box: tuple[slice, slice, slice]  # region of the query canvas (slice, row, column)
+    image: np.ndarray  # (z, y, x) float16: the atlas's intensities, histogram-matched to the query
+    probabilities: np.ndarray  # (L, z, y, x) float16, labels in the order asked for
+    labels: tuple[int, ...]
+    alignment: GlobalAlignment
+    in_plane: bool  # whether slices were refined in plane
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (logged, and in bench)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.image.nbytes + self.probabilities.nbytes)
+
+
+# ---------------------------------------------------------------------------------- images
+
+
+def _image(array: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
+    """(z, y, x) array with spacing along (z, y, x) -> SimpleITK image (origin 0, identity axes)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32), isVector=array.ndim == 4)
+    image.SetSpacing(tuple(float(s) for s in reversed(tuple(spacing)[:3])))
+    return image
+
+
+def _image2d(array: np.ndarray, pixel_mm: float) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32), isVector=array.ndim == 3)
+    image.SetSpacing((float(pixel_mm), float(pixel_mm)))
+    return image
+
+
+def _vector(image: np.ndarray, mask: np.ndarray, labels: Sequence[int], spacing) -> sitk.Image:
+    """Intensities plus one soft (one-hot) channel per label, warped together in one resampling."""
+    channels = [image] + [(mask == v).astype(np.float32) for v in labels]
+    return _image(np.stack(channels, axis=-1), spacing)
+
+
+def shrink_per_axis(spacing_xyz: Sequence[float], factor: int) -> list[int]:
+    """Shrink factors that coarsen every axis towards ``factor`` x the finest spacing: thick
+    slices are left whole until the in-plane pixels have caught up with them."""
+    finest = min(spacing_xyz)
+    return [max(1, int(round(factor * finest / s))) for s in spacing_xyz]
+
+
+def downsample(image: sitk.Image, factor: int) -> sitk.Image:
+    if factor <= 1:
+        return image
+    shrink = shrink_per_axis(image.GetSpacing(), factor)
+    if all(s == 1 for s in shrink):
+        return image
+    # Anti-aliasing: a Gaussian of half the new voxel size along each shrunk axis (variance in mm²).
+    variance = [(0.5 * s * sp) ** 2 if s > 1 else 0.0 for s, sp in zip(shrink, image.GetSpacing())]
+    smooth = sitk.DiscreteGaussian(image, variance=variance, maximumKernelWidth=64, useImageSpacing=True)
+    return sitk.Shrink(smooth, shrink)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------- affine
+
+
+def _ants_image(array: np.ndarray, spacing: Sequence[float]):
+    """(z, y, x) array -> ANTs image whose physical axes are SimpleITK's (x, y, z), so that a
+    transform ANTs estimates is used by SimpleITK as it is."""
+    import ants
+
+    return ants.from_numpy(np.ascontiguousarray(np.asarray(array, np.float32).transpose(2, 1, 0)),
+                           spacing=tuple(float(s) for s in reversed(tuple(spacing))))
+
+
+def _to_sitk(path: str) -> sitk.AffineTransform:
+    import ants
+
+    tx = ants.read_transform(path)
+    out = sitk.AffineTransform(3)
+    out.SetFixedParameters([float(v) for v in tx.fixed_parameters])
+    out.SetParameters([float(v) for v in tx.parameters])
+    return out
+
+
+def affine(fixed: np.ndarray, fixed_spacing, moving: np.ndarray, moving_spacing, levels: AffineLevels,
+           initial: sitk.AffineTransform | None = None, mask: np.ndarray | None = None) -> sitk.AffineTransform:
+    """Multi-resolution affine by ANTs (Mattes MI, random sampling), fixed -> moving point mapping.
+
+    Without ``initial`` ANTs first aligns the centres of mass; ``mask`` (on the fixed grid) restricts
+    the metric to a region. ANTs rather than SimpleITK here: on the development pairs its local
+    affine put the cardiac structures 6 Dice points closer (docs/results.md)."""
+    import tempfile
+
+    import ants
+
+    # antsRegistration draws its metric samples at random; a fixed seed makes an atlas register the
+    # same way every time (``set_ants_deterministic`` would also reseed numpy globally, so not that).
+    ants.config._random_seed = 1
+    with tempfile.TemporaryDirectory(prefix="fewshot-affine-") as tmp:
+        kwargs = {}
+        if initial is not None:
+            start = ants.create_ants_transform(
+                transform_type="AffineTransform", dimension=3, matrix=np.asarray(initial.GetMatrix()).reshape(3, 3),
+                translation=initial.GetTranslation(), center=initial.GetCenter(),
+            )
+            ants.write_transform(start, f"{tmp}/initial.mat")
+            kwargs["initial_transform"] = f"{tmp}/initial.mat"
+        if mask is not None:
+            kwargs["mask"] = _ants_image(mask.astype(np.float32), fixed_spacing)
+        n = len(levels.shrink_factors)
+        result = ants.registration(
+            _ants_image(fixed, fixed_spacing), _ants_image(moving, moving_spacing), type_of_transform="Affine",
+            aff_metric="mattes", aff_sampling=32, aff_random_sampling_rate=float(levels.sampling),
+            aff_iterations=(int(levels.iterations),) * n, aff_shrink_factors=tuple(int(f) for f in levels.shrink_factors),
+            aff_smoothing_sigmas=tuple(float(f) / 2 for f in levels.shrink_factors), outprefix=f"{tmp}/", **kwargs,
+        )
+        return _to_sitk(result["fwdtransforms"][0])
+
+
+def align_globally(query: np.ndarray, query_spacing, atlas: Atlas, plan: RegistrationPlan) -> GlobalAlignment:
+    """The global affine of ``atlas`` onto ``query`` (and, when searched, of its reversed slices)."""
+    start = time.perf_counter()
+    fixed = _image(query, query_spacing)
+    orders = [False, True] if plan.slice_order == "search" else [False]
+    tried = []
+    for reverse in orders:
+        image = np.asarray(atlas.image[::-1] if reverse else atlas.image, np.float32)
+        moving = _image(image, atlas.spacing)
+        transform = affine(query, query_spacing, image, atlas.spacing, plan.global_affine)
+        # Correlation on the finest grid the affine ran on: cheap, and what selection needs.
+        coarse = downsample(fixed, plan.global_affine.shrink_factors[-1])
+        warped = sitk.Resample(moving, coarse, transform, sitk.sitkLinear, 0.0)
+        similarity = correlation(sitk.GetArrayViewFromImage(coarse), sitk.GetArrayViewFromImage(warped))
+        tried.append((similarity, reverse, transform))
+    best = tried[0]
+    if len(tried) > 1 and tried[1][0] > tried[0][0] + plan.slice_order_margin:
+        best = tried[1]
+    similarity, reverse, t = best
+    return GlobalAlignment(similarity, reverse, tuple(t.GetMatrix()), tuple(t.GetTranslation()), tuple(t.GetCenter()),
+                           seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------- deformable
+
+
+def demons(fixed: sitk.Image, moving: sitk.Image, levels: DemonsLevels) -> sitk.Transform | None:
+    """Displacement field on the fixed grid, coarse to fine (moving already close and histogram-matched)."""
+    if levels.method == "none":
+        return None
+    filt = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    filt.SetStandardDeviations(float(levels.field_sigma))
+    field = None
+    for factor, iterations in zip(levels.shrink_factors, levels.iterations):
+        f, m = downsample(fixed, factor), downsample(moving, factor)
+        filt.SetNumberOfIterations(int(iterations))
+        if field is None:
+            field = filt.Execute(f, m)
+        else:  # displacements are physical, so the coarse field carries over as it is
+            field = filt.Execute(f, m, sitk.Resample(field, f, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID()))
+    field = sitk.Resample(field, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def _match(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
+    """Demons compares intensities directly: put the atlas's on the query's scale."""
+    return sitk.HistogramMatching(moving, fixed, numberOfHistogramLevels=64, numberOfMatchPoints=7,
+                                  thresholdAtMeanIntensity=True)
+
+
+def region_box(probabilities: np.ndarray, spacing: Sequence[float], margin_mm: float) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the voxels any label covers (p > 0.5), dilated by ``margin_mm`` (at least a
+    slice along z, so an organ's first and last slices have neighbours to register against)."""
+    inside = np.argwhere(probabilities.max(axis=0) > 0.5)
+    if not len(inside):
+        return None
+    shape = probabilities.shape[1:]
+    pad = [max(1, int(np.ceil(margin_mm / s))) for s in spacing]
+    lo = np.maximum(inside.min(axis=0) - pad, 0)
+    hi = np.minimum(inside.max(axis=0) + pad + 1, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _crop(image: sitk.Image, box: tuple[slice, slice, slice]) -> sitk.Image:
+    """The query's voxels inside ``box``, keeping their physical positions."""
+    z, y, x = box
+    return sitk.RegionOfInterest(image, [x.stop - x.start, y.stop - y.start, z.stop - z.start], [x.start, y.start, z.start])
+
+
+def refine_in_plane(query: np.ndarray, warped: np.ndarray, levels: InPlaneLevels, pixel_mm: float) -> np.ndarray:
+    """2D demons per slice: warped (C, z, y, x) with channel 0 the intensities -> refined, same shape."""
+    out = warped.copy()
+    for z in range(query.shape[0]):
+        fixed = _image2d(query[z], pixel_mm)
+        moving = _match(_image2d(warped[0, z], pixel_mm), fixed)
+        field = demons(fixed, moving, levels)
+        if field is None:
+            continue
+        stacked = _image2d(np.moveaxis(warped[:, z], 0, -1), pixel_mm)
+        out[:, z] = np.moveaxis(sitk.GetArrayFromImage(sitk.Resample(stacked, fixed, field, sitk.sitkLinear, 0.0)), -1, 0)
+    return out
+
+
+def register_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence[int], plan: RegistrationPlan,
+                   alignment: GlobalAlignment | None = None) -> Candidate | None:
+    """All stages for one atlas -> its registered image and label probabilities on the query's
+    canvas grid, inside the region; None when none of ``labels`` reaches the query."""
+    start = time.perf_counter()
+    stages = {"global_affine": 0.0}
+    if alignment is None:
+        alignment = align_globally(query, query_spacing, atlas, plan)
+        stages["global_affine"] = alignment.seconds
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stages[name] = now - clock
+        clock = now
+    image, mask = (atlas.image[::-1], atlas.mask[::-1]) if alignment.reversed_slices else (atlas.image, atlas.mask)
+    fixed = _image(query, query_spacing)
+    vector = _vector(np.asarray(image, np.float32), np.asarray(mask), labels, atlas.spacing)
+    moving = sitk.VectorIndexSelectionCast(vector, 0)
+    global_t = alignment.transform()
+
+    # Region: where the global affine puts the atlas's structures, dilated.
+    carried = np.moveaxis(sitk.GetArrayFromImage(sitk.Resample(vector, fixed, global_t, sitk.sitkLinear, 0.0)), -1, 0)
+    box = region_box(carried[1:], query_spacing, plan.margin_mm)
+    if box is None:
+        return None
+    # The metric looks at the structures and their surroundings (the dilated shape, not its box).
+    pad = [max(1, int(np.ceil(plan.margin_mm / s))) for s in query_spacing]
+    region = ndimage.maximum_filter(carried[1:].max(axis=0) > 0.5, size=[2 * p + 1 for p in pad])
+    local = affine(query, query_spacing, np.asarray(image, np.float32), atlas.spacing, plan.local_affine,
+                   initial=global_t, mask=region)
+    reference = _crop(fixed, box)
+    lap("local_affine")
+
+    # 3D demons inside the box, on the atlas resampled there by the local affine.
+    moved = sitk.Resample(moving, reference, local, sitk.sitkLinear, 0.0)
+    field = demons(reference, _match(moved, reference), plan.deformable)
+    transform = local if field is None else sitk.CompositeTransform([local, field])  # field first, then affine
+    # The result covers a margin more than the box registered (the field is zero there: the local
+    # affine alone), so that fusion sees each atlas's own intensities around every atlas's region.
+    out_box = region_box(carried[1:], query_spacing, 2 * plan.margin_mm)
+    warped = np.moveaxis(sitk.GetArrayFromImage(sitk.Resample(vector, _crop(fixed, out_box), transform, sitk.sitkLinear, 0.0)), -1, 0)
+    warped[0] = sitk.GetArrayFromImage(_match(_image(warped[0], query_spacing), _image(query[out_box], query_spacing)))
+    lap("deformable")
+
+    in_plane = plan.in_plane.method != "none" and query_spacing[0] >= plan.in_plane.min_slice_mm
+    if in_plane:  # inside the registered box only: beyond it the atlas has no structure to place
+        inner = (slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, out_box))
+        warped[inner] = refine_in_plane(query[box], warped[inner], plan.in_plane, float(query_spacing[1]))
+    lap("in_plane")
+    return Candidate(
+        image_id=atlas.image_id, box=out_box, image=warped[0].astype(np.float16),
+        probabilities=np.clip(warped[1:], 0.0, 1.0).astype(np.float16), labels=tuple(int(v) for v in labels),
+        alignment=alignment, in_plane=in_plane, seconds=time.perf_counter() - start, stages=stages,
+    )
