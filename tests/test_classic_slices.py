@@ -1,4 +1,5 @@
-"""The weights-free `classic` preset: descriptor embedder, NCC matcher, registration label transfer.
+"""The weights-free `classic-slices` preset (classic before it went multi-atlas, and the 2D transfer
+`classic` uses for slice supports): descriptor embedder, NCC matcher, registration label transfer.
 
 Real slices come from ../shared/data (skipped when absent). Canvas slices are built here with a
 small helper (percentile-normalised native 256 x 256 slices at 1.25 mm, which is the canvas
@@ -63,7 +64,7 @@ def prediction(probabilities: np.ndarray, labels) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def classic():
-    return load_preset("classic")
+    return load_preset("classic-slices")
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +344,7 @@ def classic_self_segmentation(tmp_path_factory, models_dir, tiny_engine_opens):
     mp.setattr(registration, "_init_worker", audited_init_worker)
     try:
         with recorded_opens(tmp) as audit:
-            engine, _ = Engine.from_settings(load_preset("classic"), models_dir=models_dir,
+            engine, _ = Engine.from_settings(load_preset("classic-slices"), models_dir=models_dir,
                                              label_names={"LV-MYO": 200, "LV-BP": 500, "RV": 600})
             assert engine.settings["transfer"]["workers"] == 2
             engine.ingest("cmr-1", image, label)

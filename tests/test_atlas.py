@@ -1,0 +1,369 @@
+"""The weights-free `classic` preset: multi-atlas registration and joint label fusion of whole scans.
+
+Most tests run on the committed phantoms (sample-datastore: a liver, a spleen and two kidneys that
+share the label `kidney`, 2.5 x 2.5 x 7 mm), so they run on any machine; one also runs on a real
+cardiac scan from ../shared/data (skipped when absent).
+"""
+from __future__ import annotations
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from app_harness import PROJECT
+from conftest import shared_dataset
+from fewshot.config import load_preset
+from fewshot.transfer import atlas_registration as reg
+from fewshot.transfer.fusion import FusionSettings, joint, majority
+from fewshot.transfer.pieces import count_pieces, expected_pieces, keep_pieces
+from fewshot.types import Atlas
+
+SAMPLE = PROJECT / "sample-datastore"
+LABELS = {"liver": 1, "spleen": 2, "kidney": 3}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def phantom(case: int) -> tuple[str, str]:
+    name = f"phantom_{case:02d}.nii.gz"
+    return str(SAMPLE / name), str(SAMPLE / "labels" / "final" / name)
+
+
+def engine_for(tmp_path=None, labels=None, **overrides):
+    from fewshot.pipeline import Engine
+
+    engine, _ = Engine.from_settings(load_preset("classic", overrides), bank_dir=tmp_path, label_names=labels or LABELS)
+    return engine
+
+
+def z_extent(mask: np.ndarray) -> tuple[int, int] | None:
+    """First and last slice (last array axis: the phantoms' slicing axis) holding the mask."""
+    zs = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
+    return (int(zs[0]), int(zs[-1])) if len(zs) else None
+
+
+@pytest.fixture(scope="module")
+def inline_engine():
+    """Registration in this process: no pool start-up for the tests that do not test the pool."""
+    engine = engine_for(**{"transfer.workers": 1})
+    yield engine
+    engine.transfer.close()
+
+
+# ------------------------------------------------------------------------------------ settings
+
+
+def test_classic_is_weights_free_multi_atlas():
+    from fewshot import weights
+
+    classic = load_preset("classic")
+    assert (classic["embedder"]["type"], classic["matcher"]["type"], classic["transfer"]["type"]) == \
+        ("descriptor", "none", "atlas")
+    assert weights.preset_models(classic) == []
+    assert classic["transfer"]["fusion"]["method"] == "joint"
+    assert load_preset("classic-slices")["transfer"]["type"] == "registration"  # the previous method, kept
+
+
+def test_atlas_settings_reject_what_they_cannot_run():
+    from fewshot.config import ConfigError
+    from fewshot.transfer.atlas import AtlasTransfer
+
+    good = load_preset("classic")["transfer"]
+    for key, value in (("slice_order", "guess"), ("threshold", 1.5), ("workers", 0)):
+        with pytest.raises(ConfigError, match=key.split("_")[0]):
+            AtlasTransfer({**good, key: value})
+    with pytest.raises(ConfigError, match="fusion"):
+        AtlasTransfer({**good, "fusion": {**good["fusion"], "method": "vote"}})
+    with pytest.raises(ConfigError, match="deformable"):
+        AtlasTransfer({k: v for k, v in good.items() if k != "deformable"})
+
+
+# ------------------------------------------------------------------------------------ pieces and fusion
+
+
+def test_pieces_keep_as_many_parts_as_the_atlases_have():
+    mask = np.zeros((10, 40, 40), np.uint16)
+    mask[2:8, 5:15, 5:15] = 3  # right kidney
+    mask[2:8, 5:15, 25:36] = 3  # left kidney, same label
+    mask[3:6, 25:35, 5:30] = 1
+    mask[0, 39, 39] = 3  # a stray voxel of an annotation is not a piece
+    assert count_pieces(mask) == {1: 1, 3: 2}
+    assert expected_pieces([{3: 2}, {3: 2}, {3: 1}], 3) == 2 and expected_pieces([{1: 1}], 3) == 1
+
+    mask[0, 39, 39] = 0
+    probs = np.zeros((2, 10, 40, 40), np.float32)
+    probs[1][mask == 3] = 0.9
+    probs[0][mask == 1] = 0.9
+    probs[1, 9, 0, 0] = 0.8  # a speck
+    kept = keep_pieces(probs, (1, 3), {1: 1, 3: 2}, 0.5)
+    assert (kept[1][mask == 3] == 0.9).all()  # both kidneys survive
+    assert kept[1, 9, 0, 0] == 0 and (kept[0] == probs[0]).all()
+    one = keep_pieces(probs, (1, 3), {1: 1, 3: 1}, 0.5)
+    assert (one[1] > 0.5).sum() == (mask[:, :, 25:] == 3).sum()  # one piece: the largest
+
+
+def _fusion(method: str = "joint") -> FusionSettings:
+    return FusionSettings(method=method, beta=2.0, patch_radius=(1, 2, 2), search_radius=0, rho=0.01, threads=1)
+
+
+def test_joint_fusion_gives_a_duplicated_atlas_no_extra_vote():
+    """Correlation-aware: two atlases that make the same mistake share one vote. A majority (or any
+    vote weighting atlases one by one) lets the copy outvote the third atlas."""
+    rng = np.random.default_rng(0)
+    query = ndimage.gaussian_filter(rng.random((8, 32, 32)), 1.5).astype(np.float32)
+    labels_good = np.zeros((8, 32, 32), np.float32)
+    labels_good[:, 8:24, 8:24] = 1
+    labels_bad = np.zeros_like(labels_good)
+    labels_bad[:, 8:24, 14:30] = 1  # shifted: wrong on a band of voxels
+    # Patch differences well above the ridge (rho), as between real scans.
+    noise = [ndimage.gaussian_filter(rng.normal(size=query.shape), 1.0).astype(np.float32) for _ in range(2)]
+    good, bad = query + noise[0], query + noise[1]  # equally (un)like the query, different errors
+    spacing = (2.0, 1.0, 1.0)
+    two = joint(query, np.stack([good, bad]), np.stack([labels_good, labels_bad])[:, None], spacing, _fusion())
+    three = joint(query, np.stack([good, bad, bad]), np.stack([labels_good, labels_bad, labels_bad])[:, None], spacing,
+                  _fusion())
+    band = (labels_good == 0) & (labels_bad == 1)
+    assert np.allclose(majority(np.stack([labels_good, labels_bad, labels_bad])[:, None])[0][band], 2 / 3)
+    assert np.allclose(majority(np.stack([labels_good, labels_bad])[:, None])[0][band], 1 / 2)
+    # The majority moves by 1/6 when the copy joins; joint fusion barely moves (0.045 measured).
+    assert abs(float(three[0][band].mean()) - float(two[0][band].mean())) < 0.08
+    # Where the atlases agree, fusion is their common label, untouched.
+    agree = (labels_good == 1) & (labels_bad == 1)
+    assert (three[0][agree] == 1).all() and (three[0][(labels_good == 0) & (labels_bad == 0)] == 0).all()
+
+
+# ------------------------------------------------------------------------------------ registration
+
+
+def _phantom_atlas(case: int) -> tuple[Atlas, np.ndarray, tuple]:
+    return _atlas(*phantom(case))
+
+
+def _atlas(image: str, label: str) -> tuple[Atlas, np.ndarray, tuple]:
+    """A scan as the bank caches it (its canvas volume and masks), its canvas as a query, and its spacing."""
+    from fewshot.pipeline import Engine
+    from fewshot.volume import label_to_canvas, read_label, read_volume
+
+    engine = engine_for(**{"transfer.workers": 1})
+    volume = read_volume(image)
+    prepared = engine.prepare(volume)
+    masks = label_to_canvas(read_label(label, volume), prepared.geometry)
+    return Engine.atlas_of("atlas", prepared, masks), np.asarray(prepared.canvas, np.float32), prepared.geometry.spacing
+
+
+def test_in_plane_refinement_is_decided_per_volume_from_its_slice_spacing():
+    atlas, canvas, spacing = _phantom_atlas(1)
+    plan = load_transfer_plan()
+    assert spacing[0] >= plan.in_plane.min_slice_mm  # 7 mm phantom slices
+    thick = reg.register_atlas(canvas, spacing, atlas, (1, 2, 3), plan)
+    thin_spacing = (2.0,) + tuple(spacing[1:])
+    thin_atlas = Atlas(atlas.image_id, atlas.image, atlas.mask, thin_spacing, atlas.components, atlas.key + "-thin")
+    thin = reg.register_atlas(canvas, thin_spacing, thin_atlas, (1, 2, 3), plan)
+    assert thick.in_plane and not thin.in_plane
+    assert set(thick.stages) == {"global_affine", "local_affine", "deformable", "in_plane"}
+    for candidate in (thick, thin):  # an atlas registered to itself lands on itself
+        full = np.zeros((3,) + canvas.shape, np.float32)
+        full[(slice(None),) + candidate.box] = candidate.probabilities
+        for c, value in enumerate((1, 2, 3)):
+            assert dice(full[c] > 0.5, atlas.mask == value) >= 0.95, (candidate.in_plane, value)
+
+
+def load_transfer_plan() -> reg.RegistrationPlan:
+    from fewshot.transfer.atlas import AtlasSettings
+
+    return AtlasSettings.from_settings(load_preset("classic")["transfer"]).registration
+
+
+def test_reversed_slice_order_is_found_only_when_searched():
+    """A short-axis stack (8 mm slices) as its own atlas, stored in the other slice order: searched, the
+    reversed order wins (it correlates better than any affine of the mirrored stack); trusted, the
+    header order stays. Margin 0 here: the preset's margin only guards against a near tie."""
+    from dataclasses import replace
+
+    root = shared_dataset("cmr-bssfp")
+    atlas, query, spacing = _atlas(str(root / "image_2.nii.gz"), str(root / "label_2.nii.gz"))
+    flipped = Atlas(atlas.image_id, atlas.image[::-1].copy(), atlas.mask[::-1].copy(), atlas.spacing,
+                    atlas.components, atlas.key + "-flipped")
+    plan = load_transfer_plan()
+    search = replace(plan, slice_order="search", slice_order_margin=0.0)
+    found = reg.align_globally(query, spacing, flipped, search)
+    assert found.reversed_slices and found.similarity > 0.95
+    assert not reg.align_globally(query, spacing, atlas, search).reversed_slices
+    kept = reg.align_globally(query, spacing, flipped, plan)  # header order trusted
+    assert not kept.reversed_slices and kept.similarity < found.similarity
+
+
+# ------------------------------------------------------------------------------------ the engine, end to end
+
+
+def test_a_scan_is_its_own_atlas(inline_engine, tmp_path):
+    image, label = phantom(1)
+    engine = inline_engine
+    engine.ingest("self", image, label)
+    try:
+        seg = engine.segment(image)
+    finally:
+        engine.remove("self")
+    truth = np.asarray(nib.load(label).dataobj)
+    source = nib.load(image)
+    assert seg.label.shape == truth.shape and np.allclose(seg.volume.affine, source.affine)
+    for name, value in LABELS.items():
+        assert dice(seg.label == value, truth == value) >= 0.95, name
+    atlases = seg.provenance["kidney"]["atlases"]
+    assert [a["image_id"] for a in atlases] == ["self"] and atlases[0]["similarity"] > 0.95
+
+
+def moved_phantom(tmp_path, case: int = 1) -> tuple[str, str]:
+    """The phantom under a known 3D affine (rotation about two axes, anisotropic scale, shift), on
+    the same voxel grid: a new 'patient' whose true label is known exactly."""
+    image, label = phantom(case)
+    out = []
+    transform = sitk.AffineTransform(3)
+    rotation = sitk.Euler3DTransform((0, 0, 0), np.deg2rad(3.0), 0.0, np.deg2rad(9.0))
+    scale = np.diag([1.07, 0.95, 1.0])
+    transform.SetMatrix((np.asarray(rotation.GetMatrix()).reshape(3, 3) @ scale).ravel().tolist())
+    # In plane by millimetres; along z by whole 7 mm slices, so that the true label, resampled by nearest
+    # neighbour on the same thick-slice grid, is not itself half a slice off.
+    transform.SetTranslation((6.0, -5.0, 7.0))
+    for path, interpolator in ((image, sitk.sitkLinear), (label, sitk.sitkNearestNeighbor)):
+        source = nib.load(path)
+        # Physical space of the array with unit direction is enough: the same grid is written back.
+        array = np.asarray(source.dataobj).astype(np.float32)
+        img = sitk.GetImageFromArray(array.transpose(2, 1, 0).copy())
+        zooms = source.header.get_zooms()[:3]
+        img.SetSpacing(tuple(float(z) for z in zooms))
+        img.SetOrigin(tuple(-(n - 1) / 2 * z for n, z in zip(array.shape, zooms)))  # centred: rotate about the middle
+        moved = sitk.GetArrayFromImage(sitk.Resample(img, img, transform, interpolator, 0.0)).transpose(2, 1, 0)
+        kind = "image" if path == image else "label"
+        target = tmp_path / f"moved_{kind}.nii.gz"
+        nib.save(nib.Nifti1Image(moved.astype(source.get_data_dtype()), source.affine), target)
+        out.append(str(target))
+    return out[0], out[1]
+
+
+def test_a_known_3d_affine_is_recovered(inline_engine, tmp_path):
+    image, label = phantom(1)
+    moved_image, moved_label = moved_phantom(tmp_path)
+    truth = np.asarray(nib.load(moved_label).dataobj)
+    assert dice(np.asarray(nib.load(label).dataobj) == 1, truth == 1) < 0.9  # the move matters
+    inline_engine.ingest("original", image, label)
+    try:
+        seg = inline_engine.segment(moved_image)
+    finally:
+        inline_engine.remove("original")
+    for name, value in LABELS.items():
+        assert dice(seg.label == value, truth == value) >= 0.9, name
+
+
+def extra_phantom(folder, case: int) -> tuple[str, str]:
+    """Another phantom from the sample datastore's own generator (the datastore labels three)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_sample_datastore", PROJECT / "scripts" / "make_sample_datastore.py")
+    maker = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = maker  # its dataclasses look their module up
+    spec.loader.exec_module(maker)
+    image, label, affine = maker.make_case(0, case)
+    paths = (folder / "image.nii.gz", folder / "label.nii.gz")
+    maker.save(image, affine, paths[0])
+    maker.save(label, affine, paths[1])
+    return str(paths[0]), str(paths[1])
+
+
+@pytest.fixture(scope="module")
+def cross_subject(tmp_path_factory):
+    """Two labelled phantoms segment a third (stored with its in-plane axes flipped), with the
+    preset's own worker processes; then a re-run after a new label. Every file opened, here and in
+    the workers, is recorded, with a checkpoint waiting in the models directory to be (wrongly) read."""
+    from test_classic_slices import audited_init_worker, recorded_opens
+
+    from fewshot.pipeline import Engine
+    from fewshot.transfer import atlas
+
+    tmp = tmp_path_factory.mktemp("cross-subject")
+    models = tmp / "models"
+    (models / "sam2").mkdir(parents=True)
+    (models / "sam2" / "sam2.1_hiera_tiny.pt").write_bytes(b"not a checkpoint")
+    extra = extra_phantom(tmp_path_factory.mktemp("p4"), 4)
+    image, label = phantom(2)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(atlas, "_init_worker", audited_init_worker)
+    try:
+        with recorded_opens(tmp) as audit:
+            engine, _ = Engine.from_settings(load_preset("classic"), bank_dir=tmp / "bank", models_dir=models,
+                                             label_names=LABELS)
+            assert engine.settings["transfer"]["workers"] == 2
+            try:
+                for case in (1, 3):
+                    engine.ingest(f"p{case}", *phantom(case))
+                seen = []
+                first = engine.segment(image, progress=lambda done, total: seen.append((done, total)))
+                engine.ingest("p4", *extra)  # a new label: one more atlas
+                second = engine.segment(image)
+            finally:
+                engine.transfer.close()
+    finally:
+        mp.undo()
+    return first, second, np.asarray(nib.load(label).dataobj), seen, audit.paths, models
+
+
+def test_two_kidneys_under_one_label_both_survive(cross_subject):
+    seg, _, truth, *_ = cross_subject
+    kidney = seg.label == LABELS["kidney"]
+    pieces, count = ndimage.label(kidney)
+    assert count == 2, count
+    truth_pieces, truth_count = ndimage.label(truth == LABELS["kidney"])
+    assert truth_count == 2
+    for t in (1, 2):  # each true kidney is found by one predicted piece
+        assert max(dice(pieces == p, truth_pieces == t) for p in (1, 2)) >= 0.7, t
+
+
+def test_organ_free_slices_stay_empty_and_organs_are_not_cut_short(cross_subject):
+    seg, _, truth, *_ = cross_subject
+    for name, value in LABELS.items():
+        assert dice(seg.label == value, truth == value) >= 0.75, name
+        want, got = z_extent(truth == value), z_extent(seg.label == value)
+        assert got is not None and abs(got[0] - want[0]) <= 1 and abs(got[1] - want[1]) <= 1, (name, want, got)
+    empty = [z for z in range(truth.shape[2]) if not truth[..., z].any()]
+    assert empty  # the phantoms have organ-free slices at both ends
+    for z in empty:
+        if not truth[..., max(0, z - 1): z + 2].any():  # a slice from the nearest organ slice: nothing there
+            assert not seg.label[..., z].any(), z
+
+
+def test_a_new_label_registers_only_its_own_atlas_and_progress_is_reported(cross_subject):
+    first, second, _, seen, *_ = cross_subject
+    used = {a["image_id"]: a for a in second.provenance["liver"]["atlases"]}
+    assert set(used) == {"p1", "p3", "p4"}
+    assert used["p1"]["reused"] and used["p3"]["reused"] and not used["p4"]["reused"]
+    assert second.timings["register"] < first.timings["register"]
+    assert seen and seen[-1][0] == seen[-1][1] and len(seen) >= 3
+
+
+def test_a_real_cardiac_scan_is_its_own_atlas():
+    """Thick short-axis slices (8 mm): the 2.5D path, on real data."""
+    root = shared_dataset("cmr-bssfp")
+    image, label = str(root / "image_1.nii.gz"), str(root / "label_1.nii.gz")
+    engine = engine_for(labels={"LV-MYO": 200, "LV-BP": 500, "RV": 600}, **{"transfer.workers": 1})
+    engine.ingest("cmr-1", image, label)
+    seg = engine.segment(image)
+    truth = np.asarray(nib.load(label).dataobj)
+    for value in (200, 500, 600):
+        assert dice(seg.label == value, truth == value) >= 0.95, value
+
+
+def test_classic_opens_no_weights(cross_subject):
+    """Building, ingesting and segmenting with classic opens nothing under the models directory and
+    no checkpoint anywhere, in this process or in its registration workers."""
+    from test_classic_slices import offending
+
+    *_, opened, models = cross_subject
+    assert any(p.endswith("phantom_02.nii.gz") for p in opened)  # the audit sees this process's reads
+    assert any("ants" in p.lower() for p in opened)  # ANTs (registration, fusion) loads under the audit too
+    assert offending(opened, models) == []
