@@ -47,6 +47,9 @@ def test_readme_command_serves_the_sample_datastore_offline_with_classic(tmp_pat
         values = set(np.unique(np.asarray(out.dataobj)).tolist())
         assert values <= {0, *LABELS.values()} and values - {0}, values  # it segments something
         assert set(result["segmented"]) == set(LABELS)
+        # /info reports how long a volume takes (MONAI Label's client, as OHIF and Slicer read it).
+        timing = server.client().info()["models"]["fewshot_sam2"]["seconds_per_volume"]
+        assert timing["count"] == 1 and timing["last"] > 0 and timing["last_stages"]["register"] > 0
 
         proposal = server.client().next_sample("bank_coverage", {})
         assert f"{proposal['id']}.nii.gz" in unlabelled

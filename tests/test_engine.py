@@ -291,6 +291,7 @@ def test_cli_segment_and_bank_stats(chaos, tmp_path, models_dir):
         capture_output=True, text=True, env=env, cwd=PROJECT, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["seconds_per_volume"] > 0
     assert nib.load(str(out)).shape == nib.load(str(store / "image_2.nii.gz")).shape
     sidecar = json.loads(out.with_name("seg.json").read_text())
     assert set(sidecar["labels"]) == {"liver", "right_kidney", "left_kidney", "spleen"}

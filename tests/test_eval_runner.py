@@ -258,15 +258,15 @@ def test_clinical_protocol_and_growth_curve_with_random_tiny(tmp_path, models_di
         assert_png(out / png)
 
 
-def test_classic_preset_segments_hippocampus_meaningfully(tmp_path, models_dir):
-    """Weights-free registration gives real masks: a sanity floor, not a benchmark.
+def test_classic_slices_preset_segments_hippocampus_meaningfully(tmp_path, models_dir):
+    """Weights-free 2D registration gives real masks: a sanity floor, not a benchmark.
 
     Measured: mean Dice about 0.6 on these two queries (deterministic registration); 0.3 leaves room."""
     data = shared_dataset("msd-hippocampus")
     out = tmp_path / "classic"
     # One registration worker: two slices' worth of work per organ does not pay for starting a pool.
     # Two grid points of the fusion's SSD scale, chosen per fold on the other fold (nested selection).
-    report = runner.run_eval(data, "alpnet", "classic", out, folds=2, max_queries=1, models_dir=models_dir,
+    report = runner.run_eval(data, "alpnet", "classic-slices", out, folds=2, max_queries=1, models_dir=models_dir,
                              overrides=["volume.canvas=128", "transfer.workers=1"],
                              select=["transfer.fusion.h=0.005,0.5"])
     m = report.metrics
@@ -293,3 +293,19 @@ def test_classic_preset_segments_hippocampus_meaningfully(tmp_path, models_dir):
                 assert float(r["dice"]) == pytest.approx(by_point[(str(group["chosen_point"]), str(fold), r["label"])])
     assert m["mean_dice"] == pytest.approx(np.mean([np.mean([float(r["dice"]) for r in rows if r["label"] == lb])
                                                     for lb in ("1", "2")]))
+
+
+def test_alpnet_folds_with_whole_support_volumes_for_multi_atlas_classic(tmp_path):
+    """--alpnet-support volume: the same folds and per-organ scoring, the support scan's whole labelled
+    volume in the bank, recorded as not the protocol. Measured: mean Dice 0.67 (one atlas, 3D hippocampus crops)."""
+    data = shared_dataset("msd-hippocampus")
+    out = tmp_path / "volume"
+    report = runner.run_eval(data, "alpnet", "classic", out, folds=2, max_queries=1, alpnet_support="volume",
+                             overrides=["transfer.workers=1"])
+    m = report.metrics
+    assert m["protocol_settings"]["support"] == "volume" and "NOT the protocol" in m["protocol_settings"]["support_note"]
+    assert m["mean_dice"] > 0.5, m["per_label"]
+    assert all(f["support_slices"] == {"anterior": "whole volume", "posterior": "whole volume"} for f in m["folds"])
+    assert m["timing"]["wall_seconds_per_volume"] > 0
+    with pytest.raises(ValueError, match="alpnet-support"):
+        runner.run_eval(data, "alpnet", "classic", tmp_path / "x", alpnet_support="atlas")

@@ -48,7 +48,7 @@ def _engine(args, datastore: str, read_only: bool = False):
     return engine, report
 
 
-def _progress_bar(desc: str):
+def _progress_bar(desc: str, unit: str = "slice"):
     from tqdm import tqdm
 
     bar = None
@@ -56,7 +56,7 @@ def _progress_bar(desc: str):
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="slice", file=sys.stderr)
+            bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
         bar.n = done
         bar.refresh()
         if done >= total:
@@ -78,9 +78,12 @@ def cmd_segment(args) -> int:
     engine, _ = _engine(args, args.support)
     _sync_bank(engine, args.support)
     requested = [s for s in args.only.split(",") if s] if args.only else None
-    seg = engine.segment(args.image, labels=requested, progress=_progress_bar("segmenting"))
+    # Progress counts slices, or for a multi-atlas preset atlases aligned and registered, then fusion.
+    unit = "step" if engine.scan_level else "slice"
+    seg = engine.segment(args.image, labels=requested, progress=_progress_bar("segmenting", unit))
     sidecar = seg.save(args.output)
     summary = {k: v for k, v in seg.summary().items() if k != "provenance"}
+    summary["seconds_per_volume"] = round(float(seg.timings.get("total", 0.0)), 2)
     summary["output"] = str(args.output)
     summary["sidecar"] = str(sidecar)
     print(json.dumps(summary, indent=1))

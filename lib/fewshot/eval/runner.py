@@ -400,15 +400,49 @@ class EvalRun:
         return self._score(query_id, fold, (support_id,), ref, predictions, evaluated, extents, 1.0,
                            seconds, query_slices, organ_slices, stages, cpu)
 
-    def run_alpnet(self, n_folds: int, n_chunks: int = 3, convention: str = "alpnet") -> tuple[list[CaseResult], list[dict]]:
+    def alpnet_query_volume(self, fold: int, support_id: str, query_id: str) -> CaseResult:
+        """The same folds and scoring as ``alpnet_query``, but segmented from the support scan's whole
+        labelled volume (the bank holds it, the engine's own path runs): not the protocol's fixed support
+        slices, so reported as its own row. Each organ is still scored on its own reference extent."""
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        seg = self.engine.segment(self.cases[query_id].image, labels=self.values)
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+        prepared = self.engine.prepare(seg.volume)
+        ref = self.reference(query_id, prepared)
+        prediction, _ = slice_major(seg.label, seg.volume.affine, prepared.geometry.axis)
+        extents = {}
+        for organ in self.values:
+            presence = protocols.label_presence(ref.label, organ, axis=0)
+            if presence.any() and organ in self.engine.bank.label_values:
+                extents[organ] = protocols.organ_extent(presence)
+        stages = {k: float(v) for k, v in seg.timings.items() if k not in ("total", "slices", "reused")}
+        query_slices = len(set().union(*map(set, extents.values()))) if extents else 0
+        return self._score(query_id, fold, (support_id,), ref, {v: prediction == v for v in extents}, list(extents),
+                           extents, 1.0, seconds, query_slices, sum(len(z) for z in extents.values()), stages, cpu,
+                           display=prediction)
+
+    def run_alpnet(self, n_folds: int, n_chunks: int = 3, convention: str = "alpnet",
+                   support: str = "slices") -> tuple[list[CaseResult], list[dict]]:
+        """``support``: "slices" (the protocol: one support slice per chunk of each organ) or "volume"
+        (the support scan's whole labelled volume, for methods that need it; reported apart)."""
         folds = protocols.alpnet_folds(list(self.cases), n_folds, convention)
         results, fold_info = [], []
         jobs = sum(len(self._queries(f.query_ids)) for f in folds)
         with _progress(jobs, "alpnet queries") as bar:
             for fold in folds:
                 logger.info("fold %d: support scan %s, queries %s", fold.index, fold.support_id, list(fold.query_ids))
-                supports, slices = self.alpnet_supports(fold.support_id, n_chunks)
                 queries = self._queries(fold.query_ids)
+                if support == "volume":
+                    self.clear_bank()
+                    case = self.cases[fold.support_id]
+                    self.engine.ingest(fold.support_id, case.image, case.label)
+                    for query_id in queries:
+                        results.append(self.alpnet_query_volume(fold.index, fold.support_id, query_id))
+                        bar.update(1)
+                    fold_info.append({"index": fold.index, "support_ids": [fold.support_id], "query_ids": queries,
+                                      "support_slices": {self.name_of[v]: "whole volume" for v in self.values}})
+                    continue
+                supports, slices = self.alpnet_supports(fold.support_id, n_chunks)
                 for query_id in queries:
                     results.append(self.alpnet_query(fold.index, fold.support_id, query_id, supports, n_chunks))
                     bar.update(1)
@@ -416,6 +450,8 @@ class EvalRun:
                     "index": fold.index, "support_ids": [fold.support_id], "query_ids": queries,
                     "support_slices": {self.name_of[o]: z for o, z in slices.items()},
                 })
+        if support == "volume":
+            self.clear_bank()
         return results, fold_info
 
     # -------------------------------------------------------------- clinical
@@ -477,7 +513,8 @@ class EvalRun:
         case = self.cases[case_id]
         self.engine.bank.put(case_id, cache[case_id], {"image": case.image, "label": case.label})
 
-    def run_growth(self, steps: Sequence[int] = protocols.GROWTH_STEPS) -> dict:
+    def run_growth(self, steps: Sequence[int] = protocols.GROWTH_STEPS, random_orders: int = RANDOM_SEEDS) -> dict:
+        """Dice against labelled scans added in bank_coverage order, and in ``random_orders`` random orders."""
         ids = list(self.cases)
         first = protocols.growth_splits(ids, self.seed, steps)[0]
         all_queries = list(first.query_ids)
@@ -506,8 +543,10 @@ class EvalRun:
         strategies: dict[str, list[tuple[int, Callable]]] = {"bank_coverage": [(self.seed, coverage_next)]}
         strategies["random"] = [
             (s, fixed_next([pool[i] for i in np.random.default_rng(s).permutation(len(pool))]))
-            for s in range(self.seed, self.seed + RANDOM_SEEDS)
+            for s in range(self.seed, self.seed + random_orders)
         ]
+        if not random_orders:
+            del strategies["random"]
         out = {"scoring": "clinical: whole scans, all labels, every slice; Dice per query scan = mean over labels",
                "pool_ids": pool, "query_ids": queries, "steps": usable, "strategies": {}}
         rows = []
@@ -644,7 +683,11 @@ def timing_summary(results: Sequence[CaseResult]) -> dict:
         for stage, sec in r.stage_seconds.items():
             stages[stage] = stages.get(stage, 0.0) + sec
     mean_std = lambda v: (float(np.mean(v)), float(np.std(v))) if v else (math.nan, math.nan)  # noqa: E731
+    per_volume = [r.seconds for r in timed]
     return {
+        "wall_seconds_per_volume": mean_std(per_volume)[0],
+        "wall_seconds_per_volume_std": mean_std(per_volume)[1],
+        "wall_seconds_per_volume_max": float(max(per_volume)) if per_volume else math.nan,
         "wall_seconds_per_query_slice": mean_std(wall_q)[0],
         "wall_seconds_per_query_slice_std": mean_std(wall_q)[1],
         "wall_seconds_per_organ_slice": mean_std(wall_o)[0],
@@ -655,6 +698,8 @@ def timing_summary(results: Sequence[CaseResult]) -> dict:
         "organ_slices": organ_slices,
         "wall_seconds_total": float(sum(r.seconds for r in timed)),
         "what": {
+            "wall_seconds_per_volume": "wall time segmenting one query scan (reading, preparing, all its labels); "
+                                       "mean, std and max over scans",
             "wall_seconds_per_query_slice": "wall time segmenting a query scan (reading, preparing, all its labels) "
                                             "/ its distinct slices segmented; mean over scans",
             "wall_seconds_per_organ_slice": "the same wall time / (slice, organ) pairs segmented (alpnet runs each "
@@ -859,6 +904,12 @@ def selection_groups(results: Sequence[CaseResult], protocol: str) -> dict[tuple
 
 # ------------------------------------------------------------------------------------ entry point
 
+ALPNET_SUPPORTS = {
+    "slices": "the protocol: one support slice per chunk of each organ's extent in the support scan",
+    "volume": "NOT the protocol: the support scan's whole labelled volume is the bank (multi-atlas methods "
+              "need it); same folds, same scoring, reported as its own row",
+}
+
 ALPNET_SETTINGS_NOTE = (
     "SSL-ALPNet's setting 1 and setting 2 differ only in the slices a model may be trained on (setting 2 "
     "removes every training slice holding a test organ). This engine is not trained on these scans, so for "
@@ -867,7 +918,8 @@ ALPNET_SETTINGS_NOTE = (
 
 
 def _protocol_run(settings: Mapping, cases, label_map, protocol: str, *, models_dir, max_queries, seed, n_folds,
-                  chunks, fold_convention, shots, growth: bool, growth_steps) -> tuple:
+                  chunks, fold_convention, shots, growth: bool, growth_steps, alpnet_support: str = "slices",
+                  growth_random: int = RANDOM_SEEDS) -> tuple:
     """One engine, one full protocol run -> (results, fold_info, growth or None, engine settings)."""
     from fewshot.pipeline import Engine
 
@@ -875,10 +927,10 @@ def _protocol_run(settings: Mapping, cases, label_map, protocol: str, *, models_
     try:
         run = EvalRun(engine, cases, label_map, max_queries=max_queries, seed=seed)
         if protocol == "alpnet":
-            results, fold_info = run.run_alpnet(n_folds, chunks, fold_convention)
+            results, fold_info = run.run_alpnet(n_folds, chunks, fold_convention, alpnet_support)
         else:
             results, fold_info = run.run_clinical(shots, n_folds)
-        growth_out = run.run_growth(growth_steps) if growth else None
+        growth_out = run.run_growth(growth_steps, growth_random) if growth else None
     finally:
         close = getattr(engine.transfer, "close", None)  # e.g. the registration worker pool
         if close:
@@ -907,6 +959,8 @@ def run_eval(
     fold_convention: str = "alpnet",
     select: Mapping[str, Sequence] | Sequence[str] | None = None,
     hd95_empty: str = "exclude",
+    alpnet_support: str = "slices",
+    growth_random: int = RANDOM_SEEDS,
 ) -> EvalReport:
     """Evaluate ``preset`` on the ``image_N``/``label_N`` pairs of ``data_dir``; write OUT/metrics.json,
     OUT/cases.csv, OUT/folds.{csv,md} and PNG plots. ``folds``: alpnet folds (default 5) or clinical
@@ -919,6 +973,8 @@ def run_eval(
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if max_queries is not None and max_queries < 1:
         raise ValueError("--max-queries must be at least 1")
+    if alpnet_support not in ALPNET_SUPPORTS:
+        raise ValueError(f"unknown --alpnet-support {alpnet_support!r}; use one of {', '.join(ALPNET_SUPPORTS)}")
     if hd95_empty not in HD95_EMPTY:
         raise ValueError(f"unknown --hd95-empty {hd95_empty!r}; use one of {', '.join(HD95_EMPTY)}")
     grid = dict(select) if isinstance(select, Mapping) else parse_select(select)
@@ -965,7 +1021,8 @@ def run_eval(
         runs.append(_protocol_run(point_settings, cases, label_map, protocol, models_dir=models_dir,
                                   max_queries=max_queries, seed=seed, n_folds=n_folds, chunks=chunks,
                                   fold_convention=fold_convention, shots=shots, growth=growth,
-                                  growth_steps=growth_steps))
+                                  growth_steps=growth_steps, alpnet_support=alpnet_support,
+                                  growth_random=growth_random))
     results, fold_info, growth_out, engine_settings = runs[0]
     selection = None
     if grid:
@@ -974,6 +1031,7 @@ def run_eval(
 
     if protocol == "alpnet":
         protocol_info = {"folds": n_folds, "chunks": chunks, "fold_convention": fold_convention,
+                         "support": alpnet_support, "support_note": ALPNET_SUPPORTS[alpnet_support],
                          "fold_source": (ds.folds if ds and ds.folds else
                                          "SSL-ALPNet's rule over the numerically sorted scans (protocols.alpnet_folds)"),
                          "settings_1_and_2": ALPNET_SETTINGS_NOTE,
@@ -1081,6 +1139,7 @@ def cmd_eval(args) -> int:
         growth=args.growth, growth_steps=args.growth_steps, models_dir=args.models_dir, overrides=args.overrides,
         max_queries=args.max_queries, dataset=args.dataset, seed=args.seed, device=args.device, chunks=args.chunks,
         fold_convention=args.fold_convention, select=args.select, hd95_empty=args.hd95_empty,
+        alpnet_support=args.alpnet_support, growth_random=args.growth_random,
     )
     m = report.metrics
     summary = {
@@ -1090,6 +1149,7 @@ def cmd_eval(args) -> int:
                       for k, v in m["per_label"].items()},
         "nested_selection": [g["chosen"] for g in m["selection"]["per_group"]] if m["selection"] else None,
         "wall_seconds_per_query_slice": m["timing"]["wall_seconds_per_query_slice"],
+        "wall_seconds_per_volume": m["timing"].get("wall_seconds_per_volume"),
         "out": str(report.out_dir),
     }
     print(json.dumps(_json_safe(summary), indent=1))
@@ -1126,9 +1186,14 @@ def add_eval_command(subparsers) -> None:
                    help="also draw Dice against 1, 2, 4, 8 labelled scans: bank_coverage order vs random orders")
     p.add_argument("--growth-steps", type=_int_list, default=protocols.GROWTH_STEPS, metavar="N,N,...",
                    help="labelled-scan counts of the growth curve (default 1,2,4,8)")
+    p.add_argument("--growth-random", type=int, default=RANDOM_SEEDS, metavar="N",
+                   help=f"random orders drawn beside the bank_coverage order (default {RANDOM_SEEDS}; 0: coverage only)")
     p.add_argument("--max-queries", type=int, default=None, help="query scans per fold at most (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clinical and growth splits (default 0)")
     p.add_argument("--chunks", type=int, default=3, help="alpnet: chunks of the organ's z-extent (default 3)")
+    p.add_argument("--alpnet-support", default="slices", choices=tuple(ALPNET_SUPPORTS),
+                   help="alpnet: the protocol's fixed support slices (default), or the support scan's whole "
+                        "labelled volume (not the protocol: report it as its own row)")
     p.add_argument("--fold-convention", default="alpnet", choices=("alpnet", "adnet"),
                    help="alpnet: which scan supports each fold (SSL-ALPNet's or ADNet's rule)")
     p.add_argument("--select", action="append", default=[], metavar="KEY=V1,V2,...",

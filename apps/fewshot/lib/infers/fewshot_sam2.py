@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict
 
@@ -31,7 +33,8 @@ MEMORIES_RANGE = (1, 32)
 # Engine timing keys that are pre-processing / post-processing in MONAI Label's latency terms.
 PRE_STAGES = ("prepare_and_embed",)
 POST_STAGES = ("postprocess",)
-NOT_SECONDS = ("total", "slices")
+NOT_SECONDS = ("total", "slices", "reused")
+RECENT_INFERENCES = 20  # kept for /info's seconds per volume
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
 
@@ -85,6 +88,9 @@ class FewshotSam2(InferTask):
     def __init__(self, host: EngineHost, bank_status: Callable[[], dict]):
         self.host = host
         self.bank_status = bank_status
+        # Seconds per volume of the recent inferences, for /info: how long the next one will take.
+        self._recent: deque[dict] = deque(maxlen=RECENT_INFERENCES)
+        self._recent_lock = threading.Lock()
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=None,
@@ -104,7 +110,17 @@ class FewshotSam2(InferTask):
         info["labels"] = with_background(self.host.label_map())
         info["support_bank"] = self.bank_status()
         info["preset"] = self.host.config.preset
+        info["seconds_per_volume"] = self.recent_seconds()
         return info
+
+    def recent_seconds(self) -> dict:
+        """Seconds per volume over the last inferences that computed a result (reused ones take ~0 s)."""
+        with self._recent_lock:
+            recent = [r for r in self._recent if not r["reused"]]
+        if not recent:
+            return {"count": 0, "median": None, "last": None, "last_slices": None, "last_stages": {}}
+        return {"count": len(recent), "median": round(float(np.median([r["seconds"] for r in recent])), 2),
+                "last": recent[-1]["seconds"], "last_slices": recent[-1]["slices"], "last_stages": recent[-1]["stages"]}
 
     def is_valid(self) -> bool:
         return True
@@ -189,6 +205,10 @@ class FewshotSam2(InferTask):
         post = sum(seconds.get(k, 0.0) for k in POST_STAGES)
         infer = sum(v for k, v in seconds.items() if k not in PRE_STAGES + POST_STAGES)
         total = time.perf_counter() - start
+        with self._recent_lock:
+            self._recent.append({"seconds": round(total, 2), "reused": bool(timings.get("reused")),
+                                 "slices": timings.get("slices"), "stages": {k: round(v, 2) for k, v in seconds.items()
+                                                                             if isinstance(v, float) and v >= 0.01}})
         messages = [f"{name}: skipped, {why}" for name, why in seg.skipped.items()] + notes
         if not seg.labels:
             messages.insert(0, "nothing segmented: save a final label of these structures first, it joins the support bank")
