@@ -212,12 +212,12 @@ def test_recall_target_states_its_confidence_interval():
     assert second.measured == pytest.approx(2.0) and not second.met and "100x" in second.note
 
 
-def test_quick_bench_times_the_classic_path(tmp_path):
-    """`bench --preset classic` times the weights-free path instead of failing on SAM 2's stages."""
+def test_quick_bench_times_the_classic_slices_path(tmp_path):
+    """`bench --preset classic-slices` times the weights-free slice path instead of failing on SAM 2's stages."""
     from fewshot.bench import CLASSIC_STAGES
 
     out = tmp_path / "classic"
-    rc = main(["bench", "--quick", "--preset", "classic", "--out", str(out), "--threads", "1", "--ks", "1,2",
+    rc = main(["bench", "--quick", "--preset", "classic-slices", "--out", str(out), "--threads", "1", "--ks", "1,2",
                "--set", "selection.keep=2", "--retrieval-sizes", "1000"])
     assert rc == 0
     report = json.loads((out / "bench.json").read_text())
@@ -234,3 +234,11 @@ def test_quick_bench_times_the_classic_path(tmp_path):
     assert "not applicable" in by_what["non-network overhead per slice, whole volume at 256²"]["note"]
     assert by_what["second inference on the same image after a bank change (256²)"]["measured"] > 0
     assert (out / "stages_256.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_sends_the_multi_atlas_classic_to_eval(tmp_path):
+    """Whole-scan registration has no per-slice, per-k figures: bench says where its timings are."""
+    from fewshot.bench import run_bench
+
+    with pytest.raises(ValueError, match="multi-atlas.*fewshot eval"):
+        run_bench(tmp_path / "atlas", quick=True, preset="classic")

@@ -1078,6 +1078,11 @@ def run_bench(
         overrides["device"] = device
     preset = preset or ("random-tiny" if quick else choose_preset(models_dir))
     base = load_preset(preset, overrides)
+    if base.get("transfer", {}).get("type") == "atlas":
+        # Its figures are per scan, not per slice and k: eval measures them (metrics.json, "timing").
+        raise ValueError(f"preset {preset!r} registers whole scans (multi-atlas): bench times slice-level "
+                         "paths. Its seconds per volume come from `python -m fewshot eval` (metrics.json, timing); "
+                         "`bench --preset classic-slices` times the slice-level weights-free path")
     sam2 = base.get("transfer", {}).get("type") == "sam2"
     if sam2:
         preset_size = int(base["transfer"]["image_size"])

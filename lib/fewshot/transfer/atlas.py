@@ -255,8 +255,10 @@ class AtlasTransfer:
                         "needs an `if __name__ == '__main__':` guard); registering the remaining %d atlases in this "
                         "process. Set transfer.workers=1 to skip the pool.", self.settings.start_method, len(remaining))
         if remaining:
+            # One atlas alone (a bank of one scan) gets every core the pool would have used.
+            threads = self.settings.threads_per_worker * (self.settings.workers if len(remaining) == 1 else 1)
             previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(self.settings.threads_per_worker)
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
             try:
                 for key, args in remaining.items():
                     on_done(key, function(*args))
