@@ -1,6 +1,9 @@
 """Markdown tables for docs/results.md, read from `python -m fewshot eval` output folders.
 
     python scripts/results_tables.py out/chaos-alpnet out/cmr-alpnet ...
+    python scripts/results_tables.py --growth out/cmr-growth out/chaos-growth
+
+Per label: Dice mean ± std over query scans, and in brackets HD95 mean in mm.
 
 Every figure printed comes from a run's metrics.json, so the document cannot drift from the runs.
 """
@@ -38,6 +41,10 @@ def describe(folder: Path) -> dict:
         "mean": m.get("mean_dice"),
         "mean_hd95": m.get("mean_hd95"),
         "s_per_slice": timing.get("wall_seconds_per_query_slice"),
+        "s_per_volume": timing.get("wall_seconds_per_volume"),
+        "support": (m.get("protocol_settings") or {}).get("support", "slices"),
+        "max_queries": m.get("max_queries"),
+        "preset": m.get("preset"),
         "supports": supports,
         "selection": m.get("selection"),
     }
@@ -45,21 +52,48 @@ def describe(folder: Path) -> dict:
 
 def table(runs: list[dict]) -> str:
     labels = runs[0]["labels"]
-    head = "| run | " + " | ".join(labels) + " | mean Dice | mean HD95 (mm) | s / slice |"
-    rule = "|---" * (len(labels) + 4) + "|"
+    head = "| run | " + " | ".join(labels) + " | mean Dice | mean HD95 (mm) | s / slice | s / volume |"
+    rule = "|---" * (len(labels) + 5) + "|"
     rows = [head, rule]
     for r in runs:
-        what = f"{r['protocol']}" + (f", {r['shots']} shot{'s' if r['shots'] != 1 else ''}" if r["shots"] else "")
+        what = f"`{r['preset']}`, {r['protocol']}" + (f", {r['shots']} shot{'s' if r['shots'] != 1 else ''}" if r["shots"] else "")
+        if r["protocol"] == "alpnet" and r["support"] == "volume":
+            what += ", **whole support volume** (not the protocol)"
+        if r["max_queries"]:
+            what += f", first {r['max_queries']} query scans"
         if r["selection"]:
             grid = ", ".join(f"{k} ∈ {v}" for k, v in r["selection"]["grid"].items())
             what += f", nested selection of {grid}"
-        cells = [f"{_pct(r['dice'][lab])} ± {_pct(r['std'][lab])}" for lab in labels]
+        cells = [f"{_pct(r['dice'][lab])} ± {_pct(r['std'][lab])} ({_mm(r['hd95'][lab])})" for lab in labels]
+        per_volume = "–" if r["s_per_volume"] is None else f"{r['s_per_volume']:.1f}"
         rows.append(f"| {what} | " + " | ".join(cells)
-                    + f" | **{_pct(r['mean'])}** | {_mm(r['mean_hd95'])} | {r['s_per_slice']:.2f} |")
+                    + f" | **{_pct(r['mean'])}** | {_mm(r['mean_hd95'])} | {r['s_per_slice']:.2f} | {per_volume} |")
+    return "\n".join(rows)
+
+
+def growth_table(folder: Path) -> str:
+    """Mean Dice per step of each growth strategy, and the gain from the first step to the last."""
+    m = json.loads((folder / "metrics.json").read_text())
+    strategies = m["growth"]["strategies"]
+    steps = [p["n_labelled"] for p in next(iter(strategies.values()))["points"]]
+    rows = [f"| `{folder.name}` | " + " | ".join(f"{n} labelled" for n in steps) + " | last - first |",
+            "|---" * (len(steps) + 2) + "|"]
+    for name, data in strategies.items():
+        points = data["points"]
+        cells = [f"{_pct(p['dice_mean'])} ± {_pct(p['dice_std'])}" for p in points]
+        gain = 100 * (points[-1]["dice_mean"] - points[0]["dice_mean"])
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {gain:+.1f} |")
+    order = strategies.get("bank_coverage", {}).get("runs", [{}])[0].get("order", [])
+    rows += ["", f"Query scans: {', '.join(m['growth']['query_ids'])}; bank_coverage order: {', '.join(order)}."]
     return "\n".join(rows)
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--growth":
+        for a in argv[1:]:
+            print(growth_table(Path(a)))
+            print()
+        return 0
     runs = [describe(Path(a)) for a in argv]
     by_dataset: dict[str, list[dict]] = {}
     for r in runs:

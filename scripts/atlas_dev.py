@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Development pairs for the multi-atlas `classic`: segment a few query scans from a few atlases.
+
+    python scripts/atlas_dev.py chaos-t2 2,3 1,8,10,13,15 [KEY=VALUE ...]
+    python scripts/atlas_dev.py cmr-bssfp 2,6,12 3,5,7,9,4 transfer.global_affine.iterations=50
+    python scripts/atlas_dev.py chaos-t2 2,3 1,8,10,13,15 --fusion '{"j222s1": {}, "maj": {"method": "majority"}}'
+
+Prints Dice per label, seconds per volume and stage timers for each query. With ``--fusion`` every
+query is registered once and fused with each named variant of ``transfer.fusion`` (the registrations
+are cached), which is how the fusion settings in docs/results.md were compared. These pairs were the
+design set (docs/results.md, "How classic was designed"): they are also among the scored scans, so
+figures from here are indicative, never results.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fewshot.config import load_preset, parse_overrides
+from fewshot.eval.runner import load_dataset_config
+from fewshot.pipeline import Engine
+from fewshot.volume import read_label
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset")
+    p.add_argument("queries")
+    p.add_argument("atlases")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--fusion", default=None, help="JSON: variant name -> transfer.fusion fields")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("fewshot.bank", "fewshot.pipeline", "monai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ds = load_dataset_config(args.dataset)
+    engine, _ = Engine.from_settings(load_preset("classic", {**ds.overrides(), **parse_overrides(args.overrides)}),
+                                     label_names=ds.labels)
+    root = DATA / args.dataset
+    values = sorted(ds.labels.values())
+    for a in args.atlases.split(","):
+        engine.ingest(a, root / f"image_{a}.nii.gz", root / f"label_{a}.nii.gz")
+    variants = json.loads(args.fusion) if args.fusion else {"preset": {}}
+    base = engine.transfer.settings
+    means: dict[str, list[float]] = {}
+    try:
+        for q in args.queries.split(","):
+            for name, fields in variants.items():
+                engine.transfer.settings = dataclasses.replace(base, fusion=dataclasses.replace(base.fusion, **fields))
+                engine._results.clear()  # the finished segmentation, not the registrations
+                start = time.perf_counter()
+                seg = engine.segment(root / f"image_{q}.nii.gz", labels=values)
+                seconds = time.perf_counter() - start
+                truth = read_label(root / f"label_{q}.nii.gz", seg.volume)
+                dice = {v: 2 * float(((seg.label == v) & (truth == v)).sum())
+                        / max(1.0, float((seg.label == v).sum() + (truth == v).sum())) for v in values}
+                means.setdefault(name, []).append(float(np.mean(list(dice.values()))))
+                stages = {k: round(v, 1) for k, v in seg.timings.items() if isinstance(v, float) and v >= 0.5}
+                print(f"query {q} {name}: Dice {({k: round(v, 3) for k, v in dice.items()})} "
+                      f"mean {means[name][-1]:.3f}, {seconds:.1f} s {stages}", flush=True)
+    finally:
+        engine.transfer.close()
+    for name, values_ in means.items():
+        print(f"MEAN {name}: {np.mean(values_):.3f} over {len(values_)} queries")
+
+
+if __name__ == "__main__":  # the registration workers are spawned processes: they re-import this file
+    main()
