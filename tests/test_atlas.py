@@ -367,3 +367,60 @@ def test_classic_opens_no_weights(cross_subject):
     assert any(p.endswith("phantom_02.nii.gz") for p in opened)  # the audit sees this process's reads
     assert any("ants" in p.lower() for p in opened)  # ANTs (registration, fusion) loads under the audit too
     assert offending(opened, models) == []
+
+
+def test_an_atlas_without_a_label_abstains_and_regions_it_does_not_reach_are_not_its_vote():
+    """Scans in one datastore often have different structures labelled: an atlas that lacks a label
+    must not vote background on it, and an atlas registered on a smaller region has no say beyond it."""
+    from fewshot.transfer.atlas import AtlasTransfer
+    from fewshot.transfer.atlas_registration import Candidate, GlobalAlignment
+
+    step = AtlasTransfer(dict(load_preset("classic")["transfer"], workers=1))
+    rng = np.random.default_rng(1)
+    query = ndimage.gaussian_filter(rng.random((6, 40, 40)), 1.0).astype(np.float32)
+    full = (slice(0, 6), slice(0, 40), slice(0, 40))
+    small = (slice(0, 6), slice(0, 40), slice(0, 20))
+    alignment = GlobalAlignment(1.0, False, (1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, 0), (0, 0, 0))
+
+    def candidate(name, box, label_1, label_2):
+        shape = tuple(s.stop - s.start for s in box)
+        probabilities = np.zeros((2,) + shape, np.float16)
+        probabilities[0][label_1[:, :, : shape[2]]] = 1
+        probabilities[1][label_2[:, :, : shape[2]]] = 1
+        return Candidate(name, box, query[box].astype(np.float16), probabilities, (1, 2), alignment, False)
+
+    organ_1 = np.zeros((6, 40, 40), bool)
+    organ_1[:, 5:15, 2:12] = True
+    organ_2 = np.zeros((6, 40, 40), bool)
+    organ_2[:, 20:30, 25:35] = True  # beyond the small atlas's region (columns 0-19)
+    both = candidate("both", full, organ_1, organ_2)
+    partial = candidate("partial", small, organ_1, np.zeros_like(organ_2))
+    holders = [Atlas("both", query, np.zeros((6, 40, 40), np.uint16), (5.0, 1.0, 1.0), {1: 1, 2: 1}, "a"),
+               Atlas("partial", query, np.zeros((6, 40, 40), np.uint16), (5.0, 1.0, 1.0), {1: 1}, "b")]
+    fused = step._fuse(query, (5.0, 1.0, 1.0), full, [both, partial], holders, (1, 2))
+    assert (fused[1][organ_2] == 1).all()  # label 2: only "both" holds it, and it says so
+    assert (fused[0][organ_1] == 1).all() and (fused[0][~organ_1] == 0).all()  # label 1: both agree
+
+
+def test_an_atlas_that_fails_to_register_costs_the_scan_only_its_vote(inline_engine, monkeypatch, caplog):
+    from fewshot.transfer import atlas
+
+    real = atlas.reg.register_atlas
+
+    def flaky(query, spacing, one, *args):
+        if one.image_id == "broken":
+            raise RuntimeError("ITK ran out of memory")
+        return real(query, spacing, one, *args)
+
+    monkeypatch.setattr(atlas.reg, "register_atlas", flaky)
+    image, label = phantom(1)
+    inline_engine.ingest("self", image, label)
+    inline_engine.ingest("broken", *phantom(3))
+    try:
+        seg = inline_engine.segment(image)
+    finally:
+        inline_engine.remove("self")
+        inline_engine.remove("broken")
+    truth = np.asarray(nib.load(label).dataobj)
+    assert dice(seg.label == LABELS["liver"], truth == LABELS["liver"]) >= 0.95
+    assert "broken: RuntimeError(ITK ran out of memory)" in caplog.text

@@ -488,7 +488,7 @@ class Engine:
         if self.scan_level:
             plans = None
             t0 = time.perf_counter()
-            atlases = self.atlases_for(embeddings)
+            atlases = self.atlases_for(embeddings, values)
             timings["retrieve"] = time.perf_counter() - t0
             result = self.transfer.segment_with_atlases(
                 prepared.canvas, prepared.geometry.spacing, atlases, values, keep=self.keep,
@@ -521,11 +521,14 @@ class Engine:
         """Supports kept per query slice, or atlases per query scan for a scan-level transfer."""
         return int(self.settings.get("selection", {}).get("keep", 4))
 
-    def atlases_for(self, embeddings: np.ndarray) -> list[Atlas]:
-        """The bank's atlases to offer a scan-level transfer: all of them up to ``selection.candidates``;
-        beyond, those whose slices are closest to the query's in the bank's own index (per atlas, the
-        mean over query slices of its best entry's similarity)."""
-        ids = self.bank.atlas_ids()
+    def atlases_for(self, embeddings: np.ndarray, labels: Sequence[int] = ()) -> list[Atlas]:
+        """The bank's atlases holding any of ``labels`` (all when empty), offered to a scan-level
+        transfer: all of them up to ``selection.candidates``; beyond, those whose slices are closest
+        to the query's in the bank's own index (per atlas, the mean over query slices of its best
+        entry's similarity). Filtered by label first, so a label only some scans hold is not crowded
+        out by scans that lack it."""
+        wanted = {int(v) for v in labels}
+        ids = [i for i in self.bank.atlas_ids() if not wanted or wanted & set(self.bank.record(i)["labels"])]
         limit = int(self.settings.get("selection", {}).get("candidates", 16))
         if len(ids) > limit:
             depth = min(self.bank.num_entries, max(64, 8 * limit))

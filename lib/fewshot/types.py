@@ -103,13 +103,13 @@ class AtlasUse:
     """Provenance of one atlas in a scan-level segmentation."""
 
     image_id: str
-    similarity: float  # correlation with the query after the global affine (what chose it)
+    similarity: float | None  # correlation with the query after the global affine (what chose it); None: not aligned
     reversed_slices: bool = False  # registered with its slice order reversed (see ``slice_order``)
     seconds: float = 0.0  # registration time (0 when reused from the cache)
     reused: bool = False
 
     def as_dict(self) -> dict:
-        return {"image_id": self.image_id, "similarity": round(self.similarity, 4),
+        return {"image_id": self.image_id, "similarity": None if self.similarity is None else round(self.similarity, 4),
                 "reversed_slices": self.reversed_slices, "seconds": round(self.seconds, 2), "reused": self.reused}
 
 

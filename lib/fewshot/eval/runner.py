@@ -973,6 +973,8 @@ def run_eval(
         raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if max_queries is not None and max_queries < 1:
         raise ValueError("--max-queries must be at least 1")
+    if growth_random < 0:
+        raise ValueError("--growth-random must be 0 or more")
     if alpnet_support not in ALPNET_SUPPORTS:
         raise ValueError(f"unknown --alpnet-support {alpnet_support!r}; use one of {', '.join(ALPNET_SUPPORTS)}")
     if hd95_empty not in HD95_EMPTY:

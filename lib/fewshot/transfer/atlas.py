@@ -47,6 +47,7 @@ from fewshot.types import Atlas, AtlasUse, SlicePlan, SliceResult, VolumeResult
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_VERSION = "atlas-v1"
+MAX_ALIGNMENTS = 4096  # global affines kept (a few hundred bytes each) for re-runs on the same queries
 _PRESET = "configs/presets/classic.yaml"
 
 
@@ -191,6 +192,7 @@ class AtlasTransfer:
         self._pool: ProcessPoolExecutor | None = None
         self._pool_failed = False
         self._pool_lock = threading.Lock()
+        self._inline_lock = threading.Lock()  # SimpleITK's thread count is process-wide
         self._finalizer: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ identity
@@ -234,8 +236,14 @@ class AtlasTransfer:
 
     def _run(self, function: Callable, jobs: dict, on_done: Callable) -> None:
         """``function(*args)`` for every job (key -> args), in the pool when it has more than one job;
-        ``on_done(key, result)`` in this thread as each finishes."""
+        ``on_done(key, result)`` in this thread as each finishes; a job that raises gives None (logged):
+        one atlas that cannot be registered must not cost the scan the others."""
         remaining = dict(jobs)
+
+        def failed(key, exc: BaseException) -> None:
+            logger.warning("atlas %s: %s(%s); left out of this segmentation", key, type(exc).__name__, exc)
+            on_done(key, None)
+
         if self.settings.workers > 1 and len(jobs) > 1:
             pool = self._executor()
             if pool is not None:
@@ -245,25 +253,40 @@ class AtlasTransfer:
                         finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                         for future in finished:
                             key = pending.pop(future)
-                            on_done(key, future.result())
+                            try:
+                                result = future.result()
+                            except BrokenProcessPool:
+                                raise
+                            except Exception as exc:  # noqa: BLE001 - reported, the scan goes on
+                                remaining.pop(key)
+                                failed(key, exc)
+                                continue
                             remaining.pop(key)
+                            on_done(key, result)
                 except BrokenProcessPool:
                     self.close()
                     self._pool_failed = True
                     logger.warning(
-                        "atlas registration worker processes failed to start (%s start method; a calling script "
-                        "needs an `if __name__ == '__main__':` guard); registering the remaining %d atlases in this "
-                        "process. Set transfer.workers=1 to skip the pool.", self.settings.start_method, len(remaining))
+                        "atlas registration worker processes stopped (killed, out of memory, or never started: with "
+                        "the %s start method a calling script needs an `if __name__ == '__main__':` guard); "
+                        "registering the remaining %d atlases in this process from now on. Set transfer.workers=1 "
+                        "to skip the pool.", self.settings.start_method, len(remaining))
         if remaining:
             # One atlas alone (a bank of one scan) gets every core the pool would have used.
             threads = self.settings.threads_per_worker * (self.settings.workers if len(remaining) == 1 else 1)
-            previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-            try:
-                for key, args in remaining.items():
-                    on_done(key, function(*args))
-            finally:
-                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+            with self._inline_lock:
+                previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+                try:
+                    for key, args in remaining.items():
+                        try:
+                            result = function(*args)
+                        except Exception as exc:  # noqa: BLE001 - reported, the scan goes on
+                            failed(key, exc)
+                            continue
+                        on_done(key, result)
+                finally:
+                    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
     # ------------------------------------------------------------------ scan level
 
@@ -301,14 +324,18 @@ class AtlasTransfer:
             by_id = {a.image_id: a for a in atlases}
 
             def aligned(image_id, alignment):
-                self._alignments[(query_key, by_id[image_id].key, self._plan_key)] = alignment
+                if alignment is not None:
+                    self._alignments[(query_key, by_id[image_id].key, self._plan_key)] = alignment
+                    while len(self._alignments) > MAX_ALIGNMENTS:  # oldest first: dicts keep insertion order
+                        self._alignments.pop(next(iter(self._alignments)))
                 tick()
 
             self._run(reg.align_globally, todo, aligned)
             for a in atlases:
                 if a.image_id not in todo:
                     tick()
-            ranked = sorted(atlases, key=lambda a: -self._alignments[(query_key, a.key, self._plan_key)].similarity)
+            ranked = sorted((a for a in atlases if (query_key, a.key, self._plan_key) in self._alignments),
+                            key=lambda a: -self._alignments[(query_key, a.key, self._plan_key)].similarity)
             chosen = ranked[:keep]
             logger.info("atlas selection: kept %s of %d atlases (correlation after the global affine %s)",
                         [a.image_id for a in chosen], len(atlases),
@@ -334,7 +361,8 @@ class AtlasTransfer:
 
         def registered(image_id, candidate):
             candidates[image_id] = candidate
-            self._cache.put(keys[image_id], candidate)
+            if candidate is not None:  # a failure is retried next time (and "reaches nothing" is cheap to redo)
+                self._cache.put(keys[image_id], candidate)
             tick()
             logger.info("atlas %s registered in %.1f s (%d/%d)%s", image_id, candidate.seconds if candidate else 0.0,
                         done, steps, f" ({', '.join(f'{k} {v:.1f} s' for k, v in candidate.stages.items())})"
@@ -346,22 +374,17 @@ class AtlasTransfer:
 
         # 3. fuse, 4. keep the atlases' pieces.
         probs = np.zeros((len(labels),) + query.shape, np.float32)
+        holders = [a for a in chosen if candidates.get(a.image_id) is not None]
+        for v in labels:
+            if not any(v in a.components for a in holders):
+                logger.warning("label %s: none of the atlases used holds it, so it is not segmented", v)
         if used:
             t0 = time.perf_counter()
             box = tuple(slice(min(c.box[d].start for c in used), max(c.box[d].stop for c in used)) for d in range(3))
-            images = np.zeros((len(used),) + tuple(s.stop - s.start for s in box), np.float32)
-            votes = np.zeros((len(used), len(labels)) + images.shape[1:], np.float32)
-            for i, c in enumerate(used):
-                inner = tuple(slice(c.box[d].start - box[d].start, c.box[d].stop - box[d].start) for d in range(3))
-                images[(i,) + inner] = c.image
-                votes[(i, slice(None)) + inner] = c.probabilities
-                outside = np.ones(images.shape[1:], bool)
-                outside[inner] = False
-                images[i][outside] = query[box][outside]  # beyond an atlas's region it agrees with the query: no say there
-            fused = fuse(query[box], images, votes, spacing, self.settings.fusion)
+            fused = self._fuse(query, spacing, box, used, holders, labels)
             seconds["fuse"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            counts = [a.components for a in chosen if candidates.get(a.image_id) is not None]
+            counts = [a.components for a in holders]
             expected = {v: expected_pieces(counts, v) for v in labels}
             probs[(slice(None),) + box] = keep_pieces(fused, labels, expected, self.settings.threshold)
             seconds["pieces"] = time.perf_counter() - t0
@@ -370,8 +393,44 @@ class AtlasTransfer:
         for a in chosen:
             c = candidates.get(a.image_id)
             alignment = c.alignment if c is not None else self._alignments.get((query_key, a.key, self._plan_key))
-            uses.append(AtlasUse(image_id=a.image_id, similarity=alignment.similarity if alignment else float("nan"),
+            uses.append(AtlasUse(image_id=a.image_id, similarity=alignment.similarity if alignment else None,
                                  reversed_slices=bool(alignment and alignment.reversed_slices),
                                  seconds=0.0 if a.image_id in reused or c is None else c.seconds, reused=a.image_id in reused))
         slices = [SliceResult(probabilities=probs[:, z], object_scores=object_scores(probs[:, z])) for z in range(len(query))]
         return VolumeResult(labels=labels, slices=slices, seconds=seconds, atlases=uses)
+
+    def _fuse(self, query: np.ndarray, spacing, box, used: Sequence[reg.Candidate], holders: Sequence[Atlas],
+              labels: tuple[int, ...]) -> np.ndarray:
+        """(L, box) fused probabilities. Each label is fused over the atlases that hold it (an atlas
+        without a label abstains on it rather than voting background), labels held by the same atlases
+        together; where some atlas's registered region does not reach, the atlases that do reach it
+        vote by their mean (joint fusion needs every atlas's patch, and a missing one cannot be faked)."""
+        shape = tuple(s.stop - s.start for s in box)
+        images = np.zeros((len(used),) + shape, np.float32)
+        votes = np.zeros((len(used), len(labels)) + shape, np.float32)
+        covered = np.zeros((len(used),) + shape, bool)
+        for i, c in enumerate(used):
+            inner = tuple(slice(c.box[d].start - box[d].start, c.box[d].stop - box[d].start) for d in range(3))
+            images[(i,) + inner] = c.image
+            votes[(i, slice(None)) + inner] = c.probabilities
+            covered[(i,) + inner] = True
+        out = np.zeros((len(labels),) + shape, np.float32)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for channel, v in enumerate(labels):
+            who = tuple(i for i, a in enumerate(holders) if v in a.components)
+            if who:
+                groups.setdefault(who, []).append(channel)
+        everywhere = covered.all(axis=0)
+        for who, channels in groups.items():
+            index = np.asarray(who)
+            mine = votes[index][:, channels]
+            reach = covered[index]
+            count = reach.sum(axis=0)
+            partial = np.where(count > 0, mine.sum(axis=0) / np.maximum(count, 1), 0.0)  # mean of those that reach
+            fused = fuse(query[box], images[index], mine, spacing, self.settings.fusion)
+            inside = reach.all(axis=0)
+            out[channels] = np.where(inside, fused, partial)
+        if not everywhere.all():
+            logger.debug("fusion: %.1f%% of the union box is outside some atlas's region (mean vote there)",
+                         100 * (1 - everywhere.mean()))
+        return out

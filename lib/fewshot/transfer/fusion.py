@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -72,16 +73,17 @@ def joint(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spac
     def image(array):
         return ants.from_numpy(np.ascontiguousarray(array, dtype=np.float32), spacing=tuple(float(s) for s in spacing))
 
-    result = ants.joint_label_fusion(
-        image(query), image(region.astype(np.float32)), [image(a) for a in images],
-        beta=float(settings.beta), rad=[int(r) for r in settings.patch_radius], label_list=[image(h) for h in hard],
-        rho=float(settings.rho), r_search=int(settings.search_radius),
-    )
-    out[:, region] = 0.0
-    for number, probability in zip(result["segmentation_numbers"], result["probabilityimages"]):
-        channel = int(round(float(number))) - 1
-        if 0 <= channel < out.shape[0]:
-            out[channel][region] = probability.numpy()[region]
+    with tempfile.TemporaryDirectory(prefix="fewshot-jlf-") as tmp:  # antspyx writes its outputs to files
+        result = ants.joint_label_fusion(
+            image(query), image(region.astype(np.float32)), [image(a) for a in images],
+            beta=float(settings.beta), rad=[int(r) for r in settings.patch_radius], label_list=[image(h) for h in hard],
+            rho=float(settings.rho), r_search=int(settings.search_radius), output_prefix=f"{tmp}/jlf",
+        )
+        out[:, region] = 0.0
+        for number, probability in zip(result["segmentation_numbers"], result["probabilityimages"]):
+            channel = int(round(float(number))) - 1
+            if 0 <= channel < out.shape[0]:
+                out[channel][region] = probability.numpy()[region]
     return out
 
 
