@@ -2,6 +2,7 @@
 
     python scripts/results_tables.py out/chaos-alpnet out/cmr-alpnet ...
     python scripts/results_tables.py --growth out/cmr-growth out/chaos-growth
+    python scripts/results_tables.py --compare OLD_RUN NEW_RUN [OLD_RUN NEW_RUN ...]   # on the queries both scored
 
 Per label: Dice mean ± std over query scans, and in brackets HD95 mean in mm.
 
@@ -88,7 +89,34 @@ def growth_table(folder: Path) -> str:
     return "\n".join(rows)
 
 
+def _case_dice(folder: Path) -> dict[tuple[str, str], float]:
+    import csv
+
+    with open(folder / "cases.csv") as f:
+        return {(r["case_id"], r["label_name"]): float(r["dice"]) for r in csv.DictReader(f) if r["dice"] not in ("", "nan")}
+
+
+def compare(old: Path, new: Path) -> str:
+    """Mean Dice of two runs on the query scans and labels both scored (mean over labels of the mean
+    over scans), so a run on the first N queries compares with an older run on all of them."""
+    a, b = _case_dice(old), _case_dice(new)
+    common = sorted(set(a) & set(b))
+    labels = sorted({lab for _, lab in common})
+    cases = sorted({c for c, _ in common}, key=lambda c: (len(c), c))
+
+    def mean(d):
+        return 100 * sum(sum(d[(c, lab)] for c in cases if (c, lab) in d) / len(cases) for lab in labels) / len(labels)
+
+    return f"| `{old.name}` vs `{new.name}` | {', '.join(cases)} | {mean(a):.1f} | {mean(b):.1f} | {mean(b) - mean(a):+.1f} |"
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--compare":
+        print("| runs (old vs new) | query scans | old mean Dice | new mean Dice | change |")
+        print("|---|---|---|---|---|")
+        for old, new in zip(argv[1::2], argv[2::2]):
+            print(compare(Path(old), Path(new)))
+        return 0
     if argv and argv[0] == "--growth":
         for a in argv[1:]:
             print(growth_table(Path(a)))
