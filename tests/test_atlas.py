@@ -424,3 +424,21 @@ def test_an_atlas_that_fails_to_register_costs_the_scan_only_its_vote(inline_eng
     truth = np.asarray(nib.load(label).dataobj)
     assert dice(seg.label == LABELS["liver"], truth == LABELS["liver"]) >= 0.95
     assert "broken: RuntimeError(ITK ran out of memory)" in caplog.text
+
+
+def test_atlases_are_offered_by_label_and_slicing_axis(inline_engine):
+    """A scan that lacks every requested label, or was cut along another axis, is not offered."""
+    inline_engine.ingest("a", *phantom(1))
+    inline_engine.ingest("b", *phantom(3))
+    try:
+        prepared = inline_engine.prepare(phantom(2)[0])
+        axis = prepared.geometry.axis
+        assert inline_engine.bank.atlas("a").axis == axis
+        found = [a.image_id for a in inline_engine.atlases_for(np.zeros((1, 1), np.float32), [1], axis=axis)]
+        assert found == ["a", "b"]
+        assert inline_engine.atlases_for(np.zeros((1, 1), np.float32), [7], axis=axis) == []
+        inline_engine.bank._records["b"]["atlas"]["axis"] = (axis + 1) % 3  # as if b were sagittal
+        assert [a.image_id for a in inline_engine.atlases_for(np.zeros((1, 1), np.float32), [1], axis=axis)] == ["a"]
+    finally:
+        inline_engine.remove("a")
+        inline_engine.remove("b")

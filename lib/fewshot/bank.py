@@ -152,6 +152,7 @@ class _Shard:
                 spacing=tuple(float(v) for v in info["spacing"]),
                 components={int(k): int(v) for k, v in info["components"].items()},
                 key=str(info["key"]),
+                axis=int(info.get("axis", -1)),
             )
             if self.atlas.image.shape != self.atlas.mask.shape or self.atlas.image.ndim != 3:
                 raise ValueError("atlas image and mask shapes differ")
@@ -469,7 +470,7 @@ class SupportBank:
             a = batch.atlas
             record["atlas"] = {"spacing": [float(v) for v in a.spacing], "key": a.key,
                                "components": {str(k): int(v) for k, v in sorted(a.components.items())},
-                               "shape": [int(v) for v in a.image.shape]}
+                               "shape": [int(v) for v in a.image.shape], "axis": int(a.axis)}
         with self._write_lock():
             if self.directory is not None:
                 self._sync(repair=True)  # other processes' commits first: never write over them
@@ -715,7 +716,7 @@ class SupportBank:
             raise BankError(f"{image_id!r} has no cached atlas volume: re-ingest it with a scan-level preset")
         a = shard.atlas
         return Atlas(image_id=image_id, image=np.asarray(a.image, dtype=np.float32), mask=np.asarray(a.mask, np.uint16),
-                     spacing=a.spacing, components=dict(a.components), key=a.key)
+                     spacing=a.spacing, components=dict(a.components), key=a.key, axis=a.axis)
 
     def image_embeddings(self, image_id: str) -> np.ndarray:
         """(E, D) entry vectors of one image, in entry order."""

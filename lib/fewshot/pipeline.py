@@ -297,7 +297,7 @@ class Engine:
         mask = np.ascontiguousarray(masks, np.uint16)
         key = hashlib.sha256(image.tobytes() + mask.tobytes() + repr(prepared.geometry.spacing).encode()).hexdigest()[:24]
         return Atlas(image_id=image_id, image=image, mask=mask, spacing=prepared.geometry.spacing,
-                     components=count_pieces(mask), key=key)
+                     components=count_pieces(mask), key=key, axis=int(prepared.geometry.axis))
 
     def ingest(
         self,
@@ -488,7 +488,7 @@ class Engine:
         if self.scan_level:
             plans = None
             t0 = time.perf_counter()
-            atlases = self.atlases_for(embeddings, values)
+            atlases = self.atlases_for(embeddings, values, axis=prepared.geometry.axis)
             timings["retrieve"] = time.perf_counter() - t0
             result = self.transfer.segment_with_atlases(
                 prepared.canvas, prepared.geometry.spacing, atlases, values, keep=self.keep,
@@ -521,14 +521,21 @@ class Engine:
         """Supports kept per query slice, or atlases per query scan for a scan-level transfer."""
         return int(self.settings.get("selection", {}).get("keep", 4))
 
-    def atlases_for(self, embeddings: np.ndarray, labels: Sequence[int] = ()) -> list[Atlas]:
+    def atlases_for(self, embeddings: np.ndarray, labels: Sequence[int] = (), axis: int | None = None) -> list[Atlas]:
         """The bank's atlases holding any of ``labels`` (all when empty), offered to a scan-level
         transfer: all of them up to ``selection.candidates``; beyond, those whose slices are closest
         to the query's in the bank's own index (per atlas, the mean over query slices of its best
         entry's similarity). Filtered by label first, so a label only some scans hold is not crowded
-        out by scans that lack it."""
+        out by scans that lack it; and by slicing axis (a sagittal stack is no atlas for an axial one:
+        their canvases' axes differ)."""
         wanted = {int(v) for v in labels}
         ids = [i for i in self.bank.atlas_ids() if not wanted or wanted & set(self.bank.record(i)["labels"])]
+        if axis is not None:
+            cut = {i: int(self.bank.record(i)["atlas"].get("axis", -1)) for i in ids}
+            other = [i for i in ids if cut[i] not in (-1, int(axis))]
+            if other:
+                logger.info("atlases %s were sliced along another axis than this scan (%d): not used", other, axis)
+            ids = [i for i in ids if i not in other]
         limit = int(self.settings.get("selection", {}).get("candidates", 16))
         if len(ids) > limit:
             depth = min(self.bank.num_entries, max(64, 8 * limit))
