@@ -426,8 +426,9 @@ def test_an_atlas_that_fails_to_register_costs_the_scan_only_its_vote(inline_eng
     assert "broken: RuntimeError(ITK ran out of memory)" in caplog.text
 
 
-def test_atlases_are_offered_by_label_and_slicing_axis(inline_engine):
-    """A scan that lacks every requested label, or was cut along another axis, is not offered."""
+def test_atlases_are_offered_by_label_and_their_slicing_axis_is_told(inline_engine, caplog):
+    """A scan that lacks every requested label is not offered. One whose header names another slicing
+    axis still is (half the CMR files name another RAS axis for the same short-axis cut), with a note."""
     inline_engine.ingest("a", *phantom(1))
     inline_engine.ingest("b", *phantom(3))
     try:
@@ -437,8 +438,10 @@ def test_atlases_are_offered_by_label_and_slicing_axis(inline_engine):
         found = [a.image_id for a in inline_engine.atlases_for(np.zeros((1, 1), np.float32), [1], axis=axis)]
         assert found == ["a", "b"]
         assert inline_engine.atlases_for(np.zeros((1, 1), np.float32), [7], axis=axis) == []
-        inline_engine.bank._records["b"]["atlas"]["axis"] = (axis + 1) % 3  # as if b were sagittal
-        assert [a.image_id for a in inline_engine.atlases_for(np.zeros((1, 1), np.float32), [1], axis=axis)] == ["a"]
+        inline_engine.bank._records["b"]["atlas"]["axis"] = (axis + 1) % 3  # as if b's header said sagittal
+        caplog.set_level("INFO", logger="fewshot.pipeline")
+        found = [a.image_id for a in inline_engine.atlases_for(np.zeros((1, 1), np.float32), [1], axis=axis)]
+        assert found == ["a", "b"] and "['b'] were sliced along another RAS axis" in caplog.text
     finally:
         inline_engine.remove("a")
         inline_engine.remove("b")

@@ -526,16 +526,17 @@ class Engine:
         transfer: all of them up to ``selection.candidates``; beyond, those whose slices are closest
         to the query's in the bank's own index (per atlas, the mean over query slices of its best
         entry's similarity). Filtered by label first, so a label only some scans hold is not crowded
-        out by scans that lack it; and by slicing axis (a sagittal stack is no atlas for an axial one:
-        their canvases' axes differ)."""
+        out by scans that lack it."""
         wanted = {int(v) for v in labels}
         ids = [i for i in self.bank.atlas_ids() if not wanted or wanted & set(self.bank.record(i)["labels"])]
         if axis is not None:
+            # Told, not filtered: headers of preprocessed data often name another RAS axis for the same
+            # cut (half the CMR files here), and the global affine ranks a truly foreign atlas last.
             cut = {i: int(self.bank.record(i)["atlas"].get("axis", -1)) for i in ids}
             other = [i for i in ids if cut[i] not in (-1, int(axis))]
             if other:
-                logger.info("atlases %s were sliced along another axis than this scan (%d): not used", other, axis)
-            ids = [i for i in ids if i not in other]
+                logger.info("atlases %s were sliced along another RAS axis than this scan (%d) by their headers",
+                            other, axis)
         limit = int(self.settings.get("selection", {}).get("candidates", 16))
         if len(ids) > limit:
             depth = min(self.bank.num_entries, max(64, 8 * limit))
