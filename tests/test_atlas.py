@@ -445,3 +445,15 @@ def test_atlases_are_offered_by_label_and_their_slicing_axis_is_told(inline_engi
     finally:
         inline_engine.remove("a")
         inline_engine.remove("b")
+
+
+def test_a_cardiac_atlas_stored_in_the_other_orientation_still_segments():
+    """CMR scan 7 is stored L,S,P and scan 2 P,S,R (their headers name different RAS slicing axes for
+    the same short-axis cut): one is still a useful atlas for the other. Measured: Dice 0.50 / 0.80 / 0.75."""
+    root = shared_dataset("cmr-bssfp")
+    engine = engine_for(labels={"LV-MYO": 200, "LV-BP": 500, "RV": 600}, **{"transfer.workers": 1})
+    engine.ingest("cmr-7", root / "image_7.nii.gz", root / "label_7.nii.gz")
+    seg = engine.segment(root / "image_2.nii.gz")
+    truth = np.asarray(nib.load(root / "label_2.nii.gz").dataobj)
+    scores = [dice(seg.label == v, truth == v) for v in (200, 500, 600)]
+    assert np.mean(scores) > 0.5 and min(scores) > 0.3, scores
