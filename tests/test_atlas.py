@@ -342,7 +342,7 @@ def test_a_new_label_registers_only_its_own_atlas_and_progress_is_reported(cross
     used = {a["image_id"]: a for a in second.provenance["liver"]["atlases"]}
     assert set(used) == {"p1", "p3", "p4"}
     assert used["p1"]["reused"] and used["p3"]["reused"] and not used["p4"]["reused"]
-    assert second.timings["register"] < first.timings["register"]
+    assert used["p1"]["seconds"] == used["p3"]["seconds"] == 0 and used["p4"]["seconds"] > 0  # not a timing race
     assert seen and seen[-1][0] == seen[-1][1] and len(seen) >= 3
 
 
