@@ -390,7 +390,7 @@ def test_worker_audit_records_worker_opens(tmp_path, classic, monkeypatch):
     step = RegistrationTransfer(dict(classic["transfer"], workers=2))
     try:
         with recorded_opens(tmp_path) as audit:
-            assert step._executor().submit(Path(__file__).read_bytes).result()
+            assert step.pool.executor().submit(Path(__file__).read_bytes).result()
             opened_here = list(audit.paths)
         assert __file__ not in opened_here  # not this process ...
         assert __file__ in audit.paths  # ... a worker
@@ -399,16 +399,16 @@ def test_worker_audit_records_worker_opens(tmp_path, classic, monkeypatch):
 
 
 def test_process_pool_gives_the_same_result_and_is_started_once(classic, transfer, monkeypatch):
-    from fewshot.transfer import registration
+    from fewshot.transfer import workers
 
     started = []
 
-    class CountingPool(registration.ProcessPoolExecutor):
+    class CountingPool(workers.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             started.append(self)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(registration, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", CountingPool)
     images, masks = canvas_volume("cmr-bssfp", 1)
     zs = [z for z in range(len(images)) if masks[z].any()][2:5]
     labels = [int(v) for v in np.unique(masks) if v]

@@ -27,10 +27,7 @@ import logging
 import multiprocessing
 import threading
 import time
-import weakref
 from collections import OrderedDict
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Mapping, Sequence
 
@@ -42,6 +39,7 @@ from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.fusion import FusionSettings, fuse
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
+from fewshot.transfer.workers import WorkerPool, sitk_threads
 from fewshot.types import Atlas, AtlasUse, SlicePlan, SliceResult, VolumeResult
 
 logger = logging.getLogger(__name__)
@@ -189,11 +187,10 @@ class AtlasTransfer:
         self._plan_key = _digest(asdict(self.settings.registration))
         self._cache = _CandidateCache(self.settings.cache_mb)
         self._alignments: dict[tuple, reg.GlobalAlignment] = {}
-        self._pool: ProcessPoolExecutor | None = None
-        self._pool_failed = False
-        self._pool_lock = threading.Lock()
+        s = self.settings
+        self.pool = WorkerPool(s.workers, s.threads_per_worker, s.start_method, _init_worker, "atlas registration",
+                               "atlases")
         self._inline_lock = threading.Lock()  # SimpleITK's thread count is process-wide
-        self._finalizer: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ identity
 
@@ -215,78 +212,34 @@ class AtlasTransfer:
 
     # ------------------------------------------------------------------ worker processes
 
-    def _executor(self) -> ProcessPoolExecutor | None:
-        with self._pool_lock:
-            if self._pool is None and not self._pool_failed:
-                s = self.settings
-                self._pool = ProcessPoolExecutor(
-                    s.workers, mp_context=multiprocessing.get_context(s.start_method),
-                    initializer=_init_worker, initargs=(s.threads_per_worker,),
-                )
-                self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=True, cancel_futures=True)
-            return self._pool
-
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones); the slice transfer's too."""
-        with self._pool_lock:
-            finalizer, self._finalizer, self._pool = self._finalizer, None, None
-        if finalizer is not None:
-            finalizer()
+        self.pool.close()
         self.slices.close()
 
     def _run(self, function: Callable, jobs: dict, on_done: Callable) -> None:
         """``function(*args)`` for every job (key -> args), in the pool when it has more than one job;
         ``on_done(key, result)`` in this thread as each finishes; a job that raises gives None (logged):
         one atlas that cannot be registered must not cost the scan the others."""
-        remaining = dict(jobs)
 
         def failed(key, exc: BaseException) -> None:
             logger.warning("atlas %s: %s(%s); left out of this segmentation", key, type(exc).__name__, exc)
             on_done(key, None)
 
+        remaining = dict(jobs)
         if self.settings.workers > 1 and len(jobs) > 1:
-            pool = self._executor()
-            if pool is not None:
-                try:
-                    pending = {pool.submit(function, *args): key for key, args in jobs.items()}
-                    while pending:
-                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in finished:
-                            key = pending.pop(future)
-                            try:
-                                result = future.result()
-                            except BrokenProcessPool:
-                                raise
-                            except Exception as exc:  # noqa: BLE001 - reported, the scan goes on
-                                remaining.pop(key)
-                                failed(key, exc)
-                                continue
-                            remaining.pop(key)
-                            on_done(key, result)
-                except BrokenProcessPool:
-                    self.close()
-                    self._pool_failed = True
-                    logger.warning(
-                        "atlas registration worker processes stopped (killed, out of memory, or never started: with "
-                        "the %s start method a calling script needs an `if __name__ == '__main__':` guard); "
-                        "registering the remaining %d atlases in this process from now on. Set transfer.workers=1 "
-                        "to skip the pool.", self.settings.start_method, len(remaining))
+            remaining = self.pool.run(function, jobs, on_done, on_error=failed)
         if remaining:
             # One atlas alone (a bank of one scan) gets every core the pool would have used.
             threads = self.settings.threads_per_worker * (self.settings.workers if len(remaining) == 1 else 1)
-            with self._inline_lock:
-                previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-                try:
-                    for key, args in remaining.items():
-                        try:
-                            result = function(*args)
-                        except Exception as exc:  # noqa: BLE001 - reported, the scan goes on
-                            failed(key, exc)
-                            continue
-                        on_done(key, result)
-                finally:
-                    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+            with self._inline_lock, sitk_threads(threads):
+                for key, args in remaining.items():
+                    try:
+                        result = function(*args)
+                    except Exception as exc:  # noqa: BLE001 - reported, the scan goes on
+                        failed(key, exc)
+                        continue
+                    on_done(key, result)
 
     # ------------------------------------------------------------------ scan level
 

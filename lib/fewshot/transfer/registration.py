@@ -29,11 +29,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import threading
 import time
-import weakref
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Mapping, Sequence
 
@@ -42,6 +38,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from fewshot.config import ConfigError
+from fewshot.transfer.workers import WorkerPool, sitk_threads
 from fewshot.types import SlicePlan, SliceResult, VolumeResult
 
 logger = logging.getLogger(__name__)
@@ -353,30 +350,12 @@ class RegistrationTransfer:
 
     def __init__(self, settings: Mapping):
         self.settings = RegistrationSettings.from_settings(settings)
-        self._pool: ProcessPoolExecutor | None = None
-        self._pool_failed = False  # workers could not start once: do not try again on every call
-        self._pool_lock = threading.Lock()  # one pool even when a threaded server segments concurrently
-        self._finalizer: weakref.finalize | None = None
-
-    def _executor(self) -> ProcessPoolExecutor | None:
-        """The transfer's worker pool, started on first use; None once starting it has failed."""
-        with self._pool_lock:
-            if self._pool is None and not self._pool_failed:
-                s = self.settings
-                self._pool = ProcessPoolExecutor(
-                    s.workers, mp_context=multiprocessing.get_context(s.start_method),
-                    initializer=_init_worker, initargs=(s.threads_per_worker,),
-                )
-                # Runs on garbage collection or at interpreter exit, whichever comes first.
-                self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=True, cancel_futures=True)
-            return self._pool
+        s = self.settings
+        self.pool = WorkerPool(s.workers, s.threads_per_worker, s.start_method, _init_worker, "registration", "slices")
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""
-        with self._pool_lock:
-            finalizer, self._finalizer, self._pool = self._finalizer, None, None
-        if finalizer is not None:
-            finalizer()  # shuts the pool down, once
+        self.pool.close()
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(json.dumps(self.settings.result_affecting(), sort_keys=True).encode()).hexdigest()[:12]
@@ -429,15 +408,12 @@ class RegistrationTransfer:
 
         remaining = work
         if s.workers > 1 and len(work) > 1:
-            remaining = self._run_pool(work, job, record)
+            left = self.pool.run(segment_slice, {z: job(z) for z in work}, record)
+            remaining = [z for z in work if z in left]
         if remaining:
-            previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(s.threads_per_worker)
-            try:
+            with sitk_threads(s.threads_per_worker):
                 for z in remaining:
                     record(z, segment_slice(*job(z)))
-            finally:
-                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
         t0 = time.perf_counter()
         c = s.consistency
@@ -448,30 +424,3 @@ class RegistrationTransfer:
         slices = [SliceResult(probabilities=probs[z], object_scores=object_scores(probs[z]), seconds=per_slice[z]) for z in range(n)]
         # register/fuse are summed over slices (busy seconds across workers), not wall time.
         return VolumeResult(labels=labels, slices=slices, seconds=totals)
-
-    def _run_pool(self, work: list[int], job, record) -> list[int]:
-        """Slices ``work`` in the worker pool; -> the slices left undone if the pool could not run."""
-        s = self.settings
-        pending_slices = set(work)
-        pool = self._executor()
-        if pool is None:
-            return work
-        try:
-            pending = {pool.submit(segment_slice, *job(z)): z for z in work}
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    z = pending.pop(future)
-                    record(z, future.result())
-                    pending_slices.discard(z)
-        except BrokenProcessPool:
-            # Typically a script without an `if __name__ == "__main__":` guard under the spawn
-            # start method: finish here rather than fail the whole volume, and stop trying.
-            self.close()
-            self._pool_failed = True
-            logger.warning(
-                "registration worker processes failed to start (%s start method; a calling script needs an "
-                "`if __name__ == '__main__':` guard); registering the remaining %d slices in this process, and "
-                "later volumes too. Set transfer.workers=1 to skip the pool.", s.start_method, len(pending_slices),
-            )
-        return [z for z in work if z in pending_slices]
