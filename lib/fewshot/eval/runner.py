@@ -275,6 +275,19 @@ class EvalReport:
     files: dict[str, Path]
 
 
+@dataclass
+class WholeScanRun:
+    """One query scan segmented whole by the engine, with its reference, on the slicing-axis-first grid."""
+
+    reference: Reference
+    prediction: np.ndarray  # (Z, H, W) label map
+    slices: int  # canvas slices segmented
+    labels_segmented: int  # labels the engine segmented (others skipped: no example in the bank)
+    seconds: float  # wall time of engine.segment
+    cpu: float  # CPU time of this process and its workers over the same span
+    stages: dict[str, float]  # the engine's stage timers
+
+
 class EvalRun:
     """One evaluation: an engine, the dataset's scans and label map, and what has been measured."""
 
@@ -404,22 +417,17 @@ class EvalRun:
         """The same folds and scoring as ``alpnet_query``, but segmented from the support scan's whole
         labelled volume (the bank holds it, the engine's own path runs): not the protocol's fixed support
         slices, so reported as its own row. Each organ is still scored on its own reference extent."""
-        start, cpu_start = time.perf_counter(), cpu_seconds()
-        seg = self.engine.segment(self.cases[query_id].image, labels=self.values)
-        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-        prepared = self.engine.prepare(seg.volume)
-        ref = self.reference(query_id, prepared)
-        prediction, _ = slice_major(seg.label, seg.volume.affine, prepared.geometry.axis)
+        run = self.segment_whole(query_id)
+        ref, prediction = run.reference, run.prediction
         extents = {}
         for organ in self.values:
             presence = protocols.label_presence(ref.label, organ, axis=0)
             if presence.any() and organ in self.engine.bank.label_values:
                 extents[organ] = protocols.organ_extent(presence)
-        stages = {k: float(v) for k, v in seg.timings.items() if k not in ("total", "slices", "reused")}
         query_slices = len(set().union(*map(set, extents.values()))) if extents else 0
         return self._score(query_id, fold, (support_id,), ref, {v: prediction == v for v in extents}, list(extents),
-                           extents, 1.0, seconds, query_slices, sum(len(z) for z in extents.values()), stages, cpu,
-                           display=prediction)
+                           extents, 1.0, run.seconds, query_slices, sum(len(z) for z in extents.values()), run.stages,
+                           run.cpu, display=prediction)
 
     def run_alpnet(self, n_folds: int, n_chunks: int = 3, convention: str = "alpnet",
                    support: str = "slices") -> tuple[list[CaseResult], list[dict]]:
@@ -460,20 +468,26 @@ class EvalRun:
         for image_id in self.engine.bank.image_ids():
             self.engine.remove(image_id)
 
-    def segment_and_score(self, fold: int, support_ids, query_id: str) -> CaseResult:
-        """Whole-scan segmentation with the engine's retrieval, all labels, every slice scored."""
+    def segment_whole(self, query_id: str) -> "WholeScanRun":
+        """The engine's own path on a whole query scan, all labels, timed; the label slicing-axis first."""
         start, cpu_start = time.perf_counter(), cpu_seconds()
         seg = self.engine.segment(self.cases[query_id].image, labels=self.values)
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
         prepared = self.engine.prepare(seg.volume)
-        ref = self.reference(query_id, prepared)
         prediction, _ = slice_major(seg.label, seg.volume.affine, prepared.geometry.axis)
         stages = {k: float(v) for k, v in seg.timings.items() if k not in ("total", "slices", "reused")}
-        n = len(prepared.canvas)
+        return WholeScanRun(self.reference(query_id, prepared), prediction, len(prepared.canvas), len(seg.labels),
+                            seconds, cpu, stages)
+
+    def segment_and_score(self, fold: int, support_ids, query_id: str) -> CaseResult:
+        """Whole-scan segmentation with the engine's retrieval, all labels, every slice scored."""
+        run = self.segment_whole(query_id)
+        n = run.slices
         # A label absent from both reference and prediction has no Dice (nan, left out of means);
         # a label predicted where the reference has none scores 0.
-        return self._score(query_id, fold, support_ids, ref, {v: prediction == v for v in self.values}, self.values,
-                           None, math.nan, seconds, n, n * len(seg.labels), stages, cpu, display=prediction)
+        return self._score(query_id, fold, support_ids, run.reference, {v: run.prediction == v for v in self.values},
+                           self.values, None, math.nan, run.seconds, n, n * run.labels_segmented, run.stages, run.cpu,
+                           display=run.prediction)
 
     def run_clinical(self, shots: int, n_splits: int = 1) -> tuple[list[CaseResult], list[dict]]:
         splits = [protocols.clinical_split(list(self.cases), shots, self.seed + i) for i in range(n_splits)]
