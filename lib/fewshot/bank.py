@@ -718,11 +718,6 @@ class SupportBank:
         return Atlas(image_id=image_id, image=np.asarray(a.image, dtype=np.float32), mask=np.asarray(a.mask, np.uint16),
                      spacing=a.spacing, components=dict(a.components), key=a.key, axis=a.axis)
 
-    def image_embeddings(self, image_id: str) -> np.ndarray:
-        """(E, D) entry vectors of one image, in entry order."""
-        with self._lock:
-            return np.asarray(self._shards[image_id].arrays["embeddings"], np.float32)
-
     def payload_covers(self, image_id: str, labels: Sequence[int]) -> bool:
         """True if the image's cached payloads (if it has any) include every label in ``labels``."""
         record = self._records[image_id]

@@ -528,12 +528,12 @@ class Engine:
         entry's similarity). Filtered by label first, so a label only some scans hold is not crowded
         out by scans that lack it."""
         wanted = {int(v) for v in labels}
-        ids = [i for i in self.bank.atlas_ids() if not wanted or wanted & set(self.bank.record(i)["labels"])]
+        records = {i: self.bank.record(i) for i in self.bank.atlas_ids()}
+        ids = [i for i, r in records.items() if not wanted or wanted & set(r["labels"])]
         if axis is not None:
             # Told, not filtered: headers of preprocessed data often name another RAS axis for the same
             # cut (half the CMR files here), and the global affine ranks a truly foreign atlas last.
-            cut = {i: int(self.bank.record(i)["atlas"].get("axis", -1)) for i in ids}
-            other = [i for i in ids if cut[i] not in (-1, int(axis))]
+            other = [i for i in ids if int(records[i]["atlas"].get("axis", -1)) not in (-1, int(axis))]
             if other:
                 logger.info("atlases %s were sliced along another RAS axis than this scan (%d) by their headers",
                             other, axis)

@@ -92,7 +92,7 @@ class Atlas:
     spacing: tuple[float, float, float]  # mm between voxels along (slice, row, column)
     components: dict[int, int]  # label value -> its sizeable 3D pieces (2 for both kidneys under one label)
     key: str  # content hash: a registration cached against this atlas never outlives a changed label
-    axis: int = -1  # RAS axis its slices were cut along (-1: not recorded); only like-cut scans are registered
+    axis: int = -1  # RAS axis its header says its slices were cut along (-1: not recorded); logged when it differs
 
     @property
     def labels(self) -> tuple[int, ...]:
