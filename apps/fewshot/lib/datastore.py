@@ -14,14 +14,17 @@ support bank in step; files changed behind the server's back are picked up throu
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
-from typing import Any, Dict, Protocol
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Protocol
 
 from fastapi import HTTPException
 from filelock import FileLock
@@ -30,6 +33,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.labels import client_segments
 from lib.validation import RESERVED_INFO_KEYS, VOLUME_SUFFIXES, UploadValidator, check_id, check_info, check_tag, volume_suffix
+from lib.watcher import WatcherSupervisor
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +54,12 @@ REWRITE_SETTLE_SECONDS = 1.0
 STALE_TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 
 
+def _tmp_beside(path: str) -> str:
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+
+
 def _atomic_copy(src: str, dest: str) -> None:
-    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp")
+    tmp = _tmp_beside(dest)
     try:
         shutil.copyfile(src, tmp)
         with open(tmp, "rb") as f:
@@ -60,6 +68,31 @@ def _atomic_copy(src: str, dest: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def file_signature(path: str | None) -> tuple | None:
+    """What changes when a file is replaced (a rename gives a new inode) or rewritten; None if absent."""
+    try:
+        st = os.stat(path) if path else None
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if st else None
+
+
+STORAGE_REASONS = {
+    errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+}
+
+
+def storage_error(exc: OSError, what: str) -> HTTPException:
+    """A write the datastore's disk refused, for the client: 507 with the reason, never a server path."""
+    reason = STORAGE_REASONS.get(exc.errno) or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
+    return HTTPException(507, f"{what}: {reason}; nothing was changed, try again once the server's disk is writable")
+
+
+def changed_meanwhile(what: str) -> HTTPException:
+    return HTTPException(409, f"{what} changed while this request was being checked; nothing was stored, send it again")
 
 
 def without_provenance(info: dict) -> dict:
@@ -72,8 +105,34 @@ def without_provenance(info: dict) -> dict:
 
 class AtomicIndexMixin:
     """For LocalDatastore subclasses: MONAI Label's index written atomically (the stock version
-    truncates then writes, so a crash leaves a torn index), and the temporary files a killed
-    write left removed at start-up."""
+    truncates then writes, so a crash leaves a torn index), guarded against concurrent threads, and
+    the temporary files a killed write left removed at start-up."""
+
+    @property
+    def _guard(self) -> threading.RLock:
+        """One thread at a time reads or changes the in-memory index. Stock MONAI Label rebuilds it
+        in the file watcher's thread (``_remove_non_existing`` iterates ``objects`` and refills it)
+        while request threads change it: unguarded, a delete raced the watcher and both raised
+        "dictionary changed size during iteration" (a 500, and a dead watcher). Always taken
+        before the cross-process ``FileLock``, never after it."""
+        guard = self.__dict__.get("_index_guard")  # refresh runs inside LocalDatastore.__init__ already
+        return guard if guard is not None else self.__dict__.setdefault("_index_guard", threading.RLock())
+
+    @contextmanager
+    def _index_transaction(self, what: str = "the datastore's index could not be updated") -> Iterator[None]:
+        """The index as on disk, held against this process's other threads and other processes. A
+        disk that refuses even the lock file (read-only, full) is a 507 saying ``what`` failed."""
+        with self._guard:
+            try:
+                lock = FileLock(self._lock_file)
+                lock.acquire()
+            except OSError as exc:
+                raise storage_error(exc, what) from exc
+            try:
+                self._reload_index()
+                yield
+            finally:
+                lock.release()
 
     def _remove_stale_tmp(self) -> None:
         folders = {self._datastore_path, self._datastore.image_path(), *self._label_dirs()}
@@ -92,12 +151,16 @@ class AtomicIndexMixin:
             # Renamed into place: a file watcher sees a move, not a modification, so there is
             # no self-inflicted reload to ignore (stock code sets _ignore_event_config here).
             path = self._datastore_config_path
-            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "w") as f:
-                f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            tmp = _tmp_beside(path)
+            try:
+                with open(tmp, "w") as f:
+                    f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):  # a full disk: the partial copy must not stay behind
+                    os.unlink(tmp)
             self._config_ts = os.stat(path).st_mtime
 
         if lock:
@@ -129,29 +192,81 @@ class AtomicIndexMixin:
         """The image's index entry (callers have checked the image exists)."""
         return self._datastore.objects[image_id]
 
-    def _write_label(self, image_id: str, tag: str, src: str, ext: str, info: dict) -> str:
+    def _write_label(self, image_id: str, tag: str, src: str, ext: str, info: dict, image_signature: tuple | None = None) -> str:
         """``src`` as the image's ``tag`` label, atomically, replacing it in any format, and recorded
-        in the index; all under the index lock. Returns the stored file's name."""
+        in the index; all under the index lock. ``image_signature``: the image's file as the label
+        was checked against it; if it was replaced since, 409 and nothing changes. If the index
+        cannot be written, the previous label is put back (507): a label file the index does not
+        describe would leave the bank following a save the client was told had failed.
+        Returns the stored file's name."""
         label_dir = self._datastore.label_path(tag)
         name = self._filename(image_id, ext)
-        with FileLock(self._lock_file):
-            self._reload_index()
-            os.makedirs(label_dir, exist_ok=True)
-            _atomic_copy(src, os.path.join(label_dir, name))
-            self._remove_other_extensions(label_dir, image_id, ext)
-            self._indexed(image_id).labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
-            self._update_datastore_file(lock=False)
+        dest = os.path.join(label_dir, name)
+        with self._index_transaction(f"the {tag!r} label of {image_id!r} could not be stored"):
+            if image_signature is not None and file_signature(self.get_image_uri(image_id)) != image_signature:
+                raise changed_meanwhile(f"image {image_id!r}")
+            obj = self._indexed(image_id)
+            before = obj.labels.get(tag)
+            # The label files this save replaces (any format), kept aside until the index is written.
+            old = [os.path.join(label_dir, self._filename(image_id, e)) for e in VOLUME_SUFFIXES]
+            kept: list[tuple[str, str]] = []
+            try:
+                os.makedirs(label_dir, exist_ok=True)
+                for path in old:
+                    if os.path.exists(path):
+                        aside = _tmp_beside(path)
+                        os.link(path, aside)  # a second name, no copy: the rename below stays atomic
+                        kept.append((aside, path))
+                _atomic_copy(src, dest)
+                self._remove_other_extensions(label_dir, image_id, ext)
+                obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
+                self._update_datastore_file(lock=False)
+            except OSError as exc:
+                self._restore(obj, tag, before, dest, kept)
+                raise storage_error(exc, f"the {tag!r} label of {image_id!r} could not be stored") from exc
+            for aside, _ in kept:
+                os.unlink(aside)
         return name
+
+    def _restore(self, obj: ImageLabelModel, tag: str, before: DataModel | None, dest: str, kept: list[tuple[str, str]]) -> None:
+        """Undo a label write whose index update failed: the previous files and index entry."""
+        if before is None:
+            obj.labels.pop(tag, None)
+        else:
+            obj.labels[tag] = before
+        if not any(path == dest for _, path in kept) and os.path.exists(dest):
+            os.unlink(dest)
+        for aside, path in kept:
+            os.replace(aside, path)
 
     def _record_image(self, image_id: str, ext: str, info: dict) -> bool:
         """The image's index entry, its labels kept (stock add_image starts a replaced image with no
-        labels, though their files stay on disk). Call with the index lock held; True if replaced."""
-        self._reload_index()
+        labels, though their files stay on disk). Call inside ``_index_transaction``; True if replaced."""
         old = self._datastore.objects.get(image_id)
         info = dict(info, ts=int(time.time()), name=self._filename(image_id, ext))
         self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext), labels=dict(old.labels) if old else {})
         self._update_datastore_file(lock=False)
         return old is not None
+
+
+# Stock methods that read or rebuild the in-memory index, run under the guard (see ``_guard``).
+GUARDED = (
+    "_reconcile_datastore", "_init_from_datastore_file", "datalist", "get_labeled_images", "get_unlabeled_images",
+    "list_images", "json", "status", "update_image_info", "update_label_info", "get_dataset_archive",
+)
+
+
+def _guarded(name: str):
+    def method(self, *args, **kwargs):
+        with self._guard:
+            return getattr(super(AtomicIndexMixin, self), name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name in GUARDED:
+    setattr(AtomicIndexMixin, _name, _guarded(_name))
 
 
 class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
@@ -162,14 +277,20 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
         background task's process must not delete the live server's files in flight)."""
         self.validator = validator
         self.listener = listener
+        self.watcher: WatcherSupervisor | None = None
         super().__init__(datastore_path, **kwargs)
-        handler = getattr(self, "_handler", None)
-        if handler is not None:
-            # The index is now replaced by a rename, which stock code does not watch: without this
-            # the server would miss what a background task's process records (e.g. original labels).
-            handler.on_moved = self._on_moved_event
+        if getattr(self, "_observer", None) is not None:
+            # Renames are how the index is now written (a background task's process records e.g.
+            # original labels that way) and how most tools replace a file: stock code ignores them.
+            self._handler.on_moved = self._on_moved_event
+            self.watcher = WatcherSupervisor(self, self.refresh).start()
         if clean_tmp:
             self._remove_stale_tmp()
+
+    def watcher_status(self) -> dict:
+        if self.watcher is None:
+            return {"state": "off", "why": "auto_reload is off: files changed on disk are noticed at start-up only"}
+        return self.watcher.status()
 
     # ------------------------------------------------------------------ checks
 
@@ -187,9 +308,12 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
         info = without_provenance(dict(check_info({} if label_info is None else label_info, "params", RESERVED_INFO_KEYS)))
         image_path = self._image_path(image_id)
         started = time.perf_counter()
+        # The image as the label is checked against it: replaced meanwhile (a concurrent
+        # PUT /datastore/image), the label is refused rather than stored beside an image it may not fit.
+        image_signature = file_signature(image_path)
         stored = self.validator.check_label(image_id, image_path, label_filename, client_segments(info))
         try:
-            self._write_label(image_id, label_tag, stored, volume_suffix(label_filename), info)
+            self._write_label(image_id, label_tag, stored, volume_suffix(label_filename), info, image_signature)
         finally:
             if stored != label_filename:
                 os.unlink(stored)
@@ -202,14 +326,29 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
         return image_id
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
+        """The file and its index entry go together (stock code deletes the file and leaves the index
+        to the watcher). If the index cannot be written, the file is put back: 507, nothing changed."""
         check_tag(label_tag)
         self._image_path(label_id)
-        path = self.get_label_uri(label_id, label_tag)
-        if not path or not os.path.isfile(path):
-            raise HTTPException(404, f"image {label_id!r} has no {label_tag!r} label")
-        super().remove_label(label_id, label_tag)
-        if self._auto_reload:
-            self.refresh()  # stock code leaves the index to the file watcher: clients would see the label a moment longer
+        logger.info("removing %s label of %r", label_tag, label_id)
+        with self._index_transaction(f"the {label_tag!r} label of {label_id!r} could not be removed"):
+            path = self.get_label_uri(label_id, label_tag)
+            if not path or not os.path.isfile(path):
+                raise HTTPException(404, f"image {label_id!r} has no {label_tag!r} label")
+            obj = self._indexed(label_id)
+            before = obj.labels.get(label_tag)
+            aside = _tmp_beside(path)
+            try:
+                os.replace(path, aside)  # a rename needs no free space
+                obj.labels.pop(label_tag, None)
+                self._update_datastore_file(lock=False)
+            except OSError as exc:
+                if before is not None:
+                    obj.labels[label_tag] = before
+                if os.path.exists(aside):
+                    os.replace(aside, path)
+                raise storage_error(exc, f"the {label_tag!r} label of {label_id!r} could not be removed") from exc
+            os.unlink(aside)
         if label_tag == FINAL:
             self.listener.final_label_removed(label_id)
 
@@ -230,12 +369,20 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
         check_id(image_id)
         final_label = self.get_label_uri(image_id, FINAL)
         final_label = final_label if final_label and os.path.isfile(final_label) else None
+        # The final label as the image is checked against it: a label saved meanwhile (for the old
+        # image) makes this replacement a 409 rather than leave a label that may not fit.
+        label_signature = file_signature(final_label)
         self.validator.check_image(image_filename, final_label)
         ext = volume_suffix(image_filename)
-        with FileLock(self._lock_file):
-            _atomic_copy(image_filename, os.path.join(self._datastore.image_path(), self._filename(image_id, ext)))
-            self._remove_other_extensions(self._datastore.image_path(), image_id, ext)
-            replaced = self._record_image(image_id, ext, info)
+        with self._index_transaction(f"image {image_id!r} could not be stored"):
+            if file_signature(self._final_label_file(image_id)) != label_signature:
+                raise changed_meanwhile(f"the final label of {image_id!r}")
+            try:
+                _atomic_copy(image_filename, os.path.join(self._datastore.image_path(), self._filename(image_id, ext)))
+                self._remove_other_extensions(self._datastore.image_path(), image_id, ext)
+                replaced = self._record_image(image_id, ext, info)
+            except OSError as exc:
+                raise storage_error(exc, f"image {image_id!r} could not be stored") from exc
         logger.info("%s image %r", "replaced" if replaced else "added", image_id)
         if final_label:
             # Its bank entries must follow the new voxels.
@@ -244,8 +391,15 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
 
     def remove_image(self, image_id: str) -> None:
         self._image_path(image_id)
-        self.refresh()  # the index must not list a label whose file is already gone: remove_label would 404
-        super().remove_image(image_id)  # removes its labels through remove_label, which tells the bank
+        with self._guard:  # no save lands between its labels' removal and its own
+            self.refresh()  # the index must not list a label whose file is already gone: remove_label would 404
+            super().remove_image(image_id)  # removes its labels through remove_label, which tells the bank
+            if self._auto_reload:
+                self.refresh()  # stock code leaves the image's index entry to the watcher
+
+    def _final_label_file(self, image_id: str) -> str | None:
+        path = self.get_label_uri(image_id, FINAL)
+        return path if path and os.path.isfile(path) else None
 
     def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
         check_info(info, "info", RESERVED_INFO_KEYS)
@@ -261,8 +415,16 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
             listener.datastore_changed()
 
     def _on_moved_event(self, event):
-        if getattr(event, "dest_path", None) == self._datastore_config_path:
+        dest = getattr(event, "dest_path", None)
+        if dest == self._datastore_config_path:
             self._init_from_datastore_file()  # no-op when the file is the one this process wrote
+            return
+        if event.is_directory:
+            return
+        # An image or label renamed into place, over another or out of the datastore: the index
+        # follows, and the bank checks (by size, time, then hash) whether a final label changed.
+        self.refresh()
+        self.listener.datastore_changed(delay=REWRITE_SETTLE_SECONDS)
 
     def _on_modify_event(self, event):
         super()._on_modify_event(event)

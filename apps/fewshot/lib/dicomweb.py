@@ -47,7 +47,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from fastapi import HTTPException
-from filelock import FileLock
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
@@ -356,7 +355,7 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
         return series_dir
 
     def _index_image(self, image_id: str, info: dict) -> None:
-        with FileLock(self._lock_file):
+        with self._index_transaction():
             self._record_image(image_id, NIFTI, info)
 
     def _indexed(self, image_id: str) -> ImageLabelModel:
@@ -492,8 +491,7 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
 
     def _drop_label(self, image_id: str, tag: str) -> None:
         label_dir = self._datastore.label_path(tag)
-        with FileLock(self._lock_file):
-            self._reload_index()
+        with self._index_transaction():
             for ext in VOLUME_SUFFIXES:
                 path = os.path.join(label_dir, f"{image_id}{ext}")
                 if os.path.exists(path):
