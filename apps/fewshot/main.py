@@ -87,7 +87,8 @@ class FewshotApp(MONAILabelApp):
         except (StartupError, ConfigError) as exc:
             self._fail(str(exc))
         self.worker = None if self.read_only else IngestionWorker(
-            self.host, sources=self._final_labels, scratch_dir=self.app_config.scratch_dir
+            self.host, sources=self._final_labels, scratch_dir=self.app_config.scratch_dir,
+            storage_retry_seconds=self.app_config.storage_retry_seconds,
         )
         self.cache = EmbeddingCache(self.app_config.embeddings_dir, self.host.embedding_key(), self.host.embed_volume)
         super().__init__(
@@ -249,4 +250,6 @@ class FewshotApp(MONAILabelApp):
         datastore = getattr(self, "_datastore", None)  # bank_status is called while the app is built
         if isinstance(datastore, FewshotDicomWebDatastore):
             status["pacs"] = datastore.sync_status()
+        elif isinstance(datastore, FewshotDatastore):
+            status["watcher"] = datastore.watcher_status()
         return status

@@ -1,11 +1,15 @@
 """The app's `-c key value` options, parsed once at start-up.
 
-App keys: ``preset``, ``models_dir``, ``device``, ``labels``, ``warm_embeddings``. Any dotted key
+App keys: ``preset``, ``models_dir``, ``device``, ``labels``, ``warm_embeddings``,
+``storage_retry_seconds`` (how often the bank retries while its disk is full or read-only). Any dotted key
 (``-c retrieval.top_k 8``) or top-level preset key is an engine override, applied to the preset's
 settings exactly as ``python -m fewshot ... --set key=value`` would.
 
 Label names come from, in order of precedence: ``-c labels liver=1,spleen=2`` (or ``-c labels
 path/to/labels.yaml``), a ``labels.yaml`` at the top of the datastore, the preset's ``labels``.
+
+Session archives: ``session_max_unpacked_mb`` and ``session_max_files`` bound what one archive sent
+to ``PUT /session/?uncompress=true`` may unpack to (see ``SESSION_KEYS``).
 """
 from __future__ import annotations
 
@@ -22,12 +26,30 @@ from fewshot.config import ConfigError, load_preset, parse_label_map, parse_valu
 
 logger = logging.getLogger(__name__)
 
-APP_KEYS = ("preset", "models_dir", "device", "labels", "warm_embeddings")
+APP_KEYS = ("preset", "models_dir", "device", "labels", "warm_embeddings", "storage_retry_seconds")
+DEFAULT_STORAGE_RETRY_SECONDS = 60.0
+# What one session archive (PUT /session/?uncompress=true) may unpack to. A session holds one image:
+# a thin-slice CT series is 1000-2000 DICOM files of ~0.5 MB (about 1 GB), so 4 GB and 5000 files
+# leave room for the largest series, while a small hostile archive cannot fill the disk.
+SESSION_KEYS = ("session_max_unpacked_mb", "session_max_files")
+DEFAULT_SESSION_MAX_UNPACKED_MB = 4096
+DEFAULT_SESSION_MAX_FILES = 5000
 # Keys MONAI Label itself reads from the same -c dictionary; not ours to reject.
 MONAI_KEYS = ("server_mode",)
 DEFAULT_PRESET = "foundation"
 DATASTORE_LABELS_FILE = "labels.yaml"
 STATE_DIR = ".fewshot"  # inside the datastore: bank(s) and cached embeddings
+
+
+def _positive_int(conf: Mapping[str, str], key: str, default: int) -> int:
+    value = conf.get(key, default)
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise ConfigError(f"-c {key} {value}: expected a whole number > 0")
+    return number
 
 
 def _label_file(path: Path) -> dict[str, int]:
@@ -54,6 +76,16 @@ def resolve_labels(option: str | None, studies: Path, settings: Mapping) -> tupl
     return {}, "none configured: any integer label values are accepted"
 
 
+def _positive_seconds(value) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"-c storage_retry_seconds {value}: expected a number of seconds > 0")
+    return seconds
+
+
 @dataclass
 class AppConfig:
     studies: Path  # a local folder: the datastore, or a DICOMweb datastore's cache
@@ -63,7 +95,10 @@ class AppConfig:
     labels_source: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
     warm_embeddings: bool = True
+    session_max_unpacked_mb: int = DEFAULT_SESSION_MAX_UNPACKED_MB
+    session_max_files: int = DEFAULT_SESSION_MAX_FILES
     settings: dict = field(default_factory=dict)
+    storage_retry_seconds: float = DEFAULT_STORAGE_RETRY_SECONDS
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], studies: str | os.PathLike) -> "AppConfig":
@@ -74,18 +109,21 @@ class AppConfig:
             overrides["device"] = conf["device"]
         base = load_preset(preset)
         for key, value in conf.items():
-            if key in APP_KEYS or key in MONAI_KEYS:
+            if key in APP_KEYS + SESSION_KEYS or key in MONAI_KEYS:
                 continue
             if "." in key or key in base:
                 overrides[key] = parse_value(value) if isinstance(value, str) else value
             else:
-                logger.warning("-c %s: not an app option (%s) nor a setting of preset %r; ignored", key, ", ".join(APP_KEYS), preset)
+                logger.warning("-c %s: not an app option (%s) nor a setting of preset %r; ignored", key, ", ".join(APP_KEYS + SESSION_KEYS), preset)
         settings = load_preset(preset, overrides)
         labels, source = resolve_labels(conf.get("labels"), studies, settings)
         warm = str(conf.get("warm_embeddings", "true")).strip().lower() not in ("0", "false", "no", "off")
         return cls(
             studies=studies, preset=preset, models_dir=conf.get("models_dir") or None, labels=labels,
             labels_source=source, overrides=overrides, warm_embeddings=warm, settings=settings,
+            session_max_unpacked_mb=_positive_int(conf, "session_max_unpacked_mb", DEFAULT_SESSION_MAX_UNPACKED_MB),
+            session_max_files=_positive_int(conf, "session_max_files", DEFAULT_SESSION_MAX_FILES),
+            storage_retry_seconds=_positive_seconds(conf.get("storage_retry_seconds", DEFAULT_STORAGE_RETRY_SECONDS)),
         )
 
     @property

@@ -18,10 +18,14 @@ any point leaves the bank's last committed state; the next start-up's resynchron
 When an image's current final label cannot be ingested (unreadable, not matching its image), its
 previous entries are removed: they describe a label the datastore no longer holds. The failure is
 reported in ``/info`` (``ingestion.failed``). An I/O error is retried a few times first, keeping
-the entries meanwhile.
+the entries meanwhile. When the bank itself cannot be written (a full or read-only disk), no job
+is ever dropped: removals, ingestions and resynchronisations are retried (every
+``-c storage_retry_seconds``, a minute by default) for as long as it takes, and ``/info`` says so
+(``ingestion.storage_error``), until the disk recovers and the bank matches the datastore again.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import tempfile
@@ -40,7 +44,8 @@ logger = logging.getLogger(__name__)
 Sources = Callable[[], Mapping[str, tuple[str, str]]]  # image id -> (image path, final label path)
 IdleTask = Callable[[], bool]  # does one step; returns True while there is more to do
 BUSY_STATES = ("starting", "resyncing", "ingesting", "removing")  # the bank is about to change
-RETRY_DELAYS = (2.0, 10.0, 60.0)  # seconds before each new attempt after an I/O error
+RETRY_DELAYS = (2.0, 10.0)  # seconds before the first attempts after an I/O error; then storage_retry_seconds
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the disk, not the file, is at fault
 
 
 @dataclass
@@ -61,19 +66,25 @@ class WorkerStatus:
     failed: dict[str, str] = field(default_factory=dict)  # image id -> why its label is not in the bank
     last: dict = field(default_factory=dict)
     completed: int = 0  # jobs and resync steps done since start-up
+    storage_error: str | None = None  # the bank could not be written; cleared by the next write that succeeds
 
     def as_dict(self) -> dict:
         return {
             "state": self.state, "current": self.current, "pending": list(self.pending),
             "resync_pending": self.resync_pending, "progress": self.progress, "failed": dict(self.failed),
-            "last": dict(self.last), "completed": self.completed,
+            "last": dict(self.last), "completed": self.completed, "storage_error": self.storage_error,
         }
 
 
 class IngestionWorker:
-    def __init__(self, host, sources: Sources, scratch_dir: Path | None = None, on_change: Callable[[], None] | None = None):
-        """``scratch_dir``: where label snapshots are made; emptied at start (a killed ingestion leaves one)."""
+    def __init__(
+        self, host, sources: Sources, scratch_dir: Path | None = None, on_change: Callable[[], None] | None = None,
+        storage_retry_seconds: float = 60.0,
+    ):
+        """``scratch_dir``: where label snapshots are made; emptied at start (a killed ingestion leaves one).
+        ``storage_retry_seconds``: the wait between attempts once the first quick retries failed."""
         self.host = host
+        self.retry_delays = (*RETRY_DELAYS, storage_retry_seconds)
         self.scratch_dir = Path(scratch_dir) if scratch_dir else None
         self.sources = sources
         self.on_change = on_change or (lambda: None)
@@ -82,7 +93,7 @@ class IngestionWorker:
         self._resync_after = 0.0  # not before this time (file events come in bursts while a file is written)
         self._idle_tasks: list[IdleTask] = []
         self._idle_done: set[int] = set()
-        self._retries: dict[str, tuple[float, int]] = {}  # image id -> (when, attempts so far)
+        self._retries: dict[str, tuple[float, int, str]] = {}  # image id -> (when, attempts so far, action)
         self._cond = threading.Condition()
         self._status = WorkerStatus()
         self._stop = False
@@ -177,7 +188,7 @@ class IngestionWorker:
                     self._status.state, self._status.current, self._status.progress = "idle", None, ""
                     self._queue_due_retries()
                     if not self._jobs:
-                        wakes = [when for when, _ in self._retries.values()]
+                        wakes = [when for when, _, _ in self._retries.values()]
                         if self._resync_reason is not None:
                             wakes.append(self._resync_after)
                         self._cond.wait(max(0.0, min(wakes) - time.time()) if wakes else None)
@@ -195,7 +206,11 @@ class IngestionWorker:
                     if reason:
                         self._status.state, self._status.current, self._status.progress = "resyncing", None, "checking"
                 if reason:
-                    self._resync(reason)
+                    try:
+                        self._resync(reason)
+                    except OSError as exc:  # the bank cannot be read or written: try the whole check again later
+                        self._storage_failed(f"resynchronising ({reason})", exc)
+                        self.resync(reason, delay=self.retry_delays[-1])
                     continue
                 self._run_idle_step()
             except Exception:  # the worker must outlive any one bad job
@@ -213,12 +228,8 @@ class IngestionWorker:
         if job.action == "ingest" and job.image_id not in sources:
             job = Job(job.image_id, "remove", "its final label is gone")
         if job.action == "remove":
-            with self._cond:
-                self._retries.pop(job.image_id, None)
             self._set(state="removing", current=job.image_id)
-            if self.host.remove(job.image_id):
-                self._changed({"image": job.image_id, "action": "removed"})
-            self._forget_failure(job.image_id)
+            self._remove(job.image_id)
             return
         self._set(state="ingesting", current=job.image_id)
         self._ingest(job.image_id, *sources[job.image_id], job.reason)
@@ -226,29 +237,70 @@ class IngestionWorker:
     def _queue_due_retries(self) -> None:
         """Under the condition's lock: turn retries whose time has come into jobs."""
         now = time.time()
-        for image_id, (when, attempts) in list(self._retries.items()):
+        for image_id, (when, attempts, action) in list(self._retries.items()):
             if when <= now and image_id not in self._jobs:
-                self._jobs[image_id] = Job(image_id, "ingest", f"retry {attempts + 1} after an I/O error")
+                self._jobs[image_id] = Job(image_id, action, f"retry {attempts + 1} after an I/O error")
                 self._status.pending = list(self._jobs)
 
-    def _failed(self, image_id: str, exc: Exception, message: str) -> None:
-        """The current label could not be ingested: retry an I/O error later, otherwise drop the
-        image's entries, which no longer describe its label."""
+    def _retry_later(self, image_id: str, action: str, message: str, delay: float | None = None) -> None:
         with self._cond:
-            attempts = self._retries.get(image_id, (0.0, 0))[1]
-            retry = isinstance(exc, OSError) and attempts < len(RETRY_DELAYS)
-            if retry:
-                self._retries[image_id] = (time.time() + RETRY_DELAYS[attempts], attempts + 1)
-                self._status.failed[image_id] = f"{message} (I/O error; attempt {attempts + 1}, retrying)"
-                return
+            attempts = self._retries.get(image_id, (0.0, 0, action))[1]
+            delay = self.retry_delays[min(attempts, len(self.retry_delays) - 1)] if delay is None else delay
+            self._retries[image_id] = (time.time() + delay, attempts + 1, action)
+            self._status.failed[image_id] = f"{message} (I/O error; attempt {attempts + 1}, retrying in {delay:.0f} s)"
+            self._cond.notify_all()
+
+    def _storage_failed(self, what: str, exc: OSError) -> None:
+        message = f"the bank could not be written while {what}: {exc}"
+        logger.error("bank: %s; retrying every %.0f s until it can", message, self.retry_delays[-1])
+        with self._cond:
+            self._status.storage_error = f"{message} (since {time.strftime('%Y-%m-%dT%H:%M:%S')})"
+
+    def _drop_entries(self, image_id: str, reason: str | None = None) -> bool | None:
+        """Remove the image's bank entries: True if there were some, None if the bank cannot be written."""
+        try:
+            removed = self.host.remove(image_id)
+        except OSError as exc:
+            self._storage_failed(f"removing {image_id!r}", exc)
+            return None
+        if removed:
+            self._changed(dict({"image": image_id, "action": "removed"}, **({"reason": reason} if reason else {})))
+        return removed
+
+    def _remove(self, image_id: str) -> None:
+        """A removal job. If the bank cannot be written, it is retried until it can: entries of a
+        deleted label must never stay behind unreported."""
+        if self._drop_entries(image_id) is None:
+            self._retry_later(image_id, "remove", "its entries could not be removed from the bank", self.retry_delays[-1])
+            return
+        with self._cond:
             self._retries.pop(image_id, None)
-        removed = self.host.remove(image_id)
+        self._forget_failure(image_id)
+
+    def _failed(self, image_id: str, exc: Exception, message: str) -> None:
+        """The current label could not be ingested. An I/O error is retried for as long as it lasts
+        (the disk or the file may recover); after a few attempts the image's old entries go, since
+        they no longer describe its label. Any other error drops them at once."""
+        with self._cond:
+            attempts = self._retries.get(image_id, (0.0, 0, "ingest"))[1]
+        if isinstance(exc, OSError):
+            if exc.errno in STORAGE_ERRNOS:
+                self._storage_failed(f"ingesting {image_id!r}", exc)
+            if attempts >= len(self.retry_delays):
+                self._drop_entries(image_id, reason=message)
+            self._retry_later(image_id, "ingest", message)
+            return
+        with self._cond:
+            self._retries.pop(image_id, None)
+        removed = self._drop_entries(image_id, reason=message)
+        if removed is None:  # the bank cannot even drop them: the ingestion, tried again, would fix both
+            self._retry_later(image_id, "ingest", message, self.retry_delays[-1])
+            return
         note = "; its previous bank entries were removed" if removed else "; it has no entries in the bank"
         with self._cond:
             self._status.failed[image_id] = message + note
         if removed:
             logger.warning("bank: %r removed from the bank: its current final label cannot be used", image_id)
-            self._changed({"image": image_id, "action": "removed", "reason": message})
 
     def _ingest(self, image_id: str, image_path: str, label_path: str, reason: str) -> bool:
         values_before = set(self.host.engine.bank.label_values)
@@ -287,6 +339,7 @@ class IngestionWorker:
     def _changed(self, last: dict) -> None:
         self.host.refresh_stats()
         with self._cond:
+            self._status.storage_error = None  # the bank was just written
             self._status.last = dict(last, at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             self._status.completed += 1
             self._idle_done.clear()  # e.g. an image without a label now needs its embeddings
@@ -297,8 +350,7 @@ class IngestionWorker:
         sources = dict(self.sources())
         orphans = [i for i in self.host.bank_ids() if i not in sources]
         for image_id in orphans:
-            if self.host.remove(image_id):
-                self._changed({"image": image_id, "action": "removed"})
+            self._remove(image_id)
         stale = self.host.stale_images(sources)
         if not stale and not orphans:
             logger.info("bank: in step with the datastore (%d labelled images; %s)", len(sources), reason)
