@@ -218,8 +218,10 @@ def test_info_lists_task_strategy_bank_and_config(server):
     assert bank["images"] == len(LABELLED) and bank["slices"] > 0
     assert set(bank["per_label"]) == IN_BANK
     assert bank["augmented_slices"] == 0  # -c bank.augmentations_per_slice 0 reached the engine
+    assert model["transfer"] == {"type": "sam2", "image_size": 128}  # the size SAM 2 runs at, as resolved
     log = server.log()
     assert "few-shot preset 'random-tiny'" in log and "weights: sam2-random-tiny" in log
+    assert "SAM 2 input size 128 on cpu" in log
 
 
 @server_test

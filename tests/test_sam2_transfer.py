@@ -356,6 +356,22 @@ def test_checkpoint_with_wrong_keys_raises(checkpoint, tmp_path):
         build_sam2_model(TINY_CONFIG, tmp_path / "bare.pt", "cpu", 128)
 
 
+def test_image_size_auto_follows_the_device():
+    """SAM 2.1 was trained at 1024: that is the default on CUDA; a CPU server takes 512 for time."""
+    from fewshot.config import load_preset
+    from fewshot.transfer.sam2_model import resolve_image_size
+
+    assert load_preset("foundation")["transfer"]["image_size"] == "auto"
+    assert resolve_image_size("auto", "cuda") == resolve_image_size(None, "cuda:1") == 1024
+    assert resolve_image_size("auto", "cpu") == 512
+    assert resolve_image_size(384, "cuda") == 384
+    assert resolve_image_size({"cuda": 768, "cpu": 256}, "cpu") == 256
+    with pytest.raises(ValueError, match="no entry for device kind 'cuda'"):
+        resolve_image_size({"cpu": 256}, "cuda")
+    with pytest.raises(ValueError, match="auto, a number"):
+        resolve_image_size("big", "cpu")
+
+
 def test_image_size_must_fit_the_backbone():
     with pytest.raises(ValueError, match="multiple of 32"):
         build_sam2_model(TINY_CONFIG, None, "cpu", 100)

@@ -1085,7 +1085,10 @@ def run_bench(
                          "`bench --preset classic-slices` times the slice-level weights-free path")
     sam2 = base.get("transfer", {}).get("type") == "sam2"
     if sam2:
-        preset_size = int(base["transfer"]["image_size"])
+        from fewshot.presets import resolve_device
+        from fewshot.transfer.sam2_model import resolve_image_size
+
+        preset_size = resolve_image_size(base["transfer"].get("image_size"), resolve_device(base.get("device")))
         plan = quick_plan(preset, preset_size) if quick else full_plan(preset, preset_size)
     else:
         if sizes:

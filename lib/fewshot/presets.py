@@ -65,10 +65,14 @@ def _ncc(section, ctx: _Context) -> Matcher:
 def _sam2(section, ctx: _Context) -> LabelTransfer:
     from fewshot.transfer.sam2_memory import Sam2Transfer
 
+    from fewshot.transfer.sam2_model import resolve_image_size
+
     name = section["model"]
     spec = weights.get_spec(name)
+    size = resolve_image_size(section.get("image_size"), ctx.device)
+    logger.info("SAM 2 input size %d on %s (transfer.image_size: %s)", size, ctx.device, section.get("image_size", "auto"))
     return Sam2Transfer.from_settings(
-        section,
+        dict(section, image_size=size),
         checkpoint_path=ctx.checkpoint(name),
         config_path=spec.sam2_config,
         device=ctx.device,

@@ -159,6 +159,14 @@ class EngineHost:
                 f"; {len(r.dropped)} damaged, to rebuild: {sorted(r.dropped)}" if r.dropped else "",
             )
 
+    def transfer_summary(self) -> dict:
+        """The transfer step as it runs on this device (e.g. SAM 2's input size, resolved from ``auto``)."""
+        transfer = self.engine.transfer
+        summary = {"type": transfer.name}
+        if getattr(transfer, "image_size", None):
+            summary["image_size"] = int(transfer.image_size)
+        return summary
+
     def describe(self) -> str:
         s = self.engine.settings
         weights_text = "; ".join(str(w) for w in self.weights) or "none (weights-free)"

@@ -39,6 +39,27 @@ EVAL_OVERRIDES = {
 # positional embedding tiles the stride-4 grid by 8: both need image_size % 32 == 0.
 IMAGE_SIZE_MULTIPLE = 32
 
+# ``transfer.image_size: auto``. SAM 2.1 was trained at 1024: its mask logits come out at a quarter of
+# the input, so at 512 a 256-px canvas gets 128² logits (2.5 mm cells at 1.25 mm pixels, 3-4 cells
+# across an LV myocardium). 1024 gives 1.25 mm logits, the canvas's own resolution. On CPU 1024 is
+# 7-11x slower per slice (docs/results.md), so a CPU server trades that detail for time.
+AUTO_IMAGE_SIZE = {"cuda": 1024, "cpu": 512}
+
+
+def resolve_image_size(setting, device: str) -> int:
+    """``auto`` (or absent): 1024 on CUDA, 512 on CPU; a number; or a mapping {cuda: N, cpu: M}."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    if setting in (None, "", "auto"):
+        return AUTO_IMAGE_SIZE[kind]
+    if isinstance(setting, dict):
+        if kind not in setting:
+            raise ValueError(f"transfer.image_size {setting} has no entry for device kind {kind!r}")
+        setting = setting[kind]
+    try:
+        return int(setting)
+    except (TypeError, ValueError):
+        raise ValueError(f"transfer.image_size must be auto, a number or {{cuda: N, cpu: M}}; got {setting!r}") from None
+
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint whose state dict does not fit the configured architecture."""

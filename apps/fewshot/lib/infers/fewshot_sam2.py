@@ -110,6 +110,7 @@ class FewshotSam2(InferTask):
         info["labels"] = with_background(self.host.label_map())
         info["support_bank"] = self.bank_status()
         info["preset"] = self.host.config.preset
+        info["transfer"] = self.host.transfer_summary()
         info["seconds_per_volume"] = self.recent_seconds()
         return info
 
@@ -179,12 +180,16 @@ class FewshotSam2(InferTask):
     def write(self, seg, fmt: ResultFormat) -> str:
         fd, out = tempfile.mkstemp(suffix=fmt.extension, prefix="fewshot-")
         os.close(fd)
-        if fmt.extension == ".nrrd":
-            label = seg.label
-            dtype = fmt.dtype or (np.uint8 if label.max(initial=0) < 256 else np.uint16)
-            write_nrrd(out, label, seg.volume.affine, dtype, fmt.compress)
-        else:
-            seg.save(out, sidecar=False)  # the engine's writer keeps a NIfTI image's header exactly
+        try:
+            if fmt.extension == ".nrrd":
+                label = seg.label
+                dtype = fmt.dtype or (np.uint8 if label.max(initial=0) < 256 else np.uint16)
+                write_nrrd(out, label, seg.volume.affine, dtype, fmt.compress)
+            else:
+                seg.save(out, sidecar=False)  # the engine's writer keeps a NIfTI image's header exactly
+        except BaseException:
+            os.unlink(out)  # MONAI Label removes the result file only once it has it
+            raise
         return out
 
     def __call__(self, request: Dict[str, Any]):
@@ -194,7 +199,9 @@ class FewshotSam2(InferTask):
         try:
             seg = self.host.segment(request["image"], self.requested_labels(request), options)
         except ValueError as exc:  # unknown label names, unreadable image (VolumeError)
-            raise HTTPException(422, str(exc)) from None
+            # First line only: readers append tracebacks and installation advice. The route replaces
+            # the server's paths with what the client sent.
+            raise HTTPException(422, str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable image") from None
         t_write = time.perf_counter()
         out = self.write(seg, fmt)
         write = time.perf_counter() - t_write
