@@ -2,12 +2,15 @@
 
 Every rejection is an ``HTTPException`` with a 4xx status and a message a user can act on:
 
-* 400: an id or tag that is not a plain name (path traversal, separators, hidden names), params or
-  info that are not a JSON object;
+* 400: an id or tag that is not a plain name (path traversal, separators, hidden names), a case
+  variant of a reserved tag (``Final``), params or info that are not a JSON object, client strings
+  longer than the datastore and the log should keep (see ``check_client_json``);
 * 404: an image id the datastore does not have;
 * 415: an upload whose file type is not a volume format the datastore stores;
 * 422: an upload of the right type that cannot be used: unreadable or not 3D, a label whose shape
-  or affine differs from its image, non-integer values, values outside the configured labels.
+  or affine differs from its image, non-integer values, values outside the configured labels, and
+  what ``lib.file_checks`` finds (sform and qform that disagree, data after the voxels, more voxels
+  than the header's or the image's).
 """
 from __future__ import annotations
 
@@ -25,14 +28,23 @@ from typing import Any, Callable, Sequence
 import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
+from monailabel.interfaces.datastore import DefaultLabelTag
 
 from fewshot.volume import check_label_geometry, label_nifti, Volume, VolumeError, read_label, read_volume, validate_label_values
+from lib.file_checks import MAX_VOXELS, check_before_reading, disagreeing_geometry, nifti_bytes, nifti_voxels
 from lib.labels import Segments, value_table
 
 logger = logging.getLogger(__name__)
 
+# Client strings the datastore's index stores or MONAI Label logs are bounded: a 1 MB client_id was
+# stored in the index by every /activelearning request and logged several times over. Ids, names
+# and keys: a file name's length.
 MAX_ID_LENGTH = 255
+MAX_TEXT_LENGTH = 4096  # any other string value (a note in an image's info)
+MAX_JSON_BYTES = 64 * 1024  # one params/info field, and all the info kept for one image or label
+NAME_KEYS = ("client_id", "name")  # their values are ids or names (a label's name in label_info)
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_TAGS = tuple(t.value for t in DefaultLabelTag)  # original, final
 # What the local datastore stores as 3D volumes (MONAI Label's extensions minus 2D/pathology ones).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
@@ -55,8 +67,13 @@ def check_id(value, what: str = "image id") -> str:
         # an id would be stored under one name and listed under another.
         problems.append("contains a file extension (.nii, .nrrd)")
     if problems:
-        raise HTTPException(400, f"invalid {what} {value!r}: it {' and '.join(problems)}; ids are plain file names")
+        raise HTTPException(400, f"invalid {what} {quoted(value)}: it {' and '.join(problems)}; ids are plain file names")
     return value
+
+
+def quoted(value: str, keep: int = 60) -> str:
+    """A client's string in a message: its start, not a megabyte of it."""
+    return repr(value) if len(value) <= keep else f"{value[:keep]!r}... ({len(value)} characters)"
 
 
 # Keys the datastore itself writes or derives (file name, timestamp, path, the id a strategy returns):
@@ -73,9 +90,36 @@ def parse_json_object(text: Any, what: str) -> dict:
     else:
         try:
             value = json.loads(text)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise HTTPException(400, f"{what} is not valid JSON ({exc}); send a JSON object, e.g. {{}}") from None
     check_info(value, what)
+    return check_client_json(value, what)
+
+
+def check_client_json(value: Any, what: str) -> Any:
+    """A client's JSON (params, info, a request body) that MONAI Label logs or the datastore stores:
+    at most MAX_JSON_BYTES, keys and names (``client_id``, ``name``) at most MAX_ID_LENGTH
+    characters, other strings at most MAX_TEXT_LENGTH."""
+    size = len(json.dumps(value, default=str))
+    if size > MAX_JSON_BYTES:
+        raise HTTPException(400, f"{what} is {size} bytes of JSON; at most {MAX_JSON_BYTES} are accepted")
+    stack = [(value, None)]
+    while stack:
+        item, key = stack.pop()
+        if key == "client_id" and item is not None and not isinstance(item, str):
+            raise HTTPException(400, f"{what}: client_id must be a string, not {type(item).__name__}")
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if len(str(k)) > MAX_ID_LENGTH:
+                    raise HTTPException(400, f"{what}: key {quoted(str(k))} is longer than {MAX_ID_LENGTH} characters")
+                stack.append((v, k))
+        elif isinstance(item, list):
+            stack.extend((v, key) for v in item)
+        elif isinstance(item, str):
+            limit = MAX_ID_LENGTH if key in NAME_KEYS else MAX_TEXT_LENGTH
+            if len(item) > limit:
+                raise HTTPException(400, f"{what}: {key!r} is {len(item)} characters long; at most {limit} are accepted "
+                                         f"{'for an id or a name' if key in NAME_KEYS else 'for a text value'}")
     return value
 
 
@@ -100,7 +144,13 @@ def _short(value: Any) -> str:
 
 def check_tag(tag: str) -> str:
     if not isinstance(tag, str) or not TAG_PATTERN.match(tag) or ".." in tag:
-        raise HTTPException(400, f"invalid label tag {tag!r}: use letters, digits, '_', '-' (e.g. final)")
+        shown = quoted(tag) if isinstance(tag, str) else repr(tag)
+        raise HTTPException(400, f"invalid label tag {shown}: use letters, digits, '_', '-' (e.g. final)")
+    reserved = next((r for r in RESERVED_TAGS if tag.lower() == r and tag != r), None)
+    if reserved:
+        # On a case-insensitive file system (macOS, Windows shares) labels/Final is labels/final.
+        raise HTTPException(400, f"invalid label tag {tag!r}: it differs from the reserved tag {reserved!r} only by case; "
+                                 f"use {reserved!r} itself or another name")
     return tag
 
 
@@ -112,11 +162,25 @@ def volume_suffix(path: str) -> str | None:
     return None
 
 
-def _clean(message: str, upload_path: str, what: str) -> str:
+def _clean(message: str, upload_path: str, what: str, others: dict[str, str] | None = None) -> str:
     """Error messages name the user's upload, not the server's temporary file; first line only
-    (readers append installation advice that does not apply to a corrupt file)."""
+    (readers append installation advice that does not apply to a corrupt file). ``others``: more
+    server paths (a datastore file) -> what to call them."""
     first = message.strip().splitlines()[0] if message.strip() else "unreadable"
-    return first.replace(f"{upload_path}: ", f"{what}: ").replace(upload_path, what)
+    return clean_paths(first, {upload_path: what, **(others or {})})
+
+
+def clean_paths(message: str, names: dict[str, str]) -> str:
+    """``message`` with each server path in ``names`` replaced by what a client calls it, and any
+    other path in the temporary folder by "a temporary file"."""
+    for path, name in sorted(names.items(), key=lambda kv: -len(kv[0])):
+        if path:
+            message = message.replace(f"{path}: ", f"{name}: ").replace(path, name)
+    return TEMP_PATH.sub("a temporary file", message)
+
+
+_TEMP_DIRS = sorted({tempfile.gettempdir(), os.path.realpath(tempfile.gettempdir())}, key=len, reverse=True)
+TEMP_PATH = re.compile("(?:" + "|".join(re.escape(d) for d in _TEMP_DIRS) + r")/[^\s'\",:;)\]]*")
 
 
 def _spatial(shape: tuple) -> tuple:
@@ -162,18 +226,22 @@ class UploadValidator:
                 self._geometries.popitem(last=False)
         return geometry
 
-    def _read_nifti_label(self, image_id: str, image_path: str, upload_path: str, allowed, what: str) -> np.ndarray:
+    def _read_nifti_label(self, image_id: str, image_path: str, upload_path: str, img, allowed, what: str) -> np.ndarray:
+        """``img``: the upload loaded by nibabel (header only). Its voxels are decoded once, bounded
+        by the image's size (checked first) and refused if anything follows them."""
         try:
             shape, affine = self._nifti_geometry(image_path)
         except Exception as exc:
-            raise HTTPException(409, f"image {image_id!r} in the datastore is unreadable, so no label can be checked against it: {exc}") from None
+            raise HTTPException(409, f"image {image_id!r} in the datastore is unreadable, so no label can be checked against it: "
+                                     f"{_clean(str(exc), image_path, f'image {image_id!r}')}") from None
         try:
-            img = nib.load(upload_path)
             label_shape = _spatial(img.shape)
             if len(label_shape) != 3:
                 raise VolumeError(f"{what}: expected a 3D image, got {len(label_shape)}D with shape {label_shape}")
             check_label_geometry(what, label_shape, img.affine, shape, affine)
-            return validate_label_values(np.asanyarray(img.dataobj).reshape(label_shape), what, allowed)
+            data = nifti_bytes(upload_path, img, what, keep=True)
+            voxels = np.asanyarray(img.dataobj) if data is None else nifti_voxels(data, img)
+            return validate_label_values(voxels.reshape(label_shape), what, allowed)
         except VolumeError as exc:
             raise HTTPException(422, str(exc)) from None
         except Exception as exc:  # truncated or corrupt voxel data
@@ -194,36 +262,47 @@ class UploadValidator:
         return volume
 
     @staticmethod
-    def check_type(upload_path: str, what: str) -> None:
+    def check_type(upload_path: str, what: str) -> nib.Nifti1Image | None:
+        """The upload's format, from its name and header; returns a NIfTI upload loaded by nibabel
+        (header read, voxels not), None for NRRD."""
         suffix = volume_suffix(upload_path)
         if suffix is None:
             found = "".join(Path(Path(upload_path).name).suffixes) or "no extension"
             raise HTTPException(415, f"{what} has file type {found!r}; upload a 3D volume as {', '.join(VOLUME_SUFFIXES)}")
-        if suffix in (".nii", ".nii.gz"):
-            # The header alone tells a corrupt or truncated upload apart, with nibabel's precise reason.
-            try:
-                nib.load(upload_path).header
-            except Exception as exc:
-                reason = " ".join(_clean(str(exc), upload_path, "").split())
-                raise HTTPException(422, f"{what} is not a valid NIfTI file ({type(exc).__name__}: {reason})") from None
+        if suffix not in (".nii", ".nii.gz"):
+            return None
+        # The header alone tells a corrupt or truncated upload apart, with nibabel's precise reason.
+        try:
+            img = nib.load(upload_path)
+            img.header
+        except Exception as exc:
+            reason = " ".join(_clean(str(exc), upload_path, "").split())
+            raise HTTPException(422, f"{what} is not a valid NIfTI file ({type(exc).__name__}: {reason})") from None
+        # Refused, not rewritten with one of the two: which one the client meant is not ours to guess
+        # (its viewer may have shown the other one).
+        disagreement = disagreeing_geometry(img.header)
+        if disagreement:
+            raise HTTPException(422, f"{what}: {disagreement}")
+        return img
 
     def check_label(self, image_id: str, image_path: str, upload_path: str, segment_names: Segments | None = None) -> str:
         """Validates an uploaded label; returns the file to store: the upload itself, or a copy
         with its values translated when ``segment_names`` (Slicer's or OHIF's label_info) says the
         client numbered the segments its own way."""
         what = f"the uploaded label for {image_id!r}"
-        self.check_type(upload_path, what)
+        img = self.check_type(upload_path, what)
         allowed = self.allowed_values()
         check_values = None if segment_names else allowed
-        nifti = (".nii", ".nii.gz")
-        if volume_suffix(upload_path) in nifti and volume_suffix(image_path) in nifti:
-            values = self._read_nifti_label(image_id, image_path, upload_path, check_values, what)
+        if img is not None and volume_suffix(image_path) in (".nii", ".nii.gz"):
+            values = self._read_nifti_label(image_id, image_path, upload_path, img, check_values, what)
         else:
             try:
                 image = self._image(image_path)
             except VolumeError as exc:
-                raise HTTPException(409, f"image {image_id!r} in the datastore is unreadable, so no label can be checked against it: {exc}") from None
+                raise HTTPException(409, f"image {image_id!r} in the datastore is unreadable, so no label can be checked against it: "
+                                         f"{_clean(str(exc), image_path, f'image {image_id!r}')}") from None
             try:
+                check_before_reading(upload_path, img, what, int(np.prod(image.shape)), "its image has")
                 values = read_label(upload_path, image, check_values)
             except VolumeError as exc:
                 raise HTTPException(422, _clean(str(exc), upload_path, what)) from None
@@ -239,8 +318,9 @@ class UploadValidator:
     def check_image(self, upload_path: str, final_label: str | None = None) -> None:
         """``final_label``: the label of the image this upload replaces; it must still fit."""
         what = "the uploaded image"
-        self.check_type(upload_path, what)
+        img = self.check_type(upload_path, what)
         try:
+            check_before_reading(upload_path, img, what, MAX_VOXELS, "this server accepts for an image")
             volume = read_volume(upload_path)
         except VolumeError as exc:
             raise HTTPException(422, _clean(str(exc), upload_path, what)) from None
@@ -249,7 +329,8 @@ class UploadValidator:
                 read_label(final_label, volume)
             except VolumeError as exc:
                 raise HTTPException(
-                    409, f"{what} does not fit the image's existing final label ({_clean(str(exc), upload_path, what)}); "
+                    409, f"{what} does not fit the image's existing final label "
+                    f"({_clean(str(exc), upload_path, what, {final_label: 'the final label'})}); "
                     "delete the label first to replace the image with another geometry",
                 ) from None
 
