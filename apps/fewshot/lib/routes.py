@@ -5,29 +5,35 @@ value that is not an object gives a 500 (and for ``PUT /datastore/label`` only a
 written). Its ``/infer`` handler is ``async`` but runs the whole inference synchronously, so one
 long inference freezes ``/info`` and label saves for every client. ``/batch/infer``, ``/train`` and
 ``/scoring`` start a second process with a second copy of the app for any name they are given.
+It stores and logs client strings of any length (``/activelearning`` puts ``client_id`` in the
+index), and a request that fails leaves its upload in the temporary folder.
 
 These routes are inserted in front of the stock ones (Starlette matches routes in order) with the
 same paths, parameters and permissions. Each validates what the client sent, answering 4xx with a
-message, then hands over to MONAI Label's own endpoint function. They are plain ``def`` routes, so
-FastAPI runs them in its thread pool: the event loop stays free while an inference runs.
+message, then hands over to MONAI Label's own endpoint function (``_handing_over``: the temporary
+files of a failed request are removed, and its message names no temporary file). ``PUT /session/``
+is handled here whole: the stock handler keeps what it received when the session is refused. They
+are plain ``def`` routes, so FastAPI runs them in its thread pool: the event loop stays free while
+an inference runs.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from monailabel.config import settings
+from monailabel.endpoints import activelearning as activelearning_ep
 from monailabel.endpoints import batch_infer as batch_ep
 from monailabel.endpoints import datastore as datastore_ep
 from monailabel.endpoints import infer as infer_ep
 from monailabel.endpoints import scoring as scoring_ep
-from monailabel.endpoints import session as session_ep
 from monailabel.endpoints import train as train_ep
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -35,7 +41,10 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import get_basename, remove_file
 
-from lib.validation import check_id, parse_json_object, volume_suffix
+from lib.sessions import ArchiveLimits
+from lib.validation import (
+    MAX_ID_LENGTH, MAX_JSON_BYTES, check_client_json, check_id, check_tag, clean_paths, parse_json_object, quoted, volume_suffix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +57,16 @@ BATCH_DEFAULTS = inspect.signature(batch_ep.api_run).parameters["params"].defaul
 router = APIRouter(prefix=settings.MONAI_LABEL_API_STR)
 
 
+def _check_file_name(upload: UploadFile, what: str) -> None:
+    """Stock handlers log an upload's name and make a temporary file's suffix from it."""
+    name = upload.filename or ""
+    if len(name) > MAX_ID_LENGTH:
+        raise HTTPException(400, f"{what}'s file name is {len(name)} characters long; at most {MAX_ID_LENGTH} are accepted")
+
+
 def _upload_id(image: Optional[str], file: UploadFile) -> None:
     """The id the stock handler will derive from the upload's name must be a plain id too."""
+    _check_file_name(file, "the uploaded image")
     if image:
         check_id(image)
         return
@@ -60,20 +77,40 @@ def _upload_id(image: Optional[str], file: UploadFile) -> None:
     check_id(derived)
 
 
-# ------------------------------------------------------------------ datastore
-
-
-def _removing_upload_on_failure(background_tasks: BackgroundTasks, call):
-    """Stock upload endpoints copy the upload to a temporary file and schedule its removal as a
-    background task, which never runs when the request fails: every refused upload would stay in
-    the temporary folder. Run those removals on failure too."""
+def _handing_over(background_tasks: BackgroundTasks, call: Callable, names: Optional[dict] = None, cleanups=(remove_file,)):
+    """Runs a stock endpoint function. Stock upload endpoints copy the upload to a temporary file and
+    schedule its removal as a background task, which never runs when the request fails: every
+    refused upload would stay in the temporary folder. Run those removals (``cleanups``) on failure
+    too. A 4xx message names what the client sent (``names``: server path -> name), never a
+    temporary file."""
     try:
         return call()
-    except BaseException:
-        for task in background_tasks.tasks:
-            if task.func is remove_file:
+    except BaseException as exc:
+        for task in list(background_tasks.tasks):
+            if any(task.func == cleanup for cleanup in cleanups):
                 task.func(*task.args, **task.kwargs)
+        if isinstance(exc, HTTPException) and isinstance(exc.detail, str):
+            raise HTTPException(exc.status_code, clean_paths(exc.detail, names or {}), headers=exc.headers) from None
         raise
+
+
+def _check_stored_info(existing: dict, update: dict, what: str) -> None:
+    """The datastore merges info into what it keeps for an image or label: the whole stays bounded,
+    not only each request."""
+    merged = {k: v for k, v in {**existing, **update}.items() if k != "path"}  # path is derived, not stored
+    size = len(json.dumps(merged, default=str))
+    if size > MAX_JSON_BYTES:
+        raise HTTPException(400, f"info: the info kept for {what} would grow to {size} bytes of JSON; at most {MAX_JSON_BYTES} are kept")
+
+
+def _check_result_tag(request: dict) -> None:
+    """MONAI Label saves an inference result under the client's ``label_tag`` after the inference:
+    the datastore's rule for tags (no case variant of ``final``) is applied before any work."""
+    if request.get("save_label"):
+        check_tag(request.get("label_tag", DefaultLabelTag.ORIGINAL.value))
+
+
+# ------------------------------------------------------------------ datastore
 
 
 @router.put("/datastore/image", include_in_schema=False)
@@ -87,9 +124,7 @@ def add_image(
 ):
     parse_json_object(params, "params")
     _upload_id(image, file)
-    return _removing_upload_on_failure(
-        background_tasks, lambda: datastore_ep.add_image(background_tasks, image, params, file, user.username)
-    )
+    return _handing_over(background_tasks, lambda: datastore_ep.add_image(background_tasks, image, params, file, user.username))
 
 
 @router.put("/datastore/label", include_in_schema=False)
@@ -101,28 +136,38 @@ def save_label(
     label: UploadFile = File(...),
     user: User = Depends(RBAC(ANNOTATOR)),
 ):
+    # Checked here too: the stock handler logs them before the datastore sees them.
+    check_id(image)
+    check_tag(tag or DefaultLabelTag.FINAL.value)
+    _check_file_name(label, "the uploaded label")
     parse_json_object(params, "params")
-    return _removing_upload_on_failure(
-        background_tasks, lambda: datastore_ep.save_label(background_tasks, image, params, tag, label, user.username)
-    )
+    return _handing_over(background_tasks, lambda: datastore_ep.save_label(background_tasks, image, params, tag, label, user.username))
 
 
 @router.put("/datastore/image/info", include_in_schema=False)
 def update_image_info(image: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
-    parse_json_object(info, "info")
+    update = parse_json_object(info, "info")
+    check_id(image)
+    _check_stored_info(app_instance().datastore().get_image_info(image), update, f"image {image!r}")
     return datastore_ep.update_image_info(image, info, user.username)
+
+
+def _update_label_info(label: str, tag: str, info: str, field: str, user: User):
+    update = parse_json_object(info, field)
+    check_id(label)
+    check_tag(tag)
+    _check_stored_info(app_instance().datastore().get_label_info(label, tag), update, f"the {tag!r} label of {label!r}")
+    return datastore_ep.update_label_info(label, tag, info, user.username)
 
 
 @router.put("/datastore/label/info", include_in_schema=False)
 def update_label_info(label: str, tag: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
-    parse_json_object(info, "info")
-    return datastore_ep.update_label_info(label, tag, info, user.username)
+    return _update_label_info(label, tag, info, "info", user)
 
 
 @router.put("/datastore/updatelabelinfo", include_in_schema=False)
 def update_label_info_deprecated(label: str, tag: str, params: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
-    parse_json_object(params, "params")
-    return datastore_ep.update_label_info(label, tag, params, user.username)
+    return _update_label_info(label, tag, params, "params", user)
 
 
 # ------------------------------------------------------------------ inference
@@ -143,25 +188,54 @@ def run_inference(
     app = app_instance()
     request = parse_json_object(params, "params")
     app.check_infer_request(model, request)
+    _check_result_tag(request)
+    if label:
+        # The stock handler would convert a raw .bin label into a temporary file it never removes.
+        raise HTTPException(400, f"{model} takes no label input (scribbles or clicks): send the image alone")
+    if output == infer_ep.ResultType.dicom_seg:
+        # Stock code fails on it after the inference (500): it needs dcmqi, and a DICOMweb datastore.
+        raise HTTPException(400, "output=dicom_seg is not served: results are NIfTI or NRRD (params result_extension); "
+                                 "final labels saved to a DICOMweb datastore are stored there as DICOM SEG")
+    names = {}  # server paths in messages -> what the client calls them
     if file:
         # Stored where only this request's inference may read it (see FewshotApp.check_infer_image).
-        suffix = volume_suffix(file.filename or "")
-        if suffix is None:
-            raise HTTPException(415, f"uploaded image {file.filename!r}: send a 3D volume as .nii.gz, .nii or .nrrd")
-        fd, image = tempfile.mkstemp(prefix="fewshot-upload-", suffix=suffix)
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(file.file, out)
+        image = _store_upload(file)
+        names[image] = "the uploaded image"
         app.register_upload(image)
         background_tasks.add_task(app.forget_upload, image)
         background_tasks.add_task(remove_file, image)
         file = None
     elif session_id:
         sessions = app.sessions()
-        if sessions is None or not sessions.get_session(session_id):
+        session = sessions.get_session(session_id) if sessions is not None else None
+        if not session:
             raise HTTPException(404, f"unknown session {session_id!r}: create it with PUT /session/")
+        names[session.image] = f"the image of session {session_id!r}"
     elif image:
         app.check_infer_image(image)
-    return infer_ep.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+        names[image if os.path.isabs(image) else app.datastore().get_image_uri(image)] = f"image {quoted(image)}"
+    else:
+        raise HTTPException(400, "no image: pass ?image=ID or ?session_id=ID, or upload the image as 'file'")
+    return _handing_over(
+        background_tasks, lambda: infer_ep.run_inference(background_tasks, model, image, session_id, params, file, label, output),
+        names, cleanups=(remove_file, app.forget_upload),
+    )
+
+
+def _store_upload(file: UploadFile) -> str:
+    """An /infer upload in a temporary file of ours (removed here if the copy fails)."""
+    _check_file_name(file, "the uploaded image")
+    suffix = volume_suffix(file.filename or "")
+    if suffix is None:
+        raise HTTPException(415, f"uploaded image {file.filename!r}: send a 3D volume as .nii.gz, .nii or .nrrd")
+    fd, path = tempfile.mkstemp(prefix="fewshot-upload-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(file.file, out)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
 
 
 @router.post("/batch/infer/{model}", include_in_schema=False)
@@ -172,7 +246,9 @@ def batch_infer(
     run_sync: Optional[bool] = False,
     user: User = Depends(RBAC(ADMIN)),
 ):
+    check_client_json(params or {}, "params")
     app_instance().check_infer_request(model, params or {})
+    _check_result_tag(params or {})
     return batch_ep.run(model, images, params, run_sync)
 
 
@@ -191,21 +267,58 @@ def scoring(method: str, params: Optional[dict] = None, run_sync: Optional[bool]
     return scoring_ep.run_method(method, params, run_sync)
 
 
+@router.post("/activelearning/{strategy}", include_in_schema=False)
+def sample(strategy: str, params: Optional[dict] = None, user: User = Depends(RBAC(USER))):
+    # The stock handler logs the request and stores params' client_id in the image's info.
+    strategies = app_instance().info().get("strategies", {})
+    if strategy not in strategies:
+        raise HTTPException(404, f"no strategy {quoted(strategy)} in this app; it has {sorted(strategies)}")
+    check_client_json(params or {}, "params")
+    return activelearning_ep.sample(strategy, params, user.username)
+
+
 # ------------------------------------------------------------------ sessions
 
 
 @router.put("/session/", include_in_schema=False)
 def create_session(
-    background_tasks: BackgroundTasks,
     uncompress: bool = False,
     expiry: int = 0,
     files: List[UploadFile] = File(...),
     user: User = Depends(RBAC(USER)),
 ):
+    """Stock create_session, with what it received removed whatever happens (stock removes it
+    only after a session was made) and the app's archive limits."""
     for f in files:
         if f.filename:
             check_id(get_basename(f.filename), "uploaded file name")
-    return session_ep.create_session(background_tasks, uncompress, expiry, files)
+    app = app_instance()
+    sessions = app.sessions()
+    if sessions is None:
+        raise HTTPException(406, "Session Feature is Not Enabled")
+    received = tempfile.mkdtemp(prefix="fewshot-session-upload-")
+    try:
+        paths = [_receive(f, received, i) for i, f in enumerate(files)]
+        # One file is the session's image (or its archive); several are a DICOM series' folder.
+        data = paths[0] if len(paths) == 1 else received
+        session_id, session_info = sessions.add_session(data, expiry, uncompress, limits=_archive_limits(app.app_config))
+    except HTTPException as exc:
+        raise HTTPException(exc.status_code, clean_paths(str(exc.detail), {received: "the upload"}), headers=exc.headers) from None
+    finally:
+        shutil.rmtree(received, ignore_errors=True)  # add_session moved what it keeps into the session store
+    logger.info("session %s created from %d file(s)%s", session_id, len(paths), ", unpacked" if uncompress else "")
+    return {"session_id": session_id, "session_info": session_info.to_json()}
+
+
+def _archive_limits(config) -> ArchiveLimits:
+    return ArchiveLimits(max_bytes=config.session_max_unpacked_mb << 20, max_files=config.session_max_files)
+
+
+def _receive(upload: UploadFile, folder: str, index: int) -> str:
+    path = os.path.join(folder, get_basename(upload.filename) if upload.filename else f"upload-{index}")
+    with open(path, "wb") as out:
+        shutil.copyfileobj(upload.file, out)
+    return path
 
 
 def install(fastapi_app) -> None:
