@@ -100,7 +100,8 @@ def test_bank_entries_name_file_slices_and_keep_negatives(engine_factory, cmr):
 
 def test_wide_field_of_view_volume(engine_factory, chaos, tmp_path):
     """A 0.8 mm, 410 mm-wide resampling of a shared volume (canvas: 128 px x 2.5 mm = 320 mm), its anatomy
-    pushed against one edge: labels survive ingestion and the output keeps the input's geometry."""
+    pushed against one edge: it keeps the bank's 2.5 mm (one physical scale per bank), the canvas is
+    cropped around the body, labels survive ingestion and the output keeps the input's geometry."""
     import torch
 
     img, lab = nib.load(str(chaos / "image_2.nii.gz")), nib.load(str(chaos / "label_2.nii.gz"))
@@ -118,7 +119,7 @@ def test_wide_field_of_view_volume(engine_factory, chaos, tmp_path):
     engine, _ = engine_factory()
     engine.ingest("wide", tmp_path / "wide.nii.gz", tmp_path / "wide_label.nii.gz")
     geometry = engine.prepare(tmp_path / "wide.nii.gz").geometry
-    spacing = 512 * 0.8 / geometry.resampled_shape[0]  # in-plane mm per canvas pixel
+    spacing = geometry.pixel_spacing_mm  # in-plane mm per canvas pixel
     canvas_mm2, file_mm2 = {}, {}
     for i in range(engine.bank.record("wide")["entries"]):
         entry = engine.bank.support(("wide", i))
@@ -127,8 +128,9 @@ def test_wide_field_of_view_volume(engine_factory, chaos, tmp_path):
                 if v:
                     file_mm2[int(v)] = file_mm2.get(int(v), 0) + (label[..., entry.ref.slice_index] == v).sum() * 0.8**2
                     canvas_mm2[int(v)] = canvas_mm2.get(int(v), 0) + (entry.mask == v).sum() * spacing**2
-    # Every organ keeps its area on the canvas (shrunk to 3.2 mm = 410 mm / 128 px to fit, not cropped).
-    assert spacing == pytest.approx(3.2)
+    # Every organ keeps its area on the canvas, at the bank's own spacing (the 320 mm of anatomy fit
+    # the 320 mm canvas; only the empty 90 mm beside it are cropped).
+    assert spacing == pytest.approx(2.5) and min(geometry.offset) < 0
     assert set(canvas_mm2) == set(file_mm2) == {1, 2, 3, 4}
     for v in file_mm2:
         assert canvas_mm2[v] == pytest.approx(file_mm2[v], rel=0.1), v

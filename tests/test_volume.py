@@ -158,45 +158,80 @@ def test_labels_are_checked_against_their_image(tmp_path):
     assert read_label(_save(tmp_path / "ok.nii.gz", label, np.eye(4)), vol, allowed=[7, 9]).dtype == np.uint16
 
 
-def test_wide_field_of_view_is_shrunk_to_fit_never_cropped(tmp_path, caplog):
-    """512 x 512 at 0.8 mm (410 mm) on a 256 px x 1.25 mm (320 mm) canvas: the edge label survives."""
-    shape = (512, 512, 4)
-    image = np.random.default_rng(0).random(shape).astype(np.float32) * 100
-    label = np.zeros(shape, np.uint16)
-    label[:12, 200:260, :] = 3  # against the first in-plane edge
-    label[300:340, -10:, 1:3] = 5  # against the other axis' last edge
-    affine = np.diag([-0.8, 0.8, 5.0, 1.0])
-    vol = read_volume(_save(tmp_path / "wide.nii.gz", image, affine))
-    lab = read_label(_save(tmp_path / "wide_label.nii.gz", label, affine), vol)
+def _body_phantom(shape, spacing, body_mm=(280.0, 220.0), organ_at_mm=(60.0, -40.0), organ_radius_mm=40.0):
+    """A bright elliptical body in air with a brighter round organ, sampled on a grid of ``shape`` at
+    ``spacing`` mm centred on the body: the same physical scene at any field of view."""
+    n0, n1, nz = shape
+    y = (np.arange(n0) - (n0 - 1) / 2) * spacing
+    x = (np.arange(n1) - (n1 - 1) / 2) * spacing
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    body = (yy / (body_mm[0] / 2)) ** 2 + (xx / (body_mm[1] / 2)) ** 2 < 1
+    organ = (yy - organ_at_mm[0]) ** 2 + (xx - organ_at_mm[1]) ** 2 < organ_radius_mm**2
+    image = np.repeat((200.0 * body + 300.0 * organ)[..., None], nz, axis=2).astype(np.float32)
+    label = np.repeat(organ[..., None], nz, axis=2).astype(np.uint16) * 3
+    return image, label, np.diag([-spacing, spacing, 5.0, 1.0])
+
+
+def test_the_same_object_has_the_same_size_at_any_field_of_view(tmp_path, caplog):
+    """One physical scale per bank: a 40 mm-radius organ covers the same canvas pixels whether the
+    scanner's field of view is 300 mm (1.17 mm pixels) or 500 mm (0.98 mm, a 512² CT); the wide one
+    is cropped around the body, never resampled coarser (which made it 1.57x smaller)."""
     settings = {"pixel_spacing_mm": 1.25, "canvas": 256, "intensity": {"modality": "mr"}}
+    areas = {}
+    for name, shape, spacing in (("narrow", (256, 256, 3), 300 / 256), ("wide", (512, 512, 3), 500 / 512)):
+        image, label, affine = _body_phantom(shape, spacing)
+        vol = read_volume(_save(tmp_path / f"{name}.nii.gz", image, affine))
+        lab = read_label(_save(tmp_path / f"{name}_label.nii.gz", label, affine), vol)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="fewshot.volume"):
+            canvas, geom = volume_to_canvas(vol, settings)
+        assert geom.pixel_spacing_mm == 1.25
+        masks = label_to_canvas(lab, geom)
+        areas[name] = int((masks[1] == 3).sum())
+        back = canvas_to_label(np.stack([(masks == 3).astype(np.float32)], axis=1), [3], geom)
+        assert back.shape == shape
+        dice = 2 * ((back == 3) & (label == 3)).sum() / ((back == 3).sum() + (label == 3).sum())
+        assert dice > 0.95, (name, dice)
+        if name == "wide":
+            assert min(geom.offset) < 0  # cropped
+            assert "cropped around the body" in caplog.text and "cut off" not in caplog.text
+            # The body (280 x 220 mm) is whole on the 320 mm canvas: its edge rows are inside it.
+            body_rows = np.flatnonzero((canvas[1] > 0.1).any(axis=1))
+            assert body_rows[0] > 0 and body_rows[-1] < 255
+    expected = np.pi * (40 / 1.25) ** 2
+    assert areas["wide"] == pytest.approx(areas["narrow"], rel=0.03)
+    assert areas["wide"] == pytest.approx(expected, rel=0.05)
+
+
+def test_a_body_wider_than_the_canvas_is_cut_and_said_so(tmp_path, caplog):
+    settings = {"pixel_spacing_mm": 1.25, "canvas": 128, "intensity": {"modality": "mr"}}  # 160 mm
+    image, label, affine = _body_phantom((400, 400, 2), 1.0, body_mm=(300.0, 300.0), organ_at_mm=(0.0, 0.0))
+    vol = read_volume(_save(tmp_path / "big.nii.gz", image, affine))
     with caplog.at_level("INFO", logger="fewshot.volume"):
-        canvas, geom = volume_to_canvas(vol, settings)
-    assert "nothing is cropped" in caplog.text
-    assert geom.pixel_spacing_mm == pytest.approx(512 * 0.8 / 256)
-    assert max(geom.resampled_shape) == 256 and min(geom.offset) >= 0
+        _, geom = volume_to_canvas(vol, settings)
+    assert geom.pixel_spacing_mm == 1.25
+    assert "cut off" in caplog.text and "volume.canvas to at least 320" in caplog.text
+    # Cut evenly around the body's centre: the organ at the centre is whole.
+    lab = read_label(_save(tmp_path / "big_label.nii.gz", label, affine), vol)
     masks = label_to_canvas(lab, geom)
-    # Every slice that holds a label on disk holds it on the canvas too (none wrongly "negative").
-    for v in (3, 5):
-        on_disk = [bool((lab[..., z] == v).any()) for z in range(4)]
-        assert [bool((masks[z] == v).any()) for z in range(4)] == on_disk
-    probs = np.stack([(masks == v).astype(np.float32) for v in (3, 5)], axis=1)
-    back = canvas_to_label(probs, [3, 5], geom)
-    assert back.shape == shape
-    for v in (3, 5):
-        inter = ((back == v) & (label == v)).sum()
-        assert 2 * inter / ((back == v).sum() + (label == v).sum()) > 0.85
-    # A field of view that fits keeps the preset's spacing.
-    small = read_volume(_save(tmp_path / "small.nii.gz", image[:200, :200], affine))
-    assert volume_to_canvas(small, settings)[1].pixel_spacing_mm == 1.25
+    assert int((masks[0] == 3).sum()) == pytest.approx(np.pi * (40 / 1.25) ** 2, rel=0.05)
+
+
+def test_a_field_of_view_that_fits_is_centred_uncropped(tmp_path, caplog):
+    settings = {"pixel_spacing_mm": 1.25, "canvas": 256, "intensity": {"modality": "mr"}}
+    image = np.random.default_rng(0).random((200, 200, 4)).astype(np.float32) * 100
+    affine = np.diag([-0.8, 0.8, 5.0, 1.0])
+    small = volume_to_canvas(read_volume(_save(tmp_path / "small.nii.gz", image, affine)), settings)[1]
+    assert small.pixel_spacing_mm == 1.25 and min(small.offset) >= 0
     # Exactly the canvas (CHAOS and CMR: 256 px x 1.25 mm), with float32 spacing that makes the extent
-    # 320.00003 mm: it fits, so the preset's spacing stays and nothing is logged.
+    # 320.00003 mm: it fits, so nothing is cropped and nothing is logged.
     exact_affine = np.diag([np.float32(1.2500001), np.float32(1.2500001), 7.7, 1.0])
-    exact = read_volume(_save(tmp_path / "exact.nii.gz", image[:256, :256], exact_affine))
-    caplog.clear()
+    big = np.random.default_rng(1).random((256, 256, 4)).astype(np.float32)
+    exact = read_volume(_save(tmp_path / "exact.nii.gz", big, exact_affine))
     with caplog.at_level("INFO", logger="fewshot.volume"):
         exact_geom = volume_to_canvas(exact, settings)[1]
-    assert exact_geom.pixel_spacing_mm == 1.25 and exact_geom.resampled_shape == (256, 256)
-    assert "nothing is cropped" not in caplog.text
+    assert exact_geom.pixel_spacing_mm == 1.25 and exact_geom.resampled_shape == (256, 256) and exact_geom.offset == (0, 0)
+    assert "cropped" not in caplog.text and "cut off" not in caplog.text
 
 
 @pytest.mark.parametrize("codes", [("L", "S", "P"), ("P", "S", "R"), ("S", "L", "A"), ("R", "A", "I")])

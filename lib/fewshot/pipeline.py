@@ -26,6 +26,7 @@ import numpy as np
 from fewshot.bank import SliceBatch, SupportBank, file_sha256
 from fewshot.types import Atlas, Embedder, LabelTransfer, Matcher, SlicePlan
 from fewshot.volume import (
+    CANVAS_VERSION,
     CanvasGeometry,
     Volume,
     VolumeError,
@@ -168,6 +169,7 @@ class Engine:
         """What bank entries depend on: a change to any of these makes old entries meaningless."""
         bank = settings.get("bank", {})
         shaped = settings_hash(
+            {"canvas_version": CANVAS_VERSION},
             settings.get("volume", {}),
             {k: bank.get(k) for k in ("negatives_per_image", "augmentations_per_slice", "augmentation")},
             settings.get("embedder", {}),

@@ -2,8 +2,9 @@
 
 Reading goes through MONAI's ``LoadImage`` (NIfTI, NRRD, DICOM series, ...). The engine works on
 *canvas slices*: the volume is oriented to RAS, cut along its slicing axis, intensity-normalised,
-resampled in plane to a common pixel spacing and centred on an S x S canvas (a field of view wider
-than S x spacing gets a coarser spacing of its own, so nothing is ever cropped). ``CanvasGeometry``
+resampled in plane to one pixel spacing for every volume (one physical scale per bank) and placed
+on an S x S canvas (centred; a field of view wider than S x spacing is cropped around the body, and
+a body wider than that is reported). ``CanvasGeometry``
 remembers every step so that a canvas label goes back to the input's exact array shape, affine and
 orientation, and maps canvas slice numbers to the file's own slice numbers.
 """
@@ -194,9 +195,9 @@ class CanvasGeometry:
     axis: int  # slicing axis in RAS array order
     plane_shape: tuple[int, int]  # in-plane shape before resampling
     resampled_shape: tuple[int, int]  # in-plane shape at the common pixel spacing
-    offset: tuple[int, int]  # where the resampled slice's (0, 0) sits on the canvas (>= 0: never cropped)
+    offset: tuple[int, int]  # where the resampled slice's (0, 0) sits on the canvas (< 0: cropped)
     canvas: int
-    pixel_spacing_mm: float = 0.0  # in-plane spacing used: the preset's, or coarser when the field of view is wider
+    pixel_spacing_mm: float = 0.0  # in-plane spacing: the preset's, for every volume
     slice_spacing_mm: float = 0.0  # spacing along the slicing axis (canvas slices are not resampled in z)
 
     @property
@@ -304,6 +305,55 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return nio.apply_orientation(array, nio.ornt_transform(source, RAS)), source, spacing_ras
 
 
+# Bumped when the same file and settings give other canvas slices; banks and embedding caches key on it.
+# 2: one pixel spacing for every volume (version 1 gave a wide field of view a coarser spacing).
+CANVAS_VERSION = 2
+BODY_LEVEL = 0.1  # normalised intensity above which a pixel counts as body, not air, when placing the canvas
+
+
+def _body_box(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(first, last + 1) in-plane pixel of anything brighter than air over all slices, or None."""
+    body = (slices > BODY_LEVEL).any(axis=0)
+    if not body.any():
+        return None
+    rows, cols = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
+    return np.array([rows[0], cols[0]]), np.array([rows[-1] + 1, cols[-1] + 1])
+
+
+def _window_offset(slices: np.ndarray, plane_shape, resampled, canvas: int) -> tuple[int, int]:
+    """Where the resampled slice's (0, 0) sits on the canvas: centred when it fits; otherwise the
+    canvas window is centred on the body (negative offset: cropped), never beyond the image."""
+    box = _body_box(slices)
+    offset = []
+    for axis, (n, r) in enumerate(zip(plane_shape, resampled)):
+        if r <= canvas:
+            offset.append((canvas - r) // 2)
+            continue
+        centre = (box[0][axis] + box[1][axis]) / 2 * r / n if box is not None else r / 2
+        offset.append(int(np.clip(round(canvas / 2 - centre), canvas - r, 0)))
+    return tuple(offset)
+
+
+def _report_crop(path, slices, plane_shape, resampled, offset, canvas, spacing, extent) -> None:
+    box = _body_box(slices)
+    cut = 0.0
+    if box is not None:
+        for axis, (n, r) in enumerate(zip(plane_shape, resampled)):
+            lo, hi = box[0][axis] * r / n, box[1][axis] * r / n  # body extent in resampled pixels
+            cut = max(cut, (max(0.0, -offset[axis] - lo) + max(0.0, hi - (canvas - offset[axis]))) * spacing)
+    if cut > spacing:
+        logger.warning(
+            "%s: the body is wider than the canvas (%d px x %.2f mm = %.0f mm): %.0f mm of it is cut off and "
+            "cannot be segmented; set volume.canvas to at least %d to keep it whole (one canvas per bank)",
+            path, canvas, spacing, canvas * spacing, cut, int(np.ceil(max(extent) / spacing / 32) * 32),
+        )
+    else:
+        logger.info(
+            "%s: in-plane field of view %.0f x %.0f mm is wider than the canvas (%.0f mm): cropped around the body, "
+            "at the bank's %.2f mm spacing", path, extent[0], extent[1], canvas * spacing, spacing,
+        )
+
+
 def volume_to_canvas(volume: Volume, settings: Mapping) -> tuple[np.ndarray, CanvasGeometry]:
     """Volume -> (Z, S, S) float32 canvas slices in [0, 1] and the geometry to come back."""
     ras, source_ornt, spacing_ras = to_ras(volume.array, volume.affine)
@@ -311,23 +361,19 @@ def volume_to_canvas(volume: Volume, settings: Mapping) -> tuple[np.ndarray, Can
     plane_spacing = [s for i, s in enumerate(spacing_ras) if i != axis]
     slices = np.moveaxis(normalise_intensity(ras, settings.get("intensity", {})), axis, 0)
     plane_shape = tuple(int(s) for s in slices.shape[1:])
-    target = float(settings.get("pixel_spacing_mm", 1.0))
+    spacing = float(settings.get("pixel_spacing_mm", 1.0))
     canvas = int(settings.get("canvas", 256))
     extent = [n * sp for n, sp in zip(plane_shape, plane_spacing)]
-    # A field of view wider than the canvas is shrunk to fit rather than cropped: anatomy at the edge
-    # would otherwise vanish from bank entries (wrongly "negative") and could never be predicted.
-    # Judged in whole pixels, as the crop would be: a 256 x 1.25 mm slice on a 256 px, 1.25 mm canvas
-    # fits even when float32 affines make its extent 320.00003 mm.
-    spacing = target
-    if max(int(round(e / target)) for e in extent) > canvas:
-        spacing = max(extent) / canvas
-        logger.info(
-            "%s: in-plane field of view %.0f x %.0f mm is wider than the canvas (%d px x %.2f mm = %.0f mm); "
-            "resampled at %.3f mm so nothing is cropped",
-            volume.path, extent[0], extent[1], canvas, target, canvas * target, spacing,
-        )
-    resampled = tuple(min(canvas, max(1, int(round(e / spacing)))) for e in extent)
-    offset = tuple((canvas - r) // 2 for r in resampled)
+    # Every volume is resampled at the same spacing, whatever its field of view: one physical scale
+    # per bank, so an organ has the same size in pixels in a support and in a query (retrieval,
+    # matching and SAM 2's memory attention all compare pixels). A field of view wider than the
+    # canvas is cropped around the body; a body wider than the canvas is cut, and said so.
+    # Judged in whole pixels: a 256 x 1.25 mm slice on a 256 px, 1.25 mm canvas fits even when
+    # float32 affines make its extent 320.00003 mm.
+    resampled = tuple(max(1, int(round(e / spacing))) for e in extent)
+    offset = _window_offset(slices, plane_shape, resampled, canvas)
+    if max(resampled) > canvas:
+        _report_crop(volume.path, slices, plane_shape, resampled, offset, canvas, spacing, extent)
     geometry = CanvasGeometry(
         source_shape=volume.shape, source_ornt=source_ornt, axis=axis, plane_shape=plane_shape,
         resampled_shape=resampled, offset=offset, canvas=canvas, pixel_spacing_mm=spacing,

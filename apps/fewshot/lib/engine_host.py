@@ -27,6 +27,7 @@ from fewshot.config import ConfigError
 from fewshot.coverage import Proposal, propose
 from fewshot.pipeline import Engine, IngestReport, Segmentation, settings_hash
 from fewshot.presets import PresetError, resolve_device
+from fewshot.volume import CANVAS_VERSION
 
 from lib.app_config import AppConfig
 
@@ -244,7 +245,7 @@ class EngineHost:
     def embedding_key(self) -> str:
         """Names what per-slice embeddings depend on, so cached ones are never reused by another embedder."""
         s = self.engine.settings
-        return f"{self.engine.embedder.name}-{settings_hash(s.get('volume', {}), s.get('embedder', {}))}"
+        return f"{self.engine.embedder.name}-{settings_hash({'canvas_version': CANVAS_VERSION}, s.get('volume', {}), s.get('embedder', {}))}"
 
     # ------------------------------------------------------------------ /info snapshot
 
