@@ -143,13 +143,35 @@ def test_segment_volume_shapes_and_allowed_labels(transfer, supports_data):
         assert (s.probabilities >= 0).all() and (s.probabilities <= 1).all()
         assert not s.probabilities[1:].any()  # 500 and 600 are not allowed anywhere
         assert (s.object_scores[1:] < -100).all()
-        if z == 3:
-            assert not s.probabilities.any()
-            assert s.seconds["encode"] == 0.0
-        else:
-            assert s.probabilities[0].max() > 0.5  # presence is forced: the mask decoder's output shows
-            assert set(s.seconds) == {"encode", "attention_decode", "memory_encode"}
+        # Slice 3's plan allows nothing, but the slice before it in the propagation predicted 200
+        # present, so 200 runs there too (as every object runs on every frame in SAM 2's tracker).
+        assert s.ran == (200,)
+        assert s.probabilities[0].max() > 0.5  # presence is forced: the mask decoder's output shows
+        assert set(s.seconds) == {"encode", "attention_decode", "memory_encode"}
     assert result.seconds["encode"] > 0
+
+
+@pytest.mark.parametrize("bias", [10.0, -10.0])
+def test_a_label_the_neighbour_holds_runs_without_a_support_holding_it(checkpoint, supports_data, bias):
+    """Slice 3's supports hold only 200; slice 2, just before it in the propagation, ran 500. If the
+    object-score head found 500 present on slice 2, it runs on slice 3 as well, and no made-up
+    "absent" memory stands in for it; if it found 500 absent, slice 3 does not run it."""
+    t = transfer_with_object_bias(checkpoint, bias)
+    images, masks = supports_data
+    payload = t.encode_supports(images, masks, LABELS)
+    plans = make_plans(payload, images, masks, 5, range(4), scores=[0.1, 0.2, 0.9, 0.3, 0.2])  # anchor 2
+    only_200 = make_plans(payload, images, masks, 5, range(3, 6), allowed=(200,))  # supports 3-5 lack 500
+    plans[3] = only_200[3]
+    assert all(500 not in s.labels for s in plans[3].supports)
+    result = t.segment_volume(query_volume(5), plans, LABELS)
+    slice2, slice3 = result.slices[2], result.slices[3]
+    assert 500 in slice2.ran
+    if bias > 0:
+        assert slice2.object_scores[1] > 0 and slice3.ran == (200, 500)
+        assert slice3.object_scores[1] > 0 and slice3.probabilities[1].max() > 0.5
+    else:
+        assert slice2.object_scores[1] <= 0 and slice3.ran == (200,)
+        assert slice3.object_scores[1] < -100 and not slice3.probabilities[1].any()
 
 
 def test_object_absent_gives_zero_probability(checkpoint, supports_data):
@@ -233,7 +255,9 @@ def test_cached_memories_skip_support_encoding(transfer, supports_data):
     query = query_volume(4, seed=7)
     with EncoderCounter(transfer.model) as counter:
         first = transfer.segment_volume(query, plans, LABELS, cache_key="volume-a")
-    assert counter.images == 3 and counter.calls == 3  # once per slice with labels, never on supports
+    # Once per query slice (slice 2 allows nothing but runs the labels slice 1 found present),
+    # never on supports.
+    assert counter.images == 4 and counter.calls == 4
     with EncoderCounter(transfer.model) as counter:
         second = transfer.segment_volume(query, plans, LABELS, cache_key="volume-a")
     assert counter.images == 0
@@ -385,3 +409,55 @@ def test_real_hiera_tiny_architecture_at_512(tmp_path):
         out = model.forward_image(torch.zeros(1, 3, 512, 512))
     assert out["backbone_fpn"][-1].shape == (1, 256, 32, 32)
     assert model.memory_attention.layers[0].cross_attn_image.freqs_cis.shape[0] == 32 * 32
+
+
+def test_supports_sit_at_distinct_positions_before_the_query(transfer, supports_data):
+    """As conditioning frames of a video: the best support nearest, each at its own pointer distance,
+    and farther than every query slice already propagated (`step` slices from the anchor)."""
+    images, masks = supports_data
+    payload = transfer.encode_supports(images[:4], masks[:4], LABELS)
+    plan = make_plans(payload, images, masks, 1, range(4))[0]
+    hw = (transfer.image_size // transfer.model.backbone_stride,) * 2
+    index = np.arange(len(LABELS))
+    for step in (0, 3):
+        memories = transfer._support_memories(plan.supports, index, len(LABELS), hw, step)
+        assert [m.ptr_tpos for m in memories] == [step + 1, step + 2, step + 3, step + 4]
+        assert all(m.t_pos == 0 for m in memories)  # spatial memories: conditioning frames, as in SAM 2
+    legacy = Sam2Transfer(transfer.model, {**SETTINGS, "support_positions": "query"}, "sam2-random-tiny")
+    assert [m.ptr_tpos for m in legacy._support_memories(plan.supports, index, len(LABELS), hw, 3)] == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="support_positions"):
+        Sam2Transfer(transfer.model, {**SETTINGS, "support_positions": "middle"}, "sam2-random-tiny")
+
+
+def test_older_slices_lend_their_pointers_beyond_the_spatial_memories(checkpoint, supports_data):
+    """neighbours=1, pointers=3: slices 2 and 3 back contribute object pointers only (SAM 2 reads up
+    to 15 frames' pointers but 6 frames' spatial memories); their features are never encoded twice."""
+    images, masks = supports_data
+    scores = [0.9, 0.1, 0.1, 0.1, 0.1]  # anchor 0: one upward pass
+    out = {}
+    for pointers in (1, 3):
+        t = transfer_with_object_bias(checkpoint, 10.0, neighbours=1, pointers=pointers)
+        assert t.pointers == pointers
+        payload = t.encode_supports(images, masks, LABELS)
+        out[pointers] = t.segment_volume(query_volume(5), make_plans(payload, images, masks, 5, range(3), scores=scores), LABELS)
+    for z in (0, 1):  # at most one slice back: nothing differs
+        np.testing.assert_array_equal(out[1].slices[z].probabilities, out[3].slices[z].probabilities)
+    for z in (2, 3, 4):
+        assert not np.array_equal(out[1].slices[z].probabilities, out[3].slices[z].probabilities)
+    assert out[1].seconds["memory_encode"] > 0
+
+
+def test_fill_holes_as_sam2_video_predictor():
+    """sam2.utils.misc.fill_holes_in_mask_scores: background components of at most max_area
+    low-res pixels (8-connected) become 0.1; larger ones stay."""
+    from fewshot.transfer.sam2_memory import fill_holes
+
+    logits = torch.full((2, 1, 16, 16), 5.0)
+    logits[0, 0, 4:6, 4:6] = -3.0  # a 4-pixel hole
+    logits[0, 0, 9:13, 9:13] = -3.0  # a 16-pixel hole
+    logits[1] = -2.0  # an empty mask: its background is one large component
+    filled = fill_holes(logits, 8)
+    assert (filled[0, 0, 4:6, 4:6] == 0.1).all()
+    assert (filled[0, 0, 9:13, 9:13] == -3.0).all()
+    torch.testing.assert_close(filled[1], logits[1])
+    assert fill_holes(logits, 0) is logits or torch.equal(fill_holes(logits, 0), logits)

@@ -676,6 +676,11 @@ class SupportBank:
         _, shard, i = self._entry(row)
         return shard.entry_labels[i]
 
+    def source_slice(self, row: tuple[str, int]) -> tuple[str, int]:
+        """(image id, slice) the entry was cut from: an augmented copy shares its original's."""
+        _, shard, i = self._entry(row)
+        return row[0], int(shard.arrays["slice_index"][i])
+
     def images(self, rows: Sequence[tuple[str, int]]) -> np.ndarray:
         """(M, S, S) float32 images of ``rows``, without their payloads (for re-ranking)."""
         out = []

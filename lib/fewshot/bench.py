@@ -380,8 +380,10 @@ def _forget_query_caches(engine) -> None:
 
 
 def _set_keep(engine, k: int) -> None:
-    """Supports kept per query slice; retrieval fetches at least that many (Engine.plan reads both per call)."""
-    engine.settings["selection"] = {**engine.settings.get("selection", {}), "keep": int(k)}
+    """Supports kept per query slice; retrieval fetches at least that many (Engine.plan reads both per call).
+    Exactly k: the distinct-sources rule could leave fewer when top-k holds a slice's augmented copies,
+    and the bench times k memories, whatever they show."""
+    engine.settings["selection"] = {**engine.settings.get("selection", {}), "keep": int(k), "distinct_sources": False}
 
 
 def timed_segment(engine, image, device: str, cold: bool = True, labels=None) -> SegmentRun:

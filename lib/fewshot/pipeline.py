@@ -413,6 +413,8 @@ class Engine:
         """
         retrieval = self.settings.get("retrieval", {})
         keep = int(self.settings.get("selection", {}).get("keep", 4))
+        # One support per source slice: the best-matching of a slice and its augmented copies.
+        distinct = bool(self.settings.get("selection", {}).get("distinct_sources", True))
         top_k = max(int(retrieval.get("top_k", 16)), keep)
         timings = {"retrieve": 0.0, "match": 0.0}
         t0 = time.perf_counter()
@@ -433,8 +435,14 @@ class Engine:
                 order = np.argsort(dist, kind="stable")
                 ranked = [ranked[i] for i in order]
                 distances = [float(dist[i]) for i in order]
-            chosen = []
-            for (row, score), distance in zip(ranked[:keep], distances):
+            chosen, sources = [], set()
+            for (row, score), distance in zip(ranked, distances):
+                if len(chosen) == keep:
+                    break
+                if distinct and (source := self.bank.source_slice(row)) in sources:
+                    continue  # a slice's augmented copies must not crowd out other examples
+                if distinct:
+                    sources.add(source)
                 support = self.bank.support(row, score, wanted)
                 support.match_distance = distance
                 chosen.append(support)
@@ -580,10 +588,14 @@ class Engine:
             c = list(result.labels).index(value)
             per_slice = {}
             for plan, sres in zip(plans, result.slices):
-                if value not in plan.labels:
+                ran = plan.labels if sres.ran is None else sres.ran
+                if value not in ran:
                     continue
                 per_slice[str(geometry.file_slice(plan.slice_index))] = {
                     "supports": [support_entry(s, value) for s in plan.supports],
+                    # "neighbour": no chosen support holds the label; it ran because the slice
+                    # before it in the propagation predicted it present.
+                    "via": "supports" if value in plan.labels else "neighbour",
                     "object_score": round(float(sres.object_scores[c]), 3),
                     "present": bool(sres.probabilities[c].max() > threshold),
                 }

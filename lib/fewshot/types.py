@@ -68,6 +68,7 @@ class SliceResult:
     probabilities: np.ndarray  # (L, S, S) float32 in [0, 1], one channel per label in ``labels`` order
     object_scores: np.ndarray  # (L,) float32: >0 means the step thinks the label is present
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds spent on this slice
+    ran: tuple[int, ...] | None = None  # label values the step ran on this slice; None: those of its plan
 
 
 @dataclass

@@ -14,6 +14,15 @@ How SAM 2 is used here, and where it departs from its video predictor:
   instead of SAM 2's dict-of-dicts ``inference_state`` we assemble the memory from small
   :class:`Memory` records (:meth:`Sam2Transfer._condition_on_memories` mirrors
   ``SAM2Base._prepare_memory_conditioned_features``).
+* Supports sit where a video's conditioning frames would (``support_positions: video``): just
+  before the volume, the best one nearest, so each object pointer has its own temporal distance,
+  growing as the propagation moves away from the anchor. The last ``neighbours`` predicted slices
+  lend spatial memories and the last ``pointers`` their object pointers (SAM 2: 6 and 15).
+* A label runs on a slice when a chosen support holds it or when the slice before it in the
+  propagation predicted it present; the object-score head then decides, as in SAM 2's tracker
+  where every object runs on every frame. No memory is made up for a label a slice did not run.
+* Output masks get SAM2VideoPredictor's hole filling (``fill_hole_area``) on the low-res logits,
+  after the slice's memory was encoded from the unfilled ones, as there.
 
 Payload convention (what ``Support.payload`` must hold when it reaches :meth:`segment_volume`):
 arrays of ONE support entry, indexed by the ``labels`` argument of ``segment_volume`` (the
@@ -60,18 +69,20 @@ LOG_EVERY_SLICES = 50
 class Memory:
     """One memory frame for B objects, as SAM 2 keeps it per frame in ``output_dict``."""
 
-    features: torch.Tensor  # (B, mem_dim, h, w) maskmem_features
+    features: torch.Tensor | None  # (B, mem_dim, h, w) maskmem_features; None: the frame lends its pointer only
     obj_ptr: torch.Tensor  # (B, hidden) object pointer
     t_pos: int  # SAM 2's t_pos: 0 for conditioning frames, num_maskmem - distance for recent frames
-    ptr_tpos: int  # temporal position of the object pointer (signed frame distance in SAM 2)
+    ptr_tpos: int  # temporal position of the object pointer (frame distance t_diff in SAM 2)
 
 
 @dataclass
 class SliceMemory:
-    """A predicted query slice encoded as memory for its neighbours, one row per label."""
+    """A predicted query slice as memory for the slices after it, for the labels run on it only
+    (SAM 2 has no memory of an object on a frame it did not track, so none is made up)."""
 
-    features: torch.Tensor  # (L, mem_dim, h, w)
-    obj_ptr: torch.Tensor  # (L, hidden)
+    rows: dict[int, int]  # label position -> row
+    obj_ptr: torch.Tensor  # (n, hidden)
+    features: torch.Tensor | None = None  # (n, mem_dim, h, w); dropped once no slice within `neighbours` reads it
 
 
 @dataclass
@@ -136,6 +147,25 @@ class QueryFeatureCache:
         return len(self._volumes)
 
 
+def fill_holes(low_res_logits: torch.Tensor, max_area: int) -> torch.Tensor:
+    """sam2.utils.misc.fill_holes_in_mask_scores on any device: background components (8-connected)
+    of at most ``max_area`` low-res pixels become foreground (logit 0.1). Meta's version needs its
+    CUDA extension and silently skips the step without it; this one always runs."""
+    from scipy import ndimage
+
+    mask = (low_res_logits <= 0).cpu().numpy()
+    fill = np.zeros_like(mask)
+    for b in range(mask.shape[0]):
+        components, n = ndimage.label(mask[b, 0], structure=np.ones((3, 3), bool))
+        if n:
+            areas = np.bincount(components.ravel())
+            small = np.flatnonzero(areas <= max_area)
+            fill[b, 0] = np.isin(components, small[small > 0])
+    if not fill.any():
+        return low_res_logits
+    return torch.where(torch.as_tensor(fill, device=low_res_logits.device), torch.full_like(low_res_logits, 0.1), low_res_logits)
+
+
 def propagation_order(plans: list[SlicePlan]) -> tuple[int | None, list[tuple[int, int]]]:
     """(anchor, [(slice, direction)]): outwards from the slice with the best-scoring support.
 
@@ -172,9 +202,23 @@ class Sam2Transfer:
                 f"transfer.image_size is {self.image_size} but the model was built for {model.image_size}; "
                 "build it with build_sam2_model(..., image_size=...)"
             )
-        # SAM 2 has num_maskmem - 1 temporal slots for recent frames.
+        # SAM 2 has num_maskmem - 1 temporal slots for recent frames, and reads the object pointers of
+        # up to max_obj_ptrs_in_encoder - 1 recent frames (pointers are a few tokens each: cheap).
         self.neighbours = max(0, min(int(settings.get("neighbours", 0)), model.num_maskmem - 1))
+        self.pointers = max(self.neighbours, min(int(settings.get("pointers", self.neighbours)), model.max_obj_ptrs_in_encoder - 1))
+        # Where supports sit in the video SAM 2 sees: "video" (supports are conditioning frames just
+        # before the volume, best nearest, so pointer distances are distinct and grow along the
+        # propagation, as in SAM2VideoPredictor) or "query" (all at distance 0, which SAM 2 never saw).
+        self.support_positions = str(settings.get("support_positions", "video"))
+        if self.support_positions not in ("video", "query"):
+            raise ValueError(f"transfer.support_positions must be video or query, got {self.support_positions!r}")
+        # SAM2VideoPredictor fills background holes up to this many low-res pixels in its output
+        # masks (fill_hole_area, 8 by default); memories are encoded before, as there.
+        self.fill_hole_area = max(0, int(settings.get("fill_hole_area", 0)))
         self.mask_threshold = float(settings.get("mask_threshold", 0.0))
+        if model.pred_obj_scores and not model.fixed_no_obj_ptr:
+            # SAM 2.1's configs all set it; the absent pointer of an empty support mask relies on it.
+            raise ValueError("SAM 2 models with pred_obj_scores must have fixed_no_obj_ptr: true")
         self.feature_cache = QueryFeatureCache(int(settings.get("feature_cache", 0)))
         self.device = model.device
         self._weights_digest: str | None = None
@@ -373,6 +417,8 @@ class Sam2Transfer:
         H, W = feat_sizes[-1]
         to_cat_memory, to_cat_memory_pos = [], []
         for mem in memories:
+            if mem.features is None:  # a frame beyond `neighbours`: its pointer only, as in SAM 2
+                continue
             to_cat_memory.append(mem.features.flatten(2).permute(2, 0, 1))
             pos = self._maskmem_pos(*mem.features.shape[-2:]).flatten(2).permute(2, 0, 1)  # (hw, 1, mem_dim)
             pos = pos + model.maskmem_tpos_enc[model.num_maskmem - mem.t_pos - 1]
@@ -427,45 +473,22 @@ class Sam2Transfer:
         )
         return low_res_masks, high_res_masks, obj_ptr, object_score_logits
 
-    def _absent_obj_ptr(self) -> torch.Tensor:
-        """The pointer SAM 2 gives an object predicted absent (_forward_sam_heads with fixed_no_obj_ptr)."""
-        model = self.model
-        if model.pred_obj_scores and model.use_obj_ptrs_in_encoder:
-            return model.no_obj_ptr[0]
-        return torch.zeros(model.hidden_dim, device=self.device)
-
-    def _encode_slice_memory(
-        self, fpn, allowed: np.ndarray, high_res_masks: torch.Tensor, object_score_logits: torch.Tensor,
-        obj_ptr: torch.Tensor, num_labels: int,
-    ) -> SliceMemory:
-        """A predicted slice as memory for all labels: SAM2Base._encode_new_memory on the predicted
-        logits; labels not run on this slice get the memory of an absent object (an empty mask with
-        a negative object score, so no_obj_embed_spatial marks it), computed once in the same batch."""
-        model = self.model
-        n_allowed = len(allowed)
-        has_absent = n_allowed < num_labels
-        masks, scores = high_res_masks, object_score_logits
-        if has_absent:
-            masks = torch.cat([masks, torch.full_like(masks[:1], NO_OBJ_SCORE)])
-            scores = torch.cat([scores, torch.full_like(scores[:1], -1.0)])
-        vision_feats, _, feat_sizes = self._flatten_features(fpn, masks.size(0))
-        features, _ = model._encode_new_memory(
+    def _encode_slice_memory(self, fpn, high_res_masks: torch.Tensor, object_score_logits: torch.Tensor) -> torch.Tensor:
+        """SAM2Base._encode_new_memory on a predicted slice's logits, one row per label run on it."""
+        vision_feats, _, feat_sizes = self._flatten_features(fpn, high_res_masks.size(0))
+        features, _ = self.model._encode_new_memory(
             current_vision_feats=vision_feats,
             feat_sizes=feat_sizes,
-            pred_masks_high_res=masks,
-            object_score_logits=scores,
+            pred_masks_high_res=high_res_masks,
+            object_score_logits=object_score_logits,
             is_mask_from_pts=False,
         )
-        rows = torch.full((num_labels,), n_allowed, dtype=torch.long, device=self.device)
-        rows[torch.as_tensor(allowed, device=self.device)] = torch.arange(n_allowed, device=self.device)
-        ptrs = obj_ptr
-        if has_absent:
-            ptrs = torch.cat([ptrs, self._absent_obj_ptr()[None]])
-        return SliceMemory(features=features[rows], obj_ptr=ptrs[rows])
+        return features
 
-    def _support_memories(self, supports: list[Support], allowed: np.ndarray, num_labels: int, hw: tuple[int, int]) -> list[Memory]:
+    def _support_memories(self, supports: list[Support], labels: np.ndarray, num_labels: int, hw: tuple[int, int], step: int) -> list[Memory]:
+        """``step``: how many slices the propagation has gone from its anchor (0 at the anchor)."""
         memories = []
-        for support in supports:
+        for rank, support in enumerate(supports):
             payload = support.payload
             missing = [k for k in ("maskmem_features", "obj_ptr") if k not in payload]
             if missing:
@@ -479,10 +502,12 @@ class Sam2Transfer:
                 )
             memories.append(
                 Memory(
-                    features=torch.as_tensor(feats[allowed], device=self.device).float(),
-                    obj_ptr=torch.as_tensor(np.asarray(payload["obj_ptr"])[allowed], device=self.device).float(),
+                    features=torch.as_tensor(feats[labels], device=self.device).float(),
+                    obj_ptr=torch.as_tensor(np.asarray(payload["obj_ptr"])[labels], device=self.device).float(),
                     t_pos=0,  # every support is a conditioning frame
-                    ptr_tpos=0,  # ... at the query's own position: a matched slice, not a distant frame
+                    # "video": supports are frames just before the volume (the best one nearest), so
+                    # the query slice `step` slices from the anchor is step + rank + 1 frames after it.
+                    ptr_tpos=step + rank + 1 if self.support_positions == "video" else 0,
                 )
             )
         return memories
@@ -520,40 +545,56 @@ class Sam2Transfer:
         slice_memories: dict[int, SliceMemory] = {}
         totals = {"encode": 0.0, "attention_decode": 0.0, "memory_encode": 0.0}
         visited: set[int] = set()
+        keep = max(len(p.supports) for p in plans) if plans else 0
+        num_frames = Z + keep if self.support_positions == "video" else Z
 
-        def readers(z: int, direction: int) -> set[int]:
-            """Slices that will use slice z's memory: the next `neighbours` in its direction, and for
-            slices just above the anchor also the first ones of the downward pass."""
-            out = {z + direction * d for d in range(1, self.neighbours + 1)}
-            if direction > 0:
-                out |= {anchor - d for d in range(1, self.neighbours + 1) if z - anchor + d <= self.neighbours}
+        def readers(z: int, direction: int, span: int) -> set[int]:
+            """Slices that will read slice z's memory within ``span`` slices: the next ones in its
+            direction, and for slices just above the anchor also the first ones of the downward pass."""
+            out = {z + direction * d for d in range(1, span + 1)}
+            if direction > 0 and anchor is not None:
+                out |= {anchor - d for d in range(1, span + 1) if z - anchor + d <= span}
             return {r for r in out if 0 <= r < Z}
 
         for done, (z, direction) in enumerate(order, start=1):
             visited.add(z)
             plan = plans[z]
-            allowed = np.array(sorted(position[int(v)] for v in set(plan.labels)), dtype=np.int64)
+            run = {position[int(v)] for v in plan.labels}
+            # A label the previous slice predicted present runs here too, even when no chosen support
+            # holds it: as in SAM 2's tracker, the object-score head decides whether it is still there.
+            previous = slice_memories.get(z - direction)
+            if previous is not None:
+                run |= {i for i in previous.rows if results[z - direction].object_scores[i] > 0}
+            allowed = np.array(sorted(run), dtype=np.int64)
             if len(allowed) == 0:
                 results[z] = SliceResult(
                     probabilities=np.zeros((L, S, S), np.float32),
                     object_scores=np.full(L, NO_OBJ_SCORE, np.float32),
                     seconds={"encode": 0.0, "attention_decode": 0.0, "memory_encode": 0.0},
+                    ran=(),
                 )
             else:
-                # Recent slices in the direction of travel, as SAM 2 takes the last num_maskmem - 1 frames.
-                neighbours = []
-                for distance in range(1, self.neighbours + 1):
+                # Recent slices in the direction of travel, as SAM 2 takes the last num_maskmem - 1
+                # frames' memories and the last max_obj_ptrs_in_encoder - 1 frames' pointers.
+                recent = []
+                for distance in range(1, self.pointers + 1):
                     mem = slice_memories.get(z - direction * distance)
                     if mem is not None:
-                        neighbours.append((distance, mem))
-                needs_memory = bool(readers(z, direction))
-                result, memory = self._segment_slice(query[z], z, plan, allowed, L, hw, neighbours, Z, cache_key, needs_memory)
+                        recent.append((distance, mem))
+                needs_memory = bool(readers(z, direction, self.neighbours))
+                step = abs(z - anchor) if anchor is not None else 0
+                result, memory = self._segment_slice(query[z], z, plan, allowed, labels, hw, recent, num_frames, step, cache_key, needs_memory)
                 results[z] = result
-                if memory is not None:
+                if memory is not None and readers(z, direction, self.pointers):
                     slice_memories[z] = memory
-            # Drop memories no slice still to come will read.
-            for old in [k for k in slice_memories if not readers(k, +1 if k >= anchor else -1) - visited]:
-                del slice_memories[old]
+            # Drop what no slice still to come will read: spatial features beyond `neighbours`,
+            # whole memories beyond `pointers`.
+            for old in list(slice_memories):
+                old_direction = +1 if old >= (anchor or 0) else -1
+                if not readers(old, old_direction, self.pointers) - visited:
+                    del slice_memories[old]
+                elif not readers(old, old_direction, self.neighbours) - visited:
+                    slice_memories[old].features = None
             for stage in totals:
                 totals[stage] += results[z].seconds.get(stage, 0.0)
             if progress is not None:
@@ -561,49 +602,65 @@ class Sam2Transfer:
         return VolumeResult(labels=labels, slices=results, seconds=totals)
 
     def _segment_slice(
-        self, image, z, plan, allowed, num_labels, hw, neighbours, num_frames, cache_key, needs_memory
+        self, image, z, plan, allowed, labels, hw, recent, num_frames, step, cache_key, needs_memory
     ) -> tuple[SliceResult, SliceMemory | None]:
         S = image.shape[-1]
+        num_labels = len(labels)
         t0 = time.perf_counter()
         features, cached = self._query_features(image, z, cache_key)
         t1 = time.perf_counter()
 
-        B = len(allowed)
-        memories = self._support_memories(plan.supports, allowed, num_labels, hw)
-        index = torch.as_tensor(allowed, device=self.device)
+        # Labels share one attention call when the same recent slices hold a memory of them (a
+        # label that starts on this slice has none from the slices before).
+        groups: dict[tuple, list[int]] = {}
+        for i in allowed.tolist():
+            groups.setdefault(tuple(d for d, mem in recent if i in mem.rows), []).append(i)
         num_maskmem = self.model.num_maskmem
-        for distance, mem in neighbours:
-            memories.append(
-                Memory(
-                    features=mem.features[index],
-                    obj_ptr=mem.obj_ptr[index],
-                    t_pos=num_maskmem - distance,  # SAM 2: the frame t_rel before has t_pos = num_maskmem - t_rel
-                    ptr_tpos=distance,  # SAM 2: non-conditioning pointers carry their frame distance t_diff
+        order, outputs = [], []
+        for distances, group in groups.items():
+            index = np.array(group, dtype=np.int64)
+            memories = self._support_memories(plan.supports, index, num_labels, hw, step)
+            for distance, mem in recent:
+                if distance not in distances:
+                    continue
+                rows = torch.as_tensor([mem.rows[i] for i in group], device=self.device)
+                spatial = mem.features is not None and distance <= self.neighbours
+                memories.append(
+                    Memory(
+                        features=mem.features[rows] if spatial else None,
+                        obj_ptr=mem.obj_ptr[rows],
+                        t_pos=num_maskmem - distance,  # SAM 2: the frame t_rel before has t_pos = num_maskmem - t_rel
+                        ptr_tpos=distance,  # SAM 2: non-conditioning pointers carry their frame distance t_diff
+                    )
                 )
-            )
-        vision_feats, vision_pos, feat_sizes = self._flatten_features(features.backbone_fpn, B)
-        pix_feat = self._condition_on_memories(vision_feats, vision_pos, feat_sizes, memories, num_frames)
-        low_res, high_res, obj_ptr, scores = self._decode(pix_feat, vision_feats, feat_sizes)
+            vision_feats, vision_pos, feat_sizes = self._flatten_features(features.backbone_fpn, len(group))
+            pix_feat = self._condition_on_memories(vision_feats, vision_pos, feat_sizes, memories, num_frames)
+            outputs.append(self._decode(pix_feat, vision_feats, feat_sizes))
+            order.extend(group)
+        low_res, high_res, obj_ptr, scores = (torch.cat(parts) for parts in zip(*outputs))
+        run = np.array(order, dtype=np.int64)
         present = scores[:, 0] > 0
+        shown = fill_holes(low_res, self.fill_hole_area) if self.fill_hole_area else low_res
         # SAM2VideoPredictor._get_orig_video_res_output: low-res logits resized to the output grid.
-        logits = F.interpolate(low_res, size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+        logits = F.interpolate(shown, size=(S, S), mode="bilinear", align_corners=False)[:, 0]
         probs = torch.where(present[:, None, None], torch.sigmoid(logits), torch.zeros_like(logits))
         probabilities = np.zeros((num_labels, S, S), np.float32)
-        probabilities[allowed] = probs.float().cpu().numpy()
+        probabilities[run] = probs.float().cpu().numpy()
         object_scores = np.full(num_labels, NO_OBJ_SCORE, np.float32)
-        object_scores[allowed] = scores[:, 0].float().cpu().numpy()
+        object_scores[run] = scores[:, 0].float().cpu().numpy()
         t2 = time.perf_counter()
 
-        memory = None
+        memory = SliceMemory(rows={int(i): r for r, i in enumerate(run)}, obj_ptr=obj_ptr)
         if needs_memory:
-            memory = self._encode_slice_memory(features.backbone_fpn, allowed, high_res, scores, obj_ptr, num_labels)
+            memory.features = self._encode_slice_memory(features.backbone_fpn, high_res, scores)
         t3 = time.perf_counter()
         seconds = {
             "encode": 0.0 if cached else t1 - t0,
             "attention_decode": t2 - t1,
             "memory_encode": t3 - t2 if needs_memory else 0.0,
         }
-        return SliceResult(probabilities=probabilities, object_scores=object_scores, seconds=seconds), memory
+        ran = tuple(labels[i] for i in sorted(run.tolist()))
+        return SliceResult(probabilities=probabilities, object_scores=object_scores, seconds=seconds, ran=ran), memory
 
     # ---------------------------------------------------------------- benchmark path
 
