@@ -163,7 +163,7 @@ def test_alpnet_scores_each_organ_on_its_own_one_way_prediction(tmp_path):
     engine.transfer = _OverlappingTransfer(label_to_canvas(read_label(case.label, prepared.volume), prepared.geometry))
     run = runner.EvalRun(engine, [case], {"one": 1, "two": 2})
 
-    result = run.alpnet_query(0, "support", "1", {1: [None] * 3, 2: [None] * 3}, 3)
+    result = run.alpnet_query(0, "support", "1", {1: [[None]] * 3, 2: [[None]] * 3}, 3)
     assert result.scores[1].dice == pytest.approx(1.0)  # a shared label map would have overwritten it: Dice 0
     assert result.predicted_voxels[1] == result.reference_voxels[1] == 400
     # Organ 2 pays for its own over-segmentation: 2 * 1120 / (1120 + 1520).
@@ -173,6 +173,34 @@ def test_alpnet_scores_each_organ_on_its_own_one_way_prediction(tmp_path):
 
 
 # ------------------------------------------------------------------------------- end to end
+
+
+def test_alpnet_runs_the_presets_own_path_augmented_copies_and_matching(models_dir):
+    """SAM 2 presets in the alpnet protocol: each chunk's support slice comes with its augmented
+    copies (as the bank would hold them), and the matcher picks, per query slice, the selection.keep
+    best of them (lpips-sam2: the single best by LPIPS)."""
+    from fewshot.config import load_preset
+    from fewshot.datastore import scan_pairs
+    from fewshot.pipeline import Engine
+
+    data = shared_dataset("msd-hippocampus")
+    settings = load_preset("random-tiny", {"selection.keep": 1, "bank.augmentations_per_slice": 3})
+    engine, _ = Engine.from_settings(settings, label_names={"anterior": 1, "posterior": 2})
+    cases = [runner.Case(cid, img, lab) for cid, (img, lab) in list(scan_pairs(data).items())[:2]]
+    run = runner.EvalRun(engine, cases, {"anterior": 1, "posterior": 2})
+    support_id, query_id = list(run.cases)[:2]
+    supports, slices = run.alpnet_supports(support_id, 3)
+    for organ, chunks in supports.items():
+        assert len(chunks) == 3
+        for chunk, z in zip(chunks, slices[organ]):
+            assert len(chunk) == 4 and [c.ref.slice_index for c in chunk] == [z] * 4
+            assert chunk[0].ref.augmentation == "" and all(c.ref.augmentation for c in chunk[1:])
+            assert not np.array_equal(chunk[0].image, chunk[1].image)  # a real copy, not the slice again
+    query = engine.prepare(run.cases[query_id].image).canvas[len(slices[1]) // 2]
+    candidates = supports[1][0]
+    chosen = run.alpnet_chosen(query, candidates)
+    distances = engine.matcher.distances(query, np.stack([c.image for c in candidates]))
+    assert chosen == [candidates[int(np.argmin(distances))]]
 
 
 def test_alpnet_protocol_end_to_end_with_random_tiny(tmp_path, models_dir):

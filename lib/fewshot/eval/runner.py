@@ -346,10 +346,20 @@ class EvalRun:
 
     # -------------------------------------------------------------- alpnet
 
-    def alpnet_supports(self, support_id: str, n_chunks: int) -> tuple[dict[int, list], dict[int, list[int]]]:
-        """organ -> one Support per chunk (encoded once, mask binarised to the organ), and their slices."""
+    def alpnet_supports(self, support_id: str, n_chunks: int) -> tuple[dict[int, list[list]], dict[int, list[int]]]:
+        """organ -> per chunk, the candidate Supports of its one slice (encoded once, mask binarised to
+        the organ), and their slices. The preset's own path: with ``bank.augmentations_per_slice`` the
+        candidates are the slice and its augmented copies (affine on image and mask, colour jitter on
+        the image), among which the matcher picks per query slice, as the bank does for a clinical run."""
+        import hashlib
+
+        from fewshot.match.augment import augment_support
         from fewshot.types import Support, SupportRef
         from fewshot.volume import label_to_canvas, read_label
+
+        bank_settings = self.engine.settings.get("bank", {})
+        n_aug = int(bank_settings.get("augmentations_per_slice", 0))
+        aug_params = bank_settings.get("augmentation", {})
 
         case = self.cases[support_id]
         prepared = self.engine.prepare(case.image)
@@ -363,16 +373,35 @@ class EvalRun:
                                support_id, self.name_of[organ])
                 continue
             zs = protocols.support_slice_per_chunk(protocols.organ_chunks(presence, n_chunks))
-            images = prepared.canvas[zs]
-            binary = np.where(masks[zs] == organ, organ, 0).astype(np.uint16)
-            payload = self.engine.transfer.encode_supports(images, binary, [organ])
-            supports[organ] = [
-                Support(ref=SupportRef(support_id, int(z)), image=images[e], mask=binary[e], labels=(organ,),
-                        payload={k: v[e] for k, v in payload.items()})
-                for e, z in enumerate(zs)
-            ]
+            images, binary, refs, chunk_of = [], [], [], []
+            for chunk, z in enumerate(zs):
+                mask = np.where(masks[z] == organ, organ, 0).astype(np.uint16)
+                copies = [(prepared.canvas[z], mask, "")]
+                digest = hashlib.sha256(f"{aug_params.get('seed', 0)}:{support_id}:{organ}:{z}".encode()).digest()
+                rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))  # the same copies every run
+                copies += [(a.image, a.mask, a.description) for a in augment_support(prepared.canvas[z], mask, n_aug, aug_params, rng)]
+                for image, copy_mask, description in copies:
+                    images.append(image)
+                    binary.append(copy_mask)
+                    refs.append(SupportRef(support_id, int(z), augmentation=description))
+                    chunk_of.append(chunk)
+            payload = self.engine.transfer.encode_supports(np.stack(images), np.stack(binary), [organ])
+            supports[organ] = [[] for _ in zs]
+            for e, (ref, chunk) in enumerate(zip(refs, chunk_of)):
+                supports[organ][chunk].append(
+                    Support(ref=ref, image=images[e], mask=binary[e], labels=(organ,) if binary[e].any() else (),
+                            payload={k: v[e] for k, v in payload.items()}))
             slices[organ] = [int(z) for z in zs]
         return supports, slices
+
+    def alpnet_chosen(self, query_slice: np.ndarray, candidates: list) -> list:
+        """The chunk's candidates this query slice attends to: the matcher's ``selection.keep`` best
+        (LPIPS over the augmented copies for the SAM 2 presets), or all of them without a matcher."""
+        keep = int(self.engine.settings.get("selection", {}).get("keep", 4))
+        if self.engine.matcher is None or len(candidates) <= keep:
+            return candidates
+        distances = self.engine.matcher.distances(query_slice, np.stack([c.image for c in candidates]))
+        return [candidates[i] for i in np.argsort(distances, kind="stable")[:keep]]
 
     def alpnet_query(self, fold: int, support_id: str, query_id: str, supports: Mapping[int, list],
                      n_chunks: int) -> CaseResult:
@@ -395,8 +424,8 @@ class EvalRun:
                 continue
             # The query's own reference extent decides the chunks (an oracle the protocol grants).
             chunk_of = protocols.query_chunk_assignment(presence, n_chunks)
-            plans = [SlicePlan(z, [organ_supports[chunk_of[z]]], (organ,)) if z in chunk_of
-                     else SlicePlan(z, [], ()) for z in range(n)]
+            plans = [SlicePlan(z, self.alpnet_chosen(prepared.canvas[z], organ_supports[chunk_of[z]]), (organ,))
+                     if z in chunk_of else SlicePlan(z, [], ()) for z in range(n)]
             result = self.engine.transfer.segment_volume(prepared.canvas, plans, [organ], cache_key=prepared.key)
             probs = np.stack([s.probabilities for s in result.slices])
             native = canvas_to_label(probs, [organ], prepared.geometry)
