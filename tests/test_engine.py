@@ -460,3 +460,43 @@ def test_cli_bank_stats_never_touches_the_bank(engine_factory, tiny_settings, tm
     assert sorted(p.name for p in (bank_dir / "shards").iterdir()) == shards
     assert main(["bank", "stats", "--datastore", str(store), "--preset", "random-tiny"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 1
+
+
+TINY_MODELS = {
+    "random_weights": True, "volume.canvas": 128, "volume.pixel_spacing_mm": 2.5,
+    "embedder.model": "dinov2-random-tiny", "embedder.input_size": 56, "matcher.size": 64,
+    "transfer.model": "sam2-random-tiny", "transfer.image_size": 128,
+}
+
+
+@pytest.mark.parametrize("preset", ["rag-sam2", "lpips-sam2"])
+def test_each_papers_preset_runs_its_own_path(preset, chaos, models_dir):
+    """rag-sam2: the 16 retrieved slices, unranked, all memories. lpips-sam2: LPIPS over every entry
+    of a one-scan augmented bank, the single best as the conditioning frame, SAM 2's video settings.
+    The real presets with the tiny random networks swapped in (the presets' own paths, not quality)."""
+    from fewshot.config import load_preset
+
+    overrides = dict(TINY_MODELS)
+    if preset == "lpips-sam2":
+        overrides["bank.augmentations_per_slice"] = 2  # the preset's 10 copies, fewer for the test's time
+    settings = load_preset(preset, overrides)
+    engine, _ = Engine.from_settings(settings)
+    engine.ingest("a", chaos / "image_1.nii.gz", chaos / "label_1.nii.gz")
+    entries = engine.bank.stats()["slices"]
+    prepared = engine.prepare(chaos / "image_2.nii.gz")
+    compared = []
+    if engine.matcher is not None:
+        original = engine.matcher.distances
+        engine.matcher.distances = lambda q, c: (compared.append(len(c)), original(q, c))[1]
+    plans, _ = engine.plan(prepared, engine.embedder.embed(prepared.canvas), [1, 2, 3, 4])
+    if preset == "rag-sam2":
+        assert engine.matcher is None and not compared
+        assert engine.bank.stats()["augmented_slices"] == 0
+        assert all(len(p.supports) == 16 for p in plans)
+        assert all([s.score for s in p.supports] == sorted((s.score for s in p.supports), reverse=True) for p in plans)
+    else:
+        assert engine.transfer.neighbours == 6 and engine.transfer.pointers == 15 and engine.transfer.fill_hole_area == 8
+        assert compared == [entries] * len(plans)  # LPIPS against every copy in the bank, for every slice
+        assert all(len(p.supports) == 1 for p in plans)
+    seg = engine.segment(chaos / "image_2.nii.gz")
+    assert seg.label.shape == nib.load(str(chaos / "image_2.nii.gz")).shape
