@@ -45,11 +45,12 @@ Where the engine stands (each item is a test below):
 
 * reproduced by settings (``META_SETTINGS``): 6 spatial memories, 15 recent pointers, supports as
   conditioning frames with Meta's growing pointer distances and K + N normalisation
-  (``support_positions: video``), hole filling of 8 low-res pixels before the resize, gating by the
-  object score, multimask choice, resizing of prompts and outputs;
-* aligned in Meta's run (``Align``, ``aligned``): bfloat16 memory storage (permanently: rounding only)
-  and the encoding of support memories (pending: xfail until encode_supports does Meta's);
-* xfail: a label no chosen support holds (Meta tracks every object on every frame);
+  (``support_positions: video``), their memories encoded as the predictor encodes a frame given a
+  mask (``support_encoding: video``, the default), hole filling of 8 low-res pixels before the
+  resize, every label on every slice (``track_all_labels``), gating by the object score, multimask
+  choice, resizing of prompts and outputs;
+* aligned in Meta's run (``Align``, ``aligned``): bfloat16 memory storage (permanently: rounding
+  only); ``support_encoding: training`` is checked against Meta given full-resolution memories;
 * Meta as with sam2's ``_C`` extension: on a CPU install Meta skips hole filling with a warning
   (test_without_sam2_C_meta_skips_hole_filling_with_a_warning) while the engine always fills, so
   the reference gets ``cc_stand_in`` for the extension's connected components.
@@ -97,7 +98,7 @@ SCORE_TOL = 5e-5  # object-score logits: the score head is scaled x100 below, an
 # Meta's predictor hole filling.
 META_SETTINGS = {
     "image_size": I, "neighbours": 6, "pointers": 15, "support_positions": "video", "fill_hole_area": 8,
-    "mask_threshold": 0.0, "feature_cache": 0,
+    "track_all_labels": True, "mask_threshold": 0.0, "feature_cache": 0,
 }
 
 # Random SAM 2 weights barely condition on memory (mask logits ~0.05, a memory changes them by
@@ -290,7 +291,7 @@ class Align:
     support_memory: str = "meta"  # "meta" | "engine"
 
 
-ALIGNED = Align(memory_dtype="engine", support_memory="engine")
+ALIGNED = Align(memory_dtype="engine", support_memory="meta")
 
 
 def has_sam2_C() -> bool:
@@ -572,6 +573,7 @@ def test_meta_predictor_has_the_engines_weights_and_config(checkpoint, predictor
         "use_multimask_token_for_obj_ptr", "only_obj_ptrs_in_the_past_for_eval", "use_signed_tpos_enc_to_obj_ptrs",
         "non_overlap_masks_for_mem_enc", "fixed_no_obj_ptr", "soft_no_obj_ptr", "sigmoid_scale_for_mem_enc",
         "sigmoid_bias_for_mem_enc", "directly_add_no_mem_embed", "use_mask_input_as_output_without_sam",
+        "binarize_mask_from_pts_for_mem_enc",
     ):
         assert getattr(engine, attr) == getattr(predictor, attr), attr
     for attr in ("dynamic_multimask_via_stability", "dynamic_multimask_stability_delta", "dynamic_multimask_stability_thresh"):
@@ -579,7 +581,7 @@ def test_meta_predictor_has_the_engines_weights_and_config(checkpoint, predictor
     # What build_sam2_video_predictor adds on top of build_sam2 (apply_postprocessing), and the
     # predictor's own defaults the engine mirrors:
     assert predictor.fill_hole_area == META_SETTINGS["fill_hole_area"] == 8
-    assert predictor.binarize_mask_from_pts_for_mem_enc and not engine.binarize_mask_from_pts_for_mem_enc
+    assert predictor.binarize_mask_from_pts_for_mem_enc  # the engine takes it too (EVAL_OVERRIDES)
     assert not predictor.non_overlap_masks and not predictor.clear_non_cond_mem_around_input
     assert predictor.num_maskmem - 1 == META_SETTINGS["neighbours"]
     assert predictor.max_obj_ptrs_in_encoder - 1 == META_SETTINGS["pointers"]
@@ -645,18 +647,14 @@ def test_meta_bfloat16_memories_change_the_logits_by_rounding_only(meta_runs, en
 # ------------------------------------------------------------------ pending project changes
 
 
-SUPPORT_MEMORY_REASON = (
-    "needs a project change in encode_supports: Meta encodes a conditioning frame's memory in "
-    "propagate_in_video_preflight (sam2_video_predictor.py L503-519) from its stride-4 low-res mask "
-    "logits (±10, _use_mask_as_output sam2_base.py L421-430, hole-filled at L785-788 when sam2._C exists), "
-    "upsampled bilinearly to image size and binarised at 0 (is_mask_from_pts=True + "
-    "binarize_mask_from_pts_for_mem_enc, sam2_base.py L700-702, build_sam.py L127); encode_supports "
-    "encodes the full-resolution mask logits through sigmoid*20-10 (track_step run_mem_encoder=True). "
-    "When these pass, set ALIGNED.support_memory to 'meta' and drop the marks"
-)
+# Support memories: Meta encodes a conditioning frame's memory in propagate_in_video_preflight
+# (sam2_video_predictor.py L503-519) from its stride-4 low-res mask logits (±10, _use_mask_as_output
+# sam2_base.py L421-430, hole-filled at L785-788 when sam2._C exists), upsampled bilinearly and
+# binarised at 0 (is_mask_from_pts + binarize_mask_from_pts_for_mem_enc, sam2_base.py L700-702,
+# build_sam.py L127). encode_supports does the same with support_encoding: video (the default; these
+# tests were strict xfails before it); support_encoding: training keeps the full-resolution mask.
 
 
-@pytest.mark.xfail(strict=True, reason=SUPPORT_MEMORY_REASON)
 def test_support_memories_are_metas_conditioning_memories(predictor, engine_runs):
     """encode_supports' arrays equal Meta's conditioning-frame memories (to float16 rounding) and
     object pointers; the pointers already do (test_engine_reproduces_meta_video_predictor)."""
@@ -679,26 +677,27 @@ def test_support_memories_are_metas_conditioning_memories(predictor, engine_runs
             ours = torch.as_tensor(engine.payload["maskmem_features"][i, o]).float()
             excess = (out["maskmem_features"][0].float() - ours).abs() - f16_step(ours)
             worst = max(worst, excess.max().item())
-    assert worst <= 0, f"memories differ by up to {worst:.3g} beyond float16 rounding"
+    assert worst <= 1e-6, f"memories differ by up to {worst:.3g} beyond float16 rounding"  # float32 noise only
 
 
-@pytest.mark.xfail(strict=True, reason=SUPPORT_MEMORY_REASON)
 @pytest.mark.parametrize("sc", [FORWARD, REVERSE], ids=str)
 def test_engine_reproduces_meta_support_memory_encoding(sc, meta_runs, engine_runs):
     engine = engine_runs(META_SETTINGS, sc)
     assert_equivalent(meta_runs(sc, replace(ALIGNED, support_memory="meta"), bank=engine.bank(sc)), engine)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a project change in segment_volume: SAM2VideoPredictor runs every object on every frame "
-    "(propagate_in_video's object loop, sam2_video_predictor.py L585-613; an object needs a conditioning "
-    "frame, which may hold an empty mask, L535-539) and lets the object-score head decide; the engine runs a "
-    "label only where a chosen support holds it or the previous slice predicted it present, so a label no "
-    "support holds never runs (and one predicted absent on a slice stops unless a support of the next holds it). "
-    "When this passes, drop the mark",
-)
+def test_training_support_encoding_is_metas_full_resolution_memory(meta_runs, engine_runs):
+    """support_encoding: training (the full-resolution mask, as in SAM 2 training) equals Meta with
+    the conditioning frames' memories encoded from the full-resolution mask."""
+    engine = engine_runs({**META_SETTINGS, "support_encoding": "training"}, FORWARD)
+    assert_equivalent(meta_runs(FORWARD, replace(ALIGNED, support_memory="engine"), bank=engine.bank(FORWARD)), engine)
+
+
 def test_label_held_by_no_support_is_tracked(meta_runs, engine_runs):
+    """track_all_labels: every label runs on every slice, as SAM2VideoPredictor runs every object on
+    every frame (sam2_video_predictor.py L585-613), and the object-score head decides. The default
+    (a label runs where a support holds it or the slice before predicted it present) never runs a
+    label no support holds: see the next test."""
     labels = LABELS + (700,)  # 700: an empty mask on every support (Meta: conditioning frames saying "absent")
     sc = FORWARD
     engine = engine_runs(META_SETTINGS, sc, labels)
@@ -706,12 +705,14 @@ def test_label_held_by_no_support_is_tracked(meta_runs, engine_runs):
 
 
 def test_meta_tracks_an_object_whose_every_prompt_is_empty(meta_runs, engine_runs):
-    """What the xfail above compares against: Meta finds label 700 present on some frames although
-    every conditioning mask of it is empty, and the three other objects are unaffected by it."""
+    """Meta finds label 700 present on some frames although every conditioning mask of it is empty,
+    and the three other objects are unaffected by it; the engine's default never runs 700."""
     labels = LABELS + (700,)
     sc = FORWARD
     meta = meta_runs(sc, ALIGNED, labels, bank=engine_runs(META_SETTINGS, sc, labels).bank(sc))
     assert any(meta[z].object_scores[3] > SCORE_MARGIN for z in range(sc.n))
+    default = engine_runs({**META_SETTINGS, "track_all_labels": False}, sc, labels)
+    assert all(scores[3] < -100 for scores in default.object_scores)  # NO_OBJ_SCORE: never run
     engine = engine_runs(META_SETTINGS, sc)
     three = {z: MetaFrame(m.low_res[:3], m.object_scores[:3], m.video_res[:3]) for z, m in meta.items()}
     assert_equivalent(three, engine)

@@ -215,6 +215,16 @@ class Sam2Transfer:
         # SAM2VideoPredictor fills background holes up to this many low-res pixels in its output
         # masks (fill_hole_area, 8 by default); memories are encoded before, as there.
         self.fill_hole_area = max(0, int(settings.get("fill_hole_area", 0)))
+        # How a support's memory is encoded: "video", as SAM2VideoPredictor does for a frame given
+        # add_new_mask (the mask as stride-4 logits, holes filled, upsampled and binarised before the
+        # memory encoder), or "training", from the full-resolution mask as SAM 2's training does.
+        self.support_encoding = str(settings.get("support_encoding", "video"))
+        if self.support_encoding not in ("video", "training"):
+            raise ValueError(f"transfer.support_encoding must be video or training, got {self.support_encoding!r}")
+        # Meta's tracker runs every object on every frame; by default a label runs only where a chosen
+        # support holds it or the slice before predicted it present (a scan's labels mostly occupy
+        # few slices, and each label run costs a memory-attention pass). True: SAM2VideoPredictor's way.
+        self.track_all_labels = bool(settings.get("track_all_labels", False))
         self.mask_threshold = float(settings.get("mask_threshold", 0.0))
         if model.pred_obj_scores and not model.fixed_no_obj_ptr:
             # SAM 2.1's configs all set it; the absent pointer of an empty support mask relies on it.
@@ -256,7 +266,9 @@ class Sam2Transfer:
                     h.update(key.encode())
                     h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
                 self._weights_digest = h.hexdigest()
-        return f"sam2:{self.model_id}:sha256={self._weights_digest[:16]}:size={self.image_size}:v{ENCODING_VERSION}"
+        # Support memories depend on how they are encoded (and, "video", on its hole filling).
+        encoding = "training" if self.support_encoding == "training" else f"video-holes{self.fill_hole_area}"
+        return f"sam2:{self.model_id}:sha256={self._weights_digest[:16]}:size={self.image_size}:{encoding}:v{ENCODING_VERSION}"
 
     @property
     def probability_threshold(self) -> float:
@@ -343,10 +355,8 @@ class Sam2Transfer:
                 vision_feats, vision_pos, feat_sizes = self._flatten_features(fpn, L)
                 mask_inputs = self.prepare_masks(masks[start + i], labels)
                 # A support slice is a frame with a mask prompt: track_step routes it through
-                # _use_mask_as_output (object pointer from the mask, "absent" for an empty mask)
-                # and _encode_new_memory on the full-resolution mask, as in SAM 2 training.
-                # (SAM2VideoPredictor instead encodes the mask after a stride-4 round trip and
-                # binarisation in propagate_in_video_preflight: a difference of edge pixels only.)
+                # _use_mask_as_output (object pointer from the mask, "absent" for an empty mask).
+                training = self.support_encoding == "training"
                 out = model.track_step(
                     frame_idx=0,
                     is_init_cond_frame=True,
@@ -357,8 +367,10 @@ class Sam2Transfer:
                     mask_inputs=mask_inputs,
                     output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
                     num_frames=1,
-                    run_mem_encoder=True,
+                    run_mem_encoder=training,  # SAM 2 training: _encode_new_memory on the full-resolution mask
                 )
+                if not training:
+                    out["maskmem_features"] = self._encode_prompted_frame(fpn, out["pred_masks"], out["object_score_logits"])
                 out_feats.append(out["maskmem_features"])
                 out_ptrs.append(out["obj_ptr"])
                 out_present.append(out["object_score_logits"][:, 0] > 0)
@@ -369,6 +381,23 @@ class Sam2Transfer:
             obj_ptr=torch.stack(out_ptrs),
             object_present=torch.stack(out_present),
         )
+
+    def _encode_prompted_frame(self, fpn, low_res_masks: torch.Tensor, object_score_logits: torch.Tensor) -> torch.Tensor:
+        """SAM2VideoPredictor's memory of a frame given add_new_mask: its stride-4 mask logits (holes
+        filled, _run_single_frame_inference), upsampled bilinearly and encoded as a user's input
+        (propagate_in_video_preflight: is_mask_from_pts, so binarised at 0 before the encoder)."""
+        if self.fill_hole_area:
+            low_res_masks = fill_holes(low_res_masks, self.fill_hole_area)
+        high_res = F.interpolate(low_res_masks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        vision_feats, _, feat_sizes = self._flatten_features(fpn, high_res.size(0))
+        features, _ = self.model._encode_new_memory(
+            current_vision_feats=vision_feats,
+            feat_sizes=feat_sizes,
+            pred_masks_high_res=high_res,
+            object_score_logits=object_score_logits,
+            is_mask_from_pts=True,
+        )
+        return features
 
     @torch.inference_mode()
     def encode_supports(self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
@@ -559,7 +588,7 @@ class Sam2Transfer:
         for done, (z, direction) in enumerate(order, start=1):
             visited.add(z)
             plan = plans[z]
-            run = {position[int(v)] for v in plan.labels}
+            run = set(range(L)) if self.track_all_labels and plan.supports else {position[int(v)] for v in plan.labels}
             # A label the previous slice predicted present runs here too, even when no chosen support
             # holds it: as in SAM 2's tracker, the object-score head decides whether it is still there.
             previous = slice_memories.get(z - direction)

@@ -33,6 +33,9 @@ EVAL_OVERRIDES = {
     "model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability": True,
     "model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta": 0.05,
     "model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh": 0.98,
+    # ... and for the video predictor: a frame the user gave a mask is encoded into memory from the
+    # binarised mask, exactly what the user sees (only calls with is_mask_from_pts: the supports).
+    "model.binarize_mask_from_pts_for_mem_enc": True,
 }
 
 # Hiera's stride-32 stage must halve exactly into the FPN's stride-16 level, and the windowed
