@@ -461,3 +461,25 @@ def test_fill_holes_as_sam2_video_predictor():
     assert (filled[0, 0, 9:13, 9:13] == -3.0).all()
     torch.testing.assert_close(filled[1], logits[1])
     assert fill_holes(logits, 0) is logits or torch.equal(fill_holes(logits, 0), logits)
+
+
+def test_bf16_autocast_is_device_agnostic_and_close_to_float32(checkpoint, supports_data):
+    """The CUDA path's bfloat16 autocast, proven on CPU: it runs, it really is bfloat16 (the output
+    moves), it stays within bfloat16's precision of float32, and outputs leave as float32. "auto"
+    turns it on for CUDA only."""
+    images, masks = supports_data
+    exact = transfer_with_object_bias(checkpoint, 10.0)
+    bf16 = transfer_with_object_bias(checkpoint, 10.0, autocast="bf16")
+    assert not exact.autocast and bf16.autocast
+    with pytest.raises(ValueError, match="autocast"):
+        transfer_with_object_bias(checkpoint, None, autocast="fp8")
+    out = {}
+    for name, t in (("exact", exact), ("bf16", bf16)):
+        payload = t.encode_supports(images, masks, LABELS)
+        out[name] = (payload, t.segment_volume(query_volume(4), make_plans(payload, images, masks, 4, range(4)), LABELS))
+    (p32, r32), (p16, r16) = out["exact"], out["bf16"]
+    feats32, feats16 = p32["maskmem_features"].astype(np.float32), p16["maskmem_features"].astype(np.float32)
+    assert 0 < np.abs(feats32 - feats16).max() < 0.05 * np.abs(feats32).max()
+    for a, b in zip(r32.slices, r16.slices):
+        assert b.probabilities.dtype == np.float32
+        assert 0 < np.abs(a.probabilities - b.probabilities).max() < 0.05

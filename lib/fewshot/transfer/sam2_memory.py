@@ -32,6 +32,7 @@ pipeline slices the bank's per-entry arrays to that order, see :func:`payload_fo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -225,6 +226,12 @@ class Sam2Transfer:
         # support holds it or the slice before predicted it present (a scan's labels mostly occupy
         # few slices, and each label run costs a memory-attention pass). True: SAM2VideoPredictor's way.
         self.track_all_labels = bool(settings.get("track_all_labels", False))
+        # bfloat16 autocast, as Meta runs SAM 2 on a GPU: "auto" is on for CUDA and off on CPU, where
+        # bfloat16 matmuls are slower; "bf16" or "off" force it. Outputs leave the slice loop as float32.
+        precision = str(settings.get("autocast", "auto"))
+        if precision not in ("auto", "bf16", "off"):
+            raise ValueError(f"transfer.autocast must be auto, bf16 or off, got {precision!r}")
+        self.autocast = precision == "bf16" or (precision == "auto" and model.device.type == "cuda")
         self.mask_threshold = float(settings.get("mask_threshold", 0.0))
         if model.pred_obj_scores and not model.fixed_no_obj_ptr:
             # SAM 2.1's configs all set it; the absent pointer of an empty support mask relies on it.
@@ -382,6 +389,12 @@ class Sam2Transfer:
             object_present=torch.stack(out_present),
         )
 
+    def _precision(self):
+        """The context the networks run in: bfloat16 autocast on the model's device, or nothing."""
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
     def _encode_prompted_frame(self, fpn, low_res_masks: torch.Tensor, object_score_logits: torch.Tensor) -> torch.Tensor:
         """SAM2VideoPredictor's memory of a frame given add_new_mask: its stride-4 mask logits (holes
         filled, _run_single_frame_inference), upsampled bilinearly and encoded as a user's input
@@ -419,7 +432,8 @@ class Sam2Transfer:
                 "obj_ptr": np.zeros((0, len(labels), self.model.hidden_dim), np.float32),
                 "object_present": np.zeros((0, len(labels)), bool),
             }
-        mem = self._encode_support_tensors(images, masks, labels)
+        with self._precision():
+            mem = self._encode_support_tensors(images, masks, labels)
         features = mem.maskmem_features.float().cpu().numpy()
         if not np.isfinite(features.astype(np.float16)).all():
             raise FloatingPointError("SAM 2 memory features overflow float16; these weights need a float32 bank")
@@ -514,10 +528,11 @@ class Sam2Transfer:
         )
         return features
 
-    def _support_memories(self, supports: list[Support], labels: np.ndarray, num_labels: int, hw: tuple[int, int], step: int) -> list[Memory]:
-        """``step``: how many slices the propagation has gone from its anchor (0 at the anchor)."""
-        memories = []
-        for rank, support in enumerate(supports):
+    def _on_device(self, support: Support, num_labels: int, hw: tuple[int, int], resident: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A support's cached memory on the model's device, moved once per volume (``resident``), not
+        once per slice that uses it: no host-to-device copy inside the slice loop after the first."""
+        key = id(support.payload)
+        if key not in resident:
             payload = support.payload
             missing = [k for k in ("maskmem_features", "obj_ptr") if k not in payload]
             if missing:
@@ -529,10 +544,22 @@ class Sam2Transfer:
                     f"(L={num_labels}, {self.model.mem_dim}, {hw[0]}, {hw[1]}): payload must be sliced to the "
                     "`labels` order and encoded at this image size"
                 )
+            resident[key] = (torch.as_tensor(feats, device=self.device).float(),
+                             torch.as_tensor(np.asarray(payload["obj_ptr"]), device=self.device).float())
+        return resident[key]
+
+    def _support_memories(self, supports: list[Support], labels: np.ndarray, num_labels: int, hw: tuple[int, int], step: int,
+                          resident: dict | None = None) -> list[Memory]:
+        """``step``: how many slices the propagation has gone from its anchor (0 at the anchor)."""
+        memories = []
+        resident = {} if resident is None else resident
+        index = torch.as_tensor(labels, device=self.device)
+        for rank, support in enumerate(supports):
+            features, obj_ptr = self._on_device(support, num_labels, hw, resident)
             memories.append(
                 Memory(
-                    features=torch.as_tensor(feats[labels], device=self.device).float(),
-                    obj_ptr=torch.as_tensor(np.asarray(payload["obj_ptr"])[labels], device=self.device).float(),
+                    features=features[index],
+                    obj_ptr=obj_ptr[index],
                     t_pos=0,  # every support is a conditioning frame
                     # "video": supports are frames just before the volume (the best one nearest), so
                     # the query slice `step` slices from the anchor is step + rank + 1 frames after it.
@@ -575,6 +602,7 @@ class Sam2Transfer:
         totals = {"encode": 0.0, "attention_decode": 0.0, "memory_encode": 0.0}
         visited: set[int] = set()
         keep = max(len(p.supports) for p in plans) if plans else 0
+        resident: dict = {}  # supports' memories on the device, for this volume
         num_frames = Z + keep if self.support_positions == "video" else Z
 
         def readers(z: int, direction: int, span: int) -> set[int]:
@@ -612,7 +640,9 @@ class Sam2Transfer:
                         recent.append((distance, mem))
                 needs_memory = bool(readers(z, direction, self.neighbours))
                 step = abs(z - anchor) if anchor is not None else 0
-                result, memory = self._segment_slice(query[z], z, plan, allowed, labels, hw, recent, num_frames, step, cache_key, needs_memory)
+                with self._precision():
+                    result, memory = self._segment_slice(
+                        query[z], z, plan, allowed, labels, hw, recent, num_frames, step, cache_key, needs_memory, resident)
                 results[z] = result
                 if memory is not None and readers(z, direction, self.pointers):
                     slice_memories[z] = memory
@@ -631,7 +661,7 @@ class Sam2Transfer:
         return VolumeResult(labels=labels, slices=results, seconds=totals)
 
     def _segment_slice(
-        self, image, z, plan, allowed, labels, hw, recent, num_frames, step, cache_key, needs_memory
+        self, image, z, plan, allowed, labels, hw, recent, num_frames, step, cache_key, needs_memory, resident=None
     ) -> tuple[SliceResult, SliceMemory | None]:
         S = image.shape[-1]
         num_labels = len(labels)
@@ -648,7 +678,7 @@ class Sam2Transfer:
         order, outputs = [], []
         for distances, group in groups.items():
             index = np.array(group, dtype=np.int64)
-            memories = self._support_memories(plan.supports, index, num_labels, hw, step)
+            memories = self._support_memories(plan.supports, index, num_labels, hw, step, resident)
             for distance, mem in recent:
                 if distance not in distances:
                     continue
