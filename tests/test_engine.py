@@ -235,6 +235,16 @@ def test_supports_come_from_distinct_slices(engine_factory, chaos, tiny_settings
     assert any(len(set(s)) < len(s) for s in sources_per_slice(False))  # the rule has something to do
 
 
+def test_bank_reports_the_bytes_of_each_entrys_cached_memories(engine_factory, chaos):
+    """What a bank of 1e5 slices will need on disk: the SAM 2 memories are most of an entry."""
+    engine, _ = engine_factory()
+    engine.ingest("a", chaos / "image_1.nii.gz", chaos / "label_1.nii.gz")
+    entry = engine.bank.support(("a", 0))
+    expected = sum(np.asarray(a).nbytes for a in entry.payload.values())
+    assert engine.bank.stats()["payload_bytes_per_entry"] == expected > 0
+    assert entry.payload["maskmem_features"].dtype == np.float16  # half precision on disk
+
+
 def test_cached_memories_never_reencode_supports(engine_factory, chaos, tiny_settings):
     """k=16 supports per slice: the image encoder runs once per query slice and never on a support."""
     from fewshot.config import deep_merge

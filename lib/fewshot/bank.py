@@ -584,9 +584,10 @@ class SupportBank:
     def stats(self) -> dict:
         self.refresh()
         per_label: dict[str, int] = {}
-        negatives = augmented = 0
+        negatives = augmented = payload_bytes = 0
         with self._lock:
             for _, b in self._batches():
+                payload_bytes += sum(int(a.nbytes) for a in getattr(b, "payload", {}).values())
                 for present, aug in zip(b.entry_labels, b.augmentation):
                     if aug:
                         augmented += 1
@@ -605,6 +606,9 @@ class SupportBank:
                 "index": self.index_spec(),
                 "fingerprint": self.fingerprint,
                 "atlases": sum(1 for r in self._records.values() if r.get("atlas")),
+                # Cached transfer payloads (SAM 2 memories: float16, memory-mapped from the shards, so
+                # they cost disk and page cache, not resident memory per process).
+                "payload_bytes_per_entry": int(payload_bytes / self.num_entries) if self.num_entries else 0,
             }
 
     # ------------------------------------------------------------------ search

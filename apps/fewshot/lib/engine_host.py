@@ -264,6 +264,7 @@ class EngineHost:
             "negative_slices": raw.get("negative_slices", 0),
             "augmented_slices": raw.get("augmented_slices", 0),
             "index": raw.get("index"),
+            "payload_bytes_per_entry": raw.get("payload_bytes_per_entry", 0),
             "image_ids": ids,
         }
         with self._stats_lock:
