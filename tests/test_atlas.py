@@ -82,6 +82,8 @@ def test_atlas_settings_reject_what_they_cannot_run():
         AtlasTransfer({**good, "fusion": {**good["fusion"], "method": "vote"}})
     with pytest.raises(ConfigError, match="deformable"):
         AtlasTransfer({k: v for k, v in good.items() if k != "deformable"})
+    with pytest.raises(ConfigError, match="in_plane.affine"):
+        AtlasTransfer({**good, "in_plane": {**good["in_plane"], "affine": "bspline"}})
 
 
 # ------------------------------------------------------------------------------------ pieces and fusion
@@ -457,3 +459,40 @@ def test_a_cardiac_atlas_stored_in_the_other_orientation_still_segments():
     truth = np.asarray(nib.load(root / "label_2.nii.gz").dataobj)
     scores = [dice(seg.label == v, truth == v) for v in (200, 500, 600)]
     assert np.mean(scores) > 0.5 and min(scores) > 0.3, scores
+
+
+def _disc_stack(shifts_mm, pixel_mm=1.25, size=96):
+    """(z, y, x) slices with a bright ring (a myocardium-like structure) around a darker disc, each slice
+    shifted in plane by its own (dy, dx) in mm: one breath-hold per slice. Image channel + label channel."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32) * pixel_mm
+    centre = size * pixel_mm / 2
+    images, labels = [], []
+    for dy, dx in shifts_mm:
+        r = np.hypot(yy - centre - dy, xx - centre - dx)
+        ring = (r > 14) & (r < 22)
+        images.append(np.where(ring, 1.0, np.where(r <= 14, 0.5, 0.1)) + 0.02 * np.sin(xx / 7.0))
+        labels.append(ring.astype(np.float32))
+    return np.stack(images).astype(np.float32), np.stack(labels)
+
+
+def test_in_plane_rigid_step_undoes_breath_hold_shifts_between_slices():
+    """Each query slice sits up to 20 mm off where the atlas's slice is (a different breath-hold per
+    slice, beyond what the 3D stages undid): the 2D rigid step alone puts each thin ring back, and a
+    slice already in place stays in place."""
+    shifts = [(0.0, 0.0), (16.0, -10.0), (-12.0, 15.0), (18.0, 8.0)]
+    query, query_ring = _disc_stack(shifts)
+    atlas_image, atlas_ring = _disc_stack([(0.0, 0.0)] * len(shifts))
+    warped = np.stack([atlas_image, atlas_ring])
+
+    def ring_dice(levels, z) -> float:
+        out = reg.refine_in_plane(query, warped, levels, 1.25)
+        got, truth = out[1, z] > 0.5, query_ring[z] > 0
+        return 2 * (got & truth).sum() / (got.sum() + truth.sum())
+
+    off = dict(method="none", shrink_factors=(4, 2), iterations=(60, 40), field_sigma=1.5, min_slice_mm=4.0)
+    for z in (1, 2, 3):
+        assert ring_dice(reg.InPlaneLevels(**off), z) < 0.3  # the shifted slices, left alone
+        assert ring_dice(reg.InPlaneLevels(**off, affine="rigid"), z) > 0.95
+    assert ring_dice(reg.InPlaneLevels(**off, affine="rigid"), 0) > 0.98
+    found = reg.align_slice(reg._image2d(query[0], 1.25), reg._image2d(atlas_image[0], 1.25), "rigid")
+    assert found is None or np.allclose(found.GetParameters(), 0, atol=0.3)

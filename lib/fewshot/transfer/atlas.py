@@ -111,6 +111,8 @@ class AtlasSettings:
                 problems.append(f"{name}.method {levels.method!r} must be demons or none")
             if levels.method == "demons" and (len(levels.shrink_factors) != len(levels.iterations) or not levels.iterations):
                 problems.append(f"{name}: shrink_factors and iterations need the same, non-zero length")
+        if p.in_plane.affine not in ("none", "rigid", "similarity"):
+            problems.append(f"in_plane.affine {p.in_plane.affine!r} must be none, rigid or similarity")
         if self.fusion.method not in ("joint", "majority"):
             problems.append(f"fusion.method {self.fusion.method!r} must be joint or majority")
         if len(self.fusion.patch_radius) != 3 or min(self.fusion.patch_radius) < 0:
@@ -195,8 +197,9 @@ class AtlasTransfer:
     # ------------------------------------------------------------------ identity
 
     def fingerprint(self) -> str:
-        digest = _digest([self.settings.result_affecting(), self.slices.fingerprint()])
-        return f"{FINGERPRINT_VERSION}-{digest}"
+        """What this step makes the bank store: nothing of its own (the atlases are the engine's
+        canvas volumes and masks), so registration and fusion settings are not part of it."""
+        return f"{FINGERPRINT_VERSION}+{self.slices.fingerprint()}"
 
     def encode_supports(self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
         return {}  # atlases are the bank's canvas volumes themselves (SliceBatch.atlas)

@@ -66,6 +66,11 @@ class DemonsLevels:
 @dataclass(frozen=True)
 class InPlaneLevels(DemonsLevels):
     min_slice_mm: float = 4.0  # refine each slice in plane when the query's slices are this thick or more
+    # Before the slice's demons: "none", or a 2D "rigid" / "similarity" alignment of the slice. Thick
+    # stacks such as cardiac short axis are acquired one breath-hold per slice, so a slice can sit a few
+    # millimetres off its neighbours: more than one 3D transform can undo, and more than demons,
+    # which smooths its field, moves in one go.
+    affine: str = "none"
 
 
 @dataclass(frozen=True)
@@ -293,17 +298,53 @@ def _crop(image: sitk.Image, box: tuple[slice, slice, slice]) -> sitk.Image:
     return sitk.RegionOfInterest(image, [x.stop - x.start, y.stop - y.start, z.stop - z.start], [x.start, y.start, z.start])
 
 
+def align_slice(fixed: sitk.Image, moving: sitk.Image, kind: str) -> sitk.Transform | None:
+    """A 2D rigid or similarity transform of ``moving`` onto ``fixed`` (correlation, two levels), or
+    None when it does not correlate better than leaving the slice where it is."""
+    if kind == "none" or not np.any(sitk.GetArrayViewFromImage(moving)) or not np.any(sitk.GetArrayViewFromImage(fixed)):
+        return None
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsCorrelation()
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=60)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2])
+    method.SetSmoothingSigmasPerLevel([2.0, 1.0])
+    shape = sitk.Euler2DTransform() if kind == "rigid" else sitk.Similarity2DTransform()
+    start = sitk.CenteredTransformInitializer(fixed, moving, shape, sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    method.SetInitialTransform(start, inPlace=False)
+    before = method.MetricEvaluate(fixed, moving)
+    try:
+        found = method.Execute(fixed, moving)
+    except RuntimeError:  # e.g. too few overlapping pixels: keep the slice as the 3D stages left it
+        return None
+    check = sitk.ImageRegistrationMethod()
+    check.SetMetricAsCorrelation()
+    check.SetInterpolator(sitk.sitkLinear)
+    check.SetInitialTransform(found)
+    return found if check.MetricEvaluate(fixed, moving) < before else None  # correlation metric: lower is better
+
+
 def refine_in_plane(query: np.ndarray, warped: np.ndarray, levels: InPlaneLevels, pixel_mm: float) -> np.ndarray:
-    """2D demons per slice: warped (C, z, y, x) with channel 0 the intensities -> refined, same shape."""
+    """Per slice, a 2D alignment (``levels.affine``) then 2D demons: warped (C, z, y, x) with channel
+    0 the intensities -> refined, same shape."""
     out = warped.copy()
     for z in range(query.shape[0]):
         fixed = _image2d(query[z], pixel_mm)
-        moving = _match(_image2d(warped[0, z], pixel_mm), fixed)
-        field = demons(fixed, moving, levels)
-        if field is None:
-            continue
         stacked = _image2d(np.moveaxis(warped[:, z], 0, -1), pixel_mm)
-        out[:, z] = np.moveaxis(sitk.GetArrayFromImage(sitk.Resample(stacked, fixed, field, sitk.sitkLinear, 0.0)), -1, 0)
+        moving = _match(_image2d(warped[0, z], pixel_mm), fixed)
+        moved = False
+        aligned = align_slice(fixed, moving, levels.affine)
+        if aligned is not None:
+            stacked = sitk.Resample(stacked, fixed, aligned, sitk.sitkLinear, 0.0)
+            moving = _match(sitk.VectorIndexSelectionCast(stacked, 0), fixed)
+            moved = True
+        field = demons(fixed, moving, levels)
+        if field is not None:
+            stacked = sitk.Resample(stacked, fixed, field, sitk.sitkLinear, 0.0)
+            moved = True
+        if moved:
+            out[:, z] = np.moveaxis(sitk.GetArrayFromImage(stacked), -1, 0)
     return out
 
 
@@ -353,7 +394,7 @@ def register_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Seque
     warped[0] = sitk.GetArrayFromImage(_match(_image(warped[0], query_spacing), _image(query[out_box], query_spacing)))
     lap("deformable")
 
-    in_plane = plan.in_plane.method != "none" and query_spacing[0] >= plan.in_plane.min_slice_mm
+    in_plane = (plan.in_plane.method != "none" or plan.in_plane.affine != "none") and query_spacing[0] >= plan.in_plane.min_slice_mm
     if in_plane:  # inside the registered box only: beyond it the atlas has no structure to place
         inner = (slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, out_box))
         warped[inner] = refine_in_plane(query[box], warped[inner], plan.in_plane, float(query_spacing[1]))
