@@ -82,6 +82,8 @@ def test_atlas_settings_reject_what_they_cannot_run():
         AtlasTransfer({**good, "fusion": {**good["fusion"], "method": "vote"}})
     with pytest.raises(ConfigError, match="deformable"):
         AtlasTransfer({k: v for k, v in good.items() if k != "deformable"})
+    with pytest.raises(ConfigError, match="slice_shifts"):
+        AtlasTransfer({**good, "in_plane": {**good["in_plane"], "slice_shifts": [-1, 1]}})
     with pytest.raises(ConfigError, match="in_plane.affine"):
         AtlasTransfer({**good, "in_plane": {**good["in_plane"], "affine": "bspline"}})
 
@@ -174,6 +176,36 @@ def test_in_plane_refinement_is_decided_per_volume_from_its_slice_spacing():
         full[(slice(None),) + candidate.box] = candidate.probabilities
         for c, value in enumerate((1, 2, 3)):
             assert dice(full[c] > 0.5, atlas.mask == value) >= 0.95, (candidate.in_plane, value)
+
+
+def test_slice_shifted_variants_vote_as_more_atlases():
+    """in_plane.slice_shifts [-1, 0, 1]: the atlas registered to itself also offers its slices offset
+    by one, each refined against the query slice it faces; the unshifted vote still lands on itself,
+    the variants differ from it, and joint fusion of all three keeps every label."""
+    import dataclasses
+
+    from fewshot.transfer.atlas import AtlasSettings, AtlasTransfer
+
+    atlas, canvas, spacing = _phantom_atlas(1)
+    plan = load_transfer_plan()
+    shifted_plan = dataclasses.replace(plan, in_plane=dataclasses.replace(plan.in_plane, slice_shifts=(-1, 0, 1)))
+    assert plan.in_plane.slice_shifts == (0,)  # off by default: nested cross-validation decides
+    candidate = reg.register_atlas(canvas, spacing, atlas, (1, 2, 3), shifted_plan)
+    assert [s for s, _, _ in candidate.shifted] == [-1, 1] and len(candidate.votes()) == 3
+    registered = np.zeros((3,) + canvas.shape, np.float32)
+    registered[(slice(None),) + candidate.box] = candidate.probabilities
+    assert all(dice(registered[c] > 0.5, atlas.mask == v) >= 0.95 for c, v in enumerate((1, 2, 3)))
+    for _, _, p in candidate.shifted:
+        assert not np.array_equal(p, candidate.probabilities)
+    settings = load_preset("classic")["transfer"]
+    transfer = AtlasTransfer({**settings, "workers": 1, "in_plane": {**settings["in_plane"], "slice_shifts": [-1, 0, 1]}})
+    assert AtlasSettings.from_settings({**settings, "in_plane": {**settings["in_plane"], "slice_shifts": [-1, 0, 1]}})
+    box = candidate.box
+    fused = transfer._fuse(canvas, spacing, box, [candidate], [atlas], (1, 2, 3))
+    full = np.zeros((3,) + canvas.shape, np.float32)
+    full[(slice(None),) + box] = fused
+    for c, value in enumerate((1, 2, 3)):
+        assert dice(full[c] > 0.5, atlas.mask == value) >= 0.9, value
 
 
 def load_transfer_plan() -> reg.RegistrationPlan:

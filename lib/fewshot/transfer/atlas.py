@@ -111,6 +111,8 @@ class AtlasSettings:
                 problems.append(f"{name}.method {levels.method!r} must be demons or none")
             if levels.method == "demons" and (len(levels.shrink_factors) != len(levels.iterations) or not levels.iterations):
                 problems.append(f"{name}: shrink_factors and iterations need the same, non-zero length")
+        if 0 not in p.in_plane.slice_shifts or len(set(p.in_plane.slice_shifts)) != len(p.in_plane.slice_shifts):
+            problems.append("in_plane.slice_shifts must hold 0 (the registered result) and no repeats, e.g. [-1, 0, 1]")
         if p.in_plane.affine not in ("none", "rigid", "similarity"):
             problems.append(f"in_plane.affine {p.in_plane.affine!r} must be none, rigid or similarity")
         if self.fusion.method not in ("joint", "majority"):
@@ -362,13 +364,16 @@ class AtlasTransfer:
         together; where some atlas's registered region does not reach, the atlases that do reach it
         vote by their mean (joint fusion needs every atlas's patch, and a missing one cannot be faked)."""
         shape = tuple(s.stop - s.start for s in box)
-        images = np.zeros((len(used),) + shape, np.float32)
-        votes = np.zeros((len(used), len(labels)) + shape, np.float32)
-        covered = np.zeros((len(used),) + shape, bool)
-        for i, c in enumerate(used):
+        # Every vote: an atlas's registered result and its slice-shifted variants (in_plane.slice_shifts).
+        entries = [(c, image, p, atlas) for c, atlas in zip(used, holders) for image, p in c.votes()]
+        holders = [atlas for *_, atlas in entries]
+        images = np.zeros((len(entries),) + shape, np.float32)
+        votes = np.zeros((len(entries), len(labels)) + shape, np.float32)
+        covered = np.zeros((len(entries),) + shape, bool)
+        for i, (c, image, p, _) in enumerate(entries):
             inner = tuple(slice(c.box[d].start - box[d].start, c.box[d].stop - box[d].start) for d in range(3))
-            images[(i,) + inner] = c.image
-            votes[(i, slice(None)) + inner] = c.probabilities
+            images[(i,) + inner] = image
+            votes[(i, slice(None)) + inner] = p
             covered[(i,) + inner] = True
         out = np.zeros((len(labels),) + shape, np.float32)
         groups: dict[tuple[int, ...], list[int]] = {}

@@ -71,6 +71,13 @@ class InPlaneLevels(DemonsLevels):
     # millimetres off its neighbours: more than one 3D transform can undo, and more than demons,
     # which smooths its field, moves in one go.
     affine: str = "none"
+    # Extra votes from the same atlas with its slices offset along z by these many slices (0 is the
+    # registered result itself, always kept), each refined in plane against the query slice it now
+    # faces. Between slices 8-10 mm apart the 3D registration can only interpolate, so which atlas
+    # slice best matches a query slice is uncertain by about one slice; joint label fusion then
+    # weighs these variants by how well each matches locally, as the slice-wise method did with
+    # several support slices of one scan.
+    slice_shifts: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -118,10 +125,16 @@ class Candidate:
     in_plane: bool  # whether slices were refined in plane
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (logged, and in bench)
+    # (shift, image, probabilities) of the in_plane.slice_shifts variants, same box; fused as more atlases
+    shifted: tuple[tuple[int, np.ndarray, np.ndarray], ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return int(self.image.nbytes + self.probabilities.nbytes)
+        return int(self.image.nbytes + self.probabilities.nbytes + sum(i.nbytes + p.nbytes for _, i, p in self.shifted))
+
+    def votes(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(image, probabilities) of every vote this atlas casts: the registered result, then its variants."""
+        return [(self.image, self.probabilities)] + [(i, p) for _, i, p in self.shifted]
 
 
 # ---------------------------------------------------------------------------------- images
@@ -395,12 +408,21 @@ def register_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Seque
     lap("deformable")
 
     in_plane = (plan.in_plane.method != "none" or plan.in_plane.affine != "none") and query_spacing[0] >= plan.in_plane.min_slice_mm
+    shifted = []
     if in_plane:  # inside the registered box only: beyond it the atlas has no structure to place
         inner = (slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, out_box))
-        warped[inner] = refine_in_plane(query[box], warped[inner], plan.in_plane, float(query_spacing[1]))
+        before = warped[inner]
+        for shift in (s for s in plan.in_plane.slice_shifts if s != 0):
+            # Query slice z faces the atlas slice registered at z + shift (the stack's ends repeat).
+            rows = np.clip(np.arange(before.shape[1]) + shift, 0, before.shape[1] - 1)
+            variant = warped.copy()
+            variant[inner] = refine_in_plane(query[box], before[:, rows], plan.in_plane, float(query_spacing[1]))
+            shifted.append((int(shift), variant[0].astype(np.float16), np.clip(variant[1:], 0.0, 1.0).astype(np.float16)))
+        warped[inner] = refine_in_plane(query[box], before, plan.in_plane, float(query_spacing[1]))
     lap("in_plane")
     return Candidate(
         image_id=atlas.image_id, box=out_box, image=warped[0].astype(np.float16),
         probabilities=np.clip(warped[1:], 0.0, 1.0).astype(np.float16), labels=tuple(int(v) for v in labels),
         alignment=alignment, in_plane=in_plane, seconds=time.perf_counter() - start, stages=stages,
+        shifted=tuple(shifted),
     )
