@@ -21,6 +21,14 @@ lock before changing anything, so it never drops another process's commit nor de
 manifest references; readers pick up other processes' commits when the manifest file changed
 (one ``stat`` per search).
 
+A reader may instead be *pinned* to one committed state (``pinned=`` the manifest's bytes, as
+``read_manifest`` returns them): it loads the shards that manifest names and never picks up later
+commits, so a batch of many workers segments every case against the same bank. ``snapshot`` names
+a committed state (the manifest's sha256) the same way in every process. A pinned reader keeps its
+shards memory-mapped, so a writer replacing an image meanwhile does not pull the files from under
+it (an unlinked file stays readable through its mapping); one that starts after the replaced
+shard was deleted cannot load it and says so.
+
 The bank knows nothing of the networks: embeddings are vectors, payloads are named arrays.
 """
 from __future__ import annotations
@@ -87,6 +95,7 @@ class SliceBatch:
 @dataclass
 class LoadReport:
     loaded: list[str] = field(default_factory=list)
+    snapshot: str = ""  # the committed state loaded (SupportBank.snapshot)
     dropped: dict[str, str] = field(default_factory=dict)  # image id -> why (to rebuild from its label)
     discarded_all: str = ""  # non-empty when the whole bank was unusable (version or fingerprint)
 
@@ -97,6 +106,11 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def manifest_snapshot(raw: bytes) -> str:
+    """The name of a committed bank state: the sha256 of its manifest's bytes (first 16 hex)."""
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -233,14 +247,25 @@ class SupportBank:
         hnsw_m: int = 32,
         hnsw_ef_search: int = 128,
         read_only: bool = False,
+        pinned: bytes | None = None,
+        verify: str = "sha256",
     ):
+        """``pinned``: a manifest's bytes (``read_manifest``): load that committed state and never
+        refresh (implies ``read_only``). ``verify``: check shard files against the manifest by
+        ``sha256`` (reads every byte) or by ``size`` only, for readers of a state another process
+        has just verified (N workers of a batch would otherwise each read the whole bank)."""
+        if verify not in ("sha256", "size"):
+            raise BankError(f"verify must be 'sha256' or 'size', not {verify!r}")
         self.directory = Path(directory) if directory is not None else None
         self.fingerprint = fingerprint
         self.index_transform = index_transform
         self.approximate_above = int(approximate_above)
         self.hnsw_m = int(hnsw_m)
         self.hnsw_ef_search = int(hnsw_ef_search)
-        self.read_only = bool(read_only)
+        self.pinned = pinned
+        self.read_only = bool(read_only) or pinned is not None
+        self.verify = verify
+        self.snapshot = ""  # the committed state held: see manifest_snapshot ("" before any)
         self._records: dict[str, dict] = {}
         self._shards: dict[str, _Shard | _MemoryShard] = {}
         self._lock = threading.RLock()
@@ -255,6 +280,22 @@ class SupportBank:
         self._manifest_stamp: tuple | None = None
 
     # ------------------------------------------------------------------ persistence
+
+    @staticmethod
+    def read_manifest(directory: str | os.PathLike) -> bytes | None:
+        """The committed manifest's bytes, read under the shared lock (never a state mid-commit),
+        or None when the directory holds no bank. Pass them as ``pinned`` to load exactly this state."""
+        path = Path(directory) / "manifest.json"
+        if not path.exists():
+            return None
+        with open(Path(directory) / ".lock", "a") as lockfile:
+            fcntl.flock(lockfile, fcntl.LOCK_SH)
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                return None
+            finally:
+                fcntl.flock(lockfile, fcntl.LOCK_UN)
 
     @classmethod
     def open(cls, directory, fingerprint: str, **kwargs) -> tuple["SupportBank", LoadReport]:
@@ -298,11 +339,12 @@ class SupportBank:
 
     def _load(self) -> LoadReport:
         report = LoadReport()
-        if self.directory is None or (self.read_only and not self.manifest_path.exists()):
+        if self.directory is None or (self.read_only and self.pinned is None and not self.manifest_path.exists()):
             return report
         with self._file_lock(exclusive=not self.read_only):
             self._sync(repair=not self.read_only, report=report)
         report.loaded = sorted(self._records)
+        report.snapshot = self.snapshot
         logger.info(
             "support bank loaded from %s: %d images, %d slices%s",
             self.directory, len(self._records), self.num_entries,
@@ -326,14 +368,23 @@ class SupportBank:
 
     def _read_manifest(self) -> tuple[dict, str]:
         """The on-disk records (image id -> record), and why they are unusable ("" when fine)."""
+        if self.pinned is not None:
+            raw = self.pinned
+        else:
+            try:
+                handle = open(self.manifest_path, "rb")
+            except FileNotFoundError:
+                self._hold_manifest(None)
+                self.snapshot = ""
+                return {}, ""
+            self._hold_manifest(handle)
+            try:
+                raw = handle.read()
+            except OSError as exc:
+                return {}, f"manifest unreadable ({exc})"
+        self.snapshot = manifest_snapshot(raw)
         try:
-            handle = open(self.manifest_path, "rb")
-        except FileNotFoundError:
-            self._hold_manifest(None)
-            return {}, ""
-        self._hold_manifest(handle)
-        try:
-            manifest = json.loads(handle.read())
+            manifest = json.loads(raw)
             version, fingerprint, images = manifest["version"], manifest["fingerprint"], manifest["images"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return {}, f"manifest unreadable ({exc})"
@@ -400,8 +451,8 @@ class SupportBank:
 
         One ``stat`` when nothing changed. Returns True if the entries changed.
         """
-        if self.directory is None:
-            return False
+        if self.directory is None or self.pinned is not None:
+            return False  # a pinned reader keeps its state for its whole life
         with self._lock:
             if self._disk_stamp() == self._manifest_stamp:
                 return False
@@ -425,7 +476,7 @@ class SupportBank:
                 return f"{name} missing"
             if path.stat().st_size != expected["size"]:
                 return f"{name} truncated or altered (size {path.stat().st_size}, expected {expected['size']})"
-            if file_sha256(path) != expected["sha256"]:
+            if self.verify == "sha256" and file_sha256(path) != expected["sha256"]:
                 return f"{name} checksum mismatch"
         return ""
 
@@ -434,7 +485,9 @@ class SupportBank:
             self.manifest_path,
             {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "images": self._records},
         )
-        self._hold_manifest(open(self.manifest_path, "rb"))  # ours: we hold the exclusive lock
+        handle = open(self.manifest_path, "rb")  # ours: we hold the exclusive lock
+        self._hold_manifest(handle)
+        self.snapshot = manifest_snapshot(handle.read())
 
     def _remove_orphans(self) -> None:
         """Shard directories the manifest does not reference (leftovers of an interrupted write or of
@@ -605,6 +658,7 @@ class SupportBank:
                 "augmented_slices": augmented,
                 "index": self.index_spec(),
                 "fingerprint": self.fingerprint,
+                "snapshot": self.snapshot,  # the committed state: what a batch pins to
                 "atlases": sum(1 for r in self._records.values() if r.get("atlas")),
                 # Cached transfer payloads (SAM 2 memories: float16, memory-mapped from the shards, so
                 # they cost disk and page cache, not resident memory per process).

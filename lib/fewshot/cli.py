@@ -1,4 +1,4 @@
-"""``python -m fewshot segment|bank|models|eval|bench``."""
+"""``python -m fewshot segment|batch|bank|models|eval|bench``."""
 from __future__ import annotations
 
 import argparse
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_command(sub)
     add_bench_command(sub)
+
+    from fewshot.batch.cli import add_batch_command
+
+    add_batch_command(sub)
     return parser
 
 
@@ -145,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from fewshot.bank import BankError
+    from fewshot.batch.manifest import ManifestError
+    from fewshot.batch.runner import BatchError
     from fewshot.config import ConfigError
     from fewshot.volume import VolumeError
     from fewshot.weights import WeightsError
 
     try:
         return int(args.func(args) or 0)
-    except (WeightsError, BankError, VolumeError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (WeightsError, BankError, VolumeError, ConfigError, FileNotFoundError, ValueError,
+            BatchError, ManifestError) as exc:  # InputError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2

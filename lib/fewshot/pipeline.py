@@ -184,10 +184,13 @@ class Engine:
         models_dir: str | os.PathLike | None = None,
         label_names: Mapping[str, int] | None = None,
         read_only: bool = False,
+        pinned: bytes | None = None,
+        verify: str = "sha256",
     ) -> tuple["Engine", object]:
         """Build the preset's steps and open (or create) its bank. Returns (engine, bank LoadReport).
 
-        ``read_only``: the bank is only looked at (a mismatched or damaged bank is reported, not discarded)."""
+        ``read_only``: the bank is only looked at (a mismatched or damaged bank is reported, not discarded).
+        ``pinned``, ``verify``: a reader of one committed bank state (see ``SupportBank``), for batches."""
         from fewshot.presets import build_steps
 
         embedder, matcher, transfer = build_steps(settings, models_dir=models_dir)
@@ -200,6 +203,8 @@ class Engine:
             hnsw_m=bank_settings.get("hnsw_m", 32),
             hnsw_ef_search=bank_settings.get("hnsw_ef_search", 128),
             read_only=read_only,
+            pinned=pinned,
+            verify=verify,
         )
         return cls(settings, embedder, matcher, transfer, bank, label_names), report
 

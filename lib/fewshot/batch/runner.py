@@ -1,0 +1,296 @@
+"""Run a batch on Ray: pin the bank, plan from the manifest, keep every worker busy, record each case.
+
+The driver (this process) never segments: it reads the bank's committed manifest once (the pinned
+generation), decides from the manifest which cases to do, starts ``workers`` Ray actors (one
+engine each, built once; CPUs and GPUs requested per actor), checks that every one loaded the same
+generation, then feeds each at most ``QUEUE_DEPTH`` cases at a time and appends each result to the
+manifest as it arrives. Workers write the labels themselves (inputs, bank and output must be on a
+file system every node sees, e.g. NFS, when the cluster has several machines).
+
+Ctrl-C (or any stop) ends the run between two manifest lines: cases in flight are not recorded and
+are done again next time. A worker that dies takes only its current case down (recorded, retried
+next run); Ray restarts it up to ``max_restarts`` times.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fewshot.bank import SupportBank, manifest_snapshot
+from fewshot.batch.inputs import Case
+from fewshot.batch.manifest import Manifest, now
+from fewshot.batch.worker import SegmentWorker, WorkerSpec, thread_env
+from fewshot.pipeline import settings_hash
+
+logger = logging.getLogger(__name__)
+
+QUEUE_DEPTH = 2  # cases handed to a worker at once: the next one is there when the current ends
+LOCAL_OBJECT_STORE_BYTES = 256 << 20  # the batch passes paths and small records, never volumes
+
+
+class BatchError(RuntimeError):
+    """The batch cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # an existing cluster ("auto", "ray://head:10001", ...); None: a local Ray
+    workers: int | None = None  # default: the cluster's CPUs // cpus_per_worker
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_restarts: int = 1  # per worker, after a crash (OOM kill, segfault)
+    verbose: bool = False  # workers' logs on this terminal (always in Ray's session logs)
+
+
+@dataclass
+class BatchSpec:
+    settings: dict  # as the workers run them (worker.batch_settings)
+    bank_dir: str
+    output_dir: str
+    models_dir: str | None = None
+    label_names: dict[str, int] = field(default_factory=dict)
+    only: Sequence[str | int] | None = None
+    keep_older_bank: bool = False
+    retry_failed: bool = False
+
+    def settings_key(self) -> str:
+        """What a finished case depends on besides its input and the bank."""
+        return settings_hash(self.settings, {"labels": self.label_names, "only": list(self.only or [])})
+
+
+@dataclass
+class BatchReport:
+    manifest: str
+    bank_generation: str
+    cases: int
+    skipped: int
+    done: int = 0
+    failed: int = 0
+    interrupted: bool = False
+    error: str = ""
+    workers: list[dict] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)  # why cases were segmented, by count
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0  # the whole run, Ray start-up included
+    segment_seconds: float = 0.0  # from the first case handed out to the last result
+    cases_per_hour: float = 0.0  # finished cases (done or failed) per hour of segment_seconds
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pin_bank(bank_dir: str | os.PathLike) -> tuple[bytes, dict]:
+    """The bank's committed manifest (what the batch pins to) and its parsed contents."""
+    raw = SupportBank.read_manifest(bank_dir)
+    if raw is None:
+        raise BatchError(f"no support bank at {bank_dir}: build it first (python -m fewshot bank build "
+                         "--datastore DATASTORE --preset PRESET, or batch --build-bank)")
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise BatchError(f"{bank_dir}/manifest.json is unreadable ({exc}): rebuild the bank") from None
+    if not manifest.get("images"):
+        raise BatchError(f"the support bank at {bank_dir} has no labelled image: label one and build the bank")
+    return raw, manifest
+
+
+@contextlib.contextmanager
+def ray_session(options: RayOptions):
+    """Ray for the run: the caller's if already initialised, a cluster's at ``address``, else a
+    local one on this machine's loopback (shut down at the end)."""
+    if options.address is None:
+        # Read when Ray is imported: a local Ray then listens on 127.0.0.1 only, not on the network.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if options.address is None:
+        ray.init(include_dashboard=False, log_to_driver=options.verbose, logging_level=logging.WARNING,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    else:
+        ray.init(address=options.address, log_to_driver=options.verbose, logging_level=logging.WARNING)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _worker_count(ray, options: RayOptions, todo: int) -> int:
+    if options.workers is not None:
+        wanted = int(options.workers)
+    else:
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        wanted = int(cpus // max(options.cpus_per_worker, 1e-9)) or 1
+    if wanted < 1:
+        raise BatchError("--workers must be at least 1")
+    return max(1, min(wanted, todo))
+
+
+class _Progress:
+    """A bar of cases: done, failed and the rate per hour."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="segmenting", unit="case", file=sys.stderr, dynamic_ncols=True)
+        self.done = self.failed = 0
+        self.started = time.perf_counter()
+
+    def update(self, status: str) -> None:
+        self.done += status == "done"
+        self.failed += status == "failed"
+        if self.bar is not None:
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            rate = 3600.0 * (self.done + self.failed) / elapsed
+            self.bar.set_postfix(done=self.done, failed=self.failed, per_hour=f"{rate:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_batch(
+    cases: Sequence[Case],
+    spec: BatchSpec,
+    options: RayOptions | None = None,
+    progress: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+) -> BatchReport:
+    """Segment ``cases`` into ``spec.output_dir``; returns what happened (also in the manifest).
+
+    ``on_record`` is called with each case's manifest record once it is on disk (the MONAI Label
+    adapter saves labels from it; a test may stop the run from it)."""
+    options = options or RayOptions()
+    started = time.perf_counter()
+    pinned, bank_manifest = pin_bank(spec.bank_dir)
+    generation = manifest_snapshot(pinned)
+    settings_key = spec.settings_key()
+    with Manifest(spec.output_dir) as manifest:
+        plan = manifest.plan(cases, generation, settings_key, spec.keep_older_bank, spec.retry_failed)
+        report = BatchReport(manifest=str(manifest.path), bank_generation=generation, cases=len(cases),
+                             skipped=len(plan.skipped), reasons=plan.counts())
+        logger.info("batch: %d cases, %d finished before and skipped, %d to segment %s against bank generation "
+                    "%s (%d labelled images)", len(cases), len(plan.skipped), len(plan.todo), plan.counts() or "",
+                    generation, len(bank_manifest["images"]))
+        if plan.todo:
+            _run(plan.todo, spec, options, manifest, pinned, generation, settings_key, report, progress, on_record)
+    report.seconds = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _run(todo, spec, options, manifest, pinned, generation, settings_key, report, progress, on_record) -> None:
+    run = {"kind": "run", "event": "start", "started": now(), "bank_generation": generation,
+           "settings": settings_key, "preset": spec.settings.get("name"), "cases": report.cases,
+           "skipped": report.skipped, "todo": len(todo), "reasons": report.reasons}
+    bar = None
+    with ray_session(options) as ray:
+        actors = []
+        try:
+            n = _worker_count(ray, options, len(todo))
+            threads = max(1, int(options.cpus_per_worker))
+            remote = ray.remote(SegmentWorker).options(
+                num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker,
+                max_restarts=options.max_restarts, max_task_retries=0,
+                runtime_env={"env_vars": thread_env(threads)},
+            )
+            # Passed by value: small (paths, settings, the bank's manifest), and a restarted worker needs it again.
+            worker_spec = (WorkerSpec(settings=spec.settings, bank_dir=str(Path(spec.bank_dir).resolve()),
+                                             pinned=pinned, models_dir=spec.models_dir, label_names=dict(spec.label_names),
+                                             only=list(spec.only) if spec.only else None, threads=threads))
+            actors = [remote.remote(worker_spec) for _ in range(n)]
+            logger.info("batch: starting %d workers (%s CPU, %s GPU each)", n, options.cpus_per_worker, options.gpus_per_worker)
+            report.workers = ray.get([a.ready.remote() for a in actors])
+            for w in report.workers:
+                if w["problem"]:
+                    raise BatchError(f"worker {w['worker']}: {w['problem']}")
+                if w["bank_generation"] != generation:  # cannot happen with a pinned manifest: checked anyway
+                    raise BatchError(f"worker {w['worker']} loaded bank generation {w['bank_generation']}, not {generation}")
+            manifest.append(dict(run, workers=[w["worker"] for w in report.workers]))
+            bar = _Progress(len(todo), progress)
+            _dispatch(ray, actors, todo, manifest, settings_key, report, bar, on_record, options.max_restarts)
+        except KeyboardInterrupt:
+            report.interrupted = True
+            logger.warning("batch interrupted: %d cases recorded; the others are done on the next run",
+                           report.done + report.failed)
+        except BatchError as exc:
+            report.error = str(exc)
+        finally:
+            if bar is not None:
+                bar.close()
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)  # stops cases in flight: they were not recorded, so they are redone
+            with contextlib.suppress(Exception):
+                manifest.append({"kind": "run", "event": "end", "ended": now(), "bank_generation": generation,
+                                 "done": report.done, "failed": report.failed, "interrupted": report.interrupted,
+                                 "error": report.error, "cases_per_hour": report.cases_per_hour})
+
+
+def _dispatch(ray, actors, todo, manifest, settings_key, report, bar, on_record, max_restarts) -> None:
+    from ray.exceptions import RayActorError, RayTaskError
+
+    queue = deque(todo)
+    inflight: dict[Any, tuple[Case, Any]] = {}
+    deaths = {id(a): 0 for a in actors}
+    alive = list(actors)
+
+    def feed(actor) -> None:
+        while queue and sum(1 for _, a in inflight.values() if a is actor) < QUEUE_DEPTH:
+            case = queue.popleft()
+            inflight[actor.segment.remote(case, str(manifest.output_path(case)))] = (case, actor)
+
+    t0 = time.perf_counter()
+    for actor in alive:
+        feed(actor)
+    while inflight:
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in ready:
+            case, actor = inflight.pop(ref)
+            try:
+                record = ray.get(ref)
+            except RayActorError as exc:
+                deaths[id(actor)] += 1
+                if deaths[id(actor)] > max_restarts and actor in alive:
+                    alive.remove(actor)
+                record = {"kind": "case", "case": case.case_id, "input": case.path, "status": "failed",
+                          "error": f"the worker died while segmenting this case ({type(exc).__name__})", "retry": True}
+            except RayTaskError as exc:
+                record = {"kind": "case", "case": case.case_id, "input": case.path, "status": "failed",
+                          "error": f"{type(exc.cause).__name__}: {exc.cause}", "retry": True}
+            if record.get("status") == "fatal":
+                queue.appendleft(case)
+                raise BatchError(f"worker {record.get('worker')}: {record['error']}")
+            if record.get("output"):
+                record["output"] = os.path.relpath(record["output"], manifest.output_dir)
+            record.update(settings=settings_key, finished=now())
+            manifest.append(record)
+            if record["status"] == "done":
+                report.done += 1
+            else:
+                report.failed += 1
+                report.failures[case.case_id] = record.get("error", "")
+            elapsed = time.perf_counter() - t0
+            report.segment_seconds = round(elapsed, 2)
+            report.cases_per_hour = round(3600.0 * (report.done + report.failed) / max(elapsed, 1e-9), 1)
+            bar.update(record["status"])
+            if on_record is not None:
+                on_record(record)
+            if actor in alive:
+                feed(actor)
+        if queue and not alive:
+            raise BatchError("every worker died (see Ray's logs, e.g. out of memory); the finished cases are recorded")
+        for actor in alive:
+            feed(actor)

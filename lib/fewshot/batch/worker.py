@@ -1,0 +1,176 @@
+"""One Ray worker: an engine built once, over a bank pinned to the batch's generation.
+
+The worker opens the bank read-only from the manifest bytes the driver read (``pinned``), checking
+shard sizes only (the driver's read came from a bank whose writers verify it, and N workers each
+hashing a bank larger than RAM would take minutes). It never writes the bank, and never picks up
+a later commit: every case of the batch sees the same support slices and atlases.
+
+Each case is its own try: whatever one input does (corrupt file, wrong dimensions, a bug it
+triggers) comes back as a ``failed`` record and the worker goes on with the next case.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from fewshot.batch.inputs import Case, input_stamp
+
+logger = logging.getLogger(__name__)
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+
+def batch_settings(settings: Mapping, threads: int, overrides: Mapping[str, Any] | None = None) -> dict:
+    """A preset's settings as a batch worker runs them.
+
+    A Ray worker is the unit of parallelism, so the engine's own process pools are folded into it
+    (every ``workers`` key -> 1, ``threads_per_worker`` and ``threads`` -> the worker's CPUs): N
+    workers on N cores then use N cores, not N x pool size. Per-query caches are off: a batch sees
+    each volume once, and a cache would only grow the worker's memory. ``overrides`` (the user's
+    ``--set``) are applied last and win.
+    """
+    from fewshot.config import set_dotted
+
+    out = copy.deepcopy(dict(settings))
+
+    def fold(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "workers" and isinstance(value, int):
+                    node[key] = 1
+                elif key in ("threads_per_worker", "threads") and isinstance(value, int):
+                    node[key] = int(threads)
+                else:
+                    fold(value)
+
+    fold(out)
+    transfer = out.get("transfer", {})
+    transfer["feature_cache"] = 0
+    if "cache_mb" in transfer:
+        transfer["cache_mb"] = 0
+    for key, value in (overrides or {}).items():
+        set_dotted(out, key, value)
+    return out
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment for a worker process: BLAS, OpenMP and ITK read these when they load."""
+    return {name: str(int(threads)) for name in THREAD_ENV}
+
+
+@dataclass
+class WorkerSpec:
+    settings: dict
+    bank_dir: str
+    pinned: bytes  # the bank manifest the batch is pinned to
+    models_dir: str | None = None
+    label_names: dict[str, int] = field(default_factory=dict)
+    only: Sequence[str | int] | None = None  # labels to segment (default: all in the bank)
+    threads: int = 1
+
+
+class SegmentWorker:
+    """Wrapped by ``ray.remote`` in the runner; usable in-process too (tests, one-machine tools)."""
+
+    def __init__(self, spec: WorkerSpec):
+        for name, value in thread_env(spec.threads).items():
+            os.environ.setdefault(name, value)
+        self.spec = spec
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.problem = ""
+        started = time.perf_counter()
+        try:
+            import torch
+
+            torch.set_num_threads(int(spec.threads))
+        except ImportError:
+            pass
+        from fewshot.pipeline import Engine
+
+        self.engine, report = Engine.from_settings(
+            spec.settings, bank_dir=spec.bank_dir, models_dir=spec.models_dir, label_names=spec.label_names,
+            pinned=spec.pinned, verify="size",
+        )
+        self.generation = report.snapshot
+        if report.discarded_all:
+            self.problem = f"the support bank cannot be used with these settings: {report.discarded_all}"
+        elif report.dropped:
+            self.problem = ("the pinned bank generation is no longer whole on disk (a writer replaced "
+                            f"{sorted(report.dropped)[:5]}); run the batch again to pin the current one")
+        elif not self.engine.bank.num_entries:
+            self.problem = "the support bank is empty: label at least one image and build the bank"
+        self.load_seconds = round(time.perf_counter() - started, 2)
+
+    def ready(self) -> dict:
+        """How this worker came up: the driver checks every worker before dispatching any case."""
+        return {"worker": self.name, "bank_generation": self.generation, "problem": self.problem,
+                "images": len(self.engine.bank.image_ids()), "entries": self.engine.bank.num_entries,
+                "seconds": self.load_seconds, "rss_bytes": rss_bytes()}
+
+    def segment(self, case: Case, output: str) -> dict:
+        """Segment one case into ``output`` (atomically, with its JSON sidecar): its manifest record."""
+        record: dict[str, Any] = {"kind": "case", "case": case.case_id, "input": case.path,
+                                  "worker": self.name, "bank_generation": self.generation}
+        if self.problem:
+            return dict(record, status="fatal", error=self.problem)
+        started = time.perf_counter()
+        try:
+            from fewshot.pipeline import content_sha256
+
+            # Stamped before reading: an input changed while it is read looks changed next time, never done.
+            record["input_stamp"] = input_stamp(case.path)
+            record["input_sha256"] = content_sha256(case.path)
+            seg = self.engine.segment(case.path, labels=self.spec.only)
+            t_write = time.perf_counter()
+            sidecar = seg.save(output)
+            _fsync(output, sidecar)
+            record.update(
+                status="done", output=output, labels=seg.labels,
+                skipped=seg.skipped, shape=list(seg.volume.shape),
+                timings={k: v for k, v in seg.timings.items() if k != "reused"},
+                write_seconds=round(time.perf_counter() - t_write, 3),
+            )
+        except Exception as exc:  # one bad case must never stop the batch: record it, go on
+            from fewshot.volume import VolumeError
+
+            usable = not isinstance(exc, (VolumeError, FileNotFoundError))
+            if usable:
+                logger.error("case %s failed:\n%s", case.case_id, traceback.format_exc())
+            record.update(status="failed", error=_short_error(exc),
+                          retry=usable)  # an unusable input fails again until it changes
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        record["rss_bytes"] = rss_bytes()
+        return record
+
+
+def _short_error(exc: BaseException, limit: int = 500) -> str:
+    """One line for the manifest (readers wrap whole tracebacks into their messages; the log has it all)."""
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fsync(*paths) -> None:
+    """The output is on disk before its manifest line says so."""
+    for path in paths:
+        if path is None:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return 0

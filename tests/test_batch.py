@@ -1,0 +1,228 @@
+"""``python -m fewshot batch`` on a real local Ray (2 workers, 2 CPUs) over the real hippocampus scans,
+with the random-tiny preset: outputs equal the engine's own, the manifest, resuming after a stop,
+a corrupt input, the bank left untouched and pinned to one generation. Ray starts once per module.
+Skipped with a message only where Ray cannot start (or ../shared/data is absent)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import make_datastore, shared_dataset
+from fewshot.bank import SupportBank, manifest_snapshot
+from fewshot.batch import inputs
+from fewshot.batch.manifest import MANIFEST_NAME, Manifest
+from fewshot.batch.runner import BatchSpec, RayOptions, run_batch
+from fewshot.batch.worker import batch_settings
+from fewshot.cli import bank_dir_for
+from fewshot.datastore import labelled, scan_datastore
+from fewshot.pipeline import Engine
+
+LABELLED = ["015", "184"]
+QUERIES = ["195"]
+
+
+@pytest.fixture(scope="module")
+def ray_local(models_dir):
+    """One local Ray for the module (its workers inherit FEWSHOT_MODELS_DIR from models_dir)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+    try:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 << 20)
+    except Exception as exc:  # noqa: BLE001 - any reason Ray cannot start here is a skip, with the reason
+        pytest.skip(f"Ray cannot start on this machine: {type(exc).__name__}: {exc}")
+    yield ray
+    ray.shutdown()
+
+
+def _tree_sha256(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_settings, models_dir):
+    """A datastore with two labelled scans and its bank; an input folder with the other scans, one of
+    them re-oriented (flipped axis and affine), one labelled scan, and a truncated copy."""
+    hippo = shared_dataset("msd-hippocampus")
+    root = tmp_path_factory.mktemp("batch")
+    store = make_datastore(root / "store", hippo, LABELLED, [])
+    settings = batch_settings(tiny_settings, threads=1, overrides={"selection.keep": 2, "retrieval.top_k": 4})
+    bank_dir = bank_dir_for(store, "random-tiny")
+    engine, _ = Engine.from_settings(settings, bank_dir=bank_dir, models_dir=models_dir)
+    assert not engine.reconcile(labelled(scan_datastore(store)))["failed"]
+    del engine
+    folder = root / "in"
+    folder.mkdir()
+    for case in QUERIES + LABELLED[:1]:
+        shutil.copy(hippo / f"image_{case}.nii.gz", folder / f"image_{case}.nii.gz")
+    img = nib.load(str(hippo / "image_216.nii.gz"))
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = img.shape[0] - 1
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine @ flip), str(folder / "flipped.nii.gz"))
+    raw = (hippo / "image_199.nii.gz").read_bytes()
+    (folder / "corrupt.nii.gz").write_bytes(raw[: len(raw) // 2])  # a copy cut short: header fine, voxels missing
+    return {"store": store, "bank_dir": bank_dir, "folder": folder, "settings": settings, "root": root}
+
+
+def _spec(setup, output: Path, models_dir, **kw) -> BatchSpec:
+    return BatchSpec(settings=setup["settings"], bank_dir=str(setup["bank_dir"]), output_dir=str(output),
+                     models_dir=str(models_dir), **kw)
+
+
+def _records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / MANIFEST_NAME).read_text().splitlines()]
+
+
+def test_batch_stopped_resumed_and_skipped(ray_local, setup, models_dir):
+    """A run stopped (Ctrl-C) after two cases, with a torn line left behind, then run again: only the
+    unfinished cases are segmented, every case ends with one record naming the pinned bank
+    generation, the corrupt input is recorded and the rest finish, outputs have their input's geometry
+    and equal Engine.segment's; a third run skips everything, and the bank is never written."""
+    cases = inputs.collect(setup["folder"])
+    ids = [c.case_id for c in cases]
+    assert ids == ["corrupt", "flipped", "image_015", "image_195"]
+    bank_before = _tree_sha256(setup["bank_dir"])
+    generation = manifest_snapshot(SupportBank.read_manifest(setup["bank_dir"]))
+    output = setup["root"] / "out"
+    spec = _spec(setup, output, models_dir)
+    options = RayOptions(workers=2)
+
+    seen = []
+
+    def stop_after_two(record):
+        seen.append(record["case"])
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the driver
+
+    first = run_batch(cases, spec, options, progress=False, on_record=stop_after_two)
+    assert first.interrupted and first.done + first.failed == 2
+    assert [r["case"] for r in _records(output) if r["kind"] == "case"] == seen
+    with open(output / MANIFEST_NAME, "ab") as f:
+        f.write(b'{"kind": "case", "case": "image_1')  # a crash in the middle of a line
+
+    second = run_batch(cases, spec, options, progress=False)
+    assert not second.interrupted and not second.error
+    assert second.skipped == 2 and second.reasons == {"new": 2}
+    assert second.done + second.failed == 2 and set(second.failures) <= {"corrupt"}
+
+    records = _records(output)
+    finals = {}
+    for r in records:
+        if r["kind"] == "case":
+            assert r["case"] not in finals, "a case was segmented twice"
+            finals[r["case"]] = r
+    assert sorted(finals) == ids
+    assert finals["corrupt"]["status"] == "failed" and "corrupt.nii.gz" in finals["corrupt"]["error"]
+    assert finals["corrupt"]["retry"] is False
+    runs = [r for r in records if r["kind"] == "run"]
+    assert {r["bank_generation"] for r in records} == {generation} == {first.bank_generation, second.bank_generation}
+    assert [r["event"] for r in runs] == ["start", "end", "start", "end"] and runs[1]["interrupted"]
+    assert {w["bank_generation"] for w in first.workers + second.workers} == {generation}
+    assert len({w["worker"] for w in second.workers}) == 2
+
+    reference, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir, read_only=True)
+    for case in cases:
+        record = finals[case.case_id]
+        if case.case_id == "corrupt":
+            continue
+        assert record["status"] == "done", record
+        assert set(record["timings"]) >= {"total", "prepare_and_embed"} and record["seconds"] > 0
+        out = output / record["output"]
+        assert out == output / f"{case.case_id}.nii.gz" and out.with_suffix("").with_suffix(".json").is_file()
+        written, source = nib.load(str(out)), nib.load(case.path)
+        assert written.shape == source.shape
+        np.testing.assert_array_equal(written.affine, source.affine)
+        assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(source.affine)
+        expected = reference.segment(case.path).label
+        np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+
+    third = run_batch(cases, spec, options, progress=False)
+    assert third.skipped == len(cases) and third.done == third.failed == 0 and not third.workers
+    assert _tree_sha256(setup["bank_dir"]) == bank_before
+
+
+def test_cli_list_file_same_ids_and_pinning_decisions(ray_local, setup, models_dir, tmp_path, capsys):
+    """The CLI over a list file of the same volumes finds the finished output (same case ids, nothing
+    to do); after the bank changes, finished cases are planned again by default and kept with
+    --keep-older-bank; a pinned reader keeps its generation while the bank changes on disk."""
+    from fewshot.cli import main
+
+    output = setup["root"] / "out"
+    if not (output / MANIFEST_NAME).is_file():
+        pytest.skip("needs the output of test_batch_stopped_resumed_and_skipped")
+    listing = tmp_path / "cases.txt"
+    listing.write_text("# the same volumes, listed\n" + "\n".join(
+        str(p) for p in sorted(setup["folder"].iterdir())) + "\n")
+    argv = ["batch", str(listing), "--support", str(setup["store"]), "--output", str(output),
+            "--preset", "random-tiny", "--models-dir", str(models_dir), "--no-progress",
+            "--set", "selection.keep=2", "--set", "retrieval.top_k=4"]  # the settings of the first test's runs
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped"] == 4 and summary["done"] == 0
+
+    # The bank changes (a copy of it: the module's bank stays as it is): a third labelled scan.
+    bank_copy = tmp_path / "bank"
+    shutil.copytree(setup["bank_dir"], bank_copy)
+    writer, _ = Engine.from_settings(setup["settings"], bank_dir=bank_copy, models_dir=models_dir)
+    pinned, report = SupportBank.open(bank_copy, writer.bank.fingerprint, pinned=SupportBank.read_manifest(bank_copy),
+                                      verify="size")
+    assert sorted(report.loaded) == ["image_015", "image_184"] and pinned.num_entries
+    before = pinned.search(writer.bank.embeddings()[:3], 4)[1]
+    hippo = shared_dataset("msd-hippocampus")
+    writer.ingest("image_199", hippo / "image_199.nii.gz", hippo / "label_199.nii.gz")
+    assert writer.bank.snapshot != report.snapshot
+    assert not pinned.refresh() and pinned.snapshot == report.snapshot and "image_199" not in pinned.image_ids()
+    assert pinned.search(writer.bank.embeddings()[:3], 4)[1] == before and pinned.read_only
+    fresh = SupportBank.open(bank_copy, writer.bank.fingerprint, read_only=True)[0]
+    assert fresh.snapshot == writer.bank.snapshot and "image_199" in fresh.image_ids()
+
+    cases = inputs.collect(setup["folder"])
+    with Manifest(output) as m:
+        again = m.plan(cases, writer.bank.snapshot, _spec(setup, output, models_dir).settings_key())
+        kept = m.plan(cases, writer.bank.snapshot, _spec(setup, output, models_dir).settings_key(), keep_older_bank=True)
+    assert again.counts() == {"bank changed": 3} and [c.case_id for c in again.skipped] == ["corrupt"]
+    assert not kept.todo
+
+
+def test_inputs_and_manifest_units(tmp_path):
+    """List files (relative paths, comments), id collisions, a DICOMweb URL's message, a second
+    writer refused, and changed inputs planned again."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for p in (a / "x.nii.gz", b / "x.nii.gz", a / "y.nrrd"):
+        p.write_bytes(b"0")
+    (tmp_path / "list.txt").write_text("# comment\n\na/x.nii.gz\nb/x.nii.gz\n")
+    assert [c.case_id for c in inputs.collect(tmp_path / "list.txt")] == ["a/x", "b/x"]
+    assert [c.case_id for c in inputs.collect(a)] == ["x", "y"]
+    (a / "x.nrrd").write_bytes(b"1")
+    (tmp_path / "clash.txt").write_text("a/x.nii.gz\na/x.nrrd\n")
+    with pytest.raises(inputs.InputError, match="would both be written"):
+        inputs.collect(tmp_path / "clash.txt")
+    (a / "x.nrrd").unlink()
+    with pytest.raises(inputs.InputError):
+        inputs.collect(tmp_path / "missing.txt")
+    with pytest.raises(inputs.InputError, match="MONAI Label app"):
+        inputs.collect("http://pacs/dicom-web")
+
+    out = tmp_path / "out"
+    case = inputs.Case("x", str(a / "x.nii.gz"))
+    with Manifest(out) as m:
+        with pytest.raises(Exception, match="another batch"):
+            Manifest(out).open()
+        (out / "x.nii.gz").write_bytes(b"label")
+        m.append({"kind": "case", "case": "x", "input": case.path, "status": "done", "output": "x.nii.gz",
+                  "input_stamp": inputs.input_stamp(case.path), "bank_generation": "g1", "settings": "s1"})
+        assert not m.plan([case], "g1", "s1").todo
+        assert m.plan([case], "g1", "s2").reasons == {"x": "other settings"}
+    os.utime(a / "x.nii.gz", ns=(1, 1))
+    (a / "x.nii.gz").write_bytes(b"changed")
+    with Manifest(out) as m:
+        assert m.plan([case], "g1", "s1").reasons == {"x": "input changed"}
