@@ -226,3 +226,50 @@ def test_inputs_and_manifest_units(tmp_path):
     (a / "x.nii.gz").write_bytes(b"changed")
     with Manifest(out) as m:
         assert m.plan([case], "g1", "s1").reasons == {"x": "input changed"}
+
+
+def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup, models_dir):
+    """With -c ray_address, MONAI Label's batch infer (in its background process) gives its images to
+    the runner, which segments them against the pinned bank; each label is saved to the datastore as
+    `original`, and the same request again segments nothing but still saves the labels."""
+    import sys
+    from types import SimpleNamespace
+
+    from app_harness import APP
+
+    sys.path.insert(0, str(APP))  # the app's lib package, imported as MONAI Label imports it
+    try:
+        from monailabel.datastore.local import LocalDatastore
+        from monailabel.interfaces.tasks.batch_infer import BatchInferTask
+
+        from lib.app_config import AppConfig
+        from lib.engine_host import InferOptions
+        from lib.ray_batch import RayBatchInfer, batch_infer_task
+    finally:
+        sys.path.remove(str(APP))
+
+    conf = {"preset": "random-tiny", "models_dir": str(models_dir), "ray_address": "local", "ray_workers": "1"}
+    app = SimpleNamespace(
+        conf=conf, app_config=AppConfig.from_conf(conf, setup["store"]),
+        host=SimpleNamespace(label_map=lambda: {"anterior": 1, "posterior": 2}),
+        _infers={"fewshot_sam2": SimpleNamespace(options=lambda request: (InferOptions(4, True, 2), []))},
+        check_infer_request=lambda model, request: None,
+    )
+    task = batch_infer_task(app)
+    assert isinstance(task, RayBatchInfer) and task.options.address is None and task.options.workers == 1
+    assert type(batch_infer_task(SimpleNamespace(conf={}))) is BatchInferTask  # no ray_address: MONAI Label's own
+
+    datastore = LocalDatastore(str(setup["store"]), extensions=["*.nii.gz"], auto_reload=False)
+    request = {"model": "fewshot_sam2", "images": ["image_184"], "label_tag": "original"}
+    generation = manifest_snapshot(SupportBank.read_manifest(setup["bank_dir"]))
+    result = task(request, datastore, None)
+    assert result == {"image_184": {"label": "image_184", "label_tag": "original", "bank_generation": generation}}
+    saved = Path(datastore.get_label_uri("image_184", "original"))
+    output = setup["store"] / ".fewshot" / "batch-random-tiny"
+    np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj),
+                                  np.asarray(nib.load(str(output / "image_184.nii.gz")).dataobj))
+    saved.unlink()
+    again = task(request, datastore, None)
+    assert again == result and Path(datastore.get_label_uri("image_184", "original")).is_file()
+    records = [r for r in _records(output) if r["kind"] == "case"]
+    assert [r["case"] for r in records] == ["image_184"]  # segmented once

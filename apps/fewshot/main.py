@@ -164,6 +164,12 @@ class FewshotApp(MONAILabelApp):
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"bank_coverage": BankCoverage(self.host, self.cache), "random": Random(), "first": First()}
 
+    def init_batch_infer(self):
+        # -c ray_address: /batch/infer is handed to the engine's Ray batch runner (lib/ray_batch.py)
+        from lib.ray_batch import batch_infer_task
+
+        return batch_infer_task(self)
+
     def _load_sessions(self, load=False):
         if not load:
             return None

@@ -1,7 +1,8 @@
 """The app's `-c key value` options, parsed once at start-up.
 
 App keys: ``preset``, ``models_dir``, ``device``, ``labels``, ``warm_embeddings``,
-``storage_retry_seconds`` (how often the bank retries while its disk is full or read-only). Any dotted key
+``storage_retry_seconds`` (how often the bank retries while its disk is full or read-only), ``ray_*``
+(``/batch/infer`` on Ray: ``lib/ray_batch.py``). Any dotted key
 (``-c retrieval.top_k 8``) or top-level preset key is an engine override, applied to the preset's
 settings exactly as ``python -m fewshot ... --set key=value`` would.
 
@@ -26,7 +27,8 @@ from fewshot.config import ConfigError, load_preset, parse_label_map, parse_valu
 
 logger = logging.getLogger(__name__)
 
-APP_KEYS = ("preset", "models_dir", "device", "labels", "warm_embeddings", "storage_retry_seconds")
+APP_KEYS = ("preset", "models_dir", "device", "labels", "warm_embeddings", "storage_retry_seconds",
+            "ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker")  # lib/ray_batch.py
 DEFAULT_STORAGE_RETRY_SECONDS = 60.0
 # What one session archive (PUT /session/?uncompress=true) may unpack to. A session holds one image:
 # a thin-slice CT series is 1000-2000 DICOM files of ~0.5 MB (about 1 GB), so 4 GB and 5000 files

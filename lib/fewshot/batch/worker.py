@@ -111,7 +111,7 @@ class SegmentWorker:
         """How this worker came up: the driver checks every worker before dispatching any case."""
         return {"worker": self.name, "bank_generation": self.generation, "problem": self.problem,
                 "images": len(self.engine.bank.image_ids()), "entries": self.engine.bank.num_entries,
-                "seconds": self.load_seconds, "rss_bytes": rss_bytes()}
+                "seconds": self.load_seconds, **memory()}
 
     def segment(self, case: Case, output: str) -> dict:
         """Segment one case into ``output`` (atomically, with its JSON sidecar): its manifest record."""
@@ -145,7 +145,7 @@ class SegmentWorker:
             record.update(status="failed", error=_short_error(exc),
                           retry=usable)  # an unusable input fails again until it changes
         record["seconds"] = round(time.perf_counter() - started, 3)
-        record["rss_bytes"] = rss_bytes()
+        record.update(memory())
         return record
 
 
@@ -167,10 +167,17 @@ def _fsync(*paths) -> None:
             os.close(fd)
 
 
-def rss_bytes() -> int:
+def memory() -> dict[str, int]:
+    """This worker's memory: resident now and at its peak, and its proportional share (PSS: pages
+    shared with other processes, e.g. the same bank shards mapped by another worker, count once in all)."""
+    import resource
+
+    out = {"peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
     try:
         import psutil
 
-        return int(psutil.Process().memory_info().rss)
-    except Exception:
-        return 0
+        info = psutil.Process().memory_full_info()
+        out.update(rss_bytes=int(info.rss), pss_bytes=int(getattr(info, "pss", 0)), uss_bytes=int(info.uss))
+    except Exception:  # noqa: BLE001 - memory figures are informative, never a reason to fail a case
+        pass
+    return out
