@@ -171,6 +171,12 @@ class _Shard:
             if self.atlas.image.shape != self.atlas.mask.shape or self.atlas.image.ndim != 3:
                 raise ValueError("atlas image and mask shapes differ")
 
+    def read(self, name: str) -> np.ndarray:
+        """A whole array read into memory, not through the mapping: pages read through a mapping stay
+        resident in this process while the shard is open, so an index build (every vector once)
+        would keep the bank's embeddings resident for good; read, they are freed after the build."""
+        return np.load(self.directory / f"{name}.npy")
+
     def __len__(self) -> int:
         return len(self.arrays["images"])
 
@@ -184,6 +190,9 @@ class _MemoryShard:
         self.augmentation = list(batch.augmentation)
         self.entry_labels = entry_labels
         self.atlas = batch.atlas
+
+    def read(self, name: str) -> np.ndarray:
+        return np.asarray(self.arrays[name])
 
     def __len__(self) -> int:
         return len(self.arrays["images"])
@@ -680,7 +689,7 @@ class SupportBank:
             self._index, self._rows = None, []
             return
         for image_id in added:
-            emb = np.ascontiguousarray(self._shards[image_id].arrays["embeddings"], dtype=np.float32)
+            emb = np.ascontiguousarray(self._shards[image_id].read("embeddings"), dtype=np.float32)
             self._index.add(emb)
             self._rows.extend((image_id, i) for i in range(len(emb)))
 
@@ -692,17 +701,18 @@ class SupportBank:
         with self._lock:
             if self._index is not None:
                 return self._index
-            rows, vectors = [], []
+            rows, data = [], None
             for image_id, b in self._batches():
-                emb = b.arrays["embeddings"]
-                vectors.append(np.asarray(emb, dtype=np.float32))
+                emb = b.read("embeddings")
+                if data is None:  # one buffer, filled shard by shard: the build's only copy of the vectors
+                    data = np.empty((self.num_entries, emb.shape[1]), np.float32)
+                data[len(rows): len(rows) + len(emb)] = emb
                 rows.extend((image_id, i) for i in range(len(emb)))
             self._rows = rows
             if not rows:
                 self._index, self.index_kind = None, "empty"
                 return None
-            data = np.ascontiguousarray(np.concatenate(vectors))
-            self._index, self.index_kind = self._build_index(data)
+            self._index, self.index_kind = self._build_index(data[: len(rows)])
             return self._index
 
     def _build_index(self, data: np.ndarray):
@@ -789,5 +799,5 @@ class SupportBank:
     def embeddings(self) -> np.ndarray:
         """All entry vectors (N, D), for coverage measures; order matches a freshly built index."""
         with self._lock:
-            vecs = [np.asarray(b.arrays["embeddings"], np.float32) for _, b in self._batches()]
+            vecs = [np.asarray(b.read("embeddings"), np.float32) for _, b in self._batches()]
         return np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)
