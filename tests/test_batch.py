@@ -49,32 +49,34 @@ def _tree_sha256(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_settings, models_dir):
-    """A datastore with two labelled scans and its bank; an input folder with the other scans, one of
-    them re-oriented (flipped axis and affine), one labelled scan, and a truncated copy."""
+    """A datastore with two labelled scans and its bank, and as unlabelled images another scan, one
+    re-oriented (flipped axis and affine) and a truncated copy: the batch's input is the datastore's
+    folder (its labelled scans included), its output where the app's /batch/infer keeps it."""
     hippo = shared_dataset("msd-hippocampus")
     root = tmp_path_factory.mktemp("batch")
-    store = make_datastore(root / "store", hippo, LABELLED, [])
+    store = make_datastore(root / "store", hippo, LABELLED, QUERIES)
     settings = batch_settings(tiny_settings, threads=1, overrides={"selection.keep": 2, "retrieval.top_k": 4})
     bank_dir = bank_dir_for(store, "random-tiny")
     engine, _ = Engine.from_settings(settings, bank_dir=bank_dir, models_dir=models_dir)
     assert not engine.reconcile(labelled(scan_datastore(store)))["failed"]
     del engine
-    folder = root / "in"
-    folder.mkdir()
-    for case in QUERIES + LABELLED[:1]:
-        shutil.copy(hippo / f"image_{case}.nii.gz", folder / f"image_{case}.nii.gz")
+    folder = store
     img = nib.load(str(hippo / "image_216.nii.gz"))
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     flip[0, 3] = img.shape[0] - 1
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1].copy(), img.affine @ flip), str(folder / "flipped.nii.gz"))
     raw = (hippo / "image_199.nii.gz").read_bytes()
     (folder / "corrupt.nii.gz").write_bytes(raw[: len(raw) // 2])  # a copy cut short: header fine, voxels missing
-    return {"store": store, "bank_dir": bank_dir, "folder": folder, "settings": settings, "root": root}
+    return {"store": store, "bank_dir": bank_dir, "folder": folder, "settings": settings, "root": root,
+            "output": store / ".fewshot" / "batch-random-tiny"}
+
+
+LABEL_NAMES = {"anterior": 1, "posterior": 2}
 
 
 def _spec(setup, output: Path, models_dir, **kw) -> BatchSpec:
     return BatchSpec(settings=setup["settings"], bank_dir=str(setup["bank_dir"]), output_dir=str(output),
-                     models_dir=str(models_dir), **kw)
+                     models_dir=str(models_dir), label_names=LABEL_NAMES, **kw)
 
 
 def _records(output: Path) -> list[dict]:
@@ -88,10 +90,10 @@ def test_batch_stopped_resumed_and_skipped(ray_local, setup, models_dir):
     and equal Engine.segment's; a third run skips everything, and the bank is never written."""
     cases = inputs.collect(setup["folder"])
     ids = [c.case_id for c in cases]
-    assert ids == ["corrupt", "flipped", "image_015", "image_195"]
+    assert ids == ["corrupt", "flipped", "image_015", "image_184", "image_195"]
     bank_before = _tree_sha256(setup["bank_dir"])
     generation = manifest_snapshot(SupportBank.read_manifest(setup["bank_dir"]))
-    output = setup["root"] / "out"
+    output = setup["output"]
     spec = _spec(setup, output, models_dir)
     options = RayOptions(workers=2)
 
@@ -110,8 +112,8 @@ def test_batch_stopped_resumed_and_skipped(ray_local, setup, models_dir):
 
     second = run_batch(cases, spec, options, progress=False)
     assert not second.interrupted and not second.error
-    assert second.skipped == 2 and second.reasons == {"new": 2}
-    assert second.done + second.failed == 2 and set(second.failures) <= {"corrupt"}
+    assert second.skipped == 2 and second.reasons == {"new": 3}
+    assert second.done + second.failed == 3 and set(second.failures) <= {"corrupt"}
 
     records = _records(output)
     finals = {}
@@ -128,7 +130,8 @@ def test_batch_stopped_resumed_and_skipped(ray_local, setup, models_dir):
     assert {w["bank_generation"] for w in first.workers + second.workers} == {generation}
     assert len({w["worker"] for w in second.workers}) == 2
 
-    reference, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir, read_only=True)
+    reference, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir, read_only=True,
+                                        label_names=LABEL_NAMES)
     for case in cases:
         record = finals[case.case_id]
         if case.case_id == "corrupt":
@@ -155,18 +158,18 @@ def test_cli_list_file_same_ids_and_pinning_decisions(ray_local, setup, models_d
     --keep-older-bank; a pinned reader keeps its generation while the bank changes on disk."""
     from fewshot.cli import main
 
-    output = setup["root"] / "out"
+    output = setup["output"]
     if not (output / MANIFEST_NAME).is_file():
         pytest.skip("needs the output of test_batch_stopped_resumed_and_skipped")
     listing = tmp_path / "cases.txt"
     listing.write_text("# the same volumes, listed\n" + "\n".join(
-        str(p) for p in sorted(setup["folder"].iterdir())) + "\n")
+        c.path for c in inputs.collect(setup["folder"])) + "\n")
     argv = ["batch", str(listing), "--support", str(setup["store"]), "--output", str(output),
-            "--preset", "random-tiny", "--models-dir", str(models_dir), "--no-progress",
+            "--preset", "random-tiny", "--models-dir", str(models_dir), "--no-progress", "--labels", "anterior=1,posterior=2",
             "--set", "selection.keep=2", "--set", "retrieval.top_k=4"]  # the settings of the first test's runs
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["skipped"] == 4 and summary["done"] == 0
+    assert summary["skipped"] == 5 and summary["done"] == 0
 
     # The bank changes (a copy of it: the module's bank stays as it is): a third labelled scan.
     bank_copy = tmp_path / "bank"
@@ -188,7 +191,7 @@ def test_cli_list_file_same_ids_and_pinning_decisions(ray_local, setup, models_d
     with Manifest(output) as m:
         again = m.plan(cases, writer.bank.snapshot, _spec(setup, output, models_dir).settings_key())
         kept = m.plan(cases, writer.bank.snapshot, _spec(setup, output, models_dir).settings_key(), keep_older_bank=True)
-    assert again.counts() == {"bank changed": 3} and [c.case_id for c in again.skipped] == ["corrupt"]
+    assert again.counts() == {"bank changed": 4} and [c.case_id for c in again.skipped] == ["corrupt"]
     assert not kept.todo
 
 
@@ -230,8 +233,9 @@ def test_inputs_and_manifest_units(tmp_path):
 
 def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup, models_dir):
     """With -c ray_address, MONAI Label's batch infer (in its background process) gives its images to
-    the runner, which segments them against the pinned bank; each label is saved to the datastore as
-    `original`, and the same request again segments nothing but still saves the labels."""
+    the runner, whose manifest lives where the batch test above wrote its output: images it already
+    segmented against the same bank, with the same settings, are not segmented again; each label is
+    saved to the datastore as `original`, and again when the request is repeated."""
     import sys
     from types import SimpleNamespace
 
@@ -260,16 +264,21 @@ def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup
     assert type(batch_infer_task(SimpleNamespace(conf={}))) is BatchInferTask  # no ray_address: MONAI Label's own
 
     datastore = LocalDatastore(str(setup["store"]), extensions=["*.nii.gz"], auto_reload=False)
-    request = {"model": "fewshot_sam2", "images": ["image_184"], "label_tag": "original"}
+    request = {"model": "fewshot_sam2", "images": ["image_184", "image_195"], "label_tag": "original"}
     generation = manifest_snapshot(SupportBank.read_manifest(setup["bank_dir"]))
+    output = setup["output"]
+    before = _records(output) if (output / MANIFEST_NAME).is_file() else []
     result = task(request, datastore, None)
-    assert result == {"image_184": {"label": "image_184", "label_tag": "original", "bank_generation": generation}}
-    saved = Path(datastore.get_label_uri("image_184", "original"))
-    output = setup["store"] / ".fewshot" / "batch-random-tiny"
-    np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj),
-                                  np.asarray(nib.load(str(output / "image_184.nii.gz")).dataobj))
+    assert result == {i: {"label": i, "label_tag": "original", "bank_generation": generation} for i in request["images"]}
+    for image_id in request["images"]:
+        saved = Path(datastore.get_label_uri(image_id, "original"))
+        np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj),
+                                      np.asarray(nib.load(str(output / f"{image_id}.nii.gz")).dataobj))
     saved.unlink()
     again = task(request, datastore, None)
-    assert again == result and Path(datastore.get_label_uri("image_184", "original")).is_file()
-    records = [r for r in _records(output) if r["kind"] == "case"]
-    assert [r["case"] for r in records] == ["image_184"]  # segmented once
+    assert again == result and Path(datastore.get_label_uri("image_195", "original")).is_file()
+    # Segmented once, by whichever ran first (the batch test before it: the app's request found them done).
+    cases = [r["case"] for r in _records(output) if r["kind"] == "case" and r["case"] in request["images"]]
+    assert sorted(cases) == sorted(request["images"])
+    if before:
+        assert [r for r in _records(output) if r["kind"] == "case"] == [r for r in before if r["kind"] == "case"]
