@@ -971,7 +971,9 @@ def test_ingestion_worker_serialises_and_latest_save_wins(app_lib, tmp_path):
     try:
         write("a", "a1")
         worker.ingest("a")
-        time.sleep(0.05)  # "a" is being ingested
+        deadline = time.time() + 10  # until "a1" is being ingested (a fixed sleep flakes on a loaded machine)
+        while not host.calls and time.time() < deadline:
+            time.sleep(0.005)
         for text in ("a2", "a3"):
             write("a", text)
             worker.ingest("a")  # queued twice while busy: one job, reading the latest file
