@@ -212,7 +212,11 @@ def _run(todo, spec, options, manifest, pinned, generation, settings_key, report
                                              only=list(spec.only) if spec.only else None, threads=threads))
             actors = [remote.remote(worker_spec) for _ in range(n)]
             logger.info("batch: starting %d workers (%s CPU, %s GPU each)", n, options.cpus_per_worker, options.gpus_per_worker)
-            report.workers = ray.get([a.ready.remote() for a in actors])
+            try:
+                report.workers = ray.get([a.ready.remote() for a in actors])
+            except ray.exceptions.RayError as exc:  # e.g. missing weights: the engine's own message
+                lines = [line for line in str(exc).splitlines() if line.strip()]
+                raise BatchError(f"the workers could not start: {lines[-1] if lines else type(exc).__name__}") from None
             for w in report.workers:
                 if w["problem"]:
                     raise BatchError(f"worker {w['worker']}: {w['problem']}")
