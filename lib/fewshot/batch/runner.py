@@ -3,7 +3,7 @@
 The driver (this process) never segments: it reads the bank's committed manifest once (the pinned
 generation), decides from the manifest which cases to do, starts ``workers`` Ray actors (one
 engine each, built once; CPUs and GPUs requested per actor), checks that every one loaded the same
-generation, then feeds each at most ``QUEUE_DEPTH`` cases at a time and appends each result to the
+generation, then hands each worker one case at a time and appends each result to the
 manifest as it arrives. Workers write the labels themselves (inputs, bank and output must be on a
 file system every node sees, e.g. NFS, when the cluster has several machines).
 
@@ -32,7 +32,10 @@ from fewshot.pipeline import settings_hash
 
 logger = logging.getLogger(__name__)
 
-QUEUE_DEPTH = 2  # cases handed to a worker at once: the next one is there when the current ends
+# Cases handed to a worker at once. One: a case queued behind a busy worker could wait while another
+# worker sits idle at the end of the batch, and Ray's round trip (about a millisecond) is nothing
+# beside a case (seconds to minutes).
+QUEUE_DEPTH = 1
 LOCAL_OBJECT_STORE_BYTES = 256 << 20  # the batch passes paths and small records, never volumes
 
 
@@ -251,14 +254,22 @@ def _dispatch(ray, actors, todo, manifest, settings_key, report, bar, on_record,
     deaths = {id(a): 0 for a in actors}
     alive = list(actors)
 
-    def feed(actor) -> None:
-        while queue and sum(1 for _, a in inflight.values() if a is actor) < QUEUE_DEPTH:
+    def feed() -> None:
+        """Next cases to the least busy workers: an idle worker gets one before a busy one gets its
+        second (with a few cases left, a queue behind one worker would leave another idle)."""
+        while queue and alive:
+            load = {id(a): 0 for a in alive}
+            for _, a in inflight.values():
+                if id(a) in load:
+                    load[id(a)] += 1
+            actor = min(alive, key=lambda a: load[id(a)])
+            if load[id(actor)] >= QUEUE_DEPTH:
+                return
             case = queue.popleft()
             inflight[actor.segment.remote(case, str(manifest.output_path(case)))] = (case, actor)
 
     t0 = time.perf_counter()
-    for actor in alive:
-        feed(actor)
+    feed()
     while inflight:
         ready, _ = ray.wait(list(inflight), num_returns=1)
         for ref in ready:
@@ -292,9 +303,6 @@ def _dispatch(ray, actors, todo, manifest, settings_key, report, bar, on_record,
             bar.update(record["status"])
             if on_record is not None:
                 on_record(record)
-            if actor in alive:
-                feed(actor)
+            feed()
         if queue and not alive:
             raise BatchError("every worker died (see Ray's logs, e.g. out of memory); the finished cases are recorded")
-        for actor in alive:
-            feed(actor)
