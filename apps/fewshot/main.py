@@ -123,13 +123,13 @@ class FewshotApp(MONAILabelApp):
 
     @staticmethod
     def _fail(message: str):
-        logger.error("few-shot app cannot start: %s", message)
         if "monailabel.app" in sys.modules:
             # Inside the server's start-up: any exception would surface as a 100-line traceback
             # through uvicorn and Starlette's lifespan. Stop with the one line a user can act on.
             print(f"\nERROR: few-shot app cannot start: {message}\n", file=sys.stderr, flush=True)
             logging.shutdown()
             os._exit(2)
+        logger.error("few-shot app cannot start: %s", message)  # not above: a stream handler (ray's) would print it twice
         raise StartupError(message)
 
     # ------------------------------------------------------------------ MONAI Label hooks
