@@ -97,6 +97,10 @@ class SegmentWorker:
             spec.settings, bank_dir=spec.bank_dir, models_dir=spec.models_dir, label_names=spec.label_names,
             pinned=spec.pinned, verify="size",
         )
+        # Every case reads a file: the reader's heavy import (MONAI, ~10 s) belongs to start-up, not to
+        # the first case's timings.
+        import monai.transforms  # noqa: F401
+
         self.generation = report.snapshot
         if report.discarded_all:
             self.problem = f"the support bank cannot be used with these settings: {report.discarded_all}"
