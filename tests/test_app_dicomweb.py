@@ -652,9 +652,14 @@ def test_ohif_label_info_maps_painted_segments_by_name(tmp_path):
     stored = validator.check_label("x", str(tmp_path / "image.nii.gz"), str(tmp_path / "label.nii.gz"), segments)
     assert stored != str(tmp_path / "label.nii.gz")
     assert sorted(np.unique(values(Path(stored))).tolist()) == [0, 1, 4, 6]
-    # Slicer's label_info still wins when present; neither: None (values taken as they are).
+    # Slicer's label_info still wins when present; none: None (values taken as they are); a
+    # label_info that is neither client's list of segments: 422 (issue 13), never a guess.
     assert client_segments({"label_info": [{"name": "liver", "idx": 1}]}) == ["liver"]
-    assert client_segments({}) is None and client_segments({"label_info": [{"name": "liver"}]}) is None
+    assert client_segments({}) is None and client_segments({"label_info": []}) is None
+    for junk in ([{"name": "liver"}], "liver", {"name": "liver", "idx": 1}, [{"name": "liver", "idx": 1}, 7]):
+        with pytest.raises(HTTPException) as refused:
+            client_segments({"label_info": junk})
+        assert refused.value.status_code == 422
     with pytest.raises(HTTPException) as clash:
         client_segments({"label_info": [{"name": "liver", "segmentIndex": 1}, {"name": "spleen", "segmentIndex": 1}]})
     assert clash.value.status_code == 422

@@ -119,7 +119,7 @@ class FewshotApp(MONAILabelApp):
 
             from lib import routes
 
-            routes.install(fastapi_app)
+            routes.install(fastapi_app, self.app_config.request_limits())
 
     @staticmethod
     def _fail(message: str):
@@ -136,7 +136,9 @@ class FewshotApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         logger.info("Init Datastore for: %s", self.studies)
-        validator = UploadValidator(self.host.allowed_values, self.host.label_map)
+        validator = UploadValidator(self.host.allowed_values, self.host.label_map,
+                                    max_volume_bytes=self.app_config.max_volume_mb << 20)
+        self.upload_validator = validator
         if self.dicomweb_client is not None:
             # Not MONAI Label's init_remote_datastore: it downloads dcmqi from GitHub at start-up.
             return FewshotDicomWebDatastore(
@@ -189,6 +191,7 @@ class FewshotApp(MONAILabelApp):
         if isinstance(task, FewshotSam2):
             task.options(request)
             task.result_format(request)
+            task.requested_labels(request)
 
     def infer(self, request, datastore=None):
         self.check_infer_request(request.get("model"), request)
@@ -196,6 +199,11 @@ class FewshotApp(MONAILabelApp):
         if isinstance(image, str):
             self.check_infer_image(image, datastore)
         return super().infer(request, datastore)
+
+    def check_upload(self, path: str, what: str) -> None:
+        """An image sent for one inference (an /infer upload, a session's volume file), from its
+        header before it is read: 413 over the budget (-c max_volume_mb), 415/422 when unusable."""
+        self.upload_validator.check_volume(path, what)
 
     def register_upload(self, path: str) -> None:
         with self._uploads_lock:

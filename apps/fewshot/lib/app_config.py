@@ -11,6 +11,10 @@ path/to/labels.yaml``), a ``labels.yaml`` at the top of the datastore, the prese
 
 Session archives: ``session_max_unpacked_mb`` and ``session_max_files`` bound what one archive sent
 to ``PUT /session/?uncompress=true`` may unpack to (see ``SESSION_KEYS``).
+
+Uploads: ``max_volume_mb`` is the voxel data one uploaded image (``PUT /datastore/image``, an
+``/infer`` upload) may decompress to, read from its header before anything is decompressed (413
+beyond it). Request bodies are capped from it too (``request_limits``).
 """
 from __future__ import annotations
 
@@ -36,6 +40,15 @@ DEFAULT_STORAGE_RETRY_SECONDS = 60.0
 SESSION_KEYS = ("session_max_unpacked_mb", "session_max_files")
 DEFAULT_SESSION_MAX_UNPACKED_MB = 4096
 DEFAULT_SESSION_MAX_FILES = 5000
+# What one uploaded image may decompress to: a 512 x 512 x 2000 int16 whole-body CT is 1 GB, so 2 GB
+# leaves room for the largest clinical series, while a 2.5 MB file announcing 2.5 GB is refused.
+UPLOAD_KEYS = ("max_volume_mb",)
+DEFAULT_MAX_VOLUME_MB = 2048
+# Request bodies: an uncompressed volume of max_volume_mb (or a session archive of
+# session_max_unpacked_mb) plus this much for its header and the multipart envelope; a JSON body
+# (no upload) at most JSON_BODY_LIMIT.
+BODY_HEADROOM_MB = 64
+JSON_BODY_LIMIT = 16 << 20
 # Keys MONAI Label itself reads from the same -c dictionary; not ours to reject.
 MONAI_KEYS = ("server_mode",)
 DEFAULT_PRESET = "foundation"
@@ -99,6 +112,7 @@ class AppConfig:
     warm_embeddings: bool = True
     session_max_unpacked_mb: int = DEFAULT_SESSION_MAX_UNPACKED_MB
     session_max_files: int = DEFAULT_SESSION_MAX_FILES
+    max_volume_mb: int = DEFAULT_MAX_VOLUME_MB
     settings: dict = field(default_factory=dict)
     storage_retry_seconds: float = DEFAULT_STORAGE_RETRY_SECONDS
 
@@ -111,12 +125,13 @@ class AppConfig:
             overrides["device"] = conf["device"]
         base = load_preset(preset)
         for key, value in conf.items():
-            if key in APP_KEYS + SESSION_KEYS or key in MONAI_KEYS:
+            if key in APP_KEYS + SESSION_KEYS + UPLOAD_KEYS or key in MONAI_KEYS:
                 continue
             if "." in key or key in base:
                 overrides[key] = parse_value(value) if isinstance(value, str) else value
             else:
-                logger.warning("-c %s: not an app option (%s) nor a setting of preset %r; ignored", key, ", ".join(APP_KEYS + SESSION_KEYS), preset)
+                logger.warning("-c %s: not an app option (%s) nor a setting of preset %r; ignored", key,
+                               ", ".join(APP_KEYS + SESSION_KEYS + UPLOAD_KEYS), preset)
         settings = load_preset(preset, overrides)
         labels, source = resolve_labels(conf.get("labels"), studies, settings)
         warm = str(conf.get("warm_embeddings", "true")).strip().lower() not in ("0", "false", "no", "off")
@@ -125,8 +140,18 @@ class AppConfig:
             labels_source=source, overrides=overrides, warm_embeddings=warm, settings=settings,
             session_max_unpacked_mb=_positive_int(conf, "session_max_unpacked_mb", DEFAULT_SESSION_MAX_UNPACKED_MB),
             session_max_files=_positive_int(conf, "session_max_files", DEFAULT_SESSION_MAX_FILES),
+            max_volume_mb=_positive_int(conf, "max_volume_mb", DEFAULT_MAX_VOLUME_MB),
             storage_retry_seconds=_positive_seconds(conf.get("storage_retry_seconds", DEFAULT_STORAGE_RETRY_SECONDS)),
         )
+
+    def request_limits(self) -> dict[str, int]:
+        """Request body caps in bytes: ``session`` (PUT /session/), ``upload`` (any other multipart
+        body: an image, a label), ``json`` (everything else)."""
+        return {
+            "session": (self.session_max_unpacked_mb + BODY_HEADROOM_MB) << 20,
+            "upload": (self.max_volume_mb + BODY_HEADROOM_MB) << 20,
+            "json": JSON_BODY_LIMIT,
+        }
 
     @property
     def state_dir(self) -> Path:

@@ -9,8 +9,10 @@ are read (``lib.validation`` answers each refusal with a 422).
   cut off by rewriting the file: a stored label stays byte for byte what the client sent (the
   bank's manifest records its checksum) and a save costs no re-encoding.
 * **Decompression bombs.** The header's voxel count is checked first, against the image's (labels)
-  or a budget (images); compressed data is then decoded in bounded pieces, never beyond the size
-  the header announces plus one byte (to notice more), and only labels keep what is decoded.
+  or a budget (images and /infer uploads: voxels, and bytes of voxel data, ``-c max_volume_mb``);
+  compressed data is then decoded in bounded pieces, never beyond the size the header announces
+  plus one byte (to notice more), and only labels keep what is decoded. A 2.5 MB ``.nii.gz`` whose
+  header announces 2.5 GB is refused from its header, before a byte of it is decompressed.
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ GZIP_TAIL_BYTES = 64
 COMPRESSED_NRRD = {"gzip": "gzip", "gz": "gzip", "bzip2": "bz2", "bz2": "bz2"}
 
 
+class TooLarge(VolumeError):
+    """The file announces more voxel data than the server's budget (413, not 422: the file may be fine)."""
+
+
 # ------------------------------------------------------------------ geometry
 
 
@@ -61,19 +67,30 @@ def disagreeing_geometry(header: nib.Nifti1Header) -> str | None:
 # ------------------------------------------------------------------ sizes and trailing data
 
 
-def check_before_reading(path: str, nifti: nib.Nifti1Image | None, what: str, max_voxels: int, limit: str) -> None:
-    """Voxel count within ``max_voxels`` (``limit`` says whose), and the file ends with its voxels,
-    without keeping what is decoded. ``nifti``: the file loaded by nibabel (header only), None for NRRD."""
+def check_before_reading(path: str, nifti: nib.Nifti1Image | None, what: str, max_voxels: int, limit: str,
+                         max_bytes: int | None = None) -> None:
+    """Voxel count within ``max_voxels`` (``limit`` says whose) and voxel data within ``max_bytes``
+    (``TooLarge`` otherwise), both from the header, then the file ends with its voxels, without
+    keeping what is decoded. ``nifti``: the file loaded by nibabel (header only), None for NRRD."""
     if nifti is not None:
-        _check_voxels(int(np.prod(nifti.dataobj.shape, dtype=np.int64)), max_voxels, what, limit)
+        proxy = nifti.dataobj
+        _check_voxels(int(np.prod(proxy.shape, dtype=np.int64)), proxy.dtype.itemsize, max_voxels, max_bytes, what, limit)
         nifti_bytes(path, nifti, what, keep=False)
     else:
-        check_nrrd(path, what, max_voxels, limit)
+        check_nrrd(path, what, max_voxels, limit, max_bytes)
 
 
-def _check_voxels(count: int, max_voxels: int, what: str, limit: str) -> None:
+def _check_voxels(count: int, itemsize: int, max_voxels: int, max_bytes: int | None, what: str, limit: str) -> None:
+    if max_bytes is not None and count * itemsize > max_bytes:
+        raise TooLarge(
+            f"{what}: its header announces {count} voxels, {count * itemsize / 2**20:.0f} MB of voxel data once "
+            f"decompressed, more than this server accepts ({max_bytes / 2**20:.0f} MB, -c max_volume_mb); "
+            "nothing was decompressed"
+        )
     if count > max_voxels:
-        raise VolumeError(f"{what}: its header announces {count} voxels, more than {limit} ({max_voxels})")
+        # Over a budget (an image): 413. Over its image's voxels (a label): it does not fit, 422.
+        kind = TooLarge if max_bytes is not None else VolumeError
+        raise kind(f"{what}: its header announces {count} voxels, more than {limit} ({max_voxels})")
 
 
 def nifti_bytes(path: str, nifti: nib.Nifti1Image, what: str, keep: bool) -> bytearray | None:
@@ -102,7 +119,7 @@ def nifti_voxels(data: bytearray, nifti: nib.Nifti1Image) -> np.ndarray:
     return apply_read_scaling(raw.reshape(proxy.shape, order=proxy.order), proxy.slope, proxy.inter)
 
 
-def check_nrrd(path: str, what: str, max_voxels: int, limit: str) -> None:
+def check_nrrd(path: str, what: str, max_voxels: int, limit: str, max_bytes: int | None = None) -> None:
     """An NRRD upload's header: its own data (no detached data file: it would name another file on
     the server), at most ``max_voxels``; compressed data must decode to exactly its voxels (pynrrd
     decodes a gzip or bzip2 stream whole, however large). Raw data of another size is refused by
@@ -119,7 +136,7 @@ def check_nrrd(path: str, what: str, max_voxels: int, limit: str) -> None:
         if "data file" in header or "datafile" in header:
             raise VolumeError(f"{what}: its voxels are in a separate data file; upload an NRRD that holds its voxels (.nrrd, not .nhdr)")
         count = int(np.prod([int(s) for s in header["sizes"]], dtype=np.int64))
-        _check_voxels(count, max_voxels, what, limit)
+        _check_voxels(count, dtype.itemsize, max_voxels, max_bytes, what, limit)
         kind = COMPRESSED_NRRD.get(str(header.get("encoding", "raw")).lower())
         if kind is None:
             return

@@ -51,7 +51,7 @@ def slicer_label_info(params: Mapping[str, Any]) -> list[str] | None:
     info = params.get("label_info")
     if not isinstance(info, list) or not info:
         return None
-    if not all(isinstance(e, dict) and isinstance(e.get("name"), str) and "idx" in e for e in info):
+    if not all(_is_slicer(e) for e in info):
         return None
     return [e["name"] for e in info]
 
@@ -61,7 +61,7 @@ def ohif_label_info(params: Mapping[str, Any]) -> dict[int, str] | None:
     info = params.get("label_info")
     if not isinstance(info, list) or not info:
         return None
-    if not all(isinstance(e, dict) and isinstance(e.get("name"), str) and type(e.get("segmentIndex")) is int for e in info):
+    if not _all_ohif(info):
         return None
     out: dict[int, str] = {}
     for e in info:
@@ -78,8 +78,38 @@ Segments = Sequence[str] | Mapping[int, str]  # names in export order (Slicer) o
 
 
 def client_segments(params: Mapping[str, Any]) -> Segments | None:
-    """The segment names a client sent with a label, if it numbered the segments its own way."""
-    return slicer_label_info(params) or ohif_label_info(params)
+    """The segment names a client sent with a label, if it numbered the segments its own way.
+
+    A ``label_info`` that is neither Slicer's nor OHIF's list of segments is refused (422): the
+    label's values cannot then be read unambiguously, and storing it as it is would guess."""
+    info = params.get("label_info")
+    if info is None:
+        return None
+    if not isinstance(info, list):
+        raise HTTPException(422, f"label_info must be a list of segments ({LABEL_INFO_FORMS}), not {type(info).__name__}")
+    if not info:
+        return None
+    segments = slicer_label_info(params) or ohif_label_info(params)
+    if segments is None and not _all_ohif(info):  # OHIF's list may hold only background: nothing to map
+        bad = next((n, e) for n, e in enumerate(info) if not (_is_slicer(e) or _is_ohif(e)))
+        shown = repr(bad[1]) if len(repr(bad[1])) <= 80 else repr(bad[1])[:77] + "..."
+        raise HTTPException(422, f"label_info entry {bad[0]} is not a segment ({LABEL_INFO_FORMS}): {shown}")
+    return segments
+
+
+LABEL_INFO_FORMS = '3D Slicer sends {"name": ..., "idx": ...}, OHIF {"name": ..., "segmentIndex": ...}'
+
+
+def _is_slicer(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("name"), str) and "idx" in entry
+
+
+def _is_ohif(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("name"), str) and type(entry.get("segmentIndex")) is int
+
+
+def _all_ohif(info: list) -> bool:
+    return all(_is_ohif(e) for e in info)
 
 
 def segment_value_map(names: Segments, label_map: Mapping[str, int], configured: bool) -> tuple[dict[int, int], dict[int, str]]:

@@ -57,11 +57,23 @@ BATCH_DEFAULTS = inspect.signature(batch_ep.api_run).parameters["params"].defaul
 router = APIRouter(prefix=settings.MONAI_LABEL_API_STR)
 
 
+# Stock handlers name a temporary file tmpXXXXXXXX<suffixes of the upload's name>: what fits a file name
+# (a DICOM UID of 64 characters with .nii.gz does).
+MAX_SUFFIX_BYTES = 200
+
+
 def _check_file_name(upload: UploadFile, what: str) -> None:
-    """Stock handlers log an upload's name and make a temporary file's suffix from it."""
+    """Stock handlers log an upload's name and make a temporary file's suffix from all its
+    suffixes (``a.b.c.nii.gz`` -> ``.b.c.nii.gz``): a name that would not fit a file name gave a 500."""
     name = upload.filename or ""
     if len(name) > MAX_ID_LENGTH:
         raise HTTPException(400, f"{what}'s file name is {len(name)} characters long; at most {MAX_ID_LENGTH} are accepted")
+    size = len(os.path.basename(name).encode("utf-8", "surrogatepass"))
+    if size > 255:
+        raise HTTPException(400, f"{what}'s file name is {size} bytes long in UTF-8; a file name holds at most 255")
+    suffixes = "".join(Path(name).suffixes).encode("utf-8", "surrogatepass")
+    if len(suffixes) > MAX_SUFFIX_BYTES:
+        raise HTTPException(400, f"{what}'s file name has {len(suffixes)} bytes of extensions; name it e.g. ID.nii.gz")
 
 
 def _upload_id(image: Optional[str], file: UploadFile) -> None:
@@ -200,6 +212,12 @@ def run_inference(
     if file:
         # Stored where only this request's inference may read it (see FewshotApp.check_infer_image).
         image = _store_upload(file)
+        try:
+            # A decompression bomb is refused from its header, before the engine reads a voxel.
+            app.check_upload(image, "the uploaded image")
+        except BaseException:
+            os.unlink(image)
+            raise
         names[image] = "the uploaded image"
         app.register_upload(image)
         background_tasks.add_task(app.forget_upload, image)
@@ -211,6 +229,8 @@ def run_inference(
         if not session:
             raise HTTPException(404, f"unknown session {session_id!r}: create it with PUT /session/")
         names[session.image] = f"the image of session {session_id!r}"
+        if os.path.isfile(session.image) and volume_suffix(session.image):  # a DICOM series is a folder
+            app.check_upload(session.image, names[session.image])
     elif image:
         app.check_infer_image(image)
         names[image if os.path.isabs(image) else app.datastore().get_image_uri(image)] = f"image {quoted(image)}"
@@ -274,6 +294,11 @@ def sample(strategy: str, params: Optional[dict] = None, user: User = Depends(RB
     if strategy not in strategies:
         raise HTTPException(404, f"no strategy {quoted(strategy)} in this app; it has {sorted(strategies)}")
     check_client_json(params or {}, "params")
+    # The stock handler lets params' "strategy" override the one in the path (500 when unknown).
+    other = (params or {}).get("strategy", strategy)
+    if other != strategy:
+        shown = quoted(other) if isinstance(other, str) else repr(other)[:60]
+        raise HTTPException(400, f"params name strategy {shown}, the path {quoted(strategy)}: leave 'strategy' out of params")
     return activelearning_ep.sample(strategy, params, user.username)
 
 
@@ -321,11 +346,92 @@ def _receive(upload: UploadFile, folder: str, index: int) -> str:
     return path
 
 
-def install(fastapi_app) -> None:
-    """Put these routes in front of MONAI Label's (replacing ours from an earlier app instance)."""
+# ------------------------------------------------------------------ request bodies
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware around the whole server: a request body over its cap gets 413 before it is
+    read when it says its length (Content-Length), or as soon as it passes the cap (chunked), so an
+    upload can neither fill the temporary folder nor hold memory. Caps (``limits``, bytes):
+    ``session`` for PUT /session/, ``upload`` for other multipart bodies, ``json`` for the rest."""
+
+    def __init__(self, app, limits: dict[str, int]):
+        self.app = app
+        self.limits = dict(limits)
+
+    def limit_for(self, scope) -> tuple[int, str]:
+        path = scope.get("path", "")
+        headers = dict(scope.get("headers") or [])
+        if path.rstrip("/").endswith("/session"):
+            return self.limits["session"], "-c session_max_unpacked_mb"
+        if headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
+            return self.limits["upload"], "-c max_volume_mb"
+        return self.limits["json"], "a request without an upload"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, knob = self.limit_for(scope)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > limit:
+            logger.warning("%s %s refused: a %d-byte body, over the %d-byte cap", scope.get("method"), scope.get("path"), int(length), limit)
+            return await _too_large(send, limit, knob)
+        state = {"received": 0, "over": False, "started": False}
+
+        async def counted_receive():
+            message = await receive()
+            if message.get("type") == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > limit:
+                    state["over"] = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            if state["over"]:
+                return  # the app's answer to the aborted body (a 500); ours goes instead
+            state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"] and not state["started"]:
+            logger.warning("%s %s refused: its body passed the %d-byte cap", scope.get("method"), scope.get("path"), limit)
+            await _too_large(send, limit, knob)
+
+
+async def _too_large(send, limit: int, knob: str) -> None:
+    body = json.dumps({"detail": f"the request body is larger than this server accepts ({limit >> 20} MB; {knob}); "
+                                 "nothing was stored"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def install(fastapi_app, limits: dict[str, int] | None = None) -> None:
+    """Put these routes in front of MONAI Label's (replacing ours from an earlier app instance), and
+    the body caps around the whole server (the server has started: its middleware stack is built)."""
     ours = list(router.routes)
     for route in ours:
         setattr(route, MARK, True)
     routes = fastapi_app.router.routes
     routes[:] = ours + [r for r in routes if not getattr(r, MARK, False)]
     logger.info("app routes in front of MONAI Label's: %s", ", ".join(sorted({f"{m} {r.path}" for r in ours for m in r.methods})))
+    if limits:
+        stack = fastapi_app.middleware_stack or fastapi_app.build_middleware_stack()
+        if isinstance(stack, BodyLimit):
+            stack.limits = dict(limits)  # POST /reload: new caps, one wrapper
+        else:
+            fastapi_app.middleware_stack = BodyLimit(stack, limits)
+        logger.info("request bodies capped at %s", ", ".join(f"{k} {v >> 20} MB" if v >= 1 << 20 else f"{k} {v} bytes"
+                                                              for k, v in limits.items()))

@@ -7,10 +7,13 @@ Every rejection is an ``HTTPException`` with a 4xx status and a message a user c
   longer than the datastore and the log should keep (see ``check_client_json``);
 * 404: an image id the datastore does not have;
 * 415: an upload whose file type is not a volume format the datastore stores;
-* 422: an upload of the right type that cannot be used: unreadable or not 3D, a label whose shape
-  or affine differs from its image, non-integer values, values outside the configured labels, and
-  what ``lib.file_checks`` finds (sform and qform that disagree, data after the voxels, more voxels
-  than the header's or the image's).
+* 413: an image (stored, or uploaded to ``/infer``) whose header announces more voxel data than
+  the server's budget (``-c max_volume_mb``), refused before it is decompressed;
+* 422: an upload of the right type that cannot be used: unreadable or not 3D, complex or RGB
+  voxels, a label whose shape or affine differs from its image, non-integer values, values outside
+  the configured labels, a ``label_info`` that is not a list of segments, and what
+  ``lib.file_checks`` finds (sform and qform that disagree, data after the voxels, more voxels than
+  the header's or the image's).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from fewshot.volume import check_label_geometry, label_nifti, Volume, VolumeError, read_label, read_volume, validate_label_values
-from lib.file_checks import MAX_VOXELS, check_before_reading, disagreeing_geometry, nifti_bytes, nifti_voxels
+from lib.app_config import DEFAULT_MAX_VOLUME_MB
+from lib.file_checks import MAX_VOXELS, TooLarge, check_before_reading, disagreeing_geometry, nifti_bytes, nifti_voxels
 from lib.labels import Segments, value_table
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,12 @@ logger = logging.getLogger(__name__)
 # stored in the index by every /activelearning request and logged several times over. Ids, names
 # and keys: a file name's length.
 MAX_ID_LENGTH = 255
+# An image id becomes file names: ``<id>.nii.gz`` for the image and each of its labels. A file name
+# holds at most 255 bytes (ext4, xfs, btrfs, tmpfs), so an id may take 255 - len(".nii.gz") bytes in
+# UTF-8 (120 x "é" is 240 bytes); every other name derived from it (temporary files, bank shards) is
+# shortened to fit.
+MAX_ID_BYTES = 255 - len(".nii.gz")
+MAX_JSON_DEPTH = 32  # nesting of one params/info value: enough for any client, far below Python's recursion limit
 MAX_TEXT_LENGTH = 4096  # any other string value (a note in an image's info)
 MAX_JSON_BYTES = 64 * 1024  # one params/info field, and all the info kept for one image or label
 NAME_KEYS = ("client_id", "name")  # their values are ids or names (a label's name in label_info)
@@ -60,6 +70,9 @@ def check_id(value, what: str = "image id") -> str:
         problems.append("starts with '.'")
     if len(value) > MAX_ID_LENGTH:
         problems.append(f"is longer than {MAX_ID_LENGTH} characters")
+    elif what == "image id" and len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        problems.append(f"is {len(value.encode('utf-8', 'surrogatepass'))} bytes long in UTF-8, more than the {MAX_ID_BYTES} "
+                        "that leave room for its file extension in a file name (255 bytes)")
     if any(ord(c) < 32 for c in value):
         problems.append("contains control characters")
     if what == "image id" and any(s in value.lower() for s in (".nii", ".nrrd")):
@@ -92,14 +105,17 @@ def parse_json_object(text: Any, what: str) -> dict:
             value = json.loads(text)
         except (TypeError, ValueError, RecursionError) as exc:
             raise HTTPException(400, f"{what} is not valid JSON ({exc}); send a JSON object, e.g. {{}}") from None
+    check_depth(value, what)
     check_info(value, what)
     return check_client_json(value, what)
 
 
 def check_client_json(value: Any, what: str) -> Any:
     """A client's JSON (params, info, a request body) that MONAI Label logs or the datastore stores:
-    at most MAX_JSON_BYTES, keys and names (``client_id``, ``name``) at most MAX_ID_LENGTH
-    characters, other strings at most MAX_TEXT_LENGTH."""
+    at most MAX_JSON_DEPTH levels deep (checked first: deeper values break code that walks them
+    recursively), at most MAX_JSON_BYTES, keys and names (``client_id``, ``name``) at most
+    MAX_ID_LENGTH characters, other strings at most MAX_TEXT_LENGTH."""
+    check_depth(value, what)
     size = len(json.dumps(value, default=str))
     if size > MAX_JSON_BYTES:
         raise HTTPException(400, f"{what} is {size} bytes of JSON; at most {MAX_JSON_BYTES} are accepted")
@@ -121,6 +137,17 @@ def check_client_json(value: Any, what: str) -> Any:
                 raise HTTPException(400, f"{what}: {key!r} is {len(item)} characters long; at most {limit} are accepted "
                                          f"{'for an id or a name' if key in NAME_KEYS else 'for a text value'}")
     return value
+
+
+def check_depth(value: Any, what: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """400 when objects and lists nest deeper than ``limit`` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else ()
+        if children and depth > limit:
+            raise HTTPException(400, f"{what} nests objects or lists more than {limit} levels deep; send a flatter JSON value")
+        stack.extend((child, depth + 1) for child in children)
 
 
 def check_info(value: Any, what: str, reserved: Sequence[str] = ()) -> dict:
@@ -204,10 +231,12 @@ class UploadValidator:
         allowed_values: Callable[[], Sequence[int] | None],
         label_map: Callable[[], dict[str, int]] = dict,
         cache_size: int = 2,
+        max_volume_bytes: int = DEFAULT_MAX_VOLUME_MB << 20,
     ):
         self.allowed_values = allowed_values
         self.label_map = label_map
         self.cache_size = cache_size
+        self.max_volume_bytes = int(max_volume_bytes)
         self._images: OrderedDict[tuple, Volume] = OrderedDict()
         self._geometries: OrderedDict[tuple, tuple] = OrderedDict()
         self._lock = threading.Lock()
@@ -283,6 +312,12 @@ class UploadValidator:
         disagreement = disagreeing_geometry(img.header)
         if disagreement:
             raise HTTPException(422, f"{what}: {disagreement}")
+        dtype = img.get_data_dtype()
+        if dtype.kind not in "biuf":
+            # Readers keep the real part of complex voxels (numpy warns, nothing else does) and
+            # split RGB ones: what would be stored or segmented is not what the file holds.
+            kind = "complex" if dtype.kind == "c" else "RGB or structured" if dtype.fields else str(dtype)
+            raise HTTPException(422, f"{what} holds {kind} voxels ({dtype}); send real numbers (a label: integer values)")
         return img
 
     def check_label(self, image_id: str, image_path: str, upload_path: str, segment_names: Segments | None = None) -> str:
@@ -315,12 +350,23 @@ class UploadValidator:
             raise HTTPException(422, str(exc)) from None
         return upload_path if table is None else rewrite_values(upload_path, table)
 
+    def check_volume(self, upload_path: str, what: str = "the uploaded image") -> None:
+        """An uploaded image, from its header and without keeping its voxels: a volume format,
+        real voxel values, within the budget (413, before anything is decompressed), and nothing
+        after its voxels."""
+        img = self.check_type(upload_path, what)
+        try:
+            check_before_reading(upload_path, img, what, MAX_VOXELS, "this server accepts for an image", self.max_volume_bytes)
+        except TooLarge as exc:
+            raise HTTPException(413, _clean(str(exc), upload_path, what)) from None
+        except VolumeError as exc:
+            raise HTTPException(422, _clean(str(exc), upload_path, what)) from None
+
     def check_image(self, upload_path: str, final_label: str | None = None) -> None:
         """``final_label``: the label of the image this upload replaces; it must still fit."""
         what = "the uploaded image"
-        img = self.check_type(upload_path, what)
+        self.check_volume(upload_path, what)
         try:
-            check_before_reading(upload_path, img, what, MAX_VOXELS, "this server accepts for an image")
             volume = read_volume(upload_path)
         except VolumeError as exc:
             raise HTTPException(422, _clean(str(exc), upload_path, what)) from None

@@ -63,6 +63,17 @@ def write_nrrd(path: str, label: np.ndarray, affine: np.ndarray, dtype, compress
     nrrd.write(path, np.ascontiguousarray(label).astype(dtype), header, index_order="F")
 
 
+def _latencies(pre: float, infer: float, post: float, write: float, total: float) -> dict:
+    parts = {"pre": round(pre, 3), "infer": round(infer, 3), "invert": 0.0, "post": round(post, 3), "write": round(write, 3)}
+    total = round(max(total, sum(parts.values())), 3)
+    return dict(parts, other=round(total - sum(parts.values()), 3), total=total, transform=None)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _as_bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -150,27 +161,35 @@ class FewshotSam2(InferTask):
 
     @staticmethod
     def requested_labels(request: Dict[str, Any]) -> list[str] | None:
+        """``labels``: names or values as a list, a comma-separated string, or /info's name -> value
+        object (clients echo it); anything else is a 400 before any work."""
         labels = request.get("labels")
-        if not labels:
+        if labels is None or labels == "" or labels == [] or labels == {}:
             return None
         if isinstance(labels, str):
             names = [s.strip() for s in labels.split(",") if s.strip()]
         elif isinstance(labels, dict):
             names = [str(k) for k in labels]
-        else:
+        elif isinstance(labels, list) and all(isinstance(v, str) or (type(v) is int and v >= 0) for v in labels):
             names = [str(v) for v in labels]
+        else:
+            raise HTTPException(400, f"labels must be a list of label names or values, a comma-separated string or "
+                                     f"/info's name -> value object, not {type(labels).__name__} {_short(labels)}")
         # Clients echo the /info labels, background included; it is not a structure to segment.
         return [n for n in names if n != BACKGROUND] or None
 
     def result_format(self, request: Dict[str, Any]) -> ResultFormat:
         """Checked before any work: a request for a format we cannot write fails at once."""
-        ext = request.get("result_extension") or ".nii.gz"
+        # Absent, null or "": the default. Anything else must be one of the names ([] is not "none").
+        ext = request.get("result_extension")
+        ext = ".nii.gz" if ext is None or ext == "" else ext
         if not isinstance(ext, str) or ext.lower() not in RESULT_EXTENSIONS:
-            raise HTTPException(400, f"result_extension {ext!r} is not supported; use one of {', '.join(RESULT_EXTENSIONS)}")
-        dtype = request.get("result_dtype") or None
+            raise HTTPException(400, f"result_extension {_short(ext)} is not supported; use one of {', '.join(RESULT_EXTENSIONS)}")
+        dtype = request.get("result_dtype")
+        dtype = None if dtype is None or dtype == "" else dtype
         if dtype is not None:
-            if str(dtype) not in RESULT_DTYPES:
-                raise HTTPException(400, f"result_dtype {dtype!r} is not supported; use one of {', '.join(RESULT_DTYPES)}")
+            if not isinstance(dtype, str) or dtype not in RESULT_DTYPES:
+                raise HTTPException(400, f"result_dtype {_short(dtype)} is not supported; use one of {', '.join(RESULT_DTYPES)}")
             top = max(self.host.label_map().values(), default=0)
             if top > np.iinfo(np.dtype(str(dtype))).max:
                 raise HTTPException(400, f"result_dtype {dtype} cannot hold label value {top}")
@@ -232,10 +251,9 @@ class FewshotSam2(InferTask):
             "preset": self.host.config.preset,
             "provenance": summary["provenance"],
             "timings": timings,
-            "latencies": {
-                "pre": round(pre, 3), "infer": round(infer, 3), "invert": 0.0, "post": round(post, 3),
-                "write": round(write, 3), "total": round(total, 3), "transform": None,
-            },
+            # One clock (time.perf_counter) for all: pre + infer + post + write + other = total, where
+            # other is what this request spent outside the engine (waiting for the bank, packing).
+            "latencies": _latencies(pre, infer, post, write, total),
         }
         logger.info(
             "fewshot_sam2: %s -> %s%s in %.2f s", request["image"], summary["labels"] or "nothing",
