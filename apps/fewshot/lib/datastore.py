@@ -54,8 +54,14 @@ REWRITE_SETTLE_SECONDS = 1.0
 STALE_TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 
 
+TMP_NAME_BYTES = 255 - len("..") - 32 - len(".tmp")  # what of a file's name its temporary sibling keeps
+
+
 def _tmp_beside(path: str) -> str:
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    """A temporary name beside ``path`` that fits a file name (255 bytes) whatever the length of
+    ``path``'s own name (an image id may take 248 bytes)."""
+    name = os.path.basename(path).encode("utf-8", "surrogatepass")[:TMP_NAME_BYTES].decode("utf-8", "ignore")
+    return os.path.join(os.path.dirname(path), f".{name or 'file'}.{uuid.uuid4().hex}.tmp")
 
 
 def _atomic_copy(src: str, dest: str) -> None:
@@ -68,6 +74,26 @@ def _atomic_copy(src: str, dest: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _keep_aside(path: str, aside: str) -> None:
+    """A second name for ``path`` while it is replaced: a hard link (no copy, and the rename that
+    replaces ``path`` stays atomic), or a copy where the file system has no hard links."""
+    try:
+        os.link(path, aside)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        shutil.copy2(path, aside)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.error("could not remove %s: %s", path, exc)
 
 
 def file_signature(path: str | None) -> tuple | None:
@@ -85,10 +111,30 @@ STORAGE_REASONS = {
 }
 
 
-def storage_error(exc: OSError, what: str) -> HTTPException:
-    """A write the datastore's disk refused, for the client: 507 with the reason, never a server path."""
+def storage_error(exc: OSError, what: str, root: str | None = None) -> HTTPException:
+    """A write the datastore's disk refused, for the client: 507 with the reason and which part of
+    the datastore (``root``) could not be written, never a server path. Logged with the path."""
     reason = STORAGE_REASONS.get(exc.errno) or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
-    return HTTPException(507, f"{what}: {reason}; nothing was changed, try again once the server's disk is writable")
+    where = _datastore_part(exc, root)
+    logger.error("%s: %s%s (%s)", what, f"cannot write {where}: " if where else "", reason, exc)
+    return HTTPException(507, f"{what}: {f'cannot write {where}: ' if where else ''}{reason}; nothing was changed, "
+                              "try again once the server's disk is writable")
+
+
+def _datastore_part(exc: OSError, root: str | None) -> str | None:
+    """The datastore folder or file a failed write was aimed at, as a client may be told it."""
+    name = exc.filename or exc.filename2
+    if not name or not root:
+        return None
+    rel = os.path.relpath(os.path.abspath(os.fsdecode(name)), os.path.abspath(root))
+    if rel == ".." or rel.startswith(".." + os.sep):
+        return None
+    folder, base = os.path.split(rel)
+    if "datastore_v2.json" in base:
+        return "the datastore's index (datastore_v2.json)"
+    if base == ".lock" and not folder:
+        return "the datastore's lock file (.lock)"
+    return f"{folder}/" if folder else "the datastore folder"
 
 
 def changed_meanwhile(what: str) -> HTTPException:
@@ -127,7 +173,7 @@ class AtomicIndexMixin:
                 lock = FileLock(self._lock_file)
                 lock.acquire()
             except OSError as exc:
-                raise storage_error(exc, what) from exc
+                raise storage_error(exc, what, self._datastore_path) from exc
             try:
                 self._reload_index()
                 yield
@@ -176,10 +222,53 @@ class AtomicIndexMixin:
         path = self._datastore_config_path
         if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
             ts = os.stat(path).st_mtime
-            with open(path) as fp:
-                model = LocalDatastoreModel.model_validate_json(fp.read())
+            model = self._read_index_file(path)
+            if model is None:  # damaged and set aside: the index in memory is written back by the caller
+                return
             model.base_path = self._datastore_path
             self._datastore, self._config_ts = model, ts
+
+    def _init_from_datastore_file(self, throw_exception=False):
+        """Stock version, guarded, and tolerant of a damaged index: at start-up a garbage
+        ``datastore_v2.json`` stopped the server. It is set aside and the index rebuilt from the
+        files on disk (``_reconcile_datastore``, which runs next at start-up)."""
+        with self._guard, FileLock(self._lock_file):
+            self._reload_index()
+
+    @property
+    def _may_repair_index(self) -> bool:
+        """Only the live server renames a damaged index (not a MONAI Label background task's copy)."""
+        return bool(self.__dict__.get("_repair_index", self.__dict__.get("live", False)))
+
+    def _read_index_file(self, path: str) -> LocalDatastoreModel | None:
+        """The index on disk, or None when it cannot be read as one (then kept aside as
+        ``datastore_v2.json.damaged-<time>`` and said in the log): the in-memory index, rebuilt
+        from the files on disk, replaces it at the next write."""
+        try:
+            with open(path) as fp:
+                return LocalDatastoreModel.model_validate_json(fp.read())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError) as exc:
+            problem = " ".join(str(exc).split())[:300]
+        aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not self._may_repair_index:
+            logger.error("datastore index %s is damaged (%s); left as it is in this process", path, problem)
+            self._config_ts = os.stat(path).st_mtime  # do not read it again until it changes
+            return None
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            logger.error("datastore index %s is damaged (%s) and cannot be set aside (%s); it is rebuilt in memory", path, problem, exc)
+            self._config_ts = os.stat(path).st_mtime
+            return None
+        logger.warning(
+            "datastore index %s is damaged (%s): kept aside as %s; the index is rebuilt from the image and label "
+            "files on disk (the info it held, such as client ids and strategy times, is not)", path, problem, aside,
+        )
+        self._config_ts = 0
+        self._index_rebuilt = aside
+        return None
 
     def _remove_other_extensions(self, folder: str, image_id: str, keep: str) -> None:
         """A file saved before under another extension would shadow or duplicate the new one."""
@@ -210,34 +299,43 @@ class AtomicIndexMixin:
             # The label files this save replaces (any format), kept aside until the index is written.
             old = [os.path.join(label_dir, self._filename(image_id, e)) for e in VOLUME_SUFFIXES]
             kept: list[tuple[str, str]] = []
+            wrote = False  # dest holds this upload: only then may an undo remove it
             try:
                 os.makedirs(label_dir, exist_ok=True)
                 for path in old:
                     if os.path.exists(path):
                         aside = _tmp_beside(path)
-                        os.link(path, aside)  # a second name, no copy: the rename below stays atomic
+                        _keep_aside(path, aside)
                         kept.append((aside, path))
                 _atomic_copy(src, dest)
+                wrote = True
                 self._remove_other_extensions(label_dir, image_id, ext)
                 obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
                 self._update_datastore_file(lock=False)
             except OSError as exc:
-                self._restore(obj, tag, before, dest, kept)
-                raise storage_error(exc, f"the {tag!r} label of {image_id!r} could not be stored") from exc
+                self._restore(obj, tag, before, dest if wrote else None, kept)
+                raise storage_error(exc, f"the {tag!r} label of {image_id!r} could not be stored", self._datastore_path) from exc
             for aside, _ in kept:
-                os.unlink(aside)
+                _remove_quietly(aside)
         return name
 
-    def _restore(self, obj: ImageLabelModel, tag: str, before: DataModel | None, dest: str, kept: list[tuple[str, str]]) -> None:
-        """Undo a label write whose index update failed: the previous files and index entry."""
+    def _restore(self, obj: ImageLabelModel, tag: str, before: DataModel | None, written: str | None,
+                 kept: list[tuple[str, str]]) -> None:
+        """Undo a label write that failed part-way: the previous files and index entry. ``written``:
+        the file this save wrote, if it got that far (a file it did not write is never removed: a
+        link refused before the copy once made the undo delete the label it was to keep). Logged,
+        never raised: the caller answers with the first error."""
         if before is None:
             obj.labels.pop(tag, None)
         else:
             obj.labels[tag] = before
-        if not any(path == dest for _, path in kept) and os.path.exists(dest):
-            os.unlink(dest)
+        if written is not None and not any(path == written for _, path in kept) and os.path.exists(written):
+            _remove_quietly(written)
         for aside, path in kept:
-            os.replace(aside, path)
+            try:
+                os.replace(aside, path)
+            except OSError as exc:
+                logger.error("could not put %s back from %s: %s", path, aside, exc)
 
     def _record_image(self, image_id: str, ext: str, info: dict) -> bool:
         """The image's index entry, its labels kept (stock add_image starts a replaced image with no
@@ -251,7 +349,7 @@ class AtomicIndexMixin:
 
 # Stock methods that read or rebuild the in-memory index, run under the guard (see ``_guard``).
 GUARDED = (
-    "_reconcile_datastore", "_init_from_datastore_file", "datalist", "get_labeled_images", "get_unlabeled_images",
+    "_reconcile_datastore", "datalist", "get_labeled_images", "get_unlabeled_images",
     "list_images", "json", "status", "update_image_info", "update_label_info", "get_dataset_archive",
 )
 
@@ -278,7 +376,10 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
         self.validator = validator
         self.listener = listener
         self.watcher: WatcherSupervisor | None = None
+        self._repair_index = clean_tmp
         super().__init__(datastore_path, **kwargs)
+        if getattr(self, "_index_rebuilt", None) and not os.path.exists(self._datastore_config_path):
+            self._update_datastore_file()  # the rebuilt index on disk at once, not at the first save
         if getattr(self, "_observer", None) is not None:
             # Renames are how the index is now written (a background task's process records e.g.
             # original labels that way) and how most tools replace a file: stock code ignores them.
@@ -347,7 +448,7 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
                     obj.labels[label_tag] = before
                 if os.path.exists(aside):
                     os.replace(aside, path)
-                raise storage_error(exc, f"the {label_tag!r} label of {label_id!r} could not be removed") from exc
+                raise storage_error(exc, f"the {label_tag!r} label of {label_id!r} could not be removed", self._datastore_path) from exc
             os.unlink(aside)
         if label_tag == FINAL:
             self.listener.final_label_removed(label_id)
@@ -382,7 +483,7 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
                 self._remove_other_extensions(self._datastore.image_path(), image_id, ext)
                 replaced = self._record_image(image_id, ext, info)
             except OSError as exc:
-                raise storage_error(exc, f"image {image_id!r} could not be stored") from exc
+                raise storage_error(exc, f"image {image_id!r} could not be stored", self._datastore_path) from exc
         logger.info("%s image %r", "replaced" if replaced else "added", image_id)
         if final_label:
             # Its bank entries must follow the new voxels.
