@@ -36,16 +36,66 @@ def _settings(args) -> dict:
 
 
 def _engine(args, datastore: str, read_only: bool = False):
+    """The preset's engine and its bank. A writing command holds the bank directory it uses (see
+    ``fewshot.bank_holders``) until it ends, and never replaces a bank another process (a server)
+    holds: see ``choose_bank``."""
     from fewshot.config import parse_label_map
     from fewshot.pipeline import Engine
 
     settings = _settings(args)
-    bank_dir = getattr(args, "bank", None) or bank_dir_for(datastore, args.preset)
+    explicit = getattr(args, "bank", None)
+    shared = Path(explicit) if explicit else bank_dir_for(datastore, args.preset)
+    overridden = bool(args.overrides or args.device)
+    bank_dir = shared if read_only else (lambda fingerprint: choose_bank(shared, fingerprint, overridden, bool(explicit)))
     engine, report = Engine.from_settings(
         settings, bank_dir=bank_dir, models_dir=args.models_dir, label_names=parse_label_map(args.labels),
         read_only=read_only,
     )
     return engine, report
+
+
+def choose_bank(shared: Path, fingerprint: str, overridden: bool, explicit: bool) -> Path:
+    """The bank directory a writing run uses, held from here on.
+
+    The shared bank when it is absent or was built with the same settings. When it was built with
+    others: if another process holds it (a server), or this run's own ``--set``/``--device`` changed
+    the settings, a bank of this run's own beside it (``bank-<preset>-<digest>``, kept for the next
+    run with the same settings); otherwise it is a stale bank nobody uses and is rebuilt in place.
+    A ``--bank`` directory another process holds with other settings is refused."""
+    from fewshot import bank_holders
+    from fewshot.bank import BankError
+
+    recorded = bank_holders.recorded_fingerprint(shared)
+    if recorded is None or recorded == fingerprint:
+        return _hold(shared)
+    busy = bank_holders.used_elsewhere(shared)
+    if explicit:
+        if busy:
+            raise BankError(
+                f"support bank {shared} was built with other settings ({recorded}) and another process (a server?) is "
+                f"using it; this run needs {fingerprint}. Give --bank another directory, or run with the same settings."
+            )
+        return _hold(shared)
+    if not busy and not overridden:
+        return _hold(shared)  # stale for this preset: rebuilt in place, as a server starting now would
+    own = bank_holders.sibling(shared, fingerprint)
+    logger.warning(
+        "the shared support bank %s was built with other settings (%s)%s; this run uses a bank of its own, %s "
+        "(built from the final labels if needed), and leaves the shared one as it is",
+        shared, recorded or "unreadable manifest", ", and another process (a server?) is using it" if busy else "", own,
+    )
+    return _hold(own)
+
+
+_held: list[Path] = []  # bank directories this command holds; released when it ends (main)
+
+
+def _hold(directory: Path) -> Path:
+    from fewshot import bank_holders
+
+    bank_holders.hold(directory)
+    _held.append(directory)
+    return directory
 
 
 def _progress_bar(desc: str, unit: str = "slice"):

@@ -180,7 +180,7 @@ class Engine:
     def from_settings(
         cls,
         settings: Mapping,
-        bank_dir: str | os.PathLike | None = None,
+        bank_dir: str | os.PathLike | Callable[[str], str | os.PathLike] | None = None,
         models_dir: str | os.PathLike | None = None,
         label_names: Mapping[str, int] | None = None,
         read_only: bool = False,
@@ -195,9 +195,12 @@ class Engine:
 
         embedder, matcher, transfer = build_steps(settings, models_dir=models_dir)
         bank_settings = settings.get("bank", {})
+        fingerprint = cls.bank_fingerprint(settings, embedder, transfer)
+        if callable(bank_dir):  # chosen from the fingerprint (the CLI: the shared bank, or one of its own)
+            bank_dir = bank_dir(fingerprint)
         bank, report = SupportBank.open(
             bank_dir,
-            cls.bank_fingerprint(settings, embedder, transfer),
+            fingerprint,
             index_transform=embedder.index_transform,
             approximate_above=bank_settings.get("approximate_above", 20000),
             hnsw_m=bank_settings.get("hnsw_m", 32),

@@ -25,8 +25,6 @@ transfer step, on first use, and reused by every later call (the alpnet protocol
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import multiprocessing
 import time
@@ -358,8 +356,11 @@ class RegistrationTransfer:
         self.pool.close()
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.settings.result_affecting(), sort_keys=True).encode()).hexdigest()[:12]
-        return f"{FINGERPRINT_VERSION}-{digest}"
+        """What this step makes the bank store (``LabelTransfer.fingerprint``): nothing beyond the
+        canvas slices and masks. Its settings change how supports are registered and fused, never a
+        stored entry, so they are not part of it: a run with other fusion or 3D-consistency settings
+        shares the bank instead of rebuilding it under a server that uses it."""
+        return FINGERPRINT_VERSION
 
     def encode_supports(self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
         return {}  # registration works from the image and mask the bank already stores
