@@ -5,7 +5,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 logger = logging.getLogger("fewshot")
@@ -205,9 +207,30 @@ def main(argv: list[str] | None = None) -> int:
     from fewshot.volume import VolumeError
     from fewshot.weights import WeightsError
 
+    from fewshot.transfer import workers
+
+    def stop(signum, frame):
+        # The default action kills this process without exit handlers, leaving its registration
+        # workers behind: stop them, then exit as the signal would (status 128 + 15).
+        workers.terminate_all()
+        raise SystemExit(128 + signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
         return int(args.func(args) or 0)
     except (WeightsError, BankError, VolumeError, ConfigError, FileNotFoundError, ValueError,
             BatchError, ManifestError) as exc:  # InputError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        workers.terminate_all()
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        from fewshot import bank_holders
+
+        while _held:
+            bank_holders.release(_held.pop())
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -5,12 +5,19 @@ by ``close()`` or when the step is garbage-collected or the interpreter exits. W
 stop (killed, out of memory, or never started: under ``spawn`` a calling script without an
 ``if __name__ == "__main__":`` guard), the jobs left run in the calling process, and so do later
 calls: the pool is not restarted on every call.
+
+Workers never outlive the process that started them: a process killed by a signal runs no exit
+handlers (uvicorn re-raises SIGTERM after its graceful shutdown), so ``terminate_all()`` is called
+from the server's and the CLI's signal handlers, and each worker also exits by itself within a
+second of its parent's death (``kill -9`` included).
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
+import time
 import weakref
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -20,6 +27,37 @@ from typing import Callable, Hashable, Iterator, Mapping
 import SimpleITK as sitk
 
 logger = logging.getLogger(__name__)
+
+PARENT_CHECK_SECONDS = 1.0
+_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()  # pools with live workers, for terminate_all
+
+
+_stopping = threading.Event()  # set by terminate_all: the process is going away
+
+
+class WorkersStopped(RuntimeError):
+    """The process is stopping (a signal): the jobs left are not run here instead."""
+
+
+def terminate_all() -> int:
+    """Stop every worker process of this process's pools at once (signal handlers: no waiting for
+    the jobs they run); a call that was using them raises ``WorkersStopped`` instead of running its
+    jobs in this process. Returns how many were stopped."""
+    _stopping.set()
+    return sum(pool.terminate() for pool in list(_POOLS))
+
+
+def _start_worker(parent: int, initializer: Callable[[int], None], threads: int) -> None:
+    """Runs first in each worker: a thread that ends the worker once ``parent`` is gone, then the
+    step's own initializer."""
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_SECONDS)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="fewshot-parent-watch", daemon=True).start()
+    initializer(threads)
 
 
 class WorkerPool:
@@ -41,16 +79,36 @@ class WorkerPool:
             if self._pool is None and not self._failed:
                 self._pool = ProcessPoolExecutor(
                     self.workers, mp_context=multiprocessing.get_context(self.start_method),
-                    initializer=self.initializer, initargs=(self.threads_per_worker,),
+                    initializer=_start_worker, initargs=(os.getpid(), self.initializer, self.threads_per_worker),
                 )
                 # Runs on garbage collection or at interpreter exit, whichever comes first.
                 self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=True, cancel_futures=True)
+                _POOLS.add(self)
             return self._pool
+
+    def terminate(self) -> int:
+        """Kill the worker processes now (SIGTERM), without waiting for their jobs; a later call
+        starts new ones. Returns how many were running. Safe in a signal handler."""
+        pool, finalizer = self._pool, self._finalizer
+        if pool is None:
+            return 0
+        self._pool, self._finalizer = None, None
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        for process in processes:
+            try:
+                process.terminate()
+            except (OSError, ValueError, AttributeError):
+                pass
+        if finalizer is not None:
+            finalizer.detach()  # a shutdown(wait=True) at exit would wait on the dead pool's queue
+        _POOLS.discard(self)
+        return len(processes)
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""
         with self._lock:
             finalizer, self._finalizer, self._pool = self._finalizer, None, None
+        _POOLS.discard(self)
         if finalizer is not None:
             finalizer()  # shuts the pool down, once
 
@@ -82,6 +140,8 @@ class WorkerPool:
                     remaining.pop(key)
                     on_done(key, result)
         except BrokenProcessPool:
+            if _stopping.is_set():
+                raise WorkersStopped(f"{self.name} worker processes stopped: this process is shutting down") from None
             self.close()
             self._failed = True
             logger.warning(
