@@ -235,11 +235,16 @@ def test_models_command_line(tmp_path, capsys, random_models):
     assert rows["dinov2-random-tiny"]["present"] and not rows["sam2.1-hiera-large"]["present"]
     assert rows["lpips-alex"]["sha256"] == "published"
 
-    assert weights.run_models_command(parser.parse_args(["models", "verify", "--models-dir", str(root)])) == 0
-    out = capsys.readouterr().out
-    assert "sam2.1-hiera-tiny" in out and "missing" in out
-    # an explicitly named model that is missing is a failure
+    # verify checks the default preset's models: all missing here, so it fails and names them (issue 13:
+    # it used to exit 0 with every downloadable weight missing)
+    assert weights.run_models_command(parser.parse_args(["models", "verify", "--models-dir", str(root)])) == 1
+    captured = capsys.readouterr()
+    assert "sam2.1-hiera-tiny" in captured.out and "missing" in captured.out
+    assert "missing: dinov2-vits14, lpips-alex, sam2.1-hiera-tiny" in captured.err
+    assert "python -m fewshot models download dinov2-vits14 lpips-alex sam2.1-hiera-tiny" in captured.err
+    # an explicitly named model that is missing is a failure; generated random weights pass
     assert weights.run_models_command(parser.parse_args(["models", "verify", "lpips-alex", "--models-dir", str(root)])) == 1
+    assert weights.run_models_command(parser.parse_args(["models", "verify", "dinov2-random-tiny", "--models-dir", str(root)])) == 0
     capsys.readouterr()
 
 

@@ -404,7 +404,7 @@ def timed_segment(engine, image, device: str, cold: bool = True, labels=None) ->
     else:
         stages = {name: float(timings.get(name, 0.0)) for name in names if name != "register_fuse_wall"}
         stages["register_fuse_wall"] = max(0.0, total - sum(stages.values()))
-        busy = {name: float(timings.get(name, 0.0)) for name in CLASSIC_BUSY}
+        busy = {name: float(seg.busy.get(name, timings.get(name, 0.0))) for name in CLASSIC_BUSY}
     segmented = set()
     for per_label in seg.provenance.values():
         segmented.update(per_label["slices"])

@@ -108,21 +108,27 @@ def _check_weights_present(settings: Mapping, ctx: _Context) -> None:
     """Fail before loading anything, naming every missing weight at once (not one per attempt)."""
     if ctx.random_weights:
         return
-    problems = []
+    problems, missing = [], []
     for name in weights.preset_models(settings):
         try:
             weights.resolve(name, ctx.models_dir)
         except weights.MissingWeightsError as exc:
             problems.append(str(exc))
+            missing.append(name)
     if len(problems) == 1:
-        raise weights.MissingWeightsError(problems[0])
-    if problems:
-        names = " ".join(weights.preset_models(settings))
+        error = weights.MissingWeightsError(problems[0])
+    elif problems:
+        # One short message: the paths and sources of each file are in `models list`.
         dir_flag = "" if ctx.models_dir == weights.models_dir() else f" --models-dir {ctx.models_dir}"
-        raise weights.MissingWeightsError(
-            f"preset {settings.get('name')!r} needs weights that are not in {ctx.models_dir}; fetch them all with "
-            f"`python -m fewshot models download {names}{dir_flag}`. Details: " + " | ".join(problems)
+        error = weights.MissingWeightsError(
+            f"preset {settings.get('name')!r} needs weights that are not in {ctx.models_dir}: {', '.join(missing)}. "
+            f"Fetch them with `python -m fewshot models download {' '.join(missing)}{dir_flag}` (without internet, "
+            f"`python -m fewshot models list{dir_flag}` names each file to copy there)"
         )
+    else:
+        return
+    error.missing, error.models_dir = missing, ctx.models_dir
+    raise error
 
 
 def build_steps(settings: Mapping, models_dir=None) -> tuple[Embedder, Matcher | None, LabelTransfer]:

@@ -214,6 +214,12 @@ def _default_mode(mode: int) -> int:
     return mode & ~_UMASK
 
 
+def default_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under the usual 022), read
+    once at import: changing the umask to read it is not safe once threads run."""
+    return _default_mode(0o666)
+
+
 def _stat_key(path: Path) -> dict:
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
@@ -629,8 +635,11 @@ def add_models_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--all", action="store_true", help="fetch every model in the registry")
     p.add_argument("--force", action="store_true", help="fetch again even if present")
     common(p)
-    p = sub.add_parser("verify", help="check weights on disk against published sha256 digests")
-    p.add_argument("names", nargs="*", help="registry names (default: all)")
+    p = sub.add_parser("verify", help="check weights on disk against published sha256 digests; exits 1 if any is "
+                                      "missing or altered")
+    p.add_argument("names", nargs="*", help="registry names (default: the models of the foundation preset)")
+    p.add_argument("--preset", default=None, help="check the models this preset uses")
+    p.add_argument("--all", action="store_true", help="check every model in the registry")
     p.add_argument("--rehash", action="store_true", help="ignore cached digests and hash every file again")
     common(p)
     p = sub.add_parser("list", help="show the registry and what is on disk")
@@ -639,6 +648,8 @@ def add_models_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 def _download_names(args: argparse.Namespace) -> list[str]:
+    """What ``download`` fetches and ``verify`` checks: the names given, every downloadable model
+    (``--all``), or a preset's models (``--preset``, default foundation)."""
     if args.names:
         return list(args.names)
     if args.all:
@@ -655,9 +666,20 @@ def run_models_command(args: argparse.Namespace) -> int:
             _print(args, [r.as_dict() for r in results], ("name", "status", "path", "detail"))
             return 0
         if args.models_command == "verify":
-            results = verify(args.names, args.models_dir, use_cache=not args.rehash)
+            names = _download_names(args)
+            results = verify(names, args.models_dir, use_cache=not args.rehash)
             _print(args, [r.as_dict() for r in results], ("name", "status", "detail"))
-            bad = [r for r in results if r.status == "mismatch" or (args.names and not r.ok)]
+            bad = [r for r in results if not r.ok]
+            if bad and not getattr(args, "json", False):
+                missing = [r.name for r in bad if r.status == "missing"]
+                altered = [r.name for r in bad if r.status != "missing"]
+                flag = f" --models-dir {args.models_dir}" if args.models_dir else ""
+                if missing:
+                    print(f"missing: {', '.join(missing)}. Fetch them with `{DOWNLOAD_COMMAND} {' '.join(missing)}{flag}`, "
+                          f"or copy the files `python -m fewshot models list{flag}` names into place", file=sys.stderr)
+                if altered:
+                    print(f"failed verification: {', '.join(altered)}. Fetch them again with "
+                          f"`{DOWNLOAD_COMMAND} {' '.join(altered)} --force{flag}`", file=sys.stderr)
             return 1 if bad else 0
         if args.models_command == "list":
             rows = list_models(args.models_dir)

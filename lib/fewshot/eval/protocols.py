@@ -87,7 +87,8 @@ def alpnet_folds(case_ids: Sequence[str], n_folds: int = 5, convention: str = "a
     Scans sorted numerically form ``n_folds`` contiguous groups; fold f's queries are its group and
     its support is the scan right after the group (circularly, so the last fold's support is the
     first scan). Every scan is then a query exactly once and a support exactly once, and never
-    both in one fold.
+    both in one fold. With one fold the group is every scan, so its support (the first scan) is
+    left out of the queries: a support is never scored against itself.
 
     ``convention="adnet"`` mirrors ADNet's ``TestDataset``: the fold's scans (group plus the next
     scan) are sorted by index and the last is the support, which for the last fold makes the last
@@ -106,7 +107,7 @@ def alpnet_folds(case_ids: Sequence[str], n_folds: int = 5, convention: str = "a
         group = list(range(bounds[f], bounds[f + 1]))
         after = bounds[f + 1] % len(ids)
         if convention == "alpnet":
-            support, queries = after, group
+            support, queries = after, [i for i in group if i != after]
         else:
             members = sorted(set(group) | {after})
             support, queries = members[-1], members[:-1]
