@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Dict
 
@@ -30,6 +32,7 @@ try:
 except ImportError:  # a fresh clone: use the engine beside the app
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lib"))
 
+import psutil
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -40,7 +43,9 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from fewshot.config import ConfigError
+from fewshot import bank_holders
 from fewshot.datastore import labelled, scan_datastore
+from fewshot.transfer import workers
 from lib.activelearning.bank_coverage import BankCoverage
 from lib.app_config import AppConfig
 from lib.datastore import FewshotDatastore
@@ -55,6 +60,8 @@ from lib.validation import UploadValidator, check_id
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+# MONAI Label's main makes a missing --studies folder after its imports, well after the process starts.
+STUDIES_MADE_AFTER_START = 0.2
 FINAL = DefaultLabelTag.FINAL.value
 
 
@@ -66,11 +73,64 @@ def background_task_process() -> bool:
     return getattr(spec, "name", None) == "monailabel.interfaces.utils.app"
 
 
+def stop_workers_on_signals() -> None:
+    """SIGTERM/SIGINT stop the registration worker processes at once. uvicorn catches both, shuts
+    down gracefully, then re-raises the signal with the default handler: the process dies without
+    running exit handlers, and the workers (and multiprocessing's helper) used to stay behind. The
+    handler uvicorn installed is kept and called after. Main thread only (Python's rule for signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if getattr(previous, "_fewshot_stops_workers", False):
+            continue  # POST /reload: already in place
+
+        def handler(signum, frame, previous=previous):
+            stopped = workers.terminate_all()
+            if stopped:
+                print(f"few-shot app: stopped {stopped} registration worker process(es) on {signal.Signals(signum).name}",
+                      file=sys.stderr, flush=True)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        handler._fewshot_stops_workers = True
+        signal.signal(sig, handler)
+
+
+def _process_start() -> float:
+    """When this process started (wall clock), to 10 ms on Linux: psutil's create_time adds the boot
+    time, which /proc/stat gives to the second, so it can be up to a second early."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return psutil.Process().create_time() + 1.0
+
+
+def _to_log_files(level: int, message: str) -> None:
+    """A record for the log files only (MONAI Label's app.log), not the console."""
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
+    seen = set()
+    current = logger
+    while current is not None:
+        for handler in current.handlers:
+            if isinstance(handler, logging.FileHandler) and id(handler) not in seen:
+                seen.add(id(handler))
+                handler.handle(record)
+        current = current.parent if current.propagate else None
+
+
 class FewshotApp(MONAILabelApp):
     _live: "FewshotApp | None" = None  # the app whose worker owns the bank in this process
 
     def __init__(self, app_dir, studies, conf):
         self.read_only = background_task_process()
+        self._rebuild_lock = threading.Lock()
+        self._bank_rebuild: str | None = None  # why the bank is being rebuilt (another process replaced it)
         self._uploads: set[str] = set()
         self._uploads_lock = threading.Lock()
         self.dicomweb_client = None
@@ -81,6 +141,8 @@ class FewshotApp(MONAILabelApp):
                 self._fail("the few-shot app reads DICOMweb series as NIfTI; unset MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false")
             self.dicomweb_client = make_client(studies)
             root = cache_root(self.dicomweb_client)
+        elif not self.read_only:
+            self._check_studies_folder(Path(studies))
         try:
             self.app_config = AppConfig.from_conf(conf or {}, root)
             self.host = EngineHost.open(self.app_config, read_only=self.read_only)
@@ -102,6 +164,12 @@ class FewshotApp(MONAILabelApp):
         if self.read_only:
             logger.info("few-shot app in a MONAI Label background task: bank read-only, no ingestion")
             return
+        if self.dicomweb_client is None and not self.datastore().list_images():
+            logger.warning(
+                "\n%s\nTHE DATASTORE %s HOLDS NO IMAGES: nothing to label or segment. Put volumes (.nii.gz, .nii, .nrrd) "
+                "in it, and final labels in %s, or check --studies.\n%s", "!" * 100, studies,
+                os.path.join(studies, "labels", "final"), "!" * 100,
+            )
         if FewshotApp._live is not None and FewshotApp._live.worker is not None:
             FewshotApp._live.worker.stop()  # POST /reload built a new app: one writer per bank
         FewshotApp._live = self
@@ -120,16 +188,37 @@ class FewshotApp(MONAILabelApp):
             from lib import routes
 
             routes.install(fastapi_app, self.app_config.request_limits())
+            stop_workers_on_signals()
+
+    @classmethod
+    def _check_studies_folder(cls, studies: Path) -> None:
+        """MONAI Label creates a --studies folder that does not exist, empty, just before it builds
+        the app: a mistyped path served an empty datastore without a word. Refused, and the folder
+        it made removed; a new, empty datastore is a folder made beforehand."""
+        try:
+            empty = not any(studies.iterdir())
+            made_now = studies.stat().st_ctime >= _process_start() + STUDIES_MADE_AFTER_START
+        except OSError:
+            return
+        if empty and made_now:
+            try:
+                studies.rmdir()
+            except OSError:
+                pass
+            cls._fail(f"--studies {studies} does not exist (MONAI Label had just created it, empty). Check the path; "
+                      f"to start on a new, empty datastore, create the folder first: mkdir -p {studies}")
 
     @staticmethod
     def _fail(message: str):
         if "monailabel.app" in sys.modules:
             # Inside the server's start-up: any exception would surface as a 100-line traceback
-            # through uvicorn and Starlette's lifespan. Stop with the one line a user can act on.
+            # through uvicorn and Starlette's lifespan. Stop with the one line a user can act on,
+            # shown once (the console log handler would repeat it) and kept in the log file.
+            _to_log_files(logging.ERROR, f"few-shot app cannot start: {message}")
             print(f"\nERROR: few-shot app cannot start: {message}\n", file=sys.stderr, flush=True)
             logging.shutdown()
             os._exit(2)
-        logger.error("few-shot app cannot start: %s", message)  # not above: a stream handler (ray's) would print it twice
+        logger.error("few-shot app cannot start: %s", message)
         raise StartupError(message)
 
     # ------------------------------------------------------------------ MONAI Label hooks
@@ -198,7 +287,32 @@ class FewshotApp(MONAILabelApp):
         image = request.get("image")
         if isinstance(image, str):
             self.check_infer_image(image, datastore)
+        rebuilding = self.bank_replaced()
+        if rebuilding:
+            raise HTTPException(503, f"the support bank was replaced on disk by another process ({rebuilding}); it is being "
+                                     "rebuilt from the datastore's final labels: try again in a moment (/info shows the progress)")
         return super().infer(request, datastore)
+
+    def bank_replaced(self) -> str | None:
+        """Why the bank is being rebuilt, while it is. When another process replaced the bank this
+        server uses (built with other settings) or removed it, the bank is rebuilt from the final
+        labels in the background, and inferences wait for it rather than run on an empty bank. If
+        that process still uses the bank, it is left to it and this server says so."""
+        if self.worker is None:
+            return None
+        reason = self.host.bank_replaced()
+        with self._rebuild_lock:
+            if reason and self._bank_rebuild is None:
+                if bank_holders.used_elsewhere(self.app_config.bank_dir):
+                    return f"{reason}, and that process still uses it: stop it, and this server rebuilds its bank"
+                logger.warning("support bank %s: %s; rebuilding it from the final labels", self.app_config.bank_dir, reason)
+                bank_holders.ensure_held(self.app_config.bank_dir)
+                self._bank_rebuild = reason
+                self.worker.resync(f"support bank replaced on disk: {reason}")
+            if self._bank_rebuild is not None and not self.worker.busy():
+                logger.info("support bank %s rebuilt after: %s", self.app_config.bank_dir, self._bank_rebuild)
+                self._bank_rebuild = None
+            return self._bank_rebuild
 
     def check_upload(self, path: str, what: str) -> None:
         """An image sent for one inference (an /infer upload, a session's volume file), from its
@@ -259,7 +373,10 @@ class FewshotApp(MONAILabelApp):
             worker.resync("datastore changed on disk", delay)
 
     def bank_status(self) -> dict:
+        rebuilding = self.bank_replaced() if getattr(self, "_rebuild_lock", None) else None
         status = self.host.stats()
+        if rebuilding:
+            status["rebuilding"] = rebuilding
         status["ingestion"] = self.worker.status() if self.worker is not None else {"state": "read-only"}
         datastore = getattr(self, "_datastore", None)  # bank_status is called while the app is built
         if isinstance(datastore, FewshotDicomWebDatastore):

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fewshot import weights
+from fewshot import bank_holders, weights
 from fewshot.bank import SupportBank
 from fewshot.config import ConfigError
 from fewshot.coverage import Proposal, propose
@@ -36,6 +36,20 @@ logger = logging.getLogger(__name__)
 
 class StartupError(RuntimeError):
     """The app cannot start; the message says why and what to do."""
+
+
+def missing_weights_message(config: AppConfig, exc: Exception) -> str:
+    """One short message naming both ways forward: fetch the weights, or a weights-free preset."""
+    missing = getattr(exc, "missing", None)
+    if not missing:  # one weight: the engine's message names its file and source
+        return f"preset {config.preset!r} cannot start: {exc}. Or start without weights: -c preset classic"
+    where = getattr(exc, "models_dir", None) or config.models_dir
+    flag = f" --models-dir {where}" if config.models_dir else ""
+    return (
+        f"preset {config.preset!r} needs weights that are not in {where} ({', '.join(missing)}). Either fetch them: "
+        f"`python -m fewshot models download {' '.join(missing)}{flag}` (without internet, `python -m fewshot models "
+        f"list{flag}` names the files to copy there), or start without weights: -c preset classic"
+    )
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,7 @@ class EngineHost:
         self._stats: dict = {}
         self._label_values: list[int] = []
         self._stats_lock = threading.Lock()
+        self._manifest_seen: tuple = ((), None)  # (manifest stamp, bank_replaced's answer for it)
         self.refresh_stats()
 
     # ------------------------------------------------------------------ start-up
@@ -126,20 +141,62 @@ class EngineHost:
         """``read_only``: for MONAI Label's background-task process, which must never write the
         bank the live server owns."""
         settings = config.settings
+        # Held for this process's life: a CLI run with other settings then builds its own bank
+        # beside it instead of replacing it (fewshot.bank_holders).
+        bank_holders.hold(config.bank_dir)
         try:
             engine, report = Engine.from_settings(
-                settings, bank_dir=config.bank_dir, models_dir=config.models_dir, label_names=config.labels, read_only=read_only
+                settings, bank_dir=lambda fingerprint: cls._bank_dir(config, fingerprint, read_only),
+                models_dir=config.models_dir, label_names=config.labels, read_only=read_only,
             )
             in_use = [
                 WeightsInUse(name, str(weights.resolve(name, config.models_dir, random_weights=bool(settings.get("random_weights")))),
                              bool(settings.get("random_weights")) or weights.get_spec(name).random_only)
                 for name in weights.preset_models(settings)
             ]
+        except weights.MissingWeightsError as exc:
+            raise StartupError(missing_weights_message(config, exc)) from None
         except (weights.WeightsError, ConfigError, PresetError) as exc:
             raise StartupError(f"preset {config.preset!r} cannot start: {exc}") from None
         host = cls(config, engine, report, in_use, read_only=read_only)
         host._log_start()
         return host
+
+    @staticmethod
+    def _bank_dir(config: AppConfig, fingerprint: str, read_only: bool) -> Path:
+        """The bank directory, unless opening it would replace a bank built with other settings that
+        another process (a CLI run, a batch) is using: then start-up stops and says so."""
+        recorded = bank_holders.recorded_fingerprint(config.bank_dir)
+        if not read_only and recorded and recorded != fingerprint and bank_holders.used_elsewhere(config.bank_dir):
+            raise StartupError(
+                f"support bank {config.bank_dir} was built with other settings ({recorded}) and another process (a "
+                f"`python -m fewshot` run?) is using it; this server needs {fingerprint}. Wait for that process to "
+                "end (or stop it), then start the server again"
+            )
+        return config.bank_dir
+
+    def bank_replaced(self) -> str | None:
+        """Why the bank on disk is no longer this server's (another process replaced it with a bank
+        built with other settings, or removed it), or None. One ``stat`` when nothing changed."""
+        path = self.config.bank_dir / "manifest.json"
+        try:
+            st = os.stat(path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        with self._stats_lock:
+            had_images = bool(self._stats.get("images"))
+            if (stamp, had_images) == self._manifest_seen[0]:
+                return self._manifest_seen[1]
+        if stamp is None:
+            reason = "its folder or manifest was removed" if had_images else None
+        else:
+            recorded = bank_holders.recorded_fingerprint(self.config.bank_dir)
+            reason = None if recorded == self.engine.bank.fingerprint else (
+                f"it now holds a bank built with other settings ({recorded})" if recorded else "its manifest is unreadable")
+        with self._stats_lock:
+            self._manifest_seen = ((stamp, had_images), reason)
+        return reason
 
     def _log_start(self) -> None:
         s = self.engine.settings
