@@ -123,7 +123,7 @@ class SegmentWorker:
                                   "worker": self.name, "bank_generation": self.generation}
         if self.problem:
             return dict(record, status="fatal", error=self.problem)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), _cpu_seconds()
         try:
             from fewshot.pipeline import content_sha256
 
@@ -149,8 +149,18 @@ class SegmentWorker:
             record.update(status="failed", error=_short_error(exc),
                           retry=usable)  # an unusable input fails again until it changes
         record["seconds"] = round(time.perf_counter() - started, 3)
+        # CPU time beside wall time: on a shared machine the gap between them is time spent waiting for a core.
+        record["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 3)
         record.update(memory())
         return record
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this worker and of the processes it waited for (all threads)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _short_error(exc: BaseException, limit: int = 500) -> str:
