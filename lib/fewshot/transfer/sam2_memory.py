@@ -402,15 +402,7 @@ class Sam2Transfer:
         if self.fill_hole_area:
             low_res_masks = fill_holes(low_res_masks, self.fill_hole_area)
         high_res = F.interpolate(low_res_masks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        vision_feats, _, feat_sizes = self._flatten_features(fpn, high_res.size(0))
-        features, _ = self.model._encode_new_memory(
-            current_vision_feats=vision_feats,
-            feat_sizes=feat_sizes,
-            pred_masks_high_res=high_res,
-            object_score_logits=object_score_logits,
-            is_mask_from_pts=True,
-        )
-        return features
+        return self._encode_slice_memory(fpn, high_res, object_score_logits, is_mask_from_pts=True)
 
     @torch.inference_mode()
     def encode_supports(self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
@@ -516,15 +508,17 @@ class Sam2Transfer:
         )
         return low_res_masks, high_res_masks, obj_ptr, object_score_logits
 
-    def _encode_slice_memory(self, fpn, high_res_masks: torch.Tensor, object_score_logits: torch.Tensor) -> torch.Tensor:
-        """SAM2Base._encode_new_memory on a predicted slice's logits, one row per label run on it."""
+    def _encode_slice_memory(self, fpn, high_res_masks: torch.Tensor, object_score_logits: torch.Tensor,
+                             is_mask_from_pts: bool = False) -> torch.Tensor:
+        """SAM2Base._encode_new_memory on a slice's mask logits, one row per label run on it
+        (``is_mask_from_pts``: a user's mask, binarised before the encoder)."""
         vision_feats, _, feat_sizes = self._flatten_features(fpn, high_res_masks.size(0))
         features, _ = self.model._encode_new_memory(
             current_vision_feats=vision_feats,
             feat_sizes=feat_sizes,
             pred_masks_high_res=high_res_masks,
             object_score_logits=object_score_logits,
-            is_mask_from_pts=False,
+            is_mask_from_pts=is_mask_from_pts,
         )
         return features
 
