@@ -49,7 +49,7 @@ def _settings(threads: int = 1, overrides: dict | None = None) -> dict:
 
 
 def _build_bank(store: Path, settings: dict) -> Path:
-    from fewshot.cli import bank_dir_for
+    from fewshot.datastore import bank_dir_for
     from fewshot.datastore import labelled, scan_datastore
     from fewshot.pipeline import Engine
 

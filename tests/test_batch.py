@@ -20,7 +20,7 @@ from fewshot.batch import inputs
 from fewshot.batch.manifest import MANIFEST_NAME, Manifest
 from fewshot.batch.runner import BatchSpec, RayOptions, run_batch
 from fewshot.batch.worker import batch_settings
-from fewshot.cli import bank_dir_for
+from fewshot.datastore import bank_dir_for
 from fewshot.datastore import labelled, scan_datastore
 from fewshot.pipeline import Engine
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +11,6 @@ import torch
 from fewshot.bench import (
     STAGES,
     ClusteredVectors,
-    NetworkClock,
     SegmentRun,
     SizeResult,
     recommend_cpu_defaults,
@@ -20,6 +18,7 @@ from fewshot.bench import (
     write_synthetic_case,
 )
 from fewshot.cli import main
+from fewshot.meters import NetworkClock
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -132,23 +131,36 @@ def test_plots_are_pngs(quick_report):
 
 
 class _Sleeper(torch.nn.Module):
-    def __init__(self, seconds: float, child: torch.nn.Module | None = None):
+    """A module whose forward call takes ``seconds`` on the fake clock below (no real waiting)."""
+
+    def __init__(self, clock: "_FakeClock", seconds: float, child: torch.nn.Module | None = None):
         super().__init__()
-        self.seconds, self.child = seconds, child
+        self.clock, self.seconds, self.child = clock, seconds, child
 
     def forward(self, x):
-        time.sleep(self.seconds)
+        self.clock.now += self.seconds
         return self.child(x) if self.child is not None else x
 
 
-def test_network_clock_counts_outermost_forward_calls_only():
-    net = _Sleeper(0.05, _Sleeper(0.05))
+class _FakeClock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_network_clock_counts_outermost_forward_calls_only(monkeypatch):
+    from fewshot import meters
+
+    fake = _FakeClock()
+    monkeypatch.setattr(meters.time, "perf_counter", fake)
+    net = _Sleeper(fake, 0.05, _Sleeper(fake, 0.05))
     with NetworkClock() as clock:
         net(torch.zeros(1))
-        time.sleep(0.1)  # outside any module: overhead, not network time
-    assert 0.09 < clock.seconds < 0.16  # 0.15 would mean the nested call was counted twice
+        fake.now += 0.1  # outside any module: overhead, not network time
+    assert clock.seconds == pytest.approx(0.1)  # 0.15 would mean the nested call was counted twice, 0.2 the overhead
     net(torch.zeros(1))  # hooks are removed on exit
-    assert clock.seconds < 0.16
+    assert clock.seconds == pytest.approx(0.1)
 
 
 def test_clustered_vectors_have_near_neighbours():

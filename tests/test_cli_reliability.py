@@ -26,7 +26,8 @@ import pytest
 from conftest import PROJECT
 from fewshot import bank_holders
 from fewshot.bank import BankError
-from fewshot.cli import bank_dir_for, choose_bank
+from fewshot.cli.common import choose_bank
+from fewshot.datastore import bank_dir_for
 from fewshot.cli import main as cli_main
 from fewshot.config import load_preset
 from fewshot.eval import protocols
@@ -134,11 +135,10 @@ def test_settings_that_change_no_stored_entry_stay_out_of_the_bank_fingerprint(m
 def released():
     """Bank directories choose_bank held in this process are let go after the test (cli.main does it
     at the end of a command)."""
-    from fewshot import cli
+    from fewshot.cli.common import release_held
 
     yield
-    while cli._held:
-        bank_holders.release(cli._held.pop())
+    release_held()
 
 
 def test_a_run_with_other_settings_never_replaces_a_bank_another_process_holds(tmp_path, released):

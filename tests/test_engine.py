@@ -450,7 +450,8 @@ def test_stale_images_follow_image_content_and_present_labels(engine_factory, tm
 
 def test_cli_bank_stats_never_touches_the_bank(engine_factory, tiny_settings, tmp_path, capsys):
     """`bank stats` with other settings reports the mismatch; a later `bank build` would rebuild."""
-    from fewshot.cli import bank_dir_for, main
+    from fewshot.cli import main
+    from fewshot.datastore import bank_dir_for
 
     store = tmp_path / "store"
     (store / "labels" / "final").mkdir(parents=True)

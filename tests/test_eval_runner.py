@@ -78,12 +78,13 @@ def test_dataset_file_supplies_names_and_settings_and_set_wins(tmp_path):
 
 def test_eval_command_line_is_registered():
     from fewshot.cli import build_parser
+    from fewshot.cli import eval as eval_cli
 
     args = build_parser().parse_args([
         "eval", "--data", "d", "--protocol", "clinical", "--preset", "classic", "--out", "o", "--shots", "3",
         "--growth", "--growth-steps", "1,2", "--max-queries", "2", "--set", "volume.canvas=128",
     ])
-    assert args.func is runner.cmd_eval
+    assert args.func is eval_cli.main
     assert (args.protocol, args.shots, args.growth, args.growth_steps, args.max_queries) == ("clinical", 3, True, (1, 2), 2)
     assert args.overrides == ["volume.canvas=128"] and args.folds is None
     with pytest.raises(SystemExit):
@@ -109,7 +110,7 @@ def test_summary_averages_scans_and_leaves_undefined_scores_out():
     assert timing["wall_seconds_per_organ_slice"] == pytest.approx(0.25)
     assert timing["cpu_seconds_per_query_slice"] == pytest.approx(0.75)
     assert timing["query_slices"] == 12 and timing["organ_slices"] == 24
-    assert json.loads(json.dumps(runner._json_safe(s)))["per_label"]["two"]["hd95_mean"] is None
+    assert json.loads(json.dumps(runner.json_safe(s)))["per_label"]["two"]["hd95_mean"] is None
 
 
 def test_impossible_split_fails_before_any_network_loads(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fewshot import weights
+from fewshot.cli import models as models_cli
 from fewshot.config import CONFIGS_DIR
 from fewshot.weights import (
     ChecksumMismatchError,
@@ -228,23 +229,23 @@ def test_download_verifies_before_keeping(tmp_path, monkeypatch):
 def test_models_command_line(tmp_path, capsys, random_models):
     root, _ = random_models
     parser = argparse.ArgumentParser()
-    weights.add_models_commands(parser.add_subparsers(dest="command"))
+    models_cli.add_models_command(parser.add_subparsers(dest="command"))
 
-    assert weights.run_models_command(parser.parse_args(["models", "list", "--models-dir", str(root), "--json"])) == 0
+    assert models_cli.main(parser.parse_args(["models", "list", "--models-dir", str(root), "--json"])) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["dinov2-random-tiny"]["present"] and not rows["sam2.1-hiera-large"]["present"]
     assert rows["lpips-alex"]["sha256"] == "published"
 
     # verify checks the default preset's models: all missing here, so it fails and names them (issue 13:
     # it used to exit 0 with every downloadable weight missing)
-    assert weights.run_models_command(parser.parse_args(["models", "verify", "--models-dir", str(root)])) == 1
+    assert models_cli.main(parser.parse_args(["models", "verify", "--models-dir", str(root)])) == 1
     captured = capsys.readouterr()
     assert "sam2.1-hiera-tiny" in captured.out and "missing" in captured.out
     assert "missing: dinov2-vits14, lpips-alex, sam2.1-hiera-tiny" in captured.err
     assert "python -m fewshot models download dinov2-vits14 lpips-alex sam2.1-hiera-tiny" in captured.err
     # an explicitly named model that is missing is a failure; generated random weights pass
-    assert weights.run_models_command(parser.parse_args(["models", "verify", "lpips-alex", "--models-dir", str(root)])) == 1
-    assert weights.run_models_command(parser.parse_args(["models", "verify", "dinov2-random-tiny", "--models-dir", str(root)])) == 0
+    assert models_cli.main(parser.parse_args(["models", "verify", "lpips-alex", "--models-dir", str(root)])) == 1
+    assert models_cli.main(parser.parse_args(["models", "verify", "dinov2-random-tiny", "--models-dir", str(root)])) == 0
     capsys.readouterr()
 
 

@@ -29,23 +29,22 @@ keeps what it measured) plus PNG plots; every figure the issue sets a target for
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import logging
 import os
 import platform
 import re
-import resource
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from fewshot.meters import NetworkClock, PeakRss, cpu_seconds, max_rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -220,103 +219,6 @@ def write_subvolume(image: Path, label: Path, count: int, folder: Path, tag: str
     return out
 
 
-# --------------------------------------------------------------------------------------------- meters
-
-
-class NetworkClock:
-    """Wall time spent inside nn.Module forward calls (outermost calls only): the networks' compute.
-
-    Global module hooks see every network the engine runs (DINOv2, LPIPS, SAM 2's encoder,
-    attention, decoder, memory encoder) without knowing them; what is left of a stage's time is
-    the engine's own overhead (resampling, bank reads, bookkeeping, SAM 2's glue between modules).
-    """
-
-    def __init__(self, device: str = "cpu"):
-        import torch
-
-        self._sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
-        self.seconds = 0.0
-        # Process CPU time inside those calls: torch's intra-op threads do the work, so the calling
-        # thread's own CPU time would count only its share and make overhead look like half the total.
-        self.cpu_seconds = 0.0
-        self._depth = 0
-        self._start = self._cpu_start = 0.0
-        self._thread = None
-        self._handles: list = []
-
-    def _pre(self, module, args):
-        if threading.get_ident() != self._thread:
-            return
-        if self._depth == 0:
-            if self._sync:
-                self._sync()
-            self._start, self._cpu_start = time.perf_counter(), time.process_time()
-        self._depth += 1
-
-    def _post(self, module, args, output):
-        if threading.get_ident() != self._thread or self._depth == 0:
-            return
-        self._depth -= 1
-        if self._depth == 0:
-            if self._sync:
-                self._sync()
-            self.seconds += time.perf_counter() - self._start
-            self.cpu_seconds += time.process_time() - self._cpu_start
-
-    def __enter__(self) -> "NetworkClock":
-        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
-        self.seconds, self.cpu_seconds, self._depth, self._thread = 0.0, 0.0, 0, threading.get_ident()
-        self._handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-def rss_bytes() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def max_rss_bytes() -> int:
-    """The process's lifetime peak resident set (Linux reports ru_maxrss in KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-class PeakRss:
-    """Peak resident set of this process while the block runs, sampled every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __enter__(self) -> "PeakRss":
-        self.peak = rss_bytes()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def mb(self) -> float:
-        return round(self.peak / 2**20, 1)
-
-
 def _median(values: Sequence[float]) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
@@ -387,8 +289,6 @@ def _set_keep(engine, k: int) -> None:
 
 
 def timed_segment(engine, image, device: str, cold: bool = True, labels=None) -> SegmentRun:
-    from fewshot.eval.runner import cpu_seconds
-
     if cold:
         _forget_query_caches(engine)
     names = stages_for(engine.settings)
@@ -1167,45 +1067,3 @@ def run_bench(
         shutil.rmtree(work, ignore_errors=True)
     logger.info("bench written to %s in %.0f s", out / "bench.json", report["seconds"])
     return report
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(float(x)) for x in text.split(",") if x.strip()]
-
-
-def cmd_bench(args) -> int:
-    from fewshot.config import parse_overrides
-
-    report = run_bench(
-        args.out, device=args.device, quick=args.quick, models_dir=args.models_dir, preset=args.preset,
-        data=args.data, synthetic=args.synthetic, sizes=args.sizes, ks=args.ks,
-        retrieval_sizes=args.retrieval_sizes, overrides=parse_overrides(args.overrides), threads=args.threads,
-    )
-    summary = {
-        "bench": str(Path(args.out) / "bench.json"), "preset": report["preset"], "seconds": report["seconds"],
-        "targets": [{k: t[k] for k in ("what", "measured", "unit", "met", "measured_cpu")} for t in report.get("targets", [])],
-        "recommendation": report.get("recommendation", {}).get("reason"),
-    }
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="time the engine stage by stage; write bench.json and plots")
-    p.add_argument("--out", required=True, help="output directory (bench.json, *.png)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
-    p.add_argument("--quick", action="store_true", help="tiny random networks and small banks (CI, under a minute)")
-    p.add_argument("--models-dir", default=None, help="models directory (default: $FEWSHOT_MODELS_DIR or ./models)")
-    p.add_argument("--preset", default=None,
-                   help="default: foundation when its weights are present, else foundation-random (random-tiny with --quick)")
-    p.add_argument("--data", default=None, help=f"folder of image_N/label_N pairs (default: ../shared/data/{DEFAULT_DATASET})")
-    p.add_argument("--synthetic", action="store_true", help="time synthetic volumes even when real data is present")
-    p.add_argument("--sizes", type=_int_list, default=None, help="SAM 2 image sizes, e.g. 1024,512 (first = whole-volume runs)")
-    p.add_argument("--ks", type=_int_list, default=None, help="supports per query slice to compare, e.g. 1,4,16")
-    p.add_argument("--retrieval-sizes", type=_int_list, default=None, help="bank sizes for faiss, e.g. 1e3,1e4,1e5,1e6")
-    p.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: one per core)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset setting (repeatable), e.g. --set bank.approximate_above=5000")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=cmd_bench)
-    return p

@@ -13,6 +13,11 @@ from pathlib import Path
 from fewshot.volume import IMAGE_SUFFIXES
 
 
+def bank_dir_for(datastore: str | os.PathLike, preset: str) -> Path:
+    """Where a datastore's bank for a preset lives; the CLI and the MONAI Label app use the same place."""
+    return Path(datastore) / ".fewshot" / f"bank-{preset}"
+
+
 def image_id_of(path: str | os.PathLike) -> str:
     name = Path(path).name
     for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):

@@ -6,12 +6,13 @@ import json
 import logging
 import sys
 
+from fewshot.cli.common import add_common_options, engine_for, sync_bank
+from fewshot.datastore import bank_dir_for
+
 logger = logging.getLogger(__name__)
 
 
 def add_batch_command(sub) -> argparse.ArgumentParser:
-    from fewshot.cli import _common
-
     p = sub.add_parser(
         "batch", help="segment a folder or list of volumes on Ray (resumable), against one pinned bank generation",
         description="Segment many volumes on Ray workers, each holding one engine and the support bank read-only, "
@@ -37,8 +38,8 @@ def add_batch_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true",
                    help="also retry cases whose input could not be read (by default retried only once it changes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _common(p)
-    p.set_defaults(func=cmd_batch)
+    add_common_options(p)
+    p.set_defaults(func=main)
     return p
 
 
@@ -62,11 +63,10 @@ def _warn_if_stale(bank_manifest: dict, datastore: str) -> None:
                        len(stale), ", ".join(sorted(stale)[:5]), ", ..." if len(stale) > 5 else "")
 
 
-def cmd_batch(args) -> int:
+def main(args) -> int:
     from fewshot.batch.inputs import collect
     from fewshot.batch.runner import BatchSpec, RayOptions, pin_bank, run_batch
     from fewshot.batch.worker import batch_settings
-    from fewshot.cli import _engine, _sync_bank, bank_dir_for
     from fewshot.config import load_preset, parse_label_map, parse_overrides
 
     cases = collect(args.input)
@@ -75,8 +75,8 @@ def cmd_batch(args) -> int:
         return 2
     bank_dir = args.bank or str(bank_dir_for(args.support, args.preset))
     if args.build_bank:
-        engine, _ = _engine(args, args.support)
-        result = _sync_bank(engine, args.support)
+        engine, _ = engine_for(args, args.support)
+        result = sync_bank(engine, args.support)
         if result["failed"]:
             logger.warning("bank build: %d labelled images failed: %s", len(result["failed"]), result["failed"])
         bank_dir = str(engine.bank.directory)  # the one it wrote (another, when the shared one has other settings)

@@ -35,7 +35,6 @@ spacing for the tiny hippocampus crops. Precedence: preset < dataset file < ``--
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -51,6 +50,7 @@ import yaml
 from fewshot.config import CONFIGS_DIR, ConfigError, parse_label_map, parse_overrides
 from fewshot.eval import protocols
 from fewshot.eval.metrics import LabelScore, dice, hd95
+from fewshot.meters import cpu_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -211,24 +211,6 @@ def combined_map(predictions: Mapping[int, np.ndarray], shape) -> np.ndarray:
     return out
 
 
-def cpu_seconds() -> float:
-    """CPU seconds of this process (all threads) and of its children, live (pool workers) or reaped."""
-    try:
-        import psutil
-    except ImportError:  # only this process's own time then
-        return time.process_time()
-    me = psutil.Process()
-    t = me.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
-    for child in me.children(recursive=True):
-        try:
-            c = child.cpu_times()
-            total += c.user + c.system
-        except psutil.Error:  # exited between listing and reading: reaped time is counted above
-            pass
-    return total
-
-
 def make_preview(ref: Reference, prediction: np.ndarray, labels: Sequence[int]) -> Preview | None:
     inside = np.isin(ref.label, list(labels)).any(axis=(1, 2))
     zs = np.flatnonzero(inside)
@@ -250,18 +232,18 @@ def _stats(values) -> tuple[float, float, int]:
     return float(arr.mean()), float(arr.std()), int(arr.size)
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """NaN/inf -> null and numpy scalars -> Python, so metrics.json is strict JSON."""
     if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
+        return json_safe(obj.tolist())
     return obj
 
 
@@ -1132,7 +1114,7 @@ def run_eval(
     }
     files["metrics"] = out / "metrics.json"
     metrics["files"]["metrics"] = "metrics.json"
-    files["metrics"].write_text(json.dumps(_json_safe(metrics), indent=1, default=str))
+    files["metrics"].write_text(json.dumps(json_safe(metrics), indent=1, default=str))
     logger.info("%s on %s with %s: mean Dice %.3f over %d labels%s; wrote %s", protocol, Path(data_dir).name, preset,
                 metrics["mean_dice"], len(metrics["per_label"]), " (nested selection)" if grid else "", out)
     return EvalReport(metrics=metrics, out_dir=out, files=files)
@@ -1176,78 +1158,3 @@ def _nested_results(runs, points: list[dict], grid: Mapping, protocol: str, name
         "_point_of": point_of,
     }
     return nested, selection
-
-
-def cmd_eval(args) -> int:
-    report = run_eval(
-        args.data, args.protocol, args.preset, args.out, labels=args.labels, folds=args.folds, shots=args.shots,
-        growth=args.growth, growth_steps=args.growth_steps, models_dir=args.models_dir, overrides=args.overrides,
-        max_queries=args.max_queries, dataset=args.dataset, seed=args.seed, device=args.device, chunks=args.chunks,
-        fold_convention=args.fold_convention, select=args.select, hd95_empty=args.hd95_empty,
-        alpnet_support=args.alpnet_support, growth_random=args.growth_random,
-    )
-    m = report.metrics
-    summary = {
-        "protocol": m["protocol"], "preset": m["preset"], "mean_dice": m["mean_dice"],
-        "per_label": {k: {"dice_mean": v["dice_mean"], "dice_std": v["dice_std"], "n": v["n"],
-                          "hd95_mean": v["hd95_mean"], "hd95_empty_prediction": v["hd95_empty_prediction"]}
-                      for k, v in m["per_label"].items()},
-        "nested_selection": [g["chosen"] for g in m["selection"]["per_group"]] if m["selection"] else None,
-        "wall_seconds_per_query_slice": m["timing"]["wall_seconds_per_query_slice"],
-        "wall_seconds_per_volume": m["timing"].get("wall_seconds_per_volume"),
-        "out": str(report.out_dir),
-    }
-    print(json.dumps(_json_safe(summary), indent=1))
-    return 0
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("growth steps must be positive integers")
-    return values
-
-
-def add_eval_command(subparsers) -> None:
-    from fewshot.cli import _common
-
-    p = subparsers.add_parser(
-        "eval", help="Dice (and HD95) of a preset on a labelled dataset, under the alpnet or clinical protocol",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--data", required=True, help="folder of image_N / label_N pairs (NIfTI)")
-    p.add_argument("--protocol", required=True, choices=PROTOCOLS)
-    p.add_argument("--out", required=True, help="output folder for metrics.json, cases.csv and PNG plots")
-    p.add_argument("--dataset", default=None,
-                   help="configs/datasets/<name>.yaml to apply (default: the one named like the data folder; "
-                        "'none' for none)")
-    p.add_argument("--folds", type=int, default=None,
-                   help="alpnet: cross-validation folds (default 5); clinical: random support draws (default 1)")
-    p.add_argument("--shots", type=int, default=1, help="clinical: labelled scans in the support bank (default 1)")
-    p.add_argument("--growth", action="store_true",
-                   help="also draw Dice against 1, 2, 4, 8 labelled scans: bank_coverage order vs random orders")
-    p.add_argument("--growth-steps", type=_int_list, default=protocols.GROWTH_STEPS, metavar="N,N,...",
-                   help="labelled-scan counts of the growth curve (default 1,2,4,8)")
-    p.add_argument("--growth-random", type=int, default=RANDOM_SEEDS, metavar="N",
-                   help=f"random orders drawn beside the bank_coverage order (default {RANDOM_SEEDS}; 0: coverage only)")
-    p.add_argument("--max-queries", type=int, default=None, help="query scans per fold at most (quick runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the clinical and growth splits (default 0)")
-    p.add_argument("--chunks", type=int, default=3, help="alpnet: chunks of the organ's z-extent (default 3)")
-    p.add_argument("--alpnet-support", default="slices", choices=tuple(ALPNET_SUPPORTS),
-                   help="alpnet: the protocol's fixed support slices (default), or the support scan's whole "
-                        "labelled volume (not the protocol: report it as its own row)")
-    p.add_argument("--fold-convention", default="alpnet", choices=("alpnet", "adnet"),
-                   help="alpnet: which scan supports each fold (SSL-ALPNet's or ADNet's rule)")
-    p.add_argument("--select", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="tune a preset setting honestly (repeatable; the grid is every combination): every grid "
-                        "point is evaluated, and each fold (clinical: each of 5 groups of query scans) is reported "
-                        "at the point with the best mean Dice on the OTHER folds. E.g. "
-                        "--select embedder.pca_dims=16,32,64")
-    p.add_argument("--hd95-empty", default="exclude", choices=tuple(HD95_EMPTY),
-                   help="HD95 of a case whose prediction (or reference) is empty: exclude it from the mean and "
-                        "count it (default), or count it at the scan's diagonal in mm")
-    _common(p)
-    p.set_defaults(func=cmd_eval)
