@@ -47,6 +47,7 @@ from fewshot import bank_holders
 from fewshot.datastore import labelled, scan_datastore
 from fewshot.transfer import workers
 from lib.activelearning.bank_coverage import BankCoverage
+from lib import annotations
 from lib.app_config import AppConfig
 from lib.datastore import FewshotDatastore
 from lib.dicomweb import FewshotDicomWebDatastore, cache_root, is_dicomweb, make_client
@@ -54,6 +55,7 @@ from lib.embedding_cache import EmbeddingCache
 from lib.engine_host import EngineHost, StartupError
 from lib.infers.fewshot_sam2 import FewshotSam2
 from lib.ingest import IngestionWorker
+from lib.progress import PROGRESS_KEY, ProgressBoard
 from lib.sessions import SafeSessions
 from lib.validation import UploadValidator, check_id
 
@@ -134,6 +136,7 @@ class FewshotApp(MONAILabelApp):
         self._uploads: set[str] = set()
         self._uploads_lock = threading.Lock()
         self.dicomweb_client = None
+        self.progress = ProgressBoard()  # GET /fewshot/progress/{id}
         root = studies  # the local folder holding the bank: the datastore, or the DICOMweb cache
         if is_dicomweb(studies):
             studies = str(studies).rstrip("/").strip()
@@ -150,7 +153,7 @@ class FewshotApp(MONAILabelApp):
             self._fail(str(exc))
         self.worker = None if self.read_only else IngestionWorker(
             self.host, sources=self._final_labels, scratch_dir=self.app_config.scratch_dir,
-            storage_retry_seconds=self.app_config.storage_retry_seconds,
+            storage_retry_seconds=self.app_config.storage_retry_seconds, annotation_of=self._annotation_of,
         )
         self.cache = EmbeddingCache(self.app_config.embeddings_dir, self.host.embedding_key(), self.host.embed_volume)
         super().__init__(
@@ -180,7 +183,9 @@ class FewshotApp(MONAILabelApp):
         self.worker.start()
         if isinstance(self._datastore, FewshotDicomWebDatastore):
             # The PACS is the truth for final labels; the worker hears of each change the sync brings.
-            sync = lambda: self._datastore.sync_until_done(keep_going=lambda: FewshotApp._live is self)  # noqa: E731
+            # After the start-up sync, the PACS is polled: SEGs stored by any tool are picked up.
+            sync = lambda: self._datastore.sync_until_done(  # noqa: E731
+                keep_going=lambda: FewshotApp._live is self, poll_seconds=self.app_config.pacs_poll_seconds)
             threading.Thread(target=sync, name="fewshot-pacs-sync", daemon=True).start()
         if "monailabel.app" in sys.modules:
             from monailabel.app import app as fastapi_app
@@ -232,7 +237,7 @@ class FewshotApp(MONAILabelApp):
             # Not MONAI Label's init_remote_datastore: it downloads dcmqi from GitHub at start-up.
             return FewshotDicomWebDatastore(
                 self.dicomweb_client,
-                search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+                search_filter=self.app_config.search_filter,  # every modality unless narrowed (lib/app_config.py)
                 cache_path=self.app_config.studies,
                 validator=validator,
                 listener=self,
@@ -250,7 +255,7 @@ class FewshotApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {"fewshot_sam2": FewshotSam2(self.host, self.bank_status)}
+        return {"fewshot_sam2": FewshotSam2(self.host, self.bank_status, self.progress)}
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"bank_coverage": BankCoverage(self.host, self.cache), "random": Random(), "first": First()}
@@ -276,6 +281,8 @@ class FewshotApp(MONAILabelApp):
                 400, "an automatic result cannot be saved as the 'final' label; save it as 'original' "
                 "(the default), review it, then submit it as the final label",
             )
+        if request.get("request_id") is not None:
+            check_id(request["request_id"], "request_id")
         task = self._infers[model]
         if isinstance(task, FewshotSam2):
             task.options(request)
@@ -291,7 +298,29 @@ class FewshotApp(MONAILabelApp):
         if rebuilding:
             raise HTTPException(503, f"the support bank was replaced on disk by another process ({rebuilding}); it is being "
                                      "rebuilt from the datastore's final labels: try again in a moment (/info shows the progress)")
-        return super().infer(request, datastore)
+        tracker = self._track(request)
+        if tracker is None:
+            return super().infer(request, datastore)
+        try:
+            result = super().infer(dict(request, **{PROGRESS_KEY: tracker.token}), datastore)
+        except BaseException as exc:
+            tracker.fail(str(getattr(exc, "detail", "") or exc) or type(exc).__name__)
+            raise
+        tracker.finish()
+        return result
+
+    def _track(self, request: dict):
+        """The inference's entry in GET /fewshot/progress: under the client's ``request_id``, else the
+        image id (an uploaded or session image has none a client knows: no entry without request_id)."""
+        key, image = request.get("request_id"), request.get("image")
+        if key is not None:
+            key = check_id(key, "request_id")
+        elif isinstance(image, str) and not os.path.isabs(image):
+            key = image
+        if key is None:
+            return None
+        shown = image if isinstance(image, str) and not os.path.isabs(image) else "upload"
+        return self.progress.start(key, shown, str(request.get("model")))
 
     def bank_replaced(self) -> str | None:
         """Why the bank is being rebuilt, while it is. When another process replaced the bank this
@@ -355,6 +384,12 @@ class FewshotApp(MONAILabelApp):
         """image id -> (image, final label), from the files on disk: the datastore (the source of
         truth), or the DICOMweb cache, which the PACS sync and saves keep in step with the PACS."""
         return labelled(scan_datastore(self.app_config.studies))
+
+    def _annotation_of(self, image_id: str):
+        """The annotated part of an image's final label, as its save recorded it in the index."""
+        datastore = getattr(self, "_datastore", None)
+        info = datastore.get_label_info(image_id, FINAL) if datastore is not None else {}
+        return annotations.of(info)
 
     # The live server's worker is told; a background task's copy leaves the bank to it (the server
     # notices datastore changes itself).

@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from fewshot.annotation import Annotation
 from fewshot.bank import SliceBatch, SupportBank, file_sha256
 from fewshot.weights import default_file_mode
 from fewshot.types import Atlas, Embedder, LabelTransfer, Matcher, SlicePlan
@@ -263,14 +264,17 @@ class Engine:
 
     # ------------------------------------------------------------------ growing the bank
 
-    def support_batch(self, image_id: str, prepared: PreparedVolume, masks: np.ndarray, label_values: Sequence[int]) -> SliceBatch:
-        """Canvas slices + masks -> bank entries: positives, sampled negatives, augmented copies, embeddings, payloads."""
+    def support_batch(self, image_id: str, prepared: PreparedVolume, masks: np.ndarray, label_values: Sequence[int],
+                      annotated: set[int] | None = None) -> SliceBatch:
+        """Canvas slices + masks -> bank entries: positives, sampled negatives, augmented copies, embeddings, payloads.
+        ``annotated``: the canvas slices a person annotated (None: all); the others never become entries."""
         from fewshot.match.augment import augment_support
 
         bank_settings = self.settings.get("bank", {})
         canvas = prepared.canvas
-        positive = [z for z in range(len(masks)) if masks[z].any()]
-        negative = [z for z in range(len(masks)) if not masks[z].any()]
+        slices = [z for z in range(len(masks)) if annotated is None or z in annotated]
+        positive = [z for z in slices if masks[z].any()]
+        negative = [z for z in slices if not masks[z].any()]
         negative = _evenly_spaced(negative, int(bank_settings.get("negatives_per_image", -1)))
         images, out_masks, index, augmentation = [], [], [], []
         # Entries record the file's own slice number, so provenance names a slice a user can open.
@@ -326,8 +330,10 @@ class Engine:
         label_path: str | os.PathLike,
         allowed_labels: Sequence[int] | None = None,
         source: Mapping | None = None,
+        annotation: Annotation | None = None,
     ) -> IngestReport:
-        """Add (or replace) all slices of one labelled image. Validates before touching the bank."""
+        """Add (or replace) all slices of one labelled image. Validates before touching the bank.
+        ``annotation``: the part a person annotated, for a partial label (only those slices enter)."""
         start = time.perf_counter()
         # Stamped before reading: a file changed during ingestion then looks stale, never fresh.
         src = {"image": str(image_path), "label": str(label_path)}
@@ -344,7 +350,16 @@ class Engine:
         prepared = self.prepare(volume)
         masks = label_to_canvas(label, prepared.geometry)
         label_values = self.label_values(present)
-        batch = self.support_batch(image_id, prepared, masks, label_values)
+        annotated = None
+        if annotation is not None and annotation.partial:
+            geometry = prepared.geometry
+            in_file = annotation.check(label.shape).file_slices(label.shape, geometry.file_axis)
+            annotated = None if in_file is None else {z for z in range(len(masks)) if geometry.file_slice(z) in in_file}
+            if annotated is not None and not annotated:
+                raise VolumeError(f"{label_path}: no slice along the engine's slicing axis (file axis {geometry.file_axis}) was "
+                                  f"wholly annotated (annotated slices along axis {annotation.axis}: {len(annotation.slices)})")
+            src["annotation"] = annotation.as_dict()
+        batch = self.support_batch(image_id, prepared, masks, label_values, annotated)
         src["slice_axis"] = prepared.geometry.file_axis  # the file array axis entries' slice numbers run along
         src.update(source or {})
         self.bank.put(image_id, batch, src)
@@ -561,6 +576,8 @@ class Engine:
         out by scans that lack it."""
         wanted = {int(v) for v in labels}
         records = {i: self.bank.record(i) for i in self.bank.atlas_ids()}
+        # A scan annotated on some slices only is no atlas: its other slices would vote "no organ".
+        records = {i: r for i, r in records.items() if (r["source"].get("annotation") or {}).get("slices") is None}
         ids = [i for i, r in records.items() if not wanted or wanted & set(r["labels"])]
         if axis is not None:
             # Told, not filtered: headers of preprocessed data often name another RAS axis for the same

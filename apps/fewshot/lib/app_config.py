@@ -18,6 +18,7 @@ beyond it). Request bodies are capped from it too (``request_limits``).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -32,8 +33,16 @@ from fewshot.config import ConfigError, load_preset, parse_label_map, parse_valu
 logger = logging.getLogger(__name__)
 
 APP_KEYS = ("preset", "models_dir", "device", "labels", "warm_embeddings", "storage_retry_seconds",
-            "ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker")  # lib/ray_batch.py
+            "ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker",  # lib/ray_batch.py
+            "pacs_poll_seconds", "dicomweb_search_filter")  # lib/dicomweb.py
 DEFAULT_STORAGE_RETRY_SECONDS = 60.0
+# A DICOMweb datastore asks the PACS this often for new, changed or removed SEG series (final labels
+# stored by any tool): one QIDO search for series and one for SEG series when nothing changed.
+DEFAULT_PACS_POLL_SECONDS = 30.0
+# Which series are images: every modality (MONAI Label 0.8.5's own default is CT only, which hid MR
+# series); SEG, RTSTRUCT and other non-image series never are. -c dicomweb_search_filter narrows it.
+DEFAULT_SEARCH_FILTER: dict = {}
+SEARCH_FILTER_ENV = "MONAI_LABEL_DICOMWEB_SEARCH_FILTER"
 # What one session archive (PUT /session/?uncompress=true) may unpack to. A session holds one image:
 # a thin-slice CT series is 1000-2000 DICOM files of ~0.5 MB (about 1 GB), so 4 GB and 5000 files
 # leave room for the largest series, while a small hostile archive cannot fill the disk.
@@ -91,14 +100,31 @@ def resolve_labels(option: str | None, studies: Path, settings: Mapping) -> tupl
     return {}, "none configured: any integer label values are accepted"
 
 
-def _positive_seconds(value) -> float:
+def _positive_seconds(value, key: str = "storage_retry_seconds") -> float:
     try:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = -1.0
     if not seconds > 0:
-        raise ConfigError(f"-c storage_retry_seconds {value}: expected a number of seconds > 0")
+        raise ConfigError(f"-c {key} {value}: expected a number of seconds > 0")
     return seconds
+
+
+def search_filter(conf: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> tuple[dict, str]:
+    """The DICOMweb search filter (QIDO-RS attributes every image series must match) and where it came
+    from: ``-c dicomweb_search_filter '{"Modality": "MR"}'``, else the environment variable when set,
+    else every series."""
+    for text, source in ((conf.get("dicomweb_search_filter"), "-c dicomweb_search_filter"), (environ.get(SEARCH_FILTER_ENV), SEARCH_FILTER_ENV)):
+        if text is None or not str(text).strip():
+            continue
+        try:
+            value = json.loads(text) if isinstance(text, str) else text
+        except ValueError as exc:
+            raise ConfigError(f"{source} {text!r}: not JSON ({exc}); e.g. '{{\"Modality\": \"MR\"}}'") from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{source} {text!r}: expected a JSON object of DICOM attributes, e.g. '{{\"Modality\": \"MR\"}}'")
+        return value, source
+    return dict(DEFAULT_SEARCH_FILTER), "default: every modality"
 
 
 @dataclass
@@ -115,6 +141,9 @@ class AppConfig:
     max_volume_mb: int = DEFAULT_MAX_VOLUME_MB
     settings: dict = field(default_factory=dict)
     storage_retry_seconds: float = DEFAULT_STORAGE_RETRY_SECONDS
+    pacs_poll_seconds: float = DEFAULT_PACS_POLL_SECONDS
+    search_filter: dict = field(default_factory=dict)
+    search_filter_source: str = ""
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], studies: str | os.PathLike) -> "AppConfig":
@@ -135,7 +164,10 @@ class AppConfig:
         settings = load_preset(preset, overrides)
         labels, source = resolve_labels(conf.get("labels"), studies, settings)
         warm = str(conf.get("warm_embeddings", "true")).strip().lower() not in ("0", "false", "no", "off")
+        dicom_filter, filter_source = search_filter(conf)
         return cls(
+            pacs_poll_seconds=_positive_seconds(conf.get("pacs_poll_seconds", DEFAULT_PACS_POLL_SECONDS), "pacs_poll_seconds"),
+            search_filter=dicom_filter, search_filter_source=filter_source,
             studies=studies, preset=preset, models_dir=conf.get("models_dir") or None, labels=labels,
             labels_source=source, overrides=overrides, warm_embeddings=warm, settings=settings,
             session_max_unpacked_mb=_positive_int(conf, "session_max_unpacked_mb", DEFAULT_SESSION_MAX_UNPACKED_MB),

@@ -31,6 +31,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from lib import annotations
 from lib.labels import client_segments
 from lib.validation import RESERVED_INFO_KEYS, VOLUME_SUFFIXES, UploadValidator, check_id, check_info, check_tag, volume_suffix
 from lib.watcher import WatcherSupervisor
@@ -414,6 +415,9 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
         image_signature = file_signature(image_path)
         stored = self.validator.check_label(image_id, image_path, label_filename, client_segments(info))
         try:
+            annotation = annotations.parse(info, self.validator.label_map(), stored)
+            if annotation is not None:
+                info[annotations.INFO_KEY] = annotation.as_dict()
             self._write_label(image_id, label_tag, stored, volume_suffix(label_filename), info, image_signature)
         finally:
             if stored != label_filename:

@@ -57,7 +57,9 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import md5_digest
 from pydicom.dataset import Dataset
 
+from fewshot.annotation import Annotation
 from fewshot.volume import VolumeError, label_nifti, read_volume
+from lib import annotations
 from lib.datastore import AtomicIndexMixin, FinalLabelListener, without_provenance
 from lib.labels import client_segments
 from lib.validation import RESERVED_INFO_KEYS, VOLUME_SUFFIXES, UploadValidator, check_info, check_tag, volume_suffix
@@ -151,6 +153,32 @@ def _stamp(ds: Dataset) -> str:
     return ""
 
 
+def seg_frame_slices(ds: Dataset, image_path: str) -> list[int]:
+    """The image slice (index along the series' third voxel axis) of each frame of a SEG, in frame order."""
+    import SimpleITK as sitk
+
+    ref = sitk.ReadImage(image_path)
+    out = []
+    for item in ds.get("PerFrameFunctionalGroupsSequence") or []:
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        out.append(int(round(ref.TransformPhysicalPointToContinuousIndex(position)[2])))
+    return out
+
+
+def _keep_frames(ds: Dataset, frame_slices: list[int], keep: set[int]) -> None:
+    """Drops a binary SEG's frames whose slice is not in ``keep`` (1-bit frames are packed end to end)."""
+    from pydicom.pixel_data_handlers.numpy_handler import pack_bits
+
+    chosen = [i for i, z in enumerate(frame_slices) if z in keep]
+    if len(chosen) == len(frame_slices):
+        return
+    frames = ds.pixel_array.reshape(len(frame_slices), int(ds.Rows), int(ds.Columns))
+    items = list(ds.PerFrameFunctionalGroupsSequence)
+    ds.PixelData = pack_bits(np.ascontiguousarray(frames[chosen]).ravel())
+    ds.NumberOfFrames = len(chosen)
+    ds.PerFrameFunctionalGroupsSequence = [items[i] for i in chosen]
+
+
 def _http_detail(exc: Exception) -> str:
     return exc.detail if isinstance(exc, HTTPException) else f"{type(exc).__name__}: {exc}"
 
@@ -192,6 +220,7 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
         self._refs_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._sync: dict = {"state": "not started"}
+        self._unusable: dict[str, str] = {}  # SEG series uid -> why it cannot be used (sync_with_pacs)
         logger.info("DICOMweb datastore %s; cache %s; search filter %s", client.base_url, root, self._search_filter)
         LocalDatastore.__init__(
             self, str(root), extensions=[f"*{s}" for s in VOLUME_SUFFIXES], auto_reload=False, read_only=not live
@@ -401,8 +430,11 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
             if label_filename.lower().endswith(".bin"):
                 upload = self._raw_to_nifti(image_id, image_path, label_filename, work / f"label{NIFTI}")
             stored = self.validator.check_label(image_id, image_path, upload, client_segments(info))
+            annotation = annotations.parse(info, self.validator.label_map(), stored)
+            if annotation is not None:
+                info[annotations.INFO_KEY] = annotation.as_dict()
             if label_tag == FINAL:
-                info["dicom_seg"] = self._store_seg(image_id, stored, work)
+                info["dicom_seg"] = self._store_seg(image_id, stored, work, annotation)
                 info["source"] = "saved"
             with self._labels_lock:
                 self._put_label(image_id, label_tag, stored, info)
@@ -436,8 +468,10 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
         nib.save(label_nifti(data, image.affine, image.header), out)
         return str(out)
 
-    def _store_seg(self, image_id: str, label_path: str, work: Path) -> dict:
-        """The label as a DICOM SEG referencing its series, stored on the PACS (STOW-RS)."""
+    def _store_seg(self, image_id: str, label_path: str, work: Path, annotation: Annotation | None = None) -> dict:
+        """The label as a DICOM SEG referencing its series, stored on the PACS (STOW-RS). Every slice
+        gets a frame per segment (an empty frame says "annotated, nothing there"), except the slices
+        a partial label leaves unannotated: those get none, which is how any reader tells."""
         import SimpleITK as sitk
 
         values = [int(v) for v in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(label_path))) if v]
@@ -461,6 +495,8 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
             ds = pydicom.dcmread(seg_file)
         finally:
             os.unlink(seg_file)
+        if annotation is not None and annotation.slices is not None and annotation.axis == 2:
+            _keep_frames(ds, seg_frame_slices(ds, label_path), set(annotation.slices))
         source = pydicom.dcmread(str(next(series_dir.iterdir())), stop_before_pixels=True)
         # pydicom-seg gives the SEG a new frame of reference; viewers (OHIF) overlay a SEG on the
         # series sharing its frame of reference.
@@ -602,6 +638,9 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
                 422, f"SEG of series {image_id} does not lie on the series' voxel grid (spacing {seg.GetSpacing()} vs "
                 f"{ref.GetSpacing()}, origin at voxel {np.round(offset, 3).tolist()})",
             )
+        # The frames it holds are the slices that were annotated; a slice without one was not looked at.
+        frames = set(seg_frame_slices(pydicom.dcmread(str(files[0]), stop_before_pixels=True), image_path))
+        slices = None if frames >= set(range(ref.GetSize()[2])) else tuple(sorted(frames))
         on_grid = sitk.Resample(seg, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, seg.GetPixelID())
         numbers = sitk.GetArrayFromImage(on_grid).transpose(2, 1, 0).astype(np.int64)  # (x, y, z) as nibabel reads
         label_map = self.validator.label_map()
@@ -612,7 +651,9 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
                 table[int(number)] = int(label_map[name])
         image = nib.load(image_path)
         nib.save(label_nifti(table[numbers], image.affine, image.header), out)
-        return str(out)
+        declared = {int(table[int(n)]) for n in result.segment_infos}
+        labels = None if not label_map or declared >= set(label_map.values()) else tuple(sorted(declared))
+        return str(out), Annotation(slices=slices, axis=2, labels=labels, how="SEG frames and segments")
 
     def sync_status(self) -> dict:
         with self._sync_lock:
@@ -622,20 +663,35 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
         with self._sync_lock:
             self._sync.update(changes)
 
-    def sync_until_done(self, keep_going: Callable[[], bool] = lambda: True) -> None:
+    def sync_until_done(self, keep_going: Callable[[], bool] = lambda: True, poll_seconds: float | None = None) -> None:
         """The start-up sync, retried while the PACS cannot be reached (meanwhile the cache's
-        labels are used as they are)."""
+        labels are used as they are); then, with ``poll_seconds``, the same sync every
+        ``poll_seconds`` for as long as ``keep_going``: a SEG series stored, replaced or removed on
+        the PACS by any tool (OHIF's export, another viewer, a script) reaches the cache and the bank
+        within about that delay. A poll that finds nothing new costs two QIDO searches."""
         for attempt in itertools.count():
             if self.sync_with_pacs()["state"] == "done" or not keep_going():
-                return
+                break
             delay = SYNC_RETRY_DELAYS[min(attempt, len(SYNC_RETRY_DELAYS) - 1)]
             self._set_sync(retry_at=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + delay)))
             time.sleep(delay)
             if not keep_going():
                 return
+        if not poll_seconds:
+            return
+        self._set_sync(poll_seconds=poll_seconds)
+        while keep_going():
+            self._set_sync(next_poll=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + poll_seconds)))
+            time.sleep(poll_seconds)
+            if not keep_going():
+                return
+            polls = self.sync_status().get("polls", 0) + 1
+            self.sync_with_pacs(quiet=True)
+            self._set_sync(polls=polls)
 
-    def sync_with_pacs(self) -> dict:
-        """Bring the cache's final labels in step with the PACS's SEG series (start-up, background)."""
+    def sync_with_pacs(self, quiet: bool = False) -> dict:
+        """Bring the cache's final labels in step with the PACS's SEG series (start-up, then every
+        poll). ``quiet``: a sync that changes nothing is logged at debug level (a poll)."""
         started = time.time()
         self._set_sync(state="syncing", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         try:
@@ -652,24 +708,35 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
                 removed.append(image_id)
         for n, (image_id, seg) in enumerate(sorted(latest.items()), 1):
             self._set_sync(progress=f"{n}/{len(latest)}")
+            if seg["uid"] in self._unusable:  # a SEG never changes: not downloaded again at every poll
+                failed[image_id] = self._unusable[seg["uid"]]
+                continue
             try:
                 if self._fetch_final(image_id, seg, started):
                     fetched.append(image_id)
             except Exception as exc:
                 failed[image_id] = f"SEG series {seg['uid']}: {_http_detail(exc)}"
+                if not isinstance(exc, PacsError):  # unreadable, not unreachable
+                    self._unusable[seg["uid"]] = failed[image_id]
                 logger.error("PACS: final label of series %s not usable: %s", image_id, failed[image_id])
                 # Whatever the cache holds for it is not the PACS's latest final label.
                 if self._drop_final_if_older(image_id, started, "its latest SEG series is not usable"):
                     removed.append(image_id)
         seconds = round(time.time() - started, 2)
-        logger.info(
+        changed = bool(fetched or removed) or failed != self.sync_status().get("failed", {})
+        if quiet and not changed:  # a poll that found nothing new: the last changes stay on show
+            self._set_sync(state="done", progress="", series=len(listing), labelled=len(latest), error=None,
+                           retry_at=None, checked=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            return self.sync_status()
+        logger.log(
+            logging.INFO if changed or not quiet else logging.DEBUG,
             "PACS: %s (%d image series, %d with a final label: %d fetched, %d removed, %d not usable) in %.1f s",
             "in step" if not (fetched or removed or failed) else "synchronised",
             len(listing), len(latest), len(fetched), len(removed), len(failed), seconds,
         )
         self._set_sync(
             state="done", progress="", series=len(listing), labelled=len(latest), fetched=fetched, removed=removed,
-            failed=failed, seconds=seconds, error=None, retry_at=None,
+            failed=failed, seconds=seconds, error=None, retry_at=None, checked=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
         return self.sync_status()
 
@@ -683,7 +750,7 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
         work = Path(tempfile.mkdtemp(prefix="seg-", dir=self.scratch))
         try:
             self._download(seg["study"], seg["uid"], work / "seg")
-            label = self._seg_to_label(image_id, image_path, work / "seg", work / f"label{NIFTI}")
+            label, annotation = self._seg_to_label(image_id, image_path, work / "seg", work / f"label{NIFTI}")
             stored = self.validator.check_label(image_id, image_path, label)
             with self._labels_lock:
                 current = self._final_info(image_id)
@@ -693,6 +760,8 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
                     "source": "PACS",
                     "dicom_seg": {"SeriesInstanceUID": seg["uid"], "StudyInstanceUID": seg["study"], "ReferencedSeriesInstanceUID": image_id, "stamp": seg["stamp"]},
                 }
+                if annotation.partial:
+                    info[annotations.INFO_KEY] = annotation.as_dict()
                 self._put_label(image_id, FINAL, stored, info)
         finally:
             shutil.rmtree(work, ignore_errors=True)

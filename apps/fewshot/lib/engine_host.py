@@ -17,11 +17,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from fewshot import bank_holders, weights
+from fewshot.annotation import Annotation
 from fewshot.bank import SupportBank
 from fewshot.config import ConfigError
 from fewshot.coverage import Proposal, propose
@@ -91,6 +92,22 @@ def _test_pause() -> tuple[str, float] | None:
         return None
     image_id, _, seconds = text.rpartition("=")
     return image_id, float(seconds)
+
+
+# Tests only: seconds each inference step waits, so a test can watch the progress advance.
+TEST_STEP_PAUSE_ENV = "FEWSHOT_APP_TEST_INFER_STEP_PAUSE"
+
+
+def _paced(step):
+    pause = float(os.environ.get(TEST_STEP_PAUSE_ENV, "0") or 0)
+    if pause <= 0:
+        return step
+
+    def paced(done, total):
+        step(done, total)
+        time.sleep(pause)
+
+    return paced
 
 
 class _CommitLockedBank:
@@ -265,14 +282,21 @@ class EngineHost:
         matcher = self.engine.matcher if options.matching else None
         return Engine(settings, self.engine.embedder, matcher, self.engine.transfer, self.engine.bank, self.engine.label_names)
 
-    def segment(self, image_path: str, labels: Sequence[str | int] | None, options: InferOptions) -> Segmentation:
+    def segment(self, image_path: str, labels: Sequence[str | int] | None, options: InferOptions,
+                progress=None) -> Segmentation:
+        """``progress``: an ``InferenceProgress`` (lib.progress), told when the lock is held and fed
+        the engine's per-step callback."""
         with self.lock:  # retrieval and the support slices it names must come from one bank state
-            return self._engine_for(options).segment(image_path, labels=labels or None)
+            if progress is None:
+                return self._engine_for(options).segment(image_path, labels=labels or None)
+            progress.stage_to("preparing")
+            return self._engine_for(options).segment(image_path, labels=labels or None, progress=_paced(progress.step))
 
-    def ingest(self, image_id: str, image_path: str, label_path: str, source: Mapping) -> IngestReport:
+    def ingest(self, image_id: str, image_path: str, label_path: str, source: Mapping,
+               annotation: Annotation | None = None) -> IngestReport:
         """Encodes without the lock; only the commit takes it (see _CommitLockedBank)."""
         self._writable()
-        return self._ingest_engine.ingest(image_id, image_path, label_path, source=source)
+        return self._ingest_engine.ingest(image_id, image_path, label_path, source=source, annotation=annotation)
 
     def remove(self, image_id: str) -> bool:
         self._writable()
@@ -283,9 +307,22 @@ class EngineHost:
         if self.read_only:
             raise RuntimeError("the support bank is read-only in this process (a MONAI Label background task)")
 
-    def stale_images(self, sources: Mapping[str, tuple[str, str]]) -> dict[str, str]:
+    def stale_images(self, sources: Mapping[str, tuple[str, str]],
+                     annotation_of: Callable[[str], Annotation] | None = None) -> dict[str, str]:
+        """The engine's stale images, and those whose entries were made for another annotated part
+        of the label than the datastore now records (e.g. a bank built by the CLI, which reads files only)."""
         with self.lock:
-            return self.engine.stale_images(sources)
+            stale = self.engine.stale_images(sources)
+            if annotation_of is None:
+                return stale
+            for image_id in sources:
+                if image_id in stale or image_id not in self.engine.bank:
+                    continue
+                recorded = Annotation.from_dict(self.engine.bank.record(image_id)["source"].get("annotation"))
+                current = annotation_of(image_id)
+                if (recorded.slices, recorded.axis, recorded.labels) != (current.slices, current.axis, current.labels):
+                    stale[image_id] = "annotated part of its label changed since it was ingested"
+            return stale
 
     def bank_ids(self) -> list[str]:
         with self.lock:
@@ -311,6 +348,11 @@ class EngineHost:
             raw = self.engine.bank.stats()
             values = list(self.engine.bank.label_values)
             ids = self.engine.bank.image_ids()
+            partial = {}
+            for image_id in ids:
+                annotation = self.engine.bank.record(image_id)["source"].get("annotation")
+                if annotation and annotation.get("partial"):
+                    partial[image_id] = annotation
         with self._stats_lock:
             self._label_values = values
         names = {v: n for n, v in self.label_map().items()}
@@ -323,6 +365,8 @@ class EngineHost:
             "index": raw.get("index"),
             "payload_bytes_per_entry": raw.get("payload_bytes_per_entry", 0),
             "image_ids": ids,
+            # Final labels that cover only some slices or labels: only their annotated slices are entries.
+            "partial_annotations": partial,
         }
         with self._stats_lock:
             self._stats = stats

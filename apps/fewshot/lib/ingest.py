@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from fewshot.annotation import Annotation
 from fewshot.bank import BankError
 from fewshot.volume import VolumeError
 
@@ -79,7 +80,7 @@ class WorkerStatus:
 class IngestionWorker:
     def __init__(
         self, host, sources: Sources, scratch_dir: Path | None = None, on_change: Callable[[], None] | None = None,
-        storage_retry_seconds: float = 60.0,
+        storage_retry_seconds: float = 60.0, annotation_of: Callable[[str], Annotation] | None = None,
     ):
         """``scratch_dir``: where label snapshots are made; emptied at start (a killed ingestion leaves one).
         ``storage_retry_seconds``: the wait between attempts once the first quick retries failed."""
@@ -87,6 +88,8 @@ class IngestionWorker:
         self.retry_delays = (*RETRY_DELAYS, storage_retry_seconds)
         self.scratch_dir = Path(scratch_dir) if scratch_dir else None
         self.sources = sources
+        # What part of an image's final label was annotated (lib.annotations): only that enters the bank.
+        self.annotation_of = annotation_of or (lambda image_id: Annotation())
         self.on_change = on_change or (lambda: None)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._resync_reason: str | None = None
@@ -310,7 +313,8 @@ class IngestionWorker:
         snapshot = Path(tmp) / Path(label_path).name
         try:
             shutil.copyfile(label_path, snapshot)
-            report = self.host.ingest(image_id, image_path, str(snapshot), source={"label": label_path})
+            report = self.host.ingest(image_id, image_path, str(snapshot), source={"label": label_path},
+                                      annotation=self.annotation_of(image_id))
         except Exception as exc:  # one bad label must not stop the others
             message = str(exc).replace(str(snapshot), label_path)
             if isinstance(exc, (VolumeError, BankError, OSError)):
@@ -351,7 +355,7 @@ class IngestionWorker:
         orphans = [i for i in self.host.bank_ids() if i not in sources]
         for image_id in orphans:
             self._remove(image_id)
-        stale = self.host.stale_images(sources)
+        stale = self.host.stale_images(sources, self.annotation_of)
         if not stale and not orphans:
             logger.info("bank: in step with the datastore (%d labelled images; %s)", len(sources), reason)
             self.host.refresh_stats()

@@ -302,6 +302,25 @@ def sample(strategy: str, params: Optional[dict] = None, user: User = Depends(RB
     return activelearning_ep.sample(strategy, params, user.username)
 
 
+# ------------------------------------------------------------------ inference progress
+
+
+@router.get("/fewshot/progress/{key}", include_in_schema=False)
+def inference_progress(key: str, user: User = Depends(RBAC(USER))):
+    """How far the latest inference under ``key`` (its request_id, else its image id) is: see the app's README."""
+    check_id(key, "request_id or image id")
+    item = app_instance().progress.get(key)
+    if item is None:
+        raise HTTPException(404, f"no inference under {quoted(key)} since the server started: pass the request_id "
+                                 "sent in the infer params, or the image id inferred")
+    return item.as_dict()
+
+
+@router.get("/fewshot/progress", include_in_schema=False)
+def all_inference_progress(user: User = Depends(RBAC(USER))):
+    return {"inferences": app_instance().progress.all()}
+
+
 # ------------------------------------------------------------------ sessions
 
 

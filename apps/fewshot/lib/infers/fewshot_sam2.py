@@ -25,6 +25,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.engine_host import EngineHost, InferOptions
 from lib.labels import BACKGROUND, result_label_names, with_background
+from lib.progress import PROGRESS_KEY, ProgressBoard
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ def _as_int(value: Any, name: str, bounds: tuple[int, int]) -> int:
 
 
 class FewshotSam2(InferTask):
-    def __init__(self, host: EngineHost, bank_status: Callable[[], dict]):
+    def __init__(self, host: EngineHost, bank_status: Callable[[], dict], progress: ProgressBoard | None = None):
         self.host = host
+        self.progress = progress or ProgressBoard()
         self.bank_status = bank_status
         # Seconds per volume of the recent inferences, for /info: how long the next one will take.
         self._recent: deque[dict] = deque(maxlen=RECENT_INFERENCES)
@@ -215,13 +217,16 @@ class FewshotSam2(InferTask):
         start = time.perf_counter()
         options, notes = self.options(request)
         fmt = self.result_format(request)
+        tracker = self.progress.by_token(request.get(PROGRESS_KEY))
         try:
-            seg = self.host.segment(request["image"], self.requested_labels(request), options)
+            seg = self.host.segment(request["image"], self.requested_labels(request), options, progress=tracker)
         except ValueError as exc:  # unknown label names, unreadable image (VolumeError)
             # First line only: readers append tracebacks and installation advice. The route replaces
             # the server's paths with what the client sent.
             raise HTTPException(422, str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable image") from None
         t_write = time.perf_counter()
+        if tracker is not None:
+            tracker.stage_to("writing")
         out = self.write(seg, fmt)
         write = time.perf_counter() - t_write
         summary = seg.summary()
