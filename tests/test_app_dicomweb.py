@@ -8,7 +8,10 @@ final label as a DICOM SEG made the way another tool would (only the slices with
 segments numbered in its own order and named). The app then starts on
 ``--studies http://127.0.0.1:<port>/dicom-web`` with ``-c preset random-tiny`` and is driven with
 MONAI Label's client: ``/info``, ``/infer`` with OHIF's NRRD parameters, final labels saved as a
-NIfTI and as OHIF's raw ``label.bin``, bad uploads, and a restart after the PACS changed.
+NIfTI and as OHIF's raw ``label.bin``, bad uploads, and a restart after the PACS changed. A second
+server (issue 12), on its own cache, with the app's own search filter and ``-c pacs_poll_seconds 1``:
+MR series are listed, a SEG another tool stores while it runs reaches the bank, and partial
+annotations (SEG frames, ``annotated_slices``) put only their annotated slices in the bank.
 
 Skipped with a message when Orthanc, its DICOMweb plugin or the shared data are absent.
 """
@@ -47,6 +50,9 @@ FOREIGN_NUMBERS = {"spleen": 1, "liver": 2, "right_kidney": 3, "left_kidney": 4}
 OHIF_INFER = {"result_extension": ".nrrd", "result_dtype": "uint16", "result_compress": False, "restore_label_idx": False}
 READY_TIMEOUT = 240
 SYNC_TIMEOUT = 180
+SEARCH_FILTER_ENV = "MONAI_LABEL_DICOMWEB_SEARCH_FILTER"
+MR = {"Modality": "MR"}  # what the first server is told through the environment (MONAI Label's default is CT)
+POLL_SECONDS = 1.0  # the polling server's -c pacs_poll_seconds (short, for the test)
 
 
 
@@ -237,17 +243,31 @@ class Orthanc:
 class DicomWebServer(Server):
     """The app's server on the Orthanc's DICOMweb URL, MONAI Label's cache under ``cache``."""
 
-    def __init__(self, orthanc: Orthanc, cache: Path, models_dir: Path, log: Path):
+    def __init__(self, orthanc: Orthanc, cache: Path, models_dir: Path, log: Path, extra=(), search_filter: dict | None = MR):
+        """``search_filter``: set through MONAI Label's environment variable; None: the app's own default."""
         self.tmp = cache.parent / "server-tmp"  # the server's temporary folder, to see what it leaves there
         self.tmp.mkdir(exist_ok=True)
-        env = {
-            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache),
-            "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),  # MONAI Label's default is CT
-            "TMPDIR": str(self.tmp),
-        }
+        env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache), "TMPDIR": str(self.tmp)}
+        if search_filter is not None:
+            env[SEARCH_FILTER_ENV] = json.dumps(search_filter)
         labels = ",".join(f"{n}={v}" for n, v in LABELS.items())
-        super().__init__(orthanc.dicomweb, models_dir, log, extra=[("labels", labels), ("bank.augmentations_per_slice", "0")], env=env)
+        super().__init__(orthanc.dicomweb, models_dir, log, extra=[("labels", labels), ("bank.augmentations_per_slice", "0"), *extra], env=env)
+        if search_filter is None:
+            self.env.pop(SEARCH_FILTER_ENV, None)
         self.cache = cache
+
+    def manifest(self) -> dict:
+        return json.loads((self.root() / ".fewshot" / f"bank-{self.preset}" / "manifest.json").read_text())
+
+    def wait_until_in_bank(self, image_id: str, timeout: float = SYNC_TIMEOUT) -> dict:
+        """Until ``image_id`` is in the bank and the worker is idle (generous: a wait, not a timing)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            bank = self.bank()
+            if image_id in bank["image_ids"]:
+                return self.wait_bank_idle(max(1.0, deadline - time.time()))
+            time.sleep(0.25)
+        pytest.fail(f"{image_id} not in the bank after {timeout} s: {self.bank()['pacs']}\n{self.log()[-3000:]}")
 
     def root(self) -> Path:
         (root,) = [p for p in self.cache.iterdir() if p.is_dir()]  # <cache>/<md5 of the URL>, as MONAI Label names it
@@ -613,6 +633,109 @@ def test_restart_with_the_pacs_down_then_back_follows_its_changes(server, pacs, 
         assert again.client().next_sample("bank_coverage", {})["id"] == uid(pacs, INFERRED)
     finally:
         again.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 12: a server with the app's own search filter that polls the PACS (its own cache, so it
+# never shares one with the first server)
+
+
+@pytest.fixture(scope="module")
+def live(pacs, orthanc, models_dir, dw_tmp):
+    srv = DicomWebServer(orthanc, dw_tmp / "live-cache", models_dir, dw_tmp / "live.log",
+                         extra=[("pacs_poll_seconds", str(POLL_SECONDS))], search_filter=None).start()
+    srv.wait_ready(READY_TIMEOUT)
+    yield srv
+    srv.stop()
+
+
+def busiest_slices(label: np.ndarray, count: int) -> list[int]:
+    """``count`` slices along the third axis with the most labelled voxels, apart from each other."""
+    voxels = (label > 0).sum(axis=(0, 1))
+    chosen: list[int] = []
+    for z in (int(z) for z in np.argsort(-voxels, kind="stable") if voxels[z]):
+        if all(abs(z - c) > 2 for c in chosen):
+            chosen.append(z)
+        if len(chosen) == count:
+            break
+    return sorted(chosen)
+
+
+def seg_slices(seg, affine: np.ndarray) -> list[int]:
+    """The image slices (third voxel axis) a SEG holds frames for."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    inverse = np.linalg.inv(lps)
+    out = set()
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        out.add(int(round((inverse @ [*position, 1.0])[2])))
+    return sorted(out)
+
+
+@dicomweb_test
+def test_mr_series_are_images_without_any_search_filter(live, pacs):
+    """MONAI Label 0.8.5 lists CT only unless MONAI_LABEL_DICOMWEB_SEARCH_FILTER says otherwise;
+    the app lists every modality (SEG never) unless -c dicomweb_search_filter narrows it."""
+    assert SEARCH_FILTER_ENV not in live.env
+    live.wait_synced()
+    info = live.client().info()
+    assert info["datastore"]["total"] == len(CASES), info["datastore"]
+    assert live.client().next_sample("first", {})["id"] in {uid(pacs, case) for case in CASES}
+    assert "search filter {}" in live.log()
+    pacs_status = info["models"]["fewshot_sam2"]["support_bank"]["pacs"]
+    assert pacs_status["poll_seconds"] == POLL_SECONDS, pacs_status
+
+
+@dicomweb_test
+def test_a_seg_another_tool_stores_is_picked_up_while_running_and_only_its_frames_count(live, pacs, orthanc):
+    """Another tool stores a SEG drawn on two slices while the server runs: within the poll interval
+    it is fetched and ingested, and only those two slices enter the bank (no negatives)."""
+    before = live.wait_synced()
+    series_uid = uid(pacs, INFERRED)
+    assert not segs_of(orthanc, series_uid) and series_uid not in before["image_ids"]
+    truth, affine = chaos(INFERRED, "label")
+    slices = busiest_slices(truth, 2)
+    drawn = np.zeros(truth.shape, np.uint8)
+    drawn[:, :, slices] = truth[:, :, slices]
+    names = {n: v for n, v in FOREIGN_NUMBERS.items() if (drawn == LABELS[n]).any()}
+    seg = foreign_seg(drawn, affine, pacs[INFERRED]["datasets"], names)
+    assert seg_slices(seg, affine) == slices  # frames for the drawn slices only, as other tools write
+    orthanc.client().store_instances([seg])
+
+    bank = live.wait_until_in_bank(series_uid)
+    entry = live.manifest()["images"][series_uid]
+    assert entry["entries"] == len(slices), entry  # no organ-free negatives from the 29 other slices
+    assert entry["source"]["annotation"]["slices"] == slices and entry["source"]["annotation"]["how"] == "SEG frames and segments"
+    assert bank["partial_annotations"][series_uid]["slices"] == slices
+    assert bank["negative_slices"] == before["negative_slices"]
+    cached = np.asarray(nib.load(live.root() / "labels" / "final" / f"{series_uid}.nii.gz").dataobj)
+    assert np.array_equal(cached, drawn)
+    assert live.bank()["pacs"]["fetched"] == [series_uid]
+
+
+@dicomweb_test
+def test_a_partial_save_stores_frames_for_its_annotated_slices_only(live, pacs, orthanc, dw_tmp):
+    """PUT /datastore/label with annotated_slices: the SEG on the PACS holds frames for those slices
+    only (what any reader, this app included, takes as the annotated part), and the bank holds them."""
+    live.wait_synced()
+    series_uid = uid(pacs, RAW)
+    truth, affine = chaos(RAW, "label")
+    slices = busiest_slices(truth, 3)
+    path = dw_tmp / "partial_raw.nii.gz"
+    nib.save(nib.Nifti1Image(truth.astype(np.uint8), affine), path)  # the whole result, reviewed on 3 slices
+    old = set(segs_of(orthanc, series_uid))
+    status, body = put_label(live, series_uid, path, {"annotated_slices": slices})
+    assert status == 200, body
+    (seg_uid,) = set(segs_of(orthanc, series_uid)) - old
+    (seg,) = orthanc.retrieve(pacs[RAW]["study"], seg_uid)
+    assert seg_slices(seg, affine) == slices
+    decoded = decode_seg(seg)
+    assert set(decoded["names"].values()) <= set(LABELS)
+    bank = live.wait_until_in_bank(series_uid)
+    live.wait_bank_idle()
+    entry = live.manifest()["images"][series_uid]
+    assert entry["entries"] == len(slices) and entry["source"]["annotation"]["slices"] == slices, entry
+    assert live.bank()["partial_annotations"][series_uid]["how"] == "params annotated_slices"
 
 
 # ---------------------------------------------------------------------------------------------

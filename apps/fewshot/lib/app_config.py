@@ -43,6 +43,10 @@ DEFAULT_PACS_POLL_SECONDS = 30.0
 # series); SEG, RTSTRUCT and other non-image series never are. -c dicomweb_search_filter narrows it.
 DEFAULT_SEARCH_FILTER: dict = {}
 SEARCH_FILTER_ENV = "MONAI_LABEL_DICOMWEB_SEARCH_FILTER"
+# MONAI Label's own default. `monailabel start_server` exports every setting to the server's
+# environment, so this value cannot be told from one a user set: it is taken as "not set" (to mean
+# CT only, say so with -c dicomweb_search_filter).
+MONAI_LABEL_DEFAULT_FILTER = {"Modality": "CT"}
 # What one session archive (PUT /session/?uncompress=true) may unpack to. A session holds one image:
 # a thin-slice CT series is 1000-2000 DICOM files of ~0.5 MB (about 1 GB), so 4 GB and 5000 files
 # leave room for the largest series, while a small hostile archive cannot fill the disk.
@@ -123,6 +127,8 @@ def search_filter(conf: Mapping[str, str], environ: Mapping[str, str] = os.envir
             raise ConfigError(f"{source} {text!r}: not JSON ({exc}); e.g. '{{\"Modality\": \"MR\"}}'") from None
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"{source} {text!r}: expected a JSON object of DICOM attributes, e.g. '{{\"Modality\": \"MR\"}}'")
+        if source == SEARCH_FILTER_ENV and value == MONAI_LABEL_DEFAULT_FILTER:
+            continue
         return value, source
     return dict(DEFAULT_SEARCH_FILTER), "default: every modality"
 
