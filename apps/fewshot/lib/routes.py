@@ -14,7 +14,8 @@ message, then hands over to MONAI Label's own endpoint function (``_handing_over
 files of a failed request are removed, and its message names no temporary file). ``PUT /session/``
 is handled here whole: the stock handler keeps what it received when the session is refused. They
 are plain ``def`` routes, so FastAPI runs them in its thread pool: the event loop stays free while
-an inference runs.
+an inference runs. ``GET /ohif/`` serves MONAI Label's OHIF build with this app's patches
+(``lib/ohif.py``) in place of the stock one.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse, Response
 from monailabel.config import settings
 from monailabel.endpoints import activelearning as activelearning_ep
 from monailabel.endpoints import batch_infer as batch_ep
@@ -41,6 +43,8 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import get_basename, remove_file
 
+from lib.ohif import PatchedBuild, PatchError
+from lib.ohif import media_type as ohif_media_type
 from lib.sessions import ArchiveLimits
 from lib.validation import (
     MAX_ID_LENGTH, MAX_JSON_BYTES, check_client_json, check_id, check_tag, clean_paths, parse_json_object, quoted, volume_suffix,
@@ -435,6 +439,28 @@ async def _too_large(send, limit: int, knob: str) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------ OHIF
+
+
+@router.get("/ohif/{path:path}", include_in_schema=False)
+def ohif_file(path: str, user: User = Depends(RBAC(USER))):
+    """MONAI Label's OHIF build with this app's patches (``lib/ohif.py``): brush, eraser and Save in
+    the MONAI Label panel. Patched files come from memory, the rest from the wheel's build."""
+    try:
+        patched = OHIF_BUILD.files()
+    except PatchError as exc:
+        logger.error("%s", exc)
+        raise HTTPException(500, str(exc)) from None
+    rel, target = OHIF_BUILD.resolve(path)
+    if rel in patched:  # same name as the stock chunk: revalidate, never reuse a cached stock copy
+        return Response(patched[rel], media_type=ohif_media_type(target),
+                        headers={"Cache-Control": "no-cache", "ETag": f'"{OHIF_BUILD.etag(rel)}"'})
+    return FileResponse(target, media_type=ohif_media_type(target))
+
+
+OHIF_BUILD = PatchedBuild()
 
 
 def install(fastapi_app, limits: dict[str, int] | None = None) -> None:
