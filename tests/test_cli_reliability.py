@@ -2,7 +2,9 @@
 that change no stored entry stay out of the bank's fingerprint, `models verify` fails on missing
 weights and names them, a missing weight is one short message, `eval --folds 1` never scores the
 support against itself, output labels follow the umask, timings partition the total, and SIGTERM
-stops the registration workers with the CLI.
+stops the registration workers with the CLI; labels are written readable as the umask allows by the
+engine's own writer, and a label that cannot be read as integer class values (complex voxels) or
+whose header does not fit its image (a decompression bomb) is refused before it is decompressed.
 
 Runs on small synthetic volumes and the committed sample datastore: nothing needs ../shared/data.
 Another process holding a bank is a real process (a Python one-liner holding the lock).
@@ -17,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -33,7 +36,9 @@ from fewshot.config import load_preset
 from fewshot.eval import protocols
 from fewshot.pipeline import Engine, _partition, _within
 from fewshot.presets import build_steps
+from fewshot.volume import VolumeError, read_label, read_volume, write_label
 from fewshot.weights import MissingWeightsError
+from nifti_files import nifti_bomb
 
 SAMPLE = PROJECT / "sample-datastore"
 AFFINE = np.diag([2.5, 2.5, 5.0, 1.0])
@@ -222,6 +227,64 @@ def test_missing_weights_are_one_short_message(tmp_path):
     assert len(message) < 600, message
     assert "python -m fewshot models download dinov2-vits14 lpips-alex sam2.1-hiera-tiny" in message
     assert "models list" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# labels read and written by the engine: refused from their header, written readable
+
+
+def test_written_labels_follow_the_umask(tmp_path):
+    """volume.write_label itself (every writer of labels goes through it), not only Segmentation.save:
+    it renamed a mkstemp file (0600) into place."""
+    image, label = phantom(0)
+    nib.save(nib.Nifti1Image(image, AFFINE), tmp_path / "image.nii.gz")
+    out = tmp_path / "label.nii.gz"
+    write_label(out, label.astype(np.uint16), read_volume(tmp_path / "image.nii.gz"))
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def test_a_label_bomb_for_a_small_image_is_refused_from_its_header(tmp_path):
+    """A 0.5 MB label announcing 512 MiB for a 72 x 64 x 20 image was decompressed in full (and held
+    as float32) before its shape was refused; an image announcing 2.55 GB likewise."""
+    image = np.random.default_rng(0).normal(100, 10, (72, 64, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, AFFINE), tmp_path / "image.nii.gz")
+    volume = read_volume(tmp_path / "image.nii.gz")
+    label = nifti_bomb(tmp_path / "label.nii.gz", (1024, 1024, 512), AFFINE)
+    big = nifti_bomb(tmp_path / "big.nii.gz", (1400, 1400, 1300), AFFINE)
+    tracemalloc.start()
+    try:
+        with pytest.raises(VolumeError, match=r"label shape \(1024, 1024, 512\) does not match image shape \(72, 64, 20\)"):
+            read_label(label, volume)
+        with pytest.raises(VolumeError, match="2548000000 voxels .* nothing was decompressed"):
+            read_volume(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MB held to refuse them"
+
+
+def test_complex_labels_on_disk_are_refused_by_the_engine_and_the_cli(tmp_path, models_dir):
+    """A complex64 final label was ingested with its imaginary part dropped (numpy's ComplexWarning
+    alone said so). The engine refuses it, and `bank build` reports it, exits 1 and leaves the label
+    file and the other image's entries as they are."""
+    store = tiny_datastore(tmp_path / "store")
+    path = store / "labels" / "final" / "case_1.nii.gz"
+    values = np.asanyarray(nib.load(path).dataobj)
+    nib.save(nib.Nifti1Image((values + 1j * values).astype(np.complex64), AFFINE), path)
+    before = path.read_bytes()
+    volume = read_volume(store / "case_1.nii.gz")
+    with pytest.raises(VolumeError, match=r"holds complex voxels \(complex64\)"):
+        read_label(path, volume)
+    run = subprocess.run([sys.executable, "-m", "fewshot", "bank", "build", "--datastore", str(store),
+                          "--preset", "random-tiny", "--models-dir", str(models_dir)],
+                         cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stdout + run.stderr
+    reconcile = json.loads(run.stdout)["reconcile"]
+    assert "complex voxels" in reconcile["failed"]["case_1"] and reconcile["ingested"] == ["case_0"], reconcile
+    assert "complex voxels" in run.stderr and "Traceback" not in run.stderr
+    assert path.read_bytes() == before
+    manifest = json.loads((bank_dir_for(store, "random-tiny") / "manifest.json").read_text())
+    assert set(manifest["images"]) == {"case_0"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations as nio
 
+from fewshot.weights import default_file_mode
+
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -64,13 +66,118 @@ def _is_nifti(path: str) -> bool:
     return path.lower().endswith(NIFTI_SUFFIXES)
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-    """Read and validate a 3D image. Raises VolumeError with a message a user can act on."""
+# 1024^3 voxels: above any clinical series (512 x 512 x 2000 is half of it); held as float32, this is
+# already 4 GB. A header announcing more is refused before a byte of voxel data is decompressed.
+MAX_VOXELS = 2**30
+
+
+@dataclass(frozen=True)
+class VolumeHeader:
+    """What a file's header announces, read without its voxel data."""
+
+    shape: tuple[int, ...]  # trailing singleton axes dropped, as ``read_volume`` drops them
+    dtype: np.dtype
+    affine: np.ndarray | None  # as the engine's reader gives it; None where only the full read knows (NRRD)
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def spatial_shape(shape) -> tuple[int, ...]:
+    """Trailing singleton axes (a 4D NIfTI with one time point) dropped: they are harmless."""
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def read_header(path: str | os.PathLike) -> VolumeHeader | None:
+    """The header of a NIfTI or NRRD file, its voxels left unread; None for other formats (their
+    readers read everything). Raises VolumeError when the file has no readable header."""
+    path = str(path)
+    try:
+        if _is_nifti(path):
+            img = nib.load(path)
+            # MONAI's NibabelReader gives nibabel's affine as it is (no reorientation).
+            return VolumeHeader(spatial_shape(img.shape), np.dtype(img.get_data_dtype()), np.asarray(img.affine, dtype=np.float64))
+        if path.lower().endswith(".nrrd"):
+            try:
+                import nrrd
+                from nrrd.reader import _determine_datatype
+            except ImportError:  # pynrrd comes with MONAI Label; without it NRRD is read whole by ITK
+                return None
+            header = nrrd.read_header(path)
+            return VolumeHeader(spatial_shape(header["sizes"]), np.dtype(_determine_datatype(header)), _nrrd_affine(path, header))
+    except VolumeError:
+        raise
+    except Exception as exc:
+        raise VolumeError(f"{path}: not a readable medical image ({type(exc).__name__}: {exc})") from None
+    return None
+
+
+def _nrrd_affine(path: str, header: Mapping) -> np.ndarray | None:
+    """The affine MONAI's NrrdReader gives an NRRD header (its directions and origin, LPS turned to
+    RAS); None for a layout it does not describe as one 3D grid."""
+    for key in ("space directions", "space origin"):
+        if header.get(key) is None:
+            raise VolumeError(f"{path}: not a readable medical image (its NRRD header has no {key!r} field)")
+    directions = np.asarray(header["space directions"], dtype=np.float64)
+    origin = np.asarray(header["space origin"], dtype=np.float64)
+    if directions.shape != (3, 3) or origin.shape != (3,):
+        return None
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = directions.T, origin
+    if header.get("space", "left-posterior-superior") == "left-posterior-superior":
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return affine
+
+
+def check_header(path: str, header: VolumeHeader, max_voxels: int = MAX_VOXELS) -> None:
+    """What a header alone shows to be unusable: voxels that are not real numbers, not 3D, no
+    voxels, more than ``max_voxels``, no usable affine."""
+    dtype = header.dtype
+    if dtype.kind not in "biuf":
+        # Readers keep the real part of complex voxels (numpy warns, nothing else does) and split
+        # RGB ones: what would be segmented or learnt from is not what the file holds.
+        kind = "complex" if dtype.kind == "c" else "RGB or structured" if dtype.fields else str(dtype)
+        raise VolumeError(f"{path}: holds {kind} voxels ({dtype}); an image must hold real numbers and a label "
+                          "integer class values (a reader would silently keep only the real part)")
+    shape = header.shape
+    if len(shape) != 3:
+        raise VolumeError(f"{path}: expected a 3D image, got {len(shape)}D with shape {shape}")
+    if 0 in shape:
+        raise VolumeError(f"{path}: the image has no voxels (shape {shape})")
+    if 1 in shape:
+        raise VolumeError(f"{path}: expected a 3D image, got a 2D image stored as 3D (shape {shape})")
+    if header.voxels > max_voxels:
+        raise VolumeError(f"{path}: its header announces {header.voxels} voxels (shape {shape}), more than the "
+                          f"{max_voxels} read here; nothing was decompressed")
+    affine = header.affine
+    if affine is not None and (affine.shape != (4, 4) or not np.all(np.isfinite(affine))
+                               or abs(np.linalg.det(affine[:3, :3])) < 1e-9):
+        raise VolumeError(f"{path}: the image has no usable voxel-to-world affine")
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity, without a boolean copy of the volume: the float64 sum of float32 values
+    cannot overflow, and is finite exactly when every value is."""
+    return bool(np.isfinite(array.sum(dtype=np.float64)))
+
+
+def read_volume(path: str | os.PathLike, max_voxels: int = MAX_VOXELS) -> Volume:
+    """Read and validate a 3D image. Raises VolumeError with a message a user can act on.
+
+    A NIfTI or NRRD header is checked first (voxel type, dimensions, voxel count against
+    ``max_voxels``), so a file that cannot be used costs no decompression."""
     path = str(path)
     if not os.path.exists(path):
         raise VolumeError(f"{path}: no such file")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise VolumeError(f"{path}: the file is empty")
+    announced = read_header(path) if os.path.isfile(path) else None
+    if announced is not None:
+        check_header(path, announced, max_voxels)
     from monai.transforms import LoadImage  # heavy import, only when a file is read
 
     reader = "NibabelReader" if _is_nifti(path) else None
@@ -90,7 +197,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         raise VolumeError(f"{path}: expected a 3D image, got a 2D image stored as 3D (shape {array.shape})")
     if min(array.shape) < 1 or array.size == 0:
         raise VolumeError(f"{path}: the image has no voxels (shape {array.shape})")
-    if not np.all(np.isfinite(array)):
+    if not all_finite(array):
         raise VolumeError(f"{path}: the image holds NaN or infinite values")
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise VolumeError(f"{path}: the image has no usable voxel-to-world affine")
@@ -106,11 +213,20 @@ def read_volume(path: str | os.PathLike) -> Volume:
 def read_label(path: str | os.PathLike, image: Volume, allowed: Sequence[int] | None = None) -> np.ndarray:
     """Read a label volume and check it belongs to ``image``: same shape and affine, integer values.
 
+    The label's header is checked against the image first: a label for another grid (or a
+    decompression bomb) is refused before its voxels are decompressed, and complex voxels are
+    refused rather than read without their imaginary part.
     ``allowed``: label values accepted besides 0; others raise. Returns uint16 in the file's array order.
     """
-    label = read_volume(path)
-    check_label_geometry(str(path), label.shape, label.affine, image.shape, image.affine)
-    return validate_label_values(label.array, str(path), allowed)
+    path = str(path)
+    announced = read_header(path) if os.path.isfile(path) else None
+    if announced is not None:
+        # NRRD: the affine is known only once read (MONAI's reader derives it); its shape is checked now.
+        check_label_geometry(path, announced.shape, image.affine if announced.affine is None else announced.affine,
+                             image.shape, image.affine)
+    label = read_volume(path, max_voxels=int(np.prod(image.shape, dtype=np.int64)))
+    check_label_geometry(path, label.shape, label.affine, image.shape, image.affine)
+    return validate_label_values(label.array, path, allowed)
 
 
 # "Same geometry" for a label and its image: affines equal to well below a voxel (mm).
@@ -162,7 +278,8 @@ def label_nifti(values: np.ndarray, affine: np.ndarray, header=None) -> nib.Nift
 def write_label(path: str | os.PathLike, label: np.ndarray, image: Volume) -> None:
     """Write a label with exactly the image's shape and affine (its NIfTI header, when it has one).
 
-    Written to a temporary file then renamed, so a crash never leaves a torn label behind.
+    Written to a temporary file then renamed, so a crash never leaves a torn label behind; its mode
+    is the umask's, as for any file the user writes.
     """
     path = str(path)
     if not _is_nifti(path):
@@ -177,6 +294,12 @@ def write_label(path: str | os.PathLike, label: np.ndarray, image: Volume) -> No
     os.close(fd)
     try:
         nib.save(out, tmp)
+        # mkstemp's 0600 would make the label unreadable to other users and viewers: give it the
+        # mode open() would (0644 under the usual umask 022), before it appears under its name.
+        try:
+            os.chmod(tmp, default_file_mode())
+        except OSError as exc:  # a file system without modes: the label is written all the same
+            logger.debug("%s: mode not set (%s)", path, exc)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
