@@ -355,6 +355,9 @@ class IngestionWorker:
         orphans = [i for i in self.host.bank_ids() if i not in sources]
         for image_id in orphans:
             self._remove(image_id)
+        with self._cond:  # a failure reported for a final label deleted since (on disk) is over
+            for image_id in [i for i in self._status.failed if i not in sources and i not in self._retries]:
+                del self._status.failed[image_id]
         stale = self.host.stale_images(sources, self.annotation_of)
         if not stale and not orphans:
             logger.info("bank: in step with the datastore (%d labelled images; %s)", len(sources), reason)

@@ -10,7 +10,8 @@ Every rejection is an ``HTTPException`` with a 4xx status and a message a user c
 * 413: an image (stored, or uploaded to ``/infer``) whose header announces more voxel data than
   the server's budget (``-c max_volume_mb``), refused before it is decompressed;
 * 422: an upload of the right type that cannot be used: unreadable or not 3D, complex or RGB
-  voxels, a label whose shape or affine differs from its image, non-integer values, values outside
+  voxels, NaN or infinite values (an image's are checked as they stream past, never held whole in
+  memory), a label whose shape or affine differs from its image, non-integer values, values outside
   the configured labels, a ``label_info`` that is not a list of segments, and what
   ``lib.file_checks`` finds (sform and qform that disagree, data after the voxels, more voxels than
   the header's or the image's).
@@ -33,7 +34,8 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from fewshot.volume import check_label_geometry, label_nifti, Volume, VolumeError, read_label, read_volume, validate_label_values
+from fewshot.volume import (Volume, VolumeError, check_header, check_label_geometry, label_nifti, read_header, read_label,
+                            read_volume, validate_label_values)
 from lib.app_config import DEFAULT_MAX_VOLUME_MB
 from lib.file_checks import MAX_VOXELS, TooLarge, check_before_reading, disagreeing_geometry, nifti_bytes, nifti_voxels
 from lib.labels import Segments, value_table
@@ -350,35 +352,47 @@ class UploadValidator:
             raise HTTPException(422, str(exc)) from None
         return upload_path if table is None else rewrite_values(upload_path, table)
 
-    def check_volume(self, upload_path: str, what: str = "the uploaded image") -> None:
+    def check_volume(self, upload_path: str, what: str = "the uploaded image", voxels: bool = False) -> bool:
         """An uploaded image, from its header and without keeping its voxels: a volume format,
         real voxel values, within the budget (413, before anything is decompressed), and nothing
-        after its voxels."""
+        after its voxels. ``voxels``: the values are checked too as they stream past (no NaN or
+        infinity); returns whether they were (see ``check_before_reading``)."""
         img = self.check_type(upload_path, what)
         try:
-            check_before_reading(upload_path, img, what, MAX_VOXELS, "this server accepts for an image", self.max_volume_bytes)
+            streamed = check_before_reading(upload_path, img, what, MAX_VOXELS, "this server accepts for an image",
+                                            self.max_volume_bytes, voxels=voxels)
+            if streamed:
+                check_header(upload_path, read_header(upload_path))
         except TooLarge as exc:
             raise HTTPException(413, _clean(str(exc), upload_path, what)) from None
         except VolumeError as exc:
             raise HTTPException(422, _clean(str(exc), upload_path, what)) from None
+        return streamed
 
     def check_image(self, upload_path: str, final_label: str | None = None) -> None:
-        """``final_label``: the label of the image this upload replaces; it must still fit."""
+        """An image to store. ``final_label``: the label of the image this upload replaces; it must
+        still fit. Checked from headers and as its voxels stream past, never held whole in memory;
+        only a text-encoded NRRD is read whole by the engine's reader."""
         what = "the uploaded image"
-        self.check_volume(upload_path, what)
-        try:
-            volume = read_volume(upload_path)
-        except VolumeError as exc:
-            raise HTTPException(422, _clean(str(exc), upload_path, what)) from None
-        if final_label:
+        if not self.check_volume(upload_path, what, voxels=True):
             try:
-                read_label(final_label, volume)
+                read_volume(upload_path)
             except VolumeError as exc:
-                raise HTTPException(
-                    409, f"{what} does not fit the image's existing final label "
-                    f"({_clean(str(exc), upload_path, what, {final_label: 'the final label'})}); "
-                    "delete the label first to replace the image with another geometry",
-                ) from None
+                raise HTTPException(422, _clean(str(exc), upload_path, what)) from None
+        if not final_label:
+            return
+        try:
+            image, label = read_header(upload_path), read_header(final_label)
+            if image is not None and label is not None and image.affine is not None and label.affine is not None:
+                check_label_geometry(final_label, label.shape, label.affine, image.shape, image.affine)
+            else:  # a header that does not give the affine as the engine's reader does: read them
+                read_label(final_label, read_volume(upload_path))
+        except VolumeError as exc:
+            raise HTTPException(
+                409, f"{what} does not fit the image's existing final label "
+                f"({_clean(str(exc), upload_path, what, {final_label: 'the final label'})}); "
+                "delete the label first to replace the image with another geometry",
+            ) from None
 
 
 def rewrite_values(path: str, table: np.ndarray) -> str:
