@@ -6,7 +6,8 @@ seeded SEG come from ``test_app_dicomweb``'s fixtures). One test walks the issue
 clicks them: the study list, the study opened in the MONAI Label mode, Run, the overlay compared
 with the server's answer voxel for voxel, a brush stroke and an eraser stroke, Save, the new SEG on
 Orthanc, the bank one image larger, the next study proposed by ``bank_coverage`` opened and
-segmented with the saved label among the supports. Unexpected console errors fail it. Screenshots
+segmented with the saved label among the supports; then a label painted there from scratch, saved as
+annotated on its painted slices only. Unexpected console errors fail it. Screenshots
 of each step go to ``test-artifacts/ohif/`` (git-ignored).
 
 Also, fast and browser-free: every patch of the OHIF build still applies to the installed wheel.
@@ -322,6 +323,28 @@ def test_ohif_annotation_loop_in_headless_chromium(server, pacs, orthanc, browse
     assert target in supports, supports
     (data,) = files.values()
     assert np.array_equal(parse_nrrd(data), answer_next)  # the browser got the same answer
+
+    # and a label painted from scratch (no Run) is saved as annotated on its painted slices only
+    browser.refresh()
+    page.wait(lambda: (page.labelmap() or {}).get("series") == nxt and not (page.labelmap() or {}).get("counts"), PAGE_TIMEOUT,
+              "the next study reloaded, connected, nothing painted")
+    page.dismiss_banner()
+    assert browser.find_element(By.ID, "fewshot-partial").is_selected()
+    Select(browser.find_element(By.ID, "fewshot-label")).select_by_value(str(liver))
+    page.click(By.ID, "fewshot-brush")
+    axial = browser.find_elements(By.CSS_SELECTOR, ".cornerstone-viewport-element canvas, canvas")[0]
+    ActionChains(browser).move_to_element_with_offset(axial, -30, 0).click_and_hold().move_by_offset(40, 0).release().perform()
+    page.wait(lambda: (page.labelmap() or {}).get("counts", {}).get(str(liver), 0) > 0, 10, "a stroke on an empty labelmap")
+    drawn = page.labelmap(data=True)
+    slices = np.nonzero(drawn["array"].any(axis=(0, 1)))[0].tolist()
+    assert 0 < len(slices) < drawn["array"].shape[2]
+    page.click(By.ID, "fewshot-save")
+    page.wait(lambda: browser.find_elements(By.ID, "fewshot-error") or "Saved" in " ".join(e.text for e in browser.find_elements(By.ID, "fewshot-status")),
+              60, "the partial save's answer")
+    assert not browser.find_elements(By.ID, "fewshot-error"), browser.find_element(By.ID, "fewshot-error").text
+    page.shot("partial-save")
+    bank = server.wait_bank_idle()
+    assert bank["partial_annotations"][nxt]["slices"] == slices, bank["partial_annotations"]
 
     # 10. no unexpected console errors along the way
     page.drain()
