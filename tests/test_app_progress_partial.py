@@ -186,3 +186,52 @@ def test_a_label_annotated_on_some_slices_puts_only_those_in_the_bank(server, da
     positives = int(((truth > 0).sum(axis=(0, 1)) > 0).sum())
     assert entry["entries"] == positives + NEGATIVES and "annotation" not in entry["source"], entry
     assert "image_3" not in bank["partial_annotations"]
+
+
+# ---------------------------------------------------------------------------------------------
+# without a server
+
+
+def test_annotated_slices_map_onto_the_engines_slicing_axis():
+    from fewshot.annotation import Annotation
+
+    shape = (4, 5, 6)
+    assert Annotation().file_slices(shape, 2) is None and not Annotation().partial
+    some = Annotation(slices=(1, 3), axis=2)
+    assert some.partial and some.file_slices(shape, 2) == {1, 3}
+    # Cut along another axis, a slice is annotated only if it lies wholly in the annotated region.
+    assert some.file_slices(shape, 0) == set()
+    assert Annotation(slices=tuple(range(6)), axis=2).file_slices(shape, 0) == {0, 1, 2, 3}
+    assert Annotation.from_dict(some.as_dict()) == some
+    with pytest.raises(ValueError):
+        Annotation(slices=(6,), axis=2).check(shape)
+
+
+def test_progress_board_keeps_the_latest_per_id_and_never_goes_back():
+    import sys
+
+    from test_app_server import APP
+
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.progress import ProgressBoard
+    finally:
+        sys.path.remove(str(APP))
+        for name in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+            del sys.modules[name]
+    board = ProgressBoard(keep=2)
+    first = board.start("a", "a", "fewshot_sam2")
+    assert first.as_dict()["state"] == "waiting" and first.as_dict()["eta"] is None
+    first.stage_to("preparing")
+    first.step(2, 4)
+    first.step(1, 4)  # a late callback never moves it back
+    item = first.as_dict()
+    assert (item["state"], item["stage"], item["done"], item["fraction"]) == ("running", "segmenting", 2, 0.5)
+    second = board.start("a", "a", "fewshot_sam2")  # the same image again: the latest wins
+    assert board.get("a") is second and board.by_token(first.token) is None
+    first.finish()  # the first request ending does not touch the second's entry
+    assert board.get("a").as_dict()["state"] == "waiting"
+    board.start("b", "b", "m"), board.start("c", "c", "m")
+    assert board.get("a") is None and [i["id"] for i in board.all()] == ["c", "b"]
+    board.get("c").fail("boom")
+    assert board.get("c").as_dict()["state"] == "failed" and board.get("c").as_dict()["message"] == "boom"

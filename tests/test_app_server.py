@@ -922,7 +922,7 @@ class SlowHost:
         self.fail = {k: list(v) for k, v in (fail or {}).items()}
         self._lock = threading.Lock()
 
-    def ingest(self, image_id, image_path, label_path, source):
+    def ingest(self, image_id, image_path, label_path, source, annotation=None):
         with self._lock:
             self.active += 1
             self.overlap |= self.active > 1
@@ -943,7 +943,7 @@ class SlowHost:
         self.in_bank.discard(image_id)
         return present
 
-    def stale_images(self, sources):
+    def stale_images(self, sources, annotation_of=None):
         return {}
 
     def bank_ids(self):

@@ -669,6 +669,8 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
         ``poll_seconds`` for as long as ``keep_going``: a SEG series stored, replaced or removed on
         the PACS by any tool (OHIF's export, another viewer, a script) reaches the cache and the bank
         within about that delay. A poll that finds nothing new costs two QIDO searches."""
+        if poll_seconds:
+            self._set_sync(poll_seconds=poll_seconds)  # in /info from the start: how soon a SEG is seen
         for attempt in itertools.count():
             if self.sync_with_pacs()["state"] == "done" or not keep_going():
                 break
@@ -679,7 +681,6 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
                 return
         if not poll_seconds:
             return
-        self._set_sync(poll_seconds=poll_seconds)
         while keep_going():
             self._set_sync(next_poll=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + poll_seconds)))
             time.sleep(poll_seconds)

@@ -58,7 +58,9 @@ class InferenceProgress:
             if self.segmenting_since is None:
                 self.segmenting_since = time.time()
             self.state, self.stage = "running", "segmenting"
-            self.done, self.total = int(done), int(total)
+            # Steps may report out of order (registration workers): neither count goes back.
+            self.done = max(int(done), self.done) if int(total) == self.total else int(done)
+            self.total = int(total)
             if total > 0:
                 self.fraction = max(self.fraction, min(1.0, done / total))
 
