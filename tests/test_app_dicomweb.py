@@ -700,9 +700,12 @@ def test_a_seg_another_tool_stores_is_picked_up_while_running_and_only_its_frame
     names = {n: v for n, v in FOREIGN_NUMBERS.items() if (drawn == LABELS[n]).any()}
     seg = foreign_seg(drawn, affine, pacs[INFERRED]["datasets"], names)
     assert seg_slices(seg, affine) == slices  # frames for the drawn slices only, as other tools write
+    stored_at = time.perf_counter()
     orthanc.client().store_instances([seg])
 
     bank = live.wait_until_in_bank(series_uid)
+    # A figure, not an assertion: the poll interval here is 1 s (30 s by default), plus fetch and ingestion.
+    print(f"\nSEG stored by another tool -> in the bank after {time.perf_counter() - stored_at:.1f} s (poll every {POLL_SECONDS} s)")
     entry = live.manifest()["images"][series_uid]
     assert entry["entries"] == len(slices), entry  # no organ-free negatives from the 29 other slices
     assert entry["source"]["annotation"]["slices"] == slices and entry["source"]["annotation"]["how"] == "SEG frames and segments"
