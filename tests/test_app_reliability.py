@@ -216,6 +216,13 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_change_nothing(server, app_tmp
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.complex64), img.affine), complex_image)
     long_suffixes = folder / ("x" + ".b" * 100 + ".nii.gz")  # 207 bytes of extensions: no temporary file name holds them
     shutil.copyfile(label, long_suffixes)
+    # MONAI Label's client sends a file's whole path as its name: a path over 255 characters is no
+    # file name over 255 (it was refused with 400 for its length).
+    deep = folder.joinpath(*["d" * 60] * 4)
+    deep.mkdir(parents=True)
+    deep_label = deep / "complex.nii.gz"
+    shutil.copyfile(complex_label, deep_label)
+    assert len(str(deep_label)) > 255
     image = str(server.studies / f"{IMAGE}.nii.gz")
     infer = f"/infer/fewshot_sam2?image={IMAGE}"
     deep = json.dumps(json.loads('{"a":' * 40 + "1" + "}" * 40))
@@ -234,6 +241,7 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_change_nothing(server, app_tmp
         ("POST", infer, {}, {"params": json.dumps({"top_k": []})}, 400, "top_k must be an integer"),
         ("POST", "/infer/fewshot_sam2", {}, None, 400, "no image"),
         ("PUT", f"/datastore/label?image={IMAGE}", {"label": str(complex_label)}, None, 422, "complex voxels"),
+        ("PUT", f"/datastore/label?image={IMAGE}", {"label": str(deep_label)}, None, 422, "complex voxels"),
         ("PUT", "/datastore/image?image=complex_case", {"file": str(complex_image)}, None, 422, "complex voxels"),
         ("POST", "/infer/fewshot_sam2", {"file": str(complex_image)}, None, 422, "complex voxels"),
     ]

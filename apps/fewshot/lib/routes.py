@@ -64,15 +64,21 @@ router = APIRouter(prefix=settings.MONAI_LABEL_API_STR)
 # Stock handlers name a temporary file tmpXXXXXXXX<suffixes of the upload's name>: what fits a file name
 # (a DICOM UID of 64 characters with .nii.gz does).
 MAX_SUFFIX_BYTES = 200
+MAX_PATH_LENGTH = 4096  # a client's path (Linux's PATH_MAX)
 
 
 def _check_file_name(upload: UploadFile, what: str) -> None:
     """Stock handlers log an upload's name and make a temporary file's suffix from all its
     suffixes (``a.b.c.nii.gz`` -> ``.b.c.nii.gz``): a name that would not fit a file name gave a 500."""
+    # MONAI Label's client (3D Slicer's too) sends the file's whole local path as its name: only
+    # the last part becomes a file here, the rest is bounded as any path is.
     name = upload.filename or ""
-    if len(name) > MAX_ID_LENGTH:
-        raise HTTPException(400, f"{what}'s file name is {len(name)} characters long; at most {MAX_ID_LENGTH} are accepted")
-    size = len(os.path.basename(name).encode("utf-8", "surrogatepass"))
+    if len(name) > MAX_PATH_LENGTH:
+        raise HTTPException(400, f"{what}'s file name is {len(name)} characters long; at most {MAX_PATH_LENGTH} are accepted")
+    base = os.path.basename(name)
+    if len(base) > MAX_ID_LENGTH:
+        raise HTTPException(400, f"{what}'s file name is {len(base)} characters long; at most {MAX_ID_LENGTH} are accepted")
+    size = len(base.encode("utf-8", "surrogatepass"))
     if size > 255:
         raise HTTPException(400, f"{what}'s file name is {size} bytes long in UTF-8; a file name holds at most 255")
     suffixes = "".join(Path(name).suffixes).encode("utf-8", "surrogatepass")
