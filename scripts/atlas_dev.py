@@ -55,7 +55,7 @@ def main() -> None:
         for q in args.queries.split(","):
             for name, fields in variants.items():
                 engine.transfer.settings = dataclasses.replace(base, fusion=dataclasses.replace(base.fusion, **fields))
-                engine._results.clear()  # the finished segmentation, not the registrations
+                engine.forget_results()  # the finished segmentation, not the registrations
                 start = time.perf_counter()
                 seg = engine.segment(root / f"image_{q}.nii.gz", labels=values)
                 seconds = time.perf_counter() - start

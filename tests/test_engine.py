@@ -401,6 +401,33 @@ def test_plan_reranks_by_matcher_and_keeps_k():
             assert all((s.match_distance is not None) == (matcher is not None) for s in plan.supports)
 
 
+def test_per_call_options_equal_an_engine_with_those_settings_and_share_its_caches(engine_factory, tiny_settings, tmp_path):
+    """A request's top_k/keep/matching as SegmentOptions: the same label and supports as an engine built
+    with those settings (what the app did per request), while the engine keeps one set of caches."""
+    from fewshot.config import deep_merge
+    from fewshot.pipeline import SegmentOptions
+
+    image, label = _synthetic_case(tmp_path, "case", slices=range(1, 7))
+    engine, _ = engine_factory()
+    _force_presence(engine)
+    engine.ingest("a", image, label)
+    options = SegmentOptions(top_k=2, keep=1, matching=False)
+    other = Engine(deep_merge(tiny_settings, {"retrieval": {"top_k": 2}, "selection": {"keep": 1}}), engine.embedder,
+                   None, engine.transfer, engine.bank, engine.label_names)
+    expected = other.segment(image)
+    default = engine.segment(image)
+    got = engine.segment(image, options=options)
+    assert not got.timings.get("reused")  # other settings: not the default call's result
+    np.testing.assert_array_equal(got.label, expected.label)
+    assert got.provenance == expected.provenance
+    supports = {len(e["supports"]) for info in got.provenance.values() for e in info["slices"].values()}
+    assert supports == {1} and default.provenance != got.provenance
+    assert engine.segment(image, options=options).timings.get("reused")  # its own result is kept
+    assert engine.segment(image).timings.get("reused")  # and the default one too
+    engine.forget_caches()
+    assert not engine.segment(image).timings.get("reused")
+
+
 def test_mask_threshold_reaches_the_output(engine_factory, tmp_path):
     image, label = _synthetic_case(tmp_path, "case")
     engine, _ = engine_factory()

@@ -693,7 +693,9 @@ class SupportBank:
             self._index.add(emb)
             self._rows.extend((image_id, i) for i in range(len(emb)))
 
-    def _invalidate(self) -> None:
+    def mark_changed(self) -> None:
+        """A new generation, as a saved label makes: results keyed by the old one are stale (cached
+        image features are not), and the index is rebuilt on the next search."""
         self.generation = uuid.uuid4().hex
         self._index, self._rows = None, []
 

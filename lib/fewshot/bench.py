@@ -272,29 +272,22 @@ class SegmentRun:
         }
 
 
-def _forget_query_caches(engine) -> None:
-    """Drop the per-volume caches (embeddings, SAM 2 image features) so the next call runs cold."""
-    engine._prepared.clear()  # Engine's embedding LRU (no public reset)
-    engine._results.clear()  # finished segmentations (same volume, bank and settings)
-    cache = getattr(engine.transfer, "feature_cache", None)
-    if cache is not None:
-        engine.transfer.feature_cache = type(cache)(cache.max_volumes)
-
-
-def _set_keep(engine, k: int) -> None:
-    """Supports kept per query slice; retrieval fetches at least that many (Engine.plan reads both per call).
+def exactly(k: int):
+    """Options keeping k supports per query slice; retrieval fetches at least that many.
     Exactly k: the distinct-sources rule could leave fewer when top-k holds a slice's augmented copies,
     and the bench times k memories, whatever they show."""
-    engine.settings["selection"] = {**engine.settings.get("selection", {}), "keep": int(k), "distinct_sources": False}
+    from fewshot.pipeline import SegmentOptions
+
+    return SegmentOptions(keep=int(k), distinct_sources=False)
 
 
-def timed_segment(engine, image, device: str, cold: bool = True, labels=None) -> SegmentRun:
+def timed_segment(engine, image, device: str, cold: bool = True, labels=None, options=None) -> SegmentRun:
     if cold:
-        _forget_query_caches(engine)
+        engine.forget_caches()
     names = stages_for(engine.settings)
     with PeakRss() as rss, NetworkClock(device) as clock:
         t0, c0 = time.perf_counter(), cpu_seconds()
-        seg = engine.segment(image, labels=labels)
+        seg = engine.segment(image, labels=labels, options=options)
         total, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     timings = dict(seg.timings)
     busy = None
@@ -393,20 +386,18 @@ def memories_comparison(engine, query: Path, ks: Sequence[int], n_slices: int) -
 
     stats = engine.bank.stats()["per_label"]
     label = int(max(stats, key=lambda v: stats[v])) if stats else engine.bank.label_values[0]
-    keep = engine.settings.get("selection", {}).get("keep", 4)
-    _forget_query_caches(engine)
+    engine.forget_caches()
     prepared = engine.prepare(query)
     embeddings = engine.embedder.embed(prepared.canvas)
     transfer = engine.transfer
     middle_out = sorted(range(len(prepared.canvas)), key=lambda z: abs(z - (len(prepared.canvas) - 1) / 2))
     points = []
     for k in ks:
-        _set_keep(engine, k)
         chosen, plan_s, cached, reenc = [], [], [], []
         for z in middle_out:
             one = PreparedVolume(prepared.volume, prepared.canvas[z : z + 1], prepared.geometry, prepared.key)
             t0, c0 = time.perf_counter(), time.process_time()
-            (plan,), _ = engine.plan(one, embeddings[z : z + 1], [label])
+            (plan,), _ = engine.plan(one, embeddings[z : z + 1], [label], exactly(k))
             seconds = (time.perf_counter() - t0, time.process_time() - c0)
             if not plan.labels or len(plan.supports) != k:
                 continue
@@ -442,7 +433,6 @@ def memories_comparison(engine, query: Path, ks: Sequence[int], n_slices: int) -
         logger.info("memories k=%d: cached %.3f s, re-encoded %.3f s per slice (x%.1f)", k,
                     point.cached.per_slice_s, point.reencoded.per_slice_s, point.speedup)
         points.append(point)
-    _set_keep(engine, keep)
     return points
 
 
@@ -545,8 +535,7 @@ def bench_size(
                                        f"query-{plan.subvolume_slices}")
         whole_path = {}
         for k in sorted(set(plan.ks) | {keep}):
-            _set_keep(engine, k)
-            whole_path[k] = timed_segment(engine, sub_image, device)
+            whole_path[k] = timed_segment(engine, sub_image, device, options=exactly(k))
             logger.info("bench %d: whole path k=%d: %.3f s per slice", size, k,
                         whole_path[k].total_s / max(1, whole_path[k].slices))
         one_label = None
@@ -555,21 +544,19 @@ def bench_size(
             per_label = engine.bank.stats()["per_label"]
             value = int(max(per_label, key=per_label.get)) if per_label else None
             if value is not None:
-                _set_keep(engine, 16)
-                one_label = timed_segment(engine, sub_image, device, labels=[value])
+                one_label = timed_segment(engine, sub_image, device, labels=[value], options=exactly(16))
                 logger.info("bench %d: whole path k=16, label %d only: %.3f s per slice", size, value,
                             one_label.total_s / max(1, one_label.slices))
-        _set_keep(engine, keep)
         first = second = changed = None
         if whole_volume:
             query = data.query_image
             if plan.query_slices:
                 query, _ = write_subvolume(query, data.query_label, plan.query_slices, slabs, f"query-{plan.query_slices}")
             logger.info("bench %d: segmenting %s (cold, then again with cached features)", size, query.name)
-            first = timed_segment(engine, query, device, cold=True)
-            second = timed_segment(engine, query, device, cold=False)
-            engine.bank._invalidate()  # what a saved label does: results are stale, image features are not
-            changed = timed_segment(engine, query, device, cold=False)
+            first = timed_segment(engine, query, device, cold=True, options=exactly(keep))
+            second = timed_segment(engine, query, device, cold=False, options=exactly(keep))
+            engine.bank.mark_changed()  # what a saved label does: results are stale, image features are not
+            changed = timed_segment(engine, query, device, cold=False, options=exactly(keep))
             logger.info("bench %d: whole volume %.1f s, second inference %.1f s, after a bank change %.1f s",
                         size, first.total_s, second.total_s, changed.total_s)
     # Re-encoding supports per query is SAM 2's question; registration caches nothing to compare.

@@ -26,7 +26,7 @@ from fewshot.annotation import Annotation
 from fewshot.bank import SupportBank
 from fewshot.config import ConfigError
 from fewshot.coverage import Proposal, propose
-from fewshot.pipeline import Engine, IngestReport, Segmentation, settings_hash
+from fewshot.pipeline import Engine, IngestReport, SegmentOptions, Segmentation, settings_hash
 from fewshot.presets import PresetError, resolve_device
 from fewshot.volume import CANVAS_VERSION
 
@@ -272,15 +272,11 @@ class EngineHost:
 
     # ------------------------------------------------------------------ engine calls (serialised)
 
-    def _engine_for(self, options: InferOptions) -> Engine:
-        """The shared engine, or a view of it sharing steps and bank with other retrieval knobs."""
+    def _segment_options(self, options: InferOptions) -> SegmentOptions | None:
+        """A request's retrieval knobs as per-call options: one engine, and its caches, serve every request."""
         if options == self.defaults:
-            return self.engine
-        settings = copy.deepcopy(self.engine.settings)
-        settings.setdefault("retrieval", {})["top_k"] = options.top_k
-        settings.setdefault("selection", {})["keep"] = options.memories
-        matcher = self.engine.matcher if options.matching else None
-        return Engine(settings, self.engine.embedder, matcher, self.engine.transfer, self.engine.bank, self.engine.label_names)
+            return None
+        return SegmentOptions(top_k=options.top_k, keep=options.memories, matching=options.matching)
 
     def segment(self, image_path: str, labels: Sequence[str | int] | None, options: InferOptions,
                 progress=None) -> Segmentation:
@@ -288,9 +284,10 @@ class EngineHost:
         the engine's per-step callback."""
         with self.lock:  # retrieval and the support slices it names must come from one bank state
             if progress is None:
-                return self._engine_for(options).segment(image_path, labels=labels or None)
+                return self.engine.segment(image_path, labels=labels or None, options=self._segment_options(options))
             progress.stage_to("preparing")
-            return self._engine_for(options).segment(image_path, labels=labels or None, progress=_paced(progress.step))
+            return self.engine.segment(image_path, labels=labels or None, progress=_paced(progress.step),
+                                      options=self._segment_options(options))
 
     def ingest(self, image_id: str, image_path: str, label_path: str, source: Mapping,
                annotation: Annotation | None = None) -> IngestReport:

@@ -123,6 +123,10 @@ class QueryFeatureCache:
         self._volumes: OrderedDict[tuple, dict[int, QueryFeatures]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        with self._lock:
+            self._volumes.clear()
+
     def get(self, cache_key: str | None, image_size: int, z: int, digest: str) -> QueryFeatures | None:
         if cache_key is None or self.max_volumes == 0:
             return None
@@ -563,6 +567,10 @@ class Sam2Transfer:
         return memories
 
     # ---------------------------------------------------------------- query volumes
+
+    def forget_caches(self) -> None:
+        """Drop the cached query image features (``Engine.forget_caches``: timing runs start cold)."""
+        self.feature_cache.clear()
 
     @torch.inference_mode()
     def segment_volume(
