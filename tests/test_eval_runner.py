@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import shared_dataset
-from fewshot.eval import runner
+from fewshot.eval import datasets, runner
+from fewshot.eval import results as res
+from fewshot.eval.alpnet import AlpnetProtocol
+from fewshot.eval.run import EvalRun
 from fewshot.eval.metrics import LabelScore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -63,17 +66,17 @@ def assert_label_summary(metrics: dict, names: set[str], n: int) -> None:
 
 
 def test_dataset_file_supplies_names_and_settings_and_set_wins(tmp_path):
-    ds = runner.load_dataset_config("msd-hippocampus")
+    ds = datasets.load_dataset_config("msd-hippocampus")
     assert ds.labels == {"anterior": 1, "posterior": 2}
     assert ds.overrides() == {"volume.pixel_spacing_mm": 0.45}
-    assert runner.load_dataset_config("cmr-bssfp").labels == {"LV-MYO": 200, "LV-BP": 500, "RV": 600}
-    assert runner.load_dataset_config("chaos-t2").labels["spleen"] == 4
+    assert datasets.load_dataset_config("cmr-bssfp").labels == {"LV-MYO": 200, "LV-BP": 500, "RV": 600}
+    assert datasets.load_dataset_config("chaos-t2").labels["spleen"] == 4
     # Picked by the data folder's name, not by any other folder, and never with --dataset none.
-    assert runner.dataset_for(tmp_path / "msd-hippocampus", None).name == "msd-hippocampus"
-    assert runner.dataset_for(tmp_path / "elsewhere", None) is None
-    assert runner.dataset_for(tmp_path / "msd-hippocampus", "none") is None
+    assert datasets.dataset_for(tmp_path / "msd-hippocampus", None).name == "msd-hippocampus"
+    assert datasets.dataset_for(tmp_path / "elsewhere", None) is None
+    assert datasets.dataset_for(tmp_path / "msd-hippocampus", "none") is None
     with pytest.raises(ValueError, match="unknown dataset"):
-        runner.load_dataset_config("no-such-dataset")
+        datasets.load_dataset_config("no-such-dataset")
 
 
 def test_eval_command_line_is_registered():
@@ -93,24 +96,24 @@ def test_eval_command_line_is_registered():
 
 def test_summary_averages_scans_and_leaves_undefined_scores_out():
     def case(cid, fold, d1, d2, h1=1.0):
-        return runner.CaseResult(cid, fold, ("s",), {1: LabelScore(d1, h1), 2: LabelScore(d2, math.nan)},
+        return res.CaseResult(cid, fold, ("s",), {1: LabelScore(d1, h1), 2: LabelScore(d2, math.nan)},
                                  {1: 3, 2: 3}, {1: 5, 2: 5}, {1: 5, 2: 0}, seconds=2.0, query_slices=4,
                                  organ_slices=8, cpu_seconds=3.0)
 
     results = [case("a", 0, 0.8, 0.0, 2.0), case("b", 0, 0.6, math.nan), case("c", 1, 0.4, 0.5)]
-    s = runner.summarise(results, {1: "one", 2: "two"})
+    s = res.summarise(results, {1: "one", 2: "two"})
     assert s["per_label"]["one"]["dice_mean"] == pytest.approx(0.6) and s["per_label"]["one"]["n"] == 3
     assert s["per_label"]["one"]["dice_std"] == pytest.approx(np.std([0.8, 0.6, 0.4]))
     assert s["per_label"]["two"]["dice_mean"] == pytest.approx(0.25) and s["per_label"]["two"]["n"] == 2
     assert s["per_label"]["one"]["hd95_mean"] == pytest.approx(4 / 3)
     assert s["per_label"]["two"]["hd95_n"] == 0 and math.isnan(s["per_label"]["two"]["hd95_mean"])
     assert s["mean_dice"] == pytest.approx((0.6 + 0.25) / 2)
-    timing = runner.timing_summary(results)
+    timing = res.timing_summary(results)
     assert timing["wall_seconds_per_query_slice"] == pytest.approx(0.5)
     assert timing["wall_seconds_per_organ_slice"] == pytest.approx(0.25)
     assert timing["cpu_seconds_per_query_slice"] == pytest.approx(0.75)
     assert timing["query_slices"] == 12 and timing["organ_slices"] == 24
-    assert json.loads(json.dumps(runner.json_safe(s)))["per_label"]["two"]["hd95_mean"] is None
+    assert json.loads(json.dumps(res.json_safe(s)))["per_label"]["two"]["hd95_mean"] is None
 
 
 def test_impossible_split_fails_before_any_network_loads(tmp_path):
@@ -158,13 +161,13 @@ def test_alpnet_scores_each_organ_on_its_own_one_way_prediction(tmp_path):
     affine = np.diag([1.25, 1.25, 5.0, 1.0])
     nib.save(nib.Nifti1Image(image, affine), tmp_path / "image_1.nii.gz")
     nib.save(nib.Nifti1Image(label, affine), tmp_path / "label_1.nii.gz")
-    case = runner.Case("1", str(tmp_path / "image_1.nii.gz"), str(tmp_path / "label_1.nii.gz"))
+    case = datasets.Case("1", str(tmp_path / "image_1.nii.gz"), str(tmp_path / "label_1.nii.gz"))
     engine, _ = Engine.from_settings(load_preset("classic"), label_names={"one": 1, "two": 2})
     prepared = engine.prepare(case.image)
     engine.transfer = _OverlappingTransfer(label_to_canvas(read_label(case.label, prepared.volume), prepared.geometry))
-    run = runner.EvalRun(engine, [case], {"one": 1, "two": 2})
+    run = EvalRun(engine, [case], {"one": 1, "two": 2})
 
-    result = run.alpnet_query(0, "support", "1", {1: [[None]] * 3, 2: [[None]] * 3}, 3)
+    result = AlpnetProtocol(chunks=3).query(run, 0, "support", "1", {1: [[None]] * 3, 2: [[None]] * 3})
     assert result.scores[1].dice == pytest.approx(1.0)  # a shared label map would have overwritten it: Dice 0
     assert result.predicted_voxels[1] == result.reference_voxels[1] == 400
     # Organ 2 pays for its own over-segmentation: 2 * 1120 / (1120 + 1520).
@@ -187,10 +190,10 @@ def test_alpnet_runs_the_presets_own_path_augmented_copies_and_matching(models_d
     data = shared_dataset("msd-hippocampus")
     settings = load_preset("random-tiny", {"selection.keep": 1, "bank.augmentations_per_slice": 3})
     engine, _ = Engine.from_settings(settings, label_names={"anterior": 1, "posterior": 2})
-    cases = [runner.Case(cid, img, lab) for cid, (img, lab) in list(scan_pairs(data).items())[:2]]
-    run = runner.EvalRun(engine, cases, {"anterior": 1, "posterior": 2})
+    cases = [datasets.Case(cid, img, lab) for cid, (img, lab) in list(scan_pairs(data).items())[:2]]
+    run = EvalRun(engine, cases, {"anterior": 1, "posterior": 2})
     support_id, query_id = list(run.cases)[:2]
-    supports, slices = run.alpnet_supports(support_id, 3)
+    supports, slices = AlpnetProtocol(chunks=3).supports(run, support_id)
     for organ, chunks in supports.items():
         assert len(chunks) == 3
         for chunk, z in zip(chunks, slices[organ]):
@@ -199,7 +202,7 @@ def test_alpnet_runs_the_presets_own_path_augmented_copies_and_matching(models_d
             assert not np.array_equal(chunk[0].image, chunk[1].image)  # a real copy, not the slice again
     query = engine.prepare(run.cases[query_id].image).canvas[len(slices[1]) // 2]
     candidates = supports[1][0]
-    chosen = run.alpnet_chosen(query, candidates)
+    chosen = AlpnetProtocol().chosen(run, query, candidates)
     distances = engine.matcher.distances(query, np.stack([c.image for c in candidates]))
     assert chosen == [candidates[int(np.argmin(distances))]]
 

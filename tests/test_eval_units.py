@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from fewshot.eval import metrics, plots, protocols
+from fewshot import plots
+from fewshot.eval import metrics, protocols
 from fewshot.eval.metrics import CaseLabelScore, dice, hd95, surface_distances
 
 # --------------------------------------------------------------------------------------- metrics
@@ -296,37 +297,37 @@ def test_label_map_accepts_name_value_and_value_name():
 
 
 def _case(cid, hd, pred_vox, ref_vox, diag=100.0, d=0.5):
-    from fewshot.eval import runner
+    from fewshot.eval import results as res
 
-    return runner.CaseResult(cid, 0, ("s",), {1: metrics.LabelScore(d, hd)}, {1: 4}, {1: ref_vox}, {1: pred_vox},
+    return res.CaseResult(cid, 0, ("s",), {1: metrics.LabelScore(d, hd)}, {1: 4}, {1: ref_vox}, {1: pred_vox},
                              seconds=1.0, query_slices=4, organ_slices=4, diagonal_mm=diag)
 
 
 def test_missed_organ_is_counted_and_can_be_penalised():
-    from fewshot.eval import runner
+    from fewshot.eval import results as res
 
     results = [_case("a", 2.0, 5, 5), _case("b", math.nan, 0, 5, d=0.0), _case("c", math.nan, 7, 0, d=0.0, diag=80.0)]
-    s = runner.summarise(results, {1: "liver"})["per_label"]["liver"]
+    s = res.summarise(results, {1: "liver"})["per_label"]["liver"]
     # Default: undefined HD95s stay out of the mean, and how many there were is said beside it.
     assert s["hd95_mean"] == pytest.approx(2.0) and s["hd95_n"] == 1
     assert (s["hd95_empty_prediction"], s["hd95_empty_reference"]) == (1, 1)
-    penalised = runner.summarise(results, {1: "liver"}, hd95_empty="diagonal")
+    penalised = res.summarise(results, {1: "liver"}, hd95_empty="diagonal")
     p = penalised["per_label"]["liver"]
     assert p["hd95_mean"] == pytest.approx((2.0 + 100.0 + 80.0) / 3) and p["hd95_n"] == 3
     assert penalised["hd95_policy"]["name"] == "diagonal"
-    rows = runner.case_rows(results, {1: "liver"}, "diagonal")
+    rows = res.case_rows(results, {1: "liver"}, "diagonal")
     assert [r["hd95_undefined_because"] for r in rows] == ["", "empty prediction", "empty reference"]
     assert math.isnan(rows[1]["hd95"]) and rows[1]["hd95_in_mean"] == 100.0
-    assert math.isnan(runner.case_rows(results, {1: "liver"})[1]["hd95_in_mean"])
+    assert math.isnan(res.case_rows(results, {1: "liver"})[1]["hd95_in_mean"])
     with pytest.raises(ValueError, match="HD95 policy"):
-        runner.summarise(results, {1: "liver"}, hd95_empty="zero")
+        res.summarise(results, {1: "liver"}, hd95_empty="zero")
 
 
 # --------------------------------------------------------------------------------------- nested selection
 
 
 def test_nested_selection_on_a_hand_made_table():
-    from fewshot.eval import runner
+    from fewshot.eval import selection
 
     # Dice per (point, group): point 0 is best on average only thanks to group 0.
     #            g0   g1   g2   mean
@@ -334,7 +335,7 @@ def test_nested_selection_on_a_hand_made_table():
     # point 1   0.1  0.6  0.6  0.433
     table = {(0, 0): 0.9, (0, 1): 0.5, (0, 2): 0.5, (1, 0): 0.1, (1, 1): 0.6, (1, 2): 0.6}
     rows = [(p, g, f"case{g}", 1, d) for (p, g), d in table.items()]
-    choice = runner.nested_select(rows)
+    choice = selection.nested_select(rows)
     # g0 is chosen on g1+g2 (0.5 vs 0.6): point 1, and reported there (0.1). g1 and g2 are chosen on
     # a table that includes g0's 0.9: point 0 (0.7 vs 0.35), reported at 0.5.
     assert {g: c["point"] for g, c in choice.items()} == {0: 1, 1: 0, 2: 0}
@@ -344,35 +345,35 @@ def test_nested_selection_on_a_hand_made_table():
     assert nested == pytest.approx(1.1 / 3)  # below both points' all-group means: selection is not free
     # Ties go to the earlier point; a group never sees its own scores.
     tie = [(0, 0, "a", 1, 0.5), (1, 0, "a", 1, 0.5), (0, 1, "b", 1, 0.5), (1, 1, "b", 1, 0.5)]
-    assert {c["point"] for c in runner.nested_select(tie).values()} == {0}
+    assert {c["point"] for c in selection.nested_select(tie).values()} == {0}
     with pytest.raises(ValueError, match="two groups"):
-        runner.nested_select([(0, 0, "a", 1, 0.5), (1, 0, "a", 1, 0.6)])
+        selection.nested_select([(0, 0, "a", 1, 0.5), (1, 0, "a", 1, 0.6)])
 
 
 def test_selection_score_averages_labels_not_rows():
-    from fewshot.eval import runner
+    from fewshot.eval import selection
 
     rows = [("a", 1, 1.0), ("b", 1, 1.0), ("a", 2, 0.0), ("b", 2, math.nan)]
-    assert runner.selection_score(rows) == pytest.approx(0.5)  # labels weigh equally; nan is left out
-    assert math.isnan(runner.selection_score([("a", 1, math.nan)]))
+    assert selection.selection_score(rows) == pytest.approx(0.5)  # labels weigh equally; nan is left out
+    assert math.isnan(selection.selection_score([("a", 1, math.nan)]))
 
 
 def test_select_grid_parsing_and_clinical_groups():
     from fewshot.config import ConfigError
-    from fewshot.eval import runner
+    from fewshot.eval import selection
 
-    grid = runner.parse_select(["embedder.pca_dims=16,32", "transfer.fusion.h=0.005, 0.05"])
+    grid = selection.parse_select(["embedder.pca_dims=16,32", "transfer.fusion.h=0.005, 0.05"])
     assert grid == {"embedder.pca_dims": [16, 32], "transfer.fusion.h": [0.005, 0.05]}
-    points = runner.grid_points(grid)
+    points = selection.grid_points(grid)
     assert len(points) == 4 and points[0] == {"embedder.pca_dims": 16, "transfer.fusion.h": 0.005}
     assert points[1] == {"embedder.pca_dims": 16, "transfer.fusion.h": 0.05}
-    assert runner.grid_points({}) == [{}]
-    assert runner.parse_select(["transfer.consistency.z_weights=[1],[0.25, 0.5, 0.25]"]) == {
+    assert selection.grid_points({}) == [{}]
+    assert selection.parse_select(["transfer.consistency.z_weights=[1],[0.25, 0.5, 0.25]"]) == {
         "transfer.consistency.z_weights": [[1], [0.25, 0.5, 0.25]]}
     for bad in (["pca_dims"], ["a=1,1"], ["a=1", "a=2"], ["=1,2"]):
         with pytest.raises(ConfigError):
-            runner.parse_select(bad)
+            selection.parse_select(bad)
     results = [_case(str(i), 1.0, 1, 1) for i in (1, 2, 3, 10, 11, 12, 13)]
-    groups = runner.selection_groups(results, "clinical")
+    groups = selection.round_robin_groups(results)
     # Sorted numerically (2 before 10) and dealt round-robin into 5 groups.
     assert [groups[(0, str(i))] for i in (1, 2, 3, 10, 11, 12, 13)] == [0, 1, 2, 3, 4, 0, 1]

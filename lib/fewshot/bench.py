@@ -857,7 +857,7 @@ def recommend_cpu_defaults(sizes: Mapping[int, SizeResult], budget_s: float, top
 
 
 def write_plots(out: Path, report: dict) -> list[str]:
-    from fewshot.eval.plots import bar_chart, line_chart
+    from fewshot.plots import bar_chart, line_chart
 
     written = []
     sizes = report.get("sizes", {})

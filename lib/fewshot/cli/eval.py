@@ -40,7 +40,11 @@ import json
 
 from fewshot.cli.common import add_common_options
 from fewshot.eval import protocols
-from fewshot.eval.runner import ALPNET_SUPPORTS, HD95_EMPTY, PROTOCOLS, RANDOM_SEEDS, json_safe, run_eval
+from fewshot.eval.alpnet import ALPNET_SUPPORTS
+from fewshot.eval.growth import RANDOM_SEEDS
+from fewshot.eval.plan import PROTOCOLS
+from fewshot.eval.results import HD95_EMPTY, json_safe
+from fewshot.eval.runner import run_eval
 
 
 def main(args) -> int:

@@ -1,7 +1,15 @@
-"""Evaluation: scores (``metrics``), the literature's protocols as data (``protocols``), figures (``plots``).
+"""Evaluation (``python -m fewshot eval``), one room per concern:
 
-``plots`` is imported on demand (``from fewshot.eval import plots``) so that scoring does not load
-matplotlib.
+* ``metrics``: Dice, HD95 and surface distances; ``protocols``: the literature's rules as data (folds,
+  splits, chunks);
+* ``plan`` (``EvalPlan``: what is asked), ``datasets`` (dataset files, scans, references), ``run``
+  (the engine, scans and scoring every protocol shares);
+* ``alpnet`` and ``clinical``, the protocols as objects, and ``growth``, the learning curve;
+* ``selection`` (nested selection for ``--select``), ``results`` (summaries) and ``report`` (files);
+* ``runner``: ``run_eval``/``evaluate``, from plan to files.
+
+Figures come from ``fewshot.plots`` (shared with the benchmark), imported on demand so that scoring
+does not load matplotlib.
 """
 from .metrics import CaseLabelScore, LabelScore, dice, hd95
 from .protocols import (

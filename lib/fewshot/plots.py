@@ -1,4 +1,4 @@
-"""PNG figures for evaluation and benchmark reports.
+"""PNG figures for evaluation and benchmark reports (``fewshot.eval`` and ``fewshot.bench`` both draw here).
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through
 pyplot, so plotting holds no global state and needs no display (safe inside a server or a thread).

@@ -1,0 +1,218 @@
+"""The ``alpnet`` protocol: the few-shot literature's 1-way 1-shot protocol.
+
+For each fold and organ, three support slices of the fold's support scan are encoded once (masks
+binarised to that organ) and each query slice of the organ's z-extent is segmented with its chunk's
+support, through the preset's transfer step directly (no retrieval: the protocol fixes the
+supports). Each organ keeps its own binary prediction and is scored on it alone, on its extent's
+slices (as SSL-ALPNet scores each 1-way run); Dice per scan, averaged over scans and folds. The CMR
+folds are ADNet's (SSL-ALPNet's code has none), and settings 1 and 2 coincide for an engine that is
+not trained (see ``protocols``, which holds the rules as data); metrics.json says both.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fewshot.eval import protocols
+from fewshot.eval.datasets import DatasetConfig, slice_major
+from fewshot.eval.results import CaseResult
+from fewshot.eval.run import EvalRun, progress
+from fewshot.meters import cpu_seconds
+
+logger = logging.getLogger(__name__)
+
+ALPNET_SUPPORTS = {
+    "slices": "the protocol: one support slice per chunk of each organ's extent in the support scan",
+    "volume": "NOT the protocol: the support scan's whole labelled volume is the bank (multi-atlas methods "
+              "need it); same folds, same scoring, reported as its own row",
+}
+
+ALPNET_SETTINGS_NOTE = (
+    "SSL-ALPNet's setting 1 and setting 2 differ only in the slices a model may be trained on (setting 2 "
+    "removes every training slice holding a test organ). This engine is not trained on these scans, so for "
+    "it the two settings coincide: its figures compare with either column."
+)
+
+
+@dataclass(frozen=True)
+class AlpnetProtocol:
+    """``chunks`` of each organ's extent, whose folds (``convention``: SSL-ALPNet's or ADNet's rule),
+    and which ``support``: "slices" (the protocol: one support slice per chunk of each organ) or
+    "volume" (the support scan's whole labelled volume, for methods that need it; reported apart)."""
+
+    chunks: int = 3
+    convention: str = "alpnet"
+    support: str = "slices"
+
+    name = "alpnet"
+    default_folds = 5
+    fold_column = "support_slices"
+    fold_note = "support slices: canvas slice indices per organ, one per chunk (SSL-ALPNet's get_support)"
+    selection_groups_note = "the protocol's cross-validation folds"
+
+    def check(self, case_ids: Sequence[str], n_folds: int, selecting: bool) -> None:
+        """Fails at once on an impossible split, before any network loads."""
+        protocols.alpnet_folds(list(case_ids), n_folds, self.convention)
+        if selecting and n_folds < 2:
+            raise ValueError("--select needs at least 2 folds (it selects on the other folds)")
+
+    def info(self, n_folds: int, dataset: DatasetConfig | None) -> dict:
+        """metrics.json's ``protocol_settings``."""
+        return {"folds": n_folds, "chunks": self.chunks, "fold_convention": self.convention,
+                "support": self.support, "support_note": ALPNET_SUPPORTS[self.support],
+                "fold_source": (dataset.folds if dataset and dataset.folds else
+                                "SSL-ALPNet's rule over the numerically sorted scans (protocols.alpnet_folds)"),
+                "settings_1_and_2": ALPNET_SETTINGS_NOTE,
+                "scored": "each organ on the slices of its reference z-extent, 1-way (its own binary "
+                          "prediction), Dice per scan"}
+
+    @staticmethod
+    def selection_groups(results: Sequence[CaseResult]) -> dict[tuple[int, str], int]:
+        """(fold, case id) -> selection group: its cross-validation fold."""
+        return {(r.fold, r.case_id): r.fold for r in results}
+
+    def supports(self, run: EvalRun, support_id: str) -> tuple[dict[int, list[list]], dict[int, list[int]]]:
+        """organ -> per chunk, the candidate Supports of its one slice (encoded once, mask binarised to
+        the organ), and their slices. The preset's own path: with ``bank.augmentations_per_slice`` the
+        candidates are the slice and its augmented copies (affine on image and mask, colour jitter on
+        the image), among which the matcher picks per query slice, as the bank does for a clinical run."""
+        from fewshot.match.augment import augment_support
+        from fewshot.types import Support, SupportRef
+        from fewshot.volume import label_to_canvas, read_label
+
+        bank_settings = run.engine.settings.get("bank", {})
+        n_aug = int(bank_settings.get("augmentations_per_slice", 0))
+        aug_params = bank_settings.get("augmentation", {})
+
+        case = run.cases[support_id]
+        prepared = run.engine.prepare(case.image)
+        masks = label_to_canvas(read_label(case.label, prepared.volume), prepared.geometry)
+        supports, slices = {}, {}
+        for organ in run.values:
+            # Canvas presence: a support slice must hold the organ after resampling to the canvas.
+            presence = (masks == organ).any(axis=(1, 2))
+            if not presence.any():
+                logger.warning("support scan %s has no %s: that organ is not evaluated in this fold",
+                               support_id, run.name_of[organ])
+                continue
+            zs = protocols.support_slice_per_chunk(protocols.organ_chunks(presence, self.chunks))
+            images, binary, refs, chunk_of = [], [], [], []
+            for chunk, z in enumerate(zs):
+                mask = np.where(masks[z] == organ, organ, 0).astype(np.uint16)
+                copies = [(prepared.canvas[z], mask, "")]
+                digest = hashlib.sha256(f"{aug_params.get('seed', 0)}:{support_id}:{organ}:{z}".encode()).digest()
+                rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))  # the same copies every run
+                copies += [(a.image, a.mask, a.description) for a in augment_support(prepared.canvas[z], mask, n_aug, aug_params, rng)]
+                for image, copy_mask, description in copies:
+                    images.append(image)
+                    binary.append(copy_mask)
+                    refs.append(SupportRef(support_id, int(z), augmentation=description))
+                    chunk_of.append(chunk)
+            payload = run.engine.transfer.encode_supports(np.stack(images), np.stack(binary), [organ])
+            supports[organ] = [[] for _ in zs]
+            for e, (ref, chunk) in enumerate(zip(refs, chunk_of)):
+                supports[organ][chunk].append(
+                    Support(ref=ref, image=images[e], mask=binary[e], labels=(organ,) if binary[e].any() else (),
+                            payload={k: v[e] for k, v in payload.items()}))
+            slices[organ] = [int(z) for z in zs]
+        return supports, slices
+
+    def chosen(self, run: EvalRun, query_slice: np.ndarray, candidates: list) -> list:
+        """The chunk's candidates this query slice attends to: the matcher's ``selection.keep`` best
+        (LPIPS over the augmented copies for the SAM 2 presets), or all of them without a matcher."""
+        keep = int(run.engine.settings.get("selection", {}).get("keep", 4))
+        if run.engine.matcher is None or len(candidates) <= keep:
+            return candidates
+        distances = run.engine.matcher.distances(query_slice, np.stack([c.image for c in candidates]))
+        return [candidates[i] for i in np.argsort(distances, kind="stable")[:keep]]
+
+    def query(self, run: EvalRun, fold: int, support_id: str, query_id: str,
+              supports: Mapping[int, list]) -> CaseResult:
+        from fewshot.types import SlicePlan
+        from fewshot.volume import canvas_to_label
+
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        prepared = run.engine.prepare(run.cases[query_id].image)
+        ref = run.reference(query_id, prepared)
+        n = len(prepared.canvas)
+        # One binary prediction per organ, as SSL-ALPNet scores 1-way runs: a shared label map would let
+        # a later organ overwrite an earlier one's true positives where they overlap (LV-BP vs LV-MYO).
+        predictions: dict[int, np.ndarray] = {}
+        extents, stages = {}, {}
+        evaluated = []
+        for organ, organ_supports in supports.items():
+            presence = protocols.label_presence(ref.label, organ, axis=0)
+            if not presence.any():
+                logger.info("case %s has no %s: not scored for it", query_id, run.name_of[organ])
+                continue
+            # The query's own reference extent decides the chunks (an oracle the protocol grants).
+            chunk_of = protocols.query_chunk_assignment(presence, self.chunks)
+            plans = [SlicePlan(z, self.chosen(run, prepared.canvas[z], organ_supports[chunk_of[z]]), (organ,))
+                     if z in chunk_of else SlicePlan(z, [], ()) for z in range(n)]
+            result = run.engine.transfer.segment_volume(prepared.canvas, plans, [organ], cache_key=prepared.key)
+            probs = np.stack([s.probabilities for s in result.slices])
+            native = canvas_to_label(probs, [organ], prepared.geometry)
+            organ_pred, _ = slice_major(native, prepared.volume.affine, prepared.geometry.axis)
+            predictions[organ] = organ_pred == organ
+            extents[organ] = protocols.organ_extent(presence)
+            evaluated.append(organ)
+            for stage, sec in result.seconds.items():
+                stages[stage] = stages.get(stage, 0.0) + sec
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+        query_slices = len(set().union(*map(set, extents.values()))) if extents else 0
+        organ_slices = sum(len(zs) for zs in extents.values())
+        # 1-way: each organ is scored against its own prediction only, on its own extent.
+        return run.score(query_id, fold, (support_id,), ref, predictions, evaluated, extents, 1.0,
+                           seconds, query_slices, organ_slices, stages, cpu)
+
+    def query_volume(self, run: EvalRun, fold: int, support_id: str, query_id: str) -> CaseResult:
+        """The same folds and scoring as ``alpnet_query``, but segmented from the support scan's whole
+        labelled volume (the bank holds it, the engine's own path runs): not the protocol's fixed support
+        slices, so reported as its own row. Each organ is still scored on its own reference extent."""
+        whole = run.segment_whole(query_id)
+        ref, prediction = whole.reference, whole.prediction
+        extents = {}
+        for organ in run.values:
+            presence = protocols.label_presence(ref.label, organ, axis=0)
+            if presence.any() and organ in run.engine.bank.label_values:
+                extents[organ] = protocols.organ_extent(presence)
+        query_slices = len(set().union(*map(set, extents.values()))) if extents else 0
+        return run.score(query_id, fold, (support_id,), ref, {v: prediction == v for v in extents}, list(extents),
+                           extents, 1.0, whole.seconds, query_slices, sum(len(z) for z in extents.values()), whole.stages,
+                           whole.cpu, display=prediction)
+
+    def run(self, run: EvalRun, n_folds: int) -> tuple[list[CaseResult], list[dict]]:
+        """Every fold's queries, scored; and the fold table's rows."""
+        folds = protocols.alpnet_folds(list(run.cases), n_folds, self.convention)
+        results, fold_info = [], []
+        jobs = sum(len(run.queries(f.query_ids)) for f in folds)
+        with progress(jobs, "alpnet queries") as bar:
+            for fold in folds:
+                logger.info("fold %d: support scan %s, queries %s", fold.index, fold.support_id, list(fold.query_ids))
+                queries = run.queries(fold.query_ids)
+                if self.support == "volume":
+                    run.clear_bank()
+                    case = run.cases[fold.support_id]
+                    run.engine.ingest(fold.support_id, case.image, case.label)
+                    for query_id in queries:
+                        results.append(self.query_volume(run, fold.index, fold.support_id, query_id))
+                        bar.update(1)
+                    fold_info.append({"index": fold.index, "support_ids": [fold.support_id], "query_ids": queries,
+                                      "support_slices": {run.name_of[v]: "whole volume" for v in run.values}})
+                    continue
+                supports, slices = self.supports(run, fold.support_id)
+                for query_id in queries:
+                    results.append(self.query(run, fold.index, fold.support_id, query_id, supports))
+                    bar.update(1)
+                fold_info.append({
+                    "index": fold.index, "support_ids": [fold.support_id], "query_ids": queries,
+                    "support_slices": {run.name_of[o]: z for o, z in slices.items()},
+                })
+        if self.support == "volume":
+            run.clear_bank()
+        return results, fold_info

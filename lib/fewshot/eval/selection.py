@@ -1,0 +1,146 @@
+"""``--select``: a grid of preset overrides, every point evaluated, each group of query scans reported
+at the point chosen on the OTHER groups (nested selection), so no scan tunes the setting it is scored with."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fewshot.config import ConfigError
+from fewshot.eval import protocols
+from fewshot.eval.results import CaseResult, summarise
+
+logger = logging.getLogger(__name__)
+
+SELECTION_GROUPS = 5  # clinical: query scans are split into this many groups for nested selection
+
+
+def _top_level_split(text: str) -> list[str]:
+    """'1,[0.25,0.5,0.25],[1]' -> ['1', '[0.25,0.5,0.25]', '[1]']: commas inside brackets stay."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return parts + [current]
+
+
+def parse_select(items: Sequence[str] | None) -> dict[str, list]:
+    """['embedder.pca_dims=16,32,64', ...] -> {'embedder.pca_dims': [16, 32, 64], ...} (YAML values;
+    a list value is written in brackets: 'transfer.consistency.z_weights=[1],[0.25,0.5,0.25]')."""
+    from fewshot.config import parse_value
+
+    grid: dict[str, list] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--select {item!r} must look like KEY=V1,V2,...")
+        key, values = (t.strip() for t in item.split("=", 1))
+        parsed = [parse_value(v.strip()) for v in _top_level_split(values) if v.strip()]
+        if not key or not parsed:
+            raise ConfigError(f"--select {item!r} names no key or no values")
+        if key in grid:
+            raise ConfigError(f"--select names {key!r} twice")
+        if len(set(map(repr, parsed))) != len(parsed):
+            raise ConfigError(f"--select {key!r} repeats a value")
+        grid[key] = parsed
+    return grid
+
+
+def grid_points(grid: Mapping[str, Sequence]) -> list[dict]:
+    """Every combination of the grid's values, in a fixed order (the first key varies slowest)."""
+    import itertools
+
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))] if keys else [{}]
+
+
+def selection_score(rows: Sequence[tuple[str, int, float]]) -> float:
+    """(case, label, dice) rows -> mean over labels of the per-label mean over cases: the headline's rule."""
+    by_label: dict[int, list[float]] = {}
+    for _, label, d in rows:
+        if math.isfinite(d):
+            by_label.setdefault(label, []).append(d)
+    means = [float(np.mean(v)) for v in by_label.values() if v]
+    return float(np.mean(means)) if means else math.nan
+
+
+def nested_select(rows: Sequence[tuple[int, int, str, int, float]]) -> dict[int, dict]:
+    """Nested selection over (point, group, case, label, dice) rows.
+
+    For each group, the grid point with the best ``selection_score`` on the OTHER groups' rows is
+    chosen (ties: the earlier point), and the group is reported at that point, so no group's own
+    scores ever influence the setting it is scored with. -> group -> {"point", "score_other_groups",
+    "score_this_group"}.
+    """
+    points = sorted({r[0] for r in rows})
+    groups = sorted({r[1] for r in rows})
+    if len(groups) < 2:
+        raise ValueError("nested selection needs at least two groups of query scans")
+    out = {}
+    for g in groups:
+        best, best_score = None, -math.inf
+        for p in points:
+            score = selection_score([(c, lb, d) for pp, gg, c, lb, d in rows if pp == p and gg != g])
+            if math.isfinite(score) and score > best_score:
+                best, best_score = p, score
+        if best is None:
+            raise ValueError(f"group {g}: no grid point has a finite Dice on the other groups")
+        own = selection_score([(c, lb, d) for pp, gg, c, lb, d in rows if pp == best and gg == g])
+        out[g] = {"point": best, "score_other_groups": best_score, "score_this_group": own}
+    return out
+
+
+def round_robin_groups(results: Sequence[CaseResult]) -> dict[tuple[int, str], int]:
+    """(fold, case id) -> selection group: the query scans sorted by id and dealt round-robin into
+    ``SELECTION_GROUPS`` groups (a scan is in one group in every split)."""
+    ids = sorted({r.case_id for r in results}, key=protocols.scan_sort_key)
+    n = min(SELECTION_GROUPS, len(ids))
+    rank = {cid: i % n for i, cid in enumerate(ids)}
+    return {(r.fold, r.case_id): rank[r.case_id] for r in results}
+
+
+def nested_results(runs: Sequence[Sequence[CaseResult]], points: list[dict], grid: Mapping, protocol,
+                   name_of) -> tuple[list[CaseResult], dict]:
+    """Each group's results at the grid point chosen on the other groups, and what metrics.json records.
+    ``runs``: the results of each grid point; ``protocol`` says what the groups are."""
+    all_results = [r for run in runs for r in run]
+    group_of = protocol.selection_groups(all_results)
+    rows = [(p, group_of[(r.fold, r.case_id)], f"{r.fold}/{r.case_id}", v, s.dice)
+            for p, run in enumerate(runs) for r in run for v, s in r.scores.items()]
+    choice = nested_select(rows)
+    nested, point_of, per_group = [], {}, []
+    for g, c in sorted(choice.items()):
+        mine = [r for r in runs[c["point"]] if group_of[(r.fold, r.case_id)] == g]
+        nested.extend(mine)
+        point_of.update({(r.fold, r.case_id): c["point"] for r in mine})
+        per_group.append({"group": g, "case_ids": sorted({r.case_id for r in mine}, key=protocols.scan_sort_key),
+                          "chosen_point": c["point"], "chosen": points[c["point"]],
+                          "mean_dice_other_groups": c["score_other_groups"],
+                          "mean_dice_this_group": c["score_this_group"]})
+        logger.info("selection group %d: chose %s (mean Dice %.3f on the other groups, %.3f here)", g,
+                    points[c["point"]], c["score_other_groups"], c["score_this_group"])
+    nested.sort(key=lambda r: (r.fold, protocols.scan_sort_key(r.case_id)))
+    point_means = []
+    for p, run in enumerate(runs):
+        summary = summarise(run, name_of)
+        point_means.append({"point": p, "overrides": points[p], "mean_dice": summary["mean_dice"],
+                            "per_label_dice": {k: v["dice_mean"] for k, v in summary["per_label"].items()}})
+    selection = {
+        "grid": dict(grid),
+        "groups": protocol.selection_groups_note,
+        "rule": "for each group, the point with the best mean Dice (mean over labels of the mean over scans) on "
+                "the OTHER groups' query scans; the group is reported at that point (ties: the earlier point)",
+        "headline": "per_label, mean_dice and cases.csv are the nested figures",
+        "per_group": per_group,
+        "points": point_means,
+        "points_note": "each point's mean over ALL groups: picking the best of these would tune on the scored "
+                       "scans, so they are shown for inspection only, never as a result",
+        "_point_of": point_of,
+    }
+    return nested, selection
