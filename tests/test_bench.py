@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.bench import (
-    STAGES,
-    ClusteredVectors,
-    SegmentRun,
-    SizeResult,
-    recommend_cpu_defaults,
-    write_subvolume,
-    write_synthetic_case,
-)
+from fewshot.bench.plan import STAGES, write_subvolume, write_synthetic_case
+from fewshot.bench.retrieval import ClusteredVectors
+from fewshot.bench.runs import SegmentRun
+from fewshot.bench.sizes import SizeResult
+from fewshot.bench.targets import recommend_cpu_defaults
 from fewshot.cli import main
 from fewshot.meters import NetworkClock
 
@@ -205,7 +201,9 @@ def test_recommendation_prefers_more_memories_within_budget():
 
 
 def test_recall_target_states_its_confidence_interval():
-    from fewshot.bench import IngestRun, RetrievalPoint, evaluate_targets
+    from fewshot.bench.retrieval import RetrievalPoint
+    from fewshot.bench.runs import IngestRun
+    from fewshot.bench.targets import evaluate_targets
 
     run = _run(1.0)
     size = SizeResult(128, 0.0, IngestRun(1.0, 10, 5, 0, 0.0, 100.0, False), run, {1: run}, [], 1,
@@ -226,7 +224,7 @@ def test_recall_target_states_its_confidence_interval():
 
 def test_quick_bench_times_the_classic_slices_path(tmp_path):
     """`bench --preset classic-slices` times the weights-free slice path instead of failing on SAM 2's stages."""
-    from fewshot.bench import CLASSIC_STAGES
+    from fewshot.bench.plan import CLASSIC_STAGES
 
     out = tmp_path / "classic"
     rc = main(["bench", "--quick", "--preset", "classic-slices", "--out", str(out), "--threads", "1", "--ks", "1,2",
@@ -250,7 +248,7 @@ def test_quick_bench_times_the_classic_slices_path(tmp_path):
 
 def test_bench_sends_the_multi_atlas_classic_to_eval(tmp_path):
     """Whole-scan registration has no per-slice, per-k figures: bench says where its timings are."""
-    from fewshot.bench import run_bench
+    from fewshot.bench.report import run_bench
 
     with pytest.raises(ValueError, match="multi-atlas.*fewshot eval"):
         run_bench(tmp_path / "atlas", quick=True, preset="classic")

@@ -5,7 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from fewshot.bench import DEFAULT_DATASET, run_bench
+from fewshot.bench.plan import DEFAULT_DATASET
+from fewshot.bench.report import run_bench
 from fewshot.config import parse_overrides
 
 
