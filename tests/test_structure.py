@@ -63,3 +63,20 @@ def test_importing_the_engine_and_its_command_line_never_imports_monailabel():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monailabel'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_code_defaults_that_repeat_a_preset_agree_with_it():
+    """The index settings' code defaults (used by a bank made without a preset) are foundation.yaml's,
+    which every preset inherits; they once disagreed (hnsw_ef_search 128 in code, 256 in the preset)."""
+    import pytest
+
+    from fewshot.bank import IndexSettings, SupportBank, build_index
+    from fewshot.config import ConfigError, load_preset
+
+    for preset in ("foundation", "classic", "random-tiny"):
+        assert IndexSettings.from_settings(load_preset(preset)["bank"]) == IndexSettings()
+    bank = SupportBank(None, "fp")
+    assert (bank.approximate_above, bank.hnsw_m, bank.hnsw_ef_search) == (20000, 32, 256)
+    assert build_index.__defaults__[1:] == (20000, 32, 256)
+    with pytest.raises(ConfigError, match="hnsw_ef_search"):
+        IndexSettings.from_settings({"hnsw_ef_search": "many"})

@@ -44,7 +44,7 @@ import re
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -214,12 +214,32 @@ def index_spec(n: int, index_transform: str = "", approximate_above: int = 20000
     return f"{transform},{body}" if transform else body
 
 
+@dataclass(frozen=True)
+class IndexSettings:
+    """The ``bank`` section's index settings, typed and checked once. The defaults are
+    ``configs/presets/foundation.yaml``'s, which every preset inherits (it says why 256)."""
+
+    approximate_above: int = 20000  # exact inner-product search up to this many entries, HNSW above
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 256
+
+    @classmethod
+    def from_settings(cls, bank: Mapping) -> "IndexSettings":
+        from fewshot.config import ConfigError
+
+        values = {f.name: bank.get(f.name, f.default) for f in fields(cls)}
+        bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ConfigError(f"bank.{bad[0]} must be a positive integer, not {values[bad[0]]!r}")
+        return cls(**values)
+
+
 def build_index(
     data: np.ndarray,
     index_transform: str = "",
-    approximate_above: int = 20000,
-    hnsw_m: int = 32,
-    hnsw_ef_search: int = 128,
+    approximate_above: int = IndexSettings.approximate_above,
+    hnsw_m: int = IndexSettings.hnsw_m,
+    hnsw_ef_search: int = IndexSettings.hnsw_ef_search,
 ):
     """The faiss inner-product index a SupportBank searches over ``data`` (N, D): (index, spec).
 
@@ -252,9 +272,9 @@ class SupportBank:
         directory: str | os.PathLike | None,
         fingerprint: str,
         index_transform: str = "",
-        approximate_above: int = 20000,
-        hnsw_m: int = 32,
-        hnsw_ef_search: int = 128,
+        approximate_above: int = IndexSettings.approximate_above,
+        hnsw_m: int = IndexSettings.hnsw_m,
+        hnsw_ef_search: int = IndexSettings.hnsw_ef_search,
         read_only: bool = False,
         pinned: bytes | None = None,
         verify: str = "sha256",

@@ -22,6 +22,21 @@ class ConfigError(ValueError):
     """A preset or override that cannot be used; the message says which and why."""
 
 
+class PresetError(ConfigError):
+    """A preset whose steps cannot be built here (an unknown step type, a device this machine lacks)."""
+
+
+def resolve_device(setting: str | None) -> str:
+    """The ``device`` setting -> the torch device to use: ``auto`` (or none) picks CUDA when present."""
+    import torch
+
+    if setting in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(setting).startswith("cuda") and not torch.cuda.is_available():
+        raise PresetError(f"device {setting!r} requested but CUDA is not available on this machine; use device cpu")
+    return str(setting)
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in (CONFIGS_DIR / "presets").glob("*.yaml"))
 

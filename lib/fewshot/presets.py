@@ -8,24 +8,13 @@ from __future__ import annotations
 import logging
 from typing import Callable, Mapping
 
-import torch
-
 from fewshot import weights
+from fewshot.config import PresetError, resolve_device
 from fewshot.types import Embedder, LabelTransfer, Matcher
 
 logger = logging.getLogger(__name__)
 
 
-class PresetError(ValueError):
-    pass
-
-
-def resolve_device(setting: str | None) -> str:
-    if setting in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(setting).startswith("cuda") and not torch.cuda.is_available():
-        raise PresetError(f"device {setting!r} requested but CUDA is not available on this machine; use device cpu")
-    return str(setting)
 
 
 class _Context:

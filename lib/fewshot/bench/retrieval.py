@@ -72,8 +72,9 @@ def retrieval_scale(sizes: Sequence[int], dim: int, bank_settings: Mapping, inde
     """faiss latency and recall@16 of the bank's own index construction, per bank size."""
     import faiss
 
-    from fewshot.bank import build_index
+    from fewshot.bank import IndexSettings, build_index
 
+    settings = IndexSettings.from_settings(bank_settings)
     points = []
     for n in sizes:
         rng = np.random.default_rng(seed)
@@ -82,10 +83,8 @@ def retrieval_scale(sizes: Sequence[int], dim: int, bank_settings: Mapping, inde
         data = mixture.sample(n, rng)
         queries = mixture.sample(n_queries, rng)
         t0 = time.perf_counter()
-        index, spec = build_index(
-            data, index_transform, int(bank_settings.get("approximate_above", 20000)),
-            int(bank_settings.get("hnsw_m", 32)), int(bank_settings.get("hnsw_ef_search", 128)),
-        )
+        index, spec = build_index(data, index_transform, settings.approximate_above, settings.hnsw_m,
+                                  settings.hnsw_ef_search)
         build_s = time.perf_counter() - t0
         k = min(RECALL_K, n)
         index.search(queries[:1], k)  # first call allocates; not what a user waits for each time

@@ -16,13 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fewshot.config import resolve_device
+
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | None) -> str:
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 class BackboneMismatchError(RuntimeError):
