@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fewshot.annotation import Annotation
-from fewshot.bank import SliceBatch, SupportBank, file_sha256
+from fewshot.bank import IndexSettings, SliceBatch, SupportBank, file_sha256
 from fewshot.weights import default_file_mode
 from fewshot.types import Atlas, Embedder, LabelTransfer, Matcher, SlicePlan
 from fewshot.volume import (
@@ -151,6 +151,27 @@ def _evenly_spaced(items: Sequence[int], count: int) -> list[int]:
     return [items[i] for i in sorted(set(picks.tolist()))]
 
 
+@dataclass(frozen=True)
+class SegmentOptions:
+    """One call's retrieval knobs over the preset's (None keeps the preset's value). Per call, so that a
+    request asking for another ``top_k`` or ``keep`` shares the engine and its caches with the others."""
+
+    top_k: int | None = None  # retrieval.top_k
+    keep: int | None = None  # selection.keep: supports per query slice (atlases per scan for scan-level steps)
+    matching: bool = True  # re-rank with the preset's matcher, when it has one
+    distinct_sources: bool | None = None  # selection.distinct_sources
+
+    def applied_to(self, settings: Mapping) -> dict:
+        """The settings this call runs with."""
+        out = dict(settings)
+        if self.top_k is not None:
+            out["retrieval"] = {**settings.get("retrieval", {}), "top_k": int(self.top_k)}
+        selection = {k: v for k, v in (("keep", self.keep), ("distinct_sources", self.distinct_sources)) if v is not None}
+        if selection:
+            out["selection"] = {**settings.get("selection", {}), **selection}
+        return out
+
+
 class Engine:
     def __init__(
         self,
@@ -205,7 +226,7 @@ class Engine:
         from fewshot.presets import build_steps
 
         embedder, matcher, transfer = build_steps(settings, models_dir=models_dir)
-        bank_settings = settings.get("bank", {})
+        index = IndexSettings.from_settings(settings.get("bank", {}))
         fingerprint = cls.bank_fingerprint(settings, embedder, transfer)
         if callable(bank_dir):  # chosen from the fingerprint (the CLI: the shared bank, or one of its own)
             bank_dir = bank_dir(fingerprint)
@@ -213,9 +234,9 @@ class Engine:
             bank_dir,
             fingerprint,
             index_transform=embedder.index_transform,
-            approximate_above=bank_settings.get("approximate_above", 20000),
-            hnsw_m=bank_settings.get("hnsw_m", 32),
-            hnsw_ef_search=bank_settings.get("hnsw_ef_search", 128),
+            approximate_above=index.approximate_above,
+            hnsw_m=index.hnsw_m,
+            hnsw_ef_search=index.hnsw_ef_search,
             read_only=read_only,
             pinned=pinned,
             verify=verify,
@@ -257,6 +278,21 @@ class Engine:
             while len(self._prepared) > int(self.settings.get("transfer", {}).get("feature_cache", 4)):
                 self._prepared.popitem(last=False)
         return prepared, embeddings
+
+    def forget_caches(self) -> None:
+        """Drop every per-volume cache (prepared volumes and their embeddings, finished segmentations,
+        the transfer step's image features), so that the next call runs cold, as timing runs need."""
+        with self._prepared_lock:
+            self._prepared.clear()
+        self.forget_results()
+        forget = getattr(self.transfer, "forget_caches", None)
+        if forget is not None:
+            forget()
+
+    def forget_results(self) -> None:
+        """Drop the finished segmentations only: the next call redoes the transfer on cached features."""
+        with self._prepared_lock:
+            self._results.clear()
 
     def embed_volume(self, image) -> np.ndarray:
         """Per-slice embeddings of a volume (Z, D), e.g. for active learning."""
@@ -438,16 +474,19 @@ class Engine:
 
     # ------------------------------------------------------------------ segmenting
 
-    def plan(self, prepared: PreparedVolume, embeddings: np.ndarray, labels: Sequence[int]) -> tuple[list[SlicePlan], dict]:
+    def plan(self, prepared: PreparedVolume, embeddings: np.ndarray, labels: Sequence[int],
+             options: SegmentOptions | None = None) -> tuple[list[SlicePlan], dict]:
         """Retrieve top-K per slice, re-rank with the matcher, keep k: one SlicePlan per slice.
 
         Candidates are ranked on their ids and images only; payloads (SAM 2 memories, MBs each)
         are read for the k kept supports alone.
         """
-        retrieval = self.settings.get("retrieval", {})
-        keep = int(self.settings.get("selection", {}).get("keep", 4))
+        settings = options.applied_to(self.settings) if options else self.settings
+        matcher = self.matcher if options is None or options.matching else None
+        retrieval = settings.get("retrieval", {})
+        keep = int(settings.get("selection", {}).get("keep", 4))
         # One support per source slice: the best-matching of a slice and its augmented copies.
-        distinct = bool(self.settings.get("selection", {}).get("distinct_sources", True))
+        distinct = bool(settings.get("selection", {}).get("distinct_sources", True))
         top_k = max(int(retrieval.get("top_k", 16)), keep)
         timings = {"retrieve": 0.0, "match": 0.0}
         t0 = time.perf_counter()
@@ -461,9 +500,9 @@ class Engine:
         for z in range(len(prepared.canvas)):
             ranked = [(row, float(s)) for s, row in zip(scores[z], rows[z]) if covered[row[0]]]
             distances: list[float | None] = [None] * len(ranked)
-            if self.matcher is not None and len(ranked) > keep:
+            if matcher is not None and len(ranked) > keep:
                 t0 = time.perf_counter()
-                dist = self.matcher.distances(prepared.canvas[z], self.bank.images([row for row, _ in ranked]))
+                dist = matcher.distances(prepared.canvas[z], self.bank.images([row for row, _ in ranked]))
                 timings["match"] += time.perf_counter() - t0
                 order = np.argsort(dist, kind="stable")
                 ranked = [ranked[i] for i in order]
@@ -506,8 +545,12 @@ class Engine:
         image: str | os.PathLike | Volume,
         labels: Sequence[str | int] | None = None,
         progress: Progress | None = None,
+        options: SegmentOptions | None = None,
     ) -> Segmentation:
+        """``options``: this call's retrieval knobs (default: the preset's)."""
         t_start = time.perf_counter()
+        settings = options.applied_to(self.settings) if options else self.settings
+        matching = self.matcher is not None and (options is None or options.matching)
         self.bank.refresh()  # another process may have changed the bank: its generation keys the result cache
         chosen, skipped = self.resolve_labels(labels)
         for name, why in skipped.items():
@@ -516,7 +559,8 @@ class Engine:
         prepared, embeddings = self._prepared_with_embeddings(image)
         timings = {"prepare_and_embed": time.perf_counter() - t0}
         values = list(chosen.values())
-        result_key = (prepared.key, self.bank.generation, tuple(values), settings_hash(self.settings), self.probability_threshold)
+        result_key = (prepared.key, self.bank.generation, tuple(values), settings_hash(settings), self.probability_threshold,
+                      matching)
         with self._prepared_lock:
             cached = self._results.get(result_key)
         if cached is not None:
@@ -536,11 +580,12 @@ class Engine:
             timings["retrieve"] = time.perf_counter() - t0
             t_transfer = time.perf_counter()
             result = self.transfer.segment_with_atlases(
-                prepared.canvas, prepared.geometry.spacing, atlases, values, keep=self.keep,
+                prepared.canvas, prepared.geometry.spacing, atlases, values,
+                keep=int(settings.get("selection", {}).get("keep", 4)),
                 cache_key=prepared.key, progress=progress,
             )
         else:
-            plans, plan_timings = self.plan(prepared, embeddings, values)
+            plans, plan_timings = self.plan(prepared, embeddings, values, options)
             timings.update(plan_timings)
             t_transfer = time.perf_counter()
             result = self.transfer.segment_volume(prepared.canvas, plans, values, cache_key=prepared.key, progress=progress)
