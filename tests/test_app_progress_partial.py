@@ -178,6 +178,17 @@ def test_a_label_annotated_on_some_slices_puts_only_those_in_the_bank(server, da
     assert entry["entries"] == len(painted) and entry["source"]["annotation"]["slices"] == painted, entry
     assert bank["negative_slices"] == before["negative_slices"]
 
+    # Only the liver annotated (on every slice): a slice without liver may hold the other organs, so
+    # none becomes a negative; the liver's slices are entries.
+    liver = np.where(truth5 == LABELS_YAML["liver"], truth5, 0)
+    path5 = save_nifti(liver, "5", app_tmp / "liver_5.nii.gz")
+    server.client().save_label("image_5", str(path5), params={"annotated_labels": ["liver"]})
+    server.wait_bank_idle()
+    entry = record(server, "image_5")
+    liver_slices = int(((liver > 0).sum(axis=(0, 1)) > 0).sum())
+    assert entry["entries"] == liver_slices and entry["source"]["annotation"]["labels"] == [LABELS_YAML["liver"]], entry
+    assert entry["source"]["annotation"]["slices"] is None
+
     # Saved again as a complete label (no annotation params): every slice counts, negatives included.
     full = save_nifti(truth, "3", app_tmp / "full_3.nii.gz")
     server.client().save_label("image_3", str(full))

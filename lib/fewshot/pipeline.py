@@ -301,16 +301,17 @@ class Engine:
     # ------------------------------------------------------------------ growing the bank
 
     def support_batch(self, image_id: str, prepared: PreparedVolume, masks: np.ndarray, label_values: Sequence[int],
-                      annotated: set[int] | None = None) -> SliceBatch:
+                      annotated: set[int] | None = None, negatives: bool = True) -> SliceBatch:
         """Canvas slices + masks -> bank entries: positives, sampled negatives, augmented copies, embeddings, payloads.
-        ``annotated``: the canvas slices a person annotated (None: all); the others never become entries."""
+        ``annotated``: the canvas slices a person annotated (None: all); the others never become entries.
+        ``negatives``: False when some labels were not annotated (an empty slice may hold them)."""
         from fewshot.match.augment import augment_support
 
         bank_settings = self.settings.get("bank", {})
         canvas = prepared.canvas
         slices = [z for z in range(len(masks)) if annotated is None or z in annotated]
         positive = [z for z in slices if masks[z].any()]
-        negative = [z for z in slices if not masks[z].any()]
+        negative = [z for z in slices if not masks[z].any()] if negatives else []
         negative = _evenly_spaced(negative, int(bank_settings.get("negatives_per_image", -1)))
         images, out_masks, index, augmentation = [], [], [], []
         # Entries record the file's own slice number, so provenance names a slice a user can open.
@@ -395,7 +396,9 @@ class Engine:
                 raise VolumeError(f"{label_path}: no slice along the engine's slicing axis (file axis {geometry.file_axis}) was "
                                   f"wholly annotated (annotated slices along axis {annotation.axis}: {len(annotation.slices)})")
             src["annotation"] = annotation.as_dict()
-        batch = self.support_batch(image_id, prepared, masks, label_values, annotated)
+        # Labels left unannotated may lie on any slice: then no slice is known to be organ-free.
+        negatives = annotation is None or annotation.labels is None
+        batch = self.support_batch(image_id, prepared, masks, label_values, annotated, negatives)
         src["slice_axis"] = prepared.geometry.file_axis  # the file array axis entries' slice numbers run along
         src.update(source or {})
         self.bank.put(image_id, batch, src)

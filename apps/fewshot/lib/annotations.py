@@ -47,7 +47,7 @@ def parse(params: Mapping[str, Any], label_map: Mapping[str, int], label_path: s
     axis = params.get("annotated_axis", DEFAULT_AXIS)
     if type(axis) is not int or axis not in (0, 1, 2):
         raise HTTPException(400, f"params annotated_axis must be 0, 1 or 2, not {str(axis)[:60]!r}")
-    partial = params.get("partial", True)
+    partial = params.get("partial", False)
     if not isinstance(partial, bool):
         raise HTTPException(400, f"params partial must be true or false, not {str(partial)[:60]!r}")
     labels = None
