@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fewshot.config import load_preset, parse_overrides
-from fewshot.eval.runner import load_dataset_config
+from fewshot.eval.datasets import load_dataset_config
 from fewshot.pipeline import Engine
 from fewshot.volume import read_label
 
