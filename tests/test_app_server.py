@@ -41,7 +41,8 @@ FOUND = 7
 INFO_LABELS = {"background": 0, **LABELS_YAML, str(FOUND): FOUND}
 IN_BANK = {"liver", "right_kidney", "left_kidney", "spleen", str(FOUND)}
 SLOW_ID = "slow_case"  # its ingestions pause before the commit (test hook)
-INGEST_PAUSE = 30.0  # long enough for an inference to finish inside it on a loaded CI machine (17.6 s seen at load 14)
+RELEASE_FILE = "release-paused-ingestion"  # its existence ends the pause early (engine_host.TEST_RELEASE_ENV)
+INGEST_PAUSE = 60.0  # long enough for an inference inside it on a loaded machine (17.6 s seen at load 14); tests end it early
 
 
 def server_test(fn):
@@ -189,7 +190,8 @@ def server_env(app_tmp: Path) -> dict:
 def server(foundation_start, datastore, models_dir, app_tmp):
     # Fewer bank entries per image (no augmented copies) keep ingestion quick; it also exercises
     # a dotted engine option passed through -c.
-    env = dict(server_env(app_tmp), FEWSHOT_APP_TEST_INGEST_PAUSE=f"{SLOW_ID}={INGEST_PAUSE}")
+    env = dict(server_env(app_tmp), FEWSHOT_APP_TEST_INGEST_PAUSE=f"{SLOW_ID}={INGEST_PAUSE}",
+               FEWSHOT_APP_TEST_INGEST_RELEASE=str(app_tmp / RELEASE_FILE))
     srv = Server(datastore, models_dir, app_tmp / "server.log", extra=[("bank.augmentations_per_slice", "0")], env=env).start()
     srv.wait_ready()
     yield srv
@@ -670,7 +672,7 @@ def answers_while(thread: threading.Thread, server: Server, upload: Path, case: 
 
 
 @server_test
-def test_info_and_saves_answer_while_an_inference_and_an_ingestion_run(server, datastore):
+def test_info_and_saves_answer_while_an_inference_and_an_ingestion_run(server, datastore, app_tmp):
     """/info and label saves answer at once while an inference runs; and an inference asked for
     while an ingestion is in flight (paused before its commit by the test hook) does not wait for it."""
     server.wait_bank_idle()
@@ -696,7 +698,9 @@ def test_info_and_saves_answer_while_an_inference_and_an_ingestion_run(server, d
     # and neither did /info or the saves asked for meanwhile.
     assert done["at"] - paused_at < INGEST_PAUSE and SLOW_ID not in server.bank()["image_ids"], done["at"] - paused_at
     assert answered >= 1 and max(seconds) < INGEST_PAUSE / 2, (answered, seconds)
+    (app_tmp / RELEASE_FILE).touch()  # the paused ingestion may commit now
     bank = server.wait_bank_idle()
+    (app_tmp / RELEASE_FILE).unlink()  # later pauses (the kill -9 test) hold again
     assert SLOW_ID in bank["image_ids"]
 
 

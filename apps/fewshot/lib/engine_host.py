@@ -82,8 +82,10 @@ class WeightsInUse:
 
 
 # Tests only: "IMAGE_ID=SECONDS" pauses that image's ingestions between encoding and commit, so that
-# a test can act (kill the server, run an inference) while an ingestion is certainly in flight.
+# a test can act (kill the server, run an inference) while an ingestion is certainly in flight; the
+# pause ends early once the file named by TEST_RELEASE_ENV exists (a long pause costs a test nothing).
 TEST_PAUSE_ENV = "FEWSHOT_APP_TEST_INGEST_PAUSE"
+TEST_RELEASE_ENV = "FEWSHOT_APP_TEST_INGEST_RELEASE"
 
 
 def _test_pause() -> tuple[str, float] | None:
@@ -120,7 +122,9 @@ class _CommitLockedBank:
     def put(self, image_id, batch, source=None):
         if self._pause and self._pause[0] == image_id:
             logger.warning("test hook (%s): ingestion of %r paused %.1f s before its commit", TEST_PAUSE_ENV, image_id, self._pause[1])
-            time.sleep(self._pause[1])
+            release, until = os.environ.get(TEST_RELEASE_ENV, ""), time.monotonic() + self._pause[1]
+            while time.monotonic() < until and not (release and os.path.exists(release)):
+                time.sleep(0.1)
         with self._lock:
             return self._bank.put(image_id, batch, source)
 
