@@ -6,6 +6,7 @@ the end of the server's log, which pytest reports as a failed test.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -132,3 +133,66 @@ class Server:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
         self._log.close()
+
+
+# ---------------------------------------------------------------- snapshots, mounts, request tables
+
+CLEANUP_TIMEOUT = 10.0  # background tasks remove a successful request's files just after its response
+
+
+def run_quietly(*cmd: str) -> bool:
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def mount_tmpfs(path: Path, megabytes: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return run_quietly("mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path))
+
+
+def remount(path: Path, read_only: bool) -> None:
+    assert run_quietly("mount", "-o", f"remount,{'ro' if read_only else 'rw'}", str(path)), f"cannot remount {path}"
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under the datastore (its index, labels, the bank in .fewshot) -> sha256."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def temp_files(server: Server) -> set[str]:
+    """What is in the server's temporary folder. Start-up leaves a few files there (MONAI Label's
+    logging config, torch's cache folder), so tests compare with a listing taken before."""
+    return {p.name for p in Path(server.env["TMPDIR"]).iterdir()}
+
+
+class Unchanged:
+    """Snapshot of the datastore (bank included) and the temporary folder; ``check()`` asserts both are
+    as they were (waiting, bounded, for the background tasks that remove a finished request's files)."""
+
+    def __init__(self, server: Server):
+        server.wait_bank_idle()
+        self.server = server
+        self.digest, self.temp = tree_digest(server.studies), temp_files(server)
+
+    def check(self) -> None:
+        deadline = time.time() + CLEANUP_TIMEOUT
+        while temp_files(self.server) != self.temp and time.time() < deadline:
+            time.sleep(0.1)
+        assert temp_files(self.server) == self.temp, "left in the temporary folder"
+        self.server.wait_bank_idle()
+        assert tree_digest(self.server.studies) == self.digest
+
+
+def expect(server: Server, cases, hide_temp_path: bool = False) -> None:
+    """``cases``: (method, selector, files or None, form fields or JSON body, status, words);
+    ``hide_temp_path``: an answer that names the server's temporary folder fails too."""
+    tmp = server.env["TMPDIR"] if hide_temp_path else None
+    failures = []
+    for method, selector, files, data, status, words in cases:
+        if files is None:
+            got, body = server.request(method, selector, body=data)
+        else:
+            got, body = server.request(method, selector, files=files, fields=data)
+        if got != status or words not in body or (tmp is not None and tmp in body):
+            failures.append(f"{method} {selector[:80]}: {got} {body[:300]} (expected {status} with {words!r})")
+    assert not failures, "\n".join(failures)

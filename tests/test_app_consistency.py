@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_harness import Server, ServerFailed
+from app_harness import Server, ServerFailed, mount_tmpfs, remount, run_quietly, tree_digest
 
 SHAPE = (72, 64, 20)
 SHORT = (72, 64, 10)  # the same image id replaced by a scan with fewer slices
@@ -55,25 +54,6 @@ def write_nifti(array: np.ndarray, path: Path) -> Path:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"
-    }
-
-
-def _run(*cmd: str) -> bool:
-    return subprocess.run(cmd, capture_output=True).returncode == 0
-
-
-def mount_tmpfs(path: Path, megabytes: int) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    return _run("mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path))
-
-
-def remount(path: Path, read_only: bool) -> None:
-    assert _run("mount", "-o", f"remount,{'ro' if read_only else 'rw'}", str(path)), f"cannot remount {path}"
 
 
 def fill(folder: Path) -> Path:
@@ -124,7 +104,7 @@ def mounts(tmp_path_factory):
     finals.mkdir(parents=True, exist_ok=True)
     yield {"root": root, "finals": finals, "state": state, "mounted": len(mounted) == 3}
     for path in reversed(mounted):
-        _run("umount", "-l", str(path))
+        run_quietly("umount", "-l", str(path))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ lists the temporary folder before its refused requests and checks both are uncha
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import shutil
@@ -24,12 +23,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_harness import PROJECT, Server
+from app_harness import PROJECT, Server, Unchanged
+from app_harness import expect as check_answers
 
 SAMPLE = PROJECT / "sample-datastore"
 IMAGE = "phantom_04"  # unlabelled in the sample datastore
 MAX_UNPACKED_MB, MAX_FILES = 1, 20
-CLEANUP_TIMEOUT = 10.0  # background tasks remove a successful request's files just after its response
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -58,48 +57,9 @@ def server(app_tmp, models_dir):
     srv.stop()
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file under the datastore (its index, labels, the bank in .fewshot) -> sha256."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
-def temp_files(server: Server) -> set[str]:
-    """What is in the server's temporary folder. Start-up leaves a few files there (MONAI Label's
-    logging config, torch's cache folder), so tests compare with a listing taken before."""
-    return {p.name for p in Path(server.env["TMPDIR"]).iterdir()}
-
-
-class Unchanged:
-    """Snapshot of the datastore and the temporary folder; ``check()`` asserts both are as they were
-    (waiting, bounded, for the background tasks that remove a finished request's files)."""
-
-    def __init__(self, server: Server):
-        server.wait_bank_idle()
-        self.server = server
-        self.digest, self.temp = tree_digest(server.studies), temp_files(server)
-
-    def check(self) -> None:
-        deadline = time.time() + CLEANUP_TIMEOUT
-        while temp_files(self.server) != self.temp and time.time() < deadline:
-            time.sleep(0.1)
-        assert temp_files(self.server) == self.temp, "left in the temporary folder"
-        self.server.wait_bank_idle()
-        assert tree_digest(self.server.studies) == self.digest
-
-
 def expect(server: Server, cases) -> None:
-    """``cases``: (method, selector, files or None, form fields or JSON body, status, words)."""
-    tmp = server.env["TMPDIR"]
-    failures = []
-    for method, selector, files, data, status, words in cases:
-        if files is None:
-            got, body = server.request(method, selector, body=data)
-        else:
-            got, body = server.request(method, selector, files=files, fields=data)
-        if got != status or words not in body or tmp in body:
-            failures.append(f"{method} {selector[:80]}: {got} {body[:300]} (expected {status} with {words!r})")
-    assert not failures, "\n".join(failures)
+    """``cases`` as ``app_harness.expect``; no answer may name the server's temporary folder."""
+    check_answers(server, cases, hide_temp_path=True)
 
 
 def image_nifti(server: Server) -> nib.Nifti1Image:

@@ -12,7 +12,6 @@ import shutil
 import threading
 import time
 
-import nibabel as nib
 import numpy as np
 import pytest
 

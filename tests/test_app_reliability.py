@@ -33,14 +33,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_harness import PROJECT, STARTUP_TIMEOUT, Server
+from app_harness import PROJECT, STARTUP_TIMEOUT, Server, Unchanged, expect, mount_tmpfs, remount, run_quietly, tree_digest
 from nifti_files import nifti_bomb
 
 SAMPLE = PROJECT / "sample-datastore"
 IMAGE = "phantom_04"  # unlabelled in the sample datastore
 LABELLED = ("phantom_01", "phantom_02", "phantom_03")
 MAX_VOLUME_MB = 256
-CLEANUP_TIMEOUT = 10.0
 REBUILD_TIMEOUT = 120.0
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -48,60 +47,6 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 # ---------------------------------------------------------------------------------------------
 # mounts, snapshots, requests
-
-
-def _run(*cmd: str) -> bool:
-    return subprocess.run(cmd, capture_output=True).returncode == 0
-
-
-def mount_tmpfs(path: Path, megabytes: int) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    return _run("mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path))
-
-
-def remount(path: Path, read_only: bool) -> None:
-    assert _run("mount", "-o", f"remount,{'ro' if read_only else 'rw'}", str(path)), f"cannot remount {path}"
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file under the datastore (index, labels, the bank in .fewshot) -> sha256."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
-def temp_files(server: Server) -> set[str]:
-    return {p.name for p in Path(server.env["TMPDIR"]).iterdir()}
-
-
-class Unchanged:
-    """The datastore (bank included) and the server's temporary folder as they are now; ``check()``
-    asserts both are the same again (waiting, bounded, for a finished request's clean-up)."""
-
-    def __init__(self, server: Server):
-        server.wait_bank_idle()
-        self.server = server
-        self.digest, self.temp = tree_digest(server.studies), temp_files(server)
-
-    def check(self) -> None:
-        deadline = time.time() + CLEANUP_TIMEOUT
-        while temp_files(self.server) != self.temp and time.time() < deadline:
-            time.sleep(0.1)
-        assert temp_files(self.server) == self.temp, "left in the temporary folder"
-        self.server.wait_bank_idle()
-        assert tree_digest(self.server.studies) == self.digest
-
-
-def expect(server: Server, cases) -> None:
-    """``cases``: (method, selector, files or None, form fields or JSON body, status, words)."""
-    failures = []
-    for method, selector, files, data, status, words in cases:
-        if files is None:
-            got, body = server.request(method, selector, body=data)
-        else:
-            got, body = server.request(method, selector, files=files, fields=data)
-        if got != status or words not in body:
-            failures.append(f"{method} {selector[:80]}: {got} {body[:300]} (expected {status} with {words!r})")
-    assert not failures, "\n".join(failures)
 
 
 def log_since(server: Server, offset: int) -> str:
@@ -177,7 +122,7 @@ def finals_mount(app_tmp):
     mounted = mount_tmpfs(finals, 16)
     yield mounted
     if mounted:
-        _run("umount", "-l", str(finals))
+        run_quietly("umount", "-l", str(finals))
 
 
 @pytest.fixture(scope="module")
