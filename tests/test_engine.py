@@ -538,3 +538,27 @@ def test_each_papers_preset_runs_its_own_path(preset, chaos, models_dir):
         assert all(len(p.supports) == 1 for p in plans)
     seg = engine.segment(chaos / "image_2.nii.gz")
     assert seg.label.shape == nib.load(str(chaos / "image_2.nii.gz")).shape
+
+
+def test_unannotated_labels_are_flagged_in_the_cached_memories(engine_factory, tmp_path):
+    """annotated_labels {1}: a slice without label 2 says nothing about 2, so its cached memories
+    flag 2 as not annotated (SAM 2 then never reads an "absent" memory for it); where 2 is painted,
+    and for a complete label, every label is flagged annotated."""
+    from fewshot.annotation import Annotation
+
+    engine, _ = engine_factory(tmp_path / "bank")
+    image, label = _synthetic_case(tmp_path, "two", slices=range(1, 7), value=1)
+    data = np.asarray(nib.load(str(label)).dataobj).copy()
+    data[32:40, 32:40, 4:6] = 2  # label 2 painted on slices 4 and 5 only
+    nib.save(nib.Nifti1Image(data, nib.load(str(label)).affine), str(label))
+    engine.ingest("partial", image, label, annotation=Annotation(labels=(1,)))
+    engine.ingest("complete", image, label)
+    for image_id, complete in (("partial", False), ("complete", True)):
+        entries = engine.bank.record(image_id)["entries"]
+        for i in range(entries):
+            support = engine.bank.support((image_id, i), labels=[1, 2])
+            flags = support.payload["label_annotated"]
+            assert flags[0], (image_id, i)  # label 1 was annotated everywhere
+            assert flags[1] == (complete or 2 in support.labels), (image_id, i, support.labels)
+        if not complete:
+            assert any(2 not in engine.bank.support((image_id, i), labels=[1, 2]).labels for i in range(entries))

@@ -483,3 +483,49 @@ def test_bf16_autocast_is_device_agnostic_and_close_to_float32(checkpoint, suppo
     for a, b in zip(r32.slices, r16.slices):
         assert b.probabilities.dtype == np.float32
         assert 0 < np.abs(a.probabilities - b.probabilities).max() < 0.05
+
+
+def test_a_label_left_unannotated_never_becomes_an_absent_memory(transfer, supports_data):
+    """Support 3 holds 200 but not 500. Annotated for both, its 500 memory says "absent" and weighs
+    on label 500; with 500 left unannotated (``label_annotated`` False) its 500 memory is never read:
+    replacing it with noise changes nothing for 500, while label 200 still reads support 3."""
+    images, masks = supports_data
+    payload = transfer.encode_supports(images, masks, LABELS)
+    query = query_volume(3)
+
+    def run(annotated_500: bool, noise: bool):
+        p = {k: v.copy() for k, v in payload.items()}
+        p["label_annotated"] = np.ones((6, 3), bool)
+        p["label_annotated"][3, 1] = annotated_500
+        if noise:  # support 3's memories of both labels replaced
+            rng = np.random.default_rng(5)
+            p["maskmem_features"][3] = rng.normal(size=p["maskmem_features"][3].shape).astype(np.float16)
+            p["obj_ptr"][3] = rng.normal(size=p["obj_ptr"][3].shape).astype(np.float32)
+        plans = make_plans(p, images, masks, 3, [0, 3])
+        for plan in plans:
+            for s, i in zip(plan.supports, [0, 3]):
+                s.payload["label_annotated"] = p["label_annotated"][i]
+        result = transfer.segment_volume(query, plans, LABELS)
+        return np.stack([s.probabilities for s in result.slices])
+
+    left_out, left_out_noise = run(False, False), run(False, True)
+    np.testing.assert_array_equal(left_out[:, 1], left_out_noise[:, 1])  # 500: support 3 unread
+    assert not np.allclose(left_out[:, 0], left_out_noise[:, 0], atol=1e-4)  # 200: support 3 read
+    annotated, annotated_noise = run(True, False), run(True, True)
+    assert not np.allclose(annotated[:, 1], annotated_noise[:, 1], atol=1e-4)  # the check can fail
+    assert not np.allclose(annotated[:, 1], left_out[:, 1], atol=1e-4)  # its "absent" memory did weigh
+
+
+def test_a_label_no_support_speaks_for_and_no_neighbour_holds_does_not_run(transfer, supports_data):
+    images, masks = supports_data
+    payload = {k: v.copy() for k, v in transfer.encode_supports(images, masks, LABELS).items()}
+    payload["label_annotated"] = np.ones((6, 3), bool)
+    payload["label_annotated"][:, 2] = False  # 600 annotated nowhere
+    plans = make_plans(payload, images, masks, 2, [0, 3], allowed=(200,))
+    for plan in plans:
+        for s, i in zip(plan.supports, [0, 3]):
+            s.payload["label_annotated"] = payload["label_annotated"][i]
+    tracked = Sam2Transfer(transfer.model, {**SETTINGS, "track_all_labels": True}, "sam2-random-tiny")
+    result = tracked.segment_volume(query_volume(2), plans, LABELS)
+    assert all(s.ran == (200, 500) for s in result.slices)  # every label but the one nobody annotated
+    assert all(not s.probabilities[2].any() for s in result.slices)

@@ -301,10 +301,13 @@ class Engine:
     # ------------------------------------------------------------------ growing the bank
 
     def support_batch(self, image_id: str, prepared: PreparedVolume, masks: np.ndarray, label_values: Sequence[int],
-                      annotated: set[int] | None = None, negatives: bool = True) -> SliceBatch:
+                      annotated: set[int] | None = None, negatives: bool = True,
+                      annotated_labels: Sequence[int] | None = None) -> SliceBatch:
         """Canvas slices + masks -> bank entries: positives, sampled negatives, augmented copies, embeddings, payloads.
         ``annotated``: the canvas slices a person annotated (None: all); the others never become entries.
-        ``negatives``: False when some labels were not annotated (an empty slice may hold them)."""
+        ``negatives``: False when some labels were not annotated (an empty slice may hold them).
+        ``annotated_labels``: the label values a person annotated (None: all). A payload then says,
+        per entry and label, whether the entry speaks for that label (``label_annotated``)."""
         from fewshot.match.augment import augment_support
 
         bank_settings = self.settings.get("bank", {})
@@ -337,6 +340,13 @@ class Engine:
         masks_arr = np.stack(out_masks).astype(np.uint16)
         embeddings = self.embedder.embed(images_arr)
         payload = self.transfer.encode_supports(images_arr, masks_arr, list(label_values))
+        if payload:
+            # A label left unannotated is empty on a slice that may hold it: its memory there would say
+            # "absent" for nobody's reason. What a mask holds was painted, so it speaks either way.
+            known = None if annotated_labels is None else {int(v) for v in annotated_labels}
+            payload["label_annotated"] = np.array(
+                [[known is None or int(v) in known or bool((m == v).any()) for v in label_values] for m in masks_arr],
+                dtype=bool).reshape(len(masks_arr), len(label_values))
         return SliceBatch(
             images=images_arr, masks=masks_arr, embeddings=embeddings,
             slice_index=np.asarray(index, np.int32), augmentation=augmentation,
@@ -398,7 +408,8 @@ class Engine:
             src["annotation"] = annotation.as_dict()
         # Labels left unannotated may lie on any slice: then no slice is known to be organ-free.
         negatives = annotation is None or annotation.labels is None
-        batch = self.support_batch(image_id, prepared, masks, label_values, annotated, negatives)
+        batch = self.support_batch(image_id, prepared, masks, label_values, annotated, negatives,
+                                   None if annotation is None else annotation.labels)
         src["slice_axis"] = prepared.geometry.file_axis  # the file array axis entries' slice numbers run along
         src.update(source or {})
         self.bank.put(image_id, batch, src)

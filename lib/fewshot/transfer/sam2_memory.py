@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 
 from fewshot.transfer.sam2_model import build_sam2_model
-from fewshot.transfer.sam2_networks import Sam2Networks
+from fewshot.transfer.sam2_networks import Sam2Networks, annotated_labels
 from fewshot.transfer.sam2_parts import (  # noqa: F401  (the module's public names, re-exported)
     IMAGENET_MEAN, IMAGENET_STD, PAYLOAD_KEYS, Memory, QueryFeatureCache, SliceMemory, fill_holes,
     payload_for_labels, propagation_order,
@@ -222,12 +222,7 @@ class Sam2Transfer(Sam2Networks):
                 run |= {i for i in previous.rows if results[z - direction].object_scores[i] > 0}
             allowed = np.array(sorted(run), dtype=np.int64)
             if len(allowed) == 0:
-                results[z] = SliceResult(
-                    probabilities=np.zeros((L, S, S), np.float32),
-                    object_scores=np.full(L, NO_OBJ_SCORE, np.float32),
-                    seconds={"encode": 0.0, "attention_decode": 0.0, "memory_encode": 0.0},
-                    ran=(),
-                )
+                results[z] = self._empty_slice(L, S)
             else:
                 # Recent slices in the direction of travel, as SAM 2 takes the last num_maskmem - 1
                 # frames' memories and the last max_obj_ptrs_in_encoder - 1 frames' pointers.
@@ -258,6 +253,16 @@ class Sam2Transfer(Sam2Networks):
                 progress(done, Z)
         return VolumeResult(labels=labels, slices=results, seconds=totals)
 
+    @staticmethod
+    def _empty_slice(num_labels: int, S: int, encode_s: float = 0.0, cached: bool = True) -> SliceResult:
+        """A slice no label ran on: zeros, every object score "absent"."""
+        return SliceResult(
+            probabilities=np.zeros((num_labels, S, S), np.float32),
+            object_scores=np.full(num_labels, NO_OBJ_SCORE, np.float32),
+            seconds={"encode": 0.0 if cached else encode_s, "attention_decode": 0.0, "memory_encode": 0.0},
+            ran=(),
+        )
+
     def _segment_slice(
         self, image, z, plan, allowed, labels, hw, recent, num_frames, step, cache_key, needs_memory, resident=None
     ) -> tuple[SliceResult, SliceMemory | None]:
@@ -268,15 +273,22 @@ class Sam2Transfer(Sam2Networks):
         t1 = time.perf_counter()
 
         # Labels share one attention call when the same recent slices hold a memory of them (a
-        # label that starts on this slice has none from the slices before).
+        # label that starts on this slice has none from the slices before) and the same supports
+        # speak for them (a support whose annotator left a label out says nothing of it).
+        speaks = np.stack([annotated_labels(s, num_labels) for s in plan.supports]) if plan.supports else np.zeros((0, num_labels), bool)
         groups: dict[tuple, list[int]] = {}
         for i in allowed.tolist():
-            groups.setdefault(tuple(d for d, mem in recent if i in mem.rows), []).append(i)
+            distances = tuple(d for d, mem in recent if i in mem.rows)
+            ranks = tuple(np.flatnonzero(speaks[:, i]).tolist())
+            if distances or ranks:  # with no memory at all SAM 2 has nothing to track: the label does not run
+                groups.setdefault((distances, ranks), []).append(i)
+        if not groups:
+            return self._empty_slice(num_labels, S, t1 - t0, cached), None
         num_maskmem = self.model.num_maskmem
         order, outputs = [], []
-        for distances, group in groups.items():
+        for (distances, ranks), group in groups.items():
             index = np.array(group, dtype=np.int64)
-            memories = self._support_memories(plan.supports, index, num_labels, hw, step, resident)
+            memories = self._support_memories(plan.supports, index, num_labels, hw, step, resident, ranks)
             for distance, mem in recent:
                 if distance not in distances:
                     continue

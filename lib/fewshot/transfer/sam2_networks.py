@@ -304,12 +304,16 @@ class Sam2Networks:
         return resident[key]
 
     def _support_memories(self, supports: list[Support], labels: np.ndarray, num_labels: int, hw: tuple[int, int], step: int,
-                          resident: dict | None = None) -> list[Memory]:
-        """``step``: how many slices the propagation has gone from its anchor (0 at the anchor)."""
+                          resident: dict | None = None, ranks: Sequence[int] | None = None) -> list[Memory]:
+        """``step``: how many slices the propagation has gone from its anchor (0 at the anchor).
+        ``ranks``: the supports (by rank) that speak for ``labels`` (default: all); each keeps its
+        place in the video, as a frame an object got no prompt on stays where it is."""
         memories = []
         resident = {} if resident is None else resident
         index = torch.as_tensor(labels, device=self.device)
         for rank, support in enumerate(supports):
+            if ranks is not None and rank not in ranks:
+                continue
             features, obj_ptr = self._on_device(support, num_labels, hw, resident)
             memories.append(
                 Memory(
@@ -322,3 +326,12 @@ class Sam2Networks:
                 )
             )
         return memories
+
+
+def annotated_labels(support: Support, num_labels: int) -> np.ndarray:
+    """(L,) bool: the labels this support's memories speak for. A label the annotator left out
+    (``label_annotated`` False, see ``Engine.support_batch``) has an empty mask on the slice that
+    says nothing: its memory would tell SAM 2 "absent", so it is not used. Banks written before
+    the flag existed hold complete labels only."""
+    flags = support.payload.get("label_annotated")
+    return np.ones(num_labels, bool) if flags is None else np.asarray(flags, bool).reshape(num_labels)
