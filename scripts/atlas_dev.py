@@ -24,7 +24,7 @@ import numpy as np
 
 from fewshot.config import load_preset, parse_overrides
 from fewshot.eval.datasets import load_dataset_config
-from fewshot.pipeline import Engine
+from fewshot.engine import Engine
 from fewshot.volume import read_label
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--fusion", default=None, help="JSON: variant name -> transfer.fusion fields")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("fewshot.bank", "fewshot.pipeline", "monai"):
+    for name in ("fewshot.bank", "fewshot.engine", "monai"):
         logging.getLogger(name).setLevel(logging.WARNING)
     ds = load_dataset_config(args.dataset)
     engine, _ = Engine.from_settings(load_preset("classic", {**ds.overrides(), **parse_overrides(args.overrides)}),

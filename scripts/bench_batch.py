@@ -51,7 +51,7 @@ def _settings(threads: int = 1, overrides: dict | None = None) -> dict:
 def _build_bank(store: Path, settings: dict) -> Path:
     from fewshot.datastore import bank_dir_for
     from fewshot.datastore import labelled, scan_datastore
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
 
     bank_dir = bank_dir_for(store, "classic")
     engine, _ = Engine.from_settings(settings, bank_dir=bank_dir)
@@ -62,7 +62,8 @@ def _build_bank(store: Path, settings: dict) -> Path:
 
 def replicate(template: Path, dest: Path, entries: int, seed: int = 0) -> dict:
     """A bank of about ``entries`` entries made of copies of ``template``'s shards (see the docstring)."""
-    from fewshot.bank import FORMAT_VERSION, file_sha256
+    from fewshot.bank import FORMAT_VERSION
+    from fewshot.files import file_sha256
 
     manifest = json.loads((template / "manifest.json").read_text())
     records = manifest["images"]

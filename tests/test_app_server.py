@@ -850,7 +850,8 @@ class FakeHost:
     """A host around a real in-memory SupportBank holding the given unit vectors (None: empty bank)."""
 
     def __init__(self, vectors: np.ndarray | None):
-        from fewshot.bank import SliceBatch, SupportBank
+        from fewshot.bank import SupportBank
+        from fewshot.bank_shards import SliceBatch
 
         self.bank = SupportBank(None, "fp")
         if vectors is not None:

@@ -36,7 +36,7 @@ def phantom(case: int) -> tuple[str, str]:
 
 
 def engine_for(tmp_path=None, labels=None, **overrides):
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
 
     engine, _ = Engine.from_settings(load_preset("classic", overrides), bank_dir=tmp_path, label_names=labels or LABELS)
     return engine
@@ -151,7 +151,7 @@ def _phantom_atlas(case: int) -> tuple[Atlas, np.ndarray, tuple]:
 
 def _atlas(image: str, label: str) -> tuple[Atlas, np.ndarray, tuple]:
     """A scan as the bank caches it (its canvas volume and masks), its canvas as a query, and its spacing."""
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
     from fewshot.volume import label_to_canvas, read_label, read_volume
 
     engine = engine_for(**{"transfer.workers": 1})
@@ -317,7 +317,7 @@ def cross_subject(tmp_path_factory):
     the workers, is recorded, with a checkpoint waiting in the models directory to be (wrongly) read."""
     from test_classic_slices import audited_init_worker, recorded_opens
 
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
     from fewshot.transfer import atlas
 
     tmp = tmp_path_factory.mktemp("cross-subject")
@@ -473,7 +473,7 @@ def test_atlases_are_offered_by_label_and_their_slicing_axis_is_told(inline_engi
         assert found == ["a", "b"]
         assert inline_engine.atlases_for(np.zeros((1, 1), np.float32), [7], axis=axis) == []
         inline_engine.bank._records["b"]["atlas"]["axis"] = (axis + 1) % 3  # as if b's header said sagittal
-        caplog.set_level("INFO", logger="fewshot.pipeline")
+        caplog.set_level("INFO", logger="fewshot.engine")
         found = [a.image_id for a in inline_engine.atlases_for(np.zeros((1, 1), np.float32), [1], axis=axis)]
         assert found == ["a", "b"] and "['b'] were sliced along another RAS axis" in caplog.text
     finally:

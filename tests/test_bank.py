@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from fewshot.bank import SliceBatch, SupportBank
+from fewshot.bank import SupportBank
+from fewshot.bank_shards import SliceBatch
 
 
 def _batch(rng, n=6, dim=16, size=8, labels=(1, 2), payload=True):

@@ -22,7 +22,7 @@ from fewshot.batch.runner import BatchSpec, RayOptions, run_batch
 from fewshot.batch.worker import batch_settings
 from fewshot.datastore import bank_dir_for
 from fewshot.datastore import labelled, scan_datastore
-from fewshot.pipeline import Engine
+from fewshot.engine import Engine
 
 LABELLED = ["015", "184"]
 QUERIES = ["195"]

@@ -323,7 +323,7 @@ def cmr_slab(tmp_path, case: int = 1, z0: int = 8, z1: int = 14):
 @pytest.fixture(scope="module")
 def tiny_engine_opens(tmp_path_factory, models_dir):
     """What building a weights-loading preset opens, under the same audit: the check can fail."""
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
 
     with recorded_opens(tmp_path_factory.mktemp("audit-tiny")) as audit:
         Engine.from_settings(load_preset("random-tiny"), models_dir=models_dir)
@@ -335,7 +335,7 @@ def classic_self_segmentation(tmp_path_factory, models_dir, tiny_engine_opens):
     """Engine.from_settings(classic) -> ingest a real scan with its label -> segment the SAME scan, with
     the preset's two registration workers, every open of this process and of the workers recorded.
     Depends on tiny_engine_opens so that the models directory holds checkpoints to (wrongly) open."""
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
     from fewshot.transfer import registration
 
     tmp = tmp_path_factory.mktemp("classic-engine")

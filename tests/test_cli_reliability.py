@@ -34,7 +34,8 @@ from fewshot.datastore import bank_dir_for
 from fewshot.cli import main as cli_main
 from fewshot.config import load_preset
 from fewshot.eval import protocols
-from fewshot.pipeline import Engine, _partition, _within
+from fewshot.engine import Engine
+from fewshot.segmentation import partition, within_wall
 from fewshot.presets import build_steps
 from fewshot.volume import VolumeError, read_label, read_volume, write_label
 from fewshot.weights import MissingWeightsError
@@ -303,13 +304,13 @@ def test_one_alpnet_fold_never_scores_its_support():
 
 def test_stages_partition_the_total():
     # Worker processes' seconds (97 s of registration in 54 s) become shares of the wall time.
-    assert _within({"register": 60.0, "fuse": 37.0}, 54.0) == pytest.approx({"register": 60 * 54 / 97, "fuse": 37 * 54 / 97})
-    assert _within({"register": 20.0}, 54.0) == {"register": 20.0}
-    parts = _partition({"prepare_and_embed": 1.23456, "register": 50.0, "postprocess": 0.5}, 54.0)
+    assert within_wall({"register": 60.0, "fuse": 37.0}, 54.0) == pytest.approx({"register": 60 * 54 / 97, "fuse": 37 * 54 / 97})
+    assert within_wall({"register": 20.0}, 54.0) == {"register": 20.0}
+    parts = partition({"prepare_and_embed": 1.23456, "register": 50.0, "postprocess": 0.5}, 54.0)
     assert parts["other"] == pytest.approx(54.0 - 1.2346 - 50.0 - 0.5)
     assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"]) and parts["total"] == 54.0
     # Stages measured past the total (rounding): nothing negative, and the total is their sum.
-    parts = _partition({"a": 1.00004, "b": 1.00004}, 2.0)
+    parts = partition({"a": 1.00004, "b": 1.00004}, 2.0)
     assert parts["other"] == 0.0 and parts["total"] == pytest.approx(2.0)
 
 

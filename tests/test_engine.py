@@ -14,7 +14,7 @@ import pytest
 
 from conftest import PROJECT, make_datastore, shared_dataset
 from fewshot.datastore import labelled, scan_datastore
-from fewshot.pipeline import Engine
+from fewshot.engine import Engine
 from fewshot.volume import VolumeError
 
 
@@ -362,8 +362,9 @@ def _synthetic_case(directory, name, slices=range(2, 6), value=1, shape=(48, 48,
 
 def test_plan_reranks_by_matcher_and_keeps_k():
     """top_k candidates ranked on ids and images; payloads read for the k kept only."""
-    from fewshot.bank import SliceBatch, SupportBank
-    from fewshot.pipeline import PreparedVolume
+    from fewshot.bank import SupportBank
+    from fewshot.bank_shards import SliceBatch
+    from fewshot.segmentation import PreparedVolume
 
     rng = np.random.default_rng(0)
     n, size = 12, 8
@@ -405,7 +406,7 @@ def test_per_call_options_equal_an_engine_with_those_settings_and_share_its_cach
     """A request's top_k/keep/matching as SegmentOptions: the same label and supports as an engine built
     with those settings (what the app did per request), while the engine keeps one set of caches."""
     from fewshot.config import deep_merge
-    from fewshot.pipeline import SegmentOptions
+    from fewshot.segmentation import SegmentOptions
 
     image, label = _synthetic_case(tmp_path, "case", slices=range(1, 7))
     engine, _ = engine_factory()

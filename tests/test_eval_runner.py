@@ -151,7 +151,7 @@ class _OverlappingTransfer:
 def test_alpnet_scores_each_organ_on_its_own_one_way_prediction(tmp_path):
     """Two organs whose 1-way predictions overlap: neither may cost the other its true positives."""
     from fewshot.config import load_preset
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
     from fewshot.volume import label_to_canvas, read_label
 
     image = np.random.default_rng(0).random((48, 48, 6)).astype(np.float32)
@@ -185,7 +185,7 @@ def test_alpnet_runs_the_presets_own_path_augmented_copies_and_matching(models_d
     best of them (lpips-sam2: the single best by LPIPS)."""
     from fewshot.config import load_preset
     from fewshot.datastore import scan_pairs
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
 
     data = shared_dataset("msd-hippocampus")
     settings = load_preset("random-tiny", {"selection.keep": 1, "bank.augmentations_per_slice": 3})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fewshot import weights
+from fewshot import files, weights
 from fewshot.cli import models as models_cli
 from fewshot.config import CONFIGS_DIR
 from fewshot.weights import (
@@ -197,14 +197,14 @@ def test_verify_prefix_and_unpublished_checksums(tmp_path):
 def test_checksum_cache_follows_the_file(tmp_path):
     path = tmp_path / "w.bin"
     path.write_bytes(b"abc")
-    assert weights.cached_sha256(path) is None
-    digest = weights.file_sha256(path)
+    assert files.remembered_sha256(path) is None
+    digest = files.file_sha256(path, remember=True)
     assert digest == hashlib.sha256(b"abc").hexdigest()
-    assert weights.cached_sha256(path) == digest
+    assert files.remembered_sha256(path) == digest
     path.write_bytes(b"abd")
     os.utime(path, ns=(1, 1))  # a new mtime even on coarse-clock filesystems
-    assert weights.cached_sha256(path) is None
-    assert weights.file_sha256(path) == hashlib.sha256(b"abd").hexdigest()
+    assert files.remembered_sha256(path) is None
+    assert files.file_sha256(path, remember=True) == hashlib.sha256(b"abd").hexdigest()
 
 
 def test_download_verifies_before_keeping(tmp_path, monkeypatch):

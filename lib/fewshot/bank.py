@@ -29,7 +29,9 @@ shards memory-mapped, so a writer replacing an image meanwhile does not pull the
 it (an unlinked file stays readable through its mapping); one that starts after the replaced
 shard was deleted cannot load it and says so.
 
-The bank knows nothing of the networks: embeddings are vectors, payloads are named arrays.
+The bank knows nothing of the networks: embeddings are vectors, payloads are named arrays. One
+image's entries and their shard directory are ``fewshot.bank_shards``'s; the faiss index is
+``fewshot.bank_index``'s; this module owns the manifest, the locks and the search over both.
 """
 from __future__ import annotations
 
@@ -40,56 +42,32 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import faiss
 import numpy as np
 
+from fewshot.bank_index import IndexSettings, build_index, index_spec
+from fewshot.bank_shards import (
+    BankError,
+    MemoryShard,
+    Shard,
+    SliceBatch,
+    check_shard,
+    labels_per_entry,
+    write_shard,
+)
+from fewshot.files import write_json_atomic
 from fewshot.types import Atlas, Support, SupportRef
 
 logger = logging.getLogger(__name__)
 
 # 2: slice_index in the file's own slice order, per-entry label values in meta.json.
 FORMAT_VERSION = 2
-MIN_PCA_DIMS = 4  # below this a PCA of the bank says little: search the normalised vectors instead
-_ARRAYS = ("images", "masks", "embeddings", "slice_index")
-
-
-class BankError(RuntimeError):
-    pass
-
-
-@dataclass
-class SliceBatch:
-    """All bank entries of one image: each row is a (possibly augmented) canvas slice."""
-
-    images: np.ndarray  # (E, S, S) float in [0, 1]; stored as float16
-    masks: np.ndarray  # (E, S, S) uint16 label maps
-    embeddings: np.ndarray  # (E, D) float32
-    slice_index: np.ndarray  # (E,) int: slice of the source volume, along its file's own slicing axis
-    augmentation: list[str]  # (E,) "" for original slices
-    # The transfer step's cached arrays, each (E, L, ...): axis 1 runs over ``payload_labels``.
-    payload: dict[str, np.ndarray] = field(default_factory=dict)
-    payload_labels: tuple[int, ...] = ()
-    # The whole labelled scan, for transfers that register scans rather than slices (multi-atlas).
-    atlas: Atlas | None = None
-
-    def __post_init__(self):
-        n = len(self.images)
-        for name in ("masks", "embeddings", "slice_index"):
-            if len(getattr(self, name)) != n:
-                raise BankError(f"slice batch: {name} has {len(getattr(self, name))} rows, images has {n}")
-        if len(self.augmentation) != n:
-            raise BankError("slice batch: augmentation descriptions do not match the number of rows")
-        for name, arr in self.payload.items():
-            if len(arr) != n:
-                raise BankError(f"slice batch: payload {name} has {len(arr)} rows, images has {n}")
 
 
 @dataclass
@@ -100,163 +78,9 @@ class LoadReport:
     discarded_all: str = ""  # non-empty when the whole bank was unusable (version or fingerprint)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest_snapshot(raw: bytes) -> str:
     """The name of a committed bank state: the sha256 of its manifest's bytes (first 16 hex)."""
     return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _safe_name(image_id: str) -> str:
-    """A directory name for any image id: readable prefix plus a hash, so ids never escape the bank."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)[:48].strip("._") or "image"
-    return f"{stem}-{hashlib.sha1(image_id.encode()).hexdigest()[:10]}"
-
-
-def _entry_labels(masks: np.ndarray) -> list[tuple[int, ...]]:
-    """Label values present in each mask, computed once when entries are written."""
-    return [tuple(int(v) for v in np.unique(m) if v) for m in masks]
-
-
-class _Shard:
-    """One image's entries, memory-mapped read-only from its shard directory."""
-
-    def __init__(self, directory: Path, record: Mapping):
-        self.directory = directory
-        self.arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
-        self.payload = {
-            name: np.load(directory / f"payload.{name}.npy", mmap_mode="r") for name in record.get("payload", [])
-        }
-        meta = json.loads((directory / "meta.json").read_text())
-        self.augmentation: list[str] = meta["augmentation"]
-        self.entry_labels: list[tuple[int, ...]] = [tuple(int(v) for v in e) for e in meta["labels"]]
-        if len(self.entry_labels) != len(self) or len(self.augmentation) != len(self):
-            raise ValueError("meta.json does not describe every entry")
-        self.atlas: Atlas | None = None
-        if record.get("atlas"):
-            info = record["atlas"]
-            self.atlas = Atlas(
-                image_id=str(meta["image_id"]),
-                image=np.load(directory / "atlas.image.npy", mmap_mode="r"),
-                mask=np.load(directory / "atlas.mask.npy", mmap_mode="r"),
-                spacing=tuple(float(v) for v in info["spacing"]),
-                components={int(k): int(v) for k, v in info["components"].items()},
-                key=str(info["key"]),
-                axis=int(info.get("axis", -1)),
-            )
-            if self.atlas.image.shape != self.atlas.mask.shape or self.atlas.image.ndim != 3:
-                raise ValueError("atlas image and mask shapes differ")
-
-    def read(self, name: str) -> np.ndarray:
-        """A whole array read into memory, not through the mapping: pages read through a mapping stay
-        resident in this process while the shard is open, so an index build (every vector once)
-        would keep the bank's embeddings resident for good; read, they are freed after the build."""
-        return np.load(self.directory / f"{name}.npy")
-
-    def __len__(self) -> int:
-        return len(self.arrays["images"])
-
-
-class _MemoryShard:
-    """The same view over a SliceBatch kept in memory (a bank without a directory)."""
-
-    def __init__(self, batch: SliceBatch, entry_labels: list[tuple[int, ...]]):
-        self.arrays = {name: getattr(batch, name) for name in _ARRAYS}
-        self.payload = batch.payload
-        self.augmentation = list(batch.augmentation)
-        self.entry_labels = entry_labels
-        self.atlas = batch.atlas
-
-    def read(self, name: str) -> np.ndarray:
-        return np.asarray(self.arrays[name])
-
-    def __len__(self) -> int:
-        return len(self.arrays["images"])
-
-
-def index_spec(n: int, index_transform: str = "", approximate_above: int = 20000, hnsw_m: int = 32) -> str:
-    """The faiss index_factory string a bank of ``n`` vectors is searched with.
-
-    A PCA transform (``PCAW64,...``) is fitted on the bank itself, so it keeps at most n // 2
-    dimensions: few-shot banks (tens of entries) are still whitened, just in fewer dimensions.
-    """
-    transform = index_transform or ""
-    match = re.match(r"PCA(W?)(\d+)", transform)
-    if match:
-        dims = min(int(match.group(2)), n // 2)
-        rest = transform[match.end():].lstrip(",")
-        transform = f"PCA{match.group(1)}{dims}" + (f",{rest}" if rest else "") if dims >= MIN_PCA_DIMS else rest or "L2norm"
-    body = f"HNSW{hnsw_m}" if n > approximate_above else "Flat"
-    return f"{transform},{body}" if transform else body
-
-
-@dataclass(frozen=True)
-class IndexSettings:
-    """The ``bank`` section's index settings, typed and checked once. The defaults are
-    ``configs/presets/foundation.yaml``'s, which every preset inherits (it says why 256)."""
-
-    approximate_above: int = 20000  # exact inner-product search up to this many entries, HNSW above
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 256
-
-    @classmethod
-    def from_settings(cls, bank: Mapping) -> "IndexSettings":
-        from fewshot.config import ConfigError
-
-        values = {f.name: bank.get(f.name, f.default) for f in fields(cls)}
-        bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
-        if bad:
-            raise ConfigError(f"bank.{bad[0]} must be a positive integer, not {values[bad[0]]!r}")
-        return cls(**values)
-
-
-def build_index(
-    data: np.ndarray,
-    index_transform: str = "",
-    approximate_above: int = IndexSettings.approximate_above,
-    hnsw_m: int = IndexSettings.hnsw_m,
-    hnsw_ef_search: int = IndexSettings.hnsw_ef_search,
-):
-    """The faiss inner-product index a SupportBank searches over ``data`` (N, D): (index, spec).
-
-    Exact (Flat) up to ``approximate_above`` vectors, HNSW above; ``index_transform`` is the
-    embedder's faiss prefix. A module function so the benchmark times the very index the bank builds.
-    """
-    n, d = data.shape
-    spec = index_spec(n, index_transform, approximate_above, hnsw_m)
-    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(data)
-    if "HNSW" in spec:
-        hnsw = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index)
-        hnsw.hnsw.efSearch = hnsw_ef_search
-    index.add(data)
-    logger.debug("support bank index %s over %d vectors", spec, n)
-    return index, spec
 
 
 class SupportBank:
@@ -296,7 +120,7 @@ class SupportBank:
         self.verify = verify
         self.snapshot = ""  # the committed state held: see manifest_snapshot ("" before any)
         self._records: dict[str, dict] = {}
-        self._shards: dict[str, _Shard | _MemoryShard] = {}
+        self._shards: dict[str, Shard | MemoryShard] = {}
         self._lock = threading.RLock()
         self._flock_depth = 0
         self._index = None
@@ -454,10 +278,10 @@ class SupportBank:
             mine = self._records.get(image_id)
             if mine is not None and mine.get("shard") == record.get("shard"):
                 continue  # unchanged: its files were checked when it was first loaded
-            problem = self._check_shard(record)
+            problem = check_shard(self.directory / "shards", record, self.verify)
             if not problem:
                 try:
-                    shard = _Shard(self.directory / "shards" / record["shard"], record)
+                    shard = Shard(self.directory / "shards" / record["shard"], record)
                 except (OSError, ValueError, KeyError, TypeError) as exc:
                     problem = f"unreadable shard ({exc})"
             if mine is not None:
@@ -495,25 +319,10 @@ class SupportBank:
                 )
             return changed
 
-    def _check_shard(self, record: Mapping) -> str:
-        shard = self.directory / "shards" / str(record.get("shard", ""))
-        if not record.get("shard") or not shard.is_dir():
-            return "shard directory missing"
-        for name, expected in record.get("files", {}).items():
-            path = shard / name
-            if not path.is_file():
-                return f"{name} missing"
-            if path.stat().st_size != expected["size"]:
-                return f"{name} truncated or altered (size {path.stat().st_size}, expected {expected['size']})"
-            if self.verify == "sha256" and file_sha256(path) != expected["sha256"]:
-                return f"{name} checksum mismatch"
-        return ""
-
     def _write_manifest(self) -> None:
-        _write_json_atomic(
-            self.manifest_path,
-            {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "images": self._records},
-        )
+        write_json_atomic(self.manifest_path,
+                          {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "images": self._records},
+                          sort_keys=True, durable=True)
         handle = open(self.manifest_path, "rb")  # ours: we hold the exclusive lock
         self._hold_manifest(handle)
         self.snapshot = manifest_snapshot(handle.read())
@@ -538,7 +347,7 @@ class SupportBank:
         """Add the entries of ``image_id``, replacing all its previous entries (never duplicates)."""
         if not isinstance(image_id, str) or not image_id:
             raise BankError("image id must be a non-empty string")
-        entry_labels = _entry_labels(batch.masks)
+        entry_labels = labels_per_entry(batch.masks)
         labels = sorted({v for present in entry_labels for v in present})
         record = {
             "entries": int(len(batch.images)),
@@ -560,57 +369,19 @@ class SupportBank:
                 raise BankError(f"embedding dimension {batch.embeddings.shape[1]} differs from the bank's {self.dim}")
             replaced = image_id in self._records
             if self.directory is None:
-                self._shards[image_id] = _MemoryShard(batch, entry_labels)
+                self._shards[image_id] = MemoryShard(batch, entry_labels)
                 self._records[image_id] = record
             else:
                 old = self._records.get(image_id, {}).get("shard")
-                shard_name, files = self._write_shard(image_id, batch, entry_labels)
+                shard_name, files = write_shard(self.directory / "shards", image_id, batch, entry_labels)
                 record.update(shard=shard_name, files=files)
                 self._records[image_id] = record
                 self._write_manifest()  # the commit point: from here on the new shard is the truth
-                self._shards[image_id] = _Shard(self.directory / "shards" / shard_name, record)
+                self._shards[image_id] = Shard(self.directory / "shards" / shard_name, record)
                 if old and old != shard_name:
                     shutil.rmtree(self.directory / "shards" / old, ignore_errors=True)
             self._changed([image_id], [image_id] if replaced else [])
         logger.info("support bank: %r now has %d slices (labels %s)", image_id, record["entries"], labels)
-
-    def _write_shard(self, image_id: str, batch: SliceBatch, entry_labels: list[tuple[int, ...]]) -> tuple[str, dict]:
-        shards = self.directory / "shards"
-        shards.mkdir(parents=True, exist_ok=True)
-        tmp = shards / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        arrays = {
-            "images": np.asarray(batch.images, dtype=np.float16),
-            "masks": np.asarray(batch.masks, dtype=np.uint16),
-            "embeddings": np.asarray(batch.embeddings, dtype=np.float32),
-            "slice_index": np.asarray(batch.slice_index, dtype=np.int32),
-        }
-        arrays.update({f"payload.{k}": np.asarray(v) for k, v in batch.payload.items()})
-        if batch.atlas is not None:
-            arrays["atlas.image"] = np.asarray(batch.atlas.image, dtype=np.float16)
-            arrays["atlas.mask"] = np.asarray(batch.atlas.mask, dtype=np.uint16)
-        try:
-            files = {}
-            for name, arr in arrays.items():
-                path = tmp / f"{name}.npy"
-                with open(path, "wb") as f:
-                    np.save(f, np.ascontiguousarray(arr))
-                    f.flush()
-                    os.fsync(f.fileno())
-                files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-            meta = tmp / "meta.json"
-            meta.write_text(json.dumps({
-                "image_id": image_id, "augmentation": list(batch.augmentation), "labels": [list(e) for e in entry_labels],
-            }))
-            files["meta.json"] = {"size": meta.stat().st_size, "sha256": file_sha256(meta)}
-            _fsync_dir(tmp)
-            name = f"{_safe_name(image_id)}-{uuid.uuid4().hex[:8]}"
-            os.rename(tmp, shards / name)
-            _fsync_dir(shards)
-            return name, files
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def remove(self, image_id: str) -> bool:
         with self._write_lock():
@@ -640,7 +411,7 @@ class SupportBank:
     def record(self, image_id: str) -> dict:
         return dict(self._records[image_id])
 
-    def _batches(self) -> Iterable[tuple[str, _Shard | _MemoryShard]]:
+    def _batches(self) -> Iterable[tuple[str, Shard | MemoryShard]]:
         for image_id in sorted(self._shards):
             yield image_id, self._shards[image_id]
 

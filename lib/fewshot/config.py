@@ -8,6 +8,8 @@ CLI's ``--set`` pass them.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,6 +37,11 @@ def resolve_device(setting: str | None) -> str:
     if str(setting).startswith("cuda") and not torch.cuda.is_available():
         raise PresetError(f"device {setting!r} requested but CUDA is not available on this machine; use device cpu")
     return str(setting)
+
+
+def settings_hash(*sections: Mapping) -> str:
+    """A short digest of settings sections: what caches and bank fingerprints key on."""
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def available_presets() -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations as nio
 
-from fewshot.weights import default_file_mode
+from fewshot.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -290,20 +289,8 @@ def write_label(path: str | os.PathLike, label: np.ndarray, image: Volume) -> No
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=suffix, prefix=".tmp-")
-    os.close(fd)
-    try:
-        nib.save(out, tmp)
-        # mkstemp's 0600 would make the label unreadable to other users and viewers: give it the
-        # mode open() would (0644 under the usual umask 022), before it appears under its name.
-        try:
-            os.chmod(tmp, default_file_mode())
-        except OSError as exc:  # a file system without modes: the label is written all the same
-            logger.debug("%s: mode not set (%s)", path, exc)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix) as tmp:  # nibabel creates it with open(): the umask's mode
+        nib.save(out, str(tmp))
 
 
 # ---------------------------------------------------------------- canvas slices

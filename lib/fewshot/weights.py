@@ -8,7 +8,6 @@ loaders, so timing runs and tests exercise the real code paths without any downl
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import yaml
 
 from fewshot.config import CONFIGS_DIR, ConfigError
+from fewshot.files import default_mode, file_sha256, remember_sha256, remembered_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,6 @@ KINDS = ("sam2", "dinov2", "lpips")
 RANDOM_SUBDIR = "random"
 RANDOM_README = "random weights, meaningless output"
 RANDOM_SEED = 0
-CHECKSUM_CACHE = ".sha256-cache.json"  # per directory: file name -> size, mtime, inode, sha256
-LOG_HASHING_ABOVE = 50_000_000  # bytes: hashing smaller files is too quick to mention
 DOWNLOAD_COMMAND = "python -m fewshot models download"
 # The preset section that uses each kind of model, and the `type` that section must have.
 PRESET_SECTIONS = {"dinov2": "embedder", "lpips": "matcher", "sam2": "transfer"}
@@ -195,78 +193,8 @@ def preset_models(settings: Mapping) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# checksums (cached by size + mtime + inode, so a large checkpoint is hashed once, not every start)
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)  # the only portable way to read it is to set it: done once, at import
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _current_umask()
-
-
-def _default_mode(mode: int) -> int:
-    """The mode a plain open()/mkdir() would give, for files made by mkstemp/mkdtemp (0600/0700)."""
-    return mode & ~_UMASK
-
-
-def default_file_mode() -> int:
-    """The mode open() gives a new file under this process's umask (0644 under the usual 022), read
-    once at import: changing the umask to read it is not safe once threads run."""
-    return _default_mode(0o666)
-
-
-def _stat_key(path: Path) -> dict:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-
-
-def _read_cache(folder: Path) -> dict:
-    try:
-        with open(folder / CHECKSUM_CACHE) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache_entry(path: Path, digest: str) -> None:
-    """Best effort: a read-only models directory only costs a re-hash next time."""
-    folder = path.parent
-    cache = _read_cache(folder)
-    cache[path.name] = {**_stat_key(path), "sha256": digest}
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=CHECKSUM_CACHE, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f, indent=1, sort_keys=True)
-        os.chmod(tmp, _default_mode(0o666))
-        os.replace(tmp, folder / CHECKSUM_CACHE)
-    except OSError as e:
-        logger.debug("cannot cache the checksum of %s: %s", path, e)
-
-
-def cached_sha256(path: Path) -> str | None:
-    """The cached digest of ``path`` if the file has not changed since it was hashed, else None."""
-    entry = _read_cache(path.parent).get(path.name)
-    if isinstance(entry, dict) and {k: entry.get(k) for k in ("size", "mtime_ns", "inode")} == _stat_key(path):
-        return entry.get("sha256")
-    return None
-
-
-def file_sha256(path: Path, use_cache: bool = True) -> str:
-    path = Path(path)
-    if use_cache:
-        digest = cached_sha256(path)
-        if digest:
-            return digest
-    if path.stat().st_size > LOG_HASHING_ABOVE:
-        logger.info("computing the sha256 of %s (once; the digest is cached)", path)
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    _write_cache_entry(path, digest)
-    return digest
+# checksums: fewshot.files keeps each file's digest beside it (.sha256-cache.json, trusted while its
+# size, mtime and inode hold), so a large checkpoint is hashed once, not at every start
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -281,11 +209,11 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     """sha256 of a checkpoint file, or of the sorted (name, sha256) list of a model directory."""
     path = Path(path)
     if path.is_file():
-        return file_sha256(path)
+        return file_sha256(path, remember=True)
     if path.is_dir():
         h = hashlib.sha256()
         for p in _weight_files(path):
-            h.update(f"{p.relative_to(path).as_posix()}\0{file_sha256(p)}\n".encode())
+            h.update(f"{p.relative_to(path).as_posix()}\0{file_sha256(p, remember=True)}\n".encode())
         return h.hexdigest()
     raise MissingWeightsError(f"cannot fingerprint {path}: no such file or directory")
 
@@ -328,7 +256,7 @@ def _check(spec: ModelSpec, path: Path, use_cache: bool = True) -> VerifyResult:
         return VerifyResult(spec.name, path, "size-only", detail)
     prefix_only = False
     for file, expected in checks:
-        actual = file_sha256(file, use_cache=use_cache)
+        actual = file_sha256(file, remember=use_cache)
         if not _digest_matches(actual, expected):
             return VerifyResult(
                 spec.name, path, "mismatch", f"sha256 of {file.name} is {actual}, expected {expected}"
@@ -414,7 +342,7 @@ def ensure_random(spec: ModelSpec, root: Path) -> Path:
     (root / RANDOM_SUBDIR).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root / RANDOM_SUBDIR, prefix=f".{spec.name}."))
     try:
-        os.chmod(tmp, _default_mode(0o777))  # mkdtemp's 0700 would survive the rename
+        os.chmod(tmp, default_mode(0o777))  # mkdtemp's 0700 would survive the rename
         logger.info("generating random weights for %s (%s) under %s", spec.name, spec.kind, folder)
         GENERATORS[spec.kind](spec, tmp if spec.is_directory else tmp / final.name)
         (tmp / "README.txt").write_text(
@@ -501,7 +429,7 @@ def list_models(
             checksum = "published"
         else:
             files = [(path if rel == "." else path / rel, exp) for rel, exp in spec.sha256.items()]
-            digests = [cached_sha256(f) if f.is_file() else None for f, _ in files]
+            digests = [remembered_sha256(f) if f.is_file() else None for f, _ in files]
             if any(d is None for d in digests):
                 checksum = "published, not verified yet"
             elif all(_digest_matches(d, exp) for d, (_, exp) in zip(digests, files)):
@@ -591,7 +519,7 @@ def _download_url(spec: ModelSpec, path: Path) -> None:
     except Exception:
         part.unlink(missing_ok=True)
         raise
-    _write_cache_entry(path, digest)
+    remember_sha256(path, digest)
 
 
 def _download_repo(spec: ModelSpec, path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from fewshot.bank import file_sha256
+from fewshot.files import file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,9 @@ from fewshot.annotation import Annotation
 from fewshot.bank import SupportBank
 from fewshot.config import ConfigError
 from fewshot.coverage import Proposal, propose
-from fewshot.pipeline import Engine, IngestReport, SegmentOptions, Segmentation, settings_hash
+from fewshot.config import settings_hash
+from fewshot.engine import Engine
+from fewshot.segmentation import IngestReport, SegmentOptions, Segmentation
 from fewshot.presets import PresetError, resolve_device
 from fewshot.volume import CANVAS_VERSION
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from fewshot.batch.inputs import Case, input_stamp
-from fewshot.pipeline import content_sha256
+from fewshot.files import content_sha256
 
 logger = logging.getLogger(__name__)
 

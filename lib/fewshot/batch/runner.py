@@ -28,7 +28,7 @@ from fewshot.bank import SupportBank, manifest_snapshot
 from fewshot.batch.inputs import Case
 from fewshot.batch.manifest import Manifest, now
 from fewshot.batch.worker import SegmentWorker, WorkerSpec, thread_env
-from fewshot.pipeline import settings_hash
+from fewshot.config import settings_hash
 
 logger = logging.getLogger(__name__)
 

@@ -91,7 +91,7 @@ class SegmentWorker:
             torch.set_num_threads(int(spec.threads))
         except ImportError:
             pass
-        from fewshot.pipeline import Engine
+        from fewshot.engine import Engine
 
         self.engine, report = Engine.from_settings(
             spec.settings, bank_dir=spec.bank_dir, models_dir=spec.models_dir, label_names=spec.label_names,
@@ -125,7 +125,7 @@ class SegmentWorker:
             return dict(record, status="fatal", error=self.problem)
         started, cpu_started = time.perf_counter(), _cpu_seconds()
         try:
-            from fewshot.pipeline import content_sha256
+            from fewshot.files import content_sha256
 
             # Stamped before reading: an input changed while it is read looks changed next time, never done.
             record["input_stamp"] = input_stamp(case.path)

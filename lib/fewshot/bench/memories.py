@@ -60,7 +60,7 @@ def memories_comparison(engine, query: Path, ks: Sequence[int], n_slices: int) -
     from the middle of ``query`` outwards, skipping those whose plan has fewer than k supports
     or does not allow the label.
     """
-    from fewshot.pipeline import PreparedVolume
+    from fewshot.segmentation import PreparedVolume
     from fewshot.types import SlicePlan
 
     stats = engine.bank.stats()["per_label"]

@@ -72,7 +72,7 @@ def retrieval_scale(sizes: Sequence[int], dim: int, bank_settings: Mapping, inde
     """faiss latency and recall@16 of the bank's own index construction, per bank size."""
     import faiss
 
-    from fewshot.bank import IndexSettings, build_index
+    from fewshot.bank_index import IndexSettings, build_index
 
     settings = IndexSettings.from_settings(bank_settings)
     points = []

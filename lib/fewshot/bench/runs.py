@@ -69,7 +69,7 @@ def exactly(k: int):
     """Options keeping k supports per query slice; retrieval fetches at least that many.
     Exactly k: the distinct-sources rule could leave fewer when top-k holds a slice's augmented copies,
     and the bench times k memories, whatever they show."""
-    from fewshot.pipeline import SegmentOptions
+    from fewshot.segmentation import SegmentOptions
 
     return SegmentOptions(keep=int(k), distinct_sources=False)
 

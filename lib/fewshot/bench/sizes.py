@@ -73,7 +73,7 @@ def bench_size(
     twice (done at the preset's own size only; other sizes get a slab just deep enough for k).
     """
     from fewshot.config import load_preset
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
 
     sam2 = load_preset(plan.preset, overrides).get("transfer", {}).get("type") == "sam2"
     # Classic has no input size: registration runs on the canvas, whose size is ``size`` already.

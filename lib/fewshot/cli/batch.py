@@ -46,7 +46,7 @@ def add_batch_command(sub) -> argparse.ArgumentParser:
 def _warn_if_stale(bank_manifest: dict, datastore: str) -> None:
     """The batch reads the bank as it is: say so when the datastore has labels it lacks."""
     from fewshot.datastore import labelled, scan_datastore
-    from fewshot.pipeline import same_content
+    from fewshot.files import same_content
 
     records = bank_manifest.get("images", {})
     stale = []

@@ -36,7 +36,7 @@ def engine_for(args, datastore: str, read_only: bool = False):
     ``fewshot.bank_holders``) until it ends, and never replaces a bank another process (a server)
     holds: see ``choose_bank``."""
     from fewshot.config import parse_label_map
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
 
     settings = settings_from(args)
     explicit = getattr(args, "bank", None)

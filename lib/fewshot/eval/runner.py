@@ -42,7 +42,7 @@ class EvalReport:
 
 def run_protocol(settings: Mapping, cases, label_map, plan: EvalPlan, n_folds: int) -> tuple:
     """One engine, one full protocol run -> (results, fold_info, growth or None, engine settings)."""
-    from fewshot.pipeline import Engine
+    from fewshot.engine import Engine
 
     engine, _ = Engine.from_settings(settings, bank_dir=None, models_dir=plan.models_dir, label_names=label_map)
     try:

@@ -1,0 +1,184 @@
+"""One image's entries in a SupportBank, in memory and on disk: the ``SliceBatch`` the engine hands
+the bank, the shard directory it becomes (written under a temporary name, fsynced, hashed, renamed:
+``write_shard``), its check against the manifest (``check_shard``), and the read-only views the bank
+searches (``Shard``, memory-mapped; ``MemoryShard`` for a bank without a directory). The manifest,
+locking and sharing between processes are ``fewshot.bank``'s.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from fewshot.files import file_sha256, fsync_dir
+from fewshot.types import Atlas
+
+ARRAYS = ("images", "masks", "embeddings", "slice_index")
+
+
+class BankError(RuntimeError):
+    pass
+
+
+@dataclass
+class SliceBatch:
+    """All bank entries of one image: each row is a (possibly augmented) canvas slice."""
+
+    images: np.ndarray  # (E, S, S) float in [0, 1]; stored as float16
+    masks: np.ndarray  # (E, S, S) uint16 label maps
+    embeddings: np.ndarray  # (E, D) float32
+    slice_index: np.ndarray  # (E,) int: slice of the source volume, along its file's own slicing axis
+    augmentation: list[str]  # (E,) "" for original slices
+    # The transfer step's cached arrays, each (E, L, ...): axis 1 runs over ``payload_labels``.
+    payload: dict[str, np.ndarray] = field(default_factory=dict)
+    payload_labels: tuple[int, ...] = ()
+    # The whole labelled scan, for transfers that register scans rather than slices (multi-atlas).
+    atlas: Atlas | None = None
+
+    def __post_init__(self):
+        n = len(self.images)
+        for name in ("masks", "embeddings", "slice_index"):
+            if len(getattr(self, name)) != n:
+                raise BankError(f"slice batch: {name} has {len(getattr(self, name))} rows, images has {n}")
+        if len(self.augmentation) != n:
+            raise BankError("slice batch: augmentation descriptions do not match the number of rows")
+        for name, arr in self.payload.items():
+            if len(arr) != n:
+                raise BankError(f"slice batch: payload {name} has {len(arr)} rows, images has {n}")
+
+
+
+def safe_name(image_id: str) -> str:
+    """A directory name for any image id: readable prefix plus a hash, so ids never escape the bank."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)[:48].strip("._") or "image"
+    return f"{stem}-{hashlib.sha1(image_id.encode()).hexdigest()[:10]}"
+
+
+def labels_per_entry(masks: np.ndarray) -> list[tuple[int, ...]]:
+    """Label values present in each mask, computed once when entries are written."""
+    return [tuple(int(v) for v in np.unique(m) if v) for m in masks]
+
+
+class Shard:
+    """One image's entries, memory-mapped read-only from its shard directory."""
+
+    def __init__(self, directory: Path, record: Mapping):
+        self.directory = directory
+        self.arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        self.payload = {
+            name: np.load(directory / f"payload.{name}.npy", mmap_mode="r") for name in record.get("payload", [])
+        }
+        meta = json.loads((directory / "meta.json").read_text())
+        self.augmentation: list[str] = meta["augmentation"]
+        self.entry_labels: list[tuple[int, ...]] = [tuple(int(v) for v in e) for e in meta["labels"]]
+        if len(self.entry_labels) != len(self) or len(self.augmentation) != len(self):
+            raise ValueError("meta.json does not describe every entry")
+        self.atlas: Atlas | None = None
+        if record.get("atlas"):
+            info = record["atlas"]
+            self.atlas = Atlas(
+                image_id=str(meta["image_id"]),
+                image=np.load(directory / "atlas.image.npy", mmap_mode="r"),
+                mask=np.load(directory / "atlas.mask.npy", mmap_mode="r"),
+                spacing=tuple(float(v) for v in info["spacing"]),
+                components={int(k): int(v) for k, v in info["components"].items()},
+                key=str(info["key"]),
+                axis=int(info.get("axis", -1)),
+            )
+            if self.atlas.image.shape != self.atlas.mask.shape or self.atlas.image.ndim != 3:
+                raise ValueError("atlas image and mask shapes differ")
+
+    def read(self, name: str) -> np.ndarray:
+        """A whole array read into memory, not through the mapping: pages read through a mapping stay
+        resident in this process while the shard is open, so an index build (every vector once)
+        would keep the bank's embeddings resident for good; read, they are freed after the build."""
+        return np.load(self.directory / f"{name}.npy")
+
+    def __len__(self) -> int:
+        return len(self.arrays["images"])
+
+
+class MemoryShard:
+    """The same view over a SliceBatch kept in memory (a bank without a directory)."""
+
+    def __init__(self, batch: SliceBatch, entry_labels: list[tuple[int, ...]]):
+        self.arrays = {name: getattr(batch, name) for name in ARRAYS}
+        self.payload = batch.payload
+        self.augmentation = list(batch.augmentation)
+        self.entry_labels = entry_labels
+        self.atlas = batch.atlas
+
+    def read(self, name: str) -> np.ndarray:
+        return np.asarray(self.arrays[name])
+
+    def __len__(self) -> int:
+        return len(self.arrays["images"])
+
+
+
+def check_shard(shards: Path, record: Mapping, verify: str) -> str:
+    """Why the shard ``record`` names cannot be used as the manifest describes it ("" when it can):
+    missing, truncated, or (``verify`` "sha256") altered."""
+    shard = shards / str(record.get("shard", ""))
+    if not record.get("shard") or not shard.is_dir():
+        return "shard directory missing"
+    for name, expected in record.get("files", {}).items():
+        path = shard / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} truncated or altered (size {path.stat().st_size}, expected {expected['size']})"
+        if verify == "sha256" and file_sha256(path) != expected["sha256"]:
+            return f"{name} checksum mismatch"
+    return ""
+
+
+
+def write_shard(shards: Path, image_id: str, batch: SliceBatch, entry_labels: list[tuple[int, ...]]) -> tuple[str, dict]:
+    """Write one image's entries as a new shard directory under ``shards``: built under a temporary
+    name, every file fsynced and hashed, then renamed. Returns (its name, its files' sizes and sha256)
+    for the manifest, which commits it."""
+    shards.mkdir(parents=True, exist_ok=True)
+    tmp = shards / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    arrays = {
+        "images": np.asarray(batch.images, dtype=np.float16),
+        "masks": np.asarray(batch.masks, dtype=np.uint16),
+        "embeddings": np.asarray(batch.embeddings, dtype=np.float32),
+        "slice_index": np.asarray(batch.slice_index, dtype=np.int32),
+    }
+    arrays.update({f"payload.{k}": np.asarray(v) for k, v in batch.payload.items()})
+    if batch.atlas is not None:
+        arrays["atlas.image"] = np.asarray(batch.atlas.image, dtype=np.float16)
+        arrays["atlas.mask"] = np.asarray(batch.atlas.mask, dtype=np.uint16)
+    try:
+        files = {}
+        for name, arr in arrays.items():
+            path = tmp / f"{name}.npy"
+            with open(path, "wb") as f:
+                np.save(f, np.ascontiguousarray(arr))
+                f.flush()
+                os.fsync(f.fileno())
+            files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        meta = tmp / "meta.json"
+        meta.write_text(json.dumps({
+            "image_id": image_id, "augmentation": list(batch.augmentation), "labels": [list(e) for e in entry_labels],
+        }))
+        files["meta.json"] = {"size": meta.stat().st_size, "sha256": file_sha256(meta)}
+        fsync_dir(tmp)
+        name = f"{safe_name(image_id)}-{uuid.uuid4().hex[:8]}"
+        os.rename(tmp, shards / name)
+        fsync_dir(shards)
+        return name, files
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
