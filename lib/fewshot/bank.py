@@ -566,6 +566,7 @@ class SupportBank:
             labels=shard.entry_labels[i],
             score=float(score),
             payload=entry_payload,
+            key=f"{shard.token}/{i}",
         )
 
     def atlas_ids(self) -> list[str]:

@@ -72,6 +72,7 @@ class Shard:
 
     def __init__(self, directory: Path, record: Mapping):
         self.directory = directory
+        self.token = directory.name  # unique per write (uuid-suffixed): an entry's identity is token/index
         self.arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
         self.payload = {
             name: np.load(directory / f"payload.{name}.npy", mmap_mode="r") for name in record.get("payload", [])
@@ -111,6 +112,7 @@ class MemoryShard:
 
     def __init__(self, batch: SliceBatch, entry_labels: list[tuple[int, ...]]):
         self.arrays = {name: getattr(batch, name) for name in ARRAYS}
+        self.token = uuid.uuid4().hex  # as a shard directory's name: new with every write
         self.payload = batch.payload
         self.augmentation = list(batch.augmentation)
         self.entry_labels = entry_labels

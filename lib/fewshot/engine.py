@@ -506,7 +506,8 @@ class Engine:
         timings = partition(timings, time.perf_counter() - t_start)
         timings["slices"] = len(prepared.canvas)
         segmentation = Segmentation(label, prepared.volume, chosen, provenance, timings, skipped,
-                                    busy={k: float(v) for k, v in result.seconds.items()})
+                                    busy={k: float(v) for k, v in result.seconds.items()},
+                                    computed_slices=sum(not getattr(s, "reused", False) for s in result.slices))
         with self._prepared_lock:
             self._results[result_key] = segmentation
             while len(self._results) > int(self.settings.get("transfer", {}).get("feature_cache", 4)):

@@ -47,6 +47,9 @@ class Segmentation:
     # The transfer's own stage timers as it reported them: summed over its worker processes, they can
     # exceed the wall time ``timings`` shares out (benchmarks report both).
     busy: dict[str, float] = field(default_factory=dict)
+    # Slices the transfer computed in this call; the others it took unchanged from its last run of the
+    # same volume (SAM 2 after a bank change left their inputs alone). None: a reused whole result.
+    computed_slices: int | None = None
 
     def summary(self) -> dict:
         counts = {name: int((self.label == value).sum()) for name, value in self.labels.items()}

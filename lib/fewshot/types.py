@@ -46,6 +46,9 @@ class Support:
     score: float = 0.0  # retrieval similarity (higher = closer)
     match_distance: float | None = None  # matcher distance (lower = closer), None if matching is off
     payload: dict[str, np.ndarray] = field(default_factory=dict)
+    # The entry's identity in its bank, new whenever the entry is written again ("" when unknown): a
+    # transfer may reuse what it computed from a support with the same key.
+    key: str = ""
 
 
 @dataclass
@@ -69,6 +72,7 @@ class SliceResult:
     object_scores: np.ndarray  # (L,) float32: >0 means the step thinks the label is present
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds spent on this slice
     ran: tuple[int, ...] | None = None  # label values the step ran on this slice; None: those of its plan
+    reused: bool = False  # taken from an earlier run whose inputs to this slice were the same
 
 
 @dataclass

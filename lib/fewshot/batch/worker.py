@@ -52,6 +52,8 @@ def batch_settings(settings: Mapping, threads: int, overrides: Mapping[str, Any]
     fold(out)
     transfer = out.get("transfer", {})
     transfer["feature_cache"] = 0
+    if "propagation_cache" in transfer:  # a batch segments each image once
+        transfer["propagation_cache"] = 0
     if "cache_mb" in transfer:
         transfer["cache_mb"] = 0
     for key, value in (overrides or {}).items():

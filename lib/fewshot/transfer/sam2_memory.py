@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -50,8 +51,8 @@ from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 from fewshot.transfer.sam2_model import build_sam2_model
 from fewshot.transfer.sam2_networks import Sam2Networks, annotated_labels
 from fewshot.transfer.sam2_parts import (  # noqa: F401  (the module's public names, re-exported)
-    IMAGENET_MEAN, IMAGENET_STD, PAYLOAD_KEYS, Memory, QueryFeatureCache, SliceMemory, fill_holes,
-    payload_for_labels, propagation_order,
+    IMAGENET_MEAN, IMAGENET_STD, PAYLOAD_KEYS, Memory, PropagationCache, PropagationRecord, QueryFeatureCache,
+    SliceMemory, SliceRecord, fill_holes, payload_for_labels, propagation_order, slice_signature,
 )
 from fewshot.weights import checkpoint_fingerprint
 from fewshot.types import SlicePlan, SliceResult, Support, SupportRef, VolumeResult
@@ -117,6 +118,9 @@ class Sam2Transfer(Sam2Networks):
             # SAM 2.1's configs all set it; the absent pointer of an empty support mask relies on it.
             raise ValueError("SAM 2 models with pred_obj_scores must have fixed_no_obj_ptr: true")
         self.feature_cache = QueryFeatureCache(int(settings.get("feature_cache", 0)))
+        # Volumes whose last propagation is kept, so a run after a bank change re-runs only the slices
+        # whose inputs changed (and those that read them). Each holds its slices' memories: kept few.
+        self.propagation_cache = PropagationCache(int(settings.get("propagation_cache", 0)))
         self.device = model.device
         self._weights_digest: str | None = None
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device)
@@ -165,8 +169,10 @@ class Sam2Transfer(Sam2Networks):
     # ---------------------------------------------------------------- query volumes
 
     def forget_caches(self) -> None:
-        """Drop the cached query image features (``Engine.forget_caches``: timing runs start cold)."""
+        """Drop the cached query image features and propagations (``Engine.forget_caches``: timing
+        runs start cold)."""
         self.feature_cache.clear()
+        self.propagation_cache.clear()
 
     @torch.inference_mode()
     def segment_volume(
@@ -203,6 +209,16 @@ class Sam2Transfer(Sam2Networks):
         resident: dict = {}  # supports' memories on the device, for this volume
         num_frames = Z + keep if self.support_positions == "video" else Z
 
+        # The last propagation of this volume with these labels: a slice whose own inputs (pixels,
+        # supports, labels) are unchanged and none of whose read slices changed output is taken
+        # from it, exactly; anything else is re-run. Same anchor and video length, or all re-run.
+        run_key = None if cache_key is None else (cache_key, self.image_size, labels)
+        before = self.propagation_cache.get(run_key)
+        if before is not None and (before.anchor, before.num_frames, len(before.slices)) != (anchor, num_frames, Z):
+            before = None
+        record = PropagationRecord(anchor, num_frames, {})
+        changed: set[int] = set()  # slices whose output differs from the last run's (or that had none)
+
         def readers(z: int, direction: int, span: int) -> set[int]:
             """Slices that will read slice z's memory within ``span`` slices: the next ones in its
             direction, and for slices just above the anchor also the first ones of the downward pass."""
@@ -214,6 +230,19 @@ class Sam2Transfer(Sam2Networks):
         for done, (z, direction) in enumerate(order, start=1):
             visited.add(z)
             plan = plans[z]
+            signature = slice_signature(query[z], plan) if run_key is not None else None
+            old = before.slices.get(z) if before is not None else None
+            reads = {z - direction * d for d in range(1, self.pointers + 1)}
+            if old is not None and signature is not None and old.signature == signature and not reads & changed:
+                results[z] = replace(old.result, seconds={stage: 0.0 for stage in totals}, reused=True)
+                memory = old.memory()
+                if memory is not None and readers(z, direction, self.pointers):
+                    slice_memories[z] = memory
+                record.slices[z] = old
+                self._forget_unread(slice_memories, visited, readers, anchor)
+                if progress is not None:
+                    progress(done, Z)
+                continue
             run = set(range(L)) if self.track_all_labels and plan.supports else {position[int(v)] for v in plan.labels}
             # A label the previous slice predicted present runs here too, even when no chosen support
             # holds it: as in SAM 2's tracker, the object-score head decides whether it is still there.
@@ -221,6 +250,7 @@ class Sam2Transfer(Sam2Networks):
             if previous is not None:
                 run |= {i for i in previous.rows if results[z - direction].object_scores[i] > 0}
             allowed = np.array(sorted(run), dtype=np.int64)
+            memory = None
             if len(allowed) == 0:
                 results[z] = self._empty_slice(L, S)
             else:
@@ -239,19 +269,33 @@ class Sam2Transfer(Sam2Networks):
                 results[z] = result
                 if memory is not None and readers(z, direction, self.pointers):
                     slice_memories[z] = memory
-            # Drop what no slice still to come will read: spatial features beyond `neighbours`,
-            # whole memories beyond `pointers`.
-            for old in list(slice_memories):
-                old_direction = +1 if old >= (anchor or 0) else -1
-                if not readers(old, old_direction, self.pointers) - visited:
-                    del slice_memories[old]
-                elif not readers(old, old_direction, self.neighbours) - visited:
-                    slice_memories[old].features = None
+            if old is None or not old.same_output(results[z], memory):
+                changed.add(z)
+            if signature is not None:
+                record.slices[z] = SliceRecord(signature, results[z], None if memory is None else dict(memory.rows),
+                                               None if memory is None else memory.obj_ptr,
+                                               None if memory is None else memory.features)
+            self._forget_unread(slice_memories, visited, readers, anchor)
             for stage in totals:
                 totals[stage] += results[z].seconds.get(stage, 0.0)
             if progress is not None:
                 progress(done, Z)
+        if len(record.slices) == Z:
+            self.propagation_cache.put(run_key, record)
+        if before is not None:
+            logger.info("SAM 2 propagation: %d of %d slices re-run after a change of their inputs",
+                        sum(not r.reused for r in results), Z)
         return VolumeResult(labels=labels, slices=results, seconds=totals)
+
+    def _forget_unread(self, slice_memories: dict, visited: set[int], readers, anchor: int | None) -> None:
+        """Drop what no slice still to come will read: spatial features beyond `neighbours`, whole
+        memories beyond `pointers`."""
+        for z in list(slice_memories):
+            direction = +1 if z >= (anchor or 0) else -1
+            if not readers(z, direction, self.pointers) - visited:
+                del slice_memories[z]
+            elif not readers(z, direction, self.neighbours) - visited:
+                slice_memories[z].features = None
 
     @staticmethod
     def _empty_slice(num_labels: int, S: int, encode_s: float = 0.0, cached: bool = True) -> SliceResult:

@@ -2,6 +2,7 @@
 cache, hole filling and the propagation order (no networks here)."""
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fewshot.types import SlicePlan
+from fewshot.types import SlicePlan, SliceResult
 
 # SAM 2 normalises frames with the ImageNet statistics (sam2.utils.misc.load_video_frames).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -137,3 +138,79 @@ def propagation_order(plans: list[SlicePlan]) -> tuple[int | None, list[tuple[in
     order = [(z, +1) for z in range(anchor, len(plans))] + [(z, -1) for z in range(anchor - 1, -1, -1)]
     return anchor, order
 
+
+
+@dataclass
+class SliceRecord:
+    """What one slice of a propagation computed, and from what, for a later run to reuse exactly."""
+
+    signature: tuple  # the slice's own inputs: its pixels, its plan's supports (bank keys) and labels
+    result: SliceResult
+    rows: dict[int, int] | None  # its memory for later slices (None: no label ran)
+    obj_ptr: torch.Tensor | None
+    features: torch.Tensor | None
+
+    def same_output(self, result: SliceResult, memory: SliceMemory | None) -> bool:
+        """Bit-identical to what a re-run produced: then slices reading this one see no change."""
+        if not (np.array_equal(self.result.probabilities, result.probabilities)
+                and np.array_equal(self.result.object_scores, result.object_scores)):
+            return False
+        if memory is None or self.rows is None:
+            return memory is None and self.rows is None
+        same = lambda a, b: (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+        return self.rows == memory.rows and same(self.obj_ptr, memory.obj_ptr) and same(self.features, memory.features)
+
+    def memory(self) -> SliceMemory | None:
+        return None if self.rows is None else SliceMemory(dict(self.rows), self.obj_ptr, self.features)
+
+
+@dataclass
+class PropagationRecord:
+    """One volume's last propagation: where it started and what each slice computed."""
+
+    anchor: int | None
+    num_frames: int
+    slices: dict[int, SliceRecord]
+
+
+class PropagationCache:
+    """LRU of volumes' last propagations (query key, labels), so that a run after a bank change re-runs
+    only the slices whose inputs changed. A slice record holds its result and its memory for later
+    slices (float32, n_labels x mem_dim x h x w): a 30-slice volume with 4 labels keeps ~30 MB at 512²,
+    ~120 MB at 1024², hence its own, smaller bound than the image-feature cache."""
+
+    def __init__(self, max_volumes: int):
+        self.max_volumes = max(0, int(max_volumes))
+        self._volumes: OrderedDict[tuple, PropagationRecord] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._volumes.clear()
+
+    def get(self, key: tuple | None) -> PropagationRecord | None:
+        if key is None or self.max_volumes == 0:
+            return None
+        with self._lock:
+            record = self._volumes.get(key)
+            if record is not None:
+                self._volumes.move_to_end(key)
+            return record
+
+    def put(self, key: tuple | None, record: PropagationRecord) -> None:
+        if key is None or self.max_volumes == 0:
+            return
+        with self._lock:
+            self._volumes[key] = record
+            self._volumes.move_to_end(key)
+            while len(self._volumes) > self.max_volumes:
+                self._volumes.popitem(last=False)
+
+
+def slice_signature(image: np.ndarray, plan: SlicePlan) -> tuple | None:
+    """A slice's own inputs to the propagation: its pixels, its supports by bank key and rank, its
+    allowed labels. None when a support has no key (nothing to tell it from another)."""
+    if any(not s.key for s in plan.supports):
+        return None
+    pixels = hashlib.blake2b(np.ascontiguousarray(image, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
+    return pixels, tuple(s.key for s in plan.supports), tuple(int(v) for v in plan.labels)
