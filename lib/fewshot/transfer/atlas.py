@@ -39,6 +39,7 @@ from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.fusion import FusionSettings, fuse
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
+from fewshot.transfer.shape import ShapeSettings, SolidityCache, make_convex
 from fewshot.transfer.workers import WorkerPool, sitk_threads
 from fewshot.types import Atlas, AtlasUse, SlicePlan, SliceResult, VolumeResult
 
@@ -58,6 +59,7 @@ class AtlasSettings:
     threshold: float  # probability above which a voxel takes its most probable label
     registration: reg.RegistrationPlan
     fusion: FusionSettings
+    shape: ShapeSettings
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "AtlasSettings":
@@ -89,6 +91,7 @@ class AtlasSettings:
             start_method=str(settings["start_method"]), cache_mb=int(settings["cache_mb"]),
             threshold=float(settings["threshold"]), registration=plan,
             fusion=section(settings.get("fusion"), FusionSettings, "fusion"),
+            shape=ShapeSettings.from_settings(settings.get("shape")),
         )
         out.validate()
         return out
@@ -119,14 +122,19 @@ class AtlasSettings:
             problems.append(f"fusion.method {self.fusion.method!r} must be joint or majority")
         if len(self.fusion.patch_radius) != 3 or min(self.fusion.patch_radius) < 0:
             problems.append("fusion.patch_radius needs three non-negative voxel counts (slice, row, column)")
+        search = self.fusion.search_radius
+        if (len(search) != 3 or min(search) < 0) if isinstance(search, tuple) else int(search) < 0:
+            problems.append("fusion.search_radius needs one or three (slice, row, column) non-negative voxel counts")
         if not 0 < self.threshold < 1:
             problems.append("threshold must lie in (0, 1)")
+        if self.shape.min_solidity is not None and not 0 < self.shape.min_solidity <= 1:
+            problems.append("shape.min_solidity must lie in (0, 1], or be none")
         if problems:
             raise ConfigError("transfer atlas settings: " + "; ".join(problems))
 
     def result_affecting(self) -> dict:
         return {"threshold": self.threshold, "registration": asdict(self.registration), "fusion":
-                {k: v for k, v in asdict(self.fusion).items() if k != "threads"}}
+                {k: v for k, v in asdict(self.fusion).items() if k != "threads"}, "shape": asdict(self.shape)}
 
 
 def _has_default(kind, name: str) -> bool:
@@ -156,6 +164,15 @@ class _CandidateCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
+    def grow_to(self, limit_mb: int) -> None:
+        with self._lock:
+            self.limit = max(self.limit, int(limit_mb) * 2**20)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
     def get(self, key: tuple):
         with self._lock:
             if key in self._items:
@@ -177,6 +194,13 @@ class _CandidateCache:
                 self._bytes -= dropped.nbytes if dropped is not None else 0
 
 
+# Registrations and global affines are shared by every AtlasTransfer in the process. Their keys name
+# the query, the atlas's content and the registration plan, so engines that differ only after
+# registration (fusion, shape, threshold: the points of an eval's --select grid) register a pair once.
+_REGISTERED = _CandidateCache(0)  # bounded by the largest transfer.cache_mb asked for
+_ALIGNED: dict[tuple, reg.GlobalAlignment] = {}
+
+
 class AtlasTransfer:
     """LabelTransfer by multi-atlas segmentation of whole scans (``scope = "scan"``)."""
 
@@ -189,8 +213,10 @@ class AtlasTransfer:
             raise ConfigError(f"transfer type atlas needs a 'slices' section: the 2D registration for slice supports ({_PRESET})")
         self.slices = RegistrationTransfer(settings["slices"])
         self._plan_key = _digest(asdict(self.settings.registration))
-        self._cache = _CandidateCache(self.settings.cache_mb)
-        self._alignments: dict[tuple, reg.GlobalAlignment] = {}
+        _REGISTERED.grow_to(self.settings.cache_mb)
+        self._cache = _REGISTERED
+        self._alignments = _ALIGNED
+        self._solidities = SolidityCache()
         s = self.settings
         self.pool = WorkerPool(s.workers, s.threads_per_worker, s.start_method, _init_worker, "atlas registration",
                                "atlases")
@@ -216,6 +242,12 @@ class AtlasTransfer:
         return self.slices.segment_volume(query, plans, labels, cache_key=cache_key, progress=progress)
 
     # ------------------------------------------------------------------ worker processes
+
+    def forget_caches(self) -> None:
+        """Forget every registration and global affine (the process's, see ``_REGISTERED``): the
+        next query registers its atlases cold, as timing runs need."""
+        self._cache.clear()
+        self._alignments.clear()
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones); the slice transfer's too."""
@@ -264,7 +296,7 @@ class AtlasTransfer:
         plan = self.settings.registration
         query_key = cache_key or _digest([query.shape, spacing, hashlib.sha256(query.tobytes()).hexdigest()])
         atlases = [a for a in atlases if set(a.labels) & set(labels)]
-        seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0}
+        seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0, "shape": 0.0}
         steps = len(atlases) + min(keep, len(atlases)) if len(atlases) > keep else len(atlases)
         done = 0
 
@@ -344,8 +376,15 @@ class AtlasTransfer:
             t0 = time.perf_counter()
             counts = [a.components for a in holders]
             expected = {v: expected_pieces(counts, v) for v in labels}
-            probs[(slice(None),) + box] = keep_pieces(fused, labels, expected, self.settings.threshold)
+            kept = keep_pieces(fused, labels, expected, self.settings.threshold)
             seconds["pieces"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            convex = self._solidities.convex_labels(holders, labels, self.settings.shape.min_solidity)
+            if convex:
+                logger.info("labels %s are convex in plane in the atlases: made convex per slice", convex)
+            probs[(slice(None),) + box] = make_convex(kept, labels, convex, self.settings.threshold,
+                                                     float(spacing[1] * spacing[2]))
+            seconds["shape"] = time.perf_counter() - t0
         tick()
         uses = []
         for a in chosen:

@@ -33,9 +33,18 @@ class FusionSettings:
     method: str  # "joint" or "majority"
     beta: float  # joint: exponent sharpening the weights of patch differences
     patch_radius: tuple[int, ...]  # joint: patch half-size in voxels along (slice, row, column)
-    search_radius: int  # joint: voxels each atlas may shift its patch to match the query's
+    # joint: voxels each atlas may shift its patch to match the query's; one number for every axis, or
+    # three along (slice, row, column), so that thick slices can search in plane without crossing slices
+    search_radius: int | tuple[int, ...]
     rho: float  # joint: ridge on the error-correlation matrix (robustness against its noise)
     threads: int  # ITK threads antsJointFusion uses
+
+
+def search_radius(radius) -> int | str:
+    """antsJointFusion's ``-s``: one radius, or ``RxRxR`` along the image's axes (slice, row, column here)."""
+    if isinstance(radius, (tuple, list)):
+        return "x".join(str(int(r)) for r in radius)
+    return int(radius)
 
 
 def majority(probabilities: np.ndarray) -> np.ndarray:
@@ -77,7 +86,7 @@ def joint(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spac
         result = ants.joint_label_fusion(
             image(query), image(region.astype(np.float32)), [image(a) for a in images],
             beta=float(settings.beta), rad=[int(r) for r in settings.patch_radius], label_list=[image(h) for h in hard],
-            rho=float(settings.rho), r_search=int(settings.search_radius), output_prefix=f"{tmp}/jlf",
+            rho=float(settings.rho), r_search=search_radius(settings.search_radius), output_prefix=f"{tmp}/jlf",
         )
         out[:, region] = 0.0
         for number, probability in zip(result["segmentation_numbers"], result["probabilityimages"]):
