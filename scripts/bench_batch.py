@@ -62,41 +62,9 @@ def _build_bank(store: Path, settings: dict) -> Path:
 
 def replicate(template: Path, dest: Path, entries: int, seed: int = 0) -> dict:
     """A bank of about ``entries`` entries made of copies of ``template``'s shards (see the docstring)."""
-    from fewshot.bank import FORMAT_VERSION
-    from fewshot.files import file_sha256
+    from fewshot.bench.scale import replicate_bank
 
-    manifest = json.loads((template / "manifest.json").read_text())
-    records = manifest["images"]
-    per_round = sum(r["entries"] for r in records.values())
-    rounds = max(1, -(-entries // per_round))
-    rng = np.random.default_rng(seed)
-    shutil.rmtree(dest, ignore_errors=True)
-    (dest / "shards").mkdir(parents=True)
-    images = {}
-    for n in range(rounds):
-        for image_id, record in records.items():
-            new_id = f"{image_id}-copy{n:06d}"
-            src, shard = template / "shards" / record["shard"], f"{new_id}-shard"
-            out = dest / "shards" / shard
-            out.mkdir()
-            files = dict(record["files"])
-            for name in record["files"]:
-                if name == "embeddings.npy":
-                    emb = np.load(src / name)
-                    emb = emb + rng.normal(0, 0.01 * float(np.abs(emb).mean() or 1), emb.shape).astype(emb.dtype)
-                    np.save(out / name, emb)
-                elif name == "meta.json":
-                    meta = json.loads((src / name).read_text())
-                    meta["image_id"] = new_id
-                    (out / name).write_text(json.dumps(meta))
-                else:
-                    os.link(src / name, out / name)  # same bytes: shared, as the page cache will see them
-                    continue
-                files[name] = {"size": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
-            images[new_id] = dict(record, shard=shard, files=files)
-    (dest / "manifest.json").write_text(json.dumps(
-        {"version": FORMAT_VERSION, "fingerprint": manifest["fingerprint"], "images": images}, indent=1, sort_keys=True))
-    return {"entries": rounds * per_round, "images": len(images), "entries_per_template": per_round}
+    return replicate_bank(template, dest, entries, seed)
 
 
 def _ray(num_cpus: int = 2):

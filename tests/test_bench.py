@@ -69,8 +69,13 @@ def test_second_inference_result_reuse_and_feature_reuse_are_told_apart(quick_re
     # Unchanged bank: the finished segmentation is handed back, nothing runs.
     assert same["reused"] and same["stages_s"]["attention_decode"] == 0
     assert default["reuse_speedup"] == pytest.approx(first["total_s"] / same["total_s"], rel=0.01)
-    # After a bank change the transfer runs again (attention and decode) on cached image features.
-    assert not changed["reused"] and changed["stages_s"]["attention_decode"] > 0
+    # After a bank change (one slice of a third case saved as a partial label) the transfer runs again
+    # on the slices whose supports changed and those that read them, on cached image features.
+    change = default["bank_change"]
+    assert "partial label" in change["how"] and change["entries_added"] >= 1, change
+    assert not changed["reused"] and 0 <= changed["computed_slices"] <= changed["slices"]
+    assert (changed["stages_s"]["attention_decode"] > 0) == (changed["computed_slices"] > 0)
+    assert first["computed_slices"] == first["slices"]
     assert changed["stages_s"]["encode"] == 0  # every slice's SAM 2 features came from the cache
     assert default["feature_reuse_speedup"] == pytest.approx(first["total_s"] / changed["total_s"], rel=0.01)
     target = next(t for t in report["targets"] if t["what"].startswith("second inference"))
@@ -96,7 +101,7 @@ def test_retrieval_scale_uses_the_bank_index(quick_report):
 def test_targets_and_recommendation(quick_report):
     _, report = quick_report
     targets = report["targets"]
-    assert len(targets) == 10
+    assert len(targets) == 12
     for t in targets:
         assert (t["measured"] is None) == (t["met"] is None), t
     by_what = {t["what"]: t for t in targets}
@@ -109,6 +114,8 @@ def test_targets_and_recommendation(quick_report):
         one = res["one_label_k16"]
         assert one["segmented_slices"] >= 1 and one["per_slice_s"] > 0
     assert "per-slice time at k=16 at 512², whole path (engine.segment, one label)" in by_what
+    ratio = by_what["all labels vs one label per slice at k=16, 512² (engine.segment, same slices, one run)"]
+    assert ratio["met"] is None  # quick mode has no 512
     rec = report["recommendation"]
     assert rec["selection.keep"] in (1, 4, 16) and rec["transfer.image_size"] in (128, 64) and rec["reason"]
 
@@ -252,3 +259,13 @@ def test_bench_sends_the_multi_atlas_classic_to_eval(tmp_path):
 
     with pytest.raises(ValueError, match="multi-atlas.*fewshot eval"):
         run_bench(tmp_path / "atlas", quick=True, preset="classic")
+
+
+def test_bank_at_scale_is_opened_by_the_bank_and_segmented(quick_report):
+    _, report = quick_report
+    small, large = report["sizes"]["128"]["scale"]
+    assert large["entries"] >= 1000 > small["entries"] and large["index_build_s"] >= 0
+    assert large["per_slice_s"] > 0 and large["rss_after_mb"] > 0 and large["payload_bytes_per_entry"] > 0
+    assert large["disk_gb"] > small["disk_gb"]
+    target = next(t for t in report["targets"] if t["what"].startswith("resident memory with"))
+    assert target["measured"] == pytest.approx(large["rss_after_mb"] - small["rss_after_mb"], abs=0.2)

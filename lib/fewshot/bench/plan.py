@@ -70,6 +70,8 @@ class BenchPlan:
     retrieval_sizes: tuple[int, ...] = (1_000, 10_000, 100_000, 1_000_000)
     retrieval_queries: int = 1000  # recall@16 per query is noisy: 1000 give a 95 % CI of about +-0.005 at 0.95
     per_slice_budget_s: float = 1.5  # the issue's CPU target for k=16 at 512, used for the recommendation
+    # Bank sizes for the RSS and latency of engine.segment at scale (copies of the bench's bank); () skips it.
+    scale_entries: tuple[int, ...] = (100_000,)
 
 
 def quick_plan(preset: str = "random-tiny", preset_size: int | None = None) -> BenchPlan:
@@ -77,7 +79,7 @@ def quick_plan(preset: str = "random-tiny", preset_size: int | None = None) -> B
     return BenchPlan(
         preset=preset, sizes=(size, max(32, size // 2 // 32 * 32)), memory_query_slices=1,
         subvolume_slices=3, support_slices=8, query_slices=6, retrieval_sizes=(1_000, 10_000),
-        retrieval_queries=50,
+        retrieval_queries=50, scale_entries=(1_000,),
     )
 
 
@@ -108,6 +110,10 @@ class BenchData:
     support_label: Path
     query_image: Path  # volume segmented
     query_label: Path  # used only to centre the sub-volumes on the organs, never by the engine
+    # A third labelled case: one of its slices is saved as a partial label (a correction on one
+    # slice) to change the bank between two inferences. None: no third case.
+    new_image: Path | None = None
+    new_label: Path | None = None
 
 
 def _case_pairs(directory: Path) -> list[tuple[Path, Path]]:
@@ -130,14 +136,16 @@ def find_data(data: str | os.PathLike | None, work: Path, synthetic: bool = Fals
         pairs = _case_pairs(directory) if directory.is_dir() else []
         if len(pairs) >= 2:
             (si, sl), (qi, ql) = pairs[:2]
-            return BenchData(directory.name, si, sl, qi, ql)
+            extra = pairs[2] if len(pairs) > 2 else (None, None)
+            return BenchData(directory.name, si, sl, qi, ql, *extra)
         if data:
             raise FileNotFoundError(f"{directory}: needs at least two image_N/label_N pairs")
         logger.warning("%s is absent: timing synthetic volumes instead", directory)
     folder = work / "synthetic"
     support = write_synthetic_case(folder, "1", seed=1)
     query = write_synthetic_case(folder, "2", seed=2)
-    return BenchData("synthetic", *support, *query)
+    extra = write_synthetic_case(folder, "3", seed=3)
+    return BenchData("synthetic", *support, *query, *extra)
 
 
 def write_synthetic_case(folder: Path, name: str, seed: int, shape=(192, 192, 24),
@@ -187,3 +195,17 @@ def write_subvolume(image: Path, label: Path, count: int, folder: Path, tag: str
     nib.save(img.slicer[index], out[0])  # slicer keeps header and moves the affine's origin
     nib.save(lab.slicer[index], out[1])
     return out
+
+
+def one_labelled_slice(label: Path) -> tuple[int, int]:
+    """(slice, voxel axis) of the labelled slice nearest the middle of the labelled extent, along the
+    coarsest axis: the slice a person correcting one slice would save."""
+    import nibabel as nib
+
+    lab = nib.load(str(label))
+    axis = int(np.argmax(lab.header.get_zooms()[:3]))
+    data = np.asarray(lab.dataobj)
+    along = np.where(np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1).any(axis=1))[0]
+    if not along.size:
+        raise ValueError(f"{label}: no labelled slice")
+    return int(along[np.argmin(np.abs(along - along.mean()))]), axis

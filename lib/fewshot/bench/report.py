@@ -105,6 +105,7 @@ def run_bench(
     sizes: Sequence[int] | None = None,
     ks: Sequence[int] | None = None,
     retrieval_sizes: Sequence[int] | None = None,
+    scale_entries: Sequence[int] | None = None,
     overrides: Mapping[str, Any] | None = None,
     threads: int | None = None,
 ) -> dict:
@@ -156,6 +157,8 @@ def run_bench(
             plan = replace(plan, subvolume_slices=2, support_slices=6, query_slices=4)
     plan = replace(plan, **{k: tuple(int(x) for x in v) for k, v in
                             {"sizes": sizes, "ks": ks, "retrieval_sizes": retrieval_sizes}.items() if v})
+    if scale_entries is not None:  # [0] or [] skips the bank-at-scale run
+        plan = replace(plan, scale_entries=tuple(int(x) for x in scale_entries if int(x) > 0))
     device = resolve_device(base.get("device"))
     default_keep = int(base.get("selection", {}).get("keep", 4))
     work = Path(tempfile.mkdtemp(prefix="fewshot-bench-"))

@@ -37,6 +37,7 @@ class SegmentRun:
     network_cpu_s: float = float("nan")
     reused: bool = False  # the engine handed back a finished segmentation (same volume, bank, labels, settings)
     busy_s: dict[str, float] | None = None  # stage timers summed over worker processes (classic)
+    computed_slices: int | None = None  # slices the transfer computed (the others it took from its last run)
 
     @property
     def overhead_fraction(self) -> float:
@@ -61,6 +62,7 @@ class SegmentRun:
             "non_network_fraction": rounded(self.overhead_fraction), "peak_rss_mb": self.peak_rss_mb,
             "cpu_s": rounded(self.cpu_s), "cpu_per_slice_s": rounded(self.cpu_s / n),
             "non_network_cpu_fraction": rounded(self.overhead_cpu_fraction), "reused": self.reused,
+            "computed_slices": self.computed_slices,
             **({"busy_s": {k: rounded(v) for k, v in self.busy_s.items()}} if self.busy_s is not None else {}),
         }
 
@@ -95,7 +97,7 @@ def timed_segment(engine, image, device: str, cold: bool = True, labels=None, op
     for per_label in seg.provenance.values():
         segmented.update(per_label["slices"])
     return SegmentRun(total, int(timings.get("slices", 0)), len(segmented), stages, clock.seconds, rss.mb,
-                      cpu, clock.cpu_seconds, bool(timings.get("reused")), busy)
+                      cpu, clock.cpu_seconds, bool(timings.get("reused")), busy, seg.computed_slices)
 
 
 @dataclass

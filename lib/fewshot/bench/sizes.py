@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from fewshot.meters import PeakRss
 from fewshot.bench.memories import MemoryPoint, memories_comparison
-from fewshot.bench.plan import BenchData, BenchPlan, write_subvolume
+from fewshot.bench.plan import BenchData, BenchPlan, one_labelled_slice, write_subvolume
+from fewshot.bench.scale import ScalePoint, bank_at_scale
 from fewshot.bench.runs import IngestRun, SegmentRun, exactly, rounded, timed_ingest, timed_segment
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class SizeResult:
     whole_volume: SegmentRun | None = None  # first segmentation of the query volume (preset's size only)
     second_inference: SegmentRun | None = None  # same image, unchanged bank: the finished result is reused
     after_bank_change: SegmentRun | None = None  # same image after a save changed the bank: image features reused
+    bank_change: dict | None = None  # what changed the bank before after_bank_change
+    scale: list[ScalePoint] = field(default_factory=list)  # the bench's bank and copies of it at ~1e5 entries
     peak_rss_mb: float = 0.0  # the tool's own path: load, ingest, segment (not the re-encoding baseline)
 
     @property
@@ -60,6 +63,8 @@ class SizeResult:
             "after_bank_change": self.after_bank_change.as_dict() if self.after_bank_change else None,
             "feature_reuse_speedup": rounded(self.feature_reuse_speedup, 2),
             "peak_rss_mb": self.peak_rss_mb,
+            "bank_change": self.bank_change,
+            "scale": [p.as_dict() for p in self.scale],
         }
 
 
@@ -124,7 +129,8 @@ def bench_size(
                 one_label = timed_segment(engine, sub_image, device, labels=[value], options=exactly(16))
                 logger.info("bench %d: whole path k=16, label %d only: %.3f s per slice", size, value,
                             one_label.total_s / max(1, one_label.slices))
-        first = second = changed = None
+        first = second = changed = bank_change = None
+        scale = []
         if whole_volume:
             query = data.query_image
             if plan.query_slices:
@@ -132,14 +138,35 @@ def bench_size(
             logger.info("bench %d: segmenting %s (cold, then again with cached features)", size, query.name)
             first = timed_segment(engine, query, device, cold=True, options=exactly(keep))
             second = timed_segment(engine, query, device, cold=False, options=exactly(keep))
-            engine.bank.mark_changed()  # what a saved label does: results are stale, image features are not
+            bank_change = change_the_bank(engine, data)
             changed = timed_segment(engine, query, device, cold=False, options=exactly(keep))
-            logger.info("bench %d: whole volume %.1f s, second inference %.1f s, after a bank change %.1f s",
-                        size, first.total_s, second.total_s, changed.total_s)
+            logger.info("bench %d: whole volume %.1f s, second inference %.1f s, after a bank change %.1f s "
+                        "(%s of %d slices computed)", size, first.total_s, second.total_s, changed.total_s,
+                        changed.computed_slices, changed.slices)
     # Re-encoding supports per query is SAM 2's question; registration caches nothing to compare.
     memories = memories_comparison(engine, sub_image, plan.ks, plan.memory_query_slices) if sam2 else []
+    if whole_volume and plan.scale_entries:  # after the tool's own peak RSS was taken
+        scale = bank_at_scale(engine, bank_dir, work, sub_image, keep, device, plan.scale_entries)
     if hasattr(engine.transfer, "close"):
         engine.transfer.close()  # the registration worker pool
     result = SizeResult(size, load_s, ingest, whole_path[keep], {k: whole_path[k] for k in plan.ks}, memories,
-                        len(engine.bank.label_values), one_label, first, second, changed, tool_rss.mb)
+                        len(engine.bank.label_values), one_label, first, second, changed,
+                        bank_change=bank_change, scale=scale, peak_rss_mb=tool_rss.mb)
     return result, engine
+
+
+def change_the_bank(engine, data: BenchData) -> dict:
+    """What a person correcting one slice of another scan does: save that slice as a partial label
+    (its slice and augmented copies enter the bank). Without a third case, a new bank generation
+    with the same entries (results stale, nothing else changed)."""
+    from fewshot.annotation import Annotation
+
+    if data.new_image is None:
+        engine.bank.mark_changed()
+        return {"how": "a new bank generation, entries unchanged (no third labelled case)"}
+    z, axis = one_labelled_slice(data.new_label)
+    t0 = time.perf_counter()
+    report = engine.ingest("new-label", data.new_image, data.new_label,
+                           annotation=Annotation(slices=(z,), axis=axis, how="bench: one corrected slice"))
+    return {"how": f"one slice of {data.new_image.name} saved as a partial label", "slice": z, "axis": axis,
+            "entries_added": report.slices, "ingest_s": rounded(time.perf_counter() - t0)}

@@ -18,7 +18,7 @@ def main(args) -> int:
     report = run_bench(
         args.out, device=args.device, quick=args.quick, models_dir=args.models_dir, preset=args.preset,
         data=args.data, synthetic=args.synthetic, sizes=args.sizes, ks=args.ks,
-        retrieval_sizes=args.retrieval_sizes, overrides=parse_overrides(args.overrides), threads=args.threads,
+        retrieval_sizes=args.retrieval_sizes, scale_entries=args.scale_entries, overrides=parse_overrides(args.overrides), threads=args.threads,
     )
     summary = {
         "bench": str(Path(args.out) / "bench.json"), "preset": report["preset"], "seconds": report["seconds"],
@@ -42,6 +42,9 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--sizes", type=_int_list, default=None, help="SAM 2 image sizes, e.g. 1024,512 (first = whole-volume runs)")
     p.add_argument("--ks", type=_int_list, default=None, help="supports per query slice to compare, e.g. 1,4,16")
     p.add_argument("--retrieval-sizes", type=_int_list, default=None, help="bank sizes for faiss, e.g. 1e3,1e4,1e5,1e6")
+    p.add_argument("--scale-entries", type=_int_list, default=None,
+                   help="bank sizes for RSS and latency of engine.segment at scale (copies of the bench's bank; "
+                        "default 1e5, 0 skips)")
     p.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: one per core)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset setting (repeatable), e.g. --set bank.approximate_above=5000")
