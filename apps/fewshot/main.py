@@ -4,7 +4,8 @@
         [-c models_dir DIR] [-c device cpu|cuda] [-c labels liver=1,spleen=2] [-c retrieval.top_k 8 ...]
 
 ``<datastore>`` is a folder, or a DICOMweb URL (``http://pacs/dicom-web``, as OHIF's panel needs):
-``lib/dicomweb.py`` caches its series locally and keeps the bank beside that cache.
+``lib/dicomweb.py`` caches its series locally and keeps the bank beside that cache; ``lib/pacs_sync.py``
+keeps its final labels in step with the PACS's SEG series.
 
 Tasks: infer ``fewshot_sam2``; strategies ``bank_coverage``, ``random``, ``first``. The engine is the
 ``fewshot`` package (``lib/fewshot`` at the project's root); this app only adapts it to MONAI Label:
@@ -50,7 +51,9 @@ from lib.activelearning.bank_coverage import BankCoverage
 from lib import annotations
 from lib.app_config import AppConfig
 from lib.datastore import FewshotDatastore
-from lib.dicomweb import FewshotDicomWebDatastore, cache_root, is_dicomweb, make_client
+from lib.dicomweb import FewshotDicomWebDatastore
+from lib.pacs_client import cache_root, is_dicomweb, make_client
+from lib.pacs_sync import PacsSync
 from lib.embedding_cache import EmbeddingCache
 from lib.engine_host import EngineHost, StartupError
 from lib.infers.fewshot_sam2 import FewshotSam2
@@ -136,6 +139,7 @@ class FewshotApp(MONAILabelApp):
         self._uploads: set[str] = set()
         self._uploads_lock = threading.Lock()
         self.dicomweb_client = None
+        self.pacs_sync: PacsSync | None = None  # started with a live DICOMweb datastore
         self.progress = ProgressBoard()  # GET /fewshot/progress/{id}
         root = studies  # the local folder holding the bank: the datastore, or the DICOMweb cache
         if is_dicomweb(studies):
@@ -184,7 +188,8 @@ class FewshotApp(MONAILabelApp):
         if isinstance(self._datastore, FewshotDicomWebDatastore):
             # The PACS is the truth for final labels; the worker hears of each change the sync brings.
             # After the start-up sync, the PACS is polled: SEGs stored by any tool are picked up.
-            sync = lambda: self._datastore.sync_until_done(  # noqa: E731
+            self.pacs_sync = PacsSync(self._datastore)
+            sync = lambda: self.pacs_sync.run(  # noqa: E731
                 keep_going=lambda: FewshotApp._live is self, poll_seconds=self.app_config.pacs_poll_seconds)
             threading.Thread(target=sync, name="fewshot-pacs-sync", daemon=True).start()
         if "monailabel.app" in sys.modules:
@@ -415,7 +420,8 @@ class FewshotApp(MONAILabelApp):
         status["ingestion"] = self.worker.status() if self.worker is not None else {"state": "read-only"}
         datastore = getattr(self, "_datastore", None)  # bank_status is called while the app is built
         if isinstance(datastore, FewshotDicomWebDatastore):
-            status["pacs"] = datastore.sync_status()
+            sync = getattr(self, "pacs_sync", None)  # none in a background task's read-only process
+            status["pacs"] = sync.status() if sync is not None else {"state": "not started"}
         elif isinstance(datastore, FewshotDatastore):
             status["watcher"] = datastore.watcher_status()
         return status

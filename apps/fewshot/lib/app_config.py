@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 APP_KEYS = ("preset", "models_dir", "device", "labels", "warm_embeddings", "storage_retry_seconds",
             "ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker",  # lib/ray_batch.py
-            "pacs_poll_seconds", "dicomweb_search_filter")  # lib/dicomweb.py
+            "pacs_poll_seconds", "dicomweb_search_filter")  # lib/pacs_sync.py, lib/pacs_client.py
 DEFAULT_STORAGE_RETRY_SECONDS = 60.0
 # A DICOMweb datastore asks the PACS this often for new, changed or removed SEG series (final labels
 # stored by any tool): one QIDO search for series and one for SEG series when nothing changed.

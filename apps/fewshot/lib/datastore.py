@@ -15,14 +15,11 @@ support bank in step; files changed behind the server's back are picked up throu
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Protocol
 
@@ -31,6 +28,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from fewshot.files import STALE_TMP, copy_atomic, tmp_beside, write_json_atomic
 from lib import annotations
 from lib.labels import client_segments
 from lib.validation import RESERVED_INFO_KEYS, VOLUME_SUFFIXES, UploadValidator, check_id, check_info, check_tag, volume_suffix
@@ -51,32 +49,6 @@ class FinalLabelListener(Protocol):
 
 # A file rewritten in place sends a burst of events; the bank is checked once it has been quiet this long.
 REWRITE_SETTLE_SECONDS = 1.0
-# What _atomic_copy and _update_datastore_file leave behind when killed mid-write.
-STALE_TMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
-
-
-TMP_NAME_BYTES = 255 - len("..") - 32 - len(".tmp")  # what of a file's name its temporary sibling keeps
-
-
-def _tmp_beside(path: str) -> str:
-    """A temporary name beside ``path`` that fits a file name (255 bytes) whatever the length of
-    ``path``'s own name (an image id may take 248 bytes)."""
-    name = os.path.basename(path).encode("utf-8", "surrogatepass")[:TMP_NAME_BYTES].decode("utf-8", "ignore")
-    return os.path.join(os.path.dirname(path), f".{name or 'file'}.{uuid.uuid4().hex}.tmp")
-
-
-def _atomic_copy(src: str, dest: str) -> None:
-    tmp = _tmp_beside(dest)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _keep_aside(path: str, aside: str) -> None:
     """A second name for ``path`` while it is replaced: a hard link (no copy, and the rename that
     replaces ``path`` stays atomic), or a copy where the file system has no hard links."""
@@ -198,16 +170,8 @@ class AtomicIndexMixin:
             # Renamed into place: a file watcher sees a move, not a modification, so there is
             # no self-inflicted reload to ignore (stock code sets _ignore_event_config here).
             path = self._datastore_config_path
-            tmp = _tmp_beside(path)
-            try:
-                with open(tmp, "w") as f:
-                    f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):  # a full disk: the partial copy must not stay behind
-                    os.unlink(tmp)
+            # A full disk leaves the old index and no partial copy behind.
+            write_json_atomic(path, self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             self._config_ts = os.stat(path).st_mtime
 
         if lock:
@@ -305,10 +269,10 @@ class AtomicIndexMixin:
                 os.makedirs(label_dir, exist_ok=True)
                 for path in old:
                     if os.path.exists(path):
-                        aside = _tmp_beside(path)
+                        aside = str(tmp_beside(path))
                         _keep_aside(path, aside)
                         kept.append((aside, path))
-                _atomic_copy(src, dest)
+                copy_atomic(src, dest)
                 wrote = True
                 self._remove_other_extensions(label_dir, image_id, ext)
                 obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=ext)
@@ -442,7 +406,7 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
                 raise HTTPException(404, f"image {label_id!r} has no {label_tag!r} label")
             obj = self._indexed(label_id)
             before = obj.labels.get(label_tag)
-            aside = _tmp_beside(path)
+            aside = str(tmp_beside(path))
             try:
                 os.replace(path, aside)  # a rename needs no free space
                 obj.labels.pop(label_tag, None)
@@ -483,7 +447,7 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
             if file_signature(self._final_label_file(image_id)) != label_signature:
                 raise changed_meanwhile(f"the final label of {image_id!r}")
             try:
-                _atomic_copy(image_filename, os.path.join(self._datastore.image_path(), self._filename(image_id, ext)))
+                copy_atomic(image_filename, os.path.join(self._datastore.image_path(), self._filename(image_id, ext)))
                 self._remove_other_extensions(self._datastore.image_path(), image_id, ext)
                 replaced = self._record_image(image_id, ext, info)
             except OSError as exc:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from fewshot.files import file_sha256
+from fewshot.files import atomic_path, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,6 @@ class EmbeddingCache:
                 logger.warning("embedding cache %s unreadable (%s); recomputing", path, exc)
         vectors = np.asarray(self.compute(image_path), dtype=np.float32)
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
-        np.save(tmp, vectors)
-        os.replace(tmp, path)
+        with atomic_path(path, ".npy", fsync=False) as tmp:  # a cache: a crash costs a recomputation
+            np.save(tmp, vectors)
         return vectors
