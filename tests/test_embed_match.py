@@ -6,7 +6,7 @@ import pytest
 
 from fewshot import weights
 from fewshot.config import ConfigError
-from fewshot.match.augment import augment_support
+from fewshot.bank_augment import augment_support
 from fewshot.types import Embedder, Matcher
 
 AUGMENT = {

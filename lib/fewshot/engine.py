@@ -199,7 +199,7 @@ class Engine:
         ``negatives``: False when some labels were not annotated (an empty slice may hold them).
         ``annotated_labels``: the label values a person annotated (None: all). A payload then says,
         per entry and label, whether the entry speaks for that label (``label_annotated``)."""
-        from fewshot.match.augment import augment_support
+        from fewshot.bank_augment import augment_support
 
         bank_settings = self.settings.get("bank", {})
         canvas = prepared.canvas

@@ -81,7 +81,7 @@ class AlpnetProtocol:
         the organ), and their slices. The preset's own path: with ``bank.augmentations_per_slice`` the
         candidates are the slice and its augmented copies (affine on image and mask, colour jitter on
         the image), among which the matcher picks per query slice, as the bank does for a clinical run."""
-        from fewshot.match.augment import augment_support
+        from fewshot.bank_augment import augment_support
         from fewshot.types import Support, SupportRef
         from fewshot.volume import label_to_canvas, read_label
 
