@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from fewshot.cli.common import add_common_options, engine_for, progress_bar, sync_bank
 
@@ -20,6 +21,11 @@ def add_segment_command(sub) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
+    from fewshot.volume import VolumeError
+
+    # Said before the networks load and the bank syncs with the datastore, which take a minute on a busy CPU.
+    if not os.path.exists(args.image):
+        raise VolumeError(f"{args.image}: no such file")
     engine, _ = engine_for(args, args.support)
     sync_bank(engine, args.support)
     requested = [s for s in args.only.split(",") if s] if args.only else None
