@@ -65,6 +65,28 @@ def _is_nifti(path: str) -> bool:
     return path.lower().endswith(NIFTI_SUFFIXES)
 
 
+def needs_monai_reader(path: str | os.PathLike) -> bool:
+    """Whether reading ``path`` imports MONAI's reader (~10 s of CPU, once per process): everything but
+    a NIfTI file, which nibabel reads directly."""
+    path = str(path)
+    return not (_is_nifti(path) and os.path.isfile(path))
+
+
+def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A NIfTI file's voxels (float32) and affine exactly as MONAI's NibabelReader gives them, without
+    importing MONAI. None when MONAI would correct the header first (pixdim disagreeing with the
+    affine's column norms: its correct_nifti_header_if_necessary), so that its own correction runs."""
+    img = nib.load(path)
+    dim = int(img.header["dim"][0])
+    if dim < 5:
+        spacing = np.sqrt(np.sum(np.asarray(img.affine, np.float64)[:dim, :dim] ** 2, axis=0))
+        spacing[spacing == 0] = 1.0
+        if not np.allclose(np.asarray(img.header.get_zooms())[:dim], spacing):
+            return None
+    array = np.asanyarray(img.dataobj, order="C").astype(np.float32, copy=False)
+    return array, np.array(img.affine, dtype=np.float64)
+
+
 # 1024^3 voxels: above any clinical series (512 x 512 x 2000 is half of it); held as float32, this is
 # already 4 GB. A header announcing more is refused before a byte of voxel data is decompressed.
 MAX_VOXELS = 2**30
@@ -177,15 +199,17 @@ def read_volume(path: str | os.PathLike, max_voxels: int = MAX_VOXELS) -> Volume
     announced = read_header(path) if os.path.isfile(path) else None
     if announced is not None:
         check_header(path, announced, max_voxels)
-    from monai.transforms import LoadImage  # heavy import, only when a file is read
-
-    reader = "NibabelReader" if _is_nifti(path) else None
     try:
-        image = LoadImage(image_only=True, reader=reader, dtype=np.float32)(path)
+        read = None if needs_monai_reader(path) else _read_nifti(path)
+        if read is None:
+            from monai.transforms import LoadImage  # heavy import: only for what nibabel alone does not read
+
+            reader = "NibabelReader" if _is_nifti(path) else None
+            image = LoadImage(image_only=True, reader=reader, dtype=np.float32)(path)
+            read = np.asarray(image, dtype=np.float32), np.asarray(image.affine, dtype=np.float64)
     except Exception as exc:  # MONAI wraps reader failures in many types
         raise VolumeError(f"{path}: not a readable medical image ({type(exc).__name__}: {exc})") from None
-    array = np.asarray(image, dtype=np.float32)
-    affine = np.asarray(image.affine, dtype=np.float64)
+    array, affine = read
     # Trailing singleton axes (e.g. a 4D NIfTI with one time point) are harmless; anything else is not 3D.
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]

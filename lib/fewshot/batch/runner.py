@@ -29,6 +29,7 @@ from fewshot.batch.inputs import Case
 from fewshot.batch.manifest import Manifest, now
 from fewshot.batch.worker import SegmentWorker, WorkerSpec, thread_env
 from fewshot.config import settings_hash
+from fewshot.volume import needs_monai_reader
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,8 @@ def _run(todo, spec, options, manifest, pinned, generation, settings_key, report
             # Passed by value: small (paths, settings, the bank's manifest), and a restarted worker needs it again.
             worker_spec = (WorkerSpec(settings=spec.settings, bank_dir=str(Path(spec.bank_dir).resolve()),
                                              pinned=pinned, models_dir=spec.models_dir, label_names=dict(spec.label_names),
-                                             only=list(spec.only) if spec.only else None, threads=threads))
+                                             only=list(spec.only) if spec.only else None, threads=threads,
+                                             monai_reader=any(needs_monai_reader(c.path) for c in todo)))
             actors = [remote.remote(worker_spec) for _ in range(n)]
             logger.info("batch: starting %d workers (%s CPU, %s GPU each)", n, options.cpus_per_worker, options.gpus_per_worker)
             try:

@@ -75,6 +75,7 @@ class WorkerSpec:
     label_names: dict[str, int] = field(default_factory=dict)
     only: Sequence[str | int] | None = None  # labels to segment (default: all in the bank)
     threads: int = 1
+    monai_reader: bool = True  # some input needs MONAI's reader (not NIfTI): import it at start-up
 
 
 class SegmentWorker:
@@ -99,9 +100,10 @@ class SegmentWorker:
             spec.settings, bank_dir=spec.bank_dir, models_dir=spec.models_dir, label_names=spec.label_names,
             pinned=spec.pinned, verify="size",
         )
-        # Every case reads a file: the reader's heavy import (MONAI, ~10 s) belongs to start-up, not to
-        # the first case's timings.
-        import monai.transforms  # noqa: F401
+        # A reader's heavy import (MONAI, ~10 s) belongs to start-up, not to the first case's timings;
+        # NIfTI files are read by nibabel alone and need none.
+        if spec.monai_reader:
+            import monai.transforms  # noqa: F401
 
         self.generation = report.snapshot
         if report.discarded_all:
