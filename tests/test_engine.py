@@ -316,10 +316,13 @@ def test_empty_bank_segments_nothing_and_says_why(engine_factory, chaos):
 def test_cli_segment_and_bank_stats(chaos, tmp_path, models_dir):
     store = make_datastore(tmp_path / "store", chaos, ["1"], ["2"])
     env = dict(os.environ, FEWSHOT_MODELS_DIR=str(models_dir), OMP_NUM_THREADS="1")
+    # No augmented copies (the engine tests cover them): this process then never imports MONAI's
+    # augmentation transforms, 10-20 s of CPU. The same --set for stats: it is in the bank's fingerprint.
+    no_augmentation = ["--set", "bank.augmentations_per_slice=0"]
     out = tmp_path / "out" / "seg.nii.gz"
     run = subprocess.run(
         [sys.executable, "-m", "fewshot", "segment", "--image", str(store / "image_2.nii.gz"),
-         "--support", str(store), "--output", str(out), "--preset", "random-tiny",
+         "--support", str(store), "--output", str(out), "--preset", "random-tiny", *no_augmentation,
          "--labels", "liver=1,right_kidney=2,left_kidney=3,spleen=4"],
         capture_output=True, text=True, env=env, cwd=PROJECT, timeout=600,
     )
@@ -330,12 +333,14 @@ def test_cli_segment_and_bank_stats(chaos, tmp_path, models_dir):
     assert set(sidecar["labels"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
     assert "RANDOM WEIGHTS" in run.stderr  # the test preset says loudly that its output is meaningless
     stats = subprocess.run(
-        [sys.executable, "-m", "fewshot", "bank", "stats", "--datastore", str(store), "--preset", "random-tiny"],
+        [sys.executable, "-m", "fewshot", "bank", "stats", "--datastore", str(store), "--preset", "random-tiny",
+         *no_augmentation],
         capture_output=True, text=True, env=env, cwd=PROJECT, timeout=600,
     )
     assert stats.returncode == 0, stats.stderr[-3000:]
     data = json.loads(stats.stdout)
     assert data["images"] == 1 and data["slices"] > 0 and data["labels"] == [1, 2, 3, 4]
+    assert "needs_rebuild" not in data  # the bank segment built, with the same settings
     bad = subprocess.run(
         [sys.executable, "-m", "fewshot", "segment", "--image", str(tmp_path / "missing.nii.gz"),
          "--support", str(store), "--output", str(out), "--preset", "random-tiny"],
