@@ -106,6 +106,9 @@ def run_bench(
     ks: Sequence[int] | None = None,
     retrieval_sizes: Sequence[int] | None = None,
     scale_entries: Sequence[int] | None = None,
+    support_slices: int | None = None,
+    query_slices: int | None = None,
+    memory_slices: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     threads: int | None = None,
 ) -> dict:
@@ -157,6 +160,10 @@ def run_bench(
             plan = replace(plan, subvolume_slices=2, support_slices=6, query_slices=4)
     plan = replace(plan, **{k: tuple(int(x) for x in v) for k, v in
                             {"sizes": sizes, "ks": ks, "retrieval_sizes": retrieval_sizes}.items() if v})
+    # Slabs instead of whole volumes for the whole-volume runs, and query slices for the memories
+    # comparison (0 skips it): a shorter run on a busy machine, told in bench.json's plan.
+    plan = replace(plan, **{k: int(v) for k, v in {"support_slices": support_slices, "query_slices": query_slices,
+                                                    "memory_query_slices": memory_slices}.items() if v is not None})
     if scale_entries is not None:  # [0] or [] skips the bank-at-scale run
         plan = replace(plan, scale_entries=tuple(int(x) for x in scale_entries if int(x) > 0))
     device = resolve_device(base.get("device"))

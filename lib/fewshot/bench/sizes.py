@@ -144,7 +144,8 @@ def bench_size(
                         "(%s of %d slices computed)", size, first.total_s, second.total_s, changed.total_s,
                         changed.computed_slices, changed.slices)
     # Re-encoding supports per query is SAM 2's question; registration caches nothing to compare.
-    memories = memories_comparison(engine, sub_image, plan.ks, plan.memory_query_slices) if sam2 else []
+    memories = (memories_comparison(engine, sub_image, plan.ks, plan.memory_query_slices)
+                if sam2 and plan.memory_query_slices > 0 else [])
     if whole_volume and plan.scale_entries:  # after the tool's own peak RSS was taken
         scale = bank_at_scale(engine, bank_dir, work, sub_image, keep, device, plan.scale_entries)
     if hasattr(engine.transfer, "close"):

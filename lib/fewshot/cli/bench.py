@@ -18,7 +18,8 @@ def main(args) -> int:
     report = run_bench(
         args.out, device=args.device, quick=args.quick, models_dir=args.models_dir, preset=args.preset,
         data=args.data, synthetic=args.synthetic, sizes=args.sizes, ks=args.ks,
-        retrieval_sizes=args.retrieval_sizes, scale_entries=args.scale_entries, overrides=parse_overrides(args.overrides), threads=args.threads,
+        retrieval_sizes=args.retrieval_sizes, scale_entries=args.scale_entries,
+        support_slices=args.support_slices, query_slices=args.query_slices, memory_slices=args.memory_slices, overrides=parse_overrides(args.overrides), threads=args.threads,
     )
     summary = {
         "bench": str(Path(args.out) / "bench.json"), "preset": report["preset"], "seconds": report["seconds"],
@@ -45,6 +46,12 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--scale-entries", type=_int_list, default=None,
                    help="bank sizes for RSS and latency of engine.segment at scale (copies of the bench's bank; "
                         "default 1e5, 0 skips)")
+    p.add_argument("--support-slices", type=int, default=None,
+                   help="slices of the support volume ingested for the whole-volume runs (default: all)")
+    p.add_argument("--query-slices", type=int, default=None,
+                   help="slices of the query volume segmented in the whole-volume runs (default: all)")
+    p.add_argument("--memory-slices", type=int, default=None,
+                   help="query slices per k in the cached-vs-re-encoded comparison (default 2; 0 skips it)")
     p.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: one per core)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset setting (repeatable), e.g. --set bank.approximate_above=5000")
