@@ -61,6 +61,21 @@ def test_a_convex_label_takes_back_what_another_label_took_inside_it_but_not_bac
     np.testing.assert_array_equal(unchanged, predicted)  # no convex label: nothing happens
 
 
+def test_a_convex_label_never_takes_from_another_convex_label():
+    """Two convex labels whose hulls overlap (a ragged one reaching round the other): neither shape
+    says which is right, so fusion's answer stands."""
+    plane = np.zeros((64, 64), int)
+    plane[disc(64, (32, 20), 12)] = 1
+    plane[disc(64, (32, 46), 10)] = 2
+    plane[29:35, 22:37] = 2  # label 2 reaches into label 1: each one's hull covers some of the other
+    predicted = np.stack([plane] * 2)
+    values = (1, 2)
+    out = decide(make_convex(one_hot(predicted, values), values, [1, 2], 0.5, 1.0), values)
+    np.testing.assert_array_equal(out, predicted)
+    taken = decide(make_convex(one_hot(predicted, values), values, [1], 0.5, 1.0), values)
+    assert (taken != predicted).any()  # the same hull does take from a label that is not convex
+
+
 def test_two_pieces_of_one_label_in_a_slice_are_not_bridged():
     """Both kidneys as one label: the hull is taken per piece, never across the two."""
     kidneys = disc(64, (32, 12), 8) | disc(64, (32, 52), 8)

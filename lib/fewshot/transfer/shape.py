@@ -13,7 +13,7 @@ for the hippocampus on MSD (15 scans each).
 So a label whose mean solidity in the atlases used is at least ``min_solidity`` is made convex in
 each slice of the query, one 2D piece at a time (two pieces in a slice, such as both kidneys under
 one label, are never bridged): inside the piece's convex hull it takes over the voxels that went to
-*another label*. Background inside the hull stays background, because a real notch (the renal
+*another label* that is not convex itself. Background inside the hull stays background, because a real notch (the renal
 hilum) is background in the atlases too; another structure inside a convex one is what intensity
 look-alikes produce.
 
@@ -109,13 +109,16 @@ def make_convex(probabilities: np.ndarray, labels: Sequence[int], convex: Sequen
     decided = np.where(best > threshold, probabilities.argmax(axis=0), -1)
     min_pixels = max(1, int(np.ceil(MIN_AREA_MM2 / pixel_area_mm2)))
     channel = {int(v): c for c, v in enumerate(labels)}
+    convex_channels = [channel[int(v)] for v in convex]
     for value in convex:
         c = channel[int(value)]
         for z in range(decided.shape[0]):
             for piece, binary in _pieces(decided[z] == c, min_pixels):
                 hull = convex_hull_image(binary, offset_coordinates=False)
                 window = decided[z][piece]
-                taken = hull & (window >= 0) & (window != c)
+                # Not background, and not another convex label: where two convex hulls overlap,
+                # neither shape says which one is right, so fusion's answer stands.
+                taken = hull & (window >= 0) & ~np.isin(window, convex_channels)
                 if not taken.any():
                     continue
                 rows, cols = np.nonzero(taken)
