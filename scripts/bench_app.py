@@ -17,7 +17,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,11 +30,66 @@ import nibabel as nib
 import numpy as np
 
 PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT / "tests"))
-from app_harness import Server  # noqa: E402  (the tests' server harness: one way to run the app)
 
 TARGET_PUT_S = 0.5
 IDLE_TIMEOUT = 1800  # foundation-random ingests a CHAOS volume in about 100 s on 2 cores
+
+
+class AppServer:
+    """``monailabel start_server`` on loopback in its own process group, as a user starts it (README)."""
+
+    def __init__(self, studies: Path, models_dir: Path, log: Path, preset: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(PROJECT / "apps" / "fewshot"),
+                    "--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port),
+                    "-c", "preset", preset, "-c", "models_dir", str(models_dir)]
+        self.log_path = log
+
+    def start(self) -> "AppServer":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, cwd=PROJECT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def client(self):
+        from monailabel.client import MONAILabelClient
+
+        return MONAILabelClient(self.url, tmpdir=str(self.log_path.parent))
+
+    def wait_ready(self, timeout: float) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                return self.client().info()
+            except Exception:
+                time.sleep(0.5)
+        raise SystemExit(f"the server was not ready after {timeout} s; see {self.log_path}")
+
+    def wait_bank_idle(self, timeout: float) -> dict:
+        """Until nothing is queued, resyncing or ingesting: the support bank of the app's infer task."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            bank = next(m["support_bank"] for m in self.client().info()["models"].values() if "support_bank" in m)
+            work = bank["ingestion"]
+            if work["state"] == "idle" and not work["pending"] and not work["resync_pending"]:
+                return bank
+            time.sleep(0.25)
+        raise SystemExit(f"the bank was still busy after {timeout} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
 
 
 def timed(call, *args, **kwargs) -> tuple[object, float]:
@@ -105,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         uploads = [uint8_copy(args.data / f"label_{saved}.nii.gz", Path(tmp) / "upload_a.nii.gz"),
                    uint8_copy(args.data / f"label_{saved}.nii.gz", Path(tmp) / "upload_b.nii.gz", drop=1)]
 
-        app = Server(studies, args.models_dir, args.out / "server.log", preset=args.preset).start()
+        app = AppServer(studies, args.models_dir, args.out / "server.log", args.preset).start()
         try:
             start = time.perf_counter()
             app.wait_ready(timeout=600)

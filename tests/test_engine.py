@@ -369,6 +369,7 @@ def test_plan_reranks_by_matcher_and_keeps_k():
     """top_k candidates ranked on ids and images; payloads read for the k kept only."""
     from fewshot.bank import SupportBank
     from fewshot.bank_shards import SliceBatch
+    from fewshot.config import deep_merge, load_preset
     from fewshot.segmentation import PreparedVolume
 
     rng = np.random.default_rng(0)
@@ -391,7 +392,7 @@ def test_plan_reranks_by_matcher_and_keeps_k():
     loads = []
     original = bank.support
     bank.support = lambda row, score=0.0, labels=None: (loads.append(row), original(row, score, labels))[1]
-    settings = {"retrieval": {"top_k": 6}, "selection": {"keep": 2}}
+    settings = deep_merge(load_preset("random-tiny"), {"retrieval": {"top_k": 6}, "selection": {"keep": 2}})
     prepared = PreparedVolume(volume=None, canvas=np.zeros((3, size, size), np.float32), geometry=None, key="q")
     queries = emb[[0, 5, 9]]
     _, retrieved = bank.search(queries, 6)

@@ -88,3 +88,131 @@ def test_nothing_imports_the_engines_old_module_name():
     files = sorted((LIB / "fewshot").rglob("*.py")) + sorted((LIB.parent / "apps").rglob("*.py"))
     offenders = [str(f) for f in files if f.name != "pipeline.py" and "fewshot.pipeline" in imported_modules(f, "x.y")]
     assert offenders == []
+
+
+# ------------------------------------------------------------------------ rooms small, arrows one way
+
+APP = LIB.parent / "apps" / "fewshot"
+MAX_LINES = 600  # issue 14: a file over this holds more than one idea; split it by concern
+
+
+def project_modules() -> dict[str, Path]:
+    """Module name -> file for the engine (``fewshot.*``, as lib/ is on the path) and the app
+    (``main``, ``lib.*``, as MONAI Label puts apps/fewshot on the path)."""
+    found = {module_name(f): f for f in (LIB / "fewshot").rglob("*.py")}
+    for f in [APP / "main.py", *(APP / "lib").rglob("*.py")]:
+        parts = list(f.relative_to(APP).with_suffix("").parts)
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return found
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere (function-level imports included); a
+    ``from a import b`` counts as importing ``a.b`` when that is a module, else ``a``."""
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in imported_modules(path, name):
+            parts = imported.split(".")
+            for i in range(len(parts), 0, -1):
+                if ".".join(parts[:i]) in modules:
+                    targets.add(".".join(parts[:i]))
+                    break
+        graph[name] = targets - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_cycle_among_the_projects_modules():
+    modules = project_modules()
+    assert {"fewshot.engine", "fewshot.bank", "main", "lib.dicomweb", "lib.pacs_sync"} <= set(modules)
+    graph = import_graph(modules)
+    assert "fewshot.files" in graph["fewshot.bank"] and "lib.dicomweb" in graph["lib.pacs_sync"]
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_function_level_import(tmp_path):
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from c import g\n")
+    (tmp_path / "c.py").write_text("from a import x\n")
+    modules = {n: tmp_path / f"{n}.py" for n in "abc"}
+    assert cycles(import_graph(modules)) == [["a", "b", "c"]]
+    (tmp_path / "c.py").write_text("x = 1\n")
+    assert cycles(import_graph(modules)) == []
+
+
+def test_no_python_file_in_lib_or_apps_is_over_600_lines():
+    files = [*(LIB / "fewshot").rglob("*.py"), *APP.rglob("*.py")]
+    assert len(files) > 40
+    long = {str(f.relative_to(LIB.parent)): n for f in files if (n := len(f.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_nothing_outside_the_tests_imports_them():
+    """The engine, the app and the scripts stand without tests/ (scripts/bench_app.py once borrowed its server)."""
+    test_modules = {p.stem for p in (LIB.parent / "tests").glob("*.py")}
+    files = [*(LIB / "fewshot").rglob("*.py"), *APP.rglob("*.py"), *(LIB.parent / "scripts").rglob("*.py")]
+    offenders = {str(f.relative_to(LIB.parent)): sorted(names) for f in files
+                 if (names := {n.split(".")[0] for n in imported_modules(f, "x.y")} & (test_modules | {"tests"}))}
+    assert offenders == {}
+
+
+def test_the_engines_sections_are_typed_and_checked_at_load_with_no_default_of_their_own():
+    import pytest
+
+    from fewshot.config import ConfigError, available_presets, deep_merge, load_preset
+    from fewshot.settings import EngineSettings
+
+    for preset in available_presets():  # every preset inherits foundation.yaml's keys
+        config = EngineSettings.from_settings(load_preset(preset))
+        assert config.selection.keep >= 1 and isinstance(config.selection.distinct_sources, bool)
+    assert EngineSettings.from_settings(load_preset("classic")).selection.keep == 8
+    base = load_preset("random-tiny")
+    with pytest.raises(ConfigError, match=r"selection.keep must be int, not '4'"):
+        EngineSettings.from_settings(deep_merge(base, {"selection": {"keep": "4"}}))
+    with pytest.raises(ConfigError, match=r"distinct_sources must be bool"):
+        EngineSettings.from_settings(deep_merge(base, {"selection": {"distinct_sources": 1}}))
+    with pytest.raises(ConfigError, match=r"retrieval.top_k must be at least 1"):
+        EngineSettings.from_settings(deep_merge(base, {"retrieval": {"top_k": 0}}))
+    del base["selection"]["candidates"]
+    with pytest.raises(ConfigError, match=r"selection.candidates is not set \(configs/presets/foundation.yaml"):
+        EngineSettings.from_settings(base)

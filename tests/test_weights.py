@@ -205,6 +205,11 @@ def test_checksum_cache_follows_the_file(tmp_path):
     os.utime(path, ns=(1, 1))  # a new mtime even on coarse-clock filesystems
     assert files.remembered_sha256(path) is None
     assert files.file_sha256(path, remember=True) == hashlib.sha256(b"abd").hexdigest()
+    memo = files.DigestMemo()  # the same rule kept in memory (a datastore's images: no cache file beside them)
+    assert memo.sha256(path) == hashlib.sha256(b"abd").hexdigest()
+    path.write_bytes(b"abe")
+    os.utime(path, ns=(2, 2))
+    assert memo.sha256(path) == hashlib.sha256(b"abe").hexdigest()
 
 
 def test_download_verifies_before_keeping(tmp_path, monkeypatch):

@@ -1,4 +1,6 @@
-"""Augmented copies of a labelled support slice, so the bank covers small pose and contrast changes.
+"""Augmented copies of a labelled support slice, so the bank covers small pose and contrast changes
+(``bank.augmentations_per_slice``, ``bank.augmentation``): made once at ingestion, stored as bank
+entries, and so retrieved, re-ranked and encoded like any other support.
 
 One random affine (rotation, zoom, shift, shear) moves image and mask together: bilinear for the
 image, nearest for the mask so label values stay exactly the dataset's own. Colour jitter

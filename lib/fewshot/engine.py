@@ -37,6 +37,7 @@ from fewshot.segmentation import (
     partition,
     within_wall,
 )
+from fewshot.settings import EngineSettings
 from fewshot.types import Atlas, Embedder, LabelTransfer, Matcher, SlicePlan
 from fewshot.volume import (
     CANVAS_VERSION,
@@ -79,6 +80,7 @@ class Engine:
         self.transfer = transfer
         self.bank = bank
         self.label_names = dict(label_names or {})
+        self.config = EngineSettings.from_settings(self.settings)  # checked once, before any work
         self._prepared: OrderedDict[str, tuple[PreparedVolume, np.ndarray]] = OrderedDict()
         self._prepared_lock = threading.Lock()
         # Finished segmentations keyed by (volume, bank generation, labels, settings): asking again for the same
@@ -133,6 +135,13 @@ class Engine:
             verify=verify,
         )
         return cls(settings, embedder, matcher, transfer, bank, label_names), report
+
+    def _call_settings(self, options: SegmentOptions | None) -> tuple[Mapping, EngineSettings]:
+        """The settings one call runs with, as the preset gives them and typed."""
+        if options is None:
+            return self.settings, self.config
+        settings = options.applied_to(self.settings)
+        return settings, EngineSettings.from_settings(settings)
 
     # ------------------------------------------------------------------ labels
 
@@ -201,12 +210,12 @@ class Engine:
         per entry and label, whether the entry speaks for that label (``label_annotated``)."""
         from fewshot.bank_augment import augment_support
 
-        bank_settings = self.settings.get("bank", {})
+        entries = self.config.entries
         canvas = prepared.canvas
         slices = [z for z in range(len(masks)) if annotated is None or z in annotated]
         positive = [z for z in slices if masks[z].any()]
         negative = [z for z in slices if not masks[z].any()] if negatives else []
-        negative = _evenly_spaced(negative, int(bank_settings.get("negatives_per_image", -1)))
+        negative = _evenly_spaced(negative, entries.negatives_per_image)
         images, out_masks, index, augmentation = [], [], [], []
         # Entries record the file's own slice number, so provenance names a slice a user can open.
         file_slice = prepared.geometry.file_slice
@@ -215,8 +224,8 @@ class Engine:
             out_masks.append(masks[z])
             index.append(file_slice(z))
             augmentation.append("")
-        n_aug = int(bank_settings.get("augmentations_per_slice", 0))
-        aug_params = bank_settings.get("augmentation", {})
+        n_aug = entries.augmentations_per_slice
+        aug_params = entries.augmentation
         seed = int(aug_params.get("seed", 0))
         for z in positive if n_aug > 0 else []:
             # Seeded by image and slice: re-ingesting the same label gives the same bank.
@@ -386,13 +395,12 @@ class Engine:
         Candidates are ranked on their ids and images only; payloads (SAM 2 memories, MBs each)
         are read for the k kept supports alone.
         """
-        settings = options.applied_to(self.settings) if options else self.settings
+        _, config = self._call_settings(options)
         matcher = self.matcher if options is None or options.matching else None
-        retrieval = settings.get("retrieval", {})
-        keep = int(settings.get("selection", {}).get("keep", 4))
+        keep = config.selection.keep
         # One support per source slice: the best-matching of a slice and its augmented copies.
-        distinct = bool(settings.get("selection", {}).get("distinct_sources", True))
-        top_k = max(int(retrieval.get("top_k", 16)), keep)
+        distinct = config.selection.distinct_sources
+        top_k = max(config.retrieval.top_k, keep)
         timings = {"retrieve": 0.0, "match": 0.0}
         t0 = time.perf_counter()
         scores, rows = self.bank.search(embeddings, top_k)
@@ -454,7 +462,7 @@ class Engine:
     ) -> Segmentation:
         """``options``: this call's retrieval knobs (default: the preset's)."""
         t_start = time.perf_counter()
-        settings = options.applied_to(self.settings) if options else self.settings
+        settings, config = self._call_settings(options)
         matching = self.matcher is not None and (options is None or options.matching)
         self.bank.refresh()  # another process may have changed the bank: its generation keys the result cache
         chosen, skipped = self.resolve_labels(labels)
@@ -486,7 +494,7 @@ class Engine:
             t_transfer = time.perf_counter()
             result = self.transfer.segment_with_atlases(
                 prepared.canvas, prepared.geometry.spacing, atlases, values,
-                keep=int(settings.get("selection", {}).get("keep", 4)),
+                keep=config.selection.keep,
                 cache_key=prepared.key, progress=progress,
             )
         else:
@@ -517,7 +525,7 @@ class Engine:
     @property
     def keep(self) -> int:
         """Supports kept per query slice, or atlases per query scan for a scan-level transfer."""
-        return int(self.settings.get("selection", {}).get("keep", 4))
+        return self.config.selection.keep
 
     def atlases_for(self, embeddings: np.ndarray, labels: Sequence[int] = (), axis: int | None = None) -> list[Atlas]:
         """The bank's atlases holding any of ``labels`` (all when empty), offered to a scan-level
@@ -537,7 +545,7 @@ class Engine:
             if other:
                 logger.info("atlases %s were sliced along another RAS axis than this scan (%d) by their headers",
                             other, axis)
-        limit = int(self.settings.get("selection", {}).get("candidates", 16))
+        limit = self.config.selection.candidates
         if len(ids) > limit:
             depth = min(self.bank.num_entries, max(64, 8 * limit))
             scores, rows = self.bank.search(embeddings, depth)

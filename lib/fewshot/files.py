@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import IO, Iterator, Mapping
@@ -215,3 +216,23 @@ def same_content(source: Mapping, prefix: str, path: str | os.PathLike) -> bool:
         if st.st_size == source.get(f"{prefix}_size") and st.st_mtime_ns == source.get(f"{prefix}_mtime_ns"):
             return True
     return content_sha256(path) == recorded
+
+
+class DigestMemo:
+    """``file_sha256`` remembered in this process by ``stat_key``, for files in folders it should not
+    write a checksum cache into (a datastore's images)."""
+
+    def __init__(self):
+        self._known: dict[str, tuple[dict, str]] = {}
+        self._lock = threading.Lock()
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        key, stamp = str(path), stat_key(path)
+        with self._lock:
+            hit = self._known.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        digest = file_sha256(path)
+        with self._lock:
+            self._known[key] = (stamp, digest)
+        return digest

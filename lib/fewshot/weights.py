@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import yaml
 
 from fewshot.config import CONFIGS_DIR, ConfigError
-from fewshot.files import default_mode, file_sha256, remember_sha256, remembered_sha256
+from fewshot.files import atomic_path, default_mode, file_sha256, remember_sha256, remembered_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -494,13 +494,12 @@ def download(
 
 
 def _download_url(spec: ModelSpec, path: Path) -> None:
-    """Stream to ``<file>.part`` while hashing, check, then rename: the final name is only ever complete."""
+    """Stream to a temporary sibling while hashing, check, then rename: the final name is only ever complete."""
     from tqdm import tqdm
 
-    part = path.with_name(path.name + ".part")
     h = hashlib.sha256()
     logger.info("downloading %s from %s", spec.name, spec.url)
-    try:
+    with atomic_path(path) as part:  # removed if the download fails or its digest is wrong
         request = urllib.request.Request(spec.url, headers={"User-Agent": "fewshot"})
         with urllib.request.urlopen(request, timeout=60) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or spec.size
@@ -515,10 +514,6 @@ def _download_url(spec: ModelSpec, path: Path) -> None:
             raise ChecksumMismatchError(
                 f"download of {spec.name!r} from {spec.url} has sha256 {digest}, expected {expected}; nothing was kept"
             )
-        os.replace(part, path)
-    except Exception:
-        part.unlink(missing_ok=True)
-        raise
     remember_sha256(path, digest)
 
 

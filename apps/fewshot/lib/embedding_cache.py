@@ -3,19 +3,17 @@
 ``<studies>/.fewshot/embeddings/<embedder key>/<sha256 of the image file>.npy``: keyed by the
 file's content, so a replaced image is re-embedded and a renamed one is not; keyed by the
 embedder, so switching preset or weights never reuses another network's vectors. File hashes are
-remembered per (path, size, mtime) so a strategy call does not re-read every image.
+remembered per (path, size, mtime, inode) so a strategy call does not re-read every image.
 """
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from fewshot.files import atomic_path, file_sha256
+from fewshot.files import DigestMemo, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -24,23 +22,10 @@ class EmbeddingCache:
     def __init__(self, directory: Path, key: str, compute: Callable[[str], np.ndarray]):
         self.directory = Path(directory) / key
         self.compute = compute
-        self._hashes: dict[str, tuple[tuple[int, int], str]] = {}
-        self._lock = threading.Lock()
-
-    def _content_hash(self, image_path: str) -> str:
-        st = os.stat(image_path)
-        stamp = (st.st_size, st.st_mtime_ns)
-        with self._lock:
-            hit = self._hashes.get(image_path)
-            if hit and hit[0] == stamp:
-                return hit[1]
-        digest = file_sha256(image_path)
-        with self._lock:
-            self._hashes[image_path] = (stamp, digest)
-        return digest
+        self._digests = DigestMemo()
 
     def path_for(self, image_path: str) -> Path:
-        return self.directory / f"{self._content_hash(image_path)}.npy"
+        return self.directory / f"{self._digests.sha256(image_path)}.npy"
 
     def has(self, image_path: str) -> bool:
         return self.path_for(image_path).is_file()

@@ -65,12 +65,8 @@ class InferOptions:
 
     @classmethod
     def defaults(cls, engine: Engine) -> "InferOptions":
-        s = engine.settings
-        return cls(
-            top_k=int(s.get("retrieval", {}).get("top_k", 16)),
-            matching=engine.matcher is not None,
-            memories=int(s.get("selection", {}).get("keep", 4)),
-        )
+        return cls(top_k=engine.config.retrieval.top_k, matching=engine.matcher is not None,
+                   memories=engine.config.selection.keep)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import platform
@@ -13,7 +12,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fewshot.files import write_json_atomic
 from fewshot.meters import max_rss_bytes
+from fewshot.settings import EngineSettings
 from fewshot.bench.plan import RECALL_K, STAGES, choose_preset, find_data, full_plan, quick_plan, stages_for
 from fewshot.bench.retrieval import RetrievalPoint, retrieval_scale
 from fewshot.bench.runs import rounded
@@ -89,9 +90,7 @@ def _environment(device: str) -> dict:
 
 
 def _write_json(out: Path, report: dict) -> None:
-    tmp = out / ".bench.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, out / "bench.json")
+    write_json_atomic(out / "bench.json", report, default=str)
 
 
 def run_bench(
@@ -153,7 +152,7 @@ def run_bench(
         # One size, the canvas; k up to the preset's own keep in quick mode (16 registrations per slice is slow).
         preset_size = int(base.get("volume", {}).get("canvas", 256))
         plan = quick_plan(preset, preset_size) if quick else full_plan(preset, preset_size)
-        keep = int(base.get("selection", {}).get("keep", 4))
+        keep = EngineSettings.from_settings(base).selection.keep
         plan = replace(plan, sizes=(preset_size,),
                        ks=tuple(sorted({1, keep})) if quick else tuple(sorted({1, 4, keep, 16})))
         if quick:  # every slice is k registrations on the canvas: thin slabs keep CI short
@@ -167,7 +166,7 @@ def run_bench(
     if scale_entries is not None:  # [0] or [] skips the bank-at-scale run
         plan = replace(plan, scale_entries=tuple(int(x) for x in scale_entries if int(x) > 0))
     device = resolve_device(base.get("device"))
-    default_keep = int(base.get("selection", {}).get("keep", 4))
+    default_keep = EngineSettings.from_settings(base).selection.keep
     work = Path(tempfile.mkdtemp(prefix="fewshot-bench-"))
     report: dict = {
         "mode": "quick" if quick else "full", "complete": False, "preset": preset,
@@ -209,7 +208,7 @@ def run_bench(
                                     plan.retrieval_queries, on_point=keep_point)
         report["targets"] = [asdict(c) for c in evaluate_targets(results, retrieval, plan.sizes[0], quick, sam2)]
         report["guide"] = guide_comparison(results)
-        top_k = int(base.get("retrieval", {}).get("top_k", 16))
+        top_k = EngineSettings.from_settings(base).retrieval.top_k
         if sam2:
             report["recommendation"] = recommend_cpu_defaults(results, plan.per_slice_budget_s, top_k)
             report["recommendation_by_cpu_time"] = recommend_cpu_defaults(results, plan.per_slice_budget_s, top_k,

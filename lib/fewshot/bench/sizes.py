@@ -79,11 +79,13 @@ def bench_size(
     """
     from fewshot.config import load_preset
     from fewshot.engine import Engine
+    from fewshot.settings import EngineSettings
 
     sam2 = load_preset(plan.preset, overrides).get("transfer", {}).get("type") == "sam2"
     # Classic has no input size: registration runs on the canvas, whose size is ``size`` already.
     settings = load_preset(plan.preset, {**overrides, "transfer.image_size": size} if sam2 else overrides)
-    keep = int(settings.get("selection", {}).get("keep", 4))
+    config = EngineSettings.from_settings(settings)
+    keep = config.selection.keep
     bank_dir = work / f"bank-{size}"
     slabs = work / "subvolumes"
     shutil.rmtree(bank_dir, ignore_errors=True)
@@ -97,7 +99,7 @@ def bench_size(
         if not whole_volume:
             # Ingestion costs one image-encoder call per entry; a slab deep enough for k supports
             # (each labelled slice also brings its augmented copies) is all the memories need.
-            copies = 1 + int(settings.get("bank", {}).get("augmentations_per_slice", 0))
+            copies = 1 + config.entries.augmentations_per_slice
             support_slab = max(3, -(-max(plan.ks) // copies) + 2)
         if support_slab:
             support_image, support_label = write_subvolume(support_image, support_label, support_slab, slabs,

@@ -85,9 +85,8 @@ class AlpnetProtocol:
         from fewshot.types import Support, SupportRef
         from fewshot.volume import label_to_canvas, read_label
 
-        bank_settings = run.engine.settings.get("bank", {})
-        n_aug = int(bank_settings.get("augmentations_per_slice", 0))
-        aug_params = bank_settings.get("augmentation", {})
+        n_aug = run.engine.config.entries.augmentations_per_slice
+        aug_params = run.engine.config.entries.augmentation
 
         case = run.cases[support_id]
         prepared = run.engine.prepare(case.image)
@@ -125,7 +124,7 @@ class AlpnetProtocol:
     def chosen(self, run: EvalRun, query_slice: np.ndarray, candidates: list) -> list:
         """The chunk's candidates this query slice attends to: the matcher's ``selection.keep`` best
         (LPIPS over the augmented copies for the SAM 2 presets), or all of them without a matcher."""
-        keep = int(run.engine.settings.get("selection", {}).get("keep", 4))
+        keep = run.engine.config.selection.keep
         if run.engine.matcher is None or len(candidates) <= keep:
             return candidates
         distances = run.engine.matcher.distances(query_slice, np.stack([c.image for c in candidates]))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewshot.config import resolve_device
+from fewshot.config import ConfigError, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class LpipsMatcher:
         self.device = resolve_device(device)
         self.size = int(settings.get("size", 128))
         if self.size < 32:
-            raise ValueError(f"matcher.size must be at least 32 pixels for AlexNet's strides, got {self.size}")
+            raise ConfigError(f"matcher.size must be at least 32 pixels for AlexNet's strides, got {self.size}")
         with warnings.catch_warnings():
             # lpips passes torchvision's deprecated `pretrained=False`; harmless here
             warnings.simplefilter("ignore", UserWarning)
