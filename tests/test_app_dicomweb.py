@@ -742,6 +742,124 @@ def test_a_partial_save_stores_frames_for_its_annotated_slices_only(live, pacs, 
 
 
 # ---------------------------------------------------------------------------------------------
+# OHIF on a folder datastore (issue 12): the same PACS for OHIF's images, the labels as NIfTI
+
+
+def viewer_grid(affine: np.ndarray, shape) -> dict:
+    """What the panel sends as params.ohif_grid: cornerstone's volume (dimensions, spacing, LPS
+    origin, row/column/slice directions) of the series ITK converts to ``affine`` (the browser test
+    checks the panel's own against the same affine)."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    return {"dimensions": [int(s) for s in shape], "spacing": spacing.tolist(), "origin": lps[:3, 3].tolist(),
+            "direction": (lps[:3, :3] / spacing).T.ravel().tolist()}
+
+
+def reoriented(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same scan stored in another voxel order: axes 0 and 1 swapped, then axis 0 reversed."""
+    swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    data, affine = data.transpose(1, 0, 2), affine @ swap
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, data.shape[0] - 1
+    return np.ascontiguousarray(data[::-1]), affine @ flip
+
+
+@pytest.fixture(scope="module")
+def local(pacs, orthanc, models_dir, dw_tmp):
+    """The app on a folder: the PACS's three scans as NIfTI named by their SeriesInstanceUID (one of
+    them stored in another voxel order than OHIF's), the seeded one labelled; OHIF reads the PACS."""
+    folder = dw_tmp / "local-datastore"
+    (folder / "labels" / "final").mkdir(parents=True)
+    for case in CASES:
+        data, affine = chaos(case, "image")
+        if case == RAW:
+            data, affine = reoriented(data, affine)
+        nib.save(nib.Nifti1Image(data, affine), folder / f"{uid(pacs, case)}.nii.gz")
+    label, affine = chaos(SEEDED, "label")
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), folder / "labels" / "final" / f"{uid(pacs, SEEDED)}.nii.gz")
+    srv = Server(folder, models_dir, dw_tmp / "local.log",
+                 extra=[("labels", ",".join(f"{n}={v}" for n, v in LABELS.items())), ("bank.augmentations_per_slice", "0"),
+                        ("ohif_dicomweb", orthanc.dicomweb)]).start()
+    srv.wait_ready(READY_TIMEOUT)
+    yield srv
+    srv.stop()
+
+
+@dicomweb_test
+def test_ohif_on_a_folder_datastore_reads_the_pacs_and_saves_nifti_final_labels(local, pacs, orthanc, dw_tmp):
+    """OHIF's requests as the patched panel makes them, on a folder datastore: the study list through
+    the app's DICOMweb proxy (-c ohif_dicomweb), Run answered on the viewer's grid, Save's label.bin
+    stored as a NIfTI final label on the image's own grid (stored in another voxel order), checked
+    like any upload, and the bank grows; a grid that is not the image's is refused, nothing stored."""
+    from monailabel.client.client import MONAILabelUtils
+
+    before = local.wait_bank_idle()
+    assert before["images"] == 1
+    series_uid = uid(pacs, RAW)
+    # the study list and the series' metadata, as OHIF asks for them (query strings kept)
+    status, body, _, _ = MONAILabelUtils.http_method("GET", local.url, "/proxy/dicom/qido/studies?limit=101&offset=0")
+    assert status == 200, body
+    studies = {s["0020000D"]["Value"][0] for s in json.loads(body)}
+    assert studies == {pacs[c]["study"] for c in CASES}
+    status, body, _, _ = MONAILabelUtils.http_method("GET", local.url, f"/proxy/dicom/qido/series?SeriesInstanceUID={series_uid}")
+    assert status == 200 and json.loads(body)[0]["0020000D"]["Value"] == [pacs[RAW]["study"]], body
+    status, body, _, _ = MONAILabelUtils.http_method(
+        "GET", local.url, f"/proxy/dicom/wado/studies/{pacs[RAW]['study']}/series/{series_uid}/metadata")
+    assert status == 200 and len(json.loads(body)) == len(pacs[RAW]["datasets"]), body[:300]
+
+    ohif_affine = pacs[RAW]["affine"]  # the series as OHIF and ITK lay it out
+    truth, _ = chaos(RAW, "label")
+    grid = viewer_grid(ohif_affine, truth.shape)
+    image = nib.load(local.studies / f"{series_uid}.nii.gz")
+    assert not np.allclose(image.affine, ohif_affine, atol=1)  # stored in another voxel order than the viewer's
+
+    # Run: the answer comes on the viewer's grid, the same labels as on the image's own grid
+    status, form, files, _ = MONAILabelUtils.http_multipart(
+        "POST", local.url, f"/infer/fewshot_sam2?image={series_uid}&output=all",
+        {"params": json.dumps(dict(OHIF_INFER, ohif_grid=grid))}, {})
+    assert status == 200, form
+    (nrrd_bytes,) = files.values()
+    header, _, raw = nrrd_bytes.partition(b"\n\n")
+    assert b"sizes: " + " ".join(map(str, truth.shape)).encode() in header, header
+    shown = np.frombuffer(raw, np.uint16).reshape(truth.shape, order="F")
+    on_image = local.client().infer("fewshot_sam2", series_uid, {})[0]
+    own = np.asarray(nib.load(on_image).dataobj)
+    assert np.array_equal(reoriented(shown, ohif_affine)[0], own)
+
+    # Save: the viewer's labelmap (segments numbered as this OHIF build does, alphabetical, background 1)
+    ohif_numbers = {name: i + 1 for i, name in enumerate(sorted({"background", *LABELS}))}
+    painted = np.zeros(truth.shape, np.uint8)
+    for name, value in LABELS.items():
+        painted[truth == value] = ohif_numbers[name]
+    folder = dw_tmp / "ohif-local"
+    folder.mkdir()
+    (folder / "label.bin").write_bytes(painted.ravel(order="F").tobytes())
+    label_info = [{"name": n, "segmentIndex": ohif_numbers[n]} for n in LABELS if (truth == LABELS[n]).any()]
+    final = local.studies / "labels" / "final" / f"{series_uid}.nii.gz"
+
+    # refused, nothing stored: no grid; a grid 5 mm off the image's; a raw label of the wrong size
+    shifted = dict(grid, origin=[grid["origin"][0] + 5.0, *grid["origin"][1:]])
+    for params, expected in (({"label_info": label_info}, "needs params.ohif_grid"),
+                             ({"label_info": label_info, "ohif_grid": shifted}, "does not lie on the image's voxel grid"),
+                             ({"label_info": label_info, "ohif_grid": dict(grid, dimensions=[*truth.shape[:2], truth.shape[2] + 1])}, "bytes")):
+        status, body = put_label(local, series_uid, folder / "label.bin", params)
+        assert status == 422 and expected in body, (status, body)
+        assert not final.exists()
+
+    status, body = put_label(local, series_uid, folder / "label.bin", {"label_info": label_info, "ohif_grid": grid})
+    assert status == 200, body
+    stored = nib.load(final)
+    assert np.allclose(stored.affine, image.affine) and stored.shape == image.shape
+    assert np.array_equal(np.asarray(stored.dataobj), reoriented(truth.astype(np.uint8), ohif_affine)[0])
+    index = json.loads((local.studies / "datastore_v2.json").read_text())
+    assert "ohif_grid" not in index["objects"][series_uid]["labels"]["final"]["info"]
+    grown = local.wait_bank_idle()
+    assert grown["images"] == before["images"] + 1 and series_uid in grown["image_ids"]
+    # Next study: the app names the image (its SeriesInstanceUID); the panel finds its study on the PACS
+    assert local.client().next_sample("bank_coverage", {})["id"] == uid(pacs, INFERRED)
+
+
+# ---------------------------------------------------------------------------------------------
 # without a server
 
 

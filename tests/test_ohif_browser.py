@@ -27,8 +27,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from test_app_dicomweb import (  # noqa: F401  (fixtures: the Orthanc, its series and the app on it)
-    INFERRED, RAW, SEEDED, cached_label, dicomweb_test, dw_tmp, orthanc, pacs, segs_of, server, uid,
+from test_app_dicomweb import (  # noqa: F401  (fixtures: the Orthanc and its series)
+    INFERRED, RAW, READY_TIMEOUT, SEEDED, DicomWebServer, cached_label, dicomweb_test, dw_tmp, orthanc, pacs, segs_of, uid,
+    viewer_grid,
 )
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,11 @@ ARTIFACTS = PROJECT / "test-artifacts" / "ohif"
 CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).exists()), None)
 CHROMEDRIVER = next((p for p in (shutil.which("chromedriver"), "/usr/bin/chromedriver") if p and Path(p).exists()), None)
 MODEL = "fewshot_sam2"
+# Each inference step waits this long (the app's test hook), so an inference on these small volumes
+# lasts long enough for the panel to show the server's progress (about 3 s more per inference).
+STEP_PAUSE_ENV, STEP_PAUSE = "FEWSHOT_APP_TEST_INFER_STEP_PAUSE", 0.1
+# What the panel's running indicator says once the server reports progress: "(stage done/total".
+PROGRESS_SHOWN = re.compile(r"^Running fewshot_sam2… \d+ s \([a-z][a-z_ ]* \d+/\d+")
 PAGE_TIMEOUT = 120
 INFER_TIMEOUT = 300
 
@@ -63,6 +69,44 @@ if (arguments[0]) {
 }
 return out;
 """
+
+
+# The viewer's volume as the panel describes it to the server (params.ohif_grid).
+GRID_JS = """
+const v = window.fewshotOhif.panel.props.servicesManager.services.segmentationService.getLabelmapVolume('1');
+return {dimensions: Array.from(v.dimensions), spacing: Array.from(v.spacing), origin: Array.from(v.origin),
+        direction: Array.from(v.direction)};
+"""
+
+# The stack viewport of the Basic Viewer and Segmentation modes: which slice it shows, and how much
+# of its canvas is not black (cornerstone draws each viewport on a 2D canvas).
+STACK_JS = """
+const engine = window.cornerstone && window.cornerstone.getRenderingEngines()[0];
+const vp = engine && engine.getViewports().find(v => v.type === 'stack' && v.getImageIds().length);
+if (!vp || !vp.getCurrentImageId()) return null;
+const c = vp.canvas, d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let lit = 0;
+for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i + 1] + d[i + 2] > 30) lit++; }
+return {index: vp.getCurrentImageIdIndex(), count: vp.getImageIds().length, lit: lit / (d.length / 4)};
+"""
+
+
+# What a user's scrolling does: the stack viewport to its middle slice.
+SCROLL_JS = """
+const vp = window.cornerstone.getRenderingEngines()[0].getViewports().find(v => v.type === 'stack');
+vp.setImageIdIndex(Math.floor(vp.getImageIds().length / 2));
+"""
+
+
+@pytest.fixture(scope="module")
+def server(pacs, orthanc, models_dir, dw_tmp):
+    """The app on the Orthanc, its inference steps paced (STEP_PAUSE) so that progress shows."""
+    srv = DicomWebServer(orthanc, dw_tmp / "cache", models_dir, dw_tmp / "server.log")
+    srv.env[STEP_PAUSE_ENV] = str(STEP_PAUSE)
+    srv.start()
+    srv.wait_ready(READY_TIMEOUT)
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -176,20 +220,32 @@ def infer_as_ohif(page: Page, timeout: float) -> dict:
     """Clicks Run in the Auto-Segmentation tab and waits until the overlay is in."""
     from selenium.webdriver.common.by import By
 
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    seen: list[str] = []  # what the running indicator said, as it changed
+
+    def running() -> bool:
+        shown = page.d.find_elements(By.ID, "fewshot-running")
+        try:
+            text = shown[0].text if shown else None
+        except StaleElementReferenceException:
+            return True
+        if text and (not seen or seen[-1] != text):
+            seen.append(text)
+        return bool(shown)
+
     page.click(By.XPATH, "//button[normalize-space()='Run']")
-    page.wait(lambda: page.d.find_elements(By.ID, "fewshot-running") or (page.labelmap() or {}).get("counts"), 30,
-              "the running indicator")
-    page.wait(lambda: not page.d.find_elements(By.ID, "fewshot-running") and (page.labelmap() or {}).get("counts"), timeout,
-              "the inference's overlay")
-    return page.labelmap(data=True)
+    page.wait(lambda: running() or (page.labelmap() or {}).get("counts"), 30, "the running indicator")
+    page.wait(lambda: not running() and (page.labelmap() or {}).get("counts"), timeout, "the inference's overlay")
+    return dict(page.labelmap(data=True), running=seen)
 
 
-def open_study_from_list(page: Page, patient: str) -> None:
+def open_study_from_list(page: Page, patient: str, mode: str = "MONAI Label") -> None:
     from selenium.webdriver.common.by import By
 
     page.click(By.XPATH, f"//*[normalize-space(text())='{patient}']")
-    page.wait(lambda: page.d.find_elements(By.XPATH, "//button[normalize-space()='MONAI Label']"), 30, "the mode buttons")
-    page.click(By.XPATH, "//button[normalize-space()='MONAI Label']")
+    page.wait(lambda: page.d.find_elements(By.XPATH, f"//button[normalize-space()='{mode}']"), 30, "the mode buttons")
+    page.click(By.XPATH, f"//button[normalize-space()='{mode}']")
 
 
 def test_every_ohif_patch_applies_to_the_installed_build():
@@ -200,8 +256,9 @@ def test_every_ohif_patch_applies_to_the_installed_build():
     from lib import ohif
 
     patched = ohif.build()
-    assert list(patched) == [n for n in patched if n.startswith("3933.bundle.")]
-    text = next(iter(patched.values())).decode()
+    # the MONAI Label mode, its panel
+    assert sorted(n.split(".")[0] for n in patched) == ["2068", "3933"]
+    text = next(v for n, v in patched.items() if n.startswith("3933.")).decode()
     assert "fewshotAutoConnect(this)" in text and "class FewshotCorrect" in text and ":8000/'" not in text.split("const _url")[1][:200]
 
 
@@ -243,8 +300,17 @@ def test_ohif_annotation_loop_in_headless_chromium(server, pacs, orthanc, browse
     field.send_keys(server.url + "/", Keys.TAB)  # typed back and left: the panel's client uses it again
     page.wait(lambda: not browser.find_elements(By.ID, "fewshot-bad-url"), 10, "the server field accepted again")
 
-    # 3. Run
+    # the panel describes its volume to the server as ITK lays out the series (params.ohif_grid)
+    grid = browser.execute_script(GRID_JS)
+    expected_grid = viewer_grid(pacs[INFERRED]["affine"], pacs[INFERRED]["voxels"].shape)
+    assert grid["dimensions"] == expected_grid["dimensions"]
+    keys = ("spacing", "origin", "direction")
+    assert np.allclose(np.concatenate([grid[k] for k in keys]), np.concatenate([expected_grid[k] for k in keys]), atol=1e-3), \
+        (grid, expected_grid)
+
+    # 3. Run; while it runs, the panel shows the server's progress (GET /fewshot/progress)
     shown = infer_as_ohif(page, INFER_TIMEOUT)
+    assert any(PROGRESS_SHOWN.match(t) for t in shown["running"]), shown["running"]
     page.shot("run")
 
     # 4. the overlay equals the server's answer, voxel for voxel, label by label
@@ -345,6 +411,19 @@ def test_ohif_annotation_loop_in_headless_chromium(server, pacs, orthanc, browse
     page.shot("partial-save")
     bank = server.wait_bank_idle()
     assert bank["partial_annotations"][nxt]["slices"] == slices, bank["partial_annotations"]
+
+    # switching to the Segmentation mode (back to the study list, the same study): the stock build
+    # crashed into a black page there (a TypeError in the console, which step 10 reports). The mode
+    # opens the series at its first slice, black in these MR volumes; scrolled to the middle, it shows
+    browser.find_element(By.CSS_SELECTOR, "[data-cy='return-to-work-list']").click()
+    page.wait(lambda: browser.find_elements(By.XPATH, f"//*[normalize-space(text())='CHAOS-T2-{INFERRED}']"), PAGE_TIMEOUT, "the study list again")
+    open_study_from_list(page, f"CHAOS-T2-{INFERRED}", "Segmentation")
+    page.wait(lambda: (browser.execute_script(STACK_JS) or {}).get("count") == pacs[INFERRED]["voxels"].shape[2], PAGE_TIMEOUT,
+              "the Segmentation mode's viewport")
+    browser.execute_script(SCROLL_JS)
+    page.wait(lambda: (browser.execute_script(STACK_JS) or {}).get("lit", 0) > 0.05, 30, "the middle slice's image")
+    page.dismiss_banner()
+    page.shot("segmentation-mode")
 
     # 10. no unexpected console errors along the way
     page.drain()

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 APP_KEYS = ("preset", "models_dir", "device", "labels", "warm_embeddings", "storage_retry_seconds",
             "ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker",  # lib/ray_batch.py
-            "pacs_poll_seconds", "dicomweb_search_filter")  # lib/pacs_sync.py, lib/pacs_client.py
+            "pacs_poll_seconds", "dicomweb_search_filter",  # lib/pacs_sync.py, lib/pacs_client.py
+            "ohif_dicomweb")  # lib/ohif_pacs.py
 DEFAULT_STORAGE_RETRY_SECONDS = 60.0
 # A DICOMweb datastore asks the PACS this often for new, changed or removed SEG series (final labels
 # stored by any tool): one QIDO search for series and one for SEG series when nothing changed.
@@ -67,6 +68,13 @@ MONAI_KEYS = ("server_mode",)
 DEFAULT_PRESET = "foundation"
 DATASTORE_LABELS_FILE = "labels.yaml"
 STATE_DIR = ".fewshot"  # inside the datastore: bank(s) and cached embeddings
+
+
+def _http_url(conf: Mapping[str, str], key: str) -> str:
+    value = str(conf.get(key) or "").strip()
+    if value and not value.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"-c {key} {value}: expected a DICOMweb URL, http(s)://<host>/dicom-web")
+    return value.rstrip("/")
 
 
 def _positive_int(conf: Mapping[str, str], key: str, default: int) -> int:
@@ -150,6 +158,8 @@ class AppConfig:
     pacs_poll_seconds: float = DEFAULT_PACS_POLL_SECONDS
     search_filter: dict = field(default_factory=dict)
     search_filter_source: str = ""
+    ohif_dicomweb: str = ""  # a folder datastore: the DICOMweb server OHIF reads its studies from
+
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], studies: str | os.PathLike) -> "AppConfig":
@@ -173,7 +183,7 @@ class AppConfig:
         dicom_filter, filter_source = search_filter(conf)
         return cls(
             pacs_poll_seconds=_positive_seconds(conf.get("pacs_poll_seconds", DEFAULT_PACS_POLL_SECONDS), "pacs_poll_seconds"),
-            search_filter=dicom_filter, search_filter_source=filter_source,
+            search_filter=dicom_filter, search_filter_source=filter_source, ohif_dicomweb=_http_url(conf, "ohif_dicomweb"),
             studies=studies, preset=preset, models_dir=conf.get("models_dir") or None, labels=labels,
             labels_source=source, overrides=overrides, warm_embeddings=warm, settings=settings,
             session_max_unpacked_mb=_positive_int(conf, "session_max_unpacked_mb", DEFAULT_SESSION_MAX_UNPACKED_MB),

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from fewshot.files import STALE_TMP, copy_atomic, tmp_beside, write_json_atomic
-from lib import annotations
+from lib import annotations, ohif_label
 from lib.labels import client_segments
 from lib.validation import RESERVED_INFO_KEYS, VOLUME_SUFFIXES, UploadValidator, check_id, check_info, check_tag, volume_suffix
 from lib.watcher import WatcherSupervisor
@@ -372,23 +373,34 @@ class FewshotDatastore(AtomicIndexMixin, LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         check_tag(label_tag)
         info = without_provenance(dict(check_info({} if label_info is None else label_info, "params", RESERVED_INFO_KEYS)))
+        grid = ohif_label.pop_grid(info, image_id)
         image_path = self._image_path(image_id)
         started = time.perf_counter()
         # The image as the label is checked against it: replaced meanwhile (a concurrent
         # PUT /datastore/image), the label is refused rather than stored beside an image it may not fit.
         image_signature = file_signature(image_path)
-        stored = self.validator.check_label(image_id, image_path, label_filename, client_segments(info))
+        work = upload = None
+        stored = label_filename
         try:
+            upload = label_filename
+            if ohif_label.is_raw(label_filename):
+                # OHIF's Save: the viewer's labelmap, turned onto this image's grid (lib/ohif_label.py).
+                work = tempfile.mkdtemp(prefix="ohif-label-")
+                upload = ohif_label.raw_to_nifti(image_id, image_path, label_filename, os.path.join(work, "label.nii.gz"),
+                                                 grid, grid_required=True)
+            stored = self.validator.check_label(image_id, image_path, upload, client_segments(info))
             annotation = annotations.parse(info, self.validator.label_map(), stored)
             if annotation is not None:
                 info[annotations.INFO_KEY] = annotation.as_dict()
-            self._write_label(image_id, label_tag, stored, volume_suffix(label_filename), info, image_signature)
+            self._write_label(image_id, label_tag, stored, volume_suffix(upload), info, image_signature)
         finally:
-            if stored != label_filename:
+            if stored not in (label_filename, upload) and os.path.exists(stored):
                 os.unlink(stored)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
         logger.info(
             "saved %s label of %r (checked in %.3f s%s)", label_tag, image_id, time.perf_counter() - started,
-            "; segment values translated from the client's label_info" if stored != label_filename else "",
+            "; segment values translated from the client's label_info" if stored not in (label_filename, upload) else "",
         )
         if label_tag == FINAL:
             self.listener.final_label_saved(image_id, "final label saved")

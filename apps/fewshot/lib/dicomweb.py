@@ -40,8 +40,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import nibabel as nib
-import numpy as np
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
@@ -49,8 +47,8 @@ from monailabel.datastore.utils.convert import dicom_to_nifti
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from fewshot.annotation import Annotation
-from fewshot.volume import VolumeError, label_nifti, read_volume
-from lib import annotations
+from fewshot.volume import VolumeError, read_volume
+from lib import annotations, ohif_label
 from lib.datastore import AtomicIndexMixin, FinalLabelListener, without_provenance
 from lib.dicom_seg import SegIndex, label_to_seg, seg_stamp
 from lib.labels import client_segments
@@ -238,13 +236,16 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any], label_id: str = "") -> str:
         check_tag(label_tag)
         info = without_provenance(dict(check_info({} if label_info is None else label_info, "params", RESERVED_INFO_KEYS + DICOM_INFO_KEYS)))
+        grid = ohif_label.pop_grid(info, image_id)
         image_path = self.get_image_uri(image_id)
         started = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix="label-", dir=self.scratch))
         stored = upload = label_filename
         try:
-            if label_filename.lower().endswith(".bin"):
-                upload = self._raw_to_nifti(image_id, image_path, label_filename, work / f"label{NIFTI}")
+            if ohif_label.is_raw(label_filename):
+                # The cached image is ITK's conversion of the series OHIF shows: its voxel order is
+                # the viewer's, so a grid is checked when sent, not required.
+                upload = ohif_label.raw_to_nifti(image_id, image_path, label_filename, str(work / f"label{NIFTI}"), grid, grid_required=False)
             stored = self.validator.check_label(image_id, image_path, upload, client_segments(info))
             annotation = annotations.parse(info, self.validator.label_map(), stored)
             if annotation is not None:
@@ -266,23 +267,6 @@ class FewshotDicomWebDatastore(AtomicIndexMixin, DICOMWebDatastore):
         if label_tag == FINAL:
             self.listener.final_label_saved(image_id, "final label saved")
         return image_id
-
-    def _raw_to_nifti(self, image_id: str, image_path: str, raw_path: str, out: Path) -> str:
-        """OHIF's ``label.bin``: the viewer's label buffer, x fastest, on the series' voxel grid
-        (read as MONAI Label's binary_to_image reads it), written as NIfTI with the image's geometry."""
-        image = nib.load(image_path)
-        shape = tuple(int(s) for s in image.shape[:3])
-        voxels = int(np.prod(shape))
-        size = os.path.getsize(raw_path)
-        dtype = {voxels: np.dtype(np.uint8), 2 * voxels: np.dtype("<u2")}.get(size)
-        if dtype is None:
-            raise HTTPException(
-                422, f"the uploaded raw label for {image_id!r} has {size} bytes; series {image_id} has {shape} voxels, "
-                f"so its raw label (label.bin) has {voxels} bytes (uint8) or {2 * voxels} (uint16)",
-            )
-        data = np.fromfile(raw_path, dtype=dtype).reshape(shape, order="F")
-        nib.save(label_nifti(data, image.affine, image.header), out)
-        return str(out)
 
     def _store_seg(self, image_id: str, label_path: str, annotation: Annotation | None = None) -> dict:
         """The label as a DICOM SEG referencing its series, stored on the PACS (STOW-RS)."""

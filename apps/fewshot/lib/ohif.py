@@ -47,6 +47,7 @@ def _asset(name: str) -> str:
 
 PANEL_MODULE = ";// CONCATENATED MODULE: ../../../../extensions/monai-label/src/components/MonaiLabelPanel.tsx\n"
 EXTENSION_CHUNK = "3933.bundle.*.js"
+MONAI_MODE_CHUNK = "2068.bundle.*.js"  # the MONAI Label mode (monai-label route)
 
 
 def patches() -> list[Patch]:
@@ -88,11 +89,17 @@ def patches() -> list[Patch]:
               "        message: 'Running Auto-Segmentation...',\n        type: 'info',\n        duration: 7000\n      });",
               "        message: 'Running Auto-Segmentation... (the panel shows the elapsed time)',\n        type: 'info',\n"
               "        duration: 24 * 3600 * 1000\n      });"),
-        Patch(EXTENSION_CHUNK, "a running inference (any tab) is announced to the panel",
+        Patch(EXTENSION_CHUNK, "a running inference (any tab) is announced to the panel, and asks for its answer on the viewer's grid",
               "    return await MonaiLabelClient.api_post(url, params, label, true, 'arraybuffer');",
-              "    fewshotInferring(model, image, true);\n    try {\n"
+              "    fewshotWithGrid(image, params);\n    fewshotInferring(model, image, true);\n    try {\n"
               "      return await MonaiLabelClient.api_post(url, params, label, true, 'arraybuffer');\n"
               "    } finally {\n      fewshotInferring(model, image, false);\n    }"),
+        Patch(MONAI_MODE_CHUNK, "the MONAI Label mode no longer leaves behind a 'segmentationToolbox' section naming buttons it never "
+              "registers (upstream commented out their addButtons): switching to the Segmentation mode, whose toolbox renders "
+              "that stale section before its own onModeEnter, crashed the page (TypeError: Cannot destructure property 'id' "
+              "of 'button') - the black screen",
+              "      toolbarService.createButtonSection('segmentationToolbox', ['BrushTools', 'Shapes']);",
+              "      // no 'segmentationToolbox' section: its buttons are not registered in this mode (apps/fewshot/lib/ohif.py)"),
         Patch(EXTENSION_CHUNK, "no training check on an app without trainers (its /train/ answers 404, an error in the console)",
               "    const training = await this.props.client().is_train_running();",
               "    const trainers = this.props.info.data.trainers || {};\n"

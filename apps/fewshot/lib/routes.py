@@ -28,13 +28,15 @@ import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 from monailabel.config import settings
 from monailabel.endpoints import activelearning as activelearning_ep
 from monailabel.endpoints import batch_infer as batch_ep
 from monailabel.endpoints import datastore as datastore_ep
 from monailabel.endpoints import infer as infer_ep
+from monailabel.endpoints import proxy as proxy_ep
 from monailabel.endpoints import scoring as scoring_ep
 from monailabel.endpoints import train as train_ep
 from monailabel.endpoints.user.auth import RBAC, User
@@ -43,6 +45,7 @@ from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.others.generic import get_basename, remove_file
 
+from lib import ohif_pacs
 from lib.ohif import PatchedBuild, PatchError
 from lib.ohif import media_type as ohif_media_type
 from lib.sessions import ArchiveLimits
@@ -467,6 +470,23 @@ def ohif_file(path: str, user: User = Depends(RBAC(USER))):
 
 
 OHIF_BUILD = PatchedBuild()
+
+
+@router.get("/proxy/dicom/{op}/{path:path}", include_in_schema=False)
+@router.post("/proxy/dicom/{op}/{path:path}", include_in_schema=False)
+async def dicom_proxy(request: Request, op: str, path: str, user: User = Depends(RBAC(USER))):
+    """OHIF's DICOMweb requests: to the datastore's PACS (MONAI Label's proxy), or with a folder
+    datastore to ``-c ohif_dicomweb`` (``lib/ohif_pacs.py``)."""
+    if op not in ohif_pacs.OPS:  # MONAI Label's /proxy/dicom/{path}: no prefix of its own
+        op, path = "", f"{op}/{path}"
+    app = app_instance()
+    if app.dicomweb_client is not None:
+        return await proxy_ep.proxy_dicom(request, op, path)
+    base = app.app_config.ohif_dicomweb
+    if not base:
+        raise ohif_pacs.no_pacs(op or path)
+    body = await request.body() if request.method == "POST" else None
+    return await run_in_threadpool(ohif_pacs.forward, base, request.method, path, request.url.query, dict(request.headers), body)
 
 
 def install(fastapi_app, limits: dict[str, int] | None = None) -> None:

@@ -47,6 +47,39 @@ function fewshotLabelmap(segmentationService) {
   return bytes;
 }
 
+// Where the viewer's volume lies (cornerstone: dimensions, spacing, LPS origin, row/column/slice
+// directions): the server turns a label onto its image's grid with it, and writes /infer answers on
+// it, so a folder datastore's image may be stored in any axis order (apps/fewshot/lib/ohif_label.py).
+function fewshotGrid(segmentationService) {
+  const volume = segmentationService.getLabelmapVolume(FEWSHOT_SEGMENTATION);
+  if (!volume || !volume.dimensions || !volume.direction) {
+    return null;
+  }
+  return {
+    dimensions: Array.from(volume.dimensions),
+    spacing: Array.from(volume.spacing),
+    origin: Array.from(volume.origin),
+    direction: Array.from(volume.direction),
+  };
+}
+
+// An /infer request from the panel carries the viewer's grid when it is about the series shown.
+function fewshotWithGrid(image, params) {
+  try {
+    const panel = window.fewshotOhif && window.fewshotOhif.panel;
+    const { displaySet } = panel.getActiveViewportInfo();
+    if (displaySet && displaySet.SeriesInstanceUID === image) {
+      const grid = fewshotGrid(panel.props.servicesManager.services.segmentationService);
+      if (grid) {
+        params.ohif_grid = grid;
+      }
+    }
+  } catch (e) {
+    // no panel or viewport yet: the server answers on the image's own grid
+  }
+  return params;
+}
+
 class FewshotCorrect extends react.Component {
   constructor(props) {
     super(props);
@@ -138,6 +171,10 @@ class FewshotCorrect extends react.Component {
     this.setState({ saving: true, status: 'Saving…', error: '' });
     const image = this.imageId();
     const params = this.state.partial ? { label_info, partial: true } : { label_info };
+    const grid = fewshotGrid(segmentationService);
+    if (grid) {
+      params.ohif_grid = grid;
+    }
     const response = await panel.client().save_label(image, new Blob([label]), params);
     if (!response || response.status !== 200) {
       const detail = response && response.response && response.response.data ? response.response.data.detail : null;
@@ -161,16 +198,34 @@ class FewshotCorrect extends react.Component {
     const strategy = strategies.includes('bank_coverage') ? 'bank_coverage' : strategies[0];
     this.setState({ status: 'Asking ' + strategy + ' for the next study…', error: '' });
     const response = await this.props.panel.client().next_sample(strategy, {});
-    if (!response || response.status !== 200 || !response.data || !response.data.StudyInstanceUID) {
+    if (!response || response.status !== 200 || !response.data || !(response.data.StudyInstanceUID || response.data.id)) {
       const detail = response && response.response && response.response.data ? response.response.data.detail : null;
       this.setState({ status: '', error: 'No next study: ' + (detail || (response && response.message) || 'every study is labelled') });
       return;
     }
-    const study = response.data.StudyInstanceUID;
+    // A DICOMweb datastore names the study; a folder datastore gives the image id, which is the
+    // series' SeriesInstanceUID: its study comes from the PACS OHIF reads (-c ohif_dicomweb).
+    const study = response.data.StudyInstanceUID || (await this.studyOf(response.data.id));
+    if (!study) {
+      this.setState({ status: '', error: 'The next image, ' + response.data.id + ', is no series OHIF can open from its PACS' });
+      return;
+    }
     this.setState({ status: 'Opening the next study…' });
     const url = new URL(window.location.href);
     url.searchParams.set('StudyInstanceUIDs', study);
     window.location.assign(url.toString());
+  }
+
+  async studyOf(series) {
+    if (!series) {
+      return null;
+    }
+    const url = fewshotUrl(this.props.panel.client().server_url.toString(),
+      'proxy/dicom/qido/series?SeriesInstanceUID=' + encodeURIComponent(series));
+    const response = url ? await MonaiLabelClient.api_get(url) : null;
+    const found = response && response.status === 200 && Array.isArray(response.data) ? response.data[0] : null;
+    const study = found && found['0020000D'] && found['0020000D'].Value ? found['0020000D'].Value[0] : null;
+    return study || null;
   }
 
   render() {

@@ -23,8 +23,10 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib import ohif_label
 from lib.engine_host import EngineHost, InferOptions
 from lib.labels import BACKGROUND, result_label_names, with_background
+from lib.ohif_label import ViewerGrid
 from lib.progress import PROGRESS_KEY, ProgressBoard
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class ResultFormat:
     extension: str = ".nii.gz"
     dtype: str | None = None  # None: the smallest unsigned type that holds the values
     compress: bool = False  # NRRD only (NIfTI .nii.gz is always gzipped)
+    grid: ViewerGrid | None = None  # OHIF's volume (params.ohif_grid): the result is written on it
 
 
 def write_nrrd(path: str, label: np.ndarray, affine: np.ndarray, dtype, compress: bool) -> None:
@@ -196,16 +199,23 @@ class FewshotSam2(InferTask):
             if top > np.iinfo(np.dtype(str(dtype))).max:
                 raise HTTPException(400, f"result_dtype {dtype} cannot hold label value {top}")
         compress = _as_bool(request.get("result_compress", False), "result_compress")
-        return ResultFormat(ext.lower(), None if dtype is None else str(dtype), compress)
+        grid = request.get(ohif_label.GRID_KEY)
+        # OHIF lays the answer's voxels on its own volume as they come: a folder datastore's image may
+        # be stored in another axis order, so the panel says where its volume lies (lib/ohif_label.py).
+        grid = None if grid is None else ViewerGrid.parse(grid, str(request.get("image") or "the image"))
+        return ResultFormat(ext.lower(), None if dtype is None else str(dtype), compress, grid)
 
     def write(self, seg, fmt: ResultFormat) -> str:
         fd, out = tempfile.mkstemp(suffix=fmt.extension, prefix="fewshot-")
         os.close(fd)
         try:
             if fmt.extension == ".nrrd":
-                label = seg.label
+                label, affine = seg.label, seg.volume.affine
+                if fmt.grid is not None:
+                    label = ohif_label.turn_onto(label, affine, fmt.grid.affine(), fmt.grid.dimensions, "the image")
+                    affine = fmt.grid.affine()
                 dtype = fmt.dtype or (np.uint8 if label.max(initial=0) < 256 else np.uint16)
-                write_nrrd(out, label, seg.volume.affine, dtype, fmt.compress)
+                write_nrrd(out, label, affine, dtype, fmt.compress)
             else:
                 seg.save(out, sidecar=False)  # the engine's writer keeps a NIfTI image's header exactly
         except BaseException:
