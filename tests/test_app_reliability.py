@@ -12,7 +12,9 @@ off (nothing writes in the background), its upload budget is lowered through ``-
 test may mount one (root with CAP_SYS_ADMIN; the read-only test skips otherwise). Refused requests
 are checked to leave the datastore and the bank byte for byte as they were, and the temporary
 folder as it was. A second server (preset classic) starts on a datastore whose index is garbage
-and is stopped with SIGTERM after an inference that used its worker processes.
+and is stopped with SIGTERM after an inference that used its worker processes. It, and a third that
+must refuse a missing --studies folder, are started with the first: each spends its first 15-20 s
+importing MONAI Label on one core, so their start-ups overlap on a 2-core machine.
 """
 from __future__ import annotations
 
@@ -126,7 +128,34 @@ def finals_mount(app_tmp):
 
 
 @pytest.fixture(scope="module")
-def server(app_tmp, finals_mount, models_dir):
+def missing_studies_start(app_tmp, models_dir):
+    """Started with the module's server: MONAI Label refuses a missing --studies folder only after its
+    imports (a core for 15-20 s), which then overlap the other server's on the second core."""
+    server = Server(app_tmp / "no" / "such-datastore", models_dir, app_tmp / "missing.log").start()
+    yield server
+    server.stop()
+
+
+# Registration cut short: the classic server's test is about processes, not masks.
+QUICK_REGISTRATION = [("transfer.global_affine.iterations", "5"), ("transfer.local_affine.iterations", "5"),
+                      ("transfer.deformable.method", "none"), ("transfer.in_plane.method", "none")]
+
+
+@pytest.fixture(scope="module")
+def classic_start(app_tmp, models_dir):
+    """The classic server on a datastore whose index is garbage, started with the module's server so
+    that their start-ups overlap; its own test waits for it to be ready."""
+    studies = app_tmp / "classic-datastore"
+    shutil.copytree(SAMPLE, studies)
+    (studies / "datastore_v2.json").write_text('{"name": "new-dataset", "objects": {"phantom_01": [garbage')
+    server = Server(studies, models_dir, app_tmp / "classic.log", preset="classic",
+                    extra=[("warm_embeddings", "false"), *QUICK_REGISTRATION]).start()
+    yield server
+    server.stop()  # its test stops it (and its workers) itself; this is for a run that deselects it
+
+
+@pytest.fixture(scope="module")
+def server(app_tmp, finals_mount, models_dir, missing_studies_start, classic_start):
     studies = app_tmp / "datastore"
     shutil.copytree(SAMPLE, studies, dirs_exist_ok=True)
     (app_tmp / "tmp").mkdir()
@@ -474,13 +503,10 @@ def test_the_log_has_no_noise_a_user_reads_as_errors(server):
 # 6. start-up: a missing --studies folder, a garbage index; SIGTERM stops the workers
 
 
-def test_a_missing_studies_folder_is_refused_not_created(app_tmp, models_dir):
-    missing = app_tmp / "no" / "such-datastore"
-    server = Server(missing, models_dir, app_tmp / "missing.log").start()
-    try:
-        rc = server.proc.wait(STARTUP_TIMEOUT)
-    finally:
-        server.stop()
+def test_a_missing_studies_folder_is_refused_not_created(missing_studies_start):
+    server = missing_studies_start
+    missing = server.studies
+    rc = server.proc.wait(STARTUP_TIMEOUT)
     log = server.log()
     assert rc != 0
     assert f"--studies {missing} does not exist" in log and f"mkdir -p {missing}" in log
@@ -495,15 +521,9 @@ def worker_processes(pid: int) -> list[int]:
             if line.split()[2] == str(pid) and line.split()[0] != str(pid) and "multiprocessing" in line]
 
 
-def test_a_garbage_index_is_rebuilt_and_sigterm_stops_the_workers(app_tmp, models_dir):
-    studies = app_tmp / "classic-datastore"
-    shutil.copytree(SAMPLE, studies)
-    (studies / "datastore_v2.json").write_text('{"name": "new-dataset", "objects": {"phantom_01": [garbage')
-    # Registration cut short: this test is about processes, not masks.
-    quick = [("transfer.global_affine.iterations", "5"), ("transfer.local_affine.iterations", "5"),
-             ("transfer.deformable.method", "none"), ("transfer.in_plane.method", "none")]
-    server = Server(studies, models_dir, app_tmp / "classic.log", preset="classic",
-                    extra=[("warm_embeddings", "false"), *quick]).start()
+def test_a_garbage_index_is_rebuilt_and_sigterm_stops_the_workers(classic_start):
+    server = classic_start
+    studies = server.studies
     try:
         server.wait_ready()
         bank = server.wait_bank_idle()
