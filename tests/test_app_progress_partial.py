@@ -18,7 +18,7 @@ import pytest
 from app_harness import Server
 from test_app_server import CHAOS, LABELS_YAML, chaos_label, save_nifti, server_test
 
-STEP_PAUSE = 0.25  # seconds each inference step waits (FEWSHOT_APP_TEST_INFER_STEP_PAUSE)
+STEP_PAUSE = 0.1  # seconds each inference step waits (FEWSHOT_APP_TEST_INFER_STEP_PAUSE): 3.6 s over 36 slices, polled every 0.05 s
 WAIT = 300  # generous wait-until bound, never a timing assertion
 NEGATIVES = 4  # random-tiny's bank.negatives_per_image
 
