@@ -276,8 +276,11 @@ def test_complex_labels_on_disk_are_refused_by_the_engine_and_the_cli(tmp_path, 
     volume = read_volume(store / "case_1.nii.gz")
     with pytest.raises(VolumeError, match=r"holds complex voxels \(complex64\)"):
         read_label(path, volume)
+    # No augmented copies (not this test's subject): the process then never imports MONAI's
+    # augmentation transforms, 10-20 s of CPU.
     run = subprocess.run([sys.executable, "-m", "fewshot", "bank", "build", "--datastore", str(store),
-                          "--preset", "random-tiny", "--models-dir", str(models_dir)],
+                          "--preset", "random-tiny", "--models-dir", str(models_dir),
+                          "--set", "bank.augmentations_per_slice=0"],
                          cwd=PROJECT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr
     reconcile = json.loads(run.stdout)["reconcile"]
