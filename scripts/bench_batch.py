@@ -49,8 +49,8 @@ def _settings(threads: int = 1, overrides: dict | None = None) -> dict:
 
 
 def _build_bank(store: Path, settings: dict) -> Path:
-    from fewshot.datastore import bank_dir_for
-    from fewshot.datastore import labelled, scan_datastore
+    from fewshot.folders import bank_dir_for
+    from fewshot.folders import labelled, scan_datastore
     from fewshot.engine import Engine
 
     bank_dir = bank_dir_for(store, "classic")

@@ -20,8 +20,8 @@ from fewshot.batch import inputs
 from fewshot.batch.manifest import MANIFEST_NAME, Manifest
 from fewshot.batch.runner import BatchSpec, RayOptions, run_batch
 from fewshot.batch.worker import batch_settings
-from fewshot.datastore import bank_dir_for
-from fewshot.datastore import labelled, scan_datastore
+from fewshot.folders import bank_dir_for
+from fewshot.folders import labelled, scan_datastore
 from fewshot.engine import Engine
 
 LABELLED = ["015", "184"]

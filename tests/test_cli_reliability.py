@@ -30,7 +30,7 @@ from conftest import PROJECT
 from fewshot import bank_holders
 from fewshot.bank import BankError
 from fewshot.cli.common import choose_bank
-from fewshot.datastore import bank_dir_for
+from fewshot.folders import bank_dir_for
 from fewshot.cli import main as cli_main
 from fewshot.config import load_preset
 from fewshot.eval import protocols

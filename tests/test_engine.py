@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT, make_datastore, shared_dataset
-from fewshot.datastore import labelled, scan_datastore
+from fewshot.folders import labelled, scan_datastore
 from fewshot.engine import Engine
 from fewshot.volume import VolumeError
 
@@ -485,7 +485,7 @@ def test_stale_images_follow_image_content_and_present_labels(engine_factory, tm
 def test_cli_bank_stats_never_touches_the_bank(engine_factory, tiny_settings, tmp_path, capsys):
     """`bank stats` with other settings reports the mismatch; a later `bank build` would rebuild."""
     from fewshot.cli import main
-    from fewshot.datastore import bank_dir_for
+    from fewshot.folders import bank_dir_for
 
     store = tmp_path / "store"
     (store / "labels" / "final").mkdir(parents=True)

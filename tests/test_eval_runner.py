@@ -184,7 +184,7 @@ def test_alpnet_runs_the_presets_own_path_augmented_copies_and_matching(models_d
     copies (as the bank would hold them), and the matcher picks, per query slice, the selection.keep
     best of them (lpips-sam2: the single best by LPIPS)."""
     from fewshot.config import load_preset
-    from fewshot.datastore import scan_pairs
+    from fewshot.folders import scan_pairs
     from fewshot.engine import Engine
 
     data = shared_dataset("msd-hippocampus")

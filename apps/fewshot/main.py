@@ -45,7 +45,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from fewshot.config import ConfigError
 from fewshot import bank_holders
-from fewshot.datastore import labelled, scan_datastore
+from fewshot.folders import labelled, scan_datastore
 from fewshot.transfer import workers
 from lib.activelearning.bank_coverage import BankCoverage
 from lib import annotations

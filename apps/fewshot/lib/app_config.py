@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from fewshot.datastore import bank_dir_for
+from fewshot.folders import bank_dir_for
 from fewshot.config import ConfigError, load_preset, parse_label_map, parse_value
 
 logger = logging.getLogger(__name__)

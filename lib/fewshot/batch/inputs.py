@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fewshot.datastore import image_id_of
+from fewshot.folders import image_id_of
 from fewshot.volume import IMAGE_SUFFIXES
 
 

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from fewshot.cli.common import add_common_options, engine_for, sync_bank
-from fewshot.datastore import bank_dir_for
+from fewshot.folders import bank_dir_for
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def add_batch_command(sub) -> argparse.ArgumentParser:
 
 def _warn_if_stale(bank_manifest: dict, datastore: str) -> None:
     """The batch reads the bank as it is: say so when the datastore has labels it lacks."""
-    from fewshot.datastore import labelled, scan_datastore
+    from fewshot.folders import labelled, scan_datastore
     from fewshot.files import same_content
 
     records = bank_manifest.get("images", {})

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fewshot.datastore import bank_dir_for
+from fewshot.folders import bank_dir_for
 
 logger = logging.getLogger("fewshot")
 
@@ -112,7 +112,7 @@ def progress_bar(desc: str, unit: str = "slice"):
 
 
 def sync_bank(engine, datastore: str) -> dict:
-    from fewshot.datastore import labelled, scan_datastore
+    from fewshot.folders import labelled, scan_datastore
 
     sources = labelled(scan_datastore(datastore))
     if not sources:

@@ -64,7 +64,7 @@ def run_eval(data_dir: str | Path, protocol: str, preset: str, out_dir: str | Pa
 
 def evaluate(plan: EvalPlan) -> EvalReport:
     from fewshot.config import load_preset
-    from fewshot.datastore import scan_pairs
+    from fewshot.folders import scan_pairs
 
     started = time.perf_counter()
     plan.check()

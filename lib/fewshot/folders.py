@@ -1,4 +1,6 @@
-"""Finding labelled volumes on disk, in the two layouts users have.
+"""Finding labelled volumes in a folder, in the two layouts users have, and where a folder's bank
+lives (``bank_dir_for``). Named for what it reads, not ``datastore``: the MONAI Label datastore (its
+index, uploads, locks) is the app's ``apps/fewshot/lib/datastore.py``; this only lists files.
 
 * A MONAI Label local datastore: images at the top level, final labels under ``labels/final/``
   with the same file name. The image id is the file name without its extension, as in MONAI Label.
