@@ -2,8 +2,7 @@
 
 A step owns one ``WorkerPool``: started on first use, so building a preset costs nothing; shut down
 by ``close()`` or when the step is garbage-collected or the interpreter exits. When the workers
-stop (killed, out of memory, or never started: under ``spawn`` a calling script without an
-``if __name__ == "__main__":`` guard), the jobs left run in the calling process, and so do later
+stop (killed, out of memory, or never started), the jobs left run in the calling process, and so do later
 calls: the pool is not restarted on every call.
 
 Workers never outlive the process that started them: a process killed by a signal runs no exit
@@ -22,11 +21,41 @@ import weakref
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from multiprocessing import spawn
 from typing import Callable, Hashable, Iterator, Mapping
 
 import SimpleITK as sitk
 
 logger = logging.getLogger(__name__)
+
+# A spawned worker first re-imports the parent's __main__ (multiprocessing.spawn.prepare). Under
+# `python -m monailabel.main` or the `monailabel` script that is all of MONAI Label, MONAI and
+# transformers: 10-20 s of CPU per worker before its first job, for nothing, since a worker runs only
+# functions importable by name. The workers this module starts skip it; other processes are untouched.
+_launching = threading.local()
+_preparation_data = spawn.get_preparation_data
+
+
+def _preparation_data_without_main(name):
+    data = _preparation_data(name)
+    if getattr(_launching, "without_main", False):
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+    return data
+
+
+spawn.get_preparation_data = _preparation_data_without_main  # looked up at each launch (popen_spawn_*)
+
+
+@contextmanager
+def _without_main() -> Iterator[None]:
+    """Processes launched in this thread within the block do not re-import __main__ (ProcessPoolExecutor
+    launches its workers in the thread that submits)."""
+    _launching.without_main = True
+    try:
+        yield
+    finally:
+        _launching.without_main = False
 
 PARENT_CHECK_SECONDS = 1.0
 _POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()  # pools with live workers, for terminate_all
@@ -122,7 +151,8 @@ class WorkerPool:
         if pool is None:
             return remaining
         try:
-            pending = {pool.submit(function, *args): key for key, args in jobs.items()}
+            with _without_main():
+                pending = {pool.submit(function, *args): key for key, args in jobs.items()}
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
@@ -145,9 +175,8 @@ class WorkerPool:
             self.close()
             self._failed = True
             logger.warning(
-                "%s worker processes stopped (killed, out of memory, or never started: with the %s start method "
-                "a calling script needs an `if __name__ == '__main__':` guard); the remaining %d %s run in this "
-                "process, and later ones too. Set transfer.workers=1 to skip the pool.",
+                "%s worker processes stopped (killed, out of memory, or never started with the %s start method); "
+                "the remaining %d %s run in this process, and later ones too. Set transfer.workers=1 to skip the pool.",
                 self.name, self.start_method, len(remaining), self.unit,
             )
         return remaining
