@@ -16,25 +16,24 @@ from typing import Any, Mapping
 
 from fewshot.config import ConfigError
 
-PRESET_WITH_EVERY_KEY = "configs/presets/foundation.yaml"
+PRESET_WITH_EVERY_KEY = "configs/presets/foundation.yaml, which every preset inherits,"
 
 
-def typed_section(cls, settings: Mapping, section: str):
-    """``cls`` (a dataclass of int, bool, float, str and dict fields) from ``settings[section]``: every
-    field required, each of its declared type (an int is not a bool; a float may be written 1)."""
-    values = settings.get(section)
+def typed_section(cls, values: Mapping | None, section: str, source: str = PRESET_WITH_EVERY_KEY):
+    """``cls`` (a dataclass of int, bool, float, str and dict fields) from the settings section
+    ``values`` (named ``section`` in messages): every field required (``source`` says which preset
+    sets it), each of its declared type (an int is not a bool; a float may be written 1)."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"settings section {section!r} is missing or not a mapping ({PRESET_WITH_EVERY_KEY} has it)")
+        raise ConfigError(f"settings section {section!r} is missing or not a mapping ({source} has it)")
     hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
-            raise ConfigError(f"{section}.{f.name} is not set ({PRESET_WITH_EVERY_KEY} sets it for every preset)")
+            raise ConfigError(f"{section}.{f.name} is not set ({source} sets it)")
         value, kind = values[f.name], hints[f.name]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        expected = dict if kind is dict else kind
-        if not isinstance(value, expected) or (kind is int and isinstance(value, bool)):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{section}.{f.name} must be {kind.__name__}, not {value!r}")
         out[f.name] = value
     return cls(**out)
@@ -84,7 +83,7 @@ class EngineSettings:
     @classmethod
     def from_settings(cls, settings: Mapping) -> "EngineSettings":
         return cls(
-            retrieval=typed_section(RetrievalSettings, settings, "retrieval"),
-            selection=typed_section(SelectionSettings, settings, "selection"),
-            entries=typed_section(EntrySettings, settings, "bank"),
+            retrieval=typed_section(RetrievalSettings, settings.get("retrieval"), "retrieval"),
+            selection=typed_section(SelectionSettings, settings.get("selection"), "selection"),
+            entries=typed_section(EntrySettings, settings.get("bank"), "bank"),
         )

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from fewshot.config import ConfigError
 from fewshot.embed.descriptor import area_resize
+from fewshot.settings import typed_section
 
 
 _EPS = 1e-6
@@ -36,16 +37,7 @@ class NccSettings:
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "NccSettings":
-        missing = [k for k in cls.__dataclass_fields__ if k not in settings]
-        if missing:
-            raise ConfigError(f"matcher type ncc needs settings {missing} (configs/presets/classic.yaml)")
-        out = cls(
-            size=int(settings["size"]),
-            max_rotation_deg=float(settings["max_rotation_deg"]),
-            rotation_steps=int(settings["rotation_steps"]),
-            max_shift=float(settings["max_shift"]),
-            blur=float(settings["blur"]),
-        )
+        out = typed_section(cls, settings, "matcher", "configs/presets/classic-slices.yaml")
         if out.size < 8 or out.rotation_steps < 1 or not 0.0 <= out.max_shift < 0.5:
             raise ConfigError(f"matcher ncc settings out of range: {out}")
         return out
