@@ -10,8 +10,6 @@ loaded back through :func:`build_sam2_model`, so tests exercise the loading code
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ import sam2
 from sam2.modeling.sam2_base import SAM2Base
 
 from fewshot.config import CONFIGS_DIR
+from fewshot.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +195,7 @@ def save_random_checkpoint(
         last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
         with torch.no_grad():
             last.bias.fill_(float(object_score_bias))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".tmp") as tmp:
         torch.save({"model": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     logger.info("saved random SAM 2 weights (%s, seed %d) to %s", Path(str(config_path)).stem, seed, path)
     return path
