@@ -294,3 +294,36 @@ def test_additions_grow_the_index_in_place(tmp_path):
     queries = rng.normal(size=(6, 32)).astype(np.float32)
     reloaded, _ = SupportBank.open(tmp_path / "flat", "fp")
     assert flat.search(queries, 5)[1] == reloaded.search(queries, 5)[1]
+
+
+def test_a_bank_of_many_scans_keeps_few_files_open(tmp_path, monkeypatch):
+    """Each mapped shard file holds a file descriptor; mapped all at once, a bank of a few thousand
+    scans ran out of them ("Too many open files"). Files are mapped when read and only the most
+    recently used stay open, so reading every entry of a bank never holds more than the cap, and
+    what is read is what was written (also after its mapping was dropped and made again)."""
+    import fewshot.bank_shards as shards
+
+    monkeypatch.setattr(shards, "_MAPPINGS", shards._OpenMappings(8))
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_files()
+    rng = np.random.default_rng(4)
+    bank = SupportBank(tmp_path, "fp")
+    written = {}
+    for i in range(30):
+        batch = _batch(rng, n=3)
+        written[f"scan{i}"] = batch
+        bank.put(f"scan{i}", batch)
+    reopened, report = SupportBank.open(tmp_path, "fp")
+    assert len(report.loaded) == 30
+    for sweep in range(2):  # the second sweep maps again what the first dropped
+        for name, batch in written.items():
+            for i in range(3):
+                support = reopened.support((name, i), labels=[1, 2])
+                np.testing.assert_array_equal(support.mask, batch.masks[i])
+                np.testing.assert_array_equal(support.payload["feat"], batch.payload["feat"][i])
+        # two banks' lock files and the cap; the 30 scans' 150 files of both banks were all mapped before it
+        assert open_files() - before <= 8 + 4
+        assert len(shards._MAPPINGS) <= 8

@@ -11,10 +11,12 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -67,35 +69,102 @@ def labels_per_entry(masks: np.ndarray) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in np.unique(m) if v) for m in masks]
 
 
+MAX_OPEN_MAPPINGS = 512  # memory mappings a process keeps open (each holds a file descriptor)
+
+
+class _OpenMappings:
+    """The process's open memory mappings of shard files, most recently used kept.
+
+    A mapping holds a file descriptor for as long as it lives (CPython's mmap keeps a duplicate),
+    and a shard has up to eight files. Mapped all at once, a bank of a few thousand scans ran out of
+    descriptors ("Too many open files" at 2,496 shards under a limit of 20,000; many machines allow
+    1,024). So files are mapped when read and only the most recently used stay mapped; a dropped one
+    is mapped again on its next read (its pages are then usually still in the page cache). Shard
+    directories are new with every write, so a path always names the same bytes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._items: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> np.ndarray:
+        with self._lock:
+            if path in self._items:
+                self._items.move_to_end(path)
+                return self._items[path]
+        array = np.load(path, mmap_mode="r")
+        with self._lock:
+            self._items[path] = array
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+        return array
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_MAPPINGS = _OpenMappings(MAX_OPEN_MAPPINGS)
+
+
+class _MappedArrays(Mapping):
+    """name -> the shard's array, mapped on access through ``_MAPPINGS``."""
+
+    def __init__(self, paths: Mapping[str, Path]):
+        self._paths = dict(paths)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return _MAPPINGS.get(self._paths[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    """An .npy file's array shape, from its header alone (no mapping, no descriptor kept)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return tuple(read(f)[0])
+
+
 class Shard:
-    """One image's entries, memory-mapped read-only from its shard directory."""
+    """One image's entries, memory-mapped read-only from its shard directory when read."""
 
     def __init__(self, directory: Path, record: Mapping):
         self.directory = directory
         self.token = directory.name  # unique per write (uuid-suffixed): an entry's identity is token/index
-        self.arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-        self.payload = {
-            name: np.load(directory / f"payload.{name}.npy", mmap_mode="r") for name in record.get("payload", [])
-        }
+        self.arrays = _MappedArrays({name: directory / f"{name}.npy" for name in ARRAYS})
+        self.payload = _MappedArrays({name: directory / f"payload.{name}.npy" for name in record.get("payload", [])})
         meta = json.loads((directory / "meta.json").read_text())
+        self._rows = _npy_shape(directory / "images.npy")[0]
         self.augmentation: list[str] = meta["augmentation"]
         self.entry_labels: list[tuple[int, ...]] = [tuple(int(v) for v in e) for e in meta["labels"]]
         if len(self.entry_labels) != len(self) or len(self.augmentation) != len(self):
             raise ValueError("meta.json does not describe every entry")
-        self.atlas: Atlas | None = None
+        self._atlas: dict | None = None
         if record.get("atlas"):
             info = record["atlas"]
-            self.atlas = Atlas(
+            shape = _npy_shape(directory / "atlas.image.npy")
+            if shape != _npy_shape(directory / "atlas.mask.npy") or len(shape) != 3:
+                raise ValueError("atlas image and mask shapes differ")
+            self._atlas = dict(
                 image_id=str(meta["image_id"]),
-                image=np.load(directory / "atlas.image.npy", mmap_mode="r"),
-                mask=np.load(directory / "atlas.mask.npy", mmap_mode="r"),
                 spacing=tuple(float(v) for v in info["spacing"]),
                 components={int(k): int(v) for k, v in info["components"].items()},
                 key=str(info["key"]),
                 axis=int(info.get("axis", -1)),
             )
-            if self.atlas.image.shape != self.atlas.mask.shape or self.atlas.image.ndim != 3:
-                raise ValueError("atlas image and mask shapes differ")
+
+    @property
+    def atlas(self) -> Atlas | None:
+        """The labelled scan as a multi-atlas transfer uses it, its volumes mapped when asked for."""
+        if self._atlas is None:
+            return None
+        return Atlas(image=_MAPPINGS.get(self.directory / "atlas.image.npy"),
+                     mask=_MAPPINGS.get(self.directory / "atlas.mask.npy"), **self._atlas)
 
     def read(self, name: str) -> np.ndarray:
         """A whole array read into memory, not through the mapping: pages read through a mapping stay
@@ -104,7 +173,7 @@ class Shard:
         return np.load(self.directory / f"{name}.npy")
 
     def __len__(self) -> int:
-        return len(self.arrays["images"])
+        return self._rows
 
 
 class MemoryShard:
