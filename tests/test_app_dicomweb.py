@@ -33,8 +33,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_harness import Server, free_port
-from test_app_server import CHAOS, tree_digest
+from app_harness import Server, free_port, tree_digest
+from test_app_server import CHAOS
 
 ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if os.access(p, os.X_OK)), None)
 DICOMWEB_PLUGIN = next(

@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_harness import APP, INGEST_TIMEOUT, PROJECT, STARTUP_TIMEOUT, Server
+from app_harness import APP, INGEST_TIMEOUT, PROJECT, STARTUP_TIMEOUT, Server, expect, tree_digest
 
 SHARED_DATA = Path(os.environ.get("FEWSHOT_SHARED_DATA", PROJECT.parent / "shared" / "data"))
 CHAOS = SHARED_DATA / "chaos-t2"
@@ -56,15 +56,6 @@ def server_test(fn):
 
 def image_id(case: str) -> str:
     return f"image_{case}"
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (datastore, its index, the bank, cached embeddings) -> sha256."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.name != ".lock":  # lock files are touched by readers too
-            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 def sha256(path: Path) -> str:
@@ -385,15 +376,7 @@ def test_bad_inputs_get_4xx_and_change_nothing_on_disk(server, datastore, app_tm
         ("DELETE", "/datastore/label?id=image_3&tag=final", None, None, 404, "has no 'final' label"),
         ("DELETE", f"/datastore/image?id={quote('../../x')}", None, None, 400, "invalid image id"),
     ]
-    failures = []
-    for method, selector, files, data, expected, words in cases:
-        if files is None:
-            status, body = server.request(method, selector, body=data)
-        else:
-            status, body = server.request(method, selector, files=files, fields=data)
-        if status != expected or words not in body:
-            failures.append(f"{method} {selector} {data or ''}: {status} {body[:240]} (expected {expected} with {words!r})")
-    assert not failures, "\n".join(failures)
+    expect(server, cases)
     time.sleep(1.0)  # let a wrongly queued ingestion or file event show up, if there were one
     server.wait_bank_idle()
     assert tree_digest(datastore) == before

@@ -579,9 +579,9 @@ class SupportBank:
         """The cached atlas of ``image_id``, its arrays read into memory (float32 image)."""
         with self._lock:
             shard = self._shards[image_id]
-        if shard.atlas is None:
-            raise BankError(f"{image_id!r} has no cached atlas volume: re-ingest it with a scan-level preset")
         a = shard.atlas
+        if a is None:
+            raise BankError(f"{image_id!r} has no cached atlas volume: re-ingest it with a scan-level preset")
         return Atlas(image_id=image_id, image=np.asarray(a.image, dtype=np.float32), mask=np.asarray(a.mask, np.uint16),
                      spacing=a.spacing, components=dict(a.components), key=a.key, axis=a.axis)
 
