@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewshot.transfer.sam2_memory import PAYLOAD_KEYS, Sam2Transfer
+from fewshot.transfer.sam2_memory import Sam2Transfer
+from fewshot.transfer.sam2_parts import PAYLOAD_KEYS
 from fewshot.transfer.sam2_model import save_random_checkpoint
 from fewshot.types import SlicePlan, Support, SupportRef
 

@@ -734,7 +734,7 @@ def test_a_partial_save_stores_frames_for_its_annotated_slices_only(live, pacs, 
     assert seg_slices(seg, affine) == slices
     decoded = decode_seg(seg)
     assert set(decoded["names"].values()) <= set(LABELS)
-    bank = live.wait_until_in_bank(series_uid)
+    live.wait_until_in_bank(series_uid)
     live.wait_bank_idle()
     entry = live.manifest()["images"][series_uid]
     assert entry["entries"] == len(slices) and entry["source"]["annotation"]["slices"] == slices, entry

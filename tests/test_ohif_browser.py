@@ -27,10 +27,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from test_app_dicomweb import (  # noqa: F401  (fixtures: the Orthanc and its series)
-    INFERRED, RAW, READY_TIMEOUT, SEEDED, DicomWebServer, cached_label, dicomweb_test, dw_tmp, orthanc, pacs, segs_of, uid,
-    viewer_grid,
-)
+import test_app_dicomweb
+from test_app_dicomweb import (INFERRED, RAW, READY_TIMEOUT, SEEDED, DicomWebServer, cached_label, dicomweb_test, segs_of,
+                               uid, viewer_grid)
+
+# test_app_dicomweb's fixtures (the Orthanc, its series, a temporary folder), found by pytest as names here
+dw_tmp, orthanc, pacs = test_app_dicomweb.dw_tmp, test_app_dicomweb.orthanc, test_app_dicomweb.pacs
 
 PROJECT = Path(__file__).resolve().parents[1]
 ARTIFACTS = PROJECT / "test-artifacts" / "ohif"

@@ -63,6 +63,7 @@ behind the direction of travel (Meta drops their pointers, sam2_base.py L591-596
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 from contextlib import ExitStack, contextmanager
@@ -80,7 +81,8 @@ import sam2.utils.misc as sam2_misc
 from sam2.modeling.sam2_base import NO_OBJ_SCORE
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
-from fewshot.transfer.sam2_memory import PAYLOAD_KEYS, Sam2Transfer, propagation_order
+from fewshot.transfer.sam2_memory import Sam2Transfer, propagation_order
+from fewshot.transfer.sam2_parts import PAYLOAD_KEYS
 from fewshot.transfer.sam2_model import build_sam2_model, resolve_config, save_random_checkpoint
 from fewshot.types import SlicePlan, Support, SupportRef
 
@@ -296,7 +298,7 @@ ALIGNED = Align(memory_dtype="engine", support_memory="meta")
 
 def has_sam2_C() -> bool:
     try:
-        from sam2 import _C  # noqa: F401  (only whether it imports)
+        importlib.import_module("sam2._C")  # only whether it imports
     except ImportError:
         return False
     return True

@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.transfer.sam2_memory import (
-    PAYLOAD_KEYS,
-    Sam2Transfer,
-    payload_for_labels,
-    propagation_order,
-)
+from fewshot.transfer.sam2_memory import Sam2Transfer, propagation_order
+from fewshot.transfer.sam2_parts import PAYLOAD_KEYS, payload_for_labels
 from fewshot.transfer.sam2_model import (
     CheckpointMismatchError,
     build_sam2_model,

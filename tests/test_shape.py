@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from conftest import shared_dataset
 from fewshot.transfer.shape import SolidityCache, make_convex, solidity

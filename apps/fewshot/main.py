@@ -19,6 +19,7 @@ ingestion: the live server alone writes the bank.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -28,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Dict
 
-try:
-    import fewshot  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # a fresh clone: use the engine beside the app
+if importlib.util.find_spec("fewshot") is None:  # not installed with `pip install -e .`: a fresh clone
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lib"))
 
 import psutil

@@ -38,7 +38,7 @@ from fewshot.segmentation import (
     within_wall,
 )
 from fewshot.settings import EngineSettings
-from fewshot.types import Atlas, Embedder, LabelTransfer, Matcher, SlicePlan
+from fewshot.types import Atlas, Embedder, LabelTransfer, Matcher, Progress, SlicePlan
 from fewshot.volume import (
     CANVAS_VERSION,
     Volume,
@@ -51,8 +51,6 @@ from fewshot.volume import (
 )
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 
 
 def _evenly_spaced(items: Sequence[int], count: int) -> list[int]:

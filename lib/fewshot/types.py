@@ -11,9 +11,12 @@ Masks on the canvas are integer label maps (uint16) with the dataset's own label
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+
+Progress = Callable[[int, int], None]  # progress(done, total), called as a long step advances
 
 
 @dataclass(frozen=True)
@@ -169,14 +172,8 @@ class LabelTransfer(Protocol):
         """
         ...
 
-    def segment_volume(
-        self,
-        query: np.ndarray,
-        plans: list[SlicePlan],
-        labels: Sequence[int],
-        cache_key: str | None = None,
-        progress=None,
-    ) -> VolumeResult:
+    def segment_volume(self, query: np.ndarray, plans: list[SlicePlan], labels: Sequence[int],
+                       cache_key: str | None = None, progress: Progress | None = None) -> VolumeResult:
         """query (Z, S, S) float32 canvas slices; ``plans[z]`` are the supports for slice z.
 
         ``cache_key`` identifies the query volume so that expensive per-slice features can be
@@ -187,38 +184,18 @@ class LabelTransfer(Protocol):
 
 
 @runtime_checkable
-class AtlasTransfer(Protocol):
+class AtlasTransfer(LabelTransfer, Protocol):
     """Whole labelled scans -> masks for the query volume (multi-atlas segmentation).
 
     ``scope = "scan"`` tells the engine to hand it atlases (``Atlas``) instead of per-slice plans.
-    It also offers ``segment_volume`` for protocols that fix support slices (the alpnet protocol).
+    Its ``segment_volume`` (a ``LabelTransfer``'s) serves protocols that fix support slices (alpnet).
     """
 
-    name: str
     scope: str
 
-    def fingerprint(self) -> str:
-        ...
-
-    def encode_supports(
-        self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]
-    ) -> dict[str, np.ndarray]:
-        ...
-
-    def segment_volume(self, query: np.ndarray, plans: list[SlicePlan], labels: Sequence[int],
-                       cache_key: str | None = None, progress=None) -> VolumeResult:
-        ...
-
-    def segment_with_atlases(
-        self,
-        query: np.ndarray,
-        spacing: tuple[float, float, float],
-        atlases: Sequence[Atlas],
-        labels: Sequence[int],
-        keep: int,
-        cache_key: str | None = None,
-        progress=None,
-    ) -> VolumeResult:
+    def segment_with_atlases(self, query: np.ndarray, spacing: tuple[float, float, float], atlases: Sequence[Atlas],
+                             labels: Sequence[int], keep: int, cache_key: str | None = None,
+                             progress: Progress | None = None) -> VolumeResult:
         """query (Z, S, S) canvas volume with its voxel ``spacing``; the ``keep`` atlases most like
         the query (of ``atlases``) are registered to it and their labels fused."""
         ...

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.volumeutils import apply_read_scaling
 
-from fewshot.volume import AFFINE_ATOL, AFFINE_RTOL, MAX_VOXELS, VolumeError
+from fewshot.volume import AFFINE_ATOL, AFFINE_RTOL, VolumeError
 # NIfTI header plus extensions, before the voxels: real extensions (DICOM, JSON sidecars) are kB.
 MAX_HEADER_BYTES = 16 << 20
 CHUNK = 1 << 20  # compressed bytes read at a time

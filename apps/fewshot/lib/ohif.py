@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import mimetypes
-import os
 import shutil
 import threading
 from dataclasses import dataclass

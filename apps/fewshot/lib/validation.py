@@ -34,10 +34,10 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from fewshot.volume import (Volume, VolumeError, check_header, check_label_geometry, label_nifti, read_header, read_label,
+from fewshot.volume import (MAX_VOXELS, Volume, VolumeError, check_header, check_label_geometry, label_nifti, read_header, read_label,
                             read_volume, validate_label_values)
 from lib.app_config import DEFAULT_MAX_VOLUME_MB
-from lib.file_checks import MAX_VOXELS, TooLarge, check_before_reading, disagreeing_geometry, nifti_bytes, nifti_voxels
+from lib.file_checks import TooLarge, check_before_reading, disagreeing_geometry, nifti_bytes, nifti_voxels
 from lib.labels import Segments, value_table
 
 logger = logging.getLogger(__name__)

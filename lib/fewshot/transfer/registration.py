@@ -29,7 +29,7 @@ import logging
 import multiprocessing
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from fewshot.config import ConfigError
 from fewshot.transfer.workers import WorkerPool, sitk_threads
-from fewshot.types import SlicePlan, SliceResult, VolumeResult
+from fewshot.types import Progress, SlicePlan, SliceResult, VolumeResult
 
 logger = logging.getLogger(__name__)
 
@@ -365,14 +365,8 @@ class RegistrationTransfer:
     def encode_supports(self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
         return {}  # registration works from the image and mask the bank already stores
 
-    def segment_volume(
-        self,
-        query: np.ndarray,
-        plans: list[SlicePlan],
-        labels: Sequence[int],
-        cache_key: str | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> VolumeResult:
+    def segment_volume(self, query: np.ndarray, plans: list[SlicePlan], labels: Sequence[int],
+                       cache_key: str | None = None, progress: Progress | None = None) -> VolumeResult:
         s = self.settings
         labels = tuple(int(v) for v in labels)
         query = np.asarray(query, np.float32)

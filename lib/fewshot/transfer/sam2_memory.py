@@ -51,8 +51,8 @@ from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 from fewshot.transfer.sam2_model import build_sam2_model
 from fewshot.transfer.sam2_networks import Sam2Networks, annotated_labels
 from fewshot.transfer.sam2_parts import (  # noqa: F401  (the module's public names, re-exported)
-    IMAGENET_MEAN, IMAGENET_STD, PAYLOAD_KEYS, Memory, PropagationCache, PropagationRecord, QueryFeatureCache,
-    SliceMemory, SliceRecord, fill_holes, payload_for_labels, propagation_order, slice_signature,
+    IMAGENET_MEAN, IMAGENET_STD, Memory, PropagationCache, PropagationRecord, QueryFeatureCache,
+    SliceMemory, SliceRecord, fill_holes, propagation_order, slice_signature,
 )
 from fewshot.weights import checkpoint_fingerprint
 from fewshot.types import SlicePlan, SliceResult, Support, SupportRef, VolumeResult
