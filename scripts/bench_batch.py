@@ -199,6 +199,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["memory", "throughput", "resume"])
     parser.add_argument("--cases", type=int, default=None, help="throughput: 8 cases; resume: 20")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help=f"folder for <what>.json (default {OUT.relative_to(PROJECT)}; a trial run may go elsewhere)")
     args = parser.parse_args()
     args.cases = args.cases or {"throughput": 8, "resume": 20}.get(args.what, 0)
     import logging
@@ -209,8 +211,8 @@ def main() -> int:
     result.update(command=f"python scripts/bench_batch.py {args.what}" + (f" --cases {args.cases}" if args.cases else ""),
                   seconds=round(time.time() - started, 1), cpus=os.cpu_count(),
                   date=time.strftime("%Y-%m-%d %H:%M"))
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.what}.json").write_text(json.dumps(result, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.what}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 

@@ -26,6 +26,7 @@ from fewshot.engine import Engine
 
 LABELLED = ["015", "184"]
 QUERIES = ["195"]
+TIMEOUT = 20.0  # --case-timeout of the timeout test (seconds)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,22 @@ LABEL_NAMES = {"anterior": 1, "posterior": 2}
 def _spec(setup, output: Path, models_dir, **kw) -> BatchSpec:
     return BatchSpec(settings=setup["settings"], bank_dir=str(setup["bank_dir"]), output_dir=str(output),
                      models_dir=str(models_dir), label_names=LABEL_NAMES, **kw)
+
+
+def _stopped(pid: int, within: float = 10.0) -> bool:
+    import time
+
+    import psutil
+
+    deadline = time.time() + within
+    while time.time() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _records(output: Path) -> list[dict]:
@@ -199,8 +216,8 @@ def test_cli_list_file_same_ids_and_pinning_decisions(ray_local, setup, models_d
 
 
 def test_inputs_and_manifest_units(tmp_path):
-    """List files (relative paths, comments), id collisions, a DICOMweb URL's message, a second
-    writer refused, and changed inputs planned again."""
+    """List files (relative paths, comments), id collisions, an unreachable or malformed DICOMweb URL,
+    a second writer refused, and changed inputs planned again."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     for p in (a / "x.nii.gz", b / "x.nii.gz", a / "y.nrrd"):
@@ -215,8 +232,12 @@ def test_inputs_and_manifest_units(tmp_path):
     (a / "x.nrrd").unlink()
     with pytest.raises(inputs.InputError):
         inputs.collect(tmp_path / "missing.txt")
-    with pytest.raises(inputs.InputError, match="MONAI Label app"):
-        inputs.collect("http://pacs/dicom-web")
+    from app_harness import free_port
+
+    with pytest.raises(inputs.InputError, match="could not be searched: ConnectionError"):
+        inputs.collect(f"http://127.0.0.1:{free_port()}/dicom-web")  # nothing listens there
+    with pytest.raises(inputs.InputError, match="not a DICOM UID"):
+        inputs.collect("http://127.0.0.1/dicom-web/studies/1.2.x")
 
     out = tmp_path / "out"
     case = inputs.Case("x", str(a / "x.nii.gz"))
@@ -285,3 +306,92 @@ def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup
     assert sorted(cases) == sorted(request["images"])
     if before:
         assert [r for r in _records(output) if r["kind"] == "case"] == [r for r in before if r["kind"] == "case"]
+
+
+def test_a_case_over_the_timeout_is_failed_and_its_worker_replaced(ray_local, setup, models_dir, tmp_path):
+    """One worker, --case-timeout: a case whose input never arrives (a named pipe nobody writes: its
+    read blocks in the kernel, as on a hung network mount, where no exception reaches it) is recorded
+    as failed with the timeout; its worker is killed and a new one, on the same pinned generation,
+    segments the next case. A re-run retries the timed-out case and skips the finished one."""
+    stuck = tmp_path / "stuck.nii.gz"
+    os.mkfifo(stuck)
+    cases = [inputs.Case("stuck", str(stuck)), inputs.Case("after", str(setup["store"] / "image_195.nii.gz"))]
+    output = tmp_path / "out"
+    spec = _spec(setup, output, models_dir)
+    # The limit is far above a case of these small scans at any load, and the stuck case never ends.
+    options = RayOptions(workers=1, case_timeout=TIMEOUT)
+    report = run_batch(cases, spec, options, progress=False)
+    assert not report.error and not report.interrupted
+    assert report.done == 1 and report.failed == 1, report
+    finals = {r["case"]: r for r in _records(output) if r["kind"] == "case"}
+    assert finals["stuck"]["status"] == "failed" and finals["stuck"]["timed_out"]
+    assert f"still running after {TIMEOUT:g} s" in finals["stuck"]["error"]
+    assert finals["stuck"]["seconds"] >= TIMEOUT
+    assert finals["after"]["status"] == "done"
+    first, second = report.workers  # the one that got stuck, then its replacement
+    assert finals["stuck"]["worker"] == first["worker"] and finals["after"]["worker"] == second["worker"] != first["worker"]
+    assert first["bank_generation"] == second["bank_generation"] == finals["after"]["bank_generation"]
+    assert _stopped(int(first["worker"].rsplit(":", 1)[1])), "the stuck worker's process is still running"
+    with Manifest(output) as m:
+        again = m.plan(cases, report.bank_generation, spec.settings_key())
+    assert again.reasons == {"stuck": "failed before"}
+
+
+def test_dicomweb_url_series_named_by_uid_on_their_own_grid(ray_local, setup, models_dir, tmp_path):
+    """The batch's input is a real Orthanc's DICOMweb URL (QIDO filter in its query; a study's URL
+    names its series only): each image series is a case named by its SeriesInstanceUID, downloaded
+    by the worker, and segmented onto the series' own grid with the labels Engine.segment gives the
+    same voxels; the manifest records the series' stamp (its instances' UIDs), so a second run asks
+    the server and skips both; a series that gains an instance is segmented again."""
+    from orthanc_harness import Orthanc, orthanc_or_skip, upload_volume
+
+    orthanc_or_skip()
+    hippo = shared_dataset("msd-hippocampus")
+    assert not np.allclose(nib.load(str(setup["folder"] / "flipped.nii.gz")).affine, np.eye(4))
+    (tmp_path / "orthanc").mkdir()
+    orthanc = Orthanc(tmp_path / "orthanc")
+    try:
+        # The flipped scan (x axis reversed in voxels and affine) has a grid that is not the identity.
+        sources = {"195": hippo / "image_195.nii.gz", "flipped": setup["folder"] / "flipped.nii.gz"}
+        series = {case: upload_volume(orthanc, nib.load(str(path)), f"hippo-{case}") for case, path in sources.items()}
+        cases = inputs.collect(orthanc.dicomweb + "?Modality=MR")
+        assert sorted(c.case_id for c in cases) == sorted(s["series"] for s in series.values())
+        one = series["flipped"]
+        assert [c.case_id for c in inputs.collect(f"{orthanc.dicomweb}/studies/{one['study']}")] == [one["series"]]
+        with pytest.raises(inputs.InputError, match="no image series"):
+            inputs.collect(f"{orthanc.dicomweb}/studies/{one['study']}/series/1.2.3")
+
+        output = tmp_path / "out"
+        spec = _spec(setup, output, models_dir)
+        report = run_batch(cases, spec, RayOptions(workers=2), progress=False)
+        assert report.done == 2 and not report.failed and not report.error, report
+        reference, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir,
+                                            read_only=True, label_names=LABEL_NAMES)
+        finals = {r["case"]: r for r in _records(output) if r["kind"] == "case"}
+        for case, s in series.items():
+            record = finals[s["series"]]
+            assert record["input"] == f"{orthanc.dicomweb}/studies/{s['study']}/series/{s['series']}"
+            assert record["input_stamp"].startswith(f"dicomweb:{s['voxels'].shape[2]}:")
+            assert record["bank_generation"] == report.bank_generation
+            written = nib.load(str(output / f"{s['series']}.nii.gz"))
+            assert written.shape == s["voxels"].shape
+            np.testing.assert_allclose(written.affine, s["affine"], atol=1e-4)
+            as_nifti = tmp_path / f"image_{case}.nii.gz"  # the same voxels on the same grid, as a file
+            nib.save(nib.Nifti1Image(s["voxels"], s["affine"]), str(as_nifti))
+            np.testing.assert_array_equal(np.asarray(written.dataobj), reference.segment(str(as_nifti)).label)
+
+        again = run_batch(cases, spec, RayOptions(workers=2), progress=False)
+        assert again.skipped == 2 and not again.workers
+
+        # One more slice in a series: another instance, so another stamp.
+        import copy
+
+        from pydicom.uid import generate_uid
+
+        extra = copy.deepcopy(series["195"]["datasets"][-1])
+        extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        orthanc.client().store_instances([extra])
+        with Manifest(output) as m:
+            assert m.plan(cases, report.bank_generation, spec.settings_key()).reasons == {series["195"]["series"]: "input changed"}
+    finally:
+        orthanc.stop()

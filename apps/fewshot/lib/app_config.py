@@ -33,7 +33,7 @@ from fewshot.config import ConfigError, load_preset, parse_label_map, parse_valu
 logger = logging.getLogger(__name__)
 
 APP_KEYS = ("preset", "models_dir", "device", "labels", "warm_embeddings", "storage_retry_seconds",
-            "ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker",  # lib/ray_batch.py
+            "ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker", "ray_case_timeout",  # lib/ray_batch.py
             "pacs_poll_seconds", "dicomweb_search_filter",  # lib/pacs_sync.py, lib/pacs_client.py
             "ohif_dicomweb")  # lib/ohif_pacs.py
 DEFAULT_STORAGE_RETRY_SECONDS = 60.0

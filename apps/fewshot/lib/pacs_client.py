@@ -7,7 +7,6 @@ download of one series (WADO-RS). Every PACS failure is a ``PacsError`` (502: no
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from pathlib import Path
@@ -18,13 +17,11 @@ from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.utils.others.generic import md5_digest
-from pydicom.dataset import Dataset
+
+from fewshot.dicomweb import UID_PATTERN, image_series  # the engine's: one definition of an image series
 
 logger = logging.getLogger(__name__)
 
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-# Series that are not volumes to segment, even when the search filter lets them through.
-NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "REG", "RTPLAN", "RTDOSE", "RTRECORD", "DOC"}
 LIST_TTL = 30.0  # seconds a listing of the PACS's series is reused (new series show up after this)
 RELIST_MIN_INTERVAL = 2.0  # an unknown id refreshes the listing at most this often
 LIST_FAILURE_TTL = 10.0  # seconds a failed listing is reported as is, without asking the PACS again
@@ -138,20 +135,18 @@ class SeriesListing:
             listing = {}
             for item in found:
                 try:
-                    ds = Dataset.from_json(item)
+                    series = image_series(item)  # the engine's parsing (the batch lists a PACS the same way)
                 except Exception as exc:  # one malformed answer must not hide the other series
                     logger.warning("PACS: a series entry could not be read (%s); skipped", exc)
                     continue
-                uid = str(ds.get("SeriesInstanceUID", "") or "")
-                modality = str(ds.get("Modality", "") or "").upper()
-                if not UID_PATTERN.match(uid) or modality in NON_IMAGE_MODALITIES:
+                if series is None:
                     continue
-                listing[uid] = {
-                    "SeriesInstanceUID": uid,
-                    "StudyInstanceUID": str(ds.get("StudyInstanceUID", "") or ""),
-                    "Modality": modality,
-                    "PatientID": str(ds.get("PatientID", "") or ""),
-                    "SeriesDescription": str(ds.get("SeriesDescription", "") or ""),
+                listing[series.series] = {
+                    "SeriesInstanceUID": series.series,
+                    "StudyInstanceUID": series.study,
+                    "Modality": series.modality,
+                    "PatientID": series.patient,
+                    "SeriesDescription": series.description,
                 }
             self._listing, self._listed_at = listing, time.time()
             return listing

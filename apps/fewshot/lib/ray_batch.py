@@ -4,7 +4,8 @@ background process.
 
 ``-c ray_address local`` starts a Ray on this machine for each batch; any other value is an existing
 cluster's address (``auto``, ``ray://head:10001``). ``-c ray_workers N``, ``-c ray_cpus_per_worker``
-and ``-c ray_gpus_per_worker`` size the pool (default: the cluster's CPUs, one per worker, no GPU).
+and ``-c ray_gpus_per_worker`` size the pool (default: the cluster's CPUs, one per worker, no GPU);
+``-c ray_case_timeout SECONDS`` fails a case that runs longer and replaces its worker.
 
 What stays MONAI Label's: which images (``images``: all, labeled, unlabeled or a list;
 ``max_batch_size``), ``label_tag`` (``original``; never ``final``), and the request's ``top_k``,
@@ -28,7 +29,7 @@ from fewshot.batch.worker import batch_settings
 
 logger = logging.getLogger(__name__)
 
-RAY_KEYS = ("ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker")
+RAY_KEYS = ("ray_address", "ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker", "ray_case_timeout")
 LOCAL = "local"
 
 
@@ -47,6 +48,7 @@ def ray_options(conf: dict) -> RayOptions | None:
         workers=number("ray_workers", int, None),
         cpus_per_worker=number("ray_cpus_per_worker", float, 1.0),
         gpus_per_worker=number("ray_gpus_per_worker", float, 0.0),
+        case_timeout=number("ray_case_timeout", float, None),
     )
 
 

@@ -1,8 +1,10 @@
-"""What a batch segments: a folder or a list file, turned into cases with stable ids.
+"""What a batch segments: a folder, a list file or a DICOMweb URL, turned into cases with stable ids.
 
 A case id is the input's path relative to the folder (or to the list file's common parent),
-without its image suffix: it names the output (``<output>/<id>.nii.gz``) and the manifest record,
-so it must stay the same from one run to the next for resuming to work.
+without its image suffix, or a series' SeriesInstanceUID: it names the output
+(``<output>/<id>.nii.gz``) and the manifest record, so it must stay the same from one run to the
+next for resuming to work. A DICOMweb case's path is its series URI (``fewshot.dicomweb``); the
+worker downloads the series when it segments it.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fewshot import dicomweb
 from fewshot.folders import image_id_of
 from fewshot.volume import IMAGE_SUFFIXES
 
@@ -25,8 +28,7 @@ class Case:
     path: str  # absolute path of an image file or of a DICOM series folder
 
 
-def is_url(source: str) -> bool:
-    return str(source).startswith(("http://", "https://"))
+is_url = dicomweb.is_url
 
 
 def _is_image(path: Path) -> bool:
@@ -85,25 +87,33 @@ def _unique(cases: list[Case], source: str) -> list[Case]:
     return cases
 
 
+def from_dicomweb(url: str) -> list[Case]:
+    """Every image series the URL names (a DICOMweb root, with QIDO filters as query parameters; a
+    study; a series), one case each, named by its SeriesInstanceUID."""
+    try:
+        return [Case(series.series, uri) for uri, series in dicomweb.list_series(url)]
+    except dicomweb.DicomWebError as exc:
+        raise InputError(str(exc)) from None
+
+
 def collect(source: str | os.PathLike) -> list[Case]:
-    """Cases from a folder or a list file."""
+    """Cases from a folder, a list file or a DICOMweb URL."""
     if is_url(str(source)):
-        # The engine does not talk to a PACS: DICOMweb lives in the MONAI Label app (on top of
-        # MONAI Label's DICOMweb client), which the engine must not import.
-        raise InputError(
-            f"{source}: a DICOMweb URL is segmented through the MONAI Label app, which caches the "
-            "series: start it on the URL with -c ray_address and POST /batch/infer/fewshot_sam2; "
-            "or export the series to a folder and pass that here")
+        return from_dicomweb(str(source))
     path = Path(source)
     if path.is_dir():
         return from_folder(path)
     if path.is_file() and not path.name.lower().endswith(IMAGE_SUFFIXES):
         return from_list(path)
-    raise InputError(f"{source}: expected a folder of images or a text file listing them, one per line")
+    raise InputError(f"{source}: expected a folder of images, a text file listing them (one per line) or a "
+                     "DICOMweb URL")
 
 
 def input_stamp(path: str | os.PathLike) -> str:
-    """A cheap "unchanged" for a file (size, mtime) or a series folder (each file's name, size, mtime)."""
+    """A cheap "unchanged" for a file (size, mtime), a series folder (each file's name, size, mtime)
+    or a series on a DICOMweb server (its instances' UIDs: one request)."""
+    if is_url(path):
+        return dicomweb.series_stamp(str(path))
     path = Path(path)
     if path.is_file():
         st = path.stat()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from fewshot.batch.inputs import Case, input_stamp
+from fewshot.batch.inputs import Case, input_stamp, is_url
 from fewshot.files import content_sha256
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class Manifest:
             return "new"
         if last.get("input") != case.path:
             return "another input file"
+        if last.get("status") == "failed" and not last.get("input_stamp"):
+            return "failed before"  # it never got to its input (timed out, or its worker died first)
         try:
             if not _unchanged(last, case.path):
                 return "input changed"
@@ -159,4 +161,6 @@ class Manifest:
 def _unchanged(record: Mapping, path: str) -> bool:
     if record.get("input_stamp") == input_stamp(path):
         return True
+    if is_url(path):  # a series' stamp is its instances' UIDs: nothing more to compare without downloading it
+        return False
     return bool(record.get("input_sha256")) and content_sha256(path) == record["input_sha256"]

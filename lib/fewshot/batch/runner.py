@@ -9,7 +9,10 @@ file system every node sees, e.g. NFS, when the cluster has several machines).
 
 Ctrl-C (or any stop) ends the run between two manifest lines: cases in flight are not recorded and
 are done again next time. A worker that dies takes only its current case down (recorded, retried
-next run); Ray restarts it up to ``max_restarts`` times.
+next run); Ray restarts it up to ``max_restarts`` times. A case still running after
+``case_timeout`` seconds is recorded as failed and its worker is killed (a stuck case may sit in a
+C call or a read that no exception reaches, so a cancel would not free it) and replaced by a new one,
+which loads the same pinned bank generation while the other workers go on.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ class RayOptions:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_restarts: int = 1  # per worker, after a crash (OOM kill, segfault)
+    case_timeout: float | None = None  # seconds a case may run before its worker is killed and replaced
     verbose: bool = False  # workers' logs on this terminal (always in Ray's session logs)
 
 
@@ -178,6 +182,8 @@ def run_batch(
     ``on_record`` is called with each case's manifest record once it is on disk (the MONAI Label
     adapter saves labels from it; a test may stop the run from it)."""
     options = options or RayOptions()
+    if options.case_timeout is not None and not options.case_timeout > 0:
+        raise BatchError(f"the per-case timeout must be a positive number of seconds, not {options.case_timeout}")
     started = time.perf_counter()
     pinned, bank_manifest = pin_bank(spec.bank_dir)
     generation = manifest_snapshot(pinned)
@@ -198,10 +204,11 @@ def run_batch(
 def _run(todo, spec, options, manifest, pinned, generation, settings_key, report, progress, on_record) -> None:
     run = {"kind": "run", "event": "start", "started": now(), "bank_generation": generation,
            "settings": settings_key, "preset": spec.settings.get("name"), "cases": report.cases,
-           "skipped": report.skipped, "todo": len(todo), "reasons": report.reasons}
+           "skipped": report.skipped, "todo": len(todo), "reasons": report.reasons,
+           "case_timeout": options.case_timeout}
     bar = None
     with ray_session(options) as ray:
-        actors = []
+        pool = None
         try:
             n = _worker_count(ray, options, len(todo))
             threads = max(1, int(options.cpus_per_worker))
@@ -215,21 +222,12 @@ def _run(todo, spec, options, manifest, pinned, generation, settings_key, report
                                              pinned=pinned, models_dir=spec.models_dir, label_names=dict(spec.label_names),
                                              only=list(spec.only) if spec.only else None, threads=threads,
                                              monai_reader=any(needs_monai_reader(c.path) for c in todo)))
-            actors = [remote.remote(worker_spec) for _ in range(n)]
+            pool = _Pool(ray, lambda: remote.remote(worker_spec), generation, report)
             logger.info("batch: starting %d workers (%s CPU, %s GPU each)", n, options.cpus_per_worker, options.gpus_per_worker)
-            try:
-                report.workers = ray.get([a.ready.remote() for a in actors])
-            except ray.exceptions.RayError as exc:  # e.g. missing weights: the engine's own message
-                lines = [line for line in str(exc).splitlines() if line.strip()]
-                raise BatchError(f"the workers could not start: {lines[-1] if lines else type(exc).__name__}") from None
-            for w in report.workers:
-                if w["problem"]:
-                    raise BatchError(f"worker {w['worker']}: {w['problem']}")
-                if w["bank_generation"] != generation:  # cannot happen with a pinned manifest: checked anyway
-                    raise BatchError(f"worker {w['worker']} loaded bank generation {w['bank_generation']}, not {generation}")
+            pool.start(n)
             manifest.append(dict(run, workers=[w["worker"] for w in report.workers]))
             bar = _Progress(len(todo), progress)
-            _dispatch(ray, actors, todo, manifest, settings_key, report, bar, on_record, options.max_restarts)
+            _dispatch(ray, pool, todo, manifest, settings_key, report, bar, on_record, options)
         except KeyboardInterrupt:
             report.interrupted = True
             logger.warning("batch interrupted: %d cases recorded; the others are done on the next run",
@@ -239,72 +237,176 @@ def _run(todo, spec, options, manifest, pinned, generation, settings_key, report
         finally:
             if bar is not None:
                 bar.close()
-            for actor in actors:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)  # stops cases in flight: they were not recorded, so they are redone
+            if pool is not None:
+                pool.kill_all()  # stops cases in flight: they were not recorded, so they are redone
             with contextlib.suppress(Exception):
                 manifest.append({"kind": "run", "event": "end", "ended": now(), "bank_generation": generation,
                                  "done": report.done, "failed": report.failed, "interrupted": report.interrupted,
                                  "error": report.error, "cases_per_hour": report.cases_per_hour})
 
 
-def _dispatch(ray, actors, todo, manifest, settings_key, report, bar, on_record, max_restarts) -> None:
+class _Pool:
+    """The workers: started together, checked before any case, and one replaced on its own (after a
+    timeout) while the others go on segmenting."""
+
+    def __init__(self, ray, make: Callable[[], Any], generation: str, report: BatchReport):
+        self.ray, self.make, self.generation, self.report = ray, make, generation, report
+        self.alive: list = []  # ready to take cases
+        self.starting: dict[Any, Any] = {}  # ready() ref -> a replacement worker still loading
+        self.names: dict[int, str] = {}
+        self.every: list = []  # every actor started, to kill at the end
+
+    def _new(self):
+        actor = self.make()
+        self.every.append(actor)
+        return actor
+
+    def _accept(self, actor, info: dict) -> None:
+        if info["problem"]:
+            raise BatchError(f"worker {info['worker']}: {info['problem']}")
+        if info["bank_generation"] != self.generation:  # cannot happen with a pinned manifest: checked anyway
+            raise BatchError(f"worker {info['worker']} loaded bank generation {info['bank_generation']}, "
+                             f"not {self.generation}")
+        self.names[id(actor)] = info["worker"]
+        self.report.workers.append(info)
+        self.alive.append(actor)
+
+    def start(self, n: int) -> None:
+        actors = [self._new() for _ in range(n)]
+        try:
+            infos = self.ray.get([a.ready.remote() for a in actors])
+        except self.ray.exceptions.RayError as exc:  # e.g. missing weights: the engine's own message
+            raise BatchError(f"the workers could not start: {_last_line(exc)}") from None
+        for actor, info in zip(actors, infos):
+            self._accept(actor, info)
+
+    def replace(self, actor) -> None:
+        """Kill ``actor`` (whatever it is doing) and start another in its place, loading in the background."""
+        if actor in self.alive:
+            self.alive.remove(actor)
+        with contextlib.suppress(Exception):
+            self.ray.kill(actor, no_restart=True)
+        fresh = self._new()
+        self.starting[fresh.ready.remote()] = fresh
+
+    def started(self, ref) -> None:
+        """A replacement's ready() came back: it joins the pool, or the run says why it could not."""
+        actor = self.starting.pop(ref)
+        try:
+            info = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            logger.error("batch: a replacement worker could not start: %s", _last_line(exc))
+            return
+        self._accept(actor, info)
+
+    def kill_all(self) -> None:
+        for actor in self.every:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor, no_restart=True)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+@dataclass
+class _Inflight:
+    case: Case
+    actor: Any
+    started: float  # perf_counter when handed out (a worker holds one case at a time: when it starts)
+
+
+def _failed(case: Case, error: str, **extra) -> dict:
+    return {"kind": "case", "case": case.case_id, "input": case.path, "status": "failed", "error": error,
+            "retry": True, **extra}
+
+
+def _dispatch(ray, pool: _Pool, todo, manifest, settings_key, report, bar, on_record, options: RayOptions) -> None:
     from ray.exceptions import RayActorError, RayTaskError
 
     queue = deque(todo)
-    inflight: dict[Any, tuple[Case, Any]] = {}
-    deaths = {id(a): 0 for a in actors}
-    alive = list(actors)
+    inflight: dict[Any, _Inflight] = {}
+    deaths: dict[int, int] = {}
+    timeout = options.case_timeout
 
     def feed() -> None:
         """Next cases to the least busy workers: an idle worker gets one before a busy one gets its
         second (with a few cases left, a queue behind one worker would leave another idle)."""
-        while queue and alive:
-            load = {id(a): 0 for a in alive}
-            for _, a in inflight.values():
-                if id(a) in load:
-                    load[id(a)] += 1
-            actor = min(alive, key=lambda a: load[id(a)])
+        while queue and pool.alive:
+            load = {id(a): 0 for a in pool.alive}
+            for job in inflight.values():
+                if id(job.actor) in load:
+                    load[id(job.actor)] += 1
+            actor = min(pool.alive, key=lambda a: load[id(a)])
             if load[id(actor)] >= QUEUE_DEPTH:
                 return
             case = queue.popleft()
-            inflight[actor.segment.remote(case, str(manifest.output_path(case)))] = (case, actor)
+            ref = actor.segment.remote(case, str(manifest.output_path(case)))
+            inflight[ref] = _Inflight(case, actor, time.perf_counter())
+
+    def record_case(case: Case, record: dict) -> None:
+        if record.get("output"):
+            record["output"] = os.path.relpath(record["output"], manifest.output_dir)
+        record.update(settings=settings_key, finished=now())
+        manifest.append(record)
+        if record["status"] == "done":
+            report.done += 1
+        else:
+            report.failed += 1
+            report.failures[case.case_id] = record.get("error", "")
+        elapsed = time.perf_counter() - t0
+        report.segment_seconds = round(elapsed, 2)
+        report.cases_per_hour = round(3600.0 * (report.done + report.failed) / max(elapsed, 1e-9), 1)
+        bar.update(record["status"])
+        if on_record is not None:
+            on_record(record)
+
+    def expire() -> None:
+        """Cases over the timeout: recorded as failed, their workers killed and replaced."""
+        clock = time.perf_counter()
+        for ref, job in list(inflight.items()):
+            ran = clock - job.started
+            if ran < timeout:
+                continue
+            del inflight[ref]  # its result, if any ever comes, is not waited for
+            name = pool.names.get(id(job.actor), "")
+            logger.warning("batch: case %s still running after %.0f s: stopping worker %s and starting another",
+                           job.case.case_id, ran, name)
+            pool.replace(job.actor)
+            record_case(job.case, _failed(
+                job.case, f"timed out: still running after {timeout:g} s (the per-case timeout); "
+                          "its worker was stopped and replaced", worker=name, seconds=round(ran, 3),
+                timed_out=True))
 
     t0 = time.perf_counter()
     feed()
-    while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1)
+    while inflight or (queue and pool.starting):
+        wait_for = None
+        if timeout is not None and inflight:
+            wait_for = max(0.0, min(job.started for job in inflight.values()) + timeout - time.perf_counter())
+        ready, _ = ray.wait(list(inflight) + list(pool.starting), num_returns=1, timeout=wait_for)
         for ref in ready:
-            case, actor = inflight.pop(ref)
+            if ref in pool.starting:
+                pool.started(ref)
+                continue
+            job = inflight.pop(ref)
+            case, actor = job.case, job.actor
             try:
                 record = ray.get(ref)
             except RayActorError as exc:
-                deaths[id(actor)] += 1
-                if deaths[id(actor)] > max_restarts and actor in alive:
-                    alive.remove(actor)
-                record = {"kind": "case", "case": case.case_id, "input": case.path, "status": "failed",
-                          "error": f"the worker died while segmenting this case ({type(exc).__name__})", "retry": True}
+                deaths[id(actor)] = deaths.get(id(actor), 0) + 1
+                if deaths[id(actor)] > options.max_restarts and actor in pool.alive:
+                    pool.alive.remove(actor)
+                record = _failed(case, f"the worker died while segmenting this case ({type(exc).__name__})")
             except RayTaskError as exc:
-                record = {"kind": "case", "case": case.case_id, "input": case.path, "status": "failed",
-                          "error": f"{type(exc.cause).__name__}: {exc.cause}", "retry": True}
+                record = _failed(case, f"{type(exc.cause).__name__}: {exc.cause}")
             if record.get("status") == "fatal":
                 queue.appendleft(case)
                 raise BatchError(f"worker {record.get('worker')}: {record['error']}")
-            if record.get("output"):
-                record["output"] = os.path.relpath(record["output"], manifest.output_dir)
-            record.update(settings=settings_key, finished=now())
-            manifest.append(record)
-            if record["status"] == "done":
-                report.done += 1
-            else:
-                report.failed += 1
-                report.failures[case.case_id] = record.get("error", "")
-            elapsed = time.perf_counter() - t0
-            report.segment_seconds = round(elapsed, 2)
-            report.cases_per_hour = round(3600.0 * (report.done + report.failed) / max(elapsed, 1e-9), 1)
-            bar.update(record["status"])
-            if on_record is not None:
-                on_record(record)
-            feed()
-        if queue and not alive:
+            record_case(case, record)
+        if timeout is not None:
+            expire()
+        feed()
+        if queue and not pool.alive and not pool.starting:
             raise BatchError("every worker died (see Ray's logs, e.g. out of memory); the finished cases are recorded")

@@ -10,15 +10,18 @@ triggers) comes back as a ``failed`` record and the worker goes on with the next
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import socket
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from fewshot import dicomweb
 from fewshot.batch.inputs import Case, input_stamp
 
 logger = logging.getLogger(__name__)
@@ -129,12 +132,8 @@ class SegmentWorker:
             return dict(record, status="fatal", error=self.problem)
         started, cpu_started = time.perf_counter(), _cpu_seconds()
         try:
-            from fewshot.files import content_sha256
-
-            # Stamped before reading: an input changed while it is read looks changed next time, never done.
-            record["input_stamp"] = input_stamp(case.path)
-            record["input_sha256"] = content_sha256(case.path)
-            seg = self.engine.segment(case.path, labels=self.spec.only)
+            with _local_input(case, record) as path:
+                seg = self.engine.segment(path, labels=self.spec.only)
             t_write = time.perf_counter()
             sidecar = seg.save(output)
             _fsync(output, sidecar)
@@ -157,6 +156,26 @@ class SegmentWorker:
         record["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 3)
         record.update(memory())
         return record
+
+
+@contextlib.contextmanager
+def _local_input(case: Case, record: dict):
+    """The case's input as a local path, its stamp and sha256 in ``record`` before it is read: a file
+    or folder as it is; a DICOMweb series downloaded into a temporary folder (removed afterwards)."""
+    from fewshot.files import content_sha256
+
+    if not dicomweb.is_url(case.path):
+        # Stamped before reading: an input changed while it is read looks changed next time, never done.
+        record["input_stamp"] = input_stamp(case.path)
+        record["input_sha256"] = content_sha256(case.path)
+        yield case.path
+        return
+    with tempfile.TemporaryDirectory(prefix="fewshot-series-") as folder:
+        t0 = time.perf_counter()
+        record["input_stamp"] = dicomweb.download(case.path, folder)  # what was downloaded is what is segmented
+        record["input_sha256"] = content_sha256(folder)
+        record["download_seconds"] = round(time.perf_counter() - t0, 3)
+        yield folder
 
 
 def _cpu_seconds() -> float:

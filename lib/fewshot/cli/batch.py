@@ -32,6 +32,9 @@ def add_batch_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="Ray workers, one engine each (default: CPUs // --cpus-per-worker)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker requests and its thread count (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each worker requests (default 0; e.g. 0.5 shares one)")
+    p.add_argument("--case-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a case still running after SECONDS is recorded as failed, and its worker is stopped and "
+                        "replaced (default: no limit)")
     p.add_argument("--keep-older-bank", action="store_true",
                    help="keep cases finished against an older bank generation (default: segment them again, so the "
                         "whole output comes from one bank)")
@@ -94,7 +97,8 @@ def main(args) -> int:
         keep_older_bank=args.keep_older_bank, retry_failed=args.retry_failed,
     )
     options = RayOptions(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                         gpus_per_worker=args.gpus_per_worker, verbose=args.verbose)
+                         gpus_per_worker=args.gpus_per_worker, verbose=args.verbose,
+                         case_timeout=args.case_timeout)
     report = run_batch(cases, spec, options, progress=not args.no_progress)
     print(json.dumps(report.as_dict(), indent=1))
     if report.error:
