@@ -1,6 +1,6 @@
 """Measure ``python -m fewshot batch`` (issue 15's targets) on this machine; figures go to docs/bench/batch/.
 
-    python scripts/bench_batch.py memory      # worker RSS with a 1e3- and a 1e5-entry classic bank
+    python scripts/bench_batch.py memory      # worker RSS with a 1e3- and a 1e5-entry classic bank (--cases 1: quicker)
     python scripts/bench_batch.py throughput  # cases per hour with 1 and 2 workers (1 thread each), one run
     python scripts/bench_batch.py resume      # 20 cases, Ctrl-C halfway, run again: what is redone
 
@@ -93,10 +93,11 @@ def cmd_memory(args) -> dict:
     settings = _settings(1, {"selection.candidates": 4, "selection.keep": 2})
     store = _datastore(WORK / "memory" / "store", chaos, ["1", "2"])
     template = _build_bank(store, settings)
-    cases = [Case(f"image_{c}", str(chaos / f"image_{c}.nii.gz")) for c in ("3", "5")]
+    cases = [Case(f"image_{c}", str(chaos / f"image_{c}.nii.gz")) for c in ("3", "5")][: args.cases]
     _ray(2)
     rows = []
-    for size, workers in ((1000, 1), (100000, 1), (100000, 2)):
+    # Two workers on the big bank show what they share (PSS); with one case there is nothing to share.
+    for size, workers in ((1000, 1), (100000, 1), (100000, 2))[: 3 if len(cases) > 1 else 2]:
         bank = WORK / "memory" / f"bank-{size}"
         t0 = time.perf_counter()
         built = replicate(template, bank, size) if not (bank / "manifest.json").exists() or workers == 1 else rows[-1]["bank"]
@@ -117,7 +118,10 @@ def cmd_memory(args) -> dict:
             "load_avg": _load(),
         })
         print(json.dumps(rows[-1], indent=1), flush=True)
-    return {"rows": rows, "settings": {"preset": "classic", "selection.candidates": 4, "selection.keep": 2, "threads": 1}}
+    small, large = (r["after_cases"][0]["rss_bytes"] if r["after_cases"] else None for r in rows[:2])
+    ratio = round(large / small, 3) if small and large else None  # the target: <= 1.2
+    return {"rows": rows, "rss_after_first_case_ratio_1e5_vs_1e3": ratio,
+            "settings": {"preset": "classic", "selection.candidates": 4, "selection.keep": 2, "threads": 1}}
 
 
 def cmd_throughput(args) -> dict:
@@ -198,11 +202,11 @@ def cmd_resume(args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["memory", "throughput", "resume"])
-    parser.add_argument("--cases", type=int, default=None, help="throughput: 8 cases; resume: 20")
+    parser.add_argument("--cases", type=int, default=None, help="throughput: 8 cases; resume: 20; memory: 2 (1: no 2-worker row)")
     parser.add_argument("--out", type=Path, default=OUT,
                         help=f"folder for <what>.json (default {OUT.relative_to(PROJECT)}; a trial run may go elsewhere)")
     args = parser.parse_args()
-    args.cases = args.cases or {"throughput": 8, "resume": 20}.get(args.what, 0)
+    args.cases = args.cases or {"throughput": 8, "resume": 20, "memory": 2}[args.what]
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,8 +10,8 @@ file system every node sees, e.g. NFS, when the cluster has several machines).
 Ctrl-C (or any stop) ends the run between two manifest lines: cases in flight are not recorded and
 are done again next time. A worker that dies takes only its current case down (recorded, retried
 next run); Ray restarts it up to ``max_restarts`` times. A case still running after
-``case_timeout`` seconds is recorded as failed and its worker is killed (a stuck case may sit in a
-C call or a read that no exception reaches, so a cancel would not free it) and replaced by a new one,
+``case_timeout`` seconds is recorded as failed and its worker is killed (``ray.cancel`` does not
+interrupt a running actor task, and a stuck case may sit in a kernel read) and replaced by a new one,
 which loads the same pinned bank generation while the other workers go on.
 """
 from __future__ import annotations
