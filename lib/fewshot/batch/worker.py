@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 import os
 import socket
@@ -106,7 +107,7 @@ class SegmentWorker:
         # A reader's heavy import (MONAI, ~10 s) belongs to start-up, not to the first case's timings;
         # NIfTI files are read by nibabel alone and need none.
         if spec.monai_reader:
-            import monai.transforms  # noqa: F401
+            importlib.import_module("monai.transforms")
 
         self.generation = report.snapshot
         if report.discarded_all:
