@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 put_busy.append(timed(client.save_label, image, str(uploads[i % 2]))[1])
                 info.append(timed(client.info)[1])
             app.wait_bank_idle(timeout=IDLE_TIMEOUT)
-            _, first_infer = timed(client.infer, "fewshot_sam2", f"image_{queried}", {})
-            _, second_infer = timed(client.infer, "fewshot_sam2", f"image_{queried}", {})
+            _, first_infer = timed(client.infer, "fewshot", f"image_{queried}", {})
+            _, second_infer = timed(client.infer, "fewshot", f"image_{queried}", {})
         finally:
             app.stop()
 

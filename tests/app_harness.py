@@ -79,7 +79,7 @@ class Server:
         raise ServerFailed(f"server not ready after {timeout} s:\n{self.log()[-4000:]}")
 
     def bank(self) -> dict:
-        return self.client().info()["models"]["fewshot_sam2"]["support_bank"]
+        return self.client().info()["models"]["fewshot"]["support_bank"]
 
     def wait_bank_idle(self, timeout: float = INGEST_TIMEOUT) -> dict:
         """Until nothing is queued, resyncing, ingesting or warming the strategy's cache."""

@@ -284,7 +284,7 @@ def test_infer_as_ohif_asks_returns_nrrd_on_the_series_grid(server, pacs):
     series_uid = uid(pacs, INFERRED)
     # OHIF: POST /infer/<model>?image=<SeriesInstanceUID>&output=all, a multipart answer.
     status, form, files, _ = MONAILabelUtils.http_multipart(
-        "POST", server.url, f"/infer/fewshot_sam2?image={series_uid}&output=all", {"params": json.dumps(OHIF_INFER)}, {},
+        "POST", server.url, f"/infer/fewshot?image={series_uid}&output=all", {"params": json.dumps(OHIF_INFER)}, {},
     )
     assert status == 200, form
     form = json.loads(form) if isinstance(form, (str, bytes)) else form
@@ -311,7 +311,7 @@ def test_bad_uploads_get_4xx_and_store_nothing(server, pacs, orthanc, dw_tmp):
     server.wait_synced()
     root = server.root()
     target = uid(pacs, INFERRED)
-    server.client().infer("fewshot_sam2", target, {})  # make sure its series is cached: checks run against it
+    server.client().infer("fewshot", target, {})  # make sure its series is cached: checks run against it
     before, segs_before, bank_before = stable_digest(root), set(orthanc.segs()), server.bank()
     image = nib.load(cached_image(server, pacs, INFERRED))
     truth, _ = chaos(INFERRED, "label")
@@ -362,9 +362,9 @@ def test_bad_uploads_get_4xx_and_store_nothing(server, pacs, orthanc, dw_tmp):
         ("PUT", f"/datastore/image?image={target}", {"file": str(cached_image(server, pacs, INFERRED))}, None, 405, "images come from the PACS"),
         ("DELETE", f"/datastore/image?id={target}", None, None, 405, "remove the series there"),
         ("DELETE", f"/datastore/label?id={uid(pacs, SEEDED)}&tag=final", None, None, 405, "cannot delete"),
-        ("POST", "/infer/fewshot_sam2?image=1.2.3.4.5", None, None, 404, "unknown image id"),
-        ("POST", f"/infer/fewshot_sam2?image={seg_uid}", None, None, 404, "unknown image id"),
-        ("POST", f"/infer/fewshot_sam2?image={quote_plus('../x')}", None, None, 400, "invalid image id"),
+        ("POST", "/infer/fewshot?image=1.2.3.4.5", None, None, 404, "unknown image id"),
+        ("POST", f"/infer/fewshot?image={seg_uid}", None, None, 404, "unknown image id"),
+        ("POST", f"/infer/fewshot?image={quote_plus('../x')}", None, None, 400, "invalid image id"),
     ]
     failures = []
     for method, selector, files, fields, expected, words in cases:
@@ -542,7 +542,7 @@ def test_mr_series_are_images_without_any_search_filter(live, pacs):
     assert info["datastore"]["total"] == len(CASES), info["datastore"]
     assert live.client().next_sample("first", {})["id"] in {uid(pacs, case) for case in CASES}
     assert "search filter {}" in live.log()
-    pacs_status = info["models"]["fewshot_sam2"]["support_bank"]["pacs"]
+    pacs_status = info["models"]["fewshot"]["support_bank"]["pacs"]
     assert pacs_status["poll_seconds"] == POLL_SECONDS, pacs_status
 
 
@@ -675,14 +675,14 @@ def test_ohif_on_a_folder_datastore_reads_the_pacs_and_saves_nifti_final_labels(
 
     # Run: the answer comes on the viewer's grid, the same labels as on the image's own grid
     status, form, files, _ = MONAILabelUtils.http_multipart(
-        "POST", local.url, f"/infer/fewshot_sam2?image={series_uid}&output=all",
+        "POST", local.url, f"/infer/fewshot?image={series_uid}&output=all",
         {"params": json.dumps(dict(OHIF_INFER, ohif_grid=grid))}, {})
     assert status == 200, form
     (nrrd_bytes,) = files.values()
     header, _, raw = nrrd_bytes.partition(b"\n\n")
     assert b"sizes: " + " ".join(map(str, truth.shape)).encode() in header, header
     shown = np.frombuffer(raw, np.uint16).reshape(truth.shape, order="F")
-    on_image = local.client().infer("fewshot_sam2", series_uid, {})[0]
+    on_image = local.client().infer("fewshot", series_uid, {})[0]
     own = np.asarray(nib.load(on_image).dataobj)
     assert np.array_equal(reoriented(shown, ohif_affine)[0], own)
 

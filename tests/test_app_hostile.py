@@ -97,15 +97,15 @@ def test_infer_uploads_leave_no_temporary_file_and_no_path_in_messages(server, a
     good = str(server.studies / f"{IMAGE}.nii.gz")
     expect(server, [
         # Refused from its header, before the engine reads it (issue 13: the upload's size is checked there).
-        ("POST", "/infer/fewshot_sam2", {"file": str(garbage)}, None, 422, "the uploaded image is not a valid NIfTI file"),
-        ("POST", "/infer/fewshot_sam2", {"file": str(flat)}, None, 422, "2D image stored as 3D"),
-        ("POST", "/infer/fewshot_sam2?output=dicom_seg", {"file": good}, None, 400, "output=dicom_seg is not served"),
-        ("POST", "/infer/fewshot_sam2", {"file": good, "label": good}, None, 400, "takes no label input"),
-        ("POST", "/infer/fewshot_sam2", {"file": good}, {"params": json.dumps({"top_k": 0})}, 400, "top_k"),
-        ("POST", "/infer/fewshot_sam2", None, None, 400, "no image"),  # stock: 500
+        ("POST", "/infer/fewshot", {"file": str(garbage)}, None, 422, "the uploaded image is not a valid NIfTI file"),
+        ("POST", "/infer/fewshot", {"file": str(flat)}, None, 422, "2D image stored as 3D"),
+        ("POST", "/infer/fewshot?output=dicom_seg", {"file": good}, None, 400, "output=dicom_seg is not served"),
+        ("POST", "/infer/fewshot", {"file": good, "label": good}, None, 400, "takes no label input"),
+        ("POST", "/infer/fewshot", {"file": good}, {"params": json.dumps({"top_k": 0})}, 400, "top_k"),
+        ("POST", "/infer/fewshot", None, None, 400, "no image"),  # stock: 500
     ])
     # A successful inference on an upload removes it too, once the response is sent.
-    label_file, result = server.client().infer("fewshot_sam2", "", {"matching": False, "top_k": 4, "memories": 1}, file=good)
+    label_file, result = server.client().infer("fewshot", "", {"matching": False, "top_k": 4, "memories": 1}, file=good)
     assert nib.load(label_file).shape == image_nifti(server).shape
     snapshot.check()
 
@@ -167,8 +167,8 @@ def test_long_client_strings_are_refused_before_they_are_stored_or_logged(server
         ("PUT", "/datastore/label?image=phantom_01", {"label": label},
          {"params": json.dumps({"label_info": [{"name": name_long, "idx": 1}]})}, 400, "'name' is 300 characters long"),
         ("PUT", f"/datastore/label?image={'i' * 300}", {"label": label}, {}, 400, "longer than 255"),
-        ("POST", "/infer/fewshot_sam2?image=phantom_01", {}, {"params": json.dumps({f"k{i}": "v" * 4000 for i in range(20)})}, 400, "bytes of JSON"),
-        ("POST", "/batch/infer/fewshot_sam2", None, {"client_id": name_long}, 400, "at most 255"),
+        ("POST", "/infer/fewshot?image=phantom_01", {}, {"params": json.dumps({f"k{i}": "v" * 4000 for i in range(20)})}, 400, "bytes of JSON"),
+        ("POST", "/batch/infer/fewshot", None, {"client_id": name_long}, 400, "at most 255"),
     ])
     snapshot.check()
     assert server.log_path.stat().st_size - log_size < 64 * 1024, "client strings reached the log"
@@ -264,8 +264,8 @@ def test_case_variants_of_reserved_tags_are_refused(server, app_tmp):
     cases = [("PUT", f"/datastore/label?image={IMAGE}&tag={tag}", {"label": label}, None, 400, "only by case")
              for tag in ("Final", "FINAL", "Original")]
     cases += [
-        ("POST", f"/infer/fewshot_sam2?image={IMAGE}", {}, {"params": json.dumps({"save_label": True, "label_tag": "Final"})}, 400, "only by case"),
-        ("POST", "/batch/infer/fewshot_sam2", None, {"save_label": True, "label_tag": "fINAL"}, 400, "only by case"),
+        ("POST", f"/infer/fewshot?image={IMAGE}", {}, {"params": json.dumps({"save_label": True, "label_tag": "Final"})}, 400, "only by case"),
+        ("POST", "/batch/infer/fewshot", None, {"save_label": True, "label_tag": "fINAL"}, 400, "only by case"),
         ("PUT", "/datastore/label/info?label=phantom_01&tag=Final", {}, {"info": "{}"}, 400, "only by case"),
     ]
     expect(server, cases)

@@ -33,7 +33,7 @@ def test_readme_command_serves_the_sample_datastore_offline_with_classic(tmp_pat
     server = Server(studies, models, tmp_path / "server.log", preset="classic", env=offline).start()
     try:
         info = server.wait_ready()
-        model = info["models"]["fewshot_sam2"]
+        model = info["models"]["fewshot"]
         assert "classic" in model["description"]
         assert "few-shot preset 'classic'" in server.log()
         assert {k: v for k, v in model["labels"].items() if k != "background"} == LABELS
@@ -41,14 +41,14 @@ def test_readme_command_serves_the_sample_datastore_offline_with_classic(tmp_pat
         assert bank["images"] == len(labelled) and not bank["ingestion"]["failed"]
 
         case = unlabelled[0].removesuffix(".nii.gz")
-        label_file, result = server.client().infer("fewshot_sam2", case, {})
+        label_file, result = server.client().infer("fewshot", case, {})
         out, image = nib.load(label_file), nib.load(studies / unlabelled[0])
         assert out.shape == image.shape and np.allclose(out.affine, image.affine, atol=1e-4)
         values = set(np.unique(np.asarray(out.dataobj)).tolist())
         assert values <= {0, *LABELS.values()} and values - {0}, values  # it segments something
         assert set(result["segmented"]) == set(LABELS)
         # /info reports how long a volume takes (MONAI Label's client, as OHIF and Slicer read it).
-        timing = server.client().info()["models"]["fewshot_sam2"]["seconds_per_volume"]
+        timing = server.client().info()["models"]["fewshot"]["seconds_per_volume"]
         assert timing["count"] == 1 and timing["last"] > 0 and timing["last_stages"]["register"] > 0
 
         proposal = server.client().next_sample("bank_coverage", {})

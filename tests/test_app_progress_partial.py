@@ -92,7 +92,7 @@ def test_progress_advances_while_an_inference_runs_then_reports_done(server):
     done: dict = {}
 
     def infer():
-        done["result"] = server.client().infer("fewshot_sam2", "image_3", {"request_id": "run-1"})[1]
+        done["result"] = server.client().infer("fewshot", "image_3", {"request_id": "run-1"})[1]
 
     thread = threading.Thread(target=infer)
     thread.start()
@@ -109,7 +109,7 @@ def test_progress_advances_while_an_inference_runs_then_reports_done(server):
     assert "result" in done and seen, server.log()[-3000:]
     final = seen[-1]
     assert final["state"] == "done" and final["stage"] == "done" and final["fraction"] == 1.0, final
-    assert final["image"] == "image_3" and final["model"] == "fewshot_sam2" and final["finished_at"]
+    assert final["image"] == "image_3" and final["model"] == "fewshot" and final["finished_at"]
     assert final["total"] > 1 and final["done"] == final["total"] == done["result"]["timings"]["slices"]
     running = [s for s in seen if s["state"] == "running" and s["stage"] == "segmenting"]
     steps = sorted({s["done"] for s in running})
@@ -119,13 +119,13 @@ def test_progress_advances_while_an_inference_runs_then_reports_done(server):
     assert any(s["eta"] is not None and s["eta"] >= 0 for s in running)
 
     # Without a request_id the inference is filed under its image id; GET /fewshot/progress lists both.
-    server.client().infer("fewshot_sam2", "image_5", {})
+    server.client().infer("fewshot", "image_5", {})
     status, body = progress(server, "image_5")
     assert status == 200 and body["state"] == "done" and body["image"] == "image_5", body
     status, body = server.request("GET", "/fewshot/progress")
     assert status == 200 and [i["id"] for i in json.loads(body)["inferences"]][:2] == ["image_5", "run-1"]
     assert progress(server, "..")[0] == 400
-    status, body = server.request("POST", "/infer/fewshot_sam2?image=image_5", fields={"params": json.dumps({"request_id": "a/b"})}, files={})
+    status, body = server.request("POST", "/infer/fewshot?image=image_5", fields={"params": json.dumps({"request_id": "a/b"})}, files={})
     assert status == 400 and "request_id" in body, body
 
 
@@ -164,7 +164,7 @@ def test_a_label_annotated_on_some_slices_puts_only_those_in_the_bank(server, da
     assert entry["source"]["annotation"]["slices"] == slices and entry["source"]["annotation"]["partial"] is True
     assert bank["negative_slices"] == before["negative_slices"]
     assert bank["partial_annotations"]["image_3"]["slices"] == slices
-    info = server.client().info()["models"]["fewshot_sam2"]["support_bank"]
+    info = server.client().info()["models"]["fewshot"]["support_bank"]
     assert info["partial_annotations"]["image_3"]["how"] == "params annotated_slices"
 
     # partial: true says "the slices holding labelled voxels"; the label keeps its other voxels on disk.
@@ -230,14 +230,14 @@ def test_progress_board_keeps_the_latest_per_id_and_never_goes_back():
         for name in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
             del sys.modules[name]
     board = ProgressBoard(keep=2)
-    first = board.start("a", "a", "fewshot_sam2")
+    first = board.start("a", "a", "fewshot")
     assert first.as_dict()["state"] == "waiting" and first.as_dict()["eta"] is None
     first.stage_to("preparing")
     first.step(2, 4)
     first.step(1, 4)  # a late callback never moves it back
     item = first.as_dict()
     assert (item["state"], item["stage"], item["done"], item["fraction"]) == ("running", "segmenting", 2, 0.5)
-    second = board.start("a", "a", "fewshot_sam2")  # the same image again: the latest wins
+    second = board.start("a", "a", "fewshot")  # the same image again: the latest wins
     assert board.get("a") is second and board.by_token(first.token) is None
     first.finish()  # the first request ending does not touch the second's entry
     assert board.get("a").as_dict()["state"] == "waiting"

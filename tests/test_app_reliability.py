@@ -198,7 +198,7 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_change_nothing(server, app_tmp
     shutil.copyfile(complex_label, deep_label)
     assert len(str(deep_label)) > 255
     image = str(server.studies / f"{IMAGE}.nii.gz")
-    infer = f"/infer/fewshot_sam2?image={IMAGE}"
+    infer = f"/infer/fewshot?image={IMAGE}"
     deep = json.dumps(json.loads('{"a":' * 40 + "1" + "}" * 40))
     deeper = '{"a":' * 3000 + "1" + "}" * 3000
     cases = [
@@ -213,11 +213,11 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_change_nothing(server, app_tmp
         ("POST", infer, {}, {"params": json.dumps({"result_extension": []})}, 400, "result_extension [] is not supported"),
         ("POST", infer, {}, {"params": json.dumps({"result_compress": []})}, 400, "result_compress must be true or false"),
         ("POST", infer, {}, {"params": json.dumps({"top_k": []})}, 400, "top_k must be an integer"),
-        ("POST", "/infer/fewshot_sam2", {}, None, 400, "no image"),
+        ("POST", "/infer/fewshot", {}, None, 400, "no image"),
         ("PUT", f"/datastore/label?image={IMAGE}", {"label": str(complex_label)}, None, 422, "complex voxels"),
         ("PUT", f"/datastore/label?image={IMAGE}", {"label": str(deep_label)}, None, 422, "complex voxels"),
         ("PUT", "/datastore/image?image=complex_case", {"file": str(complex_image)}, None, 422, "complex voxels"),
-        ("POST", "/infer/fewshot_sam2", {"file": str(complex_image)}, None, 422, "complex voxels"),
+        ("POST", "/infer/fewshot", {"file": str(complex_image)}, None, 422, "complex voxels"),
     ]
     for selector, files in ((infer, {}), (f"/datastore/label?image={IMAGE}", {"label": str(label)}),
                             ("/datastore/image?image=new_case", {"file": image})):
@@ -251,10 +251,10 @@ def test_ids_up_to_the_file_name_limit_are_stored_ingested_and_segmented(server,
     assert max(len(n.encode()) for n in names) <= 255
     assert f"{ids[1]}.nii.gz" in {p.name for p in (server.studies / "labels" / "final").iterdir()}
     # An inference on the image: its stages partition its total, in the answer and in /info.
-    status, body = server.request("POST", f"/infer/fewshot_sam2?image={urllib.parse.quote(ids[1])}", files={},
+    status, body = server.request("POST", f"/infer/fewshot?image={urllib.parse.quote(ids[1])}", files={},
                                   fields={"params": json.dumps({"result_extension": ".nrrd"})})
     assert status == 200, body[:500]
-    result = server.client().info()["models"]["fewshot_sam2"]["seconds_per_volume"]
+    result = server.client().info()["models"]["fewshot"]["seconds_per_volume"]
     assert result["count"] >= 1 and result["last"] > 0
     for image_id in ids:
         quoted = urllib.parse.quote(image_id)
@@ -266,7 +266,7 @@ def test_ids_up_to_the_file_name_limit_are_stored_ingested_and_segmented(server,
 
 
 def test_infer_timings_partition_the_total_on_one_clock(server):
-    status, body = server.request("POST", f"/infer/fewshot_sam2?image={IMAGE}&output=json", files={},
+    status, body = server.request("POST", f"/infer/fewshot?image={IMAGE}&output=json", files={},
                                   fields={"params": json.dumps({"top_k": 3})})
     assert status == 200, body[:300]
     result = json.loads(body)
@@ -300,8 +300,8 @@ def test_decompression_bombs_are_refused_from_their_header(server, app_tmp):
         ("PUT", "/datastore/image?image=bomb", {"file": str(folder / "bomb.nrrd")}, None, 413, "nothing was decompressed"),
         ("PUT", label, {"label": str(big)}, None, 422, "does not match image shape"),
         ("PUT", label, {"label": str(half)}, None, 422, "does not match image shape"),
-        ("POST", "/infer/fewshot_sam2", {"file": str(big)}, None, 413, "the uploaded image: its header announces"),
-        ("POST", "/infer/fewshot_sam2", {"file": str(half)}, None, 413, "-c max_volume_mb"),
+        ("POST", "/infer/fewshot", {"file": str(big)}, None, 413, "the uploaded image: its header announces"),
+        ("POST", "/infer/fewshot", {"file": str(half)}, None, 413, "-c max_volume_mb"),
     ])
     assert peak_rss_kb(server) - peak < 300 * 1024, "the server's peak memory grew"
     assert server.proc.poll() is None and server.client().info()
@@ -449,7 +449,7 @@ def test_the_cli_never_replaces_the_bank_a_server_uses(server, models_dir):
     assert bank_files(server) == before
     assert not [p for p in (server.studies / ".fewshot").iterdir() if p.name.startswith("bank-random-tiny-")]
     # The server still serves from its bank.
-    label_file, result = server.client().infer("fewshot_sam2", IMAGE, {"top_k": 3})
+    label_file, result = server.client().infer("fewshot", IMAGE, {"top_k": 3})
     assert result["segmented"], result["message"]
 
 
@@ -470,14 +470,14 @@ def test_a_bank_replaced_or_removed_under_the_server_is_rebuilt(server):
 
 
 def assert_rebuilt(server: Server, images: set[str], why: str) -> None:
-    status, body = server.request("POST", f"/infer/fewshot_sam2?image={IMAGE}", files={}, fields={"params": "{}"})
+    status, body = server.request("POST", f"/infer/fewshot?image={IMAGE}", files={}, fields={"params": "{}"})
     # Either still rebuilding (503 naming why), or already rebuilt and segmented: never an empty bank.
     assert status in (200, 503), (status, body[:300])
     if status == 503:
         assert "replaced on disk" in body and why in body, body
     deadline = time.time() + REBUILD_TIMEOUT
     while time.time() < deadline:
-        status, body = server.request("POST", f"/infer/fewshot_sam2?image={IMAGE}", files={}, fields={"params": "{}"})
+        status, body = server.request("POST", f"/infer/fewshot?image={IMAGE}", files={}, fields={"params": "{}"})
         if status != 503:
             break
         time.sleep(0.5)
@@ -537,7 +537,7 @@ def test_a_garbage_index_is_rebuilt_and_sigterm_stops_the_workers(classic_start)
         assert set(bank["image_ids"]) == set(LABELLED)
         json.loads((studies / "datastore_v2.json").read_text())  # a valid index again, on disk
         # Two atlases register in the two worker processes.
-        label_file, result = server.client().infer("fewshot_sam2", IMAGE, {"memories": 2})
+        label_file, result = server.client().infer("fewshot", IMAGE, {"memories": 2})
         assert result["segmented"]
         workers = worker_processes(server.proc.pid)
         assert len(workers) >= 2, workers

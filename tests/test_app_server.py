@@ -198,7 +198,10 @@ def test_info_lists_task_strategy_bank_and_config(server):
     bank = server.wait_bank_idle()
     info = server.client().info()
     assert "config" not in info  # Slicer refuses a top-level config
-    model = info["models"]["fewshot_sam2"]
+    # One task, named for every preset; its old name is an alias (see the next test), not a second model.
+    assert set(info["models"]) == {"fewshot"} and info["model_aliases"] == {"fewshot_sam2": "fewshot"}
+    assert info["preset"] == "random-tiny"
+    model = info["models"]["fewshot"]
     assert model["type"] == "segmentation" and model["dimension"] == 3
     # Names from the datastore's labels.yaml, plus the value found in a saved label.
     assert model["labels"] == INFO_LABELS
@@ -237,7 +240,7 @@ def test_infer_unlabelled_image_returns_label_with_its_geometry(server, datastor
     server.wait_bank_idle()
     case = image_id(UNLABELLED[0])
     params = {"matching": False, "top_k": 8, "memories": 2}
-    label_file, result = server.client().infer("fewshot_sam2", case, params)
+    label_file, result = server.client().infer("fewshot", case, params)
     out, image = nib.load(label_file), nib.load(datastore / f"{case}.nii.gz")
     assert out.shape == image.shape
     assert np.allclose(out.affine, image.affine, atol=1e-4)
@@ -260,6 +263,22 @@ def test_infer_unlabelled_image_returns_label_with_its_geometry(server, datastor
 
 
 @server_test
+def test_the_tasks_old_name_still_segments(server, datastore):
+    """Clients written against ``fewshot_sam2`` (its name before it ran under presets without SAM 2)
+    get the same task: the same label as under ``fewshot``, through /infer and /batch/infer alike."""
+    server.wait_bank_idle()
+    case = image_id(UNLABELLED[0])
+    params = {"matching": False, "top_k": 5, "memories": 1}  # not another test's options: computed here
+    new_file, new = server.client().infer("fewshot", case, params)
+    old_file, old = server.client().infer("fewshot_sam2", case, params)
+    assert set(new["segmented"]) == IN_BANK and old["segmented"] == new["segmented"]
+    assert old["timings"].get("reused") and not new["timings"].get("reused")  # one task, one engine: its result again
+    assert np.array_equal(np.asarray(nib.load(old_file).dataobj), np.asarray(nib.load(new_file).dataobj))
+    status, body = server.request("POST", "/batch/infer/fewshot_sam2", body={"save_label": True, "label_tag": "final"})
+    assert status == 400 and "cannot be saved as the 'final' label" in body  # checked as the task's own request
+
+
+@server_test
 def test_infer_as_ohif_asks_returns_nrrd_with_the_image_geometry(server, datastore):
     import SimpleITK as sitk
 
@@ -268,7 +287,7 @@ def test_infer_as_ohif_asks_returns_nrrd_with_the_image_geometry(server, datasto
     case = image_id(UNLABELLED[0])
     # OHIF's MonaiLabelClient.infer sends exactly these.
     params = {"result_extension": ".nrrd", "result_dtype": "uint16", "result_compress": False, "restore_label_idx": False}
-    label_file, result = server.client().infer("fewshot_sam2", case, params)
+    label_file, result = server.client().infer("fewshot", case, params)
     assert label_file.endswith(".nrrd")
     header = (Path(label_file).read_bytes().split(b"\n\n", 1)[0]).decode()
     assert "type: uint16" in header and "encoding: raw" in header
@@ -356,15 +375,15 @@ def test_bad_inputs_get_4xx_and_change_nothing_on_disk(server, datastore, app_tm
         ("PUT", "/datastore/image/info?image=image_1", {}, {"info": '{"id": "image_3"}'}, 400, "may not set ['id']"),
         ("PUT", "/datastore/label/info?label=image_1&tag=final", {}, {"info": '"x"'}, 400, "must be a JSON object"),
         ("PUT", "/datastore/updatelabelinfo?label=image_1&tag=final", {}, {"params": "{"}, 400, "not valid JSON"),
-        ("POST", f"/infer/fewshot_sam2?image={quote('../../etc/passwd')}", None, None, 400, "invalid image id"),
-        ("POST", f"/infer/fewshot_sam2?image={quote(str(CHAOS / 'image_8.nii.gz'))}", None, None, 400, "invalid image id"),
-        ("POST", f"/infer/fewshot_sam2?image={quote('/tmp')}", None, None, 400, "invalid image id"),
-        ("POST", "/infer/fewshot_sam2?image=no_such_image", None, None, 404, "unknown image id"),
-        ("POST", "/infer/fewshot_sam2?image=image_3", {}, {"params": "{"}, 400, "not valid JSON"),
-        ("POST", "/infer/fewshot_sam2?image=image_3", {}, {"params": json.dumps({"save_label": True, "label_tag": final})}, 400, "cannot be saved as the 'final' label"),
-        ("POST", "/infer/fewshot_sam2?image=image_3", {}, {"params": json.dumps({"result_extension": ".mha"})}, 400, "result_extension"),
-        ("POST", "/infer/fewshot_sam2?image=image_3&session_id=..", None, None, 400, "invalid session id"),
-        ("POST", "/batch/infer/fewshot_sam2", None, {"save_label": True, "label_tag": final}, 400, "cannot be saved as the 'final' label"),
+        ("POST", f"/infer/fewshot?image={quote('../../etc/passwd')}", None, None, 400, "invalid image id"),
+        ("POST", f"/infer/fewshot?image={quote(str(CHAOS / 'image_8.nii.gz'))}", None, None, 400, "invalid image id"),
+        ("POST", f"/infer/fewshot?image={quote('/tmp')}", None, None, 400, "invalid image id"),
+        ("POST", "/infer/fewshot?image=no_such_image", None, None, 404, "unknown image id"),
+        ("POST", "/infer/fewshot?image=image_3", {}, {"params": "{"}, 400, "not valid JSON"),
+        ("POST", "/infer/fewshot?image=image_3", {}, {"params": json.dumps({"save_label": True, "label_tag": final})}, 400, "cannot be saved as the 'final' label"),
+        ("POST", "/infer/fewshot?image=image_3", {}, {"params": json.dumps({"result_extension": ".mha"})}, 400, "result_extension"),
+        ("POST", "/infer/fewshot?image=image_3&session_id=..", None, None, 400, "invalid session id"),
+        ("POST", "/batch/infer/fewshot", None, {"save_label": True, "label_tag": final}, 400, "cannot be saved as the 'final' label"),
         ("POST", "/batch/infer/no_such_model", None, {}, 404, "unknown model"),
         ("POST", "/train/anything", None, {}, 404, "no training task"),
         ("POST", "/scoring/anything", None, {}, 404, "no scoring method"),
@@ -418,7 +437,7 @@ def test_saving_a_label_grows_the_bank_once(server, datastore):
     print(f"\nPUT /datastore/label answered in {put_seconds:.3f} s; background ingestion took {ingest_seconds:.3f} s")
     assert sha256(datastore / "labels" / "final" / f"{case}.nii.gz") == sha256(label)
     # The next inference uses the new examples: the image's own slices are now its nearest supports.
-    _, result = server.client().infer("fewshot_sam2", case, {"matching": False, "top_k": 4, "memories": 1})
+    _, result = server.client().infer("fewshot", case, {"matching": False, "top_k": 4, "memories": 1})
     assert case in supports_used(result)
 
     done = grown["ingestion"]["completed"]
@@ -554,7 +573,7 @@ def test_a_session_image_can_be_segmented(server, app_tmp):
     client = server.client()
     session = client.create_session(str(CHAOS / "image_8.nii.gz"))
     session_id = session["session_id"]
-    label_file, result = client.infer("fewshot_sam2", "", {"matching": False, "top_k": 4, "memories": 1}, session_id=session_id)
+    label_file, result = client.infer("fewshot", "", {"matching": False, "top_k": 4, "memories": 1}, session_id=session_id)
     assert nib.load(label_file).shape == nib.load(CHAOS / "image_8.nii.gz").shape
     assert set(result["segmented"]) == set(server.bank()["per_label"])
     status, _ = server.request("DELETE", f"/session/{session_id}")
@@ -573,7 +592,7 @@ def test_batch_infer_runs_in_a_process_that_leaves_the_bank_alone(server, datast
     manifest = (datastore / ".fewshot" / "bank-random-tiny" / "manifest.json").read_bytes()
     params = {"device": "cpu", "multi_gpu": False, "save_label": True, "label_tag": "original", "max_workers": 1, "max_batch_size": 1,
               "matching": False, "top_k": 4, "memories": 1}
-    status, body = server.request("POST", "/batch/infer/fewshot_sam2?images=unlabeled", body=params)
+    status, body = server.request("POST", "/batch/infer/fewshot?images=unlabeled", body=params)
     assert status == 200, body
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -633,7 +652,7 @@ def infer_in_background(server: Server, case: str) -> tuple[threading.Thread, di
     done = {}
 
     def run():
-        _, done["result"] = server.client().infer("fewshot_sam2", case, {"matching": False, "top_k": 4, "memories": 1})
+        _, done["result"] = server.client().infer("fewshot", case, {"matching": False, "top_k": 4, "memories": 1})
         done["at"] = time.time()
 
     thread = threading.Thread(target=run)

@@ -280,7 +280,7 @@ def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup
     app = SimpleNamespace(
         conf=conf, app_config=AppConfig.from_conf(conf, setup["store"]),
         host=SimpleNamespace(label_map=lambda: {"anterior": 1, "posterior": 2}),
-        _infers={"fewshot_sam2": SimpleNamespace(options=lambda request: (InferOptions(4, True, 2), []))},
+        _infers={"fewshot": SimpleNamespace(options=lambda request: (InferOptions(4, True, 2), []))},
         check_infer_request=lambda model, request: None,
     )
     task = batch_infer_task(app)
@@ -288,7 +288,7 @@ def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup
     assert type(batch_infer_task(SimpleNamespace(conf={}))) is BatchInferTask  # no ray_address: MONAI Label's own
 
     datastore = LocalDatastore(str(setup["store"]), extensions=["*.nii.gz"], auto_reload=False)
-    request = {"model": "fewshot_sam2", "images": ["image_184", "image_195"], "label_tag": "original"}
+    request = {"model": "fewshot", "images": ["image_184", "image_195"], "label_tag": "original"}
     generation = manifest_snapshot(SupportBank.read_manifest(setup["bank_dir"]))
     output = setup["output"]
     before = _records(output) if (output / MANIFEST_NAME).is_file() else []

@@ -38,12 +38,12 @@ PROJECT = Path(__file__).resolve().parents[1]
 ARTIFACTS = PROJECT / "test-artifacts" / "ohif"
 CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).exists()), None)
 CHROMEDRIVER = next((p for p in (shutil.which("chromedriver"), "/usr/bin/chromedriver") if p and Path(p).exists()), None)
-MODEL = "fewshot_sam2"
+MODEL = "fewshot"
 # Each inference step waits this long (the app's test hook), so an inference on these small volumes
 # lasts long enough for the panel to show the server's progress (about 3 s more per inference).
 STEP_PAUSE_ENV, STEP_PAUSE = "FEWSHOT_APP_TEST_INFER_STEP_PAUSE", 0.1
 # What the panel's running indicator says once the server reports progress: "(stage done/total".
-PROGRESS_SHOWN = re.compile(r"^Running fewshot_sam2… \d+ s \([a-z][a-z_ ]* \d+/\d+")
+PROGRESS_SHOWN = re.compile(r"^Running fewshot… \d+ s \([a-z][a-z_ ]* \d+/\d+")
 PAGE_TIMEOUT = 120
 INFER_TIMEOUT = 300
 

@@ -7,7 +7,7 @@
 ``lib/dicomweb.py`` caches its series locally and keeps the bank beside that cache; ``lib/pacs_sync.py``
 keeps its final labels in step with the PACS's SEG series.
 
-Tasks: infer ``fewshot_sam2``; strategies ``bank_coverage``, ``random``, ``first``. The engine is the
+Tasks: infer ``fewshot`` (``fewshot_sam2``, its name before, is an alias); strategies ``bank_coverage``, ``random``, ``first``. The engine is the
 ``fewshot`` package (``lib/fewshot`` at the project's root); this app only adapts it to MONAI Label:
 ``lib/datastore.py`` validates uploads and reports final-label changes, ``lib/ingest.py`` keeps the
 bank in step in a background thread, ``lib/infers`` and ``lib/activelearning`` wrap the engine,
@@ -55,7 +55,7 @@ from lib.pacs_client import cache_root, is_dicomweb, make_client
 from lib.pacs_sync import PacsSync
 from lib.embedding_cache import EmbeddingCache
 from lib.engine_host import EngineHost, StartupError
-from lib.infers.fewshot_sam2 import FewshotSam2
+from lib.infers.fewshot_infer import ALIASES, TASK, FewshotInfer
 from lib.ingest import IngestionWorker
 from lib.progress import PROGRESS_KEY, ProgressBoard
 from lib.sessions import SafeSessions
@@ -259,7 +259,19 @@ class FewshotApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {"fewshot_sam2": FewshotSam2(self.host, self.bank_status, self.progress)}
+        task = FewshotInfer(self.host, self.bank_status, self.progress)
+        # One task under its name and its old ones: every route (/infer, /batch/infer) takes either.
+        return {TASK: task, **{alias: task for alias in ALIASES}}
+
+    def info(self):
+        """MONAI Label's /info, with the preset the server runs, and the task listed once: a client
+        showing the models (Slicer, OHIF) offers one task, and learns its other names from model_aliases."""
+        meta = super().info()
+        for alias in ALIASES:
+            meta["models"].pop(alias, None)
+        meta["model_aliases"] = {alias: TASK for alias in ALIASES}
+        meta["preset"] = self.host.config.preset
+        return meta
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {"bank_coverage": BankCoverage(self.host, self.cache), "random": Random(), "first": First()}
@@ -288,7 +300,7 @@ class FewshotApp(MONAILabelApp):
         if request.get("request_id") is not None:
             check_id(request["request_id"], "request_id")
         task = self._infers[model]
-        if isinstance(task, FewshotSam2):
+        if isinstance(task, FewshotInfer):
             task.options(request)
             task.result_format(request)
             task.requested_labels(request)

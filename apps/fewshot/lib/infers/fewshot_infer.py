@@ -1,4 +1,7 @@
-"""The ``fewshot_sam2`` infer task: the engine's segmentation behind MONAI Label's infer API.
+"""The ``fewshot`` infer task: the engine's segmentation behind MONAI Label's infer API.
+
+Its name holds for every preset (``classic`` runs no SAM 2); ``fewshot_sam2``, its name before,
+stays an alias that /infer and /batch/infer accept, for clients written against it.
 
 The task holds no segmentation logic: it turns a request into engine options, calls
 ``EngineHost.segment`` and packs the label file plus a JSON of labels, skipped labels (with the
@@ -30,6 +33,9 @@ from lib.ohif_label import ViewerGrid
 from lib.progress import PROGRESS_KEY, ProgressBoard
 
 logger = logging.getLogger(__name__)
+
+TASK = "fewshot"
+ALIASES = ("fewshot_sam2",)  # older names of the same task: accepted, not listed in /info's models
 
 TOP_K_RANGE = (1, 512)
 MEMORIES_RANGE = (1, 32)
@@ -99,7 +105,7 @@ def _as_int(value: Any, name: str, bounds: tuple[int, int]) -> int:
     return number
 
 
-class FewshotSam2(InferTask):
+class FewshotInfer(InferTask):
     def __init__(self, host: EngineHost, bank_status: Callable[[], dict], progress: ProgressBoard | None = None):
         self.host = host
         self.progress = progress or ProgressBoard()
@@ -271,7 +277,7 @@ class FewshotSam2(InferTask):
             "latencies": _latencies(pre, infer, post, write, total),
         }
         logger.info(
-            "fewshot_sam2: %s -> %s%s in %.2f s", request["image"], summary["labels"] or "nothing",
+            TASK + ": %s -> %s%s in %.2f s", request["image"], summary["labels"] or "nothing",
             f" ({result['message']})" if result["message"] else "", total,
         )
         return out, result
