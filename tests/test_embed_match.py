@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fewshot import weights
-from fewshot.config import ConfigError
+from fewshot.config import ConfigError, load_preset
 from fewshot.bank_augment import augment_support
 from fewshot.types import Embedder, Matcher
 
@@ -21,6 +21,9 @@ AUGMENT = {
 JITTER = {"brightness": 0.2, "contrast": 0.3, "gamma": 0.3}
 
 
+TINY = load_preset("random-tiny")  # its embedder (input_size 56) and matcher (size 64) sections
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
@@ -30,14 +33,14 @@ def models(tmp_path_factory):
 def embedder(models):
     from fewshot.embed.dinov2 import Dinov2Embedder
 
-    return Dinov2Embedder(weights.resolve("dinov2-random-tiny", models), {"input_size": 56}, "cpu")
+    return Dinov2Embedder(weights.resolve("dinov2-random-tiny", models), TINY["embedder"], "cpu")
 
 
 @pytest.fixture(scope="module")
 def matcher(models):
     from fewshot.match.lpips_match import LpipsMatcher
 
-    return LpipsMatcher(weights.resolve("lpips-alex", models, random_weights=True), {"size": 64}, "cpu")
+    return LpipsMatcher(weights.resolve("lpips-alex", models, random_weights=True), TINY["matcher"], "cpu")
 
 
 def phantom(size: int = 96, seed: int = 0) -> np.ndarray:
@@ -89,7 +92,7 @@ def test_input_size_must_be_a_multiple_of_the_patch(models):
     from fewshot.embed.dinov2 import Dinov2Embedder
 
     with pytest.raises(ConfigError, match="multiple"):
-        Dinov2Embedder(weights.resolve("dinov2-random-tiny", models), {"input_size": 50}, "cpu")
+        Dinov2Embedder(weights.resolve("dinov2-random-tiny", models), dict(TINY["embedder"], input_size=50), "cpu")
 
 
 # --- matcher ----------------------------------------------------------------------------------

@@ -225,3 +225,38 @@ def test_the_engines_sections_are_typed_and_checked_at_load_with_no_default_of_t
     del base["selection"]["candidates"]
     with pytest.raises(ConfigError, match=r"selection.candidates is not set \(configs/presets/foundation.yaml"):
         EngineSettings.from_settings(base)
+
+
+def test_every_presets_step_sections_are_typed_and_a_typo_is_an_error():
+    """embedder and matcher sections are read by their step type's dataclass (a key that is no setting is
+    refused, not silently ignored for a default); the registration transfer's nested stages too."""
+    import pytest
+
+    from fewshot.config import ConfigError, available_presets, deep_merge, load_preset
+    from fewshot.embed.descriptor import DescriptorSettings
+    from fewshot.embed.dinov2 import Dinov2Settings
+    from fewshot.match.lpips_match import LpipsSettings
+    from fewshot.match.ncc import NccSettings
+    from fewshot.transfer.registration import RegistrationSettings
+
+    readers = {"dinov2": Dinov2Settings, "descriptor": DescriptorSettings, "lpips": LpipsSettings, "ncc": NccSettings}
+    read = 0
+    for preset in available_presets():
+        settings = load_preset(preset)
+        for section in ("embedder", "matcher"):
+            kind = settings[section]["type"]
+            if kind != "none":
+                read += readers[kind].from_settings(settings[section]) is not None
+    assert read >= 12
+    tiny = load_preset("random-tiny")
+    assert Dinov2Settings.from_settings(tiny["embedder"]).input_size == 56
+    with pytest.raises(ConfigError, match=r"matcher has no setting sise"):
+        LpipsSettings.from_settings(deep_merge(tiny["matcher"], {"sise": 96}))
+    with pytest.raises(ConfigError, match=r"embedder.input_size must be int, not '56'"):
+        Dinov2Settings.from_settings(deep_merge(tiny["embedder"], {"input_size": "56"}))
+    transfer = load_preset("classic-slices")["transfer"]
+    assert RegistrationSettings.from_settings(transfer).deformable.iterations == (60, 40, 20)
+    with pytest.raises(ConfigError, match=r"transfer.affine.shrink_factors\[1\] must be int, not 'x'"):
+        RegistrationSettings.from_settings(deep_merge(transfer, {"affine": {"shrink_factors": [16, "x"]}}))
+    with pytest.raises(ConfigError, match=r"transfer.fusion is not set \(configs/presets/classic-slices.yaml"):
+        RegistrationSettings.from_settings({k: v for k, v in transfer.items() if k != "fusion"})

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import shared_dataset
+from fewshot.config import ConfigError, deep_merge, load_preset
+from fewshot.settings import VolumeSettings
 from fewshot.volume import (
     VolumeError,
     canvas_to_label,
@@ -16,7 +18,14 @@ from fewshot.volume import (
     write_label,
 )
 
-SETTINGS = {"pixel_spacing_mm": 1.25, "canvas": 128, "intensity": {"modality": "mr"}}
+
+
+def volume_settings(intensity: dict | None = None, **keys) -> VolumeSettings:
+    """The presets' volume section (foundation.yaml's, which every preset inherits) with these keys changed."""
+    return VolumeSettings.from_settings(deep_merge(load_preset("foundation")["volume"], dict(keys, intensity=intensity or {})))
+
+
+SETTINGS = volume_settings(pixel_spacing_mm=1.25, canvas=128, intensity={"modality": "mr"})
 
 
 def _save(path, data, affine):
@@ -73,7 +82,7 @@ def test_real_volumes_round_trip_exactly():
         vol = read_volume(image_path)
         lab = read_label(str(image_path).replace("image_", "label_"), vol)
         # At the data's own spacing the canvas is lossless: one-hot probabilities give the label back exactly.
-        canvas, geom = volume_to_canvas(vol, {"pixel_spacing_mm": 1.25, "canvas": 256})
+        canvas, geom = volume_to_canvas(vol, volume_settings(pixel_spacing_mm=1.25, canvas=256))
         masks = label_to_canvas(lab, geom)
         values = [int(v) for v in np.unique(lab) if v]
         probs = np.stack([(masks == v).astype(np.float32) for v in values], axis=1)
@@ -91,12 +100,32 @@ def test_axis_choice():
 
 def test_intensity_presets():
     ct = np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0], np.float32)
-    out = normalise_intensity(ct, {"modality": "auto", "ct_window": "abdomen", "ct_windows": {"abdomen": [40, 400]}})
+    out = normalise_intensity(ct, volume_settings(intensity={"modality": "auto", "ct_window": "abdomen"}).intensity)
     np.testing.assert_allclose(out, [0, 0, 0.5, 1, 1])
     mr = np.arange(1000, dtype=np.float32)
-    out = normalise_intensity(mr, {"modality": "mr", "mr_percentiles": [1, 99]})
+    out = normalise_intensity(mr, volume_settings(intensity={"modality": "mr", "mr_percentiles": [1, 99]}).intensity)
     assert out.min() == 0 and out.max() == 1 and 0.45 < out[500] < 0.55
-    assert normalise_intensity(np.full(10, 5.0, np.float32), {"modality": "mr"}).max() == 0
+    assert normalise_intensity(np.full(10, 5.0, np.float32), SETTINGS.intensity).max() == 0
+
+
+def test_the_volume_section_is_typed_and_checked_once_with_the_presets_values():
+    # No code default: the presets' 1.25 mm (the code once fell back to 1.0 mm), and a missing key is named.
+    assert volume_settings().pixel_spacing_mm == 1.25 and volume_settings().intensity.window() == (40.0, 400.0)
+    assert VolumeSettings.from_settings(load_preset("random-tiny")["volume"]).canvas == 128
+    section = load_preset("foundation")["volume"]
+    del section["pixel_spacing_mm"]
+    with pytest.raises(ConfigError, match=r"volume.pixel_spacing_mm is not set \(configs/presets/foundation.yaml"):
+        VolumeSettings.from_settings(section)
+    for keys, message in (({"canvas": "256"}, r"volume.canvas must be int, not '256'"),
+                          ({"slicing_axis": 3}, r"slicing_axis must be auto, 0, 1 or 2"),
+                          ({"slicing_axis": "axial"}, r"volume.slicing_axis must be one of 'auto' or int"),
+                          ({"pixel_spacing": 1.0}, r"volume has no setting pixel_spacing"),  # a typo is no silent default
+                          ({"intensity": {"ct_window": "lungs"}}, r"ct_window 'lungs' is not one of ct_windows"),
+                          ({"intensity": {"ct_window": [40, -1]}}, r"positive width"),
+                          ({"intensity": {"mr_percentiles": [99, 1]}}, r"mr_percentiles must be 0 <= low < high"),
+                          ({"intensity": {"modality": "pet"}}, r"volume.intensity.modality must be one of 'auto', 'mr', 'ct'")):
+        with pytest.raises(ConfigError, match=message):
+            volume_settings(**keys)
 
 
 def test_resampling_gives_anatomy_comparable_size(tmp_path):
@@ -108,7 +137,7 @@ def test_resampling_gives_anatomy_comparable_size(tmp_path):
         half = int(20 / spacing)
         img[c - half : c + half, c - half : c + half] = 100
         vol = read_volume(_save(tmp_path / f"sq{spacing}.nii.gz", img, np.diag([spacing, spacing, 5, 1])))
-        canvas, _ = volume_to_canvas(vol, {"pixel_spacing_mm": 1.0, "canvas": 96, "intensity": {"modality": "mr"}})
+        canvas, _ = volume_to_canvas(vol, volume_settings(pixel_spacing_mm=1.0, canvas=96, intensity={"modality": "mr"}))
         sizes.append((canvas[0] > 0.5).sum())
     assert abs(sizes[0] - sizes[1]) / sizes[0] < 0.1
 
@@ -176,7 +205,7 @@ def test_the_same_object_has_the_same_size_at_any_field_of_view(tmp_path, caplog
     """One physical scale per bank: a 40 mm-radius organ covers the same canvas pixels whether the
     scanner's field of view is 300 mm (1.17 mm pixels) or 500 mm (0.98 mm, a 512² CT); the wide one
     is cropped around the body, never resampled coarser (which made it 1.57x smaller)."""
-    settings = {"pixel_spacing_mm": 1.25, "canvas": 256, "intensity": {"modality": "mr"}}
+    settings = volume_settings(pixel_spacing_mm=1.25, canvas=256, intensity={"modality": "mr"})
     areas = {}
     for name, shape, spacing in (("narrow", (256, 256, 3), 300 / 256), ("wide", (512, 512, 3), 500 / 512)):
         image, label, affine = _body_phantom(shape, spacing)
@@ -204,7 +233,7 @@ def test_the_same_object_has_the_same_size_at_any_field_of_view(tmp_path, caplog
 
 
 def test_a_body_wider_than_the_canvas_is_cut_and_said_so(tmp_path, caplog):
-    settings = {"pixel_spacing_mm": 1.25, "canvas": 128, "intensity": {"modality": "mr"}}  # 160 mm
+    settings = volume_settings(pixel_spacing_mm=1.25, canvas=128, intensity={"modality": "mr"})  # 160 mm
     image, label, affine = _body_phantom((400, 400, 2), 1.0, body_mm=(300.0, 300.0), organ_at_mm=(0.0, 0.0))
     vol = read_volume(_save(tmp_path / "big.nii.gz", image, affine))
     with caplog.at_level("INFO", logger="fewshot.volume"):
@@ -218,7 +247,7 @@ def test_a_body_wider_than_the_canvas_is_cut_and_said_so(tmp_path, caplog):
 
 
 def test_a_field_of_view_that_fits_is_centred_uncropped(tmp_path, caplog):
-    settings = {"pixel_spacing_mm": 1.25, "canvas": 256, "intensity": {"modality": "mr"}}
+    settings = volume_settings(pixel_spacing_mm=1.25, canvas=256, intensity={"modality": "mr"})
     image = np.random.default_rng(0).random((200, 200, 4)).astype(np.float32) * 100
     affine = np.diag([-0.8, 0.8, 5.0, 1.0])
     small = volume_to_canvas(read_volume(_save(tmp_path / "small.nii.gz", image, affine)), settings)[1]

@@ -156,7 +156,7 @@ class Engine:
 
     def prepare(self, image: str | os.PathLike | Volume) -> PreparedVolume:
         volume = image if isinstance(image, Volume) else read_volume(image)
-        canvas, geometry = volume_to_canvas(volume, self.settings.get("volume", {}))
+        canvas, geometry = volume_to_canvas(volume, self.config.volume)
         if len(canvas) < 1:
             raise VolumeError(f"{volume.path}: no slices along the slicing axis")
         key = f"{volume.content_hash()}-{settings_hash(self.settings.get('volume', {}))}"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from nibabel import orientations as nio
 
 from fewshot.files import atomic_path
+from fewshot.settings import IntensitySettings, VolumeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -359,10 +360,10 @@ class CanvasGeometry:
         return int(z)
 
 
-def choose_axis(spacing_ras: Sequence[float], setting) -> int:
+def choose_axis(spacing_ras: Sequence[float], setting: str | int) -> int:
     """``auto``: the axis with the coarsest spacing (the acquisition's slice direction);
     ties go to the last such axis (axial for isotropic CT)."""
-    if setting in (None, "auto"):
+    if setting == "auto":
         coarsest = max(spacing_ras)
         return max(i for i, s in enumerate(spacing_ras) if np.isclose(s, coarsest, rtol=0.05))
     axis = int(setting)
@@ -371,25 +372,16 @@ def choose_axis(spacing_ras: Sequence[float], setting) -> int:
     return axis
 
 
-def normalise_intensity(array: np.ndarray, settings: Mapping) -> np.ndarray:
+def normalise_intensity(array: np.ndarray, settings: IntensitySettings) -> np.ndarray:
     """-> float32 in [0, 1]. CT gets a window, MR a percentile clip (MR has no absolute scale)."""
-    modality = settings.get("modality", "auto")
+    modality = settings.modality
     if modality == "auto":
         modality = "ct" if float(array.min()) < -500 else "mr"
     if modality == "ct":
-        window = settings.get("ct_window", "abdomen")
-        if isinstance(window, str):
-            windows = settings.get("ct_windows", {})
-            if window not in windows:
-                raise VolumeError(f"unknown CT window {window!r}; known: {sorted(windows)}")
-            window = windows[window]
-        center, width = float(window[0]), float(window[1])
+        center, width = settings.window()
         lo, hi = center - width / 2, center + width / 2
-    elif modality == "mr":
-        p_lo, p_hi = settings.get("mr_percentiles", [0.5, 99.5])
-        lo, hi = np.percentile(array, [p_lo, p_hi])
     else:
-        raise VolumeError(f"unknown modality {modality!r}; use auto, ct or mr")
+        lo, hi = np.percentile(array, list(settings.mr_percentiles))
     if hi <= lo:  # a constant image: nothing to stretch
         return np.zeros_like(array, dtype=np.float32)
     return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
@@ -488,15 +480,14 @@ def _report_crop(path, slices, plane_shape, resampled, offset, canvas, spacing, 
         )
 
 
-def volume_to_canvas(volume: Volume, settings: Mapping) -> tuple[np.ndarray, CanvasGeometry]:
+def volume_to_canvas(volume: Volume, settings: VolumeSettings) -> tuple[np.ndarray, CanvasGeometry]:
     """Volume -> (Z, S, S) float32 canvas slices in [0, 1] and the geometry to come back."""
     ras, source_ornt, spacing_ras = to_ras(volume.array, volume.affine)
-    axis = choose_axis(spacing_ras, settings.get("slicing_axis", "auto"))
+    axis = choose_axis(spacing_ras, settings.slicing_axis)
     plane_spacing = [s for i, s in enumerate(spacing_ras) if i != axis]
-    slices = np.moveaxis(normalise_intensity(ras, settings.get("intensity", {})), axis, 0)
+    slices = np.moveaxis(normalise_intensity(ras, settings.intensity), axis, 0)
     plane_shape = tuple(int(s) for s in slices.shape[1:])
-    spacing = float(settings.get("pixel_spacing_mm", 1.0))
-    canvas = int(settings.get("canvas", 256))
+    spacing, canvas = settings.pixel_spacing_mm, settings.canvas
     extent = [n * sp for n, sp in zip(plane_shape, plane_spacing)]
     # Every volume is resampled at the same spacing, whatever its field of view: one physical scale
     # per bank, so an organ has the same size in pixels in a support and in a query (retrieval,

@@ -150,9 +150,10 @@ def run_bench(
             raise ValueError(f"--sizes are SAM 2 input sizes; preset {preset!r} transfers labels by "
                              f"{base.get('transfer', {}).get('type')} on the canvas (set volume.canvas instead)")
         # One size, the canvas; k up to the preset's own keep in quick mode (16 registrations per slice is slow).
-        preset_size = int(base.get("volume", {}).get("canvas", 256))
+        typed = EngineSettings.from_settings(base)
+        preset_size = typed.volume.canvas
         plan = quick_plan(preset, preset_size) if quick else full_plan(preset, preset_size)
-        keep = EngineSettings.from_settings(base).selection.keep
+        keep = typed.selection.keep
         plan = replace(plan, sizes=(preset_size,),
                        ks=tuple(sorted({1, keep})) if quick else tuple(sorted({1, 4, keep, 16})))
         if quick:  # every slice is k registrations on the canvas: thin slabs keep CI short

@@ -20,6 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from fewshot.config import ConfigError
+from fewshot.settings import typed_section
 
 
 _EPS = 1e-6
@@ -35,10 +36,7 @@ class DescriptorSettings:
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "DescriptorSettings":
-        missing = [k for k in cls.__dataclass_fields__ if k not in settings]
-        if missing:
-            raise ConfigError(f"embedder type descriptor needs settings {missing} (configs/presets/classic.yaml)")
-        out = cls(**{k: int(settings[k]) for k in cls.__dataclass_fields__})
+        out = typed_section(cls, settings, "embedder", "configs/presets/classic.yaml", strict=True)
         if min(out.thumbnail, out.orientations, out.cells, out.gradient_size, out.pca_dims) < 1:
             raise ConfigError(f"embedder descriptor settings must be positive integers: {out}")
         return out

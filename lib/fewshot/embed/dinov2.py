@@ -10,6 +10,7 @@ gives them equal weight, so the final inner product is the mean of the two cosin
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.config import ConfigError, resolve_device
+from fewshot.settings import typed_section
 from fewshot.weights import checkpoint_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,22 @@ logger = logging.getLogger(__name__)
 # DINOv2 was trained on ImageNet-normalised RGB.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Dinov2Settings:
+    """The ``embedder`` section of ``type: dinov2`` (configs/presets/foundation.yaml)."""
+
+    model: str  # the weights' name in configs/models.yaml
+    input_size: int  # slices are resized to this side; a multiple of the model's patch size (14)
+    batch_size: int = 32  # slices per forward pass: memory, never results (no preset sets it)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> "Dinov2Settings":
+        out = typed_section(cls, settings, "embedder", strict=True)
+        if out.input_size <= 0 or out.batch_size < 1:
+            raise ConfigError(f"embedder.input_size and embedder.batch_size must be positive: {out}")
+        return out
 
 
 class Dinov2Embedder:
@@ -34,6 +51,7 @@ class Dinov2Embedder:
     index_transform = ""  # already L2-normalised: inner product = cosine similarity
 
     def __init__(self, model_path: Path, settings: Mapping, device: str = "cpu"):
+        self.settings = Dinov2Settings.from_settings(settings)  # checked before anything heavy loads
         from transformers import Dinov2Model  # heavy import, only when the step is built
 
         self.model_path = Path(model_path)
@@ -41,12 +59,12 @@ class Dinov2Embedder:
         self.model = Dinov2Model.from_pretrained(self.model_path, dtype=torch.float32).to(self.device).eval()
         patch = self.model.config.patch_size
         patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
-        self.input_size = int(settings.get("input_size", 224))
+        self.input_size = self.settings.input_size
         if self.input_size <= 0 or self.input_size % patch:
             raise ConfigError(
                 f"embedder.input_size must be a positive multiple of the DINOv2 patch size {patch}, got {self.input_size}"
             )
-        self.batch_size = int(settings.get("batch_size", BATCH_SIZE))
+        self.batch_size = self.settings.batch_size
         self.dim = 2 * int(self.model.config.hidden_size)
         # The weights' fingerprint is part of the name, so vectors made by other weights (or by
         # random weights) are never mixed with these in one bank.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.config import ConfigError, resolve_device
+from fewshot.settings import typed_section
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +54,31 @@ def load_alexnet_trunk(net: torch.nn.Module, backbone_path: Path) -> None:
     net.load_state_dict(mapped, strict=True)
 
 
+@dataclass(frozen=True)
+class LpipsSettings:
+    """The ``matcher`` section of ``type: lpips`` (configs/presets/foundation.yaml)."""
+
+    model: str  # the AlexNet trunk's name in configs/models.yaml
+    size: int  # LPIPS compares slices resized to size x size (its cost is quadratic in it)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> "LpipsSettings":
+        out = typed_section(cls, settings, "matcher", strict=True)
+        if out.size < 32:
+            raise ConfigError(f"matcher.size must be at least 32 pixels for AlexNet's strides, got {out.size}")
+        return out
+
+
 class LpipsMatcher:
     """distances(query (S, S), candidates (M, S, S)) -> (M,) LPIPS distances, lower = closer."""
 
     def __init__(self, backbone_path: Path, settings: Mapping, device: str = "cpu"):
+        self.settings = LpipsSettings.from_settings(settings)  # checked before anything heavy loads
         import lpips  # heavy import, only when the step is built
 
         self.backbone_path = Path(backbone_path)
         self.device = resolve_device(device)
-        self.size = int(settings.get("size", 128))
-        if self.size < 32:
-            raise ConfigError(f"matcher.size must be at least 32 pixels for AlexNet's strides, got {self.size}")
+        self.size = self.settings.size
         with warnings.catch_warnings():
             # lpips passes torchvision's deprecated `pretrained=False`; harmless here
             warnings.simplefilter("ignore", UserWarning)

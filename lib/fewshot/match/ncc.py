@@ -37,7 +37,7 @@ class NccSettings:
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "NccSettings":
-        out = typed_section(cls, settings, "matcher", "configs/presets/classic-slices.yaml")
+        out = typed_section(cls, settings, "matcher", "configs/presets/classic-slices.yaml", strict=True)
         if out.size < 8 or out.rotation_steps < 1 or not 0.0 <= out.max_shift < 0.5:
             raise ConfigError(f"matcher ncc settings out of range: {out}")
         return out

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -36,6 +36,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from fewshot.config import ConfigError
+from fewshot.settings import typed_section
 from fewshot.transfer.workers import WorkerPool, sitk_threads
 from fewshot.types import Progress, SlicePlan, SliceResult, VolumeResult
 
@@ -91,30 +92,9 @@ class RegistrationSettings:
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "RegistrationSettings":
-        def section(name: str, kind):
-            raw = settings.get(name)
-            if not isinstance(raw, Mapping):
-                raise ConfigError(f"transfer type registration needs a {name!r} section (configs/presets/classic.yaml)")
-            names = [f.name for f in fields(kind)]
-            missing = [k for k in names if k not in raw]
-            if missing:
-                raise ConfigError(f"transfer.{name} needs settings {missing} (configs/presets/classic.yaml)")
-            return kind(**{k: tuple(raw[k]) if isinstance(raw[k], (list, tuple)) else raw[k] for k in names})
-
-        top = ("workers", "threads_per_worker", "start_method", "log_every")
-        missing = [k for k in top if k not in settings]
-        if missing:
-            raise ConfigError(f"transfer type registration needs settings {missing} (configs/presets/classic.yaml)")
-        out = cls(
-            workers=int(settings["workers"]),
-            threads_per_worker=int(settings["threads_per_worker"]),
-            start_method=str(settings["start_method"]),
-            log_every=int(settings["log_every"]),
-            affine=section("affine", AffineStage),
-            deformable=section("deformable", DeformableStage),
-            fusion=section("fusion", FusionStage),
-            consistency=section("consistency", ConsistencyStage),
-        )
+        """Every key required, each of its type (the stages are sections of their own), then checked
+        together; configs/presets/classic-slices.yaml sets them all."""
+        out = typed_section(cls, settings, "transfer", "configs/presets/classic-slices.yaml")
         out.validate()
         return out
 
