@@ -139,6 +139,7 @@ def cmd_throughput(args) -> dict:
     for workers in (1, 2):
         output = WORK / "throughput" / f"out-{workers}"
         shutil.rmtree(output, ignore_errors=True)
+        load_before = _load()  # the ratio means something only on an otherwise idle machine
         report = run_batch(cases, BatchSpec(settings=settings, bank_dir=str(bank), output_dir=str(output)),
                            RayOptions(workers=workers, cpus_per_worker=1), progress=False)
         records = [json.loads(line) for line in (output / "manifest.jsonl").read_text().splitlines()]
@@ -148,7 +149,8 @@ def cmd_throughput(args) -> dict:
                      "segment_seconds": report.segment_seconds, "cases_per_hour": report.cases_per_hour,
                      "run_seconds": report.seconds, "median_case_seconds": float(np.median(seconds)),
                      # On an idle machine a case's wall time is its CPU time; above it, it waited for a core.
-                     "median_case_cpu_seconds": float(np.median(cpu)), "load_avg": _load()})
+                     "median_case_cpu_seconds": float(np.median(cpu)), "load_avg_before": load_before,
+                     "load_avg": _load()})
         print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "ratio": round(rows[1]["cases_per_hour"] / rows[0]["cases_per_hour"], 3),
             "settings": {"preset": "classic", "atlases": 3, "threads_per_worker": 1}}
@@ -212,7 +214,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.time()
     result = {"memory": cmd_memory, "throughput": cmd_throughput, "resume": cmd_resume}[args.what](args)
-    result.update(command=f"python scripts/bench_batch.py {args.what}" + (f" --cases {args.cases}" if args.cases else ""),
+    result.update(command=f"python scripts/bench_batch.py {args.what} --cases {args.cases}"
+                          + (f" --out {args.out}" if args.out != OUT else ""),
                   seconds=round(time.time() - started, 1), cpus=os.cpu_count(),
                   date=time.strftime("%Y-%m-%d %H:%M"))
     args.out.mkdir(parents=True, exist_ok=True)

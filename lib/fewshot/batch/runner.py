@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 from collections import deque
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 # beside a case (seconds to minutes).
 QUEUE_DEPTH = 1
 LOCAL_OBJECT_STORE_BYTES = 256 << 20  # the batch passes paths and small records, never volumes
+INLINE_ARG_BYTES = 64 << 10  # below Ray's max_direct_call_object_size (100 KB): sent with the call
 
 
 class BatchError(RuntimeError):
@@ -217,12 +219,16 @@ def _run(todo, spec, options, manifest, pinned, generation, settings_key, report
                 max_restarts=options.max_restarts, max_task_retries=0,
                 runtime_env={"env_vars": thread_env(threads)},
             )
-            # Passed by value: small (paths, settings, the bank's manifest), and a restarted worker needs it again.
+            # Paths, settings and the bank manifest the batch is pinned to.
             worker_spec = (WorkerSpec(settings=spec.settings, bank_dir=str(Path(spec.bank_dir).resolve()),
                                              pinned=pinned, models_dir=spec.models_dir, label_names=dict(spec.label_names),
                                              only=list(spec.only) if spec.only else None, threads=threads,
                                              monai_reader=any(needs_monai_reader(c.path) for c in todo)))
-            pool = _Pool(ray, lambda: remote.remote(worker_spec), generation, report)
+            # Ray sends a small argument with the call, a large one (a big bank's manifest) through its object
+            # store, from which a worker restarted after a crash reads it again: that copy is put once and
+            # held for the whole run (ray-project/ray#53727; Ray still logs a warning about it).
+            arg = worker_spec if len(pickle.dumps(worker_spec)) < INLINE_ARG_BYTES else ray.put(worker_spec)
+            pool = _Pool(ray, lambda: remote.remote(arg), generation, report)
             logger.info("batch: starting %d workers (%s CPU, %s GPU each)", n, options.cpus_per_worker, options.gpus_per_worker)
             pool.start(n)
             manifest.append(dict(run, workers=[w["worker"] for w in report.workers]))
