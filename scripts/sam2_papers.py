@@ -63,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="folder holding chaos-t2/ and cmr-bssfp/")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS,
+                        help="a subset (the table keeps a column for each; a run not made shows '–')")
     args, passthrough = parser.parse_known_args(argv)  # e.g. --max-queries 2 --device cuda --set random_weights=true
     args.out.mkdir(parents=True, exist_ok=True)
     for preset in args.presets:
-        for dataset in DATASETS:
+        for dataset in args.datasets:
             for protocol, extra in PROTOCOLS:
                 run_one(args.data, args.out, preset, dataset, protocol, extra, passthrough)
     text = table(args.out)

@@ -46,6 +46,10 @@ def test_each_preset_dataset_and_protocol_runs_once_with_the_passthrough(papers,
     calls.clear()  # a second call resumes: every run finished, none starts again
     papers.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
     assert calls == []
+    papers.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "subset"), "--presets", "rag-sam2",
+                 "--datasets", "cmr-bssfp"])
+    assert [(c[c.index("--preset") + 1], Path(c[c.index("--data") + 1]).name) for c in calls] == [("rag-sam2", "cmr-bssfp")] * 2
+    assert (tmp_path / "subset" / "table.md").read_text().count("| – | 50.0 |") == 2  # CHAOS not run: '–'
 
 
 def test_the_table_puts_each_runs_figure_in_its_cell(papers, tmp_path, monkeypatch):
