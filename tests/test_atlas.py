@@ -7,6 +7,7 @@ cardiac scan from ../shared/data (skipped when absent).
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -142,6 +143,30 @@ def test_joint_fusion_gives_a_duplicated_atlas_no_extra_vote():
     assert (three[0][agree] == 1).all() and (three[0][(labels_good == 0) & (labels_bad == 0)] == 0).all()
 
 
+def test_an_atlas_variants_merge_by_where_each_matches_the_query():
+    """fusion.shifted_votes local: one atlas's variants become one vote, each variant weighing most
+    where its own patch matches the query. Variant A is the query on the left half and noise on the
+    right, B the reverse; their labels disagree everywhere, so the merged label must follow A on the
+    left and B on the right (a plain mean would be 1/2 everywhere)."""
+    from fewshot.transfer.fusion import merge_variants
+
+    rng = np.random.default_rng(1)
+    query = ndimage.gaussian_filter(rng.random((6, 40, 40)), 1.0).astype(np.float32)
+    other = ndimage.gaussian_filter(rng.random((6, 40, 40)), 1.0).astype(np.float32)
+    a, b = query.copy(), query.copy()
+    a[:, :, 20:] = other[:, :, 20:]
+    b[:, :, :20] = other[:, :, :20]
+    labels = np.stack([np.ones_like(query), np.zeros_like(query)])[:, None]  # A says 1, B says 0
+    image, merged = merge_variants(query, np.stack([a, b]), labels, (1, 2, 2), 2.0)
+    assert merged.shape == (1,) + query.shape and image.shape == query.shape
+    left, right = merged[0][:, :, :15], merged[0][:, :, 25:]  # away from the seam (patch width 5)
+    assert left.min() > 0.95 and right.max() < 0.05
+    assert np.abs(image[:, :, :15] - query[:, :, :15]).max() < 0.05
+    # One variant: itself, unchanged.
+    single_image, single = merge_variants(query, a[None], labels[:1], (1, 2, 2), 2.0)
+    assert np.array_equal(single_image, a) and np.array_equal(single, labels[0])
+
+
 # ------------------------------------------------------------------------------------ registration
 
 
@@ -204,11 +229,13 @@ def test_slice_shifted_variants_vote_as_more_atlases(self_registered):
     transfer = AtlasTransfer({**settings, "workers": 1, "in_plane": {**settings["in_plane"], "slice_shifts": [-1, 0, 1]}})
     assert AtlasSettings.from_settings({**settings, "in_plane": {**settings["in_plane"], "slice_shifts": [-1, 0, 1]}})
     box = candidate.box
-    fused = transfer._fuse(canvas, spacing, box, [candidate], [atlas], (1, 2, 3))
-    full = np.zeros((3,) + canvas.shape, np.float32)
-    full[(slice(None),) + box] = fused
-    for c, value in enumerate((1, 2, 3)):
-        assert dice(full[c] > 0.5, atlas.mask == value) >= 0.9, value
+    for shifted_votes in ("joint", "local"):  # each variant its own vote, or merged per atlas first
+        transfer.settings = replace(transfer.settings, fusion=replace(transfer.settings.fusion, shifted_votes=shifted_votes))
+        fused = transfer._fuse(canvas, spacing, box, [candidate], [atlas], (1, 2, 3))
+        full = np.zeros((3,) + canvas.shape, np.float32)
+        full[(slice(None),) + box] = fused
+        for c, value in enumerate((1, 2, 3)):
+            assert dice(full[c] > 0.5, atlas.mask == value) >= 0.9, (shifted_votes, value)
 
 
 def load_transfer_plan() -> reg.RegistrationPlan:

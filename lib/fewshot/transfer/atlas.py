@@ -36,7 +36,7 @@ import SimpleITK as sitk
 
 from fewshot.config import ConfigError
 from fewshot.transfer import atlas_registration as reg
-from fewshot.transfer.fusion import FusionSettings, fuse
+from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
 from fewshot.transfer.shape import ShapeSettings, SolidityCache, make_convex
@@ -118,6 +118,8 @@ class AtlasSettings:
             problems.append("in_plane.slice_shifts must hold 0 (the registered result) and no repeats, e.g. [-1, 0, 1]")
         if p.in_plane.affine not in ("none", "rigid", "similarity"):
             problems.append(f"in_plane.affine {p.in_plane.affine!r} must be none, rigid or similarity")
+        if self.fusion.shifted_votes not in ("joint", "local"):
+            problems.append(f"fusion.shifted_votes {self.fusion.shifted_votes!r} must be joint or local")
         if self.fusion.method not in ("joint", "majority"):
             problems.append(f"fusion.method {self.fusion.method!r} must be joint or majority")
         if len(self.fusion.patch_radius) != 3 or min(self.fusion.patch_radius) < 0:
@@ -396,6 +398,11 @@ class AtlasTransfer:
         slices = [SliceResult(probabilities=probs[:, z], object_scores=object_scores(probs[:, z])) for z in range(len(query))]
         return VolumeResult(labels=labels, slices=slices, seconds=seconds, atlases=uses)
 
+    def _merged(self, query: np.ndarray, c: reg.Candidate) -> tuple[np.ndarray, np.ndarray]:
+        votes = c.votes()
+        return merge_variants(query[c.box], np.stack([i for i, _ in votes]), np.stack([p for _, p in votes]),
+                              self.settings.fusion.patch_radius, self.settings.fusion.beta)
+
     def _fuse(self, query: np.ndarray, spacing, box, used: Sequence[reg.Candidate], holders: Sequence[Atlas],
               labels: tuple[int, ...]) -> np.ndarray:
         """(L, box) fused probabilities. Each label is fused over the atlases that hold it (an atlas
@@ -403,8 +410,12 @@ class AtlasTransfer:
         together; where some atlas's registered region does not reach, the atlases that do reach it
         vote by their mean (joint fusion needs every atlas's patch, and a missing one cannot be faked)."""
         shape = tuple(s.stop - s.start for s in box)
-        # Every vote: an atlas's registered result and its slice-shifted variants (in_plane.slice_shifts).
-        entries = [(c, image, p, atlas) for c, atlas in zip(used, holders) for image, p in c.votes()]
+        # Every vote: an atlas's registered result and its slice-shifted variants (in_plane.slice_shifts),
+        # or with fusion.shifted_votes local one vote per atlas, its variants merged first.
+        if self.settings.fusion.shifted_votes == "local":
+            entries = [(c, *self._merged(query, c), atlas) for c, atlas in zip(used, holders)]
+        else:
+            entries = [(c, image, p, atlas) for c, atlas in zip(used, holders) for image, p in c.votes()]
         holders = [atlas for *_, atlas in entries]
         images = np.zeros((len(entries),) + shape, np.float32)
         votes = np.zeros((len(entries), len(labels)) + shape, np.float32)

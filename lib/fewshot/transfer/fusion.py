@@ -13,6 +13,16 @@ fusion runs only where the atlases disagree (dilated by one voxel): the same res
 the time on CHAOS. There the fused probability is the atlases' mean soft vote.
 
 ``majority`` (the mean of the atlases' soft votes) is kept for the ablation.
+
+An atlas refined in plane with slice offsets (``in_plane.slice_shifts``) casts several variants.
+``shifted_votes: joint`` hands every variant to joint fusion as a vote of its own (K atlases x S
+shifts votes: the fusion's cost grows with their square). ``local`` first merges one atlas's
+variants into one vote by locally weighted voting (Artaechevarria, Munoz-Barrutia & Ortiz-de-Solorzano,
+IEEE TMI 2009): at each voxel a variant weighs the inverse of its patch's mean squared difference
+from the query, to the power ``beta``, which is joint fusion's weight without the correlation term.
+The variants of one atlas share its registration and differ only by which slice faces the query,
+so their errors are the correlated ones joint fusion would pool anyway; joint fusion then weighs K
+votes, one per atlas.
 """
 from __future__ import annotations
 
@@ -38,6 +48,9 @@ class FusionSettings:
     search_radius: int | tuple[int, ...]
     rho: float  # joint: ridge on the error-correlation matrix (robustness against its noise)
     threads: int  # ITK threads antsJointFusion uses
+    # How an atlas's slice-shifted variants vote: "joint" (each its own vote in joint fusion) or
+    # "local" (merged per atlas by locally weighted voting first; see the module's docstring)
+    shifted_votes: str = "joint"
 
 
 def search_radius(radius) -> int | str:
@@ -63,6 +76,24 @@ def disagreement(hard: np.ndarray) -> np.ndarray:
     """Voxels where some atlas differs from the first, dilated by one voxel (patches need context)."""
     differs = (hard != hard[:1]).any(axis=0)
     return ndimage.binary_dilation(differs, structure=np.ones((3,) * differs.ndim, bool)) if differs.any() else differs
+
+
+def merge_variants(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray,
+                   patch_radius: Sequence[int], beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """One atlas's variants -> one vote. query (z, y, x), images (S, z, y, x), probabilities
+    (S, L, z, y, x) -> (image, probabilities) weighted per voxel by the variants' local agreement."""
+    images = np.asarray(images, np.float32)
+    if len(images) == 1:
+        return images[0], np.asarray(probabilities[0], np.float32)
+    size = [2 * int(r) + 1 for r in patch_radius]
+    error = np.stack([ndimage.uniform_filter((image - query) ** 2, size=size, mode="nearest") for image in images])
+    # The floor keeps a perfect patch from taking an infinite weight; it is small on the query's scale.
+    floor = 1e-3 * float(np.var(query)) + 1e-12
+    weights = (error + floor) ** (-float(beta))
+    weights /= weights.sum(axis=0, keepdims=True)
+    image = (weights * images).sum(axis=0)
+    merged = np.einsum("s...,sl...->l...", weights, np.asarray(probabilities, np.float32))
+    return image.astype(np.float32), merged.astype(np.float32)
 
 
 def joint(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spacing: Sequence[float],
