@@ -173,9 +173,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_among_the_projects_modules():
     modules = project_modules()
-    assert {"fewshot.engine", "fewshot.bank", "main", "lib.dicomweb", "lib.pacs_sync"} <= set(modules)
+    assert {"fewshot.engine", "fewshot.bank", "main", "lib.dicomweb_datastore", "lib.pacs_sync"} <= set(modules)
     graph = import_graph(modules)
-    assert "fewshot.files" in graph["fewshot.bank"] and "lib.dicomweb" in graph["lib.pacs_sync"]
+    assert "fewshot.files" in graph["fewshot.bank"] and "lib.dicomweb_datastore" in graph["lib.pacs_sync"]
     assert cycles(graph) == []
 
 

@@ -4,7 +4,7 @@
         [-c models_dir DIR] [-c device cpu|cuda] [-c labels liver=1,spleen=2] [-c retrieval.top_k 8 ...]
 
 ``<datastore>`` is a folder, or a DICOMweb URL (``http://pacs/dicom-web``, as OHIF's panel needs):
-``lib/dicomweb.py`` caches its series locally and keeps the bank beside that cache; ``lib/pacs_sync.py``
+``lib/dicomweb_datastore.py`` caches its series locally and keeps the bank beside that cache; ``lib/pacs_sync.py``
 keeps its final labels in step with the PACS's SEG series.
 
 Tasks: infer ``fewshot`` (``fewshot_sam2``, its name before, is an alias); strategies ``bank_coverage``, ``random``, ``first``. The engine is the
@@ -50,7 +50,7 @@ from lib.activelearning.bank_coverage import BankCoverage
 from lib import annotations
 from lib.app_config import AppConfig
 from lib.datastore import FewshotDatastore
-from lib.dicomweb import FewshotDicomWebDatastore
+from lib.dicomweb_datastore import FewshotDicomWebDatastore
 from lib.pacs_client import cache_root, is_dicomweb, make_client
 from lib.pacs_sync import PacsSync
 from lib.embedding_cache import EmbeddingCache

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 
 from lib import annotations
 from lib.dicom_seg import seg_stamp, seg_to_label
-from lib.dicomweb import FINAL, NIFTI, FewshotDicomWebDatastore
+from lib.dicomweb_datastore import FINAL, NIFTI, FewshotDicomWebDatastore
 from lib.pacs_client import PacsError, http_detail
 
 logger = logging.getLogger(__name__)
