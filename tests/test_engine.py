@@ -592,3 +592,47 @@ def test_after_a_new_label_only_affected_slices_rerun_and_the_result_equals_a_fr
     assert again.provenance == fresh.provenance
     assert fresh.computed_slices == fresh.timings["slices"]
     assert again.computed_slices <= again.timings["slices"]
+
+
+def test_the_cli_sync_puts_only_the_annotated_part_of_a_partial_save_in_the_bank(engine_factory, tmp_path):
+    """A bank the CLI builds from an app's datastore (`python -m fewshot bank sync`, `segment --support`)
+    reads which final labels the app saved as partial from MONAI Label's index, as the app does: only
+    the annotated slices enter (the others are not "no organ"). When the index later says the label
+    is complete, the entry is stale and is made again whole; an index that cannot be read stops the
+    sync with a clear error rather than guessing "complete"."""
+    from fewshot.annotation import Annotation, AnnotationError
+    from fewshot.cli.common import sync_bank
+    from fewshot.folders import INDEX_FILE
+
+    store = tmp_path / "store"
+    (store / "labels" / "final").mkdir(parents=True)
+    image, label = _synthetic_case(tmp_path, "scan", slices=range(1, 7))
+    shutil.copy(image, store / "scan.nii.gz")
+    shutil.copy(label, store / "labels" / "final" / "scan.nii.gz")
+
+    def index(annotation):
+        info = {"annotation": annotation} if annotation else {}
+        (store / INDEX_FILE).write_text(json.dumps({"name": "s", "description": "", "objects": {
+            "scan": {"image": {"ext": ".nii.gz", "info": {}}, "labels": {"final": {"ext": ".nii.gz", "info": info}}}}}))
+
+    engine, _ = engine_factory(tmp_path / "bank")
+    index({"partial": True, "slices": [2, 3], "axis": 2, "labels": None, "how": "params annotated_slices"})
+    assert sync_bank(engine, str(store))["ingested"] == ["scan"]
+    record = engine.bank.record("scan")
+    assert record["source"]["annotation"]["slices"] == [2, 3]
+    stats = engine.bank.stats()
+    # The two annotated slices (plus their augmented copies); the unannotated 0 and 7 are no negatives.
+    assert stats["per_label"] == {"1": 2} and stats["negative_slices"] == 0
+    assert sync_bank(engine, str(store))["ingested"] == []  # in step: nothing redone
+
+    index(None)  # the label was saved again, whole
+    assert engine.stale_images({"scan": (str(store / "scan.nii.gz"), str(store / "labels" / "final" / "scan.nii.gz"))},
+                               lambda image_id: Annotation()) == {"scan": "annotated part of its label changed since it was ingested"}
+    assert sync_bank(engine, str(store))["ingested"] == ["scan"]
+    stats = engine.bank.stats()
+    assert stats["per_label"] == {"1": 6} and stats["negative_slices"] == 2  # whole: slices 1-6, and 0 and 7 empty
+    assert not engine.bank.record("scan")["source"].get("annotation")
+
+    (store / INDEX_FILE).write_text('{"objects": {"scan": ')  # torn
+    with pytest.raises(AnnotationError, match="cannot read which final labels are partial"):
+        sync_bank(engine, str(store))

@@ -327,8 +327,11 @@ class Engine:
     def remove(self, image_id: str) -> bool:
         return self.bank.remove(image_id)
 
-    def stale_images(self, sources: Mapping[str, tuple[str, str]]) -> dict[str, str]:
-        """Images whose bank entries do not reflect their current image and label: id -> reason."""
+    def stale_images(self, sources: Mapping[str, tuple[str, str]],
+                     annotation_of: Callable[[str], Annotation] | None = None) -> dict[str, str]:
+        """Images whose bank entries do not reflect their current image and label: id -> reason.
+        ``annotation_of``: the annotated part of each image's label as its datastore records it; an
+        entry made for another part (say, as complete, before the save was known to be partial) is stale."""
         self.bank.refresh()
         stale = {}
         # Memories are needed for labels some image actually holds; a configured name with no
@@ -350,18 +353,27 @@ class Engine:
                     stale[image_id] = "no atlas volume cached"
             except OSError as exc:
                 stale[image_id] = f"cannot be read ({exc})"
+            if image_id not in stale and annotation_of is not None:
+                recorded = Annotation.from_dict(record["source"].get("annotation"))
+                current = annotation_of(image_id)
+                if (recorded.slices, recorded.axis, recorded.labels) != (current.slices, current.axis, current.labels):
+                    stale[image_id] = "annotated part of its label changed since it was ingested"
         return stale
 
-    def reconcile(self, sources: Mapping[str, tuple[str, str]], progress: Progress | None = None) -> dict:
+    def reconcile(self, sources: Mapping[str, tuple[str, str]], progress: Progress | None = None,
+                  annotation_of: Callable[[str], Annotation] | None = None) -> dict:
         """Make the bank match ``sources`` (image id -> (image path, final label path)).
 
         Entries of images without a final label are removed; missing or stale ones are (re)ingested.
+        ``annotation_of``: the annotated part of each label (complete when not given); a partial
+        label enters with only its annotated slices and labels, as when the app ingests a save.
         One bad file is reported and skipped; it never stops the others.
         """
+        annotation_of = annotation_of or (lambda image_id: Annotation())
         removed = [i for i in self.bank.image_ids() if i not in sources]
         for image_id in removed:
             self.bank.remove(image_id)
-        stale = self.stale_images(sources)
+        stale = self.stale_images(sources, annotation_of)
         done, failed = [], {}
         todo = sorted(stale.items())
         for n, (image_id, reason) in enumerate(todo, 1):
@@ -369,7 +381,8 @@ class Engine:
             image_path, label_path = sources[image_id]
             labels_before = set(self.bank.label_values)
             try:
-                self.ingest(image_id, image_path, label_path)
+                annotation = annotation_of(image_id)
+                self.ingest(image_id, image_path, label_path, annotation=annotation if annotation.partial else None)
                 done.append(image_id)
             except Exception as exc:  # one bad file (or a bug it triggers) must not stop the others
                 failed[image_id] = str(exc) or type(exc).__name__
@@ -377,7 +390,8 @@ class Engine:
                              exc_info=not isinstance(exc, (VolumeError, OSError)))
             if set(self.bank.label_values) - labels_before:
                 # A label value new to the bank: images ingested before it need its (absent) memories.
-                again = {i: r for i, r in self.stale_images({i: sources[i] for i in done}).items() if i != image_id}
+                again = {i: r for i, r in self.stale_images({i: sources[i] for i in done}, annotation_of).items()
+                         if i != image_id}
                 todo.extend(sorted(again.items()))
             if progress:
                 progress(n, len(todo))

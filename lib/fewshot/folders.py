@@ -8,10 +8,12 @@ index, uploads, locks) is the app's ``apps/fewshot/lib/datastore.py``; this only
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
+from fewshot.annotation import Annotation, AnnotationError
 from fewshot.volume import IMAGE_SUFFIXES
 
 
@@ -44,6 +46,34 @@ def scan_datastore(directory: str | os.PathLike) -> dict[str, tuple[str, str | N
         raise FileNotFoundError(f"{root}: no such datastore directory")
     labels = {image_id_of(p): str(p) for p in _images_in(root / "labels" / "final")}
     return {image_id_of(p): (str(p), labels.get(image_id_of(p))) for p in _images_in(root)}
+
+
+# MONAI Label's local datastore index, and where the app records a save's annotated part in it
+# (apps/fewshot/lib/annotations.py: a final label's info["annotation"]).
+INDEX_FILE = "datastore_v2.json"
+ANNOTATION_KEY = "annotation"
+
+
+def final_label_annotations(directory: str | os.PathLike) -> dict[str, Annotation]:
+    """image id -> the annotated part of its final label, for the labels the app saved as partial
+    (an image not listed was annotated whole). Read from MONAI Label's index, so a bank the CLI builds
+    puts in only what was annotated, as the app's does. No index: a plain folder, all complete. An
+    unreadable index is an error: guessing "complete" would teach the bank that unannotated slices hold
+    no organ."""
+    index = Path(directory) / INDEX_FILE
+    if not index.exists():
+        return {}
+    try:
+        objects = json.loads(index.read_text()).get("objects") or {}
+        found = {}
+        for image_id, entry in objects.items():
+            info = ((entry.get("labels") or {}).get("final") or {}).get("info") or {}
+            if info.get(ANNOTATION_KEY):
+                found[str(image_id)] = Annotation.from_dict(info[ANNOTATION_KEY])
+        return found
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise AnnotationError(f"{index}: cannot read which final labels are partial ({exc}); start the app on "
+                              "this datastore once (it repairs a damaged index) or move the file aside") from None
 
 
 def labelled(datastore: dict[str, tuple[str, str | None]]) -> dict[str, tuple[str, str]]:

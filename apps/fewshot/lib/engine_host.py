@@ -308,20 +308,10 @@ class EngineHost:
 
     def stale_images(self, sources: Mapping[str, tuple[str, str]],
                      annotation_of: Callable[[str], Annotation] | None = None) -> dict[str, str]:
-        """The engine's stale images, and those whose entries were made for another annotated part
-        of the label than the datastore now records (e.g. a bank built by the CLI, which reads files only)."""
+        """The engine's stale images, those whose entries were made for another annotated part of the
+        label than the datastore now records included (e.g. a bank built before a partial save)."""
         with self.lock:
-            stale = self.engine.stale_images(sources)
-            if annotation_of is None:
-                return stale
-            for image_id in sources:
-                if image_id in stale or image_id not in self.engine.bank:
-                    continue
-                recorded = Annotation.from_dict(self.engine.bank.record(image_id)["source"].get("annotation"))
-                current = annotation_of(image_id)
-                if (recorded.slices, recorded.axis, recorded.labels) != (current.slices, current.axis, current.labels):
-                    stale[image_id] = "annotated part of its label changed since it was ingested"
-            return stale
+            return self.engine.stale_images(sources, annotation_of)
 
     def bank_ids(self) -> list[str]:
         with self.lock:

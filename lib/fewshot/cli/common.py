@@ -112,12 +112,15 @@ def progress_bar(desc: str, unit: str = "slice"):
 
 
 def sync_bank(engine, datastore: str) -> dict:
-    from fewshot.folders import labelled, scan_datastore
+    from fewshot.annotation import Annotation
+    from fewshot.folders import final_label_annotations, labelled, scan_datastore
 
     sources = labelled(scan_datastore(datastore))
     if not sources:
         raise SystemExit(f"{datastore}: no final labels under labels/final/; label at least one image first")
-    return engine.reconcile(sources, progress=progress_bar("building support bank"))
+    partial = final_label_annotations(datastore)
+    return engine.reconcile(sources, progress=progress_bar("building support bank"),
+                            annotation_of=lambda image_id: partial.get(image_id, Annotation()))
 
 
 def release_held() -> None:
