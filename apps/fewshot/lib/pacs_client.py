@@ -18,7 +18,7 @@ from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.utils.others.generic import md5_digest
 
-from fewshot.dicomweb import UID_PATTERN, image_series  # the engine's: one definition of an image series
+from fewshot.dicomweb import UID_PATTERN, image_series, is_url  # the engine's: one definition of an image series
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class PacsError(HTTPException):
 
 
 def is_dicomweb(studies: Any) -> bool:
-    return str(studies).strip().lower().startswith(("http://", "https://"))
+    return is_url(studies)  # the engine's test, so the app and `fewshot batch` agree on what a PACS URL is
 
 
 def make_client(url: str):
