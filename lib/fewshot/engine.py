@@ -381,8 +381,7 @@ class Engine:
             image_path, label_path = sources[image_id]
             labels_before = set(self.bank.label_values)
             try:
-                annotation = annotation_of(image_id)
-                self.ingest(image_id, image_path, label_path, annotation=annotation if annotation.partial else None)
+                self.ingest(image_id, image_path, label_path, annotation=annotation_of(image_id))
                 done.append(image_id)
             except Exception as exc:  # one bad file (or a bug it triggers) must not stop the others
                 failed[image_id] = str(exc) or type(exc).__name__
