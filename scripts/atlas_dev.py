@@ -6,8 +6,9 @@
     python scripts/atlas_dev.py chaos-t2 2,3 1,8,10,13,15 --fusion '{"j222s1": {}, "maj": {"method": "majority"}}'
 
 Prints Dice per label, seconds per volume and stage timers for each query. With ``--fusion`` every
-query is registered once and fused with each named variant of ``transfer.fusion`` (the registrations
-are cached), which is how the fusion settings in docs/results.md were compared. These pairs were the
+query is registered once and fused with each named variant of ``transfer.fusion`` (and decided by
+each variant's ``decision`` / ``threshold``, when it names them; the registrations are cached),
+which is how the fusion settings in docs/results.md were compared. These pairs were the
 design set (docs/results.md, "How classic was designed"): they are also among the scored scans, so
 figures from here are indicative, never results.
 """
@@ -36,7 +37,8 @@ def main() -> None:
     p.add_argument("queries")
     p.add_argument("atlases")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--fusion", default=None, help="JSON: variant name -> transfer.fusion fields")
+    p.add_argument("--fusion", default=None, help="JSON: variant name -> transfer.fusion fields "
+                   "(and transfer.decision / transfer.threshold)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in ("fewshot.bank", "fewshot.engine", "monai"):
@@ -54,7 +56,9 @@ def main() -> None:
     try:
         for q in args.queries.split(","):
             for name, fields in variants.items():
-                engine.transfer.settings = dataclasses.replace(base, fusion=dataclasses.replace(base.fusion, **fields))
+                fields = dict(fields)
+                top = {k: fields.pop(k) for k in ("decision", "threshold") if k in fields}
+                engine.transfer.settings = dataclasses.replace(base, fusion=dataclasses.replace(base.fusion, **fields), **top)
                 engine.forget_results()  # the finished segmentation, not the registrations
                 start = time.perf_counter()
                 seg = engine.segment(root / f"image_{q}.nii.gz", labels=values)

@@ -18,6 +18,7 @@ from scipy import ndimage
 from app_harness import PROJECT
 from conftest import shared_dataset
 from fewshot.config import load_preset
+from fewshot.decision import LabelDecision
 from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.fusion import FusionSettings, joint, majority
 from fewshot.transfer.pieces import count_pieces, expected_pieces, keep_pieces
@@ -76,7 +77,7 @@ def test_atlas_settings_reject_what_they_cannot_run():
     from fewshot.transfer.atlas import AtlasTransfer
 
     good = load_preset("classic")["transfer"]
-    for key, value in (("slice_order", "guess"), ("threshold", 1.5), ("workers", 0)):
+    for key, value in (("slice_order", "guess"), ("threshold", 1.5), ("decision", "vote"), ("workers", 0)):
         with pytest.raises(ConfigError, match=key.split("_")[0]):
             AtlasTransfer({**good, key: value})
     with pytest.raises(ConfigError, match="fusion"):
@@ -106,10 +107,10 @@ def test_pieces_keep_as_many_parts_as_the_atlases_have():
     probs[1][mask == 3] = 0.9
     probs[0][mask == 1] = 0.9
     probs[1, 9, 0, 0] = 0.8  # a speck
-    kept = keep_pieces(probs, (1, 3), {1: 1, 3: 2}, 0.5)
+    kept = keep_pieces(probs, (1, 3), {1: 1, 3: 2}, LabelDecision())
     assert (kept[1][mask == 3] == 0.9).all()  # both kidneys survive
     assert kept[1, 9, 0, 0] == 0 and (kept[0] == probs[0]).all()
-    one = keep_pieces(probs, (1, 3), {1: 1, 3: 1}, 0.5)
+    one = keep_pieces(probs, (1, 3), {1: 1, 3: 1}, LabelDecision())
     assert (one[1] > 0.5).sum() == (mask[:, :, 25:] == 3).sum()  # one piece: the largest
 
 

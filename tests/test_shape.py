@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from conftest import shared_dataset
+from fewshot.decision import LabelDecision
 from fewshot.transfer.shape import SolidityCache, make_convex, solidity
 from fewshot.types import Atlas
 
@@ -52,11 +53,11 @@ def test_a_convex_label_takes_back_what_another_label_took_inside_it_but_not_bac
     notch = disc(64, (32, 44), 3) & (truth[2] == 2)
     predicted[2][notch] = 0  # a notch of background at the cavity's edge (a real concavity stays)
     values = (1, 2)
-    out = decide(make_convex(one_hot(predicted, values), values, [2], 0.5, 1.5625), values)
+    out = decide(make_convex(one_hot(predicted, values), values, [2], LabelDecision(), 1.5625), values)
     np.testing.assert_array_equal(out[1], truth[1])  # the muscles went back to the cavity
     assert (out[2][notch] == 0).all()  # background inside the hull was left alone
     np.testing.assert_array_equal(out[0], truth[0])  # a slice with nothing wrong is unchanged
-    unchanged = decide(make_convex(one_hot(predicted, values), values, [], 0.5, 1.5625), values)
+    unchanged = decide(make_convex(one_hot(predicted, values), values, [], LabelDecision(), 1.5625), values)
     np.testing.assert_array_equal(unchanged, predicted)  # no convex label: nothing happens
 
 
@@ -69,9 +70,9 @@ def test_a_convex_label_never_takes_from_another_convex_label():
     plane[29:35, 22:37] = 2  # label 2 reaches into label 1: each one's hull covers some of the other
     predicted = np.stack([plane] * 2)
     values = (1, 2)
-    out = decide(make_convex(one_hot(predicted, values), values, [1, 2], 0.5, 1.0), values)
+    out = decide(make_convex(one_hot(predicted, values), values, [1, 2], LabelDecision(), 1.0), values)
     np.testing.assert_array_equal(out, predicted)
-    taken = decide(make_convex(one_hot(predicted, values), values, [1], 0.5, 1.0), values)
+    taken = decide(make_convex(one_hot(predicted, values), values, [1], LabelDecision(), 1.0), values)
     assert (taken != predicted).any()  # the same hull does take from a label that is not convex
 
 
@@ -82,7 +83,7 @@ def test_two_pieces_of_one_label_in_a_slice_are_not_bridged():
     plane[28:36, 22:42] = 1  # something else between them (the spine)
     predicted = np.stack([plane] * 2)
     values = (1, 2)
-    out = decide(make_convex(one_hot(predicted, values), values, [2], 0.5, 1.0), values)
+    out = decide(make_convex(one_hot(predicted, values), values, [2], LabelDecision(), 1.0), values)
     np.testing.assert_array_equal(out, predicted)
 
 
@@ -120,7 +121,7 @@ def test_a_real_blood_pool_gets_its_papillary_muscles_back():
     damaged = truth.copy()
     damaged[dark & eroded] = 200
     before = 2 * ((damaged == 500) & pool).sum() / ((damaged == 500).sum() + pool.sum())
-    out = decide(make_convex(one_hot(damaged, values), values, convex, 0.5, 1.5625), values)
+    out = decide(make_convex(one_hot(damaged, values), values, convex, LabelDecision(), 1.5625), values)
     after = 2 * ((out == 500) & pool).sum() / ((out == 500).sum() + pool.sum())
     assert before < 0.9 and after > 0.98, (before, after)
     assert ((out == 600) == (truth == 600)).all()  # the right ventricle is not touched

@@ -27,6 +27,7 @@ from fewshot.bank import SupportBank
 from fewshot.bank_index import IndexSettings
 from fewshot.bank_shards import SliceBatch
 from fewshot.config import settings_hash
+from fewshot.decision import LabelDecision
 from fewshot.files import file_stamp, same_content
 from fewshot.provenance import atlas_provenance, slice_provenance
 from fewshot.segmentation import (
@@ -483,7 +484,7 @@ class Engine:
         prepared, embeddings = self._prepared_with_embeddings(image)
         timings = {"prepare_and_embed": time.perf_counter() - t0}
         values = list(chosen.values())
-        result_key = (prepared.key, self.bank.generation, tuple(values), settings_hash(settings), self.probability_threshold,
+        result_key = (prepared.key, self.bank.generation, tuple(values), settings_hash(settings), self.label_decision,
                       matching)
         with self._prepared_lock:
             cached = self._results.get(result_key)
@@ -517,11 +518,11 @@ class Engine:
             timings[stage] = timings.get(stage, 0.0) + seconds
         t0 = time.perf_counter()
         probs = np.stack([s.probabilities for s in result.slices]) if result.slices else np.zeros((0, len(values)))
-        threshold = self.probability_threshold
-        label = canvas_to_label(probs, result.labels, prepared.geometry, threshold=threshold)
+        decision = self.label_decision
+        label = canvas_to_label(probs, result.labels, prepared.geometry, decision)
         timings["postprocess"] = time.perf_counter() - t0
-        provenance = (atlas_provenance(self.bank, result, chosen, prepared.geometry, threshold) if plans is None
-                      else slice_provenance(self.bank, plans, result, chosen, prepared.geometry, threshold))
+        provenance = (atlas_provenance(self.bank, result, chosen, prepared.geometry, decision) if plans is None
+                      else slice_provenance(self.bank, plans, result, chosen, prepared.geometry, decision))
         timings = partition(timings, time.perf_counter() - t_start)
         timings["slices"] = len(prepared.canvas)
         segmentation = Segmentation(label, prepared.volume, chosen, provenance, timings, skipped,
@@ -571,7 +572,9 @@ class Engine:
         return [self.bank.atlas(i) for i in ids]
 
     @property
-    def probability_threshold(self) -> float:
-        """Probability above which a voxel is labelled: the transfer step's own (SAM 2 derives it from
-        ``transfer.mask_threshold``), 0.5 for steps that do not say."""
-        return float(getattr(self.transfer, "probability_threshold", 0.5))
+    def label_decision(self) -> LabelDecision:
+        """How the transfer step's probabilities become labels: its own rule where it has one (label
+        fusion's votes are one distribution), else the most probable label above its threshold (SAM 2
+        derives that from ``transfer.mask_threshold``; 0.5 for steps that do not say)."""
+        own = getattr(self.transfer, "label_decision", None)
+        return own if own is not None else LabelDecision(float(getattr(self.transfer, "probability_threshold", 0.5)))

@@ -8,10 +8,12 @@ from __future__ import annotations
 from typing import Mapping
 
 from fewshot.bank import SupportBank
+from fewshot.decision import LabelDecision
 from fewshot.volume import CanvasGeometry
 
 
-def slice_provenance(bank: SupportBank, plans, result, chosen: Mapping[str, int], geometry: CanvasGeometry, threshold: float = 0.5) -> dict:
+def slice_provenance(bank: SupportBank, plans, result, chosen: Mapping[str, int], geometry: CanvasGeometry,
+                     decision: LabelDecision = LabelDecision()) -> dict:
     """label name -> {"slice_axis", "slices": {slice: {"supports": [...], "object_score", "present"}}}.
 
     Slice numbers are the files' own: the query's along its array axis ``slice_axis``, each
@@ -28,10 +30,11 @@ def slice_provenance(bank: SupportBank, plans, result, chosen: Mapping[str, int]
         return entry
 
     out = {}
+    decided = [decision.decide(sres.probabilities) for sres in result.slices]
     for name, value in chosen.items():
         c = list(result.labels).index(value)
         per_slice = {}
-        for plan, sres in zip(plans, result.slices):
+        for plan, sres, picked in zip(plans, result.slices, decided):
             ran = plan.labels if sres.ran is None else sres.ran
             if value not in ran:
                 continue
@@ -41,24 +44,26 @@ def slice_provenance(bank: SupportBank, plans, result, chosen: Mapping[str, int]
                 # before it in the propagation predicted it present.
                 "via": "supports" if value in plan.labels else "neighbour",
                 "object_score": round(float(sres.object_scores[c]), 3),
-                "present": bool(sres.probabilities[c].max() > threshold),
+                "present": bool((picked == c).any()),
             }
         out[name] = {"slice_axis": geometry.file_axis, "slices": dict(sorted(per_slice.items(), key=lambda kv: int(kv[0])))}
     return out
 
-def atlas_provenance(bank: SupportBank, result, chosen: Mapping[str, int], geometry: CanvasGeometry, threshold: float) -> dict:
+def atlas_provenance(bank: SupportBank, result, chosen: Mapping[str, int], geometry: CanvasGeometry,
+                     decision: LabelDecision) -> dict:
     """label name -> {"atlases": the scans registered for it (similarity, time), "slice_axis",
     "slices": {file slice: {"object_score", "present"}} where the label was predicted}."""
     out = {}
     has = {a: set(bank.record(a)["labels"]) if a in bank else set() for a in (u.image_id for u in result.atlases)}
+    decided = [decision.decide(sres.probabilities) for sres in result.slices]
     for name, value in chosen.items():
         c = list(result.labels).index(value)
         per_slice = {}
-        for z, sres in enumerate(result.slices):
+        for z, (sres, picked) in enumerate(zip(result.slices, decided)):
             peak = float(sres.probabilities[c].max()) if sres.probabilities.size else 0.0
             if peak > 0:
                 per_slice[str(geometry.file_slice(z))] = {"object_score": round(float(sres.object_scores[c]), 3),
-                                                          "present": bool(peak > threshold)}
+                                                          "present": bool((picked == c).any())}
         out[name] = {
             "atlases": [u.as_dict() for u in result.atlases if value in has.get(u.image_id, set())],
             "slice_axis": geometry.file_axis,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations as nio
 
+from fewshot.decision import LabelDecision
 from fewshot.files import atomic_path
 from fewshot.settings import IntensitySettings, VolumeSettings
 
@@ -519,13 +520,14 @@ def label_to_canvas(label: np.ndarray, geometry: CanvasGeometry) -> np.ndarray:
 
 
 def canvas_to_label(
-    probabilities: np.ndarray, labels: Sequence[int], geometry: CanvasGeometry, threshold: float = 0.5
+    probabilities: np.ndarray, labels: Sequence[int], geometry: CanvasGeometry,
+    decision: LabelDecision = LabelDecision(),
 ) -> np.ndarray:
     """(Z, L, S, S) per-label probabilities -> label volume in the input's array order.
 
     Probabilities are resampled (bilinear) to the native grid before the decision, so edges are
-    placed at native resolution rather than as blocky upsampled canvas pixels. Each voxel takes the
-    most probable label if that probability exceeds ``threshold``, else background.
+    placed at native resolution rather than as blocky upsampled canvas pixels. Each voxel then takes
+    the label ``decision`` gives it (by default the most probable label where it exceeds 0.5).
     """
     z, n_labels = probabilities.shape[:2]
     out = np.zeros((z,) + geometry.plane_shape, dtype=np.uint16)
@@ -535,9 +537,8 @@ def canvas_to_label(
         for start in range(0, z, 16):
             stack = torch.from_numpy(np.ascontiguousarray(probabilities[start : start + 16], dtype=np.float32))
             native = _resize(_take(stack, geometry.offset, geometry.resampled_shape), geometry.plane_shape, "bilinear")
-            best, idx = native.max(dim=1)
-            choice = torch.where(best > threshold, idx + 1, torch.zeros_like(idx))
-            out[start : start + 16] = lut[choice.numpy()]
+            choice = decision.decide(np.moveaxis(native.numpy(), 1, 0)) + 1
+            out[start : start + 16] = lut[choice]
     result = nio.apply_orientation(np.moveaxis(out, 0, geometry.axis), geometry.from_ras)
     assert result.shape == geometry.source_shape, (result.shape, geometry.source_shape)
     return np.ascontiguousarray(result)

@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fewshot.config import ConfigError
+from fewshot.decision import RULES, LabelDecision
 from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
@@ -56,10 +57,13 @@ class AtlasSettings:
     threads_per_worker: int  # SimpleITK threads inside each worker
     start_method: str  # multiprocessing start method ("spawn" is safe in threaded servers)
     cache_mb: int  # registered atlases kept for re-runs on the same query (LRU, by size)
-    threshold: float  # probability above which a voxel takes its most probable label
+    threshold: float  # probability above which a voxel takes its most probable label (rule threshold)
     registration: reg.RegistrationPlan
     fusion: FusionSettings
     shape: ShapeSettings
+    # How fused probabilities become labels (fewshot.decision): "threshold", "distribution" (the
+    # votes are one distribution, background their remainder) or "foreground" (sum, then argmax)
+    decision: str
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "AtlasSettings":
@@ -72,7 +76,7 @@ class AtlasSettings:
                 raise ConfigError(f"transfer.{where} needs settings {missing} ({_PRESET})")
             return kind(**{k: tuple(raw[k]) if isinstance(raw[k], (list, tuple)) else raw[k] for k in names if k in raw})
 
-        top = ("workers", "threads_per_worker", "start_method", "cache_mb", "threshold", "margin_mm",
+        top = ("workers", "threads_per_worker", "start_method", "cache_mb", "threshold", "decision", "margin_mm",
                "slice_order", "slice_order_margin")
         missing = [k for k in top if k not in settings]
         if missing:
@@ -92,6 +96,7 @@ class AtlasSettings:
             threshold=float(settings["threshold"]), registration=plan,
             fusion=section(settings.get("fusion"), FusionSettings, "fusion"),
             shape=ShapeSettings.from_settings(settings.get("shape")),
+            decision=str(settings["decision"]),
         )
         out.validate()
         return out
@@ -129,13 +134,15 @@ class AtlasSettings:
             problems.append("fusion.search_radius needs one or three (slice, row, column) non-negative voxel counts")
         if not 0 < self.threshold < 1:
             problems.append("threshold must lie in (0, 1)")
+        if self.decision not in RULES:
+            problems.append(f"decision {self.decision!r} must be one of {', '.join(RULES)}")
         if self.shape.min_solidity is not None and not 0 < self.shape.min_solidity <= 1:
             problems.append("shape.min_solidity must lie in (0, 1], or be none")
         if problems:
             raise ConfigError("transfer atlas settings: " + "; ".join(problems))
 
     def result_affecting(self) -> dict:
-        return {"threshold": self.threshold, "registration": asdict(self.registration), "fusion":
+        return {"threshold": self.threshold, "decision": self.decision, "registration": asdict(self.registration), "fusion":
                 {k: v for k, v in asdict(self.fusion).items() if k != "threads"}, "shape": asdict(self.shape)}
 
 
@@ -237,6 +244,10 @@ class AtlasTransfer:
     @property
     def probability_threshold(self) -> float:
         return self.settings.threshold
+
+    @property
+    def label_decision(self) -> LabelDecision:
+        return LabelDecision(self.settings.threshold, self.settings.decision)
 
     # ------------------------------------------------------------------ slice supports (alpnet protocol)
 
@@ -378,13 +389,13 @@ class AtlasTransfer:
             t0 = time.perf_counter()
             counts = [a.components for a in holders]
             expected = {v: expected_pieces(counts, v) for v in labels}
-            kept = keep_pieces(fused, labels, expected, self.settings.threshold)
+            kept = keep_pieces(fused, labels, expected, self.label_decision)
             seconds["pieces"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             convex = self._solidities.convex_labels(holders, labels, self.settings.shape.min_solidity)
             if convex:
                 logger.info("labels %s are convex in plane in the atlases: made convex per slice", convex)
-            probs[(slice(None),) + box] = make_convex(kept, labels, convex, self.settings.threshold,
+            probs[(slice(None),) + box] = make_convex(kept, labels, convex, self.label_decision,
                                                      float(spacing[1] * spacing[2]))
             seconds["shape"] = time.perf_counter() - t0
         tick()

@@ -14,6 +14,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from fewshot.decision import LabelDecision
+
 MIN_FRACTION = 0.1  # a piece counts when it has at least this fraction of its label's largest piece's voxels
 _STRUCTURE = np.ones((3, 3, 3), bool)  # pieces touch across faces, edges or corners
 
@@ -41,12 +43,11 @@ def expected_pieces(counts: Sequence[Mapping[int, int]], value: int) -> int:
 
 
 def keep_pieces(probabilities: np.ndarray, labels: Sequence[int], expected: Mapping[int, int],
-                threshold: float) -> np.ndarray:
+                decision: LabelDecision) -> np.ndarray:
     """probabilities (L, z, y, x) -> the same with each label zeroed outside its ``expected[label]``
-    largest pieces of the decided label map (most probable label above ``threshold``)."""
+    largest pieces of the label map ``decision`` makes of them."""
     out = probabilities.copy()
-    best = probabilities.max(axis=0)
-    decided = np.where(best > threshold, probabilities.argmax(axis=0), -1)
+    decided = decision.decide(probabilities)
     for c, value in enumerate(labels):
         labelled, sizes = _sizes(decided == c)
         if len(sizes) <= expected.get(value, 1):

@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
+from fewshot.decision import LabelDecision
 from fewshot.types import Atlas
 
 MIN_AREA_MM2 = 50.0  # pieces smaller than this in a slice (specks, an organ's tip) have no telling shape
@@ -97,7 +98,7 @@ class SolidityCache:
         return out
 
 
-def make_convex(probabilities: np.ndarray, labels: Sequence[int], convex: Sequence[int], threshold: float,
+def make_convex(probabilities: np.ndarray, labels: Sequence[int], convex: Sequence[int], decision: LabelDecision,
                 pixel_area_mm2: float) -> np.ndarray:
     """probabilities (L, z, y, x) -> the same, where each ``convex`` label has taken over, slice by
     slice and piece by piece, the voxels inside its convex hull that were decided for another label
@@ -105,8 +106,7 @@ def make_convex(probabilities: np.ndarray, labels: Sequence[int], convex: Sequen
     if not convex:
         return probabilities
     out = probabilities.copy()
-    best = probabilities.max(axis=0)
-    decided = np.where(best > threshold, probabilities.argmax(axis=0), -1)
+    decided = decision.decide(probabilities)
     min_pixels = max(1, int(np.ceil(MIN_AREA_MM2 / pixel_area_mm2)))
     channel = {int(v): c for c, v in enumerate(labels)}
     convex_channels = [channel[int(v)] for v in convex]
