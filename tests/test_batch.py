@@ -1,6 +1,8 @@
 """``python -m fewshot batch`` on a real local Ray (2 workers, 2 CPUs) over the real hippocampus scans,
 with the random-tiny preset: outputs equal the engine's own, the manifest, resuming after a stop,
-a corrupt input, the bank left untouched and pinned to one generation. Ray starts once per module.
+a corrupt input, the bank left untouched and pinned to one generation. Ray starts once per module,
+and its runs share one WorkerPool: workers start once (most of a run's time otherwise) and each run
+loads its batch into them; the timeout test, last, sees its worker killed and replaced.
 Skipped with a message only where Ray cannot start (or ../shared/data is absent)."""
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from conftest import make_datastore, shared_dataset
 from fewshot.bank import SupportBank, manifest_snapshot
 from fewshot.batch import inputs
 from fewshot.batch.manifest import MANIFEST_NAME, Manifest
+from fewshot.batch.pool import WorkerPool
 from fewshot.batch.runner import BatchSpec, RayOptions, run_batch
 from fewshot.batch.worker import batch_settings
 from fewshot.folders import bank_dir_for
@@ -44,6 +47,13 @@ def ray_local(models_dir):
         pytest.skip(f"Ray cannot start on this machine: {type(exc).__name__}: {exc}")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local):
+    """Workers kept between the module's runs (as a long-lived driver keeps them)."""
+    with WorkerPool(RayOptions()) as workers:
+        yield workers
 
 
 def _tree_sha256(folder: Path) -> dict[str, str]:
@@ -103,7 +113,7 @@ def _records(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / MANIFEST_NAME).read_text().splitlines()]
 
 
-def test_batch_stopped_resumed_and_skipped(ray_local, setup, models_dir):
+def test_batch_stopped_resumed_and_skipped(ray_local, pool, setup, models_dir):
     """A run stopped (Ctrl-C) after two cases, with a torn line left behind, then run again: only the
     unfinished cases are segmented, every case ends with one record naming the pinned bank
     generation, the corrupt input is recorded and the rest finish, outputs have their input's geometry
@@ -124,13 +134,13 @@ def test_batch_stopped_resumed_and_skipped(ray_local, setup, models_dir):
         if len(seen) == 2:
             raise KeyboardInterrupt  # what Ctrl-C raises in the driver
 
-    first = run_batch(cases, spec, options, progress=False, on_record=stop_after_two)
+    first = run_batch(cases, spec, options, progress=False, on_record=stop_after_two, pool=pool)
     assert first.interrupted and first.done + first.failed == 2
     assert [r["case"] for r in _records(output) if r["kind"] == "case"] == seen
     with open(output / MANIFEST_NAME, "ab") as f:
         f.write(b'{"kind": "case", "case": "image_1')  # a crash in the middle of a line
 
-    second = run_batch(cases, spec, options, progress=False)
+    second = run_batch(cases, spec, options, progress=False, pool=pool)
     assert not second.interrupted and not second.error
     assert second.skipped == 2 and second.reasons == {"new": 3}
     assert second.done + second.failed == 3 and set(second.failures) <= {"corrupt"}
@@ -167,7 +177,7 @@ def test_batch_stopped_resumed_and_skipped(ray_local, setup, models_dir):
         expected = reference.segment(case.path).label
         np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
 
-    third = run_batch(cases, spec, options, progress=False)
+    third = run_batch(cases, spec, options, progress=False, pool=pool)
     assert third.skipped == len(cases) and third.done == third.failed == 0 and not third.workers
     assert _tree_sha256(setup["bank_dir"]) == bank_before
 
@@ -308,36 +318,7 @@ def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup
         assert [r for r in _records(output) if r["kind"] == "case"] == [r for r in before if r["kind"] == "case"]
 
 
-def test_a_case_over_the_timeout_is_failed_and_its_worker_replaced(ray_local, setup, models_dir, tmp_path):
-    """One worker, --case-timeout: a case whose input never arrives (a named pipe nobody writes: its
-    read blocks in the kernel, as on a hung network mount, where no exception reaches it) is recorded
-    as failed with the timeout; its worker is killed and a new one, on the same pinned generation,
-    segments the next case. A re-run retries the timed-out case and skips the finished one."""
-    stuck = tmp_path / "stuck.nii.gz"
-    os.mkfifo(stuck)
-    cases = [inputs.Case("stuck", str(stuck)), inputs.Case("after", str(setup["store"] / "image_195.nii.gz"))]
-    output = tmp_path / "out"
-    spec = _spec(setup, output, models_dir)
-    # The limit is far above a case of these small scans at any load, and the stuck case never ends.
-    options = RayOptions(workers=1, case_timeout=TIMEOUT)
-    report = run_batch(cases, spec, options, progress=False)
-    assert not report.error and not report.interrupted
-    assert report.done == 1 and report.failed == 1, report
-    finals = {r["case"]: r for r in _records(output) if r["kind"] == "case"}
-    assert finals["stuck"]["status"] == "failed" and finals["stuck"]["timed_out"]
-    assert f"still running after {TIMEOUT:g} s" in finals["stuck"]["error"]
-    assert finals["stuck"]["seconds"] >= TIMEOUT
-    assert finals["after"]["status"] == "done"
-    first, second = report.workers  # the one that got stuck, then its replacement
-    assert finals["stuck"]["worker"] == first["worker"] and finals["after"]["worker"] == second["worker"] != first["worker"]
-    assert first["bank_generation"] == second["bank_generation"] == finals["after"]["bank_generation"]
-    assert _stopped(int(first["worker"].rsplit(":", 1)[1])), "the stuck worker's process is still running"
-    with Manifest(output) as m:
-        again = m.plan(cases, report.bank_generation, spec.settings_key())
-    assert again.reasons == {"stuck": "failed before"}
-
-
-def test_dicomweb_url_series_named_by_uid_on_their_own_grid(ray_local, setup, models_dir, tmp_path):
+def test_dicomweb_url_series_named_by_uid_on_their_own_grid(ray_local, pool, setup, models_dir, tmp_path):
     """The batch's input is a real Orthanc's DICOMweb URL (QIDO filter in its query; a study's URL
     names its series only): each image series is a case named by its SeriesInstanceUID, downloaded
     by the worker, and segmented onto the series' own grid with the labels Engine.segment gives the
@@ -363,8 +344,11 @@ def test_dicomweb_url_series_named_by_uid_on_their_own_grid(ray_local, setup, mo
 
         output = tmp_path / "out"
         spec = _spec(setup, output, models_dir)
-        report = run_batch(cases, spec, RayOptions(workers=2), progress=False)
+        idle, started = len(pool.idle), pool.started
+        report = run_batch(cases, spec, RayOptions(workers=2), progress=False, pool=pool)
         assert report.done == 2 and not report.failed and not report.error, report
+        assert pool.started - started == max(0, 2 - idle)  # the pool's warm workers, loaded with this batch
+        assert len(pool.idle) == 2
         reference, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir,
                                             read_only=True, label_names=LABEL_NAMES)
         finals = {r["case"]: r for r in _records(output) if r["kind"] == "case"}
@@ -380,7 +364,7 @@ def test_dicomweb_url_series_named_by_uid_on_their_own_grid(ray_local, setup, mo
             nib.save(nib.Nifti1Image(s["voxels"], s["affine"]), str(as_nifti))
             np.testing.assert_array_equal(np.asarray(written.dataobj), reference.segment(str(as_nifti)).label)
 
-        again = run_batch(cases, spec, RayOptions(workers=2), progress=False)
+        again = run_batch(cases, spec, RayOptions(workers=2), progress=False, pool=pool)
         assert again.skipped == 2 and not again.workers
 
         # One more slice in a series: another instance, so another stamp.
@@ -395,3 +379,33 @@ def test_dicomweb_url_series_named_by_uid_on_their_own_grid(ray_local, setup, mo
             assert m.plan(cases, report.bank_generation, spec.settings_key()).reasons == {series["195"]["series"]: "input changed"}
     finally:
         orthanc.stop()
+
+
+def test_a_case_over_the_timeout_is_failed_and_its_worker_replaced(ray_local, pool, setup, models_dir, tmp_path):
+    """One worker, --case-timeout: a case whose input never arrives (a named pipe nobody writes: its
+    read blocks in the kernel, as on a hung network mount, where no exception reaches it) is recorded
+    as failed with the timeout; its worker is killed and a new one, on the same pinned generation,
+    segments the next case (an idle worker of the pool when it has one, as here after the tests above).
+    A re-run retries the timed-out case and skips the finished one."""
+    stuck = tmp_path / "stuck.nii.gz"
+    os.mkfifo(stuck)
+    cases = [inputs.Case("stuck", str(stuck)), inputs.Case("after", str(setup["store"] / "image_195.nii.gz"))]
+    output = tmp_path / "out"
+    spec = _spec(setup, output, models_dir)
+    # The limit is far above a case of these small scans at any load, and the stuck case never ends.
+    options = RayOptions(workers=1, case_timeout=TIMEOUT)
+    report = run_batch(cases, spec, options, progress=False, pool=pool)
+    assert not report.error and not report.interrupted
+    assert report.done == 1 and report.failed == 1, report
+    finals = {r["case"]: r for r in _records(output) if r["kind"] == "case"}
+    assert finals["stuck"]["status"] == "failed" and finals["stuck"]["timed_out"]
+    assert f"still running after {TIMEOUT:g} s" in finals["stuck"]["error"]
+    assert finals["stuck"]["seconds"] >= TIMEOUT
+    assert finals["after"]["status"] == "done"
+    first, second = report.workers  # the one that got stuck, then its replacement
+    assert finals["stuck"]["worker"] == first["worker"] and finals["after"]["worker"] == second["worker"] != first["worker"]
+    assert first["bank_generation"] == second["bank_generation"] == finals["after"]["bank_generation"]
+    assert _stopped(int(first["worker"].rsplit(":", 1)[1])), "the stuck worker's process is still running"
+    with Manifest(output) as m:
+        again = m.plan(cases, report.bank_generation, spec.settings_key())
+    assert again.reasons == {"stuck": "failed before"}

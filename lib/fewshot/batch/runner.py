@@ -2,17 +2,18 @@
 
 The driver (this process) never segments: it reads the bank's committed manifest once (the pinned
 generation), decides from the manifest which cases to do, starts ``workers`` Ray actors (one
-engine each, built once; CPUs and GPUs requested per actor), checks that every one loaded the same
-generation, then hands each worker one case at a time and appends each result to the
+engine each, built once; CPUs and GPUs requested per actor) or takes them warm from a ``WorkerPool``
+kept between batches, loads the batch into them, checks that every one loaded the same generation, then hands each worker one case at a time and appends each result to the
 manifest as it arrives. Workers write the labels themselves (inputs, bank and output must be on a
 file system every node sees, e.g. NFS, when the cluster has several machines).
 
 Ctrl-C (or any stop) ends the run between two manifest lines: cases in flight are not recorded and
 are done again next time. A worker that dies takes only its current case down (recorded, retried
-next run); Ray restarts it up to ``max_restarts`` times. A case still running after
+next run); Ray restarts it up to ``max_restarts`` times, and the driver loads the batch into it again. A case still running after
 ``case_timeout`` seconds is recorded as failed and its worker is killed (``ray.cancel`` does not
-interrupt a running actor task, and a stuck case may sit in a kernel read) and replaced by a new one,
-which loads the same pinned bank generation while the other workers go on.
+interrupt a running actor task, and a stuck case may sit in a kernel read) and replaced by another
+(an idle pool worker, else a new one), which loads the same pinned bank generation while the other
+workers go on.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from typing import Any, Callable, Sequence
 from fewshot.bank import SupportBank, manifest_snapshot
 from fewshot.batch.inputs import Case
 from fewshot.batch.manifest import Manifest, now
-from fewshot.batch.worker import SegmentWorker, WorkerSpec, thread_env
+from fewshot.batch.pool import WorkerPool, worker_shape
+from fewshot.batch.worker import WorkerSpec
 from fewshot.config import settings_hash
 from fewshot.volume import needs_monai_reader
 
@@ -178,11 +180,13 @@ def run_batch(
     options: RayOptions | None = None,
     progress: bool = True,
     on_record: Callable[[dict], None] | None = None,
+    pool: WorkerPool | None = None,
 ) -> BatchReport:
     """Segment ``cases`` into ``spec.output_dir``; returns what happened (also in the manifest).
 
     ``on_record`` is called with each case's manifest record once it is on disk (the MONAI Label
-    adapter saves labels from it; a test may stop the run from it)."""
+    adapter saves labels from it; a test may stop the run from it). ``pool``: workers kept between
+    batches (see ``WorkerPool``); without one, the run starts its own and stops them at its end."""
     options = options or RayOptions()
     if options.case_timeout is not None and not options.case_timeout > 0:
         raise BatchError(f"the per-case timeout must be a positive number of seconds, not {options.case_timeout}")
@@ -198,42 +202,46 @@ def run_batch(
                     "%s (%d labelled images)", len(cases), len(plan.skipped), len(plan.todo), plan.counts() or "",
                     generation, len(bank_manifest["images"]))
         if plan.todo:
-            _run(plan.todo, spec, options, manifest, pinned, generation, settings_key, report, progress, on_record)
+            _run(plan.todo, spec, options, manifest, pinned, generation, settings_key, report, progress, on_record,
+                 pool)
     report.seconds = round(time.perf_counter() - started, 2)
     return report
 
 
-def _run(todo, spec, options, manifest, pinned, generation, settings_key, report, progress, on_record) -> None:
+def _run(todo, spec, options, manifest, pinned, generation, settings_key, report, progress, on_record, pool) -> None:
     run = {"kind": "run", "event": "start", "started": now(), "bank_generation": generation,
            "settings": settings_key, "preset": spec.settings.get("name"), "cases": report.cases,
            "skipped": report.skipped, "todo": len(todo), "reasons": report.reasons,
            "case_timeout": options.case_timeout}
     bar = None
     with ray_session(options) as ray:
-        pool = None
+        owned = pool is None
+        crew = None
+        inflight: dict[Any, _Inflight] = {}
         try:
+            if owned:
+                pool = WorkerPool(options)
+            elif pool.shape != worker_shape(options):
+                raise BatchError(f"the worker pool's workers have (CPUs, GPUs, restarts) {pool.shape}, "
+                                 f"this batch asks for {worker_shape(options)}")
             n = _worker_count(ray, options, len(todo))
-            threads = max(1, int(options.cpus_per_worker))
-            remote = ray.remote(SegmentWorker).options(
-                num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker,
-                max_restarts=options.max_restarts, max_task_retries=0,
-                runtime_env={"env_vars": thread_env(threads)},
-            )
             # Paths, settings and the bank manifest the batch is pinned to.
             worker_spec = (WorkerSpec(settings=spec.settings, bank_dir=str(Path(spec.bank_dir).resolve()),
-                                             pinned=pinned, models_dir=spec.models_dir, label_names=dict(spec.label_names),
-                                             only=list(spec.only) if spec.only else None, threads=threads,
-                                             monai_reader=any(needs_monai_reader(c.path) for c in todo)))
+                                      pinned=pinned, models_dir=spec.models_dir, label_names=dict(spec.label_names),
+                                      only=list(spec.only) if spec.only else None, threads=pool.threads,
+                                      monai_reader=any(needs_monai_reader(c.path) for c in todo)))
             # Ray sends a small argument with the call, a large one (a big bank's manifest) through its object
-            # store, from which a worker restarted after a crash reads it again: that copy is put once and
-            # held for the whole run (ray-project/ray#53727; Ray still logs a warning about it).
+            # store, from which a worker loaded again (a replacement, one restarted after a crash) reads it
+            # again: that copy is put once and held for the whole run (ray-project/ray#53727; Ray still logs
+            # a warning about it).
             arg = worker_spec if len(pickle.dumps(worker_spec)) < INLINE_ARG_BYTES else ray.put(worker_spec)
-            pool = _Pool(ray, lambda: remote.remote(arg), generation, report)
-            logger.info("batch: starting %d workers (%s CPU, %s GPU each)", n, options.cpus_per_worker, options.gpus_per_worker)
-            pool.start(n)
+            crew = _Crew(ray, pool, arg, generation, report)
+            logger.info("batch: %d workers (%s CPU, %s GPU each), %d of them warm from the pool", n,
+                        options.cpus_per_worker, options.gpus_per_worker, min(n, len(pool.idle)))
+            crew.start(n)
             manifest.append(dict(run, workers=[w["worker"] for w in report.workers]))
             bar = _Progress(len(todo), progress)
-            _dispatch(ray, pool, todo, manifest, settings_key, report, bar, on_record, options)
+            _dispatch(ray, crew, todo, inflight, manifest, settings_key, report, bar, on_record, options)
         except KeyboardInterrupt:
             report.interrupted = True
             logger.warning("batch interrupted: %d cases recorded; the others are done on the next run",
@@ -243,29 +251,28 @@ def _run(todo, spec, options, manifest, pinned, generation, settings_key, report
         finally:
             if bar is not None:
                 bar.close()
-            if pool is not None:
-                pool.kill_all()  # stops cases in flight: they were not recorded, so they are redone
+            if crew is not None:
+                # Cases in flight are stopped with their workers: they were not recorded, so they are redone.
+                crew.finish(busy={id(job.actor) for job in inflight.values()})
+            if owned and pool is not None:
+                pool.close()
             with contextlib.suppress(Exception):
                 manifest.append({"kind": "run", "event": "end", "ended": now(), "bank_generation": generation,
                                  "done": report.done, "failed": report.failed, "interrupted": report.interrupted,
                                  "error": report.error, "cases_per_hour": report.cases_per_hour})
 
 
-class _Pool:
-    """The workers: started together, checked before any case, and one replaced on its own (after a
-    timeout) while the others go on segmenting."""
+class _Crew:
+    """A batch's workers, taken from the pool (warm ones first) and loaded with the batch's spec:
+    checked before any case, one replaced on its own (after a timeout) or loaded again (after Ray
+    restarted it) while the others go on segmenting, and given back to the pool at the end."""
 
-    def __init__(self, ray, make: Callable[[], Any], generation: str, report: BatchReport):
-        self.ray, self.make, self.generation, self.report = ray, make, generation, report
+    def __init__(self, ray, pool: WorkerPool, arg, generation: str, report: BatchReport):
+        self.ray, self.pool, self.arg, self.generation, self.report = ray, pool, arg, generation, report
         self.alive: list = []  # ready to take cases
-        self.starting: dict[Any, Any] = {}  # ready() ref -> a replacement worker still loading
+        self.starting: dict[Any, Any] = {}  # load() ref -> a worker still loading
         self.names: dict[int, str] = {}
-        self.every: list = []  # every actor started, to kill at the end
-
-    def _new(self):
-        actor = self.make()
-        self.every.append(actor)
-        return actor
+        self.dead: list = []  # killed, or died more often than Ray restarts them
 
     def _accept(self, actor, info: dict) -> None:
         if info["problem"]:
@@ -274,41 +281,77 @@ class _Pool:
             raise BatchError(f"worker {info['worker']} loaded bank generation {info['bank_generation']}, "
                              f"not {self.generation}")
         self.names[id(actor)] = info["worker"]
-        self.report.workers.append(info)
+        if not any(w["worker"] == info["worker"] for w in self.report.workers):
+            self.report.workers.append(info)
         self.alive.append(actor)
 
     def start(self, n: int) -> None:
-        actors = [self._new() for _ in range(n)]
-        try:
-            infos = self.ray.get([a.ready.remote() for a in actors])
-        except self.ray.exceptions.RayError as exc:  # e.g. missing weights: the engine's own message
-            raise BatchError(f"the workers could not start: {_last_line(exc)}") from None
-        for actor, info in zip(actors, infos):
+        taken = [self.pool.take() for _ in range(n)]
+        refs = [actor.load.remote(self.arg) for actor, _ in taken]
+        for (actor, warm), ref in zip(taken, refs):
+            try:
+                info = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:
+                if not warm:
+                    raise BatchError("a worker died while starting (see Ray's logs, e.g. out of memory)") from None
+                self.dead.append(actor)  # a pool worker that died while idle: a new one instead
+                actor = self.pool.take()[0]
+                info = self._get_starting(actor.load.remote(self.arg))
+            except self.ray.exceptions.RayError as exc:  # e.g. missing weights: the engine's own message
+                raise BatchError(f"the workers could not start: {_last_line(exc)}") from None
             self._accept(actor, info)
 
+    def _get_starting(self, ref) -> dict:
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            raise BatchError(f"the workers could not start: {_last_line(exc)}") from None
+
     def replace(self, actor) -> None:
-        """Kill ``actor`` (whatever it is doing) and start another in its place, loading in the background."""
+        """Kill ``actor`` (whatever it is doing) and load another in its place (an idle pool worker,
+        else a new one) in the background."""
         if actor in self.alive:
             self.alive.remove(actor)
-        with contextlib.suppress(Exception):
-            self.ray.kill(actor, no_restart=True)
-        fresh = self._new()
-        self.starting[fresh.ready.remote()] = fresh
+        self.pool.kill(actor)
+        self.dead.append(actor)
+        fresh, _ = self.pool.take()
+        self.starting[fresh.load.remote(self.arg)] = fresh
+
+    def reload(self, actor) -> None:
+        """Ray restarted ``actor`` after a crash, without the batch: load it again (in the background)."""
+        if actor in self.alive:
+            self.alive.remove(actor)
+        self.starting[actor.load.remote(self.arg)] = actor
+
+    def drop(self, actor) -> None:
+        """``actor`` died more often than Ray restarts it."""
+        if actor in self.alive:
+            self.alive.remove(actor)
+        self.dead.append(actor)
 
     def started(self, ref) -> None:
-        """A replacement's ready() came back: it joins the pool, or the run says why it could not."""
+        """A worker's load() came back: it joins the batch, or the run says why it could not."""
         actor = self.starting.pop(ref)
         try:
             info = self.ray.get(ref)
         except self.ray.exceptions.RayError as exc:
             logger.error("batch: a replacement worker could not start: %s", _last_line(exc))
+            self.dead.append(actor)
             return
         self._accept(actor, info)
 
-    def kill_all(self) -> None:
-        for actor in self.every:
-            with contextlib.suppress(Exception):
-                self.ray.kill(actor, no_restart=True)
+    def finish(self, busy: set[int]) -> None:
+        """Workers still segmenting a case are killed; the others go back to the pool (a worker still
+        loading finishes that first)."""
+        keep = []
+        for actor in self.alive + list(self.starting.values()):
+            if id(actor) in busy or actor in self.dead:
+                self.pool.kill(actor)
+            else:
+                keep.append(actor)
+        for actor in self.dead:
+            self.pool.kill(actor)
+        self.pool.give_back(keep)
 
 
 def _last_line(exc: BaseException) -> str:
@@ -328,23 +371,23 @@ def _failed(case: Case, error: str, **extra) -> dict:
             "retry": True, **extra}
 
 
-def _dispatch(ray, pool: _Pool, todo, manifest, settings_key, report, bar, on_record, options: RayOptions) -> None:
+def _dispatch(ray, crew: _Crew, todo, inflight: dict, manifest, settings_key, report, bar, on_record,
+              options: RayOptions) -> None:
     from ray.exceptions import RayActorError, RayTaskError
 
     queue = deque(todo)
-    inflight: dict[Any, _Inflight] = {}
     deaths: dict[int, int] = {}
     timeout = options.case_timeout
 
     def feed() -> None:
         """Next cases to the least busy workers: an idle worker gets one before a busy one gets its
         second (with a few cases left, a queue behind one worker would leave another idle)."""
-        while queue and pool.alive:
-            load = {id(a): 0 for a in pool.alive}
+        while queue and crew.alive:
+            load = {id(a): 0 for a in crew.alive}
             for job in inflight.values():
                 if id(job.actor) in load:
                     load[id(job.actor)] += 1
-            actor = min(pool.alive, key=lambda a: load[id(a)])
+            actor = min(crew.alive, key=lambda a: load[id(a)])
             if load[id(actor)] >= QUEUE_DEPTH:
                 return
             case = queue.popleft()
@@ -376,10 +419,10 @@ def _dispatch(ray, pool: _Pool, todo, manifest, settings_key, report, bar, on_re
             if ran < timeout:
                 continue
             del inflight[ref]  # its result, if any ever comes, is not waited for
-            name = pool.names.get(id(job.actor), "")
+            name = crew.names.get(id(job.actor), "")
             logger.warning("batch: case %s still running after %.0f s: stopping worker %s and starting another",
                            job.case.case_id, ran, name)
-            pool.replace(job.actor)
+            crew.replace(job.actor)
             record_case(job.case, _failed(
                 job.case, f"timed out: still running after {timeout:g} s (the per-case timeout); "
                           "its worker was stopped and replaced", worker=name, seconds=round(ran, 3),
@@ -387,14 +430,14 @@ def _dispatch(ray, pool: _Pool, todo, manifest, settings_key, report, bar, on_re
 
     t0 = time.perf_counter()
     feed()
-    while inflight or (queue and pool.starting):
+    while inflight or (queue and crew.starting):
         wait_for = None
         if timeout is not None and inflight:
             wait_for = max(0.0, min(job.started for job in inflight.values()) + timeout - time.perf_counter())
-        ready, _ = ray.wait(list(inflight) + list(pool.starting), num_returns=1, timeout=wait_for)
+        ready, _ = ray.wait(list(inflight) + list(crew.starting), num_returns=1, timeout=wait_for)
         for ref in ready:
-            if ref in pool.starting:
-                pool.started(ref)
+            if ref in crew.starting:
+                crew.started(ref)
                 continue
             job = inflight.pop(ref)
             case, actor = job.case, job.actor
@@ -402,11 +445,15 @@ def _dispatch(ray, pool: _Pool, todo, manifest, settings_key, report, bar, on_re
                 record = ray.get(ref)
             except RayActorError as exc:
                 deaths[id(actor)] = deaths.get(id(actor), 0) + 1
-                if deaths[id(actor)] > options.max_restarts and actor in pool.alive:
-                    pool.alive.remove(actor)
+                if deaths[id(actor)] > options.max_restarts:
+                    crew.drop(actor)
                 record = _failed(case, f"the worker died while segmenting this case ({type(exc).__name__})")
             except RayTaskError as exc:
                 record = _failed(case, f"{type(exc.cause).__name__}: {exc.cause}")
+            if record.get("status") == "unloaded":  # restarted by Ray after a crash: load it, resend the case
+                queue.appendleft(case)
+                crew.reload(actor)
+                continue
             if record.get("status") == "fatal":
                 queue.appendleft(case)
                 raise BatchError(f"worker {record.get('worker')}: {record['error']}")
@@ -414,5 +461,5 @@ def _dispatch(ray, pool: _Pool, todo, manifest, settings_key, report, bar, on_re
         if timeout is not None:
             expire()
         feed()
-        if queue and not pool.alive and not pool.starting:
+        if queue and not crew.alive and not crew.starting:
             raise BatchError("every worker died (see Ray's logs, e.g. out of memory); the finished cases are recorded")

@@ -83,15 +83,42 @@ class WorkerSpec:
 
 
 class SegmentWorker:
-    """Wrapped by ``ray.remote`` in the runner; usable in-process too (tests, one-machine tools)."""
+    """Wrapped by ``ray.remote`` in the runner; usable in-process too (tests, one-machine tools).
 
-    def __init__(self, spec: WorkerSpec):
+    A Ray actor is created without a spec and given one by ``load``: a worker kept between batches
+    (``WorkerPool``) keeps its imports (most of its start-up) and, while the spec stays the same,
+    its engine. Ray restarts a crashed actor without a spec; its next case comes back ``unloaded``
+    and the driver loads it again, so a restarted worker never segments against another bank."""
+
+    def __init__(self, spec: WorkerSpec | None = None):
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.spec: WorkerSpec | None = None
+        self.engine = None
+        self.generation = ""
+        self.problem = ""
+        self.load_seconds = 0.0
+        if spec is not None:
+            self.load(spec)
+
+    def load(self, spec: WorkerSpec) -> dict:
+        """Segment with ``spec`` from now on; returns ``ready()``. The engine is rebuilt only when
+        what it is built from (settings, bank and its pinned generation, models, labels, threads)
+        changed."""
+        started = time.perf_counter()
+        if self.spec is None or _engine_inputs(spec) != _engine_inputs(self.spec):
+            self.spec = self.engine = None  # freed before the next one loads; unloaded if the build fails
+            self._build(spec)
+        self.spec = spec
+        # A reader's heavy import (MONAI, ~10 s) belongs to start-up, not to the first case's timings;
+        # NIfTI files are read by nibabel alone and need none.
+        if spec.monai_reader:
+            importlib.import_module("monai.transforms")
+        self.load_seconds = round(time.perf_counter() - started, 2)
+        return self.ready()
+
+    def _build(self, spec: WorkerSpec) -> None:
         for name, value in thread_env(spec.threads).items():
             os.environ.setdefault(name, value)
-        self.spec = spec
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.problem = ""
-        started = time.perf_counter()
         try:
             import torch
 
@@ -104,12 +131,8 @@ class SegmentWorker:
             spec.settings, bank_dir=spec.bank_dir, models_dir=spec.models_dir, label_names=spec.label_names,
             pinned=spec.pinned, verify="size",
         )
-        # A reader's heavy import (MONAI, ~10 s) belongs to start-up, not to the first case's timings;
-        # NIfTI files are read by nibabel alone and need none.
-        if spec.monai_reader:
-            importlib.import_module("monai.transforms")
-
         self.generation = report.snapshot
+        self.problem = ""
         if report.discarded_all:
             self.problem = f"the support bank cannot be used with these settings: {report.discarded_all}"
         elif report.dropped:
@@ -117,7 +140,6 @@ class SegmentWorker:
                             f"{sorted(report.dropped)[:5]}); run the batch again to pin the current one")
         elif not self.engine.bank.num_entries:
             self.problem = "the support bank is empty: label at least one image and build the bank"
-        self.load_seconds = round(time.perf_counter() - started, 2)
 
     def ready(self) -> dict:
         """How this worker came up: the driver checks every worker before dispatching any case."""
@@ -129,6 +151,8 @@ class SegmentWorker:
         """Segment one case into ``output`` (atomically, with its JSON sidecar): its manifest record."""
         record: dict[str, Any] = {"kind": "case", "case": case.case_id, "input": case.path,
                                   "worker": self.name, "bank_generation": self.generation}
+        if self.spec is None:  # restarted by Ray after a crash: the driver loads it again, then resends the case
+            return dict(record, status="unloaded", error="the worker has no batch loaded")
         if self.problem:
             return dict(record, status="fatal", error=self.problem)
         started, cpu_started = time.perf_counter(), _cpu_seconds()
@@ -157,6 +181,11 @@ class SegmentWorker:
         record["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 3)
         record.update(memory())
         return record
+
+
+def _engine_inputs(spec: WorkerSpec) -> tuple:
+    """What a worker's engine is built from (``only`` and ``monai_reader`` are not)."""
+    return (spec.settings, spec.bank_dir, spec.pinned, spec.models_dir, spec.label_names, spec.threads)
 
 
 @contextlib.contextmanager
