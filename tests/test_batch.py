@@ -49,10 +49,17 @@ def ray_local(models_dir):
     ray.shutdown()
 
 
+def _settings(tiny_settings) -> dict:
+    return batch_settings(tiny_settings, threads=1, overrides={"selection.keep": 2, "retrieval.top_k": 4})
+
+
 @pytest.fixture(scope="module")
-def pool(ray_local):
-    """Workers kept between the module's runs (as a long-lived driver keeps them)."""
+def pool(ray_local, tiny_settings, models_dir):
+    """Workers kept between the module's runs (as a long-lived driver keeps them), started before
+    the bank is built so that they load the preset (and MONAI's reader, for the DICOMweb and
+    timeout tests) while the driver builds it."""
     with WorkerPool(RayOptions()) as workers:
+        workers.start(2, _settings(tiny_settings), str(models_dir), monai_reader=True)
         yield workers
 
 
@@ -69,7 +76,7 @@ def setup(tmp_path_factory, tiny_settings, models_dir):
     hippo = shared_dataset("msd-hippocampus")
     root = tmp_path_factory.mktemp("batch")
     store = make_datastore(root / "store", hippo, LABELLED, QUERIES)
-    settings = batch_settings(tiny_settings, threads=1, overrides={"selection.keep": 2, "retrieval.top_k": 4})
+    settings = _settings(tiny_settings)
     bank_dir = bank_dir_for(store, "random-tiny")
     engine, _ = Engine.from_settings(settings, bank_dir=bank_dir, models_dir=models_dir)
     assert not engine.reconcile(labelled(scan_datastore(store)))["failed"]
@@ -139,6 +146,11 @@ def test_batch_stopped_resumed_and_skipped(ray_local, pool, setup, models_dir):
     assert [r["case"] for r in _records(output) if r["kind"] == "case"] == seen
     with open(output / MANIFEST_NAME, "ab") as f:
         f.write(b'{"kind": "case", "case": "image_1')  # a crash in the middle of a line
+    # What Engine.segment gives each input (computed here, while the pool replaces the worker the stop killed).
+    reference, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir, read_only=True,
+                                        label_names=LABEL_NAMES)
+    expected = {c.case_id: reference.segment(c.path).label for c in cases if c.case_id != "corrupt"}
+    del reference
 
     second = run_batch(cases, spec, options, progress=False, pool=pool)
     assert not second.interrupted and not second.error
@@ -160,8 +172,6 @@ def test_batch_stopped_resumed_and_skipped(ray_local, pool, setup, models_dir):
     assert {w["bank_generation"] for w in first.workers + second.workers} == {generation}
     assert len({w["worker"] for w in second.workers}) == 2
 
-    reference, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir, read_only=True,
-                                        label_names=LABEL_NAMES)
     for case in cases:
         record = finals[case.case_id]
         if case.case_id == "corrupt":
@@ -174,8 +184,7 @@ def test_batch_stopped_resumed_and_skipped(ray_local, pool, setup, models_dir):
         assert written.shape == source.shape
         np.testing.assert_array_equal(written.affine, source.affine)
         assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(source.affine)
-        expected = reference.segment(case.path).label
-        np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+        np.testing.assert_array_equal(np.asarray(written.dataobj), expected[case.case_id])
 
     third = run_batch(cases, spec, options, progress=False, pool=pool)
     assert third.skipped == len(cases) and third.done == third.failed == 0 and not third.workers
@@ -263,6 +272,32 @@ def test_inputs_and_manifest_units(tmp_path):
     (a / "x.nii.gz").write_bytes(b"changed")
     with Manifest(out) as m:
         assert m.plan([case], "g1", "s1").reasons == {"x": "input changed"}
+
+
+def test_a_worker_is_loaded_with_a_batch_and_keeps_its_engine_while_the_batch_is_the_same(setup, models_dir, tmp_path):
+    """In-process: a worker as Ray restarts it after a crash (no batch) answers `unloaded` and writes
+    nothing (the driver loads it and sends the case again); load() builds the engine on the pinned
+    generation, keeps it for a spec that differs only in what it is not built from, rebuilds it otherwise."""
+    import dataclasses
+
+    from fewshot.batch.worker import SegmentWorker, WorkerSpec
+
+    case = inputs.Case("image_195", str(setup["store"] / "image_195.nii.gz"))
+    worker = SegmentWorker()
+    assert worker.segment(case, str(tmp_path / "x.nii.gz"))["status"] == "unloaded"
+    assert not list(tmp_path.iterdir())
+    pinned = SupportBank.read_manifest(setup["bank_dir"])
+    spec = WorkerSpec(settings=setup["settings"], bank_dir=str(setup["bank_dir"]), pinned=pinned,
+                      models_dir=str(models_dir), label_names=LABEL_NAMES, monai_reader=False)
+    info = worker.load(spec)
+    assert info["bank_generation"] == manifest_snapshot(pinned) and not info["problem"] and info["entries"]
+    engine = worker.engine
+    assert worker.load(dataclasses.replace(spec, only=["anterior"]))["bank_generation"] == info["bank_generation"]
+    assert worker.engine is engine
+    worker.load(dataclasses.replace(spec, label_names={"front": 1, "back": 2}))
+    assert worker.engine is not engine
+    record = worker.segment(case, str(tmp_path / "x.nii.gz"))
+    assert record["status"] == "done" and record["bank_generation"] == info["bank_generation"]
 
 
 def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup, models_dir):

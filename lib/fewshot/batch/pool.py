@@ -10,15 +10,17 @@ same engine when nothing changed), and starts new workers only for what the pool
 A batch gives its workers back when it ends, except those still segmenting a case (stopped by
 Ctrl-C or an error): those are killed, as the case they hold is not recorded and is done again.
 A worker killed after a per-case timeout is replaced by an idle pool worker when there is one.
+The pool starts new workers in place of the killed ones at the batch's end, loading its spec.
 
     with ray_session(options) as ray, WorkerPool(options) as pool:
+        pool.start(2, settings)  # optional: the workers load while the driver does other work
         run_batch(cases, spec, options, pool=pool)
         run_batch(more_cases, spec, options, pool=pool)
 """
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from fewshot.batch.worker import SegmentWorker, thread_env
 
@@ -43,6 +45,28 @@ class WorkerPool:
         )
         self.idle: list[Any] = []
         self.started = 0  # actors created over the pool's life (a warm pool starts none for a batch)
+
+    def start(self, n: int, settings: Mapping | None = None, models_dir: str | None = None,
+              monai_reader: bool = False) -> None:
+        """Start ``n`` more workers now, without waiting for them, so that the first batch finds
+        them warm. With ``settings`` (as ``batch_settings`` gives them) each also loads the
+        preset's code and networks, and with ``monai_reader`` MONAI's reader (inputs other than
+        NIfTI: DICOM series, NRRD)."""
+        for _ in range(n):
+            actor = self.remote.remote()
+            self.started += 1
+            if settings is not None:
+                actor.warm.remote(dict(settings), models_dir, self.threads, monai_reader)
+            self.idle.append(actor)
+
+    def replenish(self, n: int, spec) -> None:
+        """Start ``n`` workers in place of those a batch had to kill, loading that batch's spec in
+        the background: the next batch (often the same one resumed) finds them ready."""
+        for _ in range(n):
+            actor = self.remote.remote()
+            self.started += 1
+            actor.load.remote(spec)
+            self.idle.append(actor)
 
     def take(self) -> tuple[Any, bool]:
         """An actor for a batch, and whether it is a warm one from the pool (else just created)."""

@@ -253,7 +253,7 @@ def _run(todo, spec, options, manifest, pinned, generation, settings_key, report
                 bar.close()
             if crew is not None:
                 # Cases in flight are stopped with their workers: they were not recorded, so they are redone.
-                crew.finish(busy={id(job.actor) for job in inflight.values()})
+                crew.finish(busy={id(job.actor) for job in inflight.values()}, replenish=not owned)
             if owned and pool is not None:
                 pool.close()
             with contextlib.suppress(Exception):
@@ -275,9 +275,11 @@ class _Crew:
         self.dead: list = []  # killed, or died more often than Ray restarts them
 
     def _accept(self, actor, info: dict) -> None:
-        if info["problem"]:
+        if info["problem"]:  # the batch's (its bank's), not the worker's: it goes back to the pool
+            self.pool.give_back([actor])
             raise BatchError(f"worker {info['worker']}: {info['problem']}")
         if info["bank_generation"] != self.generation:  # cannot happen with a pinned manifest: checked anyway
+            self.pool.give_back([actor])
             raise BatchError(f"worker {info['worker']} loaded bank generation {info['bank_generation']}, "
                              f"not {self.generation}")
         self.names[id(actor)] = info["worker"]
@@ -288,6 +290,13 @@ class _Crew:
     def start(self, n: int) -> None:
         taken = [self.pool.take() for _ in range(n)]
         refs = [actor.load.remote(self.arg) for actor, _ in taken]
+        try:
+            self._start(taken, refs)
+        except BatchError:  # the others go back to the pool (run_batch closes it when it is the run's own)
+            self.pool.give_back([a for a, _ in taken if a not in self.alive and a not in self.dead])
+            raise
+
+    def _start(self, taken, refs) -> None:
         for (actor, warm), ref in zip(taken, refs):
             try:
                 info = self.ray.get(ref)
@@ -340,18 +349,20 @@ class _Crew:
             return
         self._accept(actor, info)
 
-    def finish(self, busy: set[int]) -> None:
+    def finish(self, busy: set[int], replenish: bool) -> None:
         """Workers still segmenting a case are killed; the others go back to the pool (a worker still
-        loading finishes that first)."""
+        loading finishes that first), which with ``replenish`` starts new ones for those killed."""
         keep = []
         for actor in self.alive + list(self.starting.values()):
-            if id(actor) in busy or actor in self.dead:
-                self.pool.kill(actor)
-            else:
+            if id(actor) in busy and actor not in self.dead:
+                self.dead.append(actor)
+            elif actor not in self.dead:
                 keep.append(actor)
         for actor in self.dead:
             self.pool.kill(actor)
         self.pool.give_back(keep)
+        if replenish and self.dead:
+            self.pool.replenish(len(self.dead), self.arg)
 
 
 def _last_line(exc: BaseException) -> str:

@@ -109,22 +109,29 @@ class SegmentWorker:
             self.spec = self.engine = None  # freed before the next one loads; unloaded if the build fails
             self._build(spec)
         self.spec = spec
-        # A reader's heavy import (MONAI, ~10 s) belongs to start-up, not to the first case's timings;
-        # NIfTI files are read by nibabel alone and need none.
         if spec.monai_reader:
-            importlib.import_module("monai.transforms")
+            _warm_readers()
         self.load_seconds = round(time.perf_counter() - started, 2)
         return self.ready()
 
-    def _build(self, spec: WorkerSpec) -> None:
-        for name, value in thread_env(spec.threads).items():
-            os.environ.setdefault(name, value)
+    def warm(self, settings: Mapping, models_dir: str | None = None, threads: int = 1,
+             monai_reader: bool = False) -> str:
+        """Load a preset's code and networks ahead of the first batch (``WorkerPool.start``): what
+        is imported stays, the networks are dropped. Returns "" or why it could not (the batch's
+        ``load`` then fails with the same reason, and says it)."""
         try:
-            import torch
+            _threads(threads)
+            from fewshot.presets import build_steps
 
-            torch.set_num_threads(int(spec.threads))
-        except ImportError:
-            pass
+            build_steps(settings, models_dir=models_dir)
+            if monai_reader:
+                _warm_readers()
+        except Exception as exc:  # noqa: BLE001 - a warm-up is an optimisation, never an error of its own
+            return _short_error(exc)
+        return ""
+
+    def _build(self, spec: WorkerSpec) -> None:
+        _threads(spec.threads)
         from fewshot.engine import Engine
 
         self.engine, report = Engine.from_settings(
@@ -181,6 +188,30 @@ class SegmentWorker:
         record["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 3)
         record.update(memory())
         return record
+
+
+def _warm_readers() -> None:
+    """A reader's heavy imports belong to start-up, not to the first case's timings: MONAI's reader
+    (~10 s of CPU) and, when ITK is installed (MONAI reads DICOM series and most non-NIfTI files
+    with it), ITK's lazily loaded IO modules (~4 s more on the first series otherwise). NIfTI files
+    are read by nibabel alone and need none of it."""
+    importlib.import_module("monai.transforms")
+    try:
+        import itk
+    except ImportError:
+        return
+    itk.GDCMSeriesFileNames, itk.ImageSeriesReader, itk.ImageFileReader  # noqa: B018 - loads the modules
+
+
+def _threads(threads: int) -> None:
+    for name, value in thread_env(threads).items():
+        os.environ.setdefault(name, value)
+    try:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    except ImportError:
+        pass
 
 
 def _engine_inputs(spec: WorkerSpec) -> tuple:
