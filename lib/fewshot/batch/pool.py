@@ -20,19 +20,24 @@ The pool starts new workers in place of the killed ones at the batch's end, load
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from fewshot.batch.worker import SegmentWorker, thread_env
 
-if TYPE_CHECKING:
-    from fewshot.batch.runner import RayOptions
+
+class WorkerRequest(Protocol):
+    """What a worker asks Ray for (``runner.RayOptions`` has these; the runner imports this module)."""
+
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_restarts: int
 
 
 class WorkerPool:
     """Idle ``SegmentWorker`` actors with one shape (CPUs, GPUs, threads, restarts); needs Ray
     initialised (``ray_session``). Not thread-safe: one batch uses it at a time."""
 
-    def __init__(self, options: "RayOptions"):
+    def __init__(self, options: WorkerRequest):
         import ray
 
         self.ray = ray
@@ -94,6 +99,6 @@ class WorkerPool:
         self.close()
 
 
-def worker_shape(options: "RayOptions") -> tuple[float, float, int]:
+def worker_shape(options: WorkerRequest) -> tuple[float, float, int]:
     """What a worker is started with: a pool serves batches that ask for the same."""
     return (float(options.cpus_per_worker), float(options.gpus_per_worker), int(options.max_restarts))
