@@ -313,13 +313,14 @@ def test_empty_bank_segments_nothing_and_says_why(engine_factory, chaos):
     assert "no labelled example" in seg.skipped["liver"]
 
 
-def test_cli_segment_and_bank_stats(chaos, tmp_path, models_dir):
+def test_cli_segment_and_bank_stats(chaos, tmp_path, models_dir, capsys):
     store = make_datastore(tmp_path / "store", chaos, ["1"], ["2"])
     env = dict(os.environ, FEWSHOT_MODELS_DIR=str(models_dir), OMP_NUM_THREADS="1")
     # No augmented copies (the engine tests cover them): this process then never imports MONAI's
     # augmentation transforms, 10-20 s of CPU. The same --set for stats: it is in the bank's fingerprint.
     no_augmentation = ["--set", "bank.augmentations_per_slice=0"]
     out = tmp_path / "out" / "seg.nii.gz"
+    # `python -m fewshot segment` as a user types it, in its own process: the end-to-end path.
     run = subprocess.run(
         [sys.executable, "-m", "fewshot", "segment", "--image", str(store / "image_2.nii.gz"),
          "--support", str(store), "--output", str(out), "--preset", "random-tiny", *no_augmentation,
@@ -332,21 +333,19 @@ def test_cli_segment_and_bank_stats(chaos, tmp_path, models_dir):
     sidecar = json.loads(out.with_name("seg.json").read_text())
     assert set(sidecar["labels"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
     assert "RANDOM WEIGHTS" in run.stderr  # the test preset says loudly that its output is meaningless
-    stats = subprocess.run(
-        [sys.executable, "-m", "fewshot", "bank", "stats", "--datastore", str(store), "--preset", "random-tiny",
-         *no_augmentation],
-        capture_output=True, text=True, env=env, cwd=PROJECT, timeout=600,
-    )
-    assert stats.returncode == 0, stats.stderr[-3000:]
-    data = json.loads(stats.stdout)
+    # The other two commands through the same entry point (cli.main) in this process: a subprocess
+    # each would only re-import torch (about 5 s of CPU each) to run the same code.
+    from fewshot.cli import main
+
+    os.environ["FEWSHOT_MODELS_DIR"] = str(models_dir)  # as the session fixture set it; the subprocess had it too
+    capsys.readouterr()
+    assert main(["bank", "stats", "--datastore", str(store), "--preset", "random-tiny", *no_augmentation]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert data["images"] == 1 and data["slices"] > 0 and data["labels"] == [1, 2, 3, 4]
     assert "needs_rebuild" not in data  # the bank segment built, with the same settings
-    bad = subprocess.run(
-        [sys.executable, "-m", "fewshot", "segment", "--image", str(tmp_path / "missing.nii.gz"),
-         "--support", str(store), "--output", str(out), "--preset", "random-tiny"],
-        capture_output=True, text=True, env=env, cwd=PROJECT, timeout=600,
-    )
-    assert bad.returncode == 2 and "no such file" in bad.stderr
+    bad = main(["segment", "--image", str(tmp_path / "missing.nii.gz"), "--support", str(store), "--output", str(out),
+                "--preset", "random-tiny"])
+    assert bad == 2 and "no such file" in capsys.readouterr().err
 
 
 def _synthetic_case(directory, name, slices=range(2, 6), value=1, shape=(48, 48, 8), seed=0):
