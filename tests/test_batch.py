@@ -56,10 +56,9 @@ def _settings(tiny_settings) -> dict:
 @pytest.fixture(scope="module")
 def pool(ray_local, tiny_settings, models_dir):
     """Workers kept between the module's runs (as a long-lived driver keeps them), started before
-    the bank is built so that they load the preset (and MONAI's reader, for the DICOMweb and
-    timeout tests) while the driver builds it."""
+    the bank is built so that they load the preset while the driver builds it."""
     with WorkerPool(RayOptions()) as workers:
-        workers.start(2, _settings(tiny_settings), str(models_dir), monai_reader=True)
+        workers.start(2, _settings(tiny_settings), str(models_dir))
         yield workers
 
 
@@ -274,7 +273,7 @@ def test_inputs_and_manifest_units(tmp_path):
         assert m.plan([case], "g1", "s1").reasons == {"x": "input changed"}
 
 
-def test_a_worker_is_loaded_with_a_batch_and_keeps_its_engine_while_the_batch_is_the_same(setup, models_dir, tmp_path):
+def test_a_worker_loads_a_batch_and_keeps_its_engine_while_the_batch_is_the_same(setup, models_dir, tmp_path):
     """In-process: a worker as Ray restarts it after a crash (no batch) answers `unloaded` and writes
     nothing (the driver loads it and sends the case again); load() builds the engine on the pinned
     generation, keeps it for a spec that differs only in what it is not built from, rebuilds it otherwise."""

@@ -51,17 +51,15 @@ class WorkerPool:
         self.idle: list[Any] = []
         self.started = 0  # actors created over the pool's life (a warm pool starts none for a batch)
 
-    def start(self, n: int, settings: Mapping | None = None, models_dir: str | None = None,
-              monai_reader: bool = False) -> None:
+    def start(self, n: int, settings: Mapping | None = None, models_dir: str | None = None) -> None:
         """Start ``n`` more workers now, without waiting for them, so that the first batch finds
         them warm. With ``settings`` (as ``batch_settings`` gives them) each also loads the
-        preset's code and networks, and with ``monai_reader`` MONAI's reader (inputs other than
-        NIfTI: DICOM series, NRRD)."""
+        preset's code and networks."""
         for _ in range(n):
             actor = self.remote.remote()
             self.started += 1
             if settings is not None:
-                actor.warm.remote(dict(settings), models_dir, self.threads, monai_reader)
+                actor.warm.remote(dict(settings), models_dir, self.threads)
             self.idle.append(actor)
 
     def replenish(self, n: int, spec) -> None:

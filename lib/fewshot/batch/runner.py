@@ -2,18 +2,19 @@
 
 The driver (this process) never segments: it reads the bank's committed manifest once (the pinned
 generation), decides from the manifest which cases to do, starts ``workers`` Ray actors (one
-engine each, built once; CPUs and GPUs requested per actor) or takes them warm from a ``WorkerPool``
-kept between batches, loads the batch into them, checks that every one loaded the same generation, then hands each worker one case at a time and appends each result to the
+engine each, built once; CPUs and GPUs requested per actor) or takes them warm from a
+``WorkerPool`` kept between batches, loads the batch into them, checks that every one loaded the
+same generation, then hands each worker one case at a time and appends each result to the
 manifest as it arrives. Workers write the labels themselves (inputs, bank and output must be on a
 file system every node sees, e.g. NFS, when the cluster has several machines).
 
 Ctrl-C (or any stop) ends the run between two manifest lines: cases in flight are not recorded and
 are done again next time. A worker that dies takes only its current case down (recorded, retried
-next run); Ray restarts it up to ``max_restarts`` times, and the driver loads the batch into it again. A case still running after
-``case_timeout`` seconds is recorded as failed and its worker is killed (``ray.cancel`` does not
-interrupt a running actor task, and a stuck case may sit in a kernel read) and replaced by another
-(an idle pool worker, else a new one), which loads the same pinned bank generation while the other
-workers go on.
+next run); Ray restarts it up to ``max_restarts`` times, and the driver loads the batch into it
+again. A case still running after ``case_timeout`` seconds is recorded as failed and its worker
+is killed (``ray.cancel`` does not interrupt a running actor task, and a stuck case may sit in a
+kernel read) and replaced by another (an idle pool worker, else a new one), which loads the same
+pinned bank generation while the other workers go on.
 """
 from __future__ import annotations
 

@@ -114,8 +114,7 @@ class SegmentWorker:
         self.load_seconds = round(time.perf_counter() - started, 2)
         return self.ready()
 
-    def warm(self, settings: Mapping, models_dir: str | None = None, threads: int = 1,
-             monai_reader: bool = False) -> str:
+    def warm(self, settings: Mapping, models_dir: str | None = None, threads: int = 1) -> str:
         """Load a preset's code and networks ahead of the first batch (``WorkerPool.start``): what
         is imported stays, the networks are dropped. Returns "" or why it could not (the batch's
         ``load`` then fails with the same reason, and says it)."""
@@ -124,8 +123,6 @@ class SegmentWorker:
             from fewshot.presets import build_steps
 
             build_steps(settings, models_dir=models_dir)
-            if monai_reader:
-                _warm_readers()
         except Exception as exc:  # noqa: BLE001 - a warm-up is an optimisation, never an error of its own
             return _short_error(exc)
         return ""
