@@ -47,3 +47,49 @@ def make_datastore(tmp: Path, source: Path, labelled: list[str], unlabelled: lis
     for case in labelled:
         shutil.copy(source / f"label_{case}.nii.gz", tmp / "labels" / "final" / f"image_{case}.nii.gz")
     return tmp
+
+
+# One random-tiny server on a copy of the committed sample datastore, shared by the hostile-request
+# and reliability modules (tests/test_app_hostile.py, tests/test_app_reliability.py). Each used to
+# start its own with nearly the same settings: a start-up and an ingestion each (15-20 s of a core).
+# Its settings are the union of theirs (none of them matters to the other module's requests), and
+# every test there snapshots what it checks before its own requests (Unchanged, log offsets), so
+# what one test did leaves the others' checks as they were. Its temporary folder is the test's
+# own, warm-up is off (nothing writes in the background), and labels/final sits on a tmpfs of its
+# own when the test may mount one (root with CAP_SYS_ADMIN; the read-only test skips otherwise).
+SAMPLE_SERVER_LIMITS = {"session_max_unpacked_mb": 1, "session_max_files": 20, "max_volume_mb": 256}
+
+
+@pytest.fixture(scope="session")
+def sample_server_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sample-server")
+
+
+@pytest.fixture(scope="session")
+def sample_finals_mount(sample_server_tmp):
+    """labels/final on a tmpfs of its own (remounted read-only alone), or a plain folder."""
+    from app_harness import mount_tmpfs, run_quietly
+
+    finals = sample_server_tmp / "datastore" / "labels" / "final"
+    mounted = mount_tmpfs(finals, 16)
+    yield mounted
+    if mounted:
+        run_quietly("umount", "-l", str(finals))
+
+
+@pytest.fixture(scope="session")
+def sample_server(sample_server_tmp, sample_finals_mount, models_dir):
+    from app_harness import Server
+
+    tmp = sample_server_tmp
+    studies = tmp / "datastore"
+    shutil.copytree(PROJECT / "sample-datastore", studies, dirs_exist_ok=True)
+    (tmp / "tmp").mkdir()
+    env = {"TMPDIR": str(tmp / "tmp"), "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions")}
+    extra = [("warm_embeddings", "false"), ("bank.augmentations_per_slice", "0"),
+             *((key, str(value)) for key, value in SAMPLE_SERVER_LIMITS.items())]
+    srv = Server(studies, models_dir, tmp / "server.log", extra=extra, env=env).start()
+    srv.wait_ready()
+    srv.wait_bank_idle()
+    yield srv
+    srv.stop()

@@ -2,18 +2,18 @@
 strings, NIfTI geometry headers that disagree, data after a label's voxels, case variants of the
 reserved tags.
 
-One server (preset random-tiny) serves the module on a copy of the committed sample datastore, so
-nothing here needs ../shared/data. Its temporary folder (TMPDIR) is a folder of the test's own, its
-session archives are capped low (1 MB, 20 files) through ``-c``, and warm-up is off so nothing
-writes to the datastore in the background. Each test hashes the datastore (bank included) and
-lists the temporary folder before its refused requests and checks both are unchanged after them.
+One server (preset random-tiny, conftest's ``sample_server``, shared with test_app_reliability)
+serves the module on a copy of the committed sample datastore, so nothing here needs ../shared/data.
+Its temporary folder (TMPDIR) is a folder of the test's own, its session archives are capped low
+(1 MB, 20 files) through ``-c``, and warm-up is off so nothing writes to the datastore in the
+background. Each test hashes the datastore (bank included) and lists the temporary folder before its
+refused requests and checks both are unchanged after them.
 """
 from __future__ import annotations
 
 import gzip
 import io
 import json
-import shutil
 import tarfile
 import time
 import zipfile
@@ -23,12 +23,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_harness import PROJECT, Server, Unchanged
+from app_harness import Server, Unchanged
 from app_harness import expect as check_answers
+from conftest import SAMPLE_SERVER_LIMITS
 
-SAMPLE = PROJECT / "sample-datastore"
 IMAGE = "phantom_04"  # unlabelled in the sample datastore
-MAX_UNPACKED_MB, MAX_FILES = 1, 20
+MAX_UNPACKED_MB, MAX_FILES = SAMPLE_SERVER_LIMITS["session_max_unpacked_mb"], SAMPLE_SERVER_LIMITS["session_max_files"]
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -38,23 +38,14 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def app_tmp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hostile")
+def app_tmp(sample_server_tmp) -> Path:
+    """The shared server's folder: its session folder is ``sessions`` here."""
+    return sample_server_tmp
 
 
 @pytest.fixture(scope="module")
-def server(app_tmp, models_dir):
-    studies = app_tmp / "datastore"
-    shutil.copytree(SAMPLE, studies)
-    (app_tmp / "tmp").mkdir()
-    env = {"TMPDIR": str(app_tmp / "tmp"), "MONAI_LABEL_SESSION_PATH": str(app_tmp / "sessions")}
-    extra = [("warm_embeddings", "false"), ("bank.augmentations_per_slice", "0"),
-             ("session_max_unpacked_mb", str(MAX_UNPACKED_MB)), ("session_max_files", str(MAX_FILES))]
-    srv = Server(studies, models_dir, app_tmp / "server.log", extra=extra, env=env).start()
-    srv.wait_ready()
-    srv.wait_bank_idle()
-    yield srv
-    srv.stop()
+def server(sample_server):
+    return sample_server
 
 
 def expect(server: Server, cases) -> None:

@@ -5,11 +5,12 @@ bomb) are reported in /info and never ingested, a read-only labels folder gets a
 that names it, a damaged index or a bank replaced under the server is rebuilt, the CLI never breaks
 a running server's bank, and SIGTERM stops the registration workers with the server.
 
-One server (preset random-tiny) serves most of the module on a copy of the committed sample
-datastore, so nothing here needs ../shared/data. Its temporary folder is the test's own, warm-up is
-off (nothing writes in the background), its upload budget is lowered through ``-c max_volume_mb``
-(so that a 512 MiB bomb is over it), and its ``labels/final`` sits on a tmpfs of its own when the
-test may mount one (root with CAP_SYS_ADMIN; the read-only test skips otherwise). Refused requests
+One server (preset random-tiny, conftest's ``sample_server``, shared with test_app_hostile) serves
+most of the module on a copy of the committed sample datastore, so nothing here needs
+../shared/data. Its temporary folder is the test's own, warm-up is off (nothing writes in the
+background), its upload budget is lowered through ``-c max_volume_mb`` (so that a 512 MiB bomb is
+over it), and its ``labels/final`` sits on a tmpfs of its own when the test may mount one (root with
+CAP_SYS_ADMIN; the read-only test skips otherwise). Refused requests
 are checked to leave the datastore and the bank byte for byte as they were, and the temporary
 folder as it was. A second server (preset classic) starts on a datastore whose index is garbage
 and is stopped with SIGTERM after an inference that used its worker processes. It, and a third that
@@ -35,13 +36,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_harness import PROJECT, STARTUP_TIMEOUT, Server, Unchanged, expect, mount_tmpfs, remount, run_quietly, tree_digest
+from app_harness import PROJECT, STARTUP_TIMEOUT, Server, Unchanged, expect, remount, tree_digest
+from conftest import SAMPLE_SERVER_LIMITS
 from nifti_files import nifti_bomb
 
 SAMPLE = PROJECT / "sample-datastore"
 IMAGE = "phantom_04"  # unlabelled in the sample datastore
 LABELLED = ("phantom_01", "phantom_02", "phantom_03")
-MAX_VOLUME_MB = 256
+MAX_VOLUME_MB = SAMPLE_SERVER_LIMITS["max_volume_mb"]
 REBUILD_TIMEOUT = 120.0
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -113,18 +115,14 @@ def bank_files(server: Server) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def app_tmp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("reliability")
+def app_tmp(sample_server_tmp) -> Path:
+    """The shared server's folder (conftest's ``sample_server``); the other servers' folders go here too."""
+    return sample_server_tmp
 
 
 @pytest.fixture(scope="module")
-def finals_mount(app_tmp):
-    """labels/final on a tmpfs of its own (remounted read-only alone), or a plain folder."""
-    finals = app_tmp / "datastore" / "labels" / "final"
-    mounted = mount_tmpfs(finals, 16)
-    yield mounted
-    if mounted:
-        run_quietly("umount", "-l", str(finals))
+def finals_mount(sample_finals_mount):
+    return sample_finals_mount
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +153,10 @@ def classic_start(app_tmp, models_dir):
 
 
 @pytest.fixture(scope="module")
-def server(app_tmp, finals_mount, models_dir, missing_studies_start, classic_start):
-    studies = app_tmp / "datastore"
-    shutil.copytree(SAMPLE, studies, dirs_exist_ok=True)
-    (app_tmp / "tmp").mkdir()
-    env = {"TMPDIR": str(app_tmp / "tmp"), "MONAI_LABEL_SESSION_PATH": str(app_tmp / "sessions")}
-    extra = [("warm_embeddings", "false"), ("bank.augmentations_per_slice", "0"), ("max_volume_mb", str(MAX_VOLUME_MB))]
-    srv = Server(studies, models_dir, app_tmp / "server.log", extra=extra, env=env).start()
-    srv.wait_ready()
-    srv.wait_bank_idle()
-    yield srv
-    srv.stop()
+def server(missing_studies_start, classic_start, sample_server):
+    """The shared server; the other two are asked for first so that, when this module starts it, their
+    start-ups overlap with its own."""
+    return sample_server
 
 
 def image_nifti(server: Server) -> nib.Nifti1Image:
