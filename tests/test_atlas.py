@@ -6,6 +6,7 @@ cardiac scan from ../shared/data (skipped when absent).
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import replace
 
@@ -171,10 +172,6 @@ def test_an_atlas_variants_merge_by_where_each_matches_the_query():
 # ------------------------------------------------------------------------------------ registration
 
 
-def _phantom_atlas(case: int) -> tuple[Atlas, np.ndarray, tuple]:
-    return _atlas(*phantom(case))
-
-
 def _atlas(image: str, label: str) -> tuple[Atlas, np.ndarray, tuple]:
     """A scan as the bank caches it (its canvas volume and masks), its canvas as a query, and its spacing."""
     from fewshot.engine import Engine
@@ -188,12 +185,41 @@ def _atlas(image: str, label: str) -> tuple[Atlas, np.ndarray, tuple]:
 
 
 @pytest.fixture(scope="module")
-def self_registered():
-    """Phantom 1 registered to itself with the preset's plan (in-plane refinement and slice shifts
-    included): one registration, about 12 s on a free core, read by the two tests below."""
-    atlas, canvas, spacing = _phantom_atlas(1)
-    plan = load_transfer_plan()
-    return atlas, canvas, spacing, plan, reg.register_atlas(canvas, spacing, atlas, (1, 2, 3), plan)
+def self_segmented(inline_engine):
+    """Phantom 1 as its own only atlas, segmented by the engine in this process: one registration with
+    the preset's plan (in-plane refinement and slice shifts included), about 12 s on a free core. The
+    engine test reads the segmentation; the two registration tests read that registration, recorded
+    on its way out of ``register_atlas`` with the arguments the engine gave it (the scan's canvas, its
+    spacing, the bank's atlas, the labels and the plan). Cold: the process's registration cache is
+    emptied first, so the engine really registers."""
+    from fewshot.transfer import atlas as atlas_step
+
+    image, label = phantom(1)
+    real, calls = atlas_step.reg.register_atlas, []
+
+    def recorded(*args, **kwargs):
+        candidate = real(*args, **kwargs)
+        calls.append((inspect.signature(real).bind(*args, **kwargs).arguments, candidate))
+        return candidate
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(atlas_step.reg, "register_atlas", recorded)
+    inline_engine.transfer.forget_caches()
+    inline_engine.ingest("self", image, label)
+    try:
+        seg = inline_engine.segment(image)
+    finally:
+        inline_engine.remove("self")
+        mp.undo()
+    [(args, candidate)] = calls  # its one atlas, registered once
+    canvas, spacing, atlas, labels, plan = (args[k] for k in ("query", "query_spacing", "atlas", "labels", "plan"))
+    assert tuple(labels) == (1, 2, 3) and plan == load_transfer_plan()  # the preset's plan
+    return seg, (atlas, np.asarray(canvas, np.float32), tuple(spacing), plan, candidate)
+
+
+@pytest.fixture(scope="module")
+def self_registered(self_segmented):
+    return self_segmented[1]
 
 
 def test_in_plane_refinement_is_decided_per_volume_from_its_slice_spacing(self_registered):
@@ -267,14 +293,9 @@ def test_reversed_slice_order_is_found_only_when_searched():
 # ------------------------------------------------------------------------------------ the engine, end to end
 
 
-def test_a_scan_is_its_own_atlas(inline_engine, tmp_path):
+def test_a_scan_is_its_own_atlas(self_segmented):
     image, label = phantom(1)
-    engine = inline_engine
-    engine.ingest("self", image, label)
-    try:
-        seg = engine.segment(image)
-    finally:
-        engine.remove("self")
+    seg = self_segmented[0]
     truth = np.asarray(nib.load(label).dataobj)
     source = nib.load(image)
     assert seg.label.shape == truth.shape and np.allclose(seg.volume.affine, source.affine)
