@@ -11,6 +11,8 @@ A batch gives its workers back when it ends, except those still segmenting a cas
 Ctrl-C or an error): those are killed, as the case they hold is not recorded and is done again.
 A worker killed after a per-case timeout is replaced by an idle pool worker when there is one.
 The pool starts new workers in place of the killed ones at the batch's end, loading its spec.
+Idle workers keep what they asked Ray for (CPUs, GPUs): close the pool to give them back, or a
+batch run without it on the same Ray waits for resources.
 
     with ray_session(options) as ray, WorkerPool(options) as pool:
         pool.start(2, settings)  # optional: the workers load while the driver does other work
