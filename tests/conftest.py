@@ -93,3 +93,12 @@ def sample_server(sample_server_tmp, sample_finals_mount, models_dir):
     srv.wait_bank_idle()
     yield srv
     srv.stop()
+
+
+def release_sample_server(request, server) -> None:
+    """At a module's end: stop the shared server when no test after this module asks for it, so that
+    it does not sit in memory for the rest of the session (stop() again at the session's end is a no-op)."""
+    items = request.session.items
+    last = max(i for i, item in enumerate(items) if item.module is request.module)
+    if not any("sample_server" in item.fixturenames for item in items[last + 1:]):
+        server.stop()

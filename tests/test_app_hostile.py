@@ -25,7 +25,7 @@ import pytest
 
 from app_harness import Server, Unchanged
 from app_harness import expect as check_answers
-from conftest import SAMPLE_SERVER_LIMITS
+from conftest import SAMPLE_SERVER_LIMITS, release_sample_server
 
 IMAGE = "phantom_04"  # unlabelled in the sample datastore
 MAX_UNPACKED_MB, MAX_FILES = SAMPLE_SERVER_LIMITS["session_max_unpacked_mb"], SAMPLE_SERVER_LIMITS["session_max_files"]
@@ -44,8 +44,9 @@ def app_tmp(sample_server_tmp) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(sample_server):
-    return sample_server
+def server(request, sample_server):
+    yield sample_server
+    release_sample_server(request, sample_server)
 
 
 def expect(server: Server, cases) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 
 from app_harness import PROJECT, STARTUP_TIMEOUT, Server, Unchanged, expect, remount, tree_digest
-from conftest import SAMPLE_SERVER_LIMITS
+from conftest import SAMPLE_SERVER_LIMITS, release_sample_server
 from nifti_files import nifti_bomb
 
 SAMPLE = PROJECT / "sample-datastore"
@@ -153,10 +153,11 @@ def classic_start(app_tmp, models_dir):
 
 
 @pytest.fixture(scope="module")
-def server(missing_studies_start, classic_start, sample_server):
+def server(request, missing_studies_start, classic_start, sample_server):
     """The shared server; the other two are asked for first so that, when this module starts it, their
     start-ups overlap with its own."""
-    return sample_server
+    yield sample_server
+    release_sample_server(request, sample_server)
 
 
 def image_nifti(server: Server) -> nib.Nifti1Image:
