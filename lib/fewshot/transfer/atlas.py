@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fewshot.config import ConfigError
-from fewshot.decision import RULES, LabelDecision
+from fewshot.decision import LabelDecision
 from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
@@ -132,10 +132,10 @@ class AtlasSettings:
         search = self.fusion.search_radius
         if (len(search) != 3 or min(search) < 0) if isinstance(search, tuple) else int(search) < 0:
             problems.append("fusion.search_radius needs one or three (slice, row, column) non-negative voxel counts")
-        if not 0 < self.threshold < 1:
-            problems.append("threshold must lie in (0, 1)")
-        if self.decision not in RULES:
-            problems.append(f"decision {self.decision!r} must be one of {', '.join(RULES)}")
+        try:  # the rule and its threshold are checked where they are defined
+            LabelDecision(self.threshold, self.decision)
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.shape.min_solidity is not None and not 0 < self.shape.min_solidity <= 1:
             problems.append("shape.min_solidity must lie in (0, 1], or be none")
         if problems:
@@ -240,10 +240,6 @@ class AtlasTransfer:
 
     def encode_supports(self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
         return {}  # atlases are the bank's canvas volumes themselves (SliceBatch.atlas)
-
-    @property
-    def probability_threshold(self) -> float:
-        return self.settings.threshold
 
     @property
     def label_decision(self) -> LabelDecision:
