@@ -2,7 +2,8 @@
 with the random-tiny preset: outputs equal the engine's own, the manifest, resuming after a stop,
 a corrupt input, the bank left untouched and pinned to one generation. Ray starts once per module,
 and its runs share one WorkerPool: workers start once (most of a run's time otherwise) and each run
-loads its batch into them; the timeout test, last, sees its worker killed and replaced.
+loads its batch into them; the app's batch, which keeps no pool, starts and stops its own worker; the
+timeout test, last, sees its worker killed and replaced.
 Skipped with a message only where Ray cannot start (or ../shared/data is absent)."""
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ from fewshot.engine import Engine
 
 LABELLED = ["015", "184"]
 QUERIES = ["195"]
-TIMEOUT = 20.0  # --case-timeout of the timeout test (seconds)
+TIMEOUT = 8.0  # --case-timeout of the timeout test (seconds): a case here takes about 1.5 s on an idle core
+# The runner is what these tests are about: the bank holds no augmented copies (tested in test_bank),
+# which would triple the module's ingestion and be mapped and searched the same way.
+OVERRIDES = {"selection.keep": 2, "retrieval.top_k": 4, "bank.augmentations_per_slice": 0}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,9 @@ def ray_local(models_dir):
     try:
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 << 20)
+        # One logical CPU more than the pool's two workers hold while idle: a run with its own workers
+        # (the app's) gets one. The machine has 2 cores; the pool's idle workers use none.
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, object_store_memory=128 << 20)
     except Exception as exc:  # noqa: BLE001 - any reason Ray cannot start here is a skip, with the reason
         pytest.skip(f"Ray cannot start on this machine: {type(exc).__name__}: {exc}")
     yield ray
@@ -50,7 +56,7 @@ def ray_local(models_dir):
 
 
 def _settings(tiny_settings) -> dict:
-    return batch_settings(tiny_settings, threads=1, overrides={"selection.keep": 2, "retrieval.top_k": 4})
+    return batch_settings(tiny_settings, threads=1, overrides=OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +100,14 @@ def setup(tmp_path_factory, tiny_settings, models_dir):
 LABEL_NAMES = {"anterior": 1, "posterior": 2}
 
 
+@pytest.fixture(scope="module")
+def reference(setup, models_dir) -> Engine:
+    """Engine.segment in the driver, on the module's bank: what every batch output must equal."""
+    engine, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir,
+                                     read_only=True, label_names=LABEL_NAMES)
+    return engine
+
+
 def _spec(setup, output: Path, models_dir, **kw) -> BatchSpec:
     return BatchSpec(settings=setup["settings"], bank_dir=str(setup["bank_dir"]), output_dir=str(output),
                      models_dir=str(models_dir), label_names=LABEL_NAMES, **kw)
@@ -119,7 +133,7 @@ def _records(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / MANIFEST_NAME).read_text().splitlines()]
 
 
-def test_batch_stopped_resumed_and_skipped(ray_local, pool, setup, models_dir):
+def test_batch_stopped_resumed_and_skipped(ray_local, pool, setup, reference, models_dir):
     """A run stopped (Ctrl-C) after two cases, with a torn line left behind, then run again: only the
     unfinished cases are segmented, every case ends with one record naming the pinned bank
     generation, the corrupt input is recorded and the rest finish, outputs have their input's geometry
@@ -146,10 +160,7 @@ def test_batch_stopped_resumed_and_skipped(ray_local, pool, setup, models_dir):
     with open(output / MANIFEST_NAME, "ab") as f:
         f.write(b'{"kind": "case", "case": "image_1')  # a crash in the middle of a line
     # What Engine.segment gives each input (computed here, while the pool replaces the worker the stop killed).
-    reference, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir, read_only=True,
-                                        label_names=LABEL_NAMES)
     expected = {c.case_id: reference.segment(c.path).label for c in cases if c.case_id != "corrupt"}
-    del reference
 
     second = run_batch(cases, spec, options, progress=False, pool=pool)
     assert not second.interrupted and not second.error
@@ -204,7 +215,7 @@ def test_cli_list_file_same_ids_and_pinning_decisions(ray_local, setup, models_d
         c.path for c in inputs.collect(setup["folder"])) + "\n")
     argv = ["batch", str(listing), "--support", str(setup["store"]), "--output", str(output),
             "--preset", "random-tiny", "--models-dir", str(models_dir), "--no-progress", "--labels", "anterior=1,posterior=2",
-            "--set", "selection.keep=2", "--set", "retrieval.top_k=4"]  # the settings of the first test's runs
+            *[a for key, value in OVERRIDES.items() for a in ("--set", f"{key}={value}")]]  # the first test's settings
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped"] == 5 and summary["done"] == 0
@@ -299,11 +310,13 @@ def test_a_worker_loads_a_batch_and_keeps_its_engine_while_the_batch_is_the_same
     assert record["status"] == "done" and record["bank_generation"] == info["bank_generation"]
 
 
-def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup, models_dir):
+def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, pool, setup, reference, models_dir):
     """With -c ray_address, MONAI Label's batch infer (in its background process) gives its images to
     the runner, whose manifest lives where the batch test above wrote its output: images it already
-    segmented against the same bank, with the same settings, are not segmented again; each label is
-    saved to the datastore as `original`, and again when the request is repeated."""
+    segmented against the same bank, with the same settings, are not segmented again; an image added
+    to the datastore since is segmented by a worker the run starts and stops itself (the app keeps no
+    pool), with Engine.segment's voxels; each label is saved to the datastore as `original`, and
+    again when the request is repeated."""
     import sys
     from types import SimpleNamespace
 
@@ -320,39 +333,53 @@ def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, setup
     finally:
         sys.path.remove(str(APP))
 
-    conf = {"preset": "random-tiny", "models_dir": str(models_dir), "ray_address": "local", "ray_workers": "1"}
+    conf = {"preset": "random-tiny", "models_dir": str(models_dir), "ray_address": "local", "ray_workers": "1",
+            **{key: str(value) for key, value in OVERRIDES.items() if key.startswith("bank.")}}
     app = SimpleNamespace(
         conf=conf, app_config=AppConfig.from_conf(conf, setup["store"]),
         host=SimpleNamespace(label_map=lambda: {"anterior": 1, "posterior": 2}),
-        _infers={"fewshot": SimpleNamespace(options=lambda request: (InferOptions(4, True, 2), []))},
+        _infers={"fewshot": SimpleNamespace(options=lambda request: (InferOptions(OVERRIDES["retrieval.top_k"], True,
+                                                                                   OVERRIDES["selection.keep"]), []))},
         check_infer_request=lambda model, request: None,
     )
     task = batch_infer_task(app)
     assert isinstance(task, RayBatchInfer) and task.options.address is None and task.options.workers == 1
     assert type(batch_infer_task(SimpleNamespace(conf={}))) is BatchInferTask  # no ray_address: MONAI Label's own
 
-    datastore = LocalDatastore(str(setup["store"]), extensions=["*.nii.gz"], auto_reload=False)
-    request = {"model": "fewshot", "images": ["image_184", "image_195"], "label_tag": "original"}
-    generation = manifest_snapshot(SupportBank.read_manifest(setup["bank_dir"]))
-    output = setup["output"]
-    before = _records(output) if (output / MANIFEST_NAME).is_file() else []
-    result = task(request, datastore, None)
-    assert result == {i: {"label": i, "label_tag": "original", "bank_generation": generation} for i in request["images"]}
-    for image_id in request["images"]:
-        saved = Path(datastore.get_label_uri(image_id, "original"))
-        np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj),
-                                      np.asarray(nib.load(str(output / f"{image_id}.nii.gz")).dataobj))
-    saved.unlink()
-    again = task(request, datastore, None)
-    assert again == result and Path(datastore.get_label_uri("image_195", "original")).is_file()
-    # Segmented once, by whichever ran first (the batch test before it: the app's request found them done).
-    cases = [r["case"] for r in _records(output) if r["kind"] == "case" and r["case"] in request["images"]]
-    assert sorted(cases) == sorted(request["images"])
-    if before:
-        assert [r for r in _records(output) if r["kind"] == "case"] == [r for r in before if r["kind"] == "case"]
+    added = setup["store"] / "image_199.nii.gz"  # saved to the datastore after the batch above
+    shutil.copy(shared_dataset("msd-hippocampus") / "image_199.nii.gz", added)
+    try:
+        datastore = LocalDatastore(str(setup["store"]), extensions=["*.nii.gz"], auto_reload=False)
+        request = {"model": "fewshot", "images": ["image_184", "image_195", "image_199"], "label_tag": "original"}
+        generation = manifest_snapshot(SupportBank.read_manifest(setup["bank_dir"]))
+        output = setup["output"]
+        before = _records(output) if (output / MANIFEST_NAME).is_file() else []
+        idle, started = list(pool.idle), pool.started
+        result = task(request, datastore, None)
+        assert result == {i: {"label": i, "label_tag": "original", "bank_generation": generation}
+                          for i in request["images"]}
+        assert pool.idle == idle and pool.started == started  # the module's pool was not used
+        for image_id in request["images"]:
+            saved = Path(datastore.get_label_uri(image_id, "original"))
+            np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj),
+                                          np.asarray(nib.load(str(output / f"{image_id}.nii.gz")).dataobj))
+        np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj), reference.segment(added).label)
+        saved.unlink()
+        again = task(request, datastore, None)
+        assert again == result and Path(datastore.get_label_uri("image_199", "original")).is_file()
+        # Segmented once each, by whichever ran first (the batch test before it: the app's request found
+        # those done, and segmented only the added image, on the one worker it started).
+        records = [r for r in _records(output) if r["kind"] == "case"]
+        assert sorted(r["case"] for r in records if r["case"] in request["images"]) == request["images"]
+        if before:
+            assert records[:-1] == [r for r in before if r["kind"] == "case"] and records[-1]["case"] == "image_199"
+            runs = [r for r in _records(output)[len(before):] if r["kind"] == "run" and r["event"] == "start"]
+            assert len(runs) == 1 and len(runs[0]["workers"]) == 1 and runs[0]["todo"] == 1
+    finally:
+        added.unlink()
 
 
-def test_dicomweb_url_series_named_by_uid_on_their_own_grid(ray_local, pool, setup, models_dir, tmp_path):
+def test_dicomweb_url_series_named_by_uid_on_their_own_grid(ray_local, pool, setup, reference, models_dir, tmp_path):
     """The batch's input is a real Orthanc's DICOMweb URL (QIDO filter in its query; a study's URL
     names its series only): each image series is a case named by its SeriesInstanceUID, downloaded
     by the worker, and segmented onto the series' own grid with the labels Engine.segment gives the
@@ -383,8 +410,6 @@ def test_dicomweb_url_series_named_by_uid_on_their_own_grid(ray_local, pool, set
         assert report.done == 2 and not report.failed and not report.error, report
         assert pool.started - started == max(0, 2 - idle)  # the pool's warm workers, loaded with this batch
         assert len(pool.idle) == 2
-        reference, _ = Engine.from_settings(setup["settings"], bank_dir=setup["bank_dir"], models_dir=models_dir,
-                                            read_only=True, label_names=LABEL_NAMES)
         finals = {r["case"]: r for r in _records(output) if r["kind"] == "case"}
         for case, s in series.items():
             record = finals[s["series"]]
