@@ -129,6 +129,8 @@ class AtlasSettings:
             problems.append(f"fusion.method {self.fusion.method!r} must be joint or majority")
         if len(self.fusion.patch_radius) != 3 or min(self.fusion.patch_radius) < 0:
             problems.append("fusion.patch_radius needs three non-negative voxel counts (slice, row, column)")
+        if not (isinstance(self.fusion.nonnegative, bool) and isinstance(self.fusion.correlation, bool)):
+            problems.append("fusion.nonnegative and fusion.correlation must be true or false")
         search = self.fusion.search_radius
         if (len(search) != 3 or min(search) < 0) if isinstance(search, tuple) else int(search) < 0:
             problems.append("fusion.search_radius needs one or three (slice, row, column) non-negative voxel counts")

@@ -53,6 +53,11 @@ class FusionSettings:
     # How an atlas's slice-shifted variants vote: "joint" (each its own vote in joint fusion) or
     # "local" (merged per atlas by locally weighted voting first; see the module's docstring)
     shifted_votes: str = "joint"
+    # joint: antsJointFusion's -c (the joint weights constrained to be >= 0) and -m PC (the search
+    # picks each atlas's best-matching nearby patch by Pearson correlation, ANTs' own default, instead
+    # of mean squares, antspyx's default; the weights themselves are computed the same way)
+    nonnegative: bool = False
+    correlation: bool = False
 
 
 def search_radius(radius) -> int | str:
@@ -120,6 +125,7 @@ def joint(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spac
             image(query), image(region.astype(np.float32)), [image(a) for a in images],
             beta=float(settings.beta), rad=[int(r) for r in settings.patch_radius], label_list=[image(h) for h in hard],
             rho=float(settings.rho), r_search=search_radius(settings.search_radius), output_prefix=f"{tmp}/jlf",
+            nonnegative=bool(settings.nonnegative), usecor=bool(settings.correlation),
         )
         out[:, region] = 0.0
         for number, probability in zip(result["segmentation_numbers"], result["probabilityimages"]):
