@@ -14,6 +14,13 @@ the time on CHAOS. There the fused probability is the atlases' mean soft vote.
 
 ``majority`` (the mean of the atlases' soft votes) is kept for the ablation.
 
+Two switches of ``antsJointFusion`` are settings, off by default: ``correlation`` (``-m PC``: the
+local search compares patches by Pearson correlation, ANTs' own default, where antspyx uses mean
+squares) and ``nonnegative`` (``-c 1``: non-negative joint weights). Nested selection chose both in
+most groups, but what that choice is worth was mixed across runs (+0.5 to −0.3 Dice) and the
+constraint costs 30–50 % more fusion time (docs/results.md, "Joint fusion's patch search by
+correlation").
+
 An atlas refined in plane with slice offsets (``in_plane.slice_shifts``) casts several variants.
 ``shifted_votes: joint`` hands every variant to joint fusion as a vote of its own (K atlases x S
 shifts votes: the fusion's cost grows with their square). ``local`` first merges one atlas's
