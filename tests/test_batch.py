@@ -337,7 +337,7 @@ def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, pool,
             **{key: str(value) for key, value in OVERRIDES.items() if key.startswith("bank.")}}
     app = SimpleNamespace(
         conf=conf, app_config=AppConfig.from_conf(conf, setup["store"]),
-        host=SimpleNamespace(label_map=lambda: {"anterior": 1, "posterior": 2}),
+        host=SimpleNamespace(label_map=lambda: dict(LABEL_NAMES)),
         _infers={"fewshot": SimpleNamespace(options=lambda request: (InferOptions(OVERRIDES["retrieval.top_k"], True,
                                                                                    OVERRIDES["selection.keep"]), []))},
         check_infer_request=lambda model, request: None,
@@ -363,6 +363,7 @@ def test_monai_label_batch_infer_hands_its_images_to_the_runner(ray_local, pool,
             saved = Path(datastore.get_label_uri(image_id, "original"))
             np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj),
                                           np.asarray(nib.load(str(output / f"{image_id}.nii.gz")).dataobj))
+        saved = Path(datastore.get_label_uri("image_199", "original"))  # the added image, from the app's own worker
         np.testing.assert_array_equal(np.asarray(nib.load(str(saved)).dataobj), reference.segment(added).label)
         saved.unlink()
         again = task(request, datastore, None)
