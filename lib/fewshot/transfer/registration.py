@@ -57,6 +57,20 @@ class AffineStage:
 
 
 @dataclass(frozen=True)
+class LocalAffineStage:
+    """A second affine whose metric sees only the support's structures and their surroundings: the
+    whole-slice affine aligns the body outline, which need not put a small organ (the heart in a
+    short-axis slice) where it is in the query."""
+    method: str  # "affine" or "none"
+    margin: int  # pixels the support's labelled region is dilated by to make the metric's mask
+    shrink_factors: tuple[int, ...]
+    smoothing_sigmas: tuple[float, ...]
+    iterations: int
+    learning_rate: float
+    min_step: float
+
+
+@dataclass(frozen=True)
 class DeformableStage:
     method: str  # "demons" or "none"
     shrink_factors: tuple[int, ...]
@@ -89,6 +103,7 @@ class RegistrationSettings:
     deformable: DeformableStage
     fusion: FusionStage
     consistency: ConsistencyStage
+    local_affine: LocalAffineStage = LocalAffineStage("none", 0, (4, 2), (2.0, 1.0), 100, 0.5, 0.001)
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "RegistrationSettings":
@@ -107,6 +122,11 @@ class RegistrationSettings:
             problems.append(f"affine.transform {a.transform!r} must be affine or similarity")
         if len(a.shrink_factors) != len(a.smoothing_sigmas) or not a.shrink_factors:
             problems.append("affine.shrink_factors and affine.smoothing_sigmas need the same, non-zero length")
+        la = self.local_affine
+        if la.method not in ("affine", "none"):
+            problems.append(f"local_affine.method {la.method!r} must be affine or none")
+        if la.method != "none" and (len(la.shrink_factors) != len(la.smoothing_sigmas) or not la.shrink_factors or la.margin < 0):
+            problems.append("local_affine needs shrink_factors and smoothing_sigmas of the same, non-zero length and a margin >= 0")
         if d.method not in ("demons", "none"):
             problems.append(f"deformable.method {d.method!r} must be demons or none")
         if d.method == "demons" and (len(d.shrink_factors) != len(d.iterations) or not d.shrink_factors):
@@ -145,11 +165,16 @@ def _initial_transform(fixed: sitk.Image, moving: sitk.Image, kind: str) -> sitk
         return sitk.CenteredTransformInitializer(fixed, moving, base, sitk.CenteredTransformInitializerFilter.GEOMETRY)
 
 
-def register_affine(fixed: sitk.Image, moving: sitk.Image, stage: AffineStage) -> sitk.Transform:
-    """fixed -> moving point mapping (SimpleITK convention), starting from the moments' alignment."""
-    initial = _initial_transform(fixed, moving, stage.transform)
+def register_affine(fixed: sitk.Image, moving: sitk.Image, stage: AffineStage | LocalAffineStage,
+                    initial: sitk.Transform | None = None, moving_mask: sitk.Image | None = None) -> sitk.Transform:
+    """fixed -> moving point mapping (SimpleITK convention), starting from the moments' alignment or
+    from ``initial``; ``moving_mask`` restricts the metric to the moving image's pixels inside it."""
+    if initial is None:
+        initial = _initial_transform(fixed, moving, stage.transform)
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsCorrelation()
+    if moving_mask is not None:
+        method.SetMetricMovingMask(moving_mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=stage.learning_rate, minStep=stage.min_step, numberOfIterations=stage.iterations,
@@ -161,9 +186,37 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image, stage: AffineStage) -
     method.SetInitialTransform(initial, inPlace=False)
     try:
         return method.Execute(fixed, moving)
-    except RuntimeError as err:  # e.g. the images do not overlap at all: keep the moments' guess
-        logger.debug("affine registration failed (%s); using the moments initialisation", err)
+    except RuntimeError as err:  # e.g. the images do not overlap at all: keep the starting guess
+        logger.debug("affine registration failed (%s); using its starting transform", err)
         return initial
+
+
+def register_local_affine(fixed: sitk.Image, moving: sitk.Image, mask: np.ndarray, start: sitk.Transform,
+                          stage: LocalAffineStage) -> sitk.Transform:
+    """The affine refined on the support's labelled region (dilated by ``stage.margin`` pixels):
+    ``start`` when the support holds no label on this slice or the stage is off."""
+    region = np.asarray(mask) > 0
+    if stage.method == "none" or not region.any():
+        return start
+    if stage.margin > 0:
+        region = ndimage.binary_dilation(region, structure=np.ones((3, 3), bool), iterations=int(stage.margin))
+    initial = _as_affine(start)  # a similarity is an affine: the local stage may shear what the global kept rigid
+    moving_mask = sitk.GetImageFromArray(region.astype(np.uint8))
+    moving_mask.CopyInformation(moving)
+    return register_affine(fixed, moving, stage, initial=initial, moving_mask=moving_mask)
+
+
+def _as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
+    """A 2D affine-family transform (affine, similarity; as a registration returns it) as an AffineTransform."""
+    t = transform
+    while t.GetName() == "CompositeTransform":
+        t = sitk.CompositeTransform(t).GetNthTransform(0)
+    t = t.Downcast()
+    out = sitk.AffineTransform(2)
+    out.SetMatrix(t.GetMatrix())
+    out.SetTranslation(t.GetTranslation())
+    out.SetCenter(t.GetCenter())
+    return out
 
 
 def register_demons(fixed: sitk.Image, moving: sitk.Image, stage: DeformableStage) -> sitk.Transform:
@@ -187,12 +240,16 @@ def register_demons(fixed: sitk.Image, moving: sitk.Image, stage: DeformableStag
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
-def register(fixed_array: np.ndarray, moving_array: np.ndarray, settings: RegistrationSettings) -> tuple[sitk.Transform, sitk.Image]:
-    """-> (fixed -> moving transform, the moving image histogram-matched to the fixed one)."""
+def register(fixed_array: np.ndarray, moving_array: np.ndarray, settings: RegistrationSettings,
+             moving_mask: np.ndarray | None = None) -> tuple[sitk.Transform, sitk.Image]:
+    """-> (fixed -> moving transform, the moving image histogram-matched to the fixed one).
+    ``moving_mask``: the support's labelled pixels, for the local affine stage."""
     fixed, moving = _image(fixed_array), _image(moving_array)
     # Demons and the fusion weights compare intensities directly, so put the support's on the query's scale.
     matched = sitk.HistogramMatching(moving, fixed, numberOfHistogramLevels=64, numberOfMatchPoints=7, thresholdAtMeanIntensity=True)
     affine = register_affine(fixed, matched, settings.affine)
+    if moving_mask is not None:
+        affine = register_local_affine(fixed, matched, moving_mask, affine, settings.local_affine)
     if settings.deformable.method == "none":
         return affine, matched
     moved = sitk.Resample(matched, fixed, affine, sitk.sitkLinear, 0.0)
@@ -205,7 +262,8 @@ def warp_support(
     query: np.ndarray, image: np.ndarray, mask: np.ndarray, labels: Sequence[int], settings: RegistrationSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (warped support image (S, S) on the query's intensity scale, warped one-hot votes (L, S, S))."""
-    transform, matched = register(query, image, settings)
+    held = np.isin(mask, np.asarray(labels)) if len(labels) else np.zeros(mask.shape, bool)
+    transform, matched = register(query, image, settings, held)
     channels = [sitk.GetArrayFromImage(matched)] + [(mask == v).astype(np.float32) for v in labels]
     stacked = sitk.GetImageFromArray(np.stack(channels, axis=-1), isVector=True)
     reference = _image(query)
