@@ -100,10 +100,10 @@ class RegistrationSettings:
     start_method: str  # multiprocessing start method of the pool ("spawn" is safe in threaded servers)
     log_every: int  # log progress every this many slices
     affine: AffineStage
+    local_affine: LocalAffineStage
     deformable: DeformableStage
     fusion: FusionStage
     consistency: ConsistencyStage
-    local_affine: LocalAffineStage = LocalAffineStage("none", 0, (4, 2), (2.0, 1.0), 100, 0.5, 0.001)
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "RegistrationSettings":
@@ -262,7 +262,7 @@ def warp_support(
     query: np.ndarray, image: np.ndarray, mask: np.ndarray, labels: Sequence[int], settings: RegistrationSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     """-> (warped support image (S, S) on the query's intensity scale, warped one-hot votes (L, S, S))."""
-    held = np.isin(mask, np.asarray(labels)) if len(labels) else np.zeros(mask.shape, bool)
+    held = np.isin(mask, np.asarray(labels)) if settings.local_affine.method != "none" else None
     transform, matched = register(query, image, settings, held)
     channels = [sitk.GetArrayFromImage(matched)] + [(mask == v).astype(np.float32) for v in labels]
     stacked = sitk.GetImageFromArray(np.stack(channels, axis=-1), isVector=True)
