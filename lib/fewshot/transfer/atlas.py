@@ -9,8 +9,10 @@ label was saved. For a query scan (``segment_with_atlases``):
    ones whose slices its descriptor index finds closest to the query's.
 2. **register** each kept atlas (``atlas_registration``: local affine and 3D demons on the region of
    its structures, plus in-plane 2D demons per slice for thick-slice stacks), in ``workers``
-   processes, one atlas per task. Results are cached per (query, atlas, labels): a re-run after
-   one new label registers only that atlas.
+   single-threaded processes: an atlas's 3D stages are one job, each slice shift of its in-plane
+   step another, queued as its 3D stages end. Always in the workers, even for a lone atlas: ANTs'
+   affine repeats exactly only single-threaded. Results are cached per (query, atlas, labels): a
+   re-run after one new label registers only that atlas.
 3. **fuse** their labels by joint label fusion (``fusion``), and
 4. **keep the pieces** the atlases say each label has (``pieces``): both kidneys under one label
    survive, specks elsewhere do not.
@@ -29,7 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,7 +43,7 @@ from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
 from fewshot.transfer.shape import ShapeSettings, SolidityCache, make_convex
-from fewshot.transfer.workers import WorkerPool, sitk_threads
+from fewshot.transfer.workers import Job, WorkerPool, run_inline, sitk_threads
 from fewshot.types import Atlas, AtlasUse, SlicePlan, SliceResult, VolumeResult
 
 logger = logging.getLogger(__name__)
@@ -265,29 +267,18 @@ class AtlasTransfer:
         self.pool.close()
         self.slices.close()
 
-    def _run(self, function: Callable, jobs: dict, on_done: Callable) -> None:
-        """``function(*args)`` for every job (key -> args), in the pool when it has more than one job;
-        ``on_done(key, result)`` in this thread as each finishes; a job that raises gives None (logged):
-        one atlas that cannot be registered must not cost the scan the others."""
-
-        def failed(key, exc: BaseException) -> None:
-            logger.warning("atlas %s: %s(%s); left out of this segmentation", key, type(exc).__name__, exc)
-            on_done(key, None)
-
+    def _run(self, jobs: Mapping[Hashable, Job], on_done: Callable, on_error: Callable) -> None:
+        """Every job and the follow-ups ``on_done`` returns, in the worker processes, however few:
+        ANTs' affine (Mattes mutual information) repeats exactly only when it runs single-threaded,
+        and ITK fixes a process's thread count when ANTs first loads there, so an atlas registered
+        in this process with its cores would come out differently from run to run (a lone atlas
+        did, until 2 December). With ``workers: 1``, or jobs a stopped pool left, they run here."""
         remaining = dict(jobs)
-        if self.settings.workers > 1 and len(jobs) > 1:
-            remaining = self.pool.run(function, jobs, on_done, on_error=failed)
+        if self.settings.workers > 1 and jobs:
+            remaining = self.pool.run_jobs(jobs, on_done, on_error=on_error)
         if remaining:
-            # One atlas alone (a bank of one scan) gets every core the pool would have used.
-            threads = self.settings.threads_per_worker * (self.settings.workers if len(remaining) == 1 else 1)
-            with self._inline_lock, sitk_threads(threads):
-                for key, args in remaining.items():
-                    try:
-                        result = function(*args)
-                    except Exception as exc:  # noqa: BLE001 - reported, the scan goes on
-                        failed(key, exc)
-                        continue
-                    on_done(key, result)
+            with self._inline_lock, sitk_threads(self.settings.threads_per_worker):
+                run_inline(remaining, on_done, on_error)
 
     # ------------------------------------------------------------------ scan level
 
@@ -331,7 +322,11 @@ class AtlasTransfer:
                         self._alignments.pop(next(iter(self._alignments)))
                 tick()
 
-            self._run(reg.align_globally, todo, aligned)
+            def not_aligned(image_id, exc: BaseException) -> None:
+                logger.warning("atlas %s: %s(%s); left out of this segmentation", image_id, type(exc).__name__, exc)
+                aligned(image_id, None)
+
+            self._run({i: Job(reg.align_globally, args) for i, args in todo.items()}, aligned, not_aligned)
             for a in atlases:
                 if a.image_id not in todo:
                     tick()
@@ -369,7 +364,37 @@ class AtlasTransfer:
                         done, steps, f" ({', '.join(f'{k} {v:.1f} s' for k, v in candidate.stages.items())})"
                         if candidate else ": none of its labels reaches this scan")
 
-        self._run(reg.register_atlas, todo, registered)
+        # Each atlas is two kinds of job: its 3D stages, then one per slice shift of the in-plane
+        # step, queued as the 3D stages end, so that both workers stay busy to the last shift (a
+        # lone atlas's shifts run side by side) rather than one atlas's whole chain per worker.
+        placed: dict[str, tuple[reg.Placed, dict]] = {}
+
+        def stage_done(key, result):
+            stage, image_id = key[0], key[1]
+            if stage == "place":
+                if result is None or not result.shifts:
+                    registered(image_id, None if result is None else reg.finish_atlas(result, {}))
+                    return None
+                placed[image_id] = (result, {})
+                q, before = query[result.box], result.warped[result.inner()]
+                return {("refine", image_id, shift): Job(reg.refine_shift, (q, before, shift, plan.in_plane, result.pixel_mm))
+                        for shift in result.shifts}
+            if image_id not in placed:  # another of its shifts failed: the atlas is already left out
+                return None
+            atlas_placed, refined = placed[image_id]
+            refined[key[2]] = result
+            if len(refined) == len(atlas_placed.shifts):
+                del placed[image_id]
+                registered(image_id, reg.finish_atlas(atlas_placed, refined))
+            return None
+
+        def stage_failed(key, exc: BaseException) -> None:
+            logger.warning("atlas %s: %s(%s) in its %s stage; left out of this segmentation",
+                           key[1], type(exc).__name__, exc, "3D" if key[0] == "place" else "in-plane")
+            if key[0] == "place" or placed.pop(key[1], None) is not None:
+                registered(key[1], None)
+
+        self._run({("place", i): Job(reg.place_atlas, args) for i, args in todo.items()}, stage_done, stage_failed)
         seconds["register"] = time.perf_counter() - t0
         used = [candidates[a.image_id] for a in chosen if candidates.get(a.image_id) is not None]
 

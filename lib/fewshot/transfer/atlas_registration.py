@@ -361,10 +361,30 @@ def refine_in_plane(query: np.ndarray, warped: np.ndarray, levels: InPlaneLevels
     return out
 
 
-def register_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence[int], plan: RegistrationPlan,
-                   alignment: GlobalAlignment | None = None) -> Candidate | None:
-    """All stages for one atlas -> its registered image and label probabilities on the query's
-    canvas grid, inside the region; None when none of ``labels`` reaches the query."""
+@dataclass
+class Placed:
+    """An atlas after its 3D stages (global affine, region, local affine, 3D demons), before the
+    in-plane step. Picklable: each slice shift of the in-plane step can run in its own worker."""
+
+    image_id: str
+    box: tuple[slice, slice, slice]  # the region registered (query canvas)
+    out_box: tuple[slice, slice, slice]  # the region returned: a margin more than ``box``
+    warped: np.ndarray  # (1 + L, out_box) float32: the atlas's intensities, then its label probabilities
+    labels: tuple[int, ...]
+    alignment: GlobalAlignment
+    shifts: tuple[int, ...]  # in-plane refinements to run, 0 (the registered result) first; () for thin slices
+    pixel_mm: float
+    seconds: float
+    stages: dict[str, float]
+
+    def inner(self) -> tuple[slice, ...]:
+        """``box`` within ``out_box``, channels included: what the in-plane step refines."""
+        return (slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(self.box, self.out_box))
+
+
+def place_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence[int], plan: RegistrationPlan,
+                alignment: GlobalAlignment | None = None) -> Placed | None:
+    """The 3D stages for one atlas; None when none of ``labels`` reaches the query."""
     start = time.perf_counter()
     stages = {"global_affine": 0.0}
     if alignment is None:
@@ -408,21 +428,51 @@ def register_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Seque
     lap("deformable")
 
     in_plane = (plan.in_plane.method != "none" or plan.in_plane.affine != "none") and query_spacing[0] >= plan.in_plane.min_slice_mm
+    shifts = (0,) + tuple(dict.fromkeys(s for s in plan.in_plane.slice_shifts if s != 0)) if in_plane else ()
+    return Placed(image_id=atlas.image_id, box=box, out_box=out_box, warped=warped, labels=tuple(int(v) for v in labels),
+                  alignment=alignment, shifts=shifts, pixel_mm=float(query_spacing[1]),
+                  seconds=time.perf_counter() - start, stages=stages)
+
+
+def refine_shift(query_box: np.ndarray, before: np.ndarray, shift: int, levels: InPlaneLevels,
+                 pixel_mm: float) -> tuple[np.ndarray, float]:
+    """The in-plane step for one slice shift: query slice z faces the atlas slice registered at
+    z + shift (the stack's ends repeat). query_box (z, y, x) and before (C, z, y, x) are the query
+    and the placed atlas inside the registered box -> (refined before, seconds)."""
+    start = time.perf_counter()
+    rows = np.clip(np.arange(before.shape[1]) + shift, 0, before.shape[1] - 1)
+    return refine_in_plane(query_box, before[:, rows], levels, pixel_mm), time.perf_counter() - start
+
+
+def finish_atlas(placed: Placed, refined: dict[int, tuple[np.ndarray, float]]) -> Candidate:
+    """A placed atlas and its in-plane refinements (shift -> (refined, seconds), one per
+    ``placed.shifts``) -> the Candidate fusion reads."""
+    warped, inner = placed.warped, placed.inner()
     shifted = []
-    if in_plane:  # inside the registered box only: beyond it the atlas has no structure to place
-        inner = (slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, out_box))
-        before = warped[inner]
-        for shift in (s for s in plan.in_plane.slice_shifts if s != 0):
-            # Query slice z faces the atlas slice registered at z + shift (the stack's ends repeat).
-            rows = np.clip(np.arange(before.shape[1]) + shift, 0, before.shape[1] - 1)
-            variant = warped.copy()
-            variant[inner] = refine_in_plane(query[box], before[:, rows], plan.in_plane, float(query_spacing[1]))
-            shifted.append((int(shift), variant[0].astype(np.float16), np.clip(variant[1:], 0.0, 1.0).astype(np.float16)))
-        warped[inner] = refine_in_plane(query[box], before, plan.in_plane, float(query_spacing[1]))
-    lap("in_plane")
+    for shift in placed.shifts[1:]:
+        variant = warped.copy()
+        variant[inner] = refined[shift][0]
+        shifted.append((int(shift), variant[0].astype(np.float16), np.clip(variant[1:], 0.0, 1.0).astype(np.float16)))
+    if placed.shifts:
+        warped = warped.copy()
+        warped[inner] = refined[0][0]
+    in_plane_seconds = sum(seconds for _, seconds in refined.values())
     return Candidate(
-        image_id=atlas.image_id, box=out_box, image=warped[0].astype(np.float16),
-        probabilities=np.clip(warped[1:], 0.0, 1.0).astype(np.float16), labels=tuple(int(v) for v in labels),
-        alignment=alignment, in_plane=in_plane, seconds=time.perf_counter() - start, stages=stages,
-        shifted=tuple(shifted),
+        image_id=placed.image_id, box=placed.out_box, image=warped[0].astype(np.float16),
+        probabilities=np.clip(warped[1:], 0.0, 1.0).astype(np.float16), labels=placed.labels,
+        alignment=placed.alignment, in_plane=bool(placed.shifts), seconds=placed.seconds + in_plane_seconds,
+        stages={**placed.stages, "in_plane": in_plane_seconds}, shifted=tuple(shifted),
     )
+
+
+def register_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence[int], plan: RegistrationPlan,
+                   alignment: GlobalAlignment | None = None) -> Candidate | None:
+    """All stages for one atlas, one after another -> its registered image and label probabilities
+    on the query's canvas grid, inside the region; None when none of ``labels`` reaches the query.
+    (``AtlasTransfer`` runs the same stages as separate jobs, so that its workers share the shifts.)"""
+    placed = place_atlas(query, query_spacing, atlas, labels, plan, alignment)
+    if placed is None:
+        return None
+    before = placed.warped[placed.inner()]
+    return finish_atlas(placed, {s: refine_shift(query[placed.box], before, s, plan.in_plane, placed.pixel_mm)
+                                 for s in placed.shifts})

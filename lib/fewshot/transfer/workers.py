@@ -18,9 +18,11 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing import spawn
 from typing import Callable, Hashable, Iterator, Mapping
 
@@ -146,13 +148,27 @@ class WorkerPool:
         """``function(*args)`` for every job (key -> args) in the workers; ``on_done(key, result)`` in
         this thread as each finishes. A job's own exception goes to ``on_error(key, exc)``, or is raised
         when there is none. -> the jobs left undone (all of them when the pool cannot run)."""
+        left = self.run_jobs({key: Job(function, tuple(args)) for key, args in jobs.items()}, on_done, on_error)
+        return {key: job.args for key, job in left.items()}
+
+    def run_jobs(self, jobs: Mapping[Hashable, "Job"], on_done: Callable, on_error: Callable | None = None) -> dict:
+        """As ``run``, for jobs of different functions; ``on_done`` may return more jobs (key -> Job),
+        which join the queue behind those already submitted: a task's later stages can start as soon
+        as its first one ends, in whichever worker is free. -> the jobs left undone, follow-ups included."""
         remaining = dict(jobs)
         pool = self.executor()
         if pool is None:
             return remaining
         try:
-            with _without_main():
-                pending = {pool.submit(function, *args): key for key, args in jobs.items()}
+            pending = {}
+
+            def submit(more: Mapping[Hashable, Job]) -> None:
+                with _without_main():
+                    for key, job in more.items():
+                        remaining[key] = job
+                        pending[pool.submit(job.function, *job.args)] = key
+
+            submit(jobs)
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
@@ -168,7 +184,7 @@ class WorkerPool:
                         on_error(key, exc)
                         continue
                     remaining.pop(key)
-                    on_done(key, result)
+                    submit(on_done(key, result) or {})
         except BrokenProcessPool:
             if _stopping.is_set():
                 raise WorkersStopped(f"{self.name} worker processes stopped: this process is shutting down") from None
@@ -180,6 +196,31 @@ class WorkerPool:
                 self.name, self.start_method, len(remaining), self.unit,
             )
         return remaining
+
+
+@dataclass(frozen=True)
+class Job:
+    """One call for a worker: ``function`` must be importable by name (workers are spawned)."""
+
+    function: Callable
+    args: tuple
+
+    def __call__(self):
+        return self.function(*self.args)
+
+
+def run_inline(jobs: Mapping[Hashable, Job], on_done: Callable, on_error: Callable) -> None:
+    """``run_jobs`` in the calling process, in order, follow-ups last: for one worker, or the jobs a
+    stopped pool left."""
+    queue = deque(jobs.items())
+    while queue:
+        key, job = queue.popleft()
+        try:
+            result = job()
+        except Exception as exc:  # noqa: BLE001 - the caller decides (on_error)
+            on_error(key, exc)
+            continue
+        queue.extend((on_done(key, result) or {}).items())
 
 
 @contextmanager
