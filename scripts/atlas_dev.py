@@ -4,11 +4,13 @@
     python scripts/atlas_dev.py chaos-t2 2,3 1,8,10,13,15 [KEY=VALUE ...]
     python scripts/atlas_dev.py cmr-bssfp 2,6,12 3,5,7,9,4 transfer.global_affine.iterations=50
     python scripts/atlas_dev.py chaos-t2 2,3 1,8,10,13,15 --fusion '{"j222s1": {}, "maj": {"method": "majority"}}'
+    python scripts/atlas_dev.py chaos-t2 2 8 --repeat 3
 
 Prints Dice per label, seconds per volume and stage timers for each query. With ``--fusion`` every
 query is registered once and fused with each named variant of ``transfer.fusion`` (and decided by
 each variant's ``decision`` / ``threshold``, when it names them; the registrations are cached),
-which is how the fusion settings in docs/results.md were compared. These pairs were the
+which is how the fusion settings in docs/results.md were compared. ``--repeat`` segments each query
+again with every registration forgotten: a registration must come out the same each time. These pairs were the
 design set (docs/results.md, "How classic was designed"): they are also among the scored scans, so
 figures from here are indicative, never results.
 """
@@ -39,6 +41,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--fusion", default=None, help="JSON: variant name -> transfer.fusion fields "
                    "(and transfer.decision / transfer.threshold)")
+    p.add_argument("--repeat", type=int, default=1, help="segment each query this many times, registering "
+                   "its atlases afresh each time (does a query come out the same every time?)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in ("fewshot.bank", "fewshot.engine", "monai"):
@@ -54,7 +58,9 @@ def main() -> None:
     base = engine.transfer.settings
     means: dict[str, list[float]] = {}
     try:
-        for q in args.queries.split(","):
+        for q, run in ((q, run) for q in args.queries.split(",") for run in range(args.repeat)):
+            if run:
+                engine.transfer.forget_caches()  # the registrations too, not only the finished segmentation
             for name, fields in variants.items():
                 fields = dict(fields)
                 top = {k: fields.pop(k) for k in ("decision", "threshold") if k in fields}
@@ -68,7 +74,7 @@ def main() -> None:
                         / max(1.0, float((seg.label == v).sum() + (truth == v).sum())) for v in values}
                 means.setdefault(name, []).append(float(np.mean(list(dice.values()))))
                 stages = {k: round(v, 1) for k, v in seg.timings.items() if isinstance(v, float) and v >= 0.5}
-                print(f"query {q} {name}: Dice {({k: round(v, 3) for k, v in dice.items()})} "
+                print(f"query {q}{f' (run {run + 1})' if args.repeat > 1 else ''} {name}: Dice {({k: round(v, 3) for k, v in dice.items()})} "
                       f"mean {means[name][-1]:.3f}, {seconds:.1f} s {stages}", flush=True)
     finally:
         engine.transfer.close()

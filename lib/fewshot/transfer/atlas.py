@@ -55,8 +55,8 @@ _PRESET = "configs/presets/classic.yaml"
 
 @dataclass(frozen=True)
 class AtlasSettings:
-    workers: int  # processes registering atlases in parallel; 1 = in the calling process
-    threads_per_worker: int  # SimpleITK threads inside each worker
+    workers: int  # processes registering atlases in parallel; 1 = in the calling process (see _run)
+    threads_per_worker: int  # SimpleITK and ANTs threads inside each worker: 1 for registrations that repeat
     start_method: str  # multiprocessing start method ("spawn" is safe in threaded servers)
     cache_mb: int  # registered atlases kept for re-runs on the same query (LRU, by size)
     threshold: float  # probability above which a voxel takes its most probable label (rule threshold)
@@ -232,7 +232,7 @@ class AtlasTransfer:
         self._solidities = SolidityCache()
         s = self.settings
         self.pool = WorkerPool(s.workers, s.threads_per_worker, s.start_method, _init_worker, "atlas registration",
-                               "atlases")
+                               "registration jobs")
         self._inline_lock = threading.Lock()  # SimpleITK's thread count is process-wide
 
     # ------------------------------------------------------------------ identity
@@ -272,7 +272,8 @@ class AtlasTransfer:
         ANTs' affine (Mattes mutual information) repeats exactly only when it runs single-threaded,
         and ITK fixes a process's thread count when ANTs first loads there, so an atlas registered
         in this process with its cores would come out differently from run to run (a lone atlas
-        did, until 2 December). With ``workers: 1``, or jobs a stopped pool left, they run here."""
+        did, until 2 December). With ``workers: 1``, or jobs a stopped pool left, they run here,
+        and repeat exactly only if ANTs loaded single-threaded in this process."""
         remaining = dict(jobs)
         if self.settings.workers > 1 and jobs:
             remaining = self.pool.run_jobs(jobs, on_done, on_error=on_error)
@@ -355,14 +356,16 @@ class AtlasTransfer:
                     len(todo), len(reused), self.settings.workers, query.shape, tuple(round(s, 2) for s in spacing))
         keys = {a.image_id: (query_key, a.key, labels, self._plan_key) for a in chosen}
 
-        def registered(image_id, candidate):
+        def registered(image_id, candidate, why: str = "none of its labels reaches this scan"):
             candidates[image_id] = candidate
             if candidate is not None:  # a failure is retried next time (and "reaches nothing" is cheap to redo)
                 self._cache.put(keys[image_id], candidate)
             tick()
-            logger.info("atlas %s registered in %.1f s (%d/%d)%s", image_id, candidate.seconds if candidate else 0.0,
-                        done, steps, f" ({', '.join(f'{k} {v:.1f} s' for k, v in candidate.stages.items())})"
-                        if candidate else ": none of its labels reaches this scan")
+            if candidate is None:
+                logger.info("atlas %s left out (%d/%d): %s", image_id, done, steps, why)
+                return
+            logger.info("atlas %s registered in %.1f s of work (%d/%d) (%s)", image_id, candidate.seconds, done, steps,
+                        ", ".join(f"{k} {v:.1f} s" for k, v in candidate.stages.items()))
 
         # Each atlas is two kinds of job: its 3D stages, then one per slice shift of the in-plane
         # step, queued as the 3D stages end, so that both workers stay busy to the last shift (a
@@ -385,16 +388,24 @@ class AtlasTransfer:
             refined[key[2]] = result
             if len(refined) == len(atlas_placed.shifts):
                 del placed[image_id]
-                registered(image_id, reg.finish_atlas(atlas_placed, refined))
+                try:
+                    candidate = reg.finish_atlas(atlas_placed, refined)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this atlas only, not the scan
+                    stage_failed(("finish", image_id), exc)
+                    return None
+                registered(image_id, candidate)
             return None
 
         def stage_failed(key, exc: BaseException) -> None:
+            stage = {"place": "3D", "refine": "in-plane"}.get(key[0], "final")
             logger.warning("atlas %s: %s(%s) in its %s stage; left out of this segmentation",
-                           key[1], type(exc).__name__, exc, "3D" if key[0] == "place" else "in-plane")
-            if key[0] == "place" or placed.pop(key[1], None) is not None:
-                registered(key[1], None)
+                           key[1], type(exc).__name__, exc, stage)
+            if key[0] != "refine" or placed.pop(key[1], None) is not None:
+                registered(key[1], None, f"its {stage} stage failed")
 
         self._run({("place", i): Job(reg.place_atlas, args) for i, args in todo.items()}, stage_done, stage_failed)
+        for image_id in list(placed):  # cannot happen unless a job went missing: say so rather than drop it silently
+            stage_failed(("refine", image_id), RuntimeError("its in-plane jobs did not all come back"))
         seconds["register"] = time.perf_counter() - t0
         used = [candidates[a.image_id] for a in chosen if candidates.get(a.image_id) is not None]
 

@@ -428,7 +428,7 @@ def place_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence
     lap("deformable")
 
     in_plane = (plan.in_plane.method != "none" or plan.in_plane.affine != "none") and query_spacing[0] >= plan.in_plane.min_slice_mm
-    shifts = (0,) + tuple(dict.fromkeys(s for s in plan.in_plane.slice_shifts if s != 0)) if in_plane else ()
+    shifts = (0,) + tuple(s for s in plan.in_plane.slice_shifts if s != 0) if in_plane else ()  # no repeats (validated)
     return Placed(image_id=atlas.image_id, box=box, out_box=out_box, warped=warped, labels=tuple(int(v) for v in labels),
                   alignment=alignment, shifts=shifts, pixel_mm=float(query_spacing[1]),
                   seconds=time.perf_counter() - start, stages=stages)
@@ -456,7 +456,8 @@ def finish_atlas(placed: Placed, refined: dict[int, tuple[np.ndarray, float]]) -
     if placed.shifts:
         warped = warped.copy()
         warped[inner] = refined[0][0]
-    in_plane_seconds = sum(seconds for _, seconds in refined.values())
+    # Seconds of work: the shifts may have run side by side in different workers.
+    in_plane_seconds = sum((seconds for _, seconds in refined.values()), 0.0)
     return Candidate(
         image_id=placed.image_id, box=placed.out_box, image=warped[0].astype(np.float16),
         probabilities=np.clip(warped[1:], 0.0, 1.0).astype(np.float16), labels=placed.labels,

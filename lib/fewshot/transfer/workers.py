@@ -148,7 +148,10 @@ class WorkerPool:
         """``function(*args)`` for every job (key -> args) in the workers; ``on_done(key, result)`` in
         this thread as each finishes. A job's own exception goes to ``on_error(key, exc)``, or is raised
         when there is none. -> the jobs left undone (all of them when the pool cannot run)."""
-        left = self.run_jobs({key: Job(function, tuple(args)) for key, args in jobs.items()}, on_done, on_error)
+        def done(key, result) -> None:  # no follow-ups here, whatever on_done returns
+            on_done(key, result)
+
+        left = self.run_jobs({key: Job(function, tuple(args)) for key, args in jobs.items()}, done, on_error)
         return {key: job.args for key, job in left.items()}
 
     def run_jobs(self, jobs: Mapping[Hashable, "Job"], on_done: Callable, on_error: Callable | None = None) -> dict:
@@ -159,15 +162,16 @@ class WorkerPool:
         pool = self.executor()
         if pool is None:
             return remaining
+        pending = {}
+
+        def submit(more: Mapping[Hashable, Job]) -> None:
+            assert not set(more) & set(pending.values()), "a follow-up job reuses the key of a pending one"
+            remaining.update(more)  # all of them first: a pool breaking mid-submission leaves them to the caller
+            with _without_main():
+                for key, job in more.items():
+                    pending[pool.submit(job.function, *job.args)] = key
+
         try:
-            pending = {}
-
-            def submit(more: Mapping[Hashable, Job]) -> None:
-                with _without_main():
-                    for key, job in more.items():
-                        remaining[key] = job
-                        pending[pool.submit(job.function, *job.args)] = key
-
             submit(jobs)
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -185,7 +189,11 @@ class WorkerPool:
                         continue
                     remaining.pop(key)
                     submit(on_done(key, result) or {})
-        except BrokenProcessPool:
+        except BaseException as exc:
+            for future in pending:  # whatever ends the call early, its queued jobs must not run on
+                future.cancel()
+            if not isinstance(exc, BrokenProcessPool):
+                raise
             if _stopping.is_set():
                 raise WorkersStopped(f"{self.name} worker processes stopped: this process is shutting down") from None
             self.close()
