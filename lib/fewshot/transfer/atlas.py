@@ -379,9 +379,8 @@ class AtlasTransfer:
                     registered(image_id, None if result is None else reg.finish_atlas(result, {}))
                     return None
                 placed[image_id] = (result, {})
-                q, before = query[result.box], result.warped[result.inner()]
-                return {("refine", image_id, shift): Job(reg.refine_shift, (q, before, shift, plan.in_plane, result.pixel_mm))
-                        for shift in result.shifts}
+                return {("refine", image_id, shift): Job(reg.refine_shift, args)
+                        for shift, args in result.refinements(query, plan.in_plane).items()}
             if image_id not in placed:  # another of its shifts failed: the atlas is already left out
                 return None
             atlas_placed, refined = placed[image_id]

@@ -381,6 +381,11 @@ class Placed:
         """``box`` within ``out_box``, channels included: what the in-plane step refines."""
         return (slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(self.box, self.out_box))
 
+    def refinements(self, query: np.ndarray, levels: InPlaneLevels) -> dict[int, tuple]:
+        """shift -> the arguments of ``refine_shift`` for it, one per ``shifts`` (query: the whole canvas)."""
+        query_box, before = query[self.box], self.warped[self.inner()]
+        return {shift: (query_box, before, shift, levels, self.pixel_mm) for shift in self.shifts}
+
 
 def place_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence[int], plan: RegistrationPlan,
                 alignment: GlobalAlignment | None = None) -> Placed | None:
@@ -474,6 +479,4 @@ def register_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Seque
     placed = place_atlas(query, query_spacing, atlas, labels, plan, alignment)
     if placed is None:
         return None
-    before = placed.warped[placed.inner()]
-    return finish_atlas(placed, {s: refine_shift(query[placed.box], before, s, plan.in_plane, placed.pixel_mm)
-                                 for s in placed.shifts})
+    return finish_atlas(placed, {s: refine_shift(*args) for s, args in placed.refinements(query, plan.in_plane).items()})
