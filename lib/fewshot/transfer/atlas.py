@@ -133,6 +133,11 @@ class AtlasSettings:
             problems.append("fusion.patch_radius needs three non-negative voxel counts (slice, row, column)")
         if not (isinstance(self.fusion.nonnegative, bool) and isinstance(self.fusion.correlation, bool)):
             problems.append("fusion.nonnegative and fusion.correlation must be true or false")
+        if self.fusion.implementation not in ("vectorised", "ants"):
+            problems.append(f"fusion.implementation {self.fusion.implementation!r} must be vectorised or ants")
+        elif self.fusion.implementation == "vectorised" and self.fusion.nonnegative is True:
+            problems.append("fusion.nonnegative needs fusion.implementation: ants (the vectorised fusion solves "
+                            "without the constraint)")
         search = self.fusion.search_radius
         if (len(search) != 3 or min(search) < 0) if isinstance(search, tuple) else int(search) < 0:
             problems.append("fusion.search_radius needs one or three (slice, row, column) non-negative voxel counts")
