@@ -172,33 +172,39 @@ def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, regi
     strides = torch.tensor([size[1] * size[2], size[2], 1], dtype=torch.int64)
     patch = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(-p, p + 1) for p in pr], indexing="ij"), -1).reshape(-1, 3))
     patch_flat = patch @ strides
-    off = torch.from_numpy(offsets)
     reach_strides = torch.tensor([reach[1] * reach[2], reach[2], 1], dtype=torch.int64)
+    box_strides = torch.tensor([centre_size[1] * centre_size[2], centre_size[2], 1], dtype=torch.int64)
+    off = torch.from_numpy(offsets)
+    off_cut, off_reach = off @ strides, off @ reach_strides  # an offset's step in the cut arrays, in `reach`
+    # Flat indices (torch.take and index_select gather several times faster than indexing by coordinates)
+    in_cut = (rel + torch.from_numpy(pad)) @ strides
+    in_reach = (rel + torch.from_numpy(sr)) @ reach_strides
+    in_box = rel @ box_strides
     q_flat, a_flat = q.reshape(-1).float(), a.reshape(k, -1).float()
+    mean_t, std_t, whole_t = (t.reshape(-1).index_select(0, in_box) for t in (mean_t, std_t, n_t >= n_patch))
+    chosen = best.reshape(k, -1).index_select(1, in_box)  # (K, R) offsets chosen at the region's centres
     flat_stats = [[t.reshape(-1) for t in st] for st in atlas_stats]
     weights = torch.empty((k, len(centres)), dtype=torch.float64)
     eye = torch.eye(k, dtype=torch.float64)
     for start in range(0, len(centres), chunk):
-        c = rel[start:start + chunk]
-        base = (c + torch.from_numpy(pad)) @ strides  # flat index of each centre in the cut arrays
-        at = (c[:, 0], c[:, 1], c[:, 2])
-        tp = (q_flat[base[:, None] + patch_flat[None]] - mean_t[at][:, None].float()) / std_t[at][:, None].float()
-        s = best[:, c[:, 0], c[:, 1], c[:, 2]]  # (K, C)
-        d = torch.empty((len(c), k, n_patch), dtype=torch.float32)
-        missing = (n_t[at] < n_patch)[:, None].repeat(1, k)
+        part = slice(start, start + chunk)
+        base = in_cut[part]
+        tp = torch.take(q_flat, base[:, None] + patch_flat[None])
+        tp.sub_(mean_t[part, None].float()).div_(std_t[part, None].float())
+        d = torch.empty((len(base), k, n_patch), dtype=torch.float32)
+        missing = (~whole_t[part])[:, None].repeat(1, k)
         for i in range(k):
-            landed = c + off[s[i]]  # search positions, in the centres' box
-            shifted = (landed + torch.from_numpy(pad)) @ strides
-            where = (landed + torch.from_numpy(sr)) @ reach_strides
-            n_a, mean_a, std_a = (t[where] for t in flat_stats[i])
-            ap = a_flat[i][shifted[:, None] + patch_flat[None]]
+            s = chosen[i, part]
+            where = in_reach[part] + off_reach[s]
+            n_a, mean_a, std_a = (t.index_select(0, where) for t in flat_stats[i])
+            ap = torch.take(a_flat[i], (base + off_cut[s])[:, None] + patch_flat[None])
             ap.sub_(mean_a[:, None].float()).div_(std_a[:, None].float()).sub_(tp).abs_()
             d[:, i] = ap
             missing[:, i] |= n_a < n_patch
         m = (torch.bmm(d, d.transpose(1, 2)) / (n_patch - 1)).double()
         m = m * m if beta == 2 else m ** beta
         m = torch.where(missing[:, :, None] | missing[:, None, :] | ~torch.isfinite(m), 0.0, m)
-        weights[:, start:start + chunk] = solve(m + alpha * eye).T
+        weights[:, part] = solve(m + alpha * eye).T
 
     t_weights = lap()
 
@@ -206,22 +212,28 @@ def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, regi
     vote_extent = tuple(int(e) for e in centre_size + 2 * pr)
     # One channel per label value, and a last one that discards votes for anything else (outside the
     # image, or a label the atlases do not have in the region)
-    posterior = torch.zeros((len(values) + 1, int(np.prod(vote_extent))), dtype=torch.float64)
+    posterior = torch.zeros((len(values) + 1,) + vote_extent, dtype=torch.float32)  # weights sum to 1 per centre
     lookup = torch.full((int(max(labels.max(), 0)) + 2,), len(values), dtype=torch.int64)
     lookup[torch.from_numpy(values.astype(np.int64))] = torch.arange(len(values))
-    mass = torch.zeros(tuple(int(e) for e in centre_size + 4 * pr), dtype=torch.float64)
+    mass_size = centre_size + 4 * pr
+    mass = torch.zeros(int(np.prod(mass_size)), dtype=torch.float32)
     margin = rel + torch.from_numpy(2 * pr)  # centres in `mass`
+    in_mass = margin @ torch.tensor([mass_size[1] * mass_size[2], mass_size[2], 1], dtype=torch.int64)
+    mass3 = mass.view(tuple(int(e) for e in mass_size))
     for i in range(k):
         channel = lookup[torch.clamp(lab[i], min=-1)]  # label -1 (outside) -> lookup[-1], the discard channel
-        chosen = best[i, rel[:, 0], rel[:, 1], rel[:, 2]]
-        for j in torch.unique(chosen).tolist():
-            chose = chosen == j
-            sel = margin[chose]
-            mass[sel[:, 0], sel[:, 1], sel[:, 2]] = weights[i, chose]
-            spread = box_sum(mass, pr).reshape(1, -1)
-            mass[sel[:, 0], sel[:, 1], sel[:, 2]] = 0.0
-            voted = window(channel, pad - pr + offsets[j], np.asarray(vote_extent)).reshape(1, -1)
-            posterior.scatter_add_(0, voted, spread)
+        for j in torch.unique(chosen[i]).tolist():
+            chose = torch.nonzero(chosen[i] == j)[:, 0]
+            where = in_mass.index_select(0, chose)
+            mass.index_copy_(0, where, weights[i].index_select(0, chose).float())
+            # Only the box of these centres' patches receives their votes
+            sel = margin.index_select(0, chose)
+            first, last = (sel.min(0).values - torch.from_numpy(pr)).numpy(), (sel.max(0).values + 1 + torch.from_numpy(pr)).numpy()
+            spread = box_sum(window(mass3, first - pr, last - first + 2 * pr), pr)
+            mass.index_fill_(0, where, 0.0)
+            voted = window(channel, pad - pr + offsets[j] + first - pr, last - first)
+            window(posterior, first - pr, last - first).scatter_add_(0, voted[None], spread[None])
+    posterior = posterior.reshape(len(values) + 1, -1)
     posterior = posterior[:-1].reshape((len(values),) + vote_extent)
     total = posterior.sum(0)
     keep = total >= 0.1
