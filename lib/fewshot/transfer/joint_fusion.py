@@ -2,15 +2,15 @@
 
 ``antsJointFusion`` (ITK's ``WeightedVotingFusionImageFilter``) visits one voxel at a time. This
 module computes the same quantities for all voxels at once, with box sums and batched solves in
-torch (device-agnostic; the tests prove it on CPU against antspyx):
+torch on the CPU (the tests compare it with antspyx's ANTs):
 
 1. **Search.** For each atlas, every offset ``s`` of the search window (ordered by physical distance,
    nearest first; ties keep the first) is scored at every centre ``x``: mean squared difference of the
    raw patches (ANTs' MSQ), or, with ``correlation``, the signed squared correlation of the raw atlas
    patch with the normalised query patch (ANTs' PC). One box sum per atlas and offset scores all
    centres. The best offset ``s_i(x)`` is kept per atlas.
-2. **Weights.** Patches are normalised (mean removed, divided by their standard deviation floored at 1,
-   as ANTs does). ``M_ij = (sum_k |d_ik| |d_jk| / (P - 1)) ** beta`` from the absolute differences to the
+2. **Weights.** Patches are normalised (mean removed, divided by their standard deviation: what
+   antspyx's build of ANTs does; ANTs' published source floors the deviation at 1). ``M_ij = (sum_k |d_ik| |d_jk| / (P - 1)) ** beta`` from the absolute differences to the
    query's patch; ``(M + alpha I) w = 1`` by Cholesky (a pseudo-inverse where it fails); negative
    weights are set to 0 and the rest normalised to sum 1.
 3. **Votes.** Like ANTs, a centre votes for every voxel of its patch: voxel ``z`` receives ``w_i(x)`` for
@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -72,176 +73,200 @@ def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, regi
                  chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """query (Z, Y, X), images (K, Z, Y, X), labels (K, Z, Y, X) integers, region (Z, Y, X) bool, the voxels
     to fuse. Returns (label values, posteriors (n labels, n region voxels), in ``region``'s C order)."""
-    pr = np.asarray(patch_radius, np.int64)
-    sr = np.asarray(search_radius, np.int64)
-    offsets = search_offsets(sr, spacing)
-    k = len(images)
-    shape = np.asarray(query.shape)
-    values = np.unique(labels[:, region])
-    centres = np.argwhere(region)
-    lo, hi = centres.min(0), centres.max(0) + 1
-    # Everything is cut from arrays padded by this much (missing voxels: NaN intensity, label -1) so that
-    # any patch of any searched centre can be read without bounds checks.
-    pad = 2 * pr + sr
-    box = tuple(slice(int(a), int(b + 2 * p)) for a, b, p in zip(lo, hi, pad))  # the region's box, padded
-
-    def padded(array, fill):
-        return np.pad(array, [(0, 0)] * (array.ndim - 3) + [(int(p), int(p)) for p in pad], constant_values=fill)
-
     if not (np.isfinite(query).all() and np.isfinite(images).all()):
         raise ValueError("joint fusion needs finite intensities in the query and every atlas")
-    q = torch.from_numpy(padded(np.asarray(query, np.float64), 0.0)[box])
-    a = torch.from_numpy(padded(np.asarray(images, np.float64), 0.0)[(slice(None),) + box])
-    lab = torch.from_numpy(padded(np.asarray(labels, np.int64), -1)[(slice(None),) + box])
-    inside = torch.from_numpy(padded(np.ones(query.shape, bool), False)[box])  # voxels of the image
-    size = np.asarray(q.shape)
-    centre_size = hi - lo  # centres' box, at offset `pad` inside the cut arrays
-    q_ok = inside.double()
-    n_patch = int(np.prod(2 * pr + 1))
+    cut = Cut.around(query, images, labels, region, patch_radius, search_radius, spacing)
+    values = np.unique(labels[:, region])
+    clock = time.perf_counter()
+    best = search(cut, correlation)
+    searched = time.perf_counter()
+    chosen, weights = weigh(cut, best, beta, alpha, chunk)
+    weighed = time.perf_counter()
+    posteriors = vote(cut, values, chosen, weights)
+    logger.debug("joint fusion of %d voxels, %d votes: search %.2f s, weights %.2f s, votes %.2f s", len(cut.centres),
+                 cut.k, searched - clock, weighed - searched, time.perf_counter() - weighed)
+    return values, posteriors
 
-    def window(t, start, extent):  # t[..., start:start+extent] over the last three axes
-        return t[(...,) + tuple(slice(int(s), int(s + e)) for s, e in zip(start, extent))]
 
-    def statistics(values, ok, start, extent):
-        """Patch count, mean and standard deviation (n - 1, floored) of patches centred on window(start, extent)."""
-        v, o = window(values, start - pr, extent + 2 * pr), window(ok, start - pr, extent + 2 * pr)
-        n = box_sum(o, pr)
-        mean = box_sum(v, pr) / n
-        var = (box_sum(v * v, pr) - n * mean * mean) / (n - 1)
+@dataclass
+class Cut:
+    """The inputs cut around the region's box and padded (intensity 0, label -1, outside the image) by
+    enough that any patch of any searched centre can be read without bounds checks."""
+    query: torch.Tensor  # (z, y, x) float64
+    images: torch.Tensor  # (K, z, y, x) float64
+    labels: torch.Tensor  # (K, z, y, x) int64
+    inside: torch.Tensor  # (z, y, x) bool: voxels of the image
+    pad: np.ndarray  # where the centres' box starts in the cut arrays
+    size: np.ndarray  # the centres' box
+    centres: torch.Tensor  # (R, 3) the region's voxels, in the centres' box
+    patch: np.ndarray  # patch radius (slice, row, column)
+    reach: np.ndarray  # search radius
+    offsets: np.ndarray  # (S, 3) search offsets, nearest first
+
+    @classmethod
+    def around(cls, query, images, labels, region, patch_radius, search_radius, spacing) -> "Cut":
+        patch, reach = np.asarray(patch_radius, np.int64), np.asarray(search_radius, np.int64)
+        centres = np.argwhere(region)
+        lo, hi = centres.min(0), centres.max(0) + 1
+        pad = 2 * patch + reach
+        box = (...,) + tuple(slice(int(a), int(b + 2 * p)) for a, b, p in zip(lo, hi, pad))
+
+        def padded(array, dtype, fill):
+            array = np.asarray(array, dtype)
+            widths = [(0, 0)] * (array.ndim - 3) + [(int(p), int(p)) for p in pad]
+            return torch.from_numpy(np.pad(array, widths, constant_values=fill)[box])
+
+        return cls(query=padded(query, np.float64, 0.0), images=padded(images, np.float64, 0.0),
+                   labels=padded(labels, np.int64, -1), inside=padded(np.ones(region.shape, bool), bool, False),
+                   pad=pad, size=hi - lo, centres=torch.from_numpy(centres - lo), patch=patch, reach=reach,
+                   offsets=search_offsets(reach, spacing))
+
+    @property
+    def k(self) -> int:
+        return len(self.images)
+
+    @property
+    def patch_size(self) -> int:
+        return int(np.prod(2 * self.patch + 1))
+
+    def statistics(self, values: torch.Tensor, start, extent):
+        """Count of in-image voxels, mean and standard deviation (n - 1, floored) of the patches centred on
+        the window (start, extent) of the cut arrays."""
+        around = (start - self.patch, extent + 2 * self.patch)
+        v, inside = window(values, *around), window(self.inside.double(), *around)
+        n = box_sum(inside, self.patch)
+        mean = box_sum(v, self.patch) / n
+        var = (box_sum(v * v, self.patch) - n * mean * mean) / (n - 1)
         return n, mean, torch.clamp(torch.sqrt(torch.clamp(var, min=0)), min=FLAT)
 
-    # Patch statistics of the query at the centres, and of each atlas wherever a search can land
-    n_t, mean_t, std_t = statistics(q, q_ok, pad, centre_size)
-    reach = centre_size + 2 * sr
-    atlas_stats = [statistics(a[i], q_ok, pad - sr, reach) for i in range(k)]
 
-    timer = [time.perf_counter()]
+def window(t: torch.Tensor, start, extent) -> torch.Tensor:
+    """t[..., start:start + extent] over the last three axes."""
+    return t[(...,) + tuple(slice(int(s), int(s + e)) for s, e in zip(start, extent))]
 
-    def lap():
-        timer.append(time.perf_counter())
-        return round(timer[-1] - timer[-2], 2)
 
-    # 1. Search: the best offset per atlas and centre (indices into `offsets`)
-    patch_extent = centre_size + 2 * pr
-    tq = window(q, pad - pr, patch_extent)
-    landed = torch.stack([window(inside, pad + s, centre_size) for s in offsets])  # the searched voxel is in the image
-    complete = bool(inside.all())  # no voxel outside the image in reach: every patch is whole
-    ok = n = None
-    if not complete:  # the voxel pairs both inside the image, and their number per patch (as ANTs counts them)
-        tq_ok = window(q_ok, pad - pr, patch_extent)
-        ok = torch.stack([tq_ok * window(q_ok, pad - pr + s, patch_extent) for s in offsets])
-        n = box_sum(ok, pr)
+def search(cut: Cut, correlation: bool) -> torch.Tensor:
+    """The best offset (index into ``cut.offsets``) per atlas and centre of the centres' box: (K, z, y, x)."""
+    pr, n_patch = cut.patch, cut.patch_size
+    extent = cut.size + 2 * pr  # the patches of the centres' box
+    tq = window(cut.query, cut.pad - pr, extent)
+    _, mean_t, std_t = cut.statistics(cut.query, cut.pad, cut.size)
+    landed = torch.stack([window(cut.inside, cut.pad + s, cut.size) for s in cut.offsets])  # searched voxel in the image
+    pairs = n = None
+    if not bool(cut.inside.all()):  # voxel pairs both inside the image, and their number per patch, as ANTs counts
+        inside = cut.inside.double()
+        pairs = torch.stack([window(inside, cut.pad - pr, extent) * window(inside, cut.pad - pr + s, extent)
+                             for s in cut.offsets])
+        n = box_sum(pairs, pr)
         landed &= n >= 3
         n.clamp_(min=1)
-    best = torch.empty((k,) + tuple(int(c) for c in centre_size), dtype=torch.int64)
-    for i in range(k):
+    best = torch.zeros((cut.k,) + tuple(int(c) for c in cut.size), dtype=torch.int64)
+    for i in range(cut.k):
         # Offsets in order, nearest first; one replaces the best so far only when it is better by more than
         # rounding (box sums by cumulative sums round apart scores that ANTs' loops find equal, as in flat
         # regions, where the unshifted patch must win)
-        best_score = torch.full(tuple(int(c) for c in centre_size), torch.inf, dtype=torch.float64)
-        best_i = best[i].zero_()
-        for j, s in enumerate(offsets):
-            ta = window(a[i], pad - pr + s, patch_extent)
-            pair = None if ok is None else ok[j]
+        for j, s in enumerate(cut.offsets):
+            ta = window(cut.images[i], cut.pad - pr + s, extent)
+            pair = None if pairs is None else pairs[j]
             if correlation:
                 ta = ta if pair is None else ta * pair
                 sx, sxx = box_sum(ta, pr), box_sum(ta * ta, pr)
-                sxt = box_sum(ta * (tq if pair is None else tq * pair), pr)
-                sxy = (sxt - mean_t * sx) / std_t
+                sxy = (box_sum(ta * (tq if pair is None else tq * pair), pr) - mean_t * sx) / std_t
                 var_x = torch.clamp(sxx - sx * sx / (n_patch if n is None else n[j]), min=1e-6)
                 measure = sxy * sxy / var_x
                 score = torch.where(sxy > 0, -measure, measure)
             else:
                 diff = (tq - ta).square_()
-                score = box_sum(diff if pair is None else diff.mul_(pair), pr)
-                score = score.div_(n_patch if n is None else n[j])
+                score = box_sum(diff if pair is None else diff.mul_(pair), pr).div_(n_patch if n is None else n[j])
             score.masked_fill_(~landed[j], torch.inf)
             if j == 0:
                 best_score = score
                 scale = float(torch.nan_to_num(score, posinf=0.0).abs().max())
                 continue
             better = score < best_score - TIE * (best_score.abs() + scale)
-            best_i[better] = j
+            best[i][better] = j
             best_score = torch.where(better, score, best_score)
+    return best
 
-    t_search = lap()
 
-    # 2. Weights at the region's centres, in chunks. A patch with a voxel outside the image makes its atlas's
-    # row of M zero (ANTs' NaN sums).
-    rel = torch.from_numpy(centres - lo)  # centres within the centres' box
-    strides = torch.tensor([size[1] * size[2], size[2], 1], dtype=torch.int64)
+def weigh(cut: Cut, best: torch.Tensor, beta: float, alpha: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each atlas's weight at each centre of the region, from its chosen patch: (chosen offsets, weights), both
+    (K, R). A patch with a voxel outside the image makes its atlas's row of M zero (ANTs' NaN sums)."""
+    pr, sr, k, n_patch = cut.patch, cut.reach, cut.k, cut.patch_size
+
+    def strides(extent):
+        return torch.tensor([extent[1] * extent[2], extent[2], 1], dtype=torch.int64)
+
+    n_t, mean_t, std_t = cut.statistics(cut.query, cut.pad, cut.size)
+    reach = cut.size + 2 * sr  # where a search can land; the atlases' patch statistics there
+    atlas_stats = [[t.reshape(-1) for t in cut.statistics(cut.images[i], cut.pad - sr, reach)] for i in range(k)]
+    # Flat indices: torch.take and index_select gather several times faster than indexing by coordinates
+    in_cut = (cut.centres + torch.from_numpy(cut.pad)) @ strides(cut.query.shape)
+    in_reach = (cut.centres + torch.from_numpy(sr)) @ strides(reach)
+    in_box = cut.centres @ strides(cut.size)
+    offsets = torch.from_numpy(cut.offsets)
+    step_cut, step_reach = offsets @ strides(cut.query.shape), offsets @ strides(reach)
     patch = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(-p, p + 1) for p in pr], indexing="ij"), -1).reshape(-1, 3))
-    patch_flat = patch @ strides
-    reach_strides = torch.tensor([reach[1] * reach[2], reach[2], 1], dtype=torch.int64)
-    box_strides = torch.tensor([centre_size[1] * centre_size[2], centre_size[2], 1], dtype=torch.int64)
-    off = torch.from_numpy(offsets)
-    off_cut, off_reach = off @ strides, off @ reach_strides  # an offset's step in the cut arrays, in `reach`
-    # Flat indices (torch.take and index_select gather several times faster than indexing by coordinates)
-    in_cut = (rel + torch.from_numpy(pad)) @ strides
-    in_reach = (rel + torch.from_numpy(sr)) @ reach_strides
-    in_box = rel @ box_strides
-    q_flat, a_flat = q.reshape(-1).float(), a.reshape(k, -1).float()
+    patch_cut = patch @ strides(cut.query.shape)
+    q_flat, a_flat = cut.query.reshape(-1).float(), cut.images.reshape(k, -1).float()
     mean_t, std_t, whole_t = (t.reshape(-1).index_select(0, in_box) for t in (mean_t, std_t, n_t >= n_patch))
-    chosen = best.reshape(k, -1).index_select(1, in_box)  # (K, R) offsets chosen at the region's centres
-    flat_stats = [[t.reshape(-1) for t in st] for st in atlas_stats]
-    weights = torch.empty((k, len(centres)), dtype=torch.float64)
+    chosen = best.reshape(k, -1).index_select(1, in_box)
+    weights = torch.empty((k, len(cut.centres)), dtype=torch.float64)
     eye = torch.eye(k, dtype=torch.float64)
-    for start in range(0, len(centres), chunk):
+    for start in range(0, len(cut.centres), chunk):
         part = slice(start, start + chunk)
         base = in_cut[part]
-        tp = torch.take(q_flat, base[:, None] + patch_flat[None])
+        tp = torch.take(q_flat, base[:, None] + patch_cut[None])
         tp.sub_(mean_t[part, None].float()).div_(std_t[part, None].float())
-        d = torch.empty((len(base), k, n_patch), dtype=torch.float32)
+        d = torch.empty((len(base), k, n_patch), dtype=torch.float32)  # |normalised atlas patch - query's|
         missing = (~whole_t[part])[:, None].repeat(1, k)
         for i in range(k):
             s = chosen[i, part]
-            where = in_reach[part] + off_reach[s]
-            n_a, mean_a, std_a = (t.index_select(0, where) for t in flat_stats[i])
-            ap = torch.take(a_flat[i], (base + off_cut[s])[:, None] + patch_flat[None])
-            ap.sub_(mean_a[:, None].float()).div_(std_a[:, None].float()).sub_(tp).abs_()
-            d[:, i] = ap
+            n_a, mean_a, std_a = (t.index_select(0, in_reach[part] + step_reach[s]) for t in atlas_stats[i])
+            ap = torch.take(a_flat[i], (base + step_cut[s])[:, None] + patch_cut[None])
+            d[:, i] = ap.sub_(mean_a[:, None].float()).div_(std_a[:, None].float()).sub_(tp).abs_()
             missing[:, i] |= n_a < n_patch
         m = (torch.bmm(d, d.transpose(1, 2)) / (n_patch - 1)).double()
         m = m * m if beta == 2 else m ** beta
         m = torch.where(missing[:, :, None] | missing[:, None, :] | ~torch.isfinite(m), 0.0, m)
         weights[:, part] = solve(m + alpha * eye).T
+    return chosen, weights
 
-    t_weights = lap()
 
-    # 3. Votes: voxel z gets w_i(x) for label_i(z + s_i(x)), for every centre x whose patch holds z
-    vote_extent = tuple(int(e) for e in centre_size + 2 * pr)
+def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+    """Voxel z gets w_i(x) for the label atlas i has at z + s_i(x), from every centre x whose patch holds z.
+    Returns the posteriors (n values, R) at the region's centres."""
+    pr = cut.patch
+    extent = tuple(int(e) for e in cut.size + 2 * pr)  # every voxel a centre's patch holds
     # One channel per label value, and a last one that discards votes for anything else (outside the
-    # image, or a label the atlases do not have in the region)
-    posterior = torch.zeros((len(values) + 1,) + vote_extent, dtype=torch.float32)  # weights sum to 1 per centre
-    lookup = torch.full((int(max(labels.max(), 0)) + 2,), len(values), dtype=torch.int64)
+    # image, or a label the atlases do not have in the region). float32: weights sum to 1 per centre.
+    posterior = torch.zeros((len(values) + 1,) + extent, dtype=torch.float32)
+    lookup = torch.full((int(max(int(cut.labels.max()), 0)) + 2,), len(values), dtype=torch.int64)
     lookup[torch.from_numpy(values.astype(np.int64))] = torch.arange(len(values))
-    mass_size = centre_size + 4 * pr
+    mass_size = cut.size + 4 * pr  # the centres' weights, with room for a patch's box sum around each
     mass = torch.zeros(int(np.prod(mass_size)), dtype=torch.float32)
-    margin = rel + torch.from_numpy(2 * pr)  # centres in `mass`
-    in_mass = margin @ torch.tensor([mass_size[1] * mass_size[2], mass_size[2], 1], dtype=torch.int64)
     mass3 = mass.view(tuple(int(e) for e in mass_size))
-    for i in range(k):
-        channel = lookup[torch.clamp(lab[i], min=-1)]  # label -1 (outside) -> lookup[-1], the discard channel
+    margin = cut.centres + torch.from_numpy(2 * pr)
+    in_mass = margin @ torch.tensor([mass_size[1] * mass_size[2], mass_size[2], 1], dtype=torch.int64)
+    for i in range(cut.k):
+        channel = lookup[torch.clamp(cut.labels[i], min=-1)]  # label -1 (outside) -> lookup[-1], the discard channel
         for j in torch.unique(chosen[i]).tolist():
             chose = torch.nonzero(chosen[i] == j)[:, 0]
             where = in_mass.index_select(0, chose)
             mass.index_copy_(0, where, weights[i].index_select(0, chose).float())
-            # Only the box of these centres' patches receives their votes
-            sel = margin.index_select(0, chose)
-            first, last = (sel.min(0).values - torch.from_numpy(pr)).numpy(), (sel.max(0).values + 1 + torch.from_numpy(pr)).numpy()
+            sel = margin.index_select(0, chose)  # only the box of these centres' patches receives their votes
+            first = (sel.min(0).values - torch.from_numpy(pr)).numpy()
+            last = (sel.max(0).values + 1 + torch.from_numpy(pr)).numpy()
             spread = box_sum(window(mass3, first - pr, last - first + 2 * pr), pr)
             mass.index_fill_(0, where, 0.0)
-            voted = window(channel, pad - pr + offsets[j] + first - pr, last - first)
+            voted = window(channel, cut.pad - pr + cut.offsets[j] + first - pr, last - first)
             window(posterior, first - pr, last - first).scatter_add_(0, voted[None], spread[None])
-    posterior = posterior.reshape(len(values) + 1, -1)
-    posterior = posterior[:-1].reshape((len(values),) + vote_extent)
+    posterior = posterior[:-1]
     total = posterior.sum(0)
     keep = total >= 0.1
     posterior = torch.where(keep, posterior / torch.where(keep, total, 1.0), posterior)
-    logger.debug("joint fusion of %d voxels, %d votes: search %s s, weights %s s, votes %s s", len(centres), k,
-                 t_search, t_weights, lap())
-    at = rel + torch.from_numpy(pr)
-    return values, posterior[:, at[:, 0], at[:, 1], at[:, 2]].numpy()
+    at = cut.centres + torch.from_numpy(pr)
+    return posterior[:, at[:, 0], at[:, 1], at[:, 2]].double().numpy()
 
 
 def solve(m: torch.Tensor) -> torch.Tensor:
