@@ -172,3 +172,22 @@ def test_on_registered_cardiac_atlases_the_labels_are_ants_labels():
     assert np.abs(ours - ants)[:, region].mean() < 2e-3
     label = lambda p: np.where(p.max(0) > 0.5, p.argmax(0) + 1, 0)  # noqa: E731
     assert (label(ours)[region] == label(ants)[region]).mean() > 0.999
+
+
+def test_an_atlas_with_no_data_in_a_patch_does_not_take_the_vote():
+    """A registered atlas is zero where it has no data (past its last slice, outside its field of view). Its
+    flat patches are centred, so they differ from the query's and weigh little; antspyx's ANTs divides them
+    by their zero deviation, zeroes their row of M and so gives the empty atlas the largest weight."""
+    query, images, labels, region = problem(4, k=3)
+    noise = np.random.default_rng(5).normal(size=images.shape).astype(np.float32) * float(query.std()) * 0.3
+    images = images + noise
+    images[0, 2:4] = 0.0  # atlas 0 has no data on slices 2-3 ...
+    labels[0, 2:4] = 2  # ... and claims label 2 there
+    labels[1:, 2:4] = 1  # the atlases with data say 1
+    values, posteriors = fuse_jointly(query, images, labels, region, SPACING, (0, 2, 2), (0, 0, 0), 2.0, 0.01)
+    inner = region.copy()
+    inner[:2] = inner[4:] = False
+    fused = values[np.argmax(posteriors, 0)]
+    assert (fused[inner[region]] == 1).mean() > 0.95
+    reference = ants_fusion(query, images, labels, region, (0, 2, 2), (0, 0, 0))
+    assert (reference[2][inner[region]] > 0.5).mean() > 0.5  # ANTs hands the empty atlas the vote
