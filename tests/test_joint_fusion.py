@@ -130,6 +130,9 @@ def test_box_sums_and_search_order():
     assert len(offsets) == 27 and tuple(offsets[0]) == (0, 0, 0)
     distance = [(3.0 * o[0]) ** 2 + o[1] ** 2 + o[2] ** 2 for o in offsets]
     assert distance == sorted(distance) and {tuple(o) for o in offsets[1:5]} == {(0, 0, 1), (0, 0, -1), (0, 1, 0), (0, -1, 0)}
+    q, im, lab, reg = problem(k=2)
+    values, posteriors = fuse_jointly(q, im, lab, np.zeros_like(reg), SPACING, (0, 1, 1), (0, 1, 1), 2.0, 0.01)
+    assert values.size == 0 and posteriors.size == 0
     with pytest.raises(ValueError, match="finite"):
         q, im, lab, reg = problem(k=2)
         im[0, 2, 2, 2] = np.nan

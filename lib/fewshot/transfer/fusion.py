@@ -60,7 +60,7 @@ class FusionSettings:
     # three along (slice, row, column), so that thick slices can search in plane without crossing slices
     search_radius: int | tuple[int, ...]
     rho: float  # joint: ridge on the error-correlation matrix (robustness against its noise)
-    threads: int  # ITK threads antsJointFusion uses
+    threads: int  # ITK threads antsJointFusion uses (the vectorised fusion runs on torch's threads)
     # How an atlas's slice-shifted variants vote: "joint" (each its own vote in joint fusion) or
     # "local" (merged per atlas by locally weighted voting first; see the module's docstring)
     shifted_votes: str = "joint"
@@ -160,18 +160,13 @@ def joint(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spac
 
 
 def _vectorised(query, images, hard, region, spacing, settings: FusionSettings):
-    import torch
-
+    # torch's own thread count (the process's cores, or a batch worker's budget), not `threads`: setting it
+    # here would change it for the whole process
     from fewshot.transfer.joint_fusion import fuse_jointly
     radius = settings.search_radius
     radius = tuple(int(r) for r in radius) if isinstance(radius, (tuple, list)) else (int(radius),) * 3
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(settings.threads))
-    try:
-        return fuse_jointly(query, images, hard.astype(np.int64), region, spacing, settings.patch_radius, radius,
-                            beta=float(settings.beta), alpha=float(settings.rho), correlation=bool(settings.correlation))
-    finally:
-        torch.set_num_threads(threads)
+    return fuse_jointly(query, images, hard.astype(np.int64), region, spacing, settings.patch_radius, radius,
+                        beta=float(settings.beta), alpha=float(settings.rho), correlation=bool(settings.correlation))
 
 
 def fuse(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spacing: Sequence[float],

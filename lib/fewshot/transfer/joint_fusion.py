@@ -84,6 +84,8 @@ def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, regi
     to fuse. Returns (label values, posteriors (n labels, n region voxels), in ``region``'s C order)."""
     if not (np.isfinite(query).all() and np.isfinite(images).all()):
         raise ValueError("joint fusion needs finite intensities in the query and every atlas")
+    if not region.any():
+        return np.zeros(0, np.int64), np.zeros((0, 0))
     cut = Cut.around(query, images, labels, region, patch_radius, search_radius, spacing)
     values = np.unique(labels[:, region])
     clock = time.perf_counter()
