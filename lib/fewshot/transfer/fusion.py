@@ -13,8 +13,9 @@ fusion runs only where the atlases disagree (dilated by one voxel): the same res
 the time on CHAOS. There the fused probability is the atlases' mean soft vote.
 
 ``implementation: vectorised`` (the default) computes ANTs' algorithm on whole arrays in torch
-(``transfer/joint_fusion.py``): the same labels 3-4x faster (docs/results.md, "Joint fusion
-vectorised"); ``ants`` runs ``antsJointFusion`` itself and is the reference the tests compare with.
+(``transfer/joint_fusion.py``): 4-5.6x faster, the same labels except next to an atlas without data
+(docs/results.md, "Joint fusion vectorised"); ``ants`` runs ``antsJointFusion`` itself and is the
+reference the tests compare with.
 
 ``majority`` (the mean of the atlases' soft votes) is kept for the ablation.
 
@@ -70,7 +71,7 @@ class FusionSettings:
     nonnegative: bool = False
     correlation: bool = False
     # joint: who computes it. "vectorised" (transfer/joint_fusion.py: ANTs' algorithm on whole arrays in torch,
-    # 3-4x faster, the same labels) or "ants" (antsJointFusion through antspyx, the reference; the only one
+    # 4-5.6x faster) or "ants" (antsJointFusion through antspyx, the reference; the only one
     # with `nonnegative`)
     implementation: str = "vectorised"
 
