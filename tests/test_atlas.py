@@ -85,6 +85,12 @@ def test_atlas_settings_reject_what_they_cannot_run():
         AtlasTransfer({**good, "fusion": {**good["fusion"], "method": "vote"}})
     with pytest.raises(ConfigError, match="nonnegative"):
         AtlasTransfer({**good, "fusion": {**good["fusion"], "nonnegative": "yes"}})
+    for fusion, problem in (({"implementation": "itk"}, "implementation"),
+                            ({"nonnegative": True}, "nonnegative needs fusion.implementation: ants"),
+                            ({"patch_radius": [0, 0, 0]}, "at least 3 voxels")):
+        with pytest.raises(ConfigError, match=problem):
+            AtlasTransfer({**good, "fusion": {**good["fusion"], **fusion}})
+    AtlasTransfer({**good, "fusion": {**good["fusion"], "nonnegative": True, "implementation": "ants"}}).close()
     with pytest.raises(ConfigError, match="deformable"):
         AtlasTransfer({k: v for k, v in good.items() if k != "deformable"})
     with pytest.raises(ConfigError, match="slice_shifts"):

@@ -133,6 +133,8 @@ class AtlasSettings:
             problems.append("fusion.patch_radius needs three non-negative voxel counts (slice, row, column)")
         if not (isinstance(self.fusion.nonnegative, bool) and isinstance(self.fusion.correlation, bool)):
             problems.append("fusion.nonnegative and fusion.correlation must be true or false")
+        if len(self.fusion.patch_radius) == 3 and int(np.prod([2 * int(r) + 1 for r in self.fusion.patch_radius])) < 3:
+            problems.append("fusion.patch_radius needs a patch of at least 3 voxels (ANTs compares no smaller patch)")
         if self.fusion.implementation not in ("vectorised", "ants"):
             problems.append(f"fusion.implementation {self.fusion.implementation!r} must be vectorised or ants")
         elif self.fusion.implementation == "vectorised" and self.fusion.nonnegative is True:

@@ -49,13 +49,15 @@ logger = logging.getLogger(__name__)
 # offset wins, as in ANTs' strict comparison): exact ties are common in flat regions, where the unshifted
 # patch must win, and box sums by cumulative sums round them apart.
 TIE = 1e-9
-# A patch's standard deviation is floored here: a flat patch is centred, not divided by zero.
-FLAT = 1e-12
+# A patch whose standard deviation is at most this fraction of the query's largest intensity is flat: it
+# has no contrast to compare (box sums leave rounding where ANTs' loops find exactly 0).
+FLAT = 1e-6
 
 
 def search_offsets(radius: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
     """(S, 3) offsets of the search window, nearest first in millimetres; ties in ITK's neighbourhood order
-    (first axis fastest)."""
+    (first axis fastest). ANTs sorts with std::sort, whose order among equal distances is unspecified: the
+    two can differ only where equidistant offsets score exactly the same."""
     ranges = [range(-int(r), int(r) + 1) for r in radius]
     offsets = [tuple(reversed(o)) for o in itertools.product(*reversed(ranges))]  # first axis fastest
     distance = [sum((o[d] * float(spacing[d])) ** 2 for d in range(3)) for o in offsets]
@@ -89,9 +91,10 @@ def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, regi
     cut = Cut.around(query, images, labels, region, patch_radius, search_radius, spacing)
     values = np.unique(labels[:, region])
     clock = time.perf_counter()
-    best = search(cut, correlation)
+    query_stats = cut.statistics(cut.query, cut.pad, cut.size)
+    best = search(cut, query_stats, correlation)
     searched = time.perf_counter()
-    chosen, weights = weigh(cut, best, beta, alpha, chunk)
+    chosen, weights = weigh(cut, query_stats, best, beta, alpha, chunk)
     weighed = time.perf_counter()
     posteriors = vote(cut, values, chosen, weights)
     logger.debug("joint fusion of %d voxels, %d votes: search %.2f s, weights %.2f s, votes %.2f s", len(cut.centres),
@@ -101,8 +104,8 @@ def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, regi
 
 @dataclass
 class Cut:
-    """The inputs cut around the region's box and padded (intensity 0, label -1, outside the image) by
-    enough that any patch of any searched centre can be read without bounds checks."""
+    """The inputs cut around the region's box, enough around it that any patch of any searched centre can be
+    read without bounds checks (intensity 0 and label -1 where that lies outside the image)."""
     query: torch.Tensor  # (z, y, x) float64
     images: torch.Tensor  # (K, z, y, x) float64
     labels: torch.Tensor  # (K, z, y, x) int64
@@ -113,24 +116,26 @@ class Cut:
     patch: np.ndarray  # patch radius (slice, row, column)
     reach: np.ndarray  # search radius
     offsets: np.ndarray  # (S, 3) search offsets, nearest first
+    flat: float  # a patch's standard deviation up to this is no contrast (FLAT x the query's largest intensity)
 
     @classmethod
     def around(cls, query, images, labels, region, patch_radius, search_radius, spacing) -> "Cut":
         patch, reach = np.asarray(patch_radius, np.int64), np.asarray(search_radius, np.int64)
         centres = np.argwhere(region)
         lo, hi = centres.min(0), centres.max(0) + 1
-        pad = 2 * patch + reach
-        box = (...,) + tuple(slice(int(a), int(b + 2 * p)) for a, b, p in zip(lo, hi, pad))
+        pad = patch + reach  # the farthest any read goes from a centre: a patch at a searched voxel
+        start, stop = lo - pad, hi + pad  # in the image's coordinates; may fall outside it
+        inner = (...,) + tuple(slice(int(max(a, 0)), int(min(b, n))) for a, b, n in zip(start, stop, region.shape))
+        widths = [(int(max(-a, 0)), int(max(b - n, 0))) for a, b, n in zip(start, stop, region.shape)]
 
-        def padded(array, dtype, fill):
-            array = np.asarray(array, dtype)
-            widths = [(0, 0)] * (array.ndim - 3) + [(int(p), int(p)) for p in pad]
-            return torch.from_numpy(np.pad(array, widths, constant_values=fill)[box])
+        def cut(array, dtype, fill):  # crop first, then pad only what lies outside the image
+            array = np.asarray(array[inner], dtype)
+            return torch.from_numpy(np.pad(array, [(0, 0)] * (array.ndim - 3) + widths, constant_values=fill))
 
-        return cls(query=padded(query, np.float64, 0.0), images=padded(images, np.float64, 0.0),
-                   labels=padded(labels, np.int64, -1), inside=padded(np.ones(region.shape, bool), bool, False),
+        return cls(query=cut(query, np.float64, 0.0), images=cut(images, np.float64, 0.0),
+                   labels=cut(labels, np.int64, -1), inside=cut(np.ones(region.shape, bool), bool, False),
                    pad=pad, size=hi - lo, centres=torch.from_numpy(centres - lo), patch=patch, reach=reach,
-                   offsets=search_offsets(reach, spacing))
+                   offsets=search_offsets(reach, spacing), flat=FLAT * max(float(np.abs(query).max()), 1e-30))
 
     @property
     def k(self) -> int:
@@ -141,14 +146,14 @@ class Cut:
         return int(np.prod(2 * self.patch + 1))
 
     def statistics(self, values: torch.Tensor, start, extent):
-        """Count of in-image voxels, mean and standard deviation (n - 1, floored) of the patches centred on
-        the window (start, extent) of the cut arrays."""
+        """Count of in-image voxels, mean and standard deviation (n - 1; 0 for a flat patch) of the patches
+        centred on the window (start, extent) of the cut arrays."""
         around = (start - self.patch, extent + 2 * self.patch)
-        v, inside = window(values, *around), window(self.inside.double(), *around)
+        v, inside = window(values, *around), window(self.inside.to(values.dtype), *around)
         n = box_sum(inside, self.patch)
         mean = box_sum(v, self.patch) / n
         var = (box_sum(v * v, self.patch) - n * mean * mean) / (n - 1)
-        return n, mean, torch.clamp(torch.sqrt(torch.clamp(var, min=0)), min=FLAT)
+        return n, mean, torch.sqrt(torch.clamp(var, min=0))
 
 
 def window(t: torch.Tensor, start, extent) -> torch.Tensor:
@@ -156,21 +161,24 @@ def window(t: torch.Tensor, start, extent) -> torch.Tensor:
     return t[(...,) + tuple(slice(int(s), int(s + e)) for s, e in zip(start, extent))]
 
 
-def search(cut: Cut, correlation: bool) -> torch.Tensor:
+def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
     """The best offset (index into ``cut.offsets``) per atlas and centre of the centres' box: (K, z, y, x)."""
     pr, n_patch = cut.patch, cut.patch_size
     extent = cut.size + 2 * pr  # the patches of the centres' box
     tq = window(cut.query, cut.pad - pr, extent)
-    _, mean_t, std_t = cut.statistics(cut.query, cut.pad, cut.size)
+    _, mean_t, std_t = query_stats
+    flat_t = std_t <= cut.flat  # ANTs' NaN patch: by correlation no offset scores, the unshifted one stays
+    std_t = torch.clamp(std_t, min=cut.flat)
     landed = torch.stack([window(cut.inside, cut.pad + s, cut.size) for s in cut.offsets])  # searched voxel in the image
     pairs = n = None
     if not bool(cut.inside.all()):  # voxel pairs both inside the image, and their number per patch, as ANTs counts
-        inside = cut.inside.double()
-        pairs = torch.stack([window(inside, cut.pad - pr, extent) * window(inside, cut.pad - pr + s, extent)
-                             for s in cut.offsets])
-        n = box_sum(pairs, pr)
+        pairs = torch.stack([window(cut.inside, cut.pad - pr, extent) & window(cut.inside, cut.pad - pr + s, extent)
+                             for s in cut.offsets])  # bool, and the counts in float32 (exact): memory
+        n = torch.stack([box_sum(pair.float(), pr) for pair in pairs])
         landed &= n >= 3
         n.clamp_(min=1)
+    if correlation:
+        landed[1:] &= ~flat_t
     best = torch.zeros((cut.k,) + tuple(int(c) for c in cut.size), dtype=torch.int64)
     for i in range(cut.k):
         # Offsets in order, nearest first; one replaces the best so far only when it is better by more than
@@ -178,17 +186,17 @@ def search(cut: Cut, correlation: bool) -> torch.Tensor:
         # regions, where the unshifted patch must win)
         for j, s in enumerate(cut.offsets):
             ta = window(cut.images[i], cut.pad - pr + s, extent)
-            pair = None if pairs is None else pairs[j]
+            pair = None if pairs is None else pairs[j].double()
             if correlation:
                 ta = ta if pair is None else ta * pair
                 sx, sxx = box_sum(ta, pr), box_sum(ta * ta, pr)
                 sxy = (box_sum(ta * (tq if pair is None else tq * pair), pr) - mean_t * sx) / std_t
-                var_x = torch.clamp(sxx - sx * sx / (n_patch if n is None else n[j]), min=1e-6)
+                var_x = torch.clamp(sxx - sx * sx / (n_patch if n is None else n[j].double()), min=1e-6)
                 measure = sxy * sxy / var_x
                 score = torch.where(sxy > 0, -measure, measure)
             else:
                 diff = (tq - ta).square_()
-                score = box_sum(diff if pair is None else diff.mul_(pair), pr).div_(n_patch if n is None else n[j])
+                score = box_sum(diff if pair is None else diff.mul_(pair), pr).div_(n_patch if n is None else n[j].double())
             score.masked_fill_(~landed[j], torch.inf)
             if j == 0:
                 best_score = score
@@ -200,27 +208,39 @@ def search(cut: Cut, correlation: bool) -> torch.Tensor:
     return best
 
 
-def weigh(cut: Cut, best: torch.Tensor, beta: float, alpha: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
+          chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each atlas's weight at each centre of the region, from its chosen patch: (chosen offsets, weights), both
-    (K, R). A patch with a voxel outside the image makes its atlas's row of M zero (ANTs' NaN sums)."""
+    (K, R). A patch with a voxel outside the image makes its atlas's row of M zero (ANTs' NaN sums); a flat
+    query patch makes every row zero (equal weights, as ANTs' NaN patch does); a flat atlas patch is centred
+    (all zeros), where ANTs' NaN would make its row zero and so give it the largest weight."""
     pr, sr, k, n_patch = cut.patch, cut.reach, cut.k, cut.patch_size
 
     def strides(extent):
         return torch.tensor([extent[1] * extent[2], extent[2], 1], dtype=torch.int64)
 
-    n_t, mean_t, std_t = cut.statistics(cut.query, cut.pad, cut.size)
-    reach = cut.size + 2 * sr  # where a search can land; the atlases' patch statistics there
-    atlas_stats = [[t.reshape(-1) for t in cut.statistics(cut.images[i], cut.pad - sr, reach)] for i in range(k)]
+    def scale(std):  # 1 / standard deviation; 0 for a flat patch, which so comes out centred, all zeros
+        return torch.where(std > cut.flat, 1.0 / torch.clamp(std, min=cut.flat), 0.0).float()
+
+    n_t, mean_t, std_t = query_stats
+    landing = cut.size + 2 * sr  # where a search can land: the atlases' patch statistics there
+    n_landing = None
+    atlas_stats = []
+    for i in range(k):
+        n_a, mean_a, std_a = cut.statistics(cut.images[i], cut.pad - sr, landing)
+        n_landing = (n_a >= n_patch).reshape(-1)  # the same for every atlas: where the image is
+        atlas_stats.append((mean_a.reshape(-1).float(), scale(std_a).reshape(-1)))
     # Flat indices: torch.take and index_select gather several times faster than indexing by coordinates
     in_cut = (cut.centres + torch.from_numpy(cut.pad)) @ strides(cut.query.shape)
-    in_reach = (cut.centres + torch.from_numpy(sr)) @ strides(reach)
+    in_landing = (cut.centres + torch.from_numpy(sr)) @ strides(landing)
     in_box = cut.centres @ strides(cut.size)
     offsets = torch.from_numpy(cut.offsets)
-    step_cut, step_reach = offsets @ strides(cut.query.shape), offsets @ strides(reach)
+    step_cut, step_landing = offsets @ strides(cut.query.shape), offsets @ strides(landing)
     patch = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(-p, p + 1) for p in pr], indexing="ij"), -1).reshape(-1, 3))
     patch_cut = patch @ strides(cut.query.shape)
     q_flat, a_flat = cut.query.reshape(-1).float(), cut.images.reshape(k, -1).float()
-    mean_t, std_t, whole_t = (t.reshape(-1).index_select(0, in_box) for t in (mean_t, std_t, n_t >= n_patch))
+    usable_t = (n_t >= n_patch) & (std_t > cut.flat)  # whole, and with contrast
+    mean_t, scale_t, usable_t = (t.reshape(-1).index_select(0, in_box) for t in (mean_t.float(), scale(std_t), usable_t))
     chosen = best.reshape(k, -1).index_select(1, in_box)
     weights = torch.empty((k, len(cut.centres)), dtype=torch.float64)
     eye = torch.eye(k, dtype=torch.float64)
@@ -228,15 +248,16 @@ def weigh(cut: Cut, best: torch.Tensor, beta: float, alpha: float, chunk: int) -
         part = slice(start, start + chunk)
         base = in_cut[part]
         tp = torch.take(q_flat, base[:, None] + patch_cut[None])
-        tp.sub_(mean_t[part, None].float()).div_(std_t[part, None].float())
+        tp.sub_(mean_t[part, None]).mul_(scale_t[part, None])
         d = torch.empty((len(base), k, n_patch), dtype=torch.float32)  # |normalised atlas patch - query's|
-        missing = (~whole_t[part])[:, None].repeat(1, k)
+        missing = (~usable_t[part])[:, None].repeat(1, k)
         for i in range(k):
             s = chosen[i, part]
-            n_a, mean_a, std_a = (t.index_select(0, in_reach[part] + step_reach[s]) for t in atlas_stats[i])
+            landed = in_landing[part] + step_landing[s]
+            mean_a, scale_a = (t.index_select(0, landed) for t in atlas_stats[i])
             ap = torch.take(a_flat[i], (base + step_cut[s])[:, None] + patch_cut[None])
-            d[:, i] = ap.sub_(mean_a[:, None].float()).div_(std_a[:, None].float()).sub_(tp).abs_()
-            missing[:, i] |= n_a < n_patch
+            d[:, i] = ap.sub_(mean_a[:, None]).mul_(scale_a[:, None]).sub_(tp).abs_()
+            missing[:, i] |= ~n_landing.index_select(0, landed)
         m = (torch.bmm(d, d.transpose(1, 2)) / (n_patch - 1)).double()
         m = m * m if beta == 2 else m ** beta
         m = torch.where(missing[:, :, None] | missing[:, None, :] | ~torch.isfinite(m), 0.0, m)
@@ -281,8 +302,9 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
 
 
 def solve(m: torch.Tensor) -> torch.Tensor:
-    """(C, K, K) -> (C, K): w with m w = 1, negatives set to 0, normalised to sum 1. Cholesky, as ANTs; where it
-    fails, the least-squares solution by SVD (ANTs' fallback for ill-conditioned matrices)."""
+    """(C, K, K) -> (C, K): w with m w = 1, negatives set to 0, normalised to sum 1. By Cholesky, as ANTs; where
+    it fails, by the pseudo-inverse (ANTs turns to an SVD solve already when the matrix is ill-conditioned; with
+    the ridge ``alpha`` on the diagonal of a positive semi-definite M that does not happen for beta = 2)."""
     ones = torch.ones(m.shape[:-1] + (1,), dtype=m.dtype)
     chol, info = torch.linalg.cholesky_ex(m)
     w = torch.cholesky_solve(ones, chol)
@@ -290,4 +312,7 @@ def solve(m: torch.Tensor) -> torch.Tensor:
     if bool(bad.any()):
         w[bad] = torch.linalg.pinv(m[bad], hermitian=True) @ ones[bad]
     w = torch.clamp(w[..., 0], min=0.0)
-    return w / w.sum(-1, keepdim=True)
+    w = w / w.sum(-1, keepdim=True)
+    if not bool(torch.isfinite(w).all()):  # a box sum would carry it along the rest of its row
+        raise FloatingPointError("joint fusion produced non-finite weights")
+    return w
