@@ -13,8 +13,8 @@ fusion runs only where the atlases disagree (dilated by one voxel): the same res
 the time on CHAOS. There the fused probability is the atlases' mean soft vote.
 
 ``implementation: vectorised`` (the default) computes ANTs' algorithm on whole arrays in torch
-(``transfer/joint_fusion.py``): 4-5.6x faster, the same labels except next to an atlas without data
-(docs/results.md, "Joint fusion vectorised"); ``ants`` runs ``antsJointFusion`` itself and is the
+(``transfer/joint_fusion.py``): 4-5.6x faster, the same Dice (docs/results.md, "Joint fusion
+vectorised"); ``ants`` runs ``antsJointFusion`` itself and is the
 reference the tests compare with.
 
 ``majority`` (the mean of the atlases' soft votes) is kept for the ablation.

@@ -19,16 +19,17 @@ torch on the CPU (the tests compare it with antspyx's ANTs):
    it is at least 0.1.
 
 Patch voxels outside the image are missing, as in ANTs: a patch that has any makes its atlas's row of
-``M`` zero. Two differences from ANTs, both measured:
+``M`` zero. Where this differs from ANTs:
 
 - Floating-point order (box sums instead of loops) can flip a near-tie in the search;
   ``tests/test_joint_fusion.py`` bounds the difference.
-- A flat atlas patch (no contrast at all: zero fill where a registered atlas has no data, such as a
-  slice-shifted variant past the atlas's last slice) is centred, not divided by its zero deviation.
-  In antspyx's ANTs that division makes the patch NaN, its row of ``M`` zero, and so hands the empty
-  atlas the largest weight. Every label that differed between the two on CMR query 3 (458 of 61 834
-  voxels, all on the last slice) was next to such a patch; on CMR with 3 labelled scans the vectorised
-  fusion scored 80.4 against ANTs' 80.1 on the same registrations (docs/results.md).
+- A flat patch (no contrast: standard deviation within ``FLAT`` of the query's largest intensity). ANTs
+  divides it by its deviation: exactly flat, it turns NaN; nearly flat (zero fill with rounding left in
+  it, where a registered atlas has no data), into amplified rounding. Here a flat query patch gives equal
+  weights and keeps its unshifted patch, which is what ANTs' NaN does, and a flat atlas patch is centred
+  (all zeros), so it differs from any query patch with contrast. ANTs' NaN would instead zero that
+  atlas's row of ``M`` and hand the empty atlas the largest weight. On real registered atlases the labels
+  agree (CMR 3-shot queries: 1-22 of 62-94 thousand voxels differ; docs/results.md).
 
 Non-negative least squares (``antsJointFusion -c``) is not implemented here.
 """
