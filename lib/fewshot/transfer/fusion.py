@@ -133,12 +133,7 @@ def joint(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spac
     if settings.implementation == "vectorised":
         if settings.nonnegative:
             raise ValueError("fusion.nonnegative needs fusion.implementation: ants")
-        values, posteriors = _vectorised(query, images, hard, region, spacing, settings)
-        out[:, region] = 0.0
-        for value, posterior in zip(values, posteriors):
-            if 1 <= value <= out.shape[0]:
-                out[int(value) - 1][region] = posterior
-        return out
+        return _placed(out, region, zip(*_vectorised(query, images, hard, region, spacing, settings)))
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(settings.threads)
     import ants  # heavy (2-3 s): only where fusion runs
 
@@ -152,11 +147,18 @@ def joint(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spac
             rho=float(settings.rho), r_search=search_radius(settings.search_radius), output_prefix=f"{tmp}/jlf",
             nonnegative=bool(settings.nonnegative), usecor=bool(settings.correlation),
         )
-        out[:, region] = 0.0
-        for number, probability in zip(result["segmentation_numbers"], result["probabilityimages"]):
-            channel = int(round(float(number))) - 1
-            if 0 <= channel < out.shape[0]:
-                out[channel][region] = probability.numpy()[region]
+        return _placed(out, region, ((int(round(float(number))), probability.numpy()[region])
+                                     for number, probability in zip(result["segmentation_numbers"],
+                                                                    result["probabilityimages"])))
+
+
+def _placed(out: np.ndarray, region: np.ndarray, posteriors) -> np.ndarray:
+    """Fusion's (label number, posterior over ``region``) pairs written into ``out`` (L, ...) over the region;
+    label 0 (background) and numbers outside 1..L have no channel."""
+    out[:, region] = 0.0
+    for number, posterior in posteriors:
+        if 1 <= number <= out.shape[0]:
+            out[int(number) - 1][region] = posterior
     return out
 
 

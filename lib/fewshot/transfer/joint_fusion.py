@@ -10,8 +10,8 @@ torch on the CPU (the tests compare it with antspyx's ANTs):
    patch with the normalised query patch (ANTs' PC). One box sum per atlas and offset scores all
    centres. The best offset ``s_i(x)`` is kept per atlas.
 2. **Weights.** Patches are normalised (mean removed, divided by their standard deviation: what
-   antspyx's build of ANTs does; ANTs' published source floors the deviation at 1). ``M_ij = (sum_k |d_ik| |d_jk| / (P - 1)) ** beta`` from the absolute differences to the
-   query's patch; ``(M + alpha I) w = 1`` by Cholesky (a pseudo-inverse where it fails); negative
+   antspyx's build of ANTs does; ANTs' published source floors the deviation at 1).
+   ``M_ij = (sum_k |d_ik| |d_jk| / (P - 1)) ** beta`` from the absolute differences to the query's patch; ``(M + alpha I) w = 1`` by Cholesky (a pseudo-inverse where it fails); negative
    weights are set to 0 and the rest normalised to sum 1.
 3. **Votes.** Like ANTs, a centre votes for every voxel of its patch: voxel ``z`` receives ``w_i(x)`` for
    the label atlas ``i`` has at ``z + s_i(x)``. Summed over centres, that is a box sum per atlas and
@@ -64,6 +64,11 @@ def search_offsets(radius: Sequence[int], spacing: Sequence[float]) -> np.ndarra
     distance = [sum((o[d] * float(spacing[d])) ** 2 for d in range(3)) for o in offsets]
     order = sorted(range(len(offsets)), key=lambda n: distance[n])
     return np.asarray([offsets[n] for n in order], np.int64)
+
+
+def strides(extent) -> torch.Tensor:
+    """Flat-index steps of a C-ordered (z, y, x) array of this extent."""
+    return torch.tensor([int(extent[1]) * int(extent[2]), int(extent[2]), 1], dtype=torch.int64)
 
 
 def box_sum(a: torch.Tensor, radius: Sequence[int]) -> torch.Tensor:
@@ -146,12 +151,15 @@ class Cut:
     def patch_size(self) -> int:
         return int(np.prod(2 * self.patch + 1))
 
-    def statistics(self, values: torch.Tensor, start, extent):
-        """Count of in-image voxels, mean and standard deviation (n - 1; 0 for a flat patch) of the patches
-        centred on the window (start, extent) of the cut arrays."""
-        around = (start - self.patch, extent + 2 * self.patch)
-        v, inside = window(values, *around), window(self.inside.to(values.dtype), *around)
-        n = box_sum(inside, self.patch)
+    def count(self, start, extent, dtype=torch.float64) -> torch.Tensor:
+        """In-image voxels of the patches centred on the window (start, extent) of the cut arrays."""
+        return box_sum(window(self.inside.to(dtype), start - self.patch, extent + 2 * self.patch), self.patch)
+
+    def statistics(self, values: torch.Tensor, start, extent, n: torch.Tensor | None = None):
+        """Count of in-image voxels (``n``, when already counted for this window), mean and standard deviation
+        (n - 1; 0 for a flat patch) of the patches centred on the window (start, extent) of the cut arrays."""
+        v = window(values, start - self.patch, extent + 2 * self.patch)
+        n = self.count(start, extent, values.dtype) if n is None else n
         mean = box_sum(v, self.patch) / n
         var = (box_sum(v * v, self.patch) - n * mean * mean) / (n - 1)
         return n, mean, torch.sqrt(torch.clamp(var, min=0))
@@ -217,20 +225,17 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
     (all zeros), where ANTs' NaN would make its row zero and so give it the largest weight."""
     pr, sr, k, n_patch = cut.patch, cut.reach, cut.k, cut.patch_size
 
-    def strides(extent):
-        return torch.tensor([extent[1] * extent[2], extent[2], 1], dtype=torch.int64)
-
     def scale(std):  # 1 / standard deviation; 0 for a flat patch, which so comes out centred, all zeros
         return torch.where(std > cut.flat, 1.0 / torch.clamp(std, min=cut.flat), 0.0).float()
 
     n_t, mean_t, std_t = query_stats
     landing = cut.size + 2 * sr  # where a search can land: the atlases' patch statistics there
-    n_landing = None
+    n_landing = cut.count(cut.pad - sr, landing)  # the same for every atlas: where the image is
     atlas_stats = []
     for i in range(k):
-        n_a, mean_a, std_a = cut.statistics(cut.images[i], cut.pad - sr, landing)
-        n_landing = (n_a >= n_patch).reshape(-1)  # the same for every atlas: where the image is
+        _, mean_a, std_a = cut.statistics(cut.images[i], cut.pad - sr, landing, n_landing)
         atlas_stats.append((mean_a.reshape(-1).float(), scale(std_a).reshape(-1)))
+    whole_landing = (n_landing >= n_patch).reshape(-1)
     # Flat indices: torch.take and index_select gather several times faster than indexing by coordinates
     in_cut = (cut.centres + torch.from_numpy(cut.pad)) @ strides(cut.query.shape)
     in_landing = (cut.centres + torch.from_numpy(sr)) @ strides(landing)
@@ -258,7 +263,7 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
             mean_a, scale_a = (t.index_select(0, landed) for t in atlas_stats[i])
             ap = torch.take(a_flat[i], (base + step_cut[s])[:, None] + patch_cut[None])
             d[:, i] = ap.sub_(mean_a[:, None]).mul_(scale_a[:, None]).sub_(tp).abs_()
-            missing[:, i] |= ~n_landing.index_select(0, landed)
+            missing[:, i] |= ~whole_landing.index_select(0, landed)
         m = (torch.bmm(d, d.transpose(1, 2)) / (n_patch - 1)).double()
         m = m * m if beta == 2 else m ** beta
         m = torch.where(missing[:, :, None] | missing[:, None, :] | ~torch.isfinite(m), 0.0, m)
@@ -280,7 +285,7 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
     mass = torch.zeros(int(np.prod(mass_size)), dtype=torch.float32)
     mass3 = mass.view(tuple(int(e) for e in mass_size))
     margin = cut.centres + torch.from_numpy(2 * pr)
-    in_mass = margin @ torch.tensor([mass_size[1] * mass_size[2], mass_size[2], 1], dtype=torch.int64)
+    in_mass = margin @ strides(mass_size)
     for i in range(cut.k):
         channel = lookup[torch.clamp(cut.labels[i], min=-1)]  # label -1 (outside) -> lookup[-1], the discard channel
         for j in torch.unique(chosen[i]).tolist():
