@@ -8,8 +8,6 @@ search has something to find), and a region that reaches the image's edge (patch
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import replace
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from ants_reference import Reference
 from conftest import shared_dataset
 from fewshot.transfer.fusion import FusionSettings, _hard, disagreement, joint
 from fewshot.transfer.joint_fusion import box_sum, fuse_jointly, search_offsets
@@ -41,19 +40,21 @@ def problem(seed: int = 0, k: int = 4, shape=(6, 28, 30), scale: float = 100.0, 
     return query, np.stack(images), np.stack(labels), region
 
 
+_reference: Reference | None = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _reference_process():
+    yield
+    if _reference is not None:
+        _reference.close()
+
+
 def ants_fusion(query, images, labels, region, patch, search, correlation=False, beta=2.0):
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
-    import ants
-
-    def image(a):
-        return ants.from_numpy(np.ascontiguousarray(a, np.float32), spacing=SPACING)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = ants.joint_label_fusion(image(query), image(region.astype(np.float32)), [image(a) for a in images],
-                                      beta=beta, rad=list(patch), label_list=[image(a) for a in labels], rho=0.01,
-                                      r_search="x".join(str(r) for r in search), output_prefix=f"{tmp}/j",
-                                      usecor=correlation)
-        return {int(n): p.numpy()[region] for n, p in zip(out["segmentation_numbers"], out["probabilityimages"])}
+    """antsJointFusion on one ITK thread, in a process of its own: on more it varies run to run."""
+    global _reference
+    _reference = _reference or Reference()
+    return _reference.fuse(query, images, labels, region, SPACING, patch, search, correlation, beta)
 
 
 def compare(patch, search, correlation=False, seed=0, beta=2.0, whole=False):
@@ -74,13 +75,13 @@ def winners_agree(ours, reference) -> float:
 
 
 def test_without_a_search_it_is_ants():
-    """Measured: mean differences 0.4-2e-5; the largest, at single voxels, 1e-3 run alone and 3.4e-3 once in
-    the full suite, where ANTs was loaded earlier by other tests (antspyx's build of ANTs is not its
-    published source: it divides patches by their true standard deviation where the source floors it at 1,
-    which is what matched; the rest of the gap was not traced)."""
+    """Measured: mean differences 0.4-2e-5, the largest 1.1e-3 at single voxels, against ANTs on one thread
+    (antspyx's build of ANTs is not its published source: it divides patches by their true standard
+    deviation where the source floors it at 1, which is what matched; the rest of the gap was not traced).
+    ANTs on two threads differs from itself by up to 0.017 between runs (tests/ants_reference.py)."""
     for patch in ((0, 1, 1), (1, 2, 2), (0, 3, 3)):
         differences, _, _ = compare(patch, (0, 0, 0))
-        assert differences.max() < 2e-2 and differences.mean() < 1e-4, patch
+        assert differences.max() < 3e-3 and differences.mean() < 1e-4, (patch, differences.max())
 
 
 @pytest.mark.parametrize("correlation", [False, True], ids=["mean-squares", "correlation"])
