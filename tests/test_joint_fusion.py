@@ -18,7 +18,7 @@ from scipy import ndimage
 from ants_reference import Reference
 from conftest import shared_dataset
 from fewshot.transfer.fusion import FusionSettings, _hard, disagreement, joint
-from fewshot.transfer.joint_fusion import box_sum, fuse_jointly, search_offsets
+from fewshot.transfer.joint_fusion import BoxSums, box_sum, fuse_jointly, search_offsets
 
 SPACING = (3.0, 1.0, 1.0)
 
@@ -150,6 +150,28 @@ def test_through_the_presets_fusion_the_two_implementations_agree():
         joint(query, images, probabilities, SPACING, replace(settings, nonnegative=True))
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
+def test_votes_scattered_per_centre_are_the_box_sums_votes(whole):
+    """The two ways a group of centres votes (a box sum over their box, or each centre onto its own patch)
+    give the same posteriors, to float32 rounding: all groups one way, all the other, and the default mix.
+    With a wide search some offsets are chosen by few centres, which is where the mix matters."""
+    from fewshot.transfer.joint_fusion import Cut, search, vote, weigh
+
+    query, images, labels, region = problem(4, whole=whole)
+    cut = Cut.around(query, images, labels, region, (1, 2, 2), (1, 2, 2), SPACING)
+    stats = cut.statistics(cut.query, cut.pad, cut.size)
+    chosen, weights = weigh(cut, stats, search(cut, stats, correlation=False), 2.0, 0.01, chunk=97)
+    values = np.unique(labels[:, region])
+    counts = torch.bincount(chosen.reshape(-1), minlength=len(cut.offsets))
+    assert (counts > 0).sum() > 20  # many offsets chosen, most by few centres
+    by_box = vote(cut, values, chosen, weights, direct=float("inf"))
+    by_centre = vote(cut, values, chosen, weights, direct=0.0)
+    mixed = vote(cut, values, chosen, weights)
+    assert by_box.shape == (len(values), int(region.sum()))
+    assert np.abs(by_centre - by_box).max() < 1e-5 and np.abs(mixed - by_box).max() < 1e-5
+    assert np.allclose(by_box.sum(0), 1.0, atol=1e-5)  # every region voxel is voted on
+
+
 def test_an_atlas_identical_to_the_query_takes_the_vote():
     """Where one atlas is the query itself its patch differences are zero: the weights go to it, away from
     atlases whose patches differ."""
@@ -166,6 +188,13 @@ def test_box_sums():
     a = torch.from_numpy(np.random.default_rng(0).random((5, 12, 13)))
     expected = ndimage.uniform_filter(a.numpy(), size=(3, 5, 7), mode="constant") * (3 * 5 * 7)
     assert np.allclose(box_sum(a, (1, 2, 3)).numpy(), expected[1:-1, 2:-2, 3:-3])
+    # Reused buffers: the same bits as box_sum for arrays of any shape up to the largest, views included
+    boxes = BoxSums((5, 12, 13), (1, 2, 3))
+    for part in (a, a[1:4, 2:, :9], a[:, :7, 3:]):
+        assert torch.equal(boxes(part), box_sum(part, (1, 2, 3)))
+    assert torch.equal(BoxSums((5, 12, 13), (0, 4, 0))(a), box_sum(a, (0, 4, 0)))
+    with pytest.raises(ValueError, match="holds"):
+        BoxSums((2, 3, 4), (1, 1, 1))(a)
 
 
 def test_search_order_and_bad_input():

@@ -15,8 +15,9 @@ torch on the CPU (the tests compare it with antspyx's ANTs):
    weights are set to 0 and the rest normalised to sum 1.
 3. **Votes.** Like ANTs, a centre votes for every voxel of its patch: voxel ``z`` receives ``w_i(x)`` for
    the label atlas ``i`` has at ``z + s_i(x)``. Summed over centres, that is a box sum per atlas and
-   offset of the weights of the centres that chose it. Posteriors are divided by the votes' total where
-   it is at least 0.1.
+   offset of the weights of the centres that chose it; an offset that few centres chose is cheaper
+   scattered centre by centre onto their patches (``DIRECT``). Posteriors are divided by the votes' total
+   where it is at least 0.1.
 
 Patch voxels outside the image are missing, as in ANTs: a patch that has any makes its atlas's row of
 ``M`` zero. Where this differs from ANTs:
@@ -53,6 +54,10 @@ TIE = 1e-9
 # A patch whose standard deviation is at most this fraction of the query's largest intensity is flat: it
 # has no contrast to compare (box sums leave rounding where ANTs' loops find exactly 0).
 FLAT = 1e-6
+# The votes of the centres that chose one offset go directly onto their patches, rather than by a box sum over
+# the box that holds them, when this many times their patch voxels is fewer than that box's voxels: a scattered
+# voxel costs about this many voxels of a box sum's passes (docs/results.md, "A wider search, made the default")
+DIRECT = 4.0
 
 
 def search_offsets(radius: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
@@ -82,6 +87,38 @@ def box_sum(a: torch.Tensor, radius: Sequence[int]) -> torch.Tensor:
         a = c.narrow(axis, 2 * r, n).clone()  # sum up to j + 2r ...
         a.narrow(axis, 1, n - 1).sub_(c.narrow(axis, 0, n - 1))  # ... minus the sum before j
     return a
+
+
+class BoxSums:
+    """``box_sum`` of many arrays, each at most the size given, into buffers allocated once and reused: the search
+    and the votes sum one array per atlas and offset, and a fresh tensor of that size costs more in page faults
+    than the sum's own pass (measured: 1.8 ms to allocate and fill 13 MB, 0.75 ms to fill it in place). The same
+    arithmetic as ``box_sum``, so the same bits. The array returned is overwritten by the next call."""
+
+    def __init__(self, largest, radius: Sequence[int], dtype=torch.float64):
+        n = int(np.prod([int(e) for e in largest]))
+        self.radius = [int(r) for r in radius]
+        self.running = torch.empty(n, dtype=dtype)
+        self.out = (torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype))  # alternate: one step's input, the next's output
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        if a.numel() > self.running.numel():
+            raise ValueError(f"BoxSums holds {self.running.numel()} voxels, not {a.numel()}")
+        shape, steps = list(a.shape), 0
+        for axis, r in zip((-3, -2, -1), self.radius):
+            if r == 0:
+                continue
+            running = self.running[:a.numel()].view(a.shape)
+            torch.cumsum(a, dim=axis, out=running)
+            shape[axis] -= 2 * r
+            out = self.out[steps % 2][:int(np.prod(shape))].view(shape)
+            steps += 1
+            n = shape[axis]
+            out.narrow(axis, 0, 1).copy_(running.narrow(axis, 2 * r, 1))  # sum up to 2r ...
+            torch.sub(running.narrow(axis, 2 * r + 1, n - 1), running.narrow(axis, 0, n - 1),  # ... minus the sum before j
+                      out=out.narrow(axis, 1, n - 1))
+            a = out
+        return a
 
 
 def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, region: np.ndarray,
@@ -188,11 +225,17 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
         n.clamp_(min=1)
     if correlation:
         landed[1:] &= ~flat_t
+    missed = ~landed
     best = torch.zeros((cut.k,) + tuple(int(c) for c in cut.size), dtype=torch.int64)
+    # Buffers reused for every atlas and offset (see BoxSums)
+    boxes = BoxSums(tuple(int(e) for e in extent), pr)
+    diff, size = torch.empty(tuple(int(e) for e in extent), dtype=torch.float64), tuple(int(c) for c in cut.size)
+    spare, bar, better = torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.bool)
     for i in range(cut.k):
         # Offsets in order, nearest first; one replaces the best so far only when it is better by more than
         # rounding (box sums by cumulative sums round apart scores that ANTs' loops find equal, as in flat
-        # regions, where the unshifted patch must win)
+        # regions, where the unshifted patch must win). ``bar`` is what a later score must beat: the best
+        # score so far less that tolerance.
         for j, s in enumerate(cut.offsets):
             ta = window(cut.images[i], cut.pad - pr + s, extent)
             pair = None if pairs is None else pairs[j].double()
@@ -204,16 +247,19 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
                 measure = sxy * sxy / var_x
                 score = torch.where(sxy > 0, -measure, measure)
             else:
-                diff = (tq - ta).square_()
-                score = box_sum(diff if pair is None else diff.mul_(pair), pr).div_(n_patch if n is None else n[j].double())
-            score.masked_fill_(~landed[j], torch.inf)
+                torch.sub(tq, ta, out=diff).square_()
+                score = boxes(diff if pair is None else diff.mul_(pair)).div_(n_patch if n is None else n[j].double())
+            score.masked_fill_(missed[j], torch.inf)
             if j == 0:
-                best_score = score
                 scale = float(torch.nan_to_num(score, posinf=0.0).abs().max())
-                continue
-            better = score < best_score - TIE * (best_score.abs() + scale)
-            best[i][better] = j
-            best_score = torch.where(better, score, best_score)
+            else:
+                torch.lt(score, bar, out=better)
+                best[i].masked_fill_(better, j)
+            torch.abs(score, out=spare).add_(scale).mul_(TIE)
+            if j == 0:
+                torch.sub(score, spare, out=bar)
+            else:
+                torch.where(better, score.sub_(spare), bar, out=bar)
     return best
 
 
@@ -271,14 +317,23 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
     return chosen, weights
 
 
-def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tensor,
+         direct: float = None) -> np.ndarray:
     """Voxel z gets w_i(x) for the label atlas i has at z + s_i(x), from every centre x whose patch holds z.
-    Returns the posteriors (n values, R) at the region's centres."""
-    pr = cut.patch
+    Returns the posteriors (n values, R) at the region's centres.
+
+    The centres of one atlas that chose one offset vote in one of two ways, whichever costs less: a box sum of
+    their weights over the box that holds them (a few passes over that box), or, when they are few, each
+    centre scattering its weight onto its own patch (``direct`` x their patch voxels against the box's
+    voxels). The nearest offsets are chosen by most centres; a wider search adds many offsets that few choose,
+    each of which would otherwise cost a box sum over nearly the whole region."""
+    direct = DIRECT if direct is None else direct
+    pr, n_patch = cut.patch, cut.patch_size
     extent = tuple(int(e) for e in cut.size + 2 * pr)  # every voxel a centre's patch holds
     # One channel per label value, and a last one that discards votes for anything else (outside the
     # image, or a label the atlases do not have in the region). float32: weights sum to 1 per centre.
     posterior = torch.zeros((len(values) + 1,) + extent, dtype=torch.float32)
+    flat_posterior, n_extent = posterior.view(-1), int(np.prod(extent))
     lookup = torch.full((int(max(int(cut.labels.max()), 0)) + 2,), len(values), dtype=torch.int64)
     lookup[torch.from_numpy(values.astype(np.int64))] = torch.arange(len(values))
     mass_size = cut.size + 4 * pr  # the centres' weights, with room for a patch's box sum around each
@@ -286,16 +341,35 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
     mass3 = mass.view(tuple(int(e) for e in mass_size))
     margin = cut.centres + torch.from_numpy(2 * pr)
     in_mass = margin @ strides(mass_size)
+    # For the direct votes: a centre's patch in the posterior's and in the cut's flat indices
+    patch = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(-p, p + 1) for p in pr], indexing="ij"), -1).reshape(-1, 3))
+    in_extent = (cut.centres + torch.from_numpy(pr)) @ strides(extent)
+    in_cut = (cut.centres + torch.from_numpy(cut.pad)) @ strides(cut.query.shape)
+    patch_extent, patch_cut = patch @ strides(extent), patch @ strides(cut.query.shape)
+    step_cut = torch.from_numpy(cut.offsets) @ strides(cut.query.shape)
+    per_chunk = max(1, (1 << 22) // n_patch)
+    boxes = BoxSums(mass_size, pr, torch.float32)
     for i in range(cut.k):
         channel = lookup[torch.clamp(cut.labels[i], min=-1)]  # label -1 (outside) -> lookup[-1], the discard channel
-        for j in torch.unique(chosen[i]).tolist():
-            chose = torch.nonzero(chosen[i] == j)[:, 0]
-            where = in_mass.index_select(0, chose)
-            mass.index_copy_(0, where, weights[i].index_select(0, chose).float())
+        flat_channel, w = channel.reshape(-1), weights[i].float()
+        order = torch.argsort(chosen[i], stable=True)
+        counts = torch.bincount(chosen[i], minlength=len(cut.offsets)).tolist()
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        for j in (j for j, n in enumerate(counts) if n):
+            chose = order[starts[j]:starts[j + 1]]
             sel = margin.index_select(0, chose)  # only the box of these centres' patches receives their votes
             first = (sel.min(0).values - torch.from_numpy(pr)).numpy()
             last = (sel.max(0).values + 1 + torch.from_numpy(pr)).numpy()
-            spread = box_sum(window(mass3, first - pr, last - first + 2 * pr), pr)
+            if direct * counts[j] * n_patch < float(np.prod(last - first)):
+                for part in torch.split(chose, per_chunk):  # each centre onto its own patch
+                    target = in_extent.index_select(0, part)[:, None] + patch_extent[None]
+                    voted = flat_channel.take(in_cut.index_select(0, part)[:, None] + (patch_cut + step_cut[j])[None])
+                    flat_posterior.index_add_(0, (voted * n_extent + target).reshape(-1),
+                                              w.index_select(0, part)[:, None].expand(-1, n_patch).reshape(-1))
+                continue
+            where = in_mass.index_select(0, chose)
+            mass.index_copy_(0, where, w.index_select(0, chose))
+            spread = boxes(window(mass3, first - pr, last - first + 2 * pr))
             mass.index_fill_(0, where, 0.0)
             voted = window(channel, cut.pad - pr + cut.offsets[j] + first - pr, last - first)
             window(posterior, first - pr, last - first).scatter_add_(0, voted[None], spread[None])
