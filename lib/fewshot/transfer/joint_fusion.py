@@ -92,8 +92,8 @@ def box_sum(a: torch.Tensor, radius: Sequence[int]) -> torch.Tensor:
 class BoxSums:
     """``box_sum`` of many arrays, each at most the size given, into buffers allocated once and reused: the search
     and the votes sum one array per atlas and offset, and a fresh tensor of that size costs more in page faults
-    than the sum's own pass (measured: 1.8 ms to allocate and fill 13 MB, 0.75 ms to fill it in place). The same
-    arithmetic as ``box_sum``, so the same bits. The array returned is overwritten by the next call."""
+    than a pass over it (measured on 13 MB: a subtraction into a new tensor 2.97 ms, into an existing one 1.12
+    ms). The same arithmetic as ``box_sum``, so the same bits. The array returned is overwritten by the next call."""
 
     def __init__(self, largest, radius: Sequence[int], dtype=torch.float64):
         n = int(np.prod([int(e) for e in largest]))
