@@ -318,7 +318,7 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
 
 
 def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tensor,
-         direct: float = None) -> np.ndarray:
+         direct: float | None = None) -> np.ndarray:
     """Voxel z gets w_i(x) for the label atlas i has at z + s_i(x), from every centre x whose patch holds z.
     Returns the posteriors (n values, R) at the region's centres.
 
