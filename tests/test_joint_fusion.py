@@ -18,7 +18,7 @@ from scipy import ndimage
 from ants_reference import Reference
 from conftest import shared_dataset
 from fewshot.transfer.fusion import FusionSettings, _hard, disagreement, joint
-from fewshot.transfer.joint_fusion import BoxSums, box_sum, fuse_jointly, search_offsets
+from fewshot.transfer.joint_fusion import BoxSums, box_sum, fuse_jointly, search_offsets, window
 
 SPACING = (3.0, 1.0, 1.0)
 
@@ -150,6 +150,47 @@ def test_through_the_presets_fusion_the_two_implementations_agree():
         joint(query, images, probabilities, SPACING, replace(settings, nonnegative=True))
 
 
+def plain_search(cut, query_stats):
+    """The search by mean squares written plainly: fresh tensors, the best score kept and the bar recomputed from it
+    at every offset. The vectorised search must choose exactly the same offsets."""
+    from fewshot.transfer.joint_fusion import TIE
+
+    pr, extent = cut.patch, cut.size + 2 * cut.patch
+    tq = window(cut.query, cut.pad - pr, extent)
+    best = torch.zeros((cut.k,) + tuple(int(c) for c in cut.size), dtype=torch.int64)
+    for i in range(cut.k):
+        for j, s in enumerate(cut.offsets):
+            pair = (window(cut.inside, cut.pad - pr, extent) & window(cut.inside, cut.pad - pr + s, extent)).double()
+            n = box_sum(pair, pr)
+            landed = window(cut.inside, cut.pad + s, cut.size) & (n >= 3)
+            diff = (tq - window(cut.images[i], cut.pad - pr + s, extent)).square() * pair
+            score = (box_sum(diff, pr) / n.clamp(min=1)).masked_fill(~landed, torch.inf)
+            if j == 0:
+                best_score, scale = score, float(torch.nan_to_num(score, posinf=0.0).abs().max())
+                continue
+            better = score < best_score - TIE * (best_score.abs() + scale)
+            best[i][better] = j
+            best_score = torch.where(better, score, best_score)
+    return best
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
+def test_the_search_chooses_what_the_plain_search_chooses(whole):
+    """Buffers and the kept bar change the search's cost, not its choices: the same offsets, bit for bit."""
+    from fewshot.transfer.joint_fusion import Cut, search
+
+    query, images, labels, region = problem(5, whole=whole)
+    if not whole:
+        region[:] = False
+        region[2:4, 8:20, 8:22] = True  # far enough from every edge that no patch leaves the image
+    cut = Cut.around(query.astype(np.float64), images, labels, region, (0, 2, 2), (1, 2, 2), SPACING)
+    assert bool(cut.inside.all()) is not whole  # both of the search's paths
+    stats = cut.statistics(cut.query, cut.pad, cut.size)
+    chosen = search(cut, stats, correlation=False)
+    assert torch.equal(chosen, plain_search(cut, stats))
+    assert len(torch.unique(chosen)) > 3  # the search moves patches
+
+
 @pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
 def test_votes_scattered_per_centre_are_the_box_sums_votes(whole):
     """The two ways a group of centres votes (a box sum over their box, or each centre onto its own patch)
@@ -164,6 +205,9 @@ def test_votes_scattered_per_centre_are_the_box_sums_votes(whole):
     values = np.unique(labels[:, region])
     counts = torch.bincount(chosen.reshape(-1), minlength=len(cut.offsets))
     assert (counts > 0).sum() > 20  # many offsets chosen, most by few centres
+    from fewshot.transfer.joint_fusion import DIRECT
+    sizes = [int(n) for c in chosen for n in torch.bincount(c) if n]
+    assert min(sizes) * DIRECT * cut.patch_size < int(np.prod(cut.size)) < max(sizes) * DIRECT * cut.patch_size  # both ways
     by_box = vote(cut, values, chosen, weights, direct=float("inf"))
     by_centre = vote(cut, values, chosen, weights, direct=0.0)
     mixed = vote(cut, values, chosen, weights)
@@ -195,6 +239,10 @@ def test_box_sums():
     assert torch.equal(BoxSums((5, 12, 13), (0, 4, 0))(a), box_sum(a, (0, 4, 0)))
     with pytest.raises(ValueError, match="holds"):
         BoxSums((2, 3, 4), (1, 1, 1))(a)
+    with pytest.raises(TypeError, match="float32"):
+        BoxSums((5, 12, 13), (1, 2, 3), torch.float32)(a)
+    single = a.float()  # the votes' dtype
+    assert torch.equal(BoxSums((5, 12, 13), (1, 2, 3), torch.float32)(single), box_sum(single, (1, 2, 3)))
 
 
 def test_search_order_and_bad_input():

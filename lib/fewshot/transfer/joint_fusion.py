@@ -104,6 +104,8 @@ class BoxSums:
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         if a.numel() > self.running.numel():
             raise ValueError(f"BoxSums holds {self.running.numel()} voxels, not {a.numel()}")
+        if a.dtype != self.running.dtype:  # cumsum would cast it into the buffer: not box_sum's bits
+            raise TypeError(f"BoxSums sums {self.running.dtype}, not {a.dtype}")
         shape, steps = list(a.shape), 0
         for axis, r in zip((-3, -2, -1), self.radius):
             if r == 0:
@@ -219,17 +221,20 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
     pairs = n = None
     if not bool(cut.inside.all()):  # voxel pairs both inside the image, and their number per patch, as ANTs counts
         pairs = torch.stack([window(cut.inside, cut.pad - pr, extent) & window(cut.inside, cut.pad - pr + s, extent)
-                             for s in cut.offsets])  # bool, and the counts in float32 (exact): memory
-        n = torch.stack([box_sum(pair.float(), pr) for pair in pairs])
+                             for s in cut.offsets])  # bool, and the counts in int16 (exact): memory
+        counts = torch.int16 if n_patch < 2 ** 15 else torch.int32
+        n = torch.stack([box_sum(pair.float(), pr).to(counts) for pair in pairs])
         landed &= n >= 3
         n.clamp_(min=1)
     if correlation:
         landed[1:] &= ~flat_t
-    missed = ~landed
+    missed = landed.logical_not_()
     best = torch.zeros((cut.k,) + tuple(int(c) for c in cut.size), dtype=torch.int64)
     # Buffers reused for every atlas and offset (see BoxSums)
-    boxes = BoxSums(tuple(int(e) for e in extent), pr)
-    diff, size = torch.empty(tuple(int(e) for e in extent), dtype=torch.float64), tuple(int(c) for c in cut.size)
+    if not correlation:
+        boxes = BoxSums(tuple(int(e) for e in extent), pr)
+        diff = torch.empty(tuple(int(e) for e in extent), dtype=torch.float64)
+    size = tuple(int(c) for c in cut.size)
     spare, bar, better = torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.bool)
     for i in range(cut.k):
         # Offsets in order, nearest first; one replaces the best so far only when it is better by more than
@@ -238,7 +243,7 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
         # score so far less that tolerance.
         for j, s in enumerate(cut.offsets):
             ta = window(cut.images[i], cut.pad - pr + s, extent)
-            pair = None if pairs is None else pairs[j].double()
+            pair = None if pairs is None else pairs[j]  # bool and int16 counts: exact in float64 arithmetic
             if correlation:
                 ta = ta if pair is None else ta * pair
                 sx, sxx = box_sum(ta, pr), box_sum(ta * ta, pr)
@@ -248,7 +253,7 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
                 score = torch.where(sxy > 0, -measure, measure)
             else:
                 torch.sub(tq, ta, out=diff).square_()
-                score = boxes(diff if pair is None else diff.mul_(pair)).div_(n_patch if n is None else n[j].double())
+                score = boxes(diff if pair is None else diff.mul_(pair)).div_(n_patch if n is None else n[j])
             score.masked_fill_(missed[j], torch.inf)
             if j == 0:
                 scale = float(torch.nan_to_num(score, posinf=0.0).abs().max())
@@ -347,7 +352,7 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
     in_cut = (cut.centres + torch.from_numpy(cut.pad)) @ strides(cut.query.shape)
     patch_extent, patch_cut = patch @ strides(extent), patch @ strides(cut.query.shape)
     step_cut = torch.from_numpy(cut.offsets) @ strides(cut.query.shape)
-    per_chunk = max(1, (1 << 22) // n_patch)
+    per_chunk = max(1, (1 << 20) // n_patch)
     boxes = BoxSums(mass_size, pr, torch.float32)
     for i in range(cut.k):
         channel = lookup[torch.clamp(cut.labels[i], min=-1)]  # label -1 (outside) -> lookup[-1], the discard channel
