@@ -63,11 +63,11 @@ def timed(args) -> None:
     hard = fusion._hard(saved["probabilities"]).astype(np.int64)
     region = fusion.disagreement(hard)
     spacing = tuple(float(s) for s in saved["spacing"])
+    values = np.unique(hard[:, region])
     print(f"{args.inputs}: {len(hard)} votes, {int(region.sum())} voxels where they disagree, patch {patch}")
     for search in args.search:
         for run in range(args.repeat):
             cut = joint_fusion.Cut.around(saved["query"], saved["images"], hard, region, patch, radius(search), spacing)
-            values = np.unique(hard[:, region])
             clock = time.perf_counter()
             stats = cut.statistics(cut.query, cut.pad, cut.size)
             best = joint_fusion.search(cut, stats, bool(preset.get("correlation", False)))

@@ -196,7 +196,7 @@ def test_votes_scattered_per_centre_are_the_box_sums_votes(whole):
     """The two ways a group of centres votes (a box sum over their box, or each centre onto its own patch)
     give the same posteriors, to float32 rounding: all groups one way, all the other, and the default mix.
     With a wide search some offsets are chosen by few centres, which is where the mix matters."""
-    from fewshot.transfer.joint_fusion import Cut, search, vote, weigh
+    from fewshot.transfer.joint_fusion import DIRECT, Cut, search, vote, weigh
 
     query, images, labels, region = problem(4, whole=whole)
     cut = Cut.around(query, images, labels, region, (1, 2, 2), (1, 2, 2), SPACING)
@@ -205,7 +205,6 @@ def test_votes_scattered_per_centre_are_the_box_sums_votes(whole):
     values = np.unique(labels[:, region])
     counts = torch.bincount(chosen.reshape(-1), minlength=len(cut.offsets))
     assert (counts > 0).sum() > 20  # many offsets chosen, most by few centres
-    from fewshot.transfer.joint_fusion import DIRECT
     sizes = [int(n) for c in chosen for n in torch.bincount(c) if n]
     assert min(sizes) * DIRECT * cut.patch_size < int(np.prod(cut.size)) < max(sizes) * DIRECT * cut.patch_size  # both ways
     by_box = vote(cut, values, chosen, weights, direct=float("inf"))

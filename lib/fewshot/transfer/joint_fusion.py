@@ -79,21 +79,14 @@ def strides(extent) -> torch.Tensor:
 def box_sum(a: torch.Tensor, radius: Sequence[int]) -> torch.Tensor:
     """Sum over the (2r+1)^3 box around each voxel, over the last three axes, for voxels at least ``r`` from
     the edge: the output is smaller by 2r along each axis."""
-    for axis, r in zip((-3, -2, -1), radius):
-        if r == 0:
-            continue
-        c = torch.cumsum(a, dim=axis)
-        n = a.shape[axis] - 2 * r
-        a = c.narrow(axis, 2 * r, n).clone()  # sum up to j + 2r ...
-        a.narrow(axis, 1, n - 1).sub_(c.narrow(axis, 0, n - 1))  # ... minus the sum before j
-    return a
+    return BoxSums(a.shape, radius, a.dtype)(a)
 
 
 class BoxSums:
     """``box_sum`` of many arrays, each at most the size given, into buffers allocated once and reused: the search
     and the votes sum one array per atlas and offset, and a fresh tensor of that size costs more in page faults
     than a pass over it (measured on 13 MB: a subtraction into a new tensor 2.97 ms, into an existing one 1.12
-    ms). The same arithmetic as ``box_sum``, so the same bits. The array returned is overwritten by the next call."""
+    ms). The array returned is overwritten by the next call."""
 
     def __init__(self, largest, radius: Sequence[int], dtype=torch.float64):
         n = int(np.prod([int(e) for e in largest]))
@@ -111,14 +104,13 @@ class BoxSums:
             if r == 0:
                 continue
             running = self.running[:a.numel()].view(a.shape)
-            torch.cumsum(a, dim=axis, out=running)
+            torch.cumsum(a, dim=axis, out=running)  # sum up to j + 2r, minus the sum before j
             shape[axis] -= 2 * r
             out = self.out[steps % 2][:int(np.prod(shape))].view(shape)
             steps += 1
             n = shape[axis]
-            out.narrow(axis, 0, 1).copy_(running.narrow(axis, 2 * r, 1))  # sum up to 2r ...
-            torch.sub(running.narrow(axis, 2 * r + 1, n - 1), running.narrow(axis, 0, n - 1),  # ... minus the sum before j
-                      out=out.narrow(axis, 1, n - 1))
+            out.narrow(axis, 0, 1).copy_(running.narrow(axis, 2 * r, 1))
+            torch.sub(running.narrow(axis, 2 * r + 1, n - 1), running.narrow(axis, 0, n - 1), out=out.narrow(axis, 1, n - 1))
             a = out
         return a
 
@@ -190,6 +182,12 @@ class Cut:
     def patch_size(self) -> int:
         return int(np.prod(2 * self.patch + 1))
 
+    @property
+    def patch_voxels(self) -> torch.Tensor:
+        """(patch_size, 3) offsets of a patch's voxels from its centre, C order."""
+        axes = np.meshgrid(*[np.arange(-p, p + 1) for p in self.patch], indexing="ij")
+        return torch.from_numpy(np.stack(axes, -1).reshape(-1, 3))
+
     def count(self, start, extent, dtype=torch.float64) -> torch.Tensor:
         """In-image voxels of the patches centred on the window (start, extent) of the cut arrays."""
         return box_sum(window(self.inside.to(dtype), start - self.patch, extent + 2 * self.patch), self.patch)
@@ -229,13 +227,17 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
     if correlation:
         landed[1:] &= ~flat_t
     missed = landed.logical_not_()
-    best = torch.zeros((cut.k,) + tuple(int(c) for c in cut.size), dtype=torch.int64)
+    size = tuple(int(c) for c in cut.size)
+    best = torch.zeros((cut.k,) + size, dtype=torch.int64)
     # Buffers reused for every atlas and offset (see BoxSums)
     if not correlation:
         boxes = BoxSums(tuple(int(e) for e in extent), pr)
         diff = torch.empty(tuple(int(e) for e in extent), dtype=torch.float64)
-    size = tuple(int(c) for c in cut.size)
     spare, bar, better = torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.bool)
+
+    def tolerance(score):  # TIE * (|score| + scale), into ``spare``
+        return torch.abs(score, out=spare).add_(scale).mul_(TIE)
+
     for i in range(cut.k):
         # Offsets in order, nearest first; one replaces the best so far only when it is better by more than
         # rounding (box sums by cumulative sums round apart scores that ANTs' loops find equal, as in flat
@@ -257,14 +259,11 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
             score.masked_fill_(missed[j], torch.inf)
             if j == 0:
                 scale = float(torch.nan_to_num(score, posinf=0.0).abs().max())
-            else:
-                torch.lt(score, bar, out=better)
-                best[i].masked_fill_(better, j)
-            torch.abs(score, out=spare).add_(scale).mul_(TIE)
-            if j == 0:
-                torch.sub(score, spare, out=bar)
-            else:
-                torch.where(better, score.sub_(spare), bar, out=bar)
+                torch.sub(score, tolerance(score), out=bar)
+                continue
+            torch.lt(score, bar, out=better)
+            best[i].masked_fill_(better, j)
+            torch.where(better, score.sub_(tolerance(score)), bar, out=bar)
     return best
 
 
@@ -274,7 +273,7 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
     (K, R). A patch with a voxel outside the image makes its atlas's row of M zero (ANTs' NaN sums); a flat
     query patch makes every row zero (equal weights, as ANTs' NaN patch does); a flat atlas patch is centred
     (all zeros), where ANTs' NaN would make its row zero and so give it the largest weight."""
-    pr, sr, k, n_patch = cut.patch, cut.reach, cut.k, cut.patch_size
+    sr, k, n_patch = cut.reach, cut.k, cut.patch_size
 
     def scale(std):  # 1 / standard deviation; 0 for a flat patch, which so comes out centred, all zeros
         return torch.where(std > cut.flat, 1.0 / torch.clamp(std, min=cut.flat), 0.0).float()
@@ -293,8 +292,7 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
     in_box = cut.centres @ strides(cut.size)
     offsets = torch.from_numpy(cut.offsets)
     step_cut, step_landing = offsets @ strides(cut.query.shape), offsets @ strides(landing)
-    patch = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(-p, p + 1) for p in pr], indexing="ij"), -1).reshape(-1, 3))
-    patch_cut = patch @ strides(cut.query.shape)
+    patch_cut = cut.patch_voxels @ strides(cut.query.shape)
     q_flat, a_flat = cut.query.reshape(-1).float(), cut.images.reshape(k, -1).float()
     usable_t = (n_t >= n_patch) & (std_t > cut.flat)  # whole, and with contrast
     mean_t, scale_t, usable_t = (t.reshape(-1).index_select(0, in_box) for t in (mean_t.float(), scale(std_t), usable_t))
@@ -347,7 +345,7 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
     margin = cut.centres + torch.from_numpy(2 * pr)
     in_mass = margin @ strides(mass_size)
     # For the direct votes: a centre's patch in the posterior's and in the cut's flat indices
-    patch = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(-p, p + 1) for p in pr], indexing="ij"), -1).reshape(-1, 3))
+    patch = cut.patch_voxels
     in_extent = (cut.centres + torch.from_numpy(pr)) @ strides(extent)
     in_cut = (cut.centres + torch.from_numpy(cut.pad)) @ strides(cut.query.shape)
     patch_extent, patch_cut = patch @ strides(extent), patch @ strides(cut.query.shape)
