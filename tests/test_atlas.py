@@ -307,8 +307,9 @@ def test_reversed_slice_order_is_found_only_when_searched():
                     atlas.components, atlas.key + "-flipped")
     plan = load_transfer_plan()
     search = replace(plan, slice_order="search", slice_order_margin=0.0)
+    header = replace(plan, slice_order="header")
     got = in_workers(reg.align_globally, {"found": (query, spacing, flipped, search), "own": (query, spacing, atlas, search),
-                                          "kept": (query, spacing, flipped, plan)})  # kept: header order trusted
+                                          "kept": (query, spacing, flipped, header)})  # kept: header order trusted
     assert got["found"].reversed_slices and got["found"].similarity > 0.95
     assert not got["own"].reversed_slices
     assert not got["kept"].reversed_slices and got["kept"].similarity < got["found"].similarity
@@ -603,14 +604,21 @@ def test_atlases_are_offered_by_label_and_their_slicing_axis_is_told(inline_engi
 
 def test_a_cardiac_atlas_stored_in_the_other_orientation_still_segments():
     """CMR scan 7 is stored L,S,P and scan 2 P,S,R (their headers name different RAS slicing axes for
-    the same short-axis cut): one is still a useful atlas for the other. Measured: Dice 0.50 / 0.80 / 0.75."""
+    the same short-axis cut, so their canvas slices run opposite ways, as their labels confirm: the
+    left ventricle narrows towards the apex): the preset reads that from the headers and registers the
+    atlas reversed, and it is a useful atlas. Measured: Dice 0.46 / 0.77 / 0.76; 0.50 / 0.79 / 0.76 with
+    the canvas order trusted (the deformable stages absorb much of a reversal: docs/results.md)."""
     root = shared_dataset("cmr-bssfp")
-    engine = engine_for(labels={"LV-MYO": 200, "LV-BP": 500, "RV": 600}, **{"transfer.workers": 1})
-    engine.ingest("cmr-7", root / "image_7.nii.gz", root / "label_7.nii.gz")
-    seg = engine.segment(root / "image_2.nii.gz")
+    engine = engine_for(labels={"LV-MYO": 200, "LV-BP": 500, "RV": 600})  # single-threaded workers: repeatable
+    try:
+        engine.ingest("cmr-7", root / "image_7.nii.gz", root / "label_7.nii.gz")
+        seg = engine.segment(root / "image_2.nii.gz")
+    finally:
+        engine.transfer.close()
     truth = np.asarray(nib.load(root / "label_2.nii.gz").dataobj)
     scores = [dice(seg.label == v, truth == v) for v in (200, 500, 600)]
-    assert np.mean(scores) > 0.5 and min(scores) > 0.3, scores
+    assert [u["reversed_slices"] for u in seg.provenance["LV-BP"]["atlases"]] == [True]
+    assert np.mean(scores) > 0.6 and min(scores) > 0.4, scores
 
 
 def _disc_stack(shifts_mm, pixel_mm=1.25, size=96):
@@ -676,3 +684,63 @@ def test_joint_fusion_search_by_correlation_finds_an_atlas_on_another_intensity_
     assert float(pearson[0][band].mean()) < float(squares[0][band].mean()) - 0.1  # 0.18 against 0.33 measured
     for out in (squares, pearson, nonnegative):
         assert out.min() >= 0 and out.max() <= 1
+
+
+def _oblique_copy(source: str, degrees: float, path) -> str:
+    """``source``'s voxels under an oblique affine: the slice axis (the file's last, 7 mm) runs
+    (cos, -sin, 0) in world space, the first axis (sin, cos, 0), the second S. At 40 degrees the
+    slice axis is nearest R; at 50, nearest -A, so reorienting to RAS reverses the canvas slices of
+    the one and not of the other, though both stacks run within 10 degrees of each other (as the
+    CMR files stored P,S,R and L,S,P do)."""
+    image = nib.load(source)
+    spacing = np.asarray(image.header.get_zooms()[:3], np.float64)
+    t = np.deg2rad(degrees)
+    affine = np.eye(4)
+    affine[:3, :3] = np.stack([[np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0], [np.cos(t), -np.sin(t), 0.0]], 1) * spacing
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), path)
+    return str(path)
+
+
+def test_which_way_oblique_slices_run_is_read_from_their_world_directions(tmp_path):
+    """Two copies of one scan whose slice axes snap to RAS axes of opposite sense: their canvases are
+    each other's slices reversed, and `geometry` says so from the headers alone (one global affine);
+    `header` trusts the canvas order; without directions, or between far from parallel slice axes,
+    `geometry` searches."""
+    engine = engine_for(**{"transfer.workers": 1})
+    a = engine.prepare(_oblique_copy(phantom(1)[0], 40, tmp_path / "a.nii.gz"))
+    b = engine.prepare(_oblique_copy(phantom(1)[0], 50, tmp_path / "b.nii.gz"))
+    assert (a.geometry.axis, b.geometry.axis) == (0, 1)
+    np.testing.assert_allclose(b.canvas, a.canvas[::-1], atol=1e-6)
+    np.testing.assert_allclose(a.geometry.directions[0], [np.cos(np.deg2rad(40)), -np.sin(np.deg2rad(40)), 0], atol=1e-6)
+    assert np.dot(a.geometry.directions[0], b.geometry.directions[0]) < -0.9  # opposite on the canvases
+    plan = load_transfer_plan()
+    geometry = replace(plan, slice_order="geometry")
+    assert reg.slice_orders(geometry, b.geometry.directions, a.geometry.directions) == (True,)
+    assert reg.slice_orders(geometry, a.geometry.directions, a.geometry.directions) == (False,)
+    assert reg.slice_orders(replace(plan, slice_order="header"), b.geometry.directions, a.geometry.directions) == (False,)
+    assert reg.slice_orders(geometry, b.geometry.directions, ()) == (False, True)  # an atlas from an older bank
+    across = ((0.0, 0.0, 1.0),) + a.geometry.directions[1:]  # an atlas cut along another axis
+    assert reg.slice_orders(geometry, a.geometry.directions, across) == (False, True)
+
+
+def test_a_scan_stored_with_the_other_slice_sense_is_its_own_atlas(tmp_path):
+    """The copy at 40 degrees is saved as a label (the bank records its canvas directions, and a new
+    engine on the same bank reads them back); the copy at 50 degrees, the same voxels whose canvas
+    runs the other way, is segmented with `slice_order: geometry`: the atlas is registered reversed
+    and gives back its own labels."""
+    atlas_image = _oblique_copy(phantom(1)[0], 40, tmp_path / "atlas.nii.gz")
+    atlas_label = _oblique_copy(phantom(1)[1], 40, tmp_path / "atlas_label.nii.gz")
+    query = _oblique_copy(phantom(1)[0], 50, tmp_path / "query.nii.gz")
+    truth = np.asarray(nib.load(phantom(1)[1]).dataobj)
+    saving = engine_for(tmp_path / "bank", **{"transfer.workers": 1})
+    saving.ingest("atlas", atlas_image, atlas_label)
+    recorded = saving.prepare(atlas_image).geometry.directions
+    engine = engine_for(tmp_path / "bank", **{"transfer.slice_order": "geometry"})
+    try:
+        assert engine.bank.atlas("atlas").directions == recorded
+        seg = engine.segment(query)
+    finally:
+        engine.transfer.close()
+    assert all([u["reversed_slices"] for u in seg.provenance[name]["atlases"]] == [True] for name in LABELS)
+    scores = [dice(seg.label == v, truth == v) for v in LABELS.values()]
+    assert min(scores) >= 0.95, scores

@@ -361,7 +361,8 @@ class SupportBank:
             a = batch.atlas
             record["atlas"] = {"spacing": [float(v) for v in a.spacing], "key": a.key,
                                "components": {str(k): int(v) for k, v in sorted(a.components.items())},
-                               "shape": [int(v) for v in a.image.shape], "axis": int(a.axis)}
+                               "shape": [int(v) for v in a.image.shape], "axis": int(a.axis),
+                               "directions": [[float(v) for v in d] for d in a.directions]}
         with self._write_lock():
             if self.directory is not None:
                 self._sync(repair=True)  # other processes' commits first: never write over them
@@ -583,7 +584,8 @@ class SupportBank:
         if a is None:
             raise BankError(f"{image_id!r} has no cached atlas volume: re-ingest it with a scan-level preset")
         return Atlas(image_id=image_id, image=np.asarray(a.image, dtype=np.float32), mask=np.asarray(a.mask, np.uint16),
-                     spacing=a.spacing, components=dict(a.components), key=a.key, axis=a.axis)
+                     spacing=a.spacing, components=dict(a.components), key=a.key, axis=a.axis,
+                     directions=a.directions)
 
     def payload_covers(self, image_id: str, labels: Sequence[int]) -> bool:
         """True if the image's cached payloads (if it has any) include every label in ``labels``."""

@@ -156,6 +156,7 @@ class Shard:
                 components={int(k): int(v) for k, v in info["components"].items()},
                 key=str(info["key"]),
                 axis=int(info.get("axis", -1)),
+                directions=tuple(tuple(float(v) for v in d) for d in info.get("directions", ())),
             )
 
     @property

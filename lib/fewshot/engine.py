@@ -265,9 +265,10 @@ class Engine:
 
         image = np.asarray(prepared.canvas, np.float16)  # the bank stores float16: in memory too, so both agree
         mask = np.ascontiguousarray(masks, np.uint16)
-        key = hashlib.sha256(image.tobytes() + mask.tobytes() + repr(prepared.geometry.spacing).encode()).hexdigest()[:24]
-        return Atlas(image_id=image_id, image=image, mask=mask, spacing=prepared.geometry.spacing,
-                     components=count_pieces(mask), key=key, axis=int(prepared.geometry.axis))
+        geometry = prepared.geometry
+        key = hashlib.sha256(image.tobytes() + mask.tobytes() + repr((geometry.spacing, geometry.directions)).encode()).hexdigest()[:24]
+        return Atlas(image_id=image_id, image=image, mask=mask, spacing=geometry.spacing,
+                     components=count_pieces(mask), key=key, axis=int(geometry.axis), directions=geometry.directions)
 
     def ingest(
         self,
@@ -507,7 +508,7 @@ class Engine:
             result = self.transfer.segment_with_atlases(
                 prepared.canvas, prepared.geometry.spacing, atlases, values,
                 keep=config.selection.keep,
-                cache_key=prepared.key, progress=progress,
+                cache_key=prepared.key, progress=progress, directions=prepared.geometry.directions,
             )
         else:
             plans, plan_timings = self.plan(prepared, embeddings, values, options)

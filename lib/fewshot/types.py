@@ -101,6 +101,9 @@ class Atlas:
     components: dict[int, int]  # label value -> its sizeable 3D pieces (2 for both kidneys under one label)
     key: str  # content hash: a registration cached against this atlas never outlives a changed label
     axis: int = -1  # RAS axis its header says its slices were cut along (-1: not recorded); logged when it differs
+    # World unit vectors of its canvas's (slice, row, column) axes (volume.CanvasGeometry.directions):
+    # whether its slices run the query's way. () when not recorded (banks from before 3 December 2026).
+    directions: tuple[tuple[float, float, float], ...] = ()
 
     @property
     def labels(self) -> tuple[int, ...]:
@@ -195,7 +198,9 @@ class AtlasTransfer(LabelTransfer, Protocol):
 
     def segment_with_atlases(self, query: np.ndarray, spacing: tuple[float, float, float], atlases: Sequence[Atlas],
                              labels: Sequence[int], keep: int, cache_key: str | None = None,
-                             progress: Progress | None = None) -> VolumeResult:
-        """query (Z, S, S) canvas volume with its voxel ``spacing``; the ``keep`` atlases most like
-        the query (of ``atlases``) are registered to it and their labels fused."""
+                             progress: Progress | None = None,
+                             directions: tuple[tuple[float, float, float], ...] = ()) -> VolumeResult:
+        """query (Z, S, S) canvas volume with its voxel ``spacing`` (and the world directions of its
+        axes, when known); the ``keep`` atlases most like the query (of ``atlases``) are registered
+        to it and their labels fused."""
         ...

@@ -335,6 +335,10 @@ class CanvasGeometry:
     canvas: int
     pixel_spacing_mm: float = 0.0  # in-plane spacing: the preset's, for every volume
     slice_spacing_mm: float = 0.0  # spacing along the slicing axis (canvas slices are not resampled in z)
+    # World (RAS) unit vectors of the canvas's (slice, row, column) axes: () when not known. Reorienting
+    # to RAS snaps an oblique axis to its nearest cardinal one, so two scans cut alike (cardiac short
+    # axis) can come out with their canvas slices in opposite orders; these say which way they truly run.
+    directions: tuple[tuple[float, float, float], ...] = ()
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -432,6 +436,18 @@ def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return nio.apply_orientation(array, nio.ornt_transform(source, RAS)), source, spacing_ras
 
 
+def canvas_directions(affine: np.ndarray, source_ornt: np.ndarray, axis: int) -> tuple[tuple[float, float, float], ...]:
+    """World unit vectors of the canvas's (slice, row, column) axes: the RAS array's ``axis``, then
+    its other two axes in order (as :func:`volume_to_canvas` cuts it), each the file axis it came
+    from, flipped where reorienting flipped it."""
+    ras_axes = {}
+    for file_axis, (ras_axis, flip) in enumerate(np.asarray(source_ornt)):
+        column = np.asarray(affine, np.float64)[:3, file_axis]
+        ras_axes[int(ras_axis)] = column / np.linalg.norm(column) * flip
+    order = [axis] + [k for k in range(3) if k != axis]
+    return tuple(tuple(float(v) for v in ras_axes[k]) for k in order)
+
+
 # Bumped when the same file and settings give other canvas slices; banks and embedding caches key on it.
 # 2: one pixel spacing for every volume (version 1 gave a wide field of view a coarser spacing).
 CANVAS_VERSION = 2
@@ -503,7 +519,7 @@ def volume_to_canvas(volume: Volume, settings: VolumeSettings) -> tuple[np.ndarr
     geometry = CanvasGeometry(
         source_shape=volume.shape, source_ornt=source_ornt, axis=axis, plane_shape=plane_shape,
         resampled_shape=resampled, offset=offset, canvas=canvas, pixel_spacing_mm=spacing,
-        slice_spacing_mm=float(spacing_ras[axis]),
+        slice_spacing_mm=float(spacing_ras[axis]), directions=canvas_directions(volume.affine, source_ornt, axis),
     )
     stack = torch.from_numpy(np.ascontiguousarray(slices))[:, None]
     stack = _place(_resize(stack, resampled, "bilinear"), offset, canvas)

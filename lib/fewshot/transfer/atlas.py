@@ -109,8 +109,8 @@ class AtlasSettings:
             problems.append("workers and threads_per_worker must be >= 1")
         if self.start_method not in multiprocessing.get_all_start_methods():
             problems.append(f"start_method {self.start_method!r} is not available here")
-        if p.slice_order not in ("header", "search"):
-            problems.append(f"slice_order {p.slice_order!r} must be header or search")
+        if p.slice_order not in ("header", "search", "geometry"):
+            problems.append(f"slice_order {p.slice_order!r} must be header, search or geometry")
         for name in ("global_affine", "local_affine"):
             levels = getattr(p, name)
             if not levels.shrink_factors or min(levels.shrink_factors) < 1 or not 0 < levels.sampling <= 1:
@@ -299,12 +299,14 @@ class AtlasTransfer:
         keep: int,
         cache_key: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        directions: tuple[tuple[float, float, float], ...] = (),
     ) -> VolumeResult:
         labels = tuple(int(v) for v in labels)
         query = np.asarray(query, np.float32)
         spacing = tuple(float(s) for s in spacing)
         plan = self.settings.registration
-        query_key = cache_key or _digest([query.shape, spacing, hashlib.sha256(query.tobytes()).hexdigest()])
+        query_key = cache_key or _digest([query.shape, spacing, directions, hashlib.sha256(query.tobytes()).hexdigest()])
+        orders = {a.image_id: reg.slice_orders(plan, directions, a.directions) for a in atlases}
         atlases = [a for a in atlases if set(a.labels) & set(labels)]
         seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0, "shape": 0.0}
         steps = len(atlases) + min(keep, len(atlases)) if len(atlases) > keep else len(atlases)
@@ -320,7 +322,8 @@ class AtlasTransfer:
         t0 = time.perf_counter()
         chosen = list(atlases)
         if len(atlases) > keep:
-            todo = {a.image_id: (query, spacing, a, plan) for a in atlases if (query_key, a.key, self._plan_key) not in self._alignments}
+            todo = {a.image_id: (query, spacing, a, plan, orders[a.image_id]) for a in atlases
+                    if (query_key, a.key, self._plan_key) not in self._alignments}
             by_id = {a.image_id: a for a in atlases}
 
             def aligned(image_id, alignment):
@@ -358,7 +361,8 @@ class AtlasTransfer:
                 reused.add(a.image_id)
                 tick()
             else:
-                todo[a.image_id] = (query, spacing, a, labels, plan, self._alignments.get((query_key, a.key, self._plan_key)))
+                todo[a.image_id] = (query, spacing, a, labels, plan, self._alignments.get((query_key, a.key, self._plan_key)),
+                                    orders[a.image_id])
         logger.info("atlas transfer: %d atlas(es) to register, %d reused, %d worker(s); query %s at %s mm",
                     len(todo), len(reused), self.settings.workers, query.shape, tuple(round(s, 2) for s in spacing))
         keys = {a.image_id: (query_key, a.key, labels, self._plan_key) for a in chosen}
@@ -371,7 +375,8 @@ class AtlasTransfer:
             if candidate is None:
                 logger.info("atlas %s left out (%d/%d): %s", image_id, done, steps, why)
                 return
-            logger.info("atlas %s registered in %.1f s of work (%d/%d) (%s)", image_id, candidate.seconds, done, steps,
+            logger.info("atlas %s registered in %.1f s of work (%d/%d)%s (%s)", image_id, candidate.seconds, done, steps,
+                        ", slices reversed" if candidate.alignment.reversed_slices else "",
                         ", ".join(f"{k} {v:.1f} s" for k, v in candidate.stages.items()))
 
         # Each atlas is two kinds of job: its 3D stages, then one per slice shift of the in-plane

@@ -7,9 +7,11 @@ previous one's transform:
 
 1. **global affine** of the whole atlas onto the whole query (Mattes mutual information, centres
    of mass aligned first). Its correlation with the query is what atlas selection ranks by. With
-   ``slice_order: search`` the atlas is also tried with its slices reversed, and that order is kept
-   only when it correlates better by ``slice_order_margin`` (some exported files mirror the slice
-   order in their header; a real patient never is a mirror image, so the header wins by default).
+   ``slice_order: geometry`` the atlas's slices are reversed when the world directions of the two
+   scans' slice axes point opposite ways (reorienting an oblique stack to RAS snaps its slice axis
+   to the nearest cardinal one, and two short-axis stacks cut alike can snap to axes of opposite
+   sense: half the CMR files here); ``search`` instead tries both orders and keeps the reversed one
+   only when it correlates better by ``slice_order_margin``; ``header`` trusts the canvas order.
 2. **region**: the atlas's structures, carried by the global affine onto the query and dilated by
    ``region.margin_mm``. Everything after this works inside that box, so registration spends its
    effort on the anatomy to segment and not on the rest of the field of view.
@@ -242,11 +244,32 @@ def affine(fixed: np.ndarray, fixed_spacing, moving: np.ndarray, moving_spacing,
         return _to_sitk(result["fwdtransforms"][0])
 
 
-def align_globally(query: np.ndarray, query_spacing, atlas: Atlas, plan: RegistrationPlan) -> GlobalAlignment:
-    """The global affine of ``atlas`` onto ``query`` (and, when searched, of its reversed slices)."""
+# Slice axes more oblique to each other than this (|cosine|) say nothing about which way an atlas runs.
+PARALLEL_SLICES = 0.5
+
+
+def slice_orders(plan: RegistrationPlan, query_directions: Sequence, atlas_directions: Sequence) -> tuple[bool, ...]:
+    """The slice orders of an atlas to try (True: reversed), by ``plan.slice_order``. ``geometry``
+    reads them from the world directions of the two canvases' slice axes (volume.canvas_directions);
+    when either is unknown (a bank from before they were recorded) or the axes are far from parallel,
+    it searches instead."""
+    if plan.slice_order == "header":
+        return (False,)
+    if plan.slice_order == "geometry" and len(query_directions) and len(atlas_directions):
+        cosine = float(np.dot(query_directions[0], atlas_directions[0]))
+        if abs(cosine) >= PARALLEL_SLICES:
+            return (cosine < 0,)
+    return (False, True)
+
+
+def align_globally(query: np.ndarray, query_spacing, atlas: Atlas, plan: RegistrationPlan,
+                   orders: Sequence[bool] | None = None) -> GlobalAlignment:
+    """The global affine of ``atlas`` onto ``query``, in each slice order of ``orders`` (default: the
+    plan's without geometry, see ``slice_orders``); of two, the reversed one only when it correlates
+    better by ``plan.slice_order_margin``."""
     start = time.perf_counter()
     fixed = _image(query, query_spacing)
-    orders = [False, True] if plan.slice_order == "search" else [False]
+    orders = tuple(orders) if orders is not None else slice_orders(plan, (), ())
     tried = []
     for reverse in orders:
         image = np.asarray(atlas.image[::-1] if reverse else atlas.image, np.float32)
@@ -258,7 +281,7 @@ def align_globally(query: np.ndarray, query_spacing, atlas: Atlas, plan: Registr
         similarity = correlation(sitk.GetArrayViewFromImage(coarse), sitk.GetArrayViewFromImage(warped))
         tried.append((similarity, reverse, transform))
     best = tried[0]
-    if len(tried) > 1 and tried[1][0] > tried[0][0] + plan.slice_order_margin:
+    if len(tried) > 1 and tried[1][0] > tried[0][0] + plan.slice_order_margin:  # (False, True): a reversal must win clearly
         best = tried[1]
     similarity, reverse, t = best
     return GlobalAlignment(similarity, reverse, tuple(t.GetMatrix()), tuple(t.GetTranslation()), tuple(t.GetCenter()),
@@ -388,12 +411,13 @@ class Placed:
 
 
 def place_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence[int], plan: RegistrationPlan,
-                alignment: GlobalAlignment | None = None) -> Placed | None:
-    """The 3D stages for one atlas; None when none of ``labels`` reaches the query."""
+                alignment: GlobalAlignment | None = None, orders: Sequence[bool] | None = None) -> Placed | None:
+    """The 3D stages for one atlas (its global affine in ``orders``, unless ``alignment`` is given);
+    None when none of ``labels`` reaches the query."""
     start = time.perf_counter()
     stages = {"global_affine": 0.0}
     if alignment is None:
-        alignment = align_globally(query, query_spacing, atlas, plan)
+        alignment = align_globally(query, query_spacing, atlas, plan, orders)
         stages["global_affine"] = alignment.seconds
     clock = time.perf_counter()
 
@@ -472,11 +496,11 @@ def finish_atlas(placed: Placed, refined: dict[int, tuple[np.ndarray, float]]) -
 
 
 def register_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence[int], plan: RegistrationPlan,
-                   alignment: GlobalAlignment | None = None) -> Candidate | None:
+                   alignment: GlobalAlignment | None = None, orders: Sequence[bool] | None = None) -> Candidate | None:
     """All stages for one atlas, one after another -> its registered image and label probabilities
     on the query's canvas grid, inside the region; None when none of ``labels`` reaches the query.
     (``AtlasTransfer`` runs the same stages as separate jobs, so that its workers share the shifts.)"""
-    placed = place_atlas(query, query_spacing, atlas, labels, plan, alignment)
+    placed = place_atlas(query, query_spacing, atlas, labels, plan, alignment, orders)
     if placed is None:
         return None
     return finish_atlas(placed, {s: refine_shift(*args) for s, args in placed.refinements(query, plan.in_plane).items()})
