@@ -239,7 +239,7 @@ def test_in_plane_refinement_is_decided_per_volume_from_its_slice_spacing(self_r
     assert spacing[0] >= plan.in_plane.min_slice_mm  # 7 mm phantom slices
     thin_spacing = (2.0,) + tuple(spacing[1:])
     thin_atlas = Atlas(atlas.image_id, atlas.image, atlas.mask, thin_spacing, atlas.components, atlas.key + "-thin")
-    thin = reg.register_atlas(canvas, thin_spacing, thin_atlas, (1, 2, 3), plan)
+    thin = reg.register_atlas(canvas, thin_spacing, thin_atlas, (1, 2, 3), plan, None, (False,))  # as the engine would
     assert thick.in_plane and not thin.in_plane
     assert set(thick.stages) == {"global_affine", "local_affine", "deformable", "in_plane"}
     for candidate in (thick, thin):  # an atlas registered to itself lands on itself
@@ -325,20 +325,22 @@ def test_a_lone_atlas_registers_in_the_workers_the_same_as_in_one_piece(monkeypa
 
     root = shared_dataset("cmr-bssfp")
     atlas, _, _ = _atlas(str(root / "image_3.nii.gz"), str(root / "label_3.nii.gz"))
-    _, query, spacing = _atlas(str(root / "image_2.nii.gz"), str(root / "label_2.nii.gz"))
+    query_scan, query, spacing = _atlas(str(root / "image_2.nii.gz"), str(root / "label_2.nii.gz"))
     labels = (200, 500, 600)
     finish, staged = atlas_step.reg.finish_atlas, []
     monkeypatch.setattr(atlas_step.reg, "finish_atlas", lambda *a: staged.append(finish(*a)) or staged[-1])  # runs here
     transfer = atlas_step.AtlasTransfer(dict(load_preset("classic")["transfer"], workers=2))
     transfer.forget_caches()
     try:
-        result = transfer.segment_with_atlases(query, spacing, [atlas], labels, keep=8)
+        result = transfer.segment_with_atlases(query, spacing, [atlas], labels, keep=8, directions=query_scan.directions)
         assert transfer.pool._pool is not None and not transfer.pool._failed  # it ran in the workers
     finally:
         transfer.close()
     [candidate] = staged
     assert candidate.in_plane and [s for s, _, _ in candidate.shifted] == [-1, 1]
-    whole = in_workers(reg.register_atlas, {0: (query, spacing, atlas, labels, transfer.settings.registration)})[0]
+    orders = reg.slice_orders(transfer.settings.registration, query_scan.directions, atlas.directions)
+    assert orders == (False,)  # both stored P,S,R
+    whole = in_workers(reg.register_atlas, {0: (query, spacing, atlas, labels, transfer.settings.registration, None, orders)})[0]
     assert candidate.box == whole.box and candidate.alignment == replace(whole.alignment, seconds=candidate.alignment.seconds)
     assert np.array_equal(candidate.image, whole.image) and np.array_equal(candidate.probabilities, whole.probabilities)
     for (s1, i1, p1), (s2, i2, p2) in zip(candidate.shifted, whole.shifted, strict=True):
@@ -713,6 +715,7 @@ def test_which_way_oblique_slices_run_is_read_from_their_world_directions(tmp_pa
     np.testing.assert_allclose(b.canvas, a.canvas[::-1], atol=1e-6)
     np.testing.assert_allclose(a.geometry.directions[0], [np.cos(np.deg2rad(40)), -np.sin(np.deg2rad(40)), 0], atol=1e-6)
     assert np.dot(a.geometry.directions[0], b.geometry.directions[0]) < -0.9  # opposite on the canvases
+    assert min(np.dot(u, v) for u, v in zip(a.geometry.directions[1:], b.geometry.directions[1:])) > 0.9  # rows, columns alike
     plan = load_transfer_plan()
     geometry = replace(plan, slice_order="geometry")
     assert reg.slice_orders(geometry, b.geometry.directions, a.geometry.directions) == (True,)
@@ -721,6 +724,10 @@ def test_which_way_oblique_slices_run_is_read_from_their_world_directions(tmp_pa
     assert reg.slice_orders(geometry, b.geometry.directions, ()) == (False, True)  # an atlas from an older bank
     across = ((0.0, 0.0, 1.0),) + a.geometry.directions[1:]  # an atlas cut along another axis
     assert reg.slice_orders(geometry, a.geometry.directions, across) == (False, True)
+    rows, columns = a.geometry.directions[1:]
+    mirrored = (a.geometry.directions[0], tuple(-v for v in rows), columns)  # no slice order lines it up
+    assert reg.geometric_order(a.geometry.directions, mirrored) is None
+    assert reg.slice_orders(geometry, a.geometry.directions, mirrored) == (False, True)
 
 
 def test_a_scan_stored_with_the_other_slice_sense_is_its_own_atlas(tmp_path):
@@ -735,7 +742,8 @@ def test_a_scan_stored_with_the_other_slice_sense_is_its_own_atlas(tmp_path):
     saving = engine_for(tmp_path / "bank", **{"transfer.workers": 1})
     saving.ingest("atlas", atlas_image, atlas_label)
     recorded = saving.prepare(atlas_image).geometry.directions
-    engine = engine_for(tmp_path / "bank", **{"transfer.slice_order": "geometry"})
+    # A margin no correlation can win: only the headers can reverse this atlas.
+    engine = engine_for(tmp_path / "bank", **{"transfer.slice_order": "geometry", "transfer.slice_order_margin": 1.0})
     try:
         assert engine.bank.atlas("atlas").directions == recorded
         seg = engine.segment(query)
@@ -744,3 +752,8 @@ def test_a_scan_stored_with_the_other_slice_sense_is_its_own_atlas(tmp_path):
     assert all([u["reversed_slices"] for u in seg.provenance[name]["atlases"]] == [True] for name in LABELS)
     scores = [dice(seg.label == v, truth == v) for v in LABELS.values()]
     assert min(scores) >= 0.95, scores
+    # An atlas saved before the directions were recorded is stale: the bank's reconcile re-ingests it.
+    sources = {"atlas": (atlas_image, atlas_label)}
+    assert saving.stale_images(sources) == {}
+    del saving.bank._records["atlas"]["atlas"]["directions"]
+    assert "no slice directions" in saving.stale_images(sources)["atlas"]

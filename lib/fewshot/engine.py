@@ -353,6 +353,8 @@ class Engine:
                     stale[image_id] = f"no cached memories for labels {sorted(wanted - set(record['payload_labels']))}"
                 elif self.scan_level and not record.get("atlas"):
                     stale[image_id] = "no atlas volume cached"
+                elif self.scan_level and not record["atlas"].get("directions"):
+                    stale[image_id] = "no slice directions recorded with its atlas (ingested before 3 December 2026)"
             except OSError as exc:
                 stale[image_id] = f"cannot be read ({exc})"
             if image_id not in stale and annotation_of is not None:

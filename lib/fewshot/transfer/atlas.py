@@ -306,8 +306,19 @@ class AtlasTransfer:
         spacing = tuple(float(s) for s in spacing)
         plan = self.settings.registration
         query_key = cache_key or _digest([query.shape, spacing, directions, hashlib.sha256(query.tobytes()).hexdigest()])
-        orders = {a.image_id: reg.slice_orders(plan, directions, a.directions) for a in atlases}
         atlases = [a for a in atlases if set(a.labels) & set(labels)]
+        orders = {a.image_id: reg.slice_orders(plan, directions, a.directions) for a in atlases}
+        unread = [a for a in atlases if plan.slice_order == "geometry" and len(orders[a.image_id]) > 1]
+        if unread:
+            logger.warning("slice order not read from the headers, both tried: %s", "the query has no recorded directions"
+                           if not len(directions) else "; ".join(
+                               f"atlas {a.image_id}: " + ("no directions recorded (a bank from before 3 December 2026: "
+                                                          "re-ingest it)" if not len(a.directions) else
+                                                          "its axes do not line up with the query's") for a in unread))
+
+        def aligned_key(a: Atlas) -> tuple:  # what an atlas's global affine depends on
+            return (query_key, a.key, self._plan_key, orders[a.image_id])
+
         seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0, "shape": 0.0}
         steps = len(atlases) + min(keep, len(atlases)) if len(atlases) > keep else len(atlases)
         done = 0
@@ -323,12 +334,12 @@ class AtlasTransfer:
         chosen = list(atlases)
         if len(atlases) > keep:
             todo = {a.image_id: (query, spacing, a, plan, orders[a.image_id]) for a in atlases
-                    if (query_key, a.key, self._plan_key) not in self._alignments}
+                    if aligned_key(a) not in self._alignments}
             by_id = {a.image_id: a for a in atlases}
 
             def aligned(image_id, alignment):
                 if alignment is not None:
-                    self._alignments[(query_key, by_id[image_id].key, self._plan_key)] = alignment
+                    self._alignments[aligned_key(by_id[image_id])] = alignment
                     while len(self._alignments) > MAX_ALIGNMENTS:  # oldest first: dicts keep insertion order
                         self._alignments.pop(next(iter(self._alignments)))
                 tick()
@@ -341,12 +352,12 @@ class AtlasTransfer:
             for a in atlases:
                 if a.image_id not in todo:
                     tick()
-            ranked = sorted((a for a in atlases if (query_key, a.key, self._plan_key) in self._alignments),
-                            key=lambda a: -self._alignments[(query_key, a.key, self._plan_key)].similarity)
+            ranked = sorted((a for a in atlases if aligned_key(a) in self._alignments),
+                            key=lambda a: -self._alignments[aligned_key(a)].similarity)
             chosen = ranked[:keep]
             logger.info("atlas selection: kept %s of %d atlases (correlation after the global affine %s)",
                         [a.image_id for a in chosen], len(atlases),
-                        [round(self._alignments[(query_key, a.key, self._plan_key)].similarity, 3) for a in chosen])
+                        [round(self._alignments[aligned_key(a)].similarity, 3) for a in chosen])
         seconds["select"] = time.perf_counter() - t0
 
         # 2. register the chosen atlases (cached per query, atlas, labels and plan).
@@ -354,18 +365,17 @@ class AtlasTransfer:
         candidates: dict[str, reg.Candidate | None] = {}
         todo, reused = {}, set()
         for a in chosen:
-            key = (query_key, a.key, labels, self._plan_key)
+            key = aligned_key(a) + (labels,)
             hit, candidate = self._cache.get(key)
             if hit:
                 candidates[a.image_id] = candidate
                 reused.add(a.image_id)
                 tick()
             else:
-                todo[a.image_id] = (query, spacing, a, labels, plan, self._alignments.get((query_key, a.key, self._plan_key)),
-                                    orders[a.image_id])
+                todo[a.image_id] = (query, spacing, a, labels, plan, self._alignments.get(aligned_key(a)), orders[a.image_id])
         logger.info("atlas transfer: %d atlas(es) to register, %d reused, %d worker(s); query %s at %s mm",
                     len(todo), len(reused), self.settings.workers, query.shape, tuple(round(s, 2) for s in spacing))
-        keys = {a.image_id: (query_key, a.key, labels, self._plan_key) for a in chosen}
+        keys = {a.image_id: aligned_key(a) + (labels,) for a in chosen}
 
         def registered(image_id, candidate, why: str = "none of its labels reaches this scan"):
             candidates[image_id] = candidate
@@ -447,7 +457,7 @@ class AtlasTransfer:
         uses = []
         for a in chosen:
             c = candidates.get(a.image_id)
-            alignment = c.alignment if c is not None else self._alignments.get((query_key, a.key, self._plan_key))
+            alignment = c.alignment if c is not None else self._alignments.get(aligned_key(a))
             uses.append(AtlasUse(image_id=a.image_id, similarity=alignment.similarity if alignment else None,
                                  reversed_slices=bool(alignment and alignment.reversed_slices),
                                  seconds=0.0 if a.image_id in reused or c is None else c.seconds, reused=a.image_id in reused))

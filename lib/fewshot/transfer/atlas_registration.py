@@ -91,7 +91,7 @@ class RegistrationPlan:
     deformable: DemonsLevels
     in_plane: InPlaneLevels
     margin_mm: float  # dilation of the atlas's structures that bounds the region registered
-    slice_order: str  # "header" or "search"
+    slice_order: str  # "geometry", "search" or "header"
     slice_order_margin: float  # correlation a reversed slice order must win by
 
 
@@ -244,21 +244,33 @@ def affine(fixed: np.ndarray, fixed_spacing, moving: np.ndarray, moving_spacing,
         return _to_sitk(result["fwdtransforms"][0])
 
 
-# Slice axes more oblique to each other than this (|cosine|) say nothing about which way an atlas runs.
-PARALLEL_SLICES = 0.5
+# Canvas axes more oblique to each other than this (cosine) say nothing about how two scans line up.
+PARALLEL_AXES = 0.5
+
+
+def geometric_order(query_directions: Sequence, atlas_directions: Sequence) -> bool | None:
+    """True when the atlas's canvas slices run opposite to the query's in world space (reverse them),
+    False when they run alike; None when the headers cannot say: a direction unknown, slice axes far
+    from parallel, or rows and columns that a slice reversal would not line up (a snap to other
+    in-plane axes, which neither order undoes)."""
+    if not len(query_directions) or not len(atlas_directions):
+        return None
+    slices, rows, columns = (float(np.dot(q, a)) for q, a in zip(query_directions, atlas_directions))
+    if abs(slices) < PARALLEL_AXES or min(rows, columns) < PARALLEL_AXES:
+        return None
+    return slices < 0
 
 
 def slice_orders(plan: RegistrationPlan, query_directions: Sequence, atlas_directions: Sequence) -> tuple[bool, ...]:
-    """The slice orders of an atlas to try (True: reversed), by ``plan.slice_order``. ``geometry``
-    reads them from the world directions of the two canvases' slice axes (volume.canvas_directions);
-    when either is unknown (a bank from before they were recorded) or the axes are far from parallel,
-    it searches instead."""
+    """The slice orders of an atlas to try (True: reversed), by ``plan.slice_order``: ``geometry``
+    reads it from the world directions of the two canvases' axes (volume.canvas_directions) and
+    searches when they cannot say (``geometric_order``); ``search`` tries both; ``header`` neither."""
     if plan.slice_order == "header":
         return (False,)
-    if plan.slice_order == "geometry" and len(query_directions) and len(atlas_directions):
-        cosine = float(np.dot(query_directions[0], atlas_directions[0]))
-        if abs(cosine) >= PARALLEL_SLICES:
-            return (cosine < 0,)
+    if plan.slice_order == "geometry":
+        reverse = geometric_order(query_directions, atlas_directions)
+        if reverse is not None:
+            return (reverse,)
     return (False, True)
 
 
