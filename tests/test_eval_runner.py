@@ -341,3 +341,100 @@ def test_alpnet_folds_with_whole_support_volumes_for_multi_atlas_classic(tmp_pat
     assert m["timing"]["wall_seconds_per_volume"] > 0
     with pytest.raises(ValueError, match="alpnet-support"):
         runner.run_eval(data, "alpnet", "classic", tmp_path / "x", alpnet_support="atlas")
+
+
+def _hippocampus_run() -> EvalRun:
+    """An EvalRun of classic on the hippocampus crops, registering in this process."""
+    from fewshot.config import load_preset
+    from fewshot.engine import Engine
+    from fewshot.folders import scan_pairs
+
+    data = shared_dataset("msd-hippocampus")
+    ds = datasets.load_dataset_config("msd-hippocampus")
+    settings = load_preset("classic", {**ds.overrides(), "transfer.workers": 1, "transfer.slices.workers": 1})
+    engine, _ = Engine.from_settings(settings, bank_dir=None, label_names=ds.labels)
+    cases = [datasets.Case(cid, img, lab) for cid, (img, lab) in scan_pairs(data).items()]
+    return EvalRun(engine, cases, ds.labels)
+
+
+def _slice_dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def test_alpnet_propagated_support_is_rebuilt_from_its_support_slices_alone(tmp_path):
+    """--alpnet-support propagated: the support scan's label as the protocol's support slices tell it.
+    On those slices it is the reference; on the other slices of the extent they imply it is carried
+    from them within the scan, better than copying the nearest one; and the rest of the reference is never read: a label
+    whose organs are boxes on every other slice (each slice's presence kept, which picks the support
+    slices) gives the same label, voxel for voxel."""
+    from fewshot.eval import protocols
+    from fewshot.eval.datasets import slice_major
+    from fewshot.volume import read_label
+
+    run = _hippocampus_run()
+    try:
+        protocol = AlpnetProtocol(support="propagated")
+        case = run.cases["015"]
+        prepared = run.engine.prepare(case.image)
+        affine, axis = prepared.volume.affine, prepared.geometry.axis
+        truth = read_label(case.label, prepared.volume)
+        reference = slice_major(truth, affine, axis)[0]
+
+        (tmp_path / "a").mkdir()
+        path, slices = protocol.propagated_label(run, "015", tmp_path / "a")
+        got = slice_major(read_label(path, prepared.volume), affine, axis)[0]
+        assert sorted(slices) == [1, 2]
+        for organ, zs in slices.items():
+            assert len(zs) == 3
+            for z in zs:
+                assert _slice_dice(got[z] == organ, reference[z] == organ) >= 0.95, (organ, z)
+            first, last = protocols.implied_extent(zs, len(reference))
+            present = protocols.organ_extent(protocols.label_presence(reference, organ))
+            assert abs(first - present[0]) <= 1 and abs(last - present[-1]) <= 1, (first, last, present)
+            carried = [z for z in present if z not in zs]
+            # Better than the nearest support slice's mask copied as it is (measured 0.79 / 0.74 against 0.74 / 0.61).
+            copied = np.stack([reference[min(zs, key=lambda s: abs(s - z))] == organ for z in carried])
+            dice = _slice_dice(got[carried] == organ, reference[carried] == organ)
+            assert dice >= 0.7 and dice > _slice_dice(copied, reference[carried] == organ) + 0.03, organ
+            assert not (got[:first] == organ).any() and not (got[last + 1:] == organ).any()
+
+        # The same organs' presence on every slice, their shapes replaced off the support slices.
+        where = slice_major(np.arange(truth.size).reshape(truth.shape), affine, axis)[0]
+        boxed = truth.copy().ravel()
+        for organ, zs in slices.items():
+            for z in range(len(reference)):
+                inside = reference[z] == organ
+                if z in zs or not inside.any():
+                    continue
+                rows, cols = np.nonzero(inside)
+                box = np.zeros_like(inside)
+                box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+                box &= (reference[z] == 0) | inside  # another organ's voxels stay
+                boxed[where[z][box]] = organ
+        boxed = boxed.reshape(truth.shape)
+        assert not np.array_equal(boxed, truth)
+        changed = tmp_path / "label_boxed.nii.gz"
+        nib.save(nib.Nifti1Image(boxed, nib.load(case.label).affine), str(changed))
+        run.cases["015"] = datasets.Case("015", case.image, str(changed))
+        (tmp_path / "b").mkdir()
+        again, again_slices = protocol.propagated_label(run, "015", tmp_path / "b")
+        assert again_slices == slices
+        np.testing.assert_array_equal(read_label(again, prepared.volume), read_label(path, prepared.volume))
+    finally:
+        run.engine.transfer.close()
+
+
+def test_alpnet_folds_with_propagated_support_slices_for_multi_atlas_classic(tmp_path):
+    """--alpnet-support propagated, end to end: the protocol's support slices in metrics.json, the row
+    recorded as using no other label, the queries segmented against the rebuilt support scan."""
+    data = shared_dataset("msd-hippocampus")
+    out = tmp_path / "propagated"
+    report = runner.run_eval(data, "alpnet", "classic", out, folds=2, max_queries=1, alpnet_support="propagated",
+                             overrides=["transfer.workers=1", "transfer.slices.workers=1"])
+    m = report.metrics
+    assert m["protocol_settings"]["support"] == "propagated"
+    assert "no other label" in m["protocol_settings"]["support_note"]
+    for fold in m["folds"]:
+        assert sorted(fold["support_slices"]) == ["anterior", "posterior"]
+        assert all(len(zs) == 3 and all(isinstance(z, int) for z in zs) for zs in fold["support_slices"].values())
+    assert m["mean_dice"] > 0.5, m["per_label"]

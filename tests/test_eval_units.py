@@ -377,3 +377,32 @@ def test_select_grid_parsing_and_clinical_groups():
     groups = selection.round_robin_groups(results)
     # Sorted numerically (2 before 10) and dealt round-robin into 5 groups.
     assert [groups[(0, str(i))] for i in (1, 2, 3, 10, 11, 12, 13)] == [0, 1, 2, 3, 4, 0, 1]
+
+
+def test_implied_extent_inverts_the_support_slice_rule():
+    """The extent one support slice per chunk implies is the organ's own, within a slice, for any
+    extent and chunk count; clipped to the scan; a single slice implies only itself."""
+    from fewshot.eval import protocols as p
+
+    for n_chunks in (2, 3, 4):
+        for lo in (0, 3, 10):
+            for length in range(2 * n_chunks, 40, 3):
+                presence = np.zeros(60, bool)
+                presence[lo:lo + length] = True
+                zs = p.support_slice_per_chunk(p.organ_chunks(presence, n_chunks))
+                first, last = p.implied_extent(zs, 60)
+                assert abs(first - lo) <= 1 and abs(last - (lo + length - 1)) <= 1, (n_chunks, lo, length, zs, first, last)
+    assert p.implied_extent([2, 6, 10], 11) == (0, 10)
+    assert p.implied_extent([7], 20) == (7, 7) and p.implied_extent([5, 5, 5], 20) == (5, 5)
+    with pytest.raises(ValueError):
+        p.implied_extent([], 10)
+
+
+def test_propagated_alpnet_support_needs_a_registration_preset():
+    from fewshot.eval.alpnet import carrier
+
+    class Sam2Like:  # no 2D registration to carry slices with
+        pass
+
+    with pytest.raises(ValueError, match="registration preset"):
+        carrier(Sam2Like())

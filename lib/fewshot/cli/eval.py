@@ -104,8 +104,10 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the clinical and growth splits (default 0)")
     p.add_argument("--chunks", type=int, default=3, help="alpnet: chunks of the organ's z-extent (default 3)")
     p.add_argument("--alpnet-support", default="slices", choices=tuple(ALPNET_SUPPORTS),
-                   help="alpnet: the protocol's fixed support slices (default), or the support scan's whole "
-                        "labelled volume (not the protocol: report it as its own row)")
+                   help="alpnet: the protocol's fixed support slices (default); those slices carried through the "
+                        "support scan's own unlabelled slices, which then serves as one atlas (propagated: no "
+                        "other label is read); or the support scan's whole labelled volume (not the protocol: "
+                        "report it as its own row)")
     p.add_argument("--fold-convention", default="alpnet", choices=("alpnet", "adnet"),
                    help="alpnet: which scan supports each fold (SSL-ALPNet's or ADNet's rule)")
     p.add_argument("--select", action="append", default=[], metavar="KEY=V1,V2,...",

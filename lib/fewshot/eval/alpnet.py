@@ -7,13 +7,19 @@ supports). Each organ keeps its own binary prediction and is scored on it alone,
 slices (as SSL-ALPNet scores each 1-way run); Dice per scan, averaged over scans and folds. The CMR
 folds are ADNet's (SSL-ALPNet's code has none), and settings 1 and 2 coincide for an engine that is
 not trained (see ``protocols``, which holds the rules as data); metrics.json says both.
+
+``support`` "propagated" uses the same support slices and no other label, for methods that need a
+whole atlas: the slices are carried through their own scan first (``propagated_label``), which is
+then segmented against as one atlas. "volume" uses the support's whole label: not the protocol.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -30,6 +36,9 @@ ALPNET_SUPPORTS = {
     "slices": "the protocol: one support slice per chunk of each organ's extent in the support scan",
     "volume": "NOT the protocol: the support scan's whole labelled volume is the bank (multi-atlas methods "
               "need it); same folds, same scoring, reported as its own row",
+    "propagated": "the protocol's support slices and no other label: each organ's slices are carried through "
+                  "the support scan's own unlabelled slices (the extent they imply) by the preset's slice "
+                  "transfer, and that scan is then the bank's one atlas; the query's extent is not used",
 }
 
 ALPNET_SETTINGS_NOTE = (
@@ -37,6 +46,18 @@ ALPNET_SETTINGS_NOTE = (
     "removes every training slice holding a test organ). This engine is not trained on these scans, so for "
     "it the two settings coincide: its figures compare with either column."
 )
+
+
+def carrier(transfer):
+    """The 2D registration that carries support slices through their own scan: ``classic``'s slice
+    step, or ``classic-slices``' transfer itself."""
+    from fewshot.transfer.registration import RegistrationTransfer
+
+    registration = getattr(transfer, "slices", transfer)
+    if not isinstance(registration, RegistrationTransfer):
+        raise ValueError("--alpnet-support propagated carries the support slices by 2D registration: it needs "
+                         "a registration preset (classic, classic-slices)")
+    return registration
 
 
 @dataclass(frozen=True)
@@ -121,6 +142,35 @@ class AlpnetProtocol:
             slices[organ] = [int(z) for z in zs]
         return supports, slices
 
+    def propagated_label(self, run: EvalRun, support_id: str, scratch: Path) -> tuple[Path, dict[int, list[int]]]:
+        """The support scan's label as far as the protocol's support slices tell it, written under
+        ``scratch`` for the engine to ingest; and each organ's support slices. On each organ's support
+        slices, their masks; on the other slices of the extent those slices imply
+        (``protocols.implied_extent``), the masks of the nearest support slice on either side
+        registered within the scan and fused locally (``RegistrationTransfer.carry``: a few slices of
+        one patient apart, where the protocol's pairing registers another patient's slice). No other
+        voxel of the support's label is read; where organs' carried masks overlap, the more probable wins."""
+        from fewshot.volume import canvas_to_label, write_label
+
+        registration = carrier(run.engine.transfer)
+        start = time.perf_counter()
+        supports, slices = self.supports(run, support_id)
+        prepared = run.engine.prepare(run.cases[support_id].image)
+        organs = sorted(supports)
+        probs = np.zeros((len(prepared.canvas), len(organs)) + prepared.canvas.shape[1:], np.float32)
+        for i, organ in enumerate(organs):
+            # The slice itself, not its augmented copies: within one scan nothing needs augmenting.
+            given = {z: next(c for c in candidates if not c.ref.augmentation).mask
+                     for z, candidates in zip(slices[organ], supports[organ])}
+            span = protocols.implied_extent(list(given), len(prepared.canvas))
+            probs[:, i] = registration.carry(prepared.canvas, given, organ, span)
+        label = canvas_to_label(probs, organs, prepared.geometry)
+        path = scratch / f"label_{support_id}_propagated.nii.gz"
+        write_label(path, label, prepared.volume)
+        logger.info("support scan %s: its %d support slices carried through the scan in %.1f s", support_id,
+                    sum(len(set(z)) for z in slices.values()), time.perf_counter() - start)
+        return path, slices
+
     def chosen(self, run: EvalRun, query_slice: np.ndarray, candidates: list) -> list:
         """The chunk's candidates this query slice attends to: the matcher's ``selection.keep`` best
         (LPIPS over the augmented copies for the SAM 2 presets), or all of them without a matcher."""
@@ -170,9 +220,9 @@ class AlpnetProtocol:
                            seconds, query_slices, organ_slices, stages, cpu)
 
     def query_volume(self, run: EvalRun, fold: int, support_id: str, query_id: str) -> CaseResult:
-        """The same folds and scoring as ``alpnet_query``, but segmented from the support scan's whole
-        labelled volume (the bank holds it, the engine's own path runs): not the protocol's fixed support
-        slices, so reported as its own row. Each organ is still scored on its own reference extent."""
+        """The same folds and scoring as ``query``, but the query segmented whole by the engine's own
+        path from the support scan in the bank (its whole labelled volume, or its propagated label).
+        Each organ is still scored on its own reference extent."""
         whole = run.segment_whole(query_id)
         ref, prediction = whole.reference, whole.prediction
         extents = {}
@@ -194,15 +244,21 @@ class AlpnetProtocol:
             for fold in folds:
                 logger.info("fold %d: support scan %s, queries %s", fold.index, fold.support_id, list(fold.query_ids))
                 queries = run.queries(fold.query_ids)
-                if self.support == "volume":
+                if self.support in ("volume", "propagated"):
                     run.clear_bank()
                     case = run.cases[fold.support_id]
-                    run.engine.ingest(fold.support_id, case.image, case.label)
+                    with tempfile.TemporaryDirectory(prefix="fewshot-alpnet-") as scratch:
+                        if self.support == "volume":
+                            label, used = case.label, {run.name_of[v]: "whole volume" for v in run.values}
+                        else:
+                            label, slices = self.propagated_label(run, fold.support_id, Path(scratch))
+                            used = {run.name_of[o]: z for o, z in slices.items()}
+                        run.engine.ingest(fold.support_id, case.image, label)
                     for query_id in queries:
                         results.append(self.query_volume(run, fold.index, fold.support_id, query_id))
                         bar.update(1)
                     fold_info.append({"index": fold.index, "support_ids": [fold.support_id], "query_ids": queries,
-                                      "support_slices": {run.name_of[v]: "whole volume" for v in run.values}})
+                                      "support_slices": used})
                     continue
                 supports, slices = self.supports(run, fold.support_id)
                 for query_id in queries:
@@ -212,6 +268,6 @@ class AlpnetProtocol:
                     "index": fold.index, "support_ids": [fold.support_id], "query_ids": queries,
                     "support_slices": {run.name_of[o]: z for o, z in slices.items()},
                 })
-        if self.support == "volume":
+        if self.support != "slices":
             run.clear_bank()
         return results, fold_info

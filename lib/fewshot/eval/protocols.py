@@ -192,6 +192,20 @@ def support_slice_per_chunk(chunks: Sequence[Sequence[int]]) -> list[int]:
     return [zlist[int(pct * len(zlist))] for pct in support_fractions(len(chunks))]
 
 
+def implied_extent(support_slices: Sequence[int], n_slices: int) -> tuple[int, int]:
+    """The organ extent (first, last slice) that one support slice per chunk implies: the inverse of
+    ``support_fractions``, whose first and last slices sit 1/(2n) of the extent in from its ends. Only
+    the slices are read, never the label; a single slice implies only itself."""
+    zs = sorted(int(z) for z in support_slices)
+    if not zs:
+        raise ValueError("no support slices")
+    n = len(zs)
+    if n == 1 or zs[-1] == zs[0]:
+        return zs[0], zs[-1]
+    half_chunk = (zs[-1] - zs[0]) * n / (n - 1) / (2 * n)
+    return max(0, int(round(zs[0] - half_chunk))), min(n_slices - 1, int(round(zs[-1] + half_chunk)))
+
+
 def query_chunk_assignment(query_organ_slices: Sequence[bool] | Sequence[int] | np.ndarray,
                            n_chunks: int = 3, n_slices: int | None = None) -> dict[int, int]:
     """Query slice -> chunk index (whose support slice segments it), from the query's own organ extent.

@@ -324,6 +324,15 @@ def segment_slice(
     return probs, {"register": t1 - t0, "fuse": time.perf_counter() - t1}, tuple(labels[i] for i in kept)
 
 
+def carry_slice(target: np.ndarray, neighbours: Sequence[tuple[np.ndarray, np.ndarray]], label: int,
+                settings: RegistrationSettings) -> np.ndarray:
+    """One slice of a scan from labelled slices of the same scan: each (image, mask) neighbour is
+    registered onto ``target`` and their votes for ``label`` fused locally -> probabilities (S, S).
+    No presence vote: the neighbours hold the label, and the caller decides where it may be."""
+    warped = [warp_support(target, image, mask, (label,), settings) for image, mask in neighbours]
+    return fuse_votes(target, np.stack([w[0] for w in warped]), np.stack([w[1] for w in warped]), settings.fusion)[0]
+
+
 # ---------------------------------------------------------------------------------- 3D consistency
 
 
@@ -402,6 +411,31 @@ class RegistrationTransfer:
 
     def encode_supports(self, images: np.ndarray, masks: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
         return {}  # registration works from the image and mask the bank already stores
+
+    def carry(self, scan: np.ndarray, labelled: Mapping[int, np.ndarray], label: int, span: tuple[int, int]) -> np.ndarray:
+        """``label`` carried from a scan's ``labelled`` slices (z -> mask) to its other slices in ``span``
+        (first, last): each from the nearest labelled slice on either side (``carry_slice``).
+        -> probabilities (Z, S, S): the labelled slices' own masks, 0 outside the span."""
+        scan = np.asarray(scan, np.float32)
+        probs = np.zeros(scan.shape, np.float32)
+        for z, mask in labelled.items():
+            probs[z] = np.asarray(mask) == label
+        given = sorted(labelled)
+        jobs = {}
+        for z in range(max(span[0], 0), min(span[1], len(scan) - 1) + 1):
+            if z in labelled:
+                continue
+            nearest = (max((g for g in given if g < z), default=None), min((g for g in given if g > z), default=None))
+            jobs[z] = (scan[z], [(scan[g], labelled[g]) for g in nearest if g is not None], label, self.settings)
+
+        def record(z: int, result: np.ndarray) -> None:
+            probs[z] = result
+
+        left = self.pool.run(carry_slice, jobs, record) if self.settings.workers > 1 and len(jobs) > 1 else jobs
+        with sitk_threads(self.settings.threads_per_worker):
+            for z, args in left.items():
+                record(z, carry_slice(*args))
+        return probs
 
     def segment_volume(self, query: np.ndarray, plans: list[SlicePlan], labels: Sequence[int],
                        cache_key: str | None = None, progress: Progress | None = None) -> VolumeResult:
