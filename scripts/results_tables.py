@@ -60,6 +60,8 @@ def table(runs: list[dict]) -> str:
         what = f"`{r['preset']}`, {r['protocol']}" + (f", {r['shots']} shot{'s' if r['shots'] != 1 else ''}" if r["shots"] else "")
         if r["protocol"] == "alpnet" and r["support"] == "volume":
             what += ", **whole support volume** (not the protocol)"
+        if r["protocol"] == "alpnet" and r["support"] == "propagated":
+            what += ", **support slices carried through the support scan** (the protocol's labels)"
         if r["max_queries"]:
             what += f", first {r['max_queries']} query scans"
         if r["selection"]:

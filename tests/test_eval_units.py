@@ -381,17 +381,25 @@ def test_select_grid_parsing_and_clinical_groups():
 
 def test_implied_extent_inverts_the_support_slice_rule():
     """The extent one support slice per chunk implies is the organ's own, within a slice, for any
-    extent and chunk count; clipped to the scan; a single slice implies only itself."""
+    extent and chunk count, and the rule maps it back onto the same slices; it is the organ's exact
+    extent in most cases (the linear estimate it replaced: 44 % for three chunks); clipped to the
+    scan; a single slice implies only itself."""
     from fewshot.eval import protocols as p
 
     for n_chunks in (2, 3, 4):
-        for lo in (0, 3, 10):
-            for length in range(2 * n_chunks, 40, 3):
-                presence = np.zeros(60, bool)
-                presence[lo:lo + length] = True
-                zs = p.support_slice_per_chunk(p.organ_chunks(presence, n_chunks))
-                first, last = p.implied_extent(zs, 60)
-                assert abs(first - lo) <= 1 and abs(last - (lo + length - 1)) <= 1, (n_chunks, lo, length, zs, first, last)
+        exact = 0
+        cases = [(lo, length) for lo in range(12) for length in range(1, 45)]
+        for lo, length in cases:
+            presence = np.zeros(60, bool)
+            presence[lo:lo + length] = True
+            zs = p.support_slice_per_chunk(p.organ_chunks(presence, n_chunks))
+            first, last = p.implied_extent(zs, 60)
+            assert abs(first - lo) <= 1 and abs(last - (lo + length - 1)) <= 1, (n_chunks, lo, length, zs, first, last)
+            implied = np.zeros(60, bool)
+            implied[first:last + 1] = True
+            assert p.support_slice_per_chunk(p.organ_chunks(implied, n_chunks)) == zs, (n_chunks, lo, length)
+            exact += (first, last) == (lo, lo + length - 1)
+        assert exact / len(cases) >= {2: 0.5, 3: 0.65, 4: 0.75}[n_chunks], (n_chunks, exact / len(cases))
     assert p.implied_extent([2, 6, 10], 11) == (0, 10)
     assert p.implied_extent([7], 20) == (7, 7) and p.implied_extent([5, 5, 5], 20) == (5, 5)
     with pytest.raises(ValueError):

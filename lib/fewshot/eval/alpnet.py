@@ -63,8 +63,9 @@ def carrier(transfer):
 @dataclass(frozen=True)
 class AlpnetProtocol:
     """``chunks`` of each organ's extent, whose folds (``convention``: SSL-ALPNet's or ADNet's rule),
-    and which ``support``: "slices" (the protocol: one support slice per chunk of each organ) or
-    "volume" (the support scan's whole labelled volume, for methods that need it; reported apart)."""
+    and which ``support``: "slices" (the protocol: one support slice per chunk of each organ),
+    "propagated" (those slices carried through their own scan, which is then one atlas) or "volume"
+    (the support scan's whole labelled volume, for methods that need it; reported apart)."""
 
     chunks: int = 3
     convention: str = "alpnet"
