@@ -51,6 +51,13 @@ def describe(folder: Path) -> dict:
     }
 
 
+# What an alpnet row's support was, when it is not the protocol's fixed slices.
+ALPNET_SUPPORT_NOTES = {
+    "volume": ", **whole support volume** (not the protocol)",
+    "propagated": ", **support slices carried through the support scan** (the protocol's labels)",
+}
+
+
 def table(runs: list[dict]) -> str:
     labels = runs[0]["labels"]
     head = "| run | " + " | ".join(labels) + " | mean Dice | mean HD95 (mm) | s / slice | s / volume |"
@@ -58,10 +65,8 @@ def table(runs: list[dict]) -> str:
     rows = [head, rule]
     for r in runs:
         what = f"`{r['preset']}`, {r['protocol']}" + (f", {r['shots']} shot{'s' if r['shots'] != 1 else ''}" if r["shots"] else "")
-        if r["protocol"] == "alpnet" and r["support"] == "volume":
-            what += ", **whole support volume** (not the protocol)"
-        if r["protocol"] == "alpnet" and r["support"] == "propagated":
-            what += ", **support slices carried through the support scan** (the protocol's labels)"
+        if r["protocol"] == "alpnet":
+            what += ALPNET_SUPPORT_NOTES.get(r["support"], "")
         if r["max_queries"]:
             what += f", first {r['max_queries']} query scans"
         if r["selection"]:

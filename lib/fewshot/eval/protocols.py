@@ -207,12 +207,12 @@ def implied_extent(support_slices: Sequence[int], n_slices: int) -> tuple[int, i
     n = len(zs)
     if n == 1:
         return zs[0], zs[0]
-    fractions = support_fractions(n)
     candidates = []
     for length in range(1, n_slices + 1):
-        first = zs[0] - int(fractions[0] * length)
-        if first >= 0 and first + length <= n_slices and all(
-                first + int(f * length) == z for f, z in zip(fractions, zs)):
+        # The rule itself, on an organ of this length starting at slice 0: its slices' offsets.
+        offsets = support_slice_per_chunk(organ_chunks(np.ones(length, bool), n))
+        first = zs[0] - offsets[0]
+        if first >= 0 and first + length <= n_slices and [first + o for o in offsets] == zs:
             candidates.append((first, first + length - 1))
     if candidates:
         return candidates[len(candidates) // 2]
