@@ -15,7 +15,9 @@ label was saved. For a query scan (``segment_with_atlases``):
    re-run after one new label registers only that atlas.
 3. **fuse** their labels by joint label fusion (``fusion``), and
 4. **keep the pieces** the atlases say each label has (``pieces``): both kidneys under one label
-   survive, specks elsewhere do not.
+   survive, specks elsewhere do not; labels every atlas draws convex in plane come out convex
+   (``shape``); and, with ``extent.method: profile``, no label runs along the slices further than
+   its atlases allow (``extent``: an atlas stretched along z draws the ventricles over the atria).
 
 The step also segments from slice-level supports (``segment_volume``), for protocols that fix the
 support slices (the alpnet protocol): those go to the 2D ``RegistrationTransfer`` configured under
@@ -39,6 +41,7 @@ import SimpleITK as sitk
 from fewshot.config import ConfigError
 from fewshot.decision import LabelDecision
 from fewshot.transfer import atlas_registration as reg
+from fewshot.transfer.extent import METHODS as EXTENT_METHODS, ExtentSettings, ProfileCache, limit_extent
 from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
@@ -63,6 +66,7 @@ class AtlasSettings:
     registration: reg.RegistrationPlan
     fusion: FusionSettings
     shape: ShapeSettings
+    extent: ExtentSettings
     # How fused probabilities become labels (fewshot.decision): "threshold", "distribution" (the
     # votes are one distribution, background their remainder) or "foreground" (sum, then argmax)
     decision: str
@@ -98,6 +102,7 @@ class AtlasSettings:
             threshold=float(settings["threshold"]), registration=plan,
             fusion=section(settings.get("fusion"), FusionSettings, "fusion"),
             shape=ShapeSettings.from_settings(settings.get("shape")),
+            extent=ExtentSettings.from_settings(settings.get("extent")),
             decision=str(settings["decision"]),
         )
         out.validate()
@@ -149,12 +154,15 @@ class AtlasSettings:
             problems.append(str(exc))
         if self.shape.min_solidity is not None and not 0 < self.shape.min_solidity <= 1:
             problems.append("shape.min_solidity must lie in (0, 1], or be none")
+        if self.extent.method not in EXTENT_METHODS or self.extent.slack < 0:
+            problems.append(f"extent.method must be one of {list(EXTENT_METHODS)} and extent.slack >= 0")
         if problems:
             raise ConfigError("transfer atlas settings: " + "; ".join(problems))
 
     def result_affecting(self) -> dict:
         return {"threshold": self.threshold, "decision": self.decision, "registration": asdict(self.registration), "fusion":
-                {k: v for k, v in asdict(self.fusion).items() if k != "threads"}, "shape": asdict(self.shape)}
+                {k: v for k, v in asdict(self.fusion).items() if k != "threads"}, "shape": asdict(self.shape),
+                "extent": asdict(self.extent)}
 
 
 def _has_default(kind, name: str) -> bool:
@@ -237,6 +245,7 @@ class AtlasTransfer:
         self._cache = _REGISTERED
         self._alignments = _ALIGNED
         self._solidities = SolidityCache()
+        self._profiles = ProfileCache()
         s = self.settings
         self.pool = WorkerPool(s.workers, s.threads_per_worker, s.start_method, _init_worker, "atlas registration",
                                "registration jobs")
@@ -319,7 +328,7 @@ class AtlasTransfer:
         def aligned_key(a: Atlas) -> tuple:  # what an atlas's global affine depends on
             return (query_key, a.key, self._plan_key, orders[a.image_id])
 
-        seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0, "shape": 0.0}
+        seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0, "shape": 0.0, "extent": 0.0}
         steps = len(atlases) + min(keep, len(atlases)) if len(atlases) > keep else len(atlases)
         done = 0
 
@@ -450,9 +459,11 @@ class AtlasTransfer:
             convex = self._solidities.convex_labels(holders, labels, self.settings.shape.min_solidity)
             if convex:
                 logger.info("labels %s are convex in plane in the atlases: made convex per slice", convex)
-            probs[(slice(None),) + box] = make_convex(kept, labels, convex, self.label_decision,
-                                                     float(spacing[1] * spacing[2]))
+            shaped = make_convex(kept, labels, convex, self.label_decision, float(spacing[1] * spacing[2]))
             seconds["shape"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            probs[(slice(None),) + box] = self._limit_extent(shaped, labels, holders, candidates, float(spacing[0]))
+            seconds["extent"] = time.perf_counter() - t0
         tick()
         uses = []
         for a in chosen:
@@ -463,6 +474,19 @@ class AtlasTransfer:
                                  seconds=0.0 if a.image_id in reused or c is None else c.seconds, reused=a.image_id in reused))
         slices = [SliceResult(probabilities=probs[:, z], object_scores=object_scores(probs[:, z])) for z in range(len(query))]
         return VolumeResult(labels=labels, slices=slices, seconds=seconds, atlases=uses)
+
+    def _limit_extent(self, probabilities: np.ndarray, labels: Sequence[int], holders: Sequence[Atlas],
+                      candidates: Mapping[str, "reg.Candidate | None"], query_slice_mm: float) -> np.ndarray:
+        """Each label cut to the extent its atlases allow (transfer/extent.py), when the step is on."""
+        if self.settings.extent.method == "none":
+            return probabilities
+        profiles = {int(v): [(self._profiles.of(a, v), candidates[a.image_id].alignment.reversed_slices)
+                             for a in holders if v in a.components] for v in labels}
+        out, cut = limit_extent(probabilities, labels, profiles, query_slice_mm, self.label_decision,
+                                self.settings.extent.slack)
+        for value, (first, last) in cut.items():
+            logger.info("label %s ran past the extent its atlases allow: kept its slices %d-%d of the box", value, first, last)
+        return out
 
     def _merged(self, query: np.ndarray, c: reg.Candidate) -> tuple[np.ndarray, np.ndarray]:
         votes = c.votes()

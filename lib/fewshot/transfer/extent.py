@@ -1,0 +1,139 @@
+"""A label runs along the slices no further than its atlases say it can.
+
+On thick-slice stacks the affine stages may stretch an atlas along z to fill a query stack longer
+than its own: slices 8 mm apart say little about scale along z, and the mutual information of the
+whole field of view rewards covering it. On MS-CMRSeg the global affine stretches atlases 1.1-1.8x
+along z while it scales them in plane by 0.94-1.26, the local affine up to 2x more, and an atlas's
+ten labelled slices come out over seventeen: its ventricles drawn over the query's atria, four to
+six slices past the base. When every atlas is stretched alike, fusion has nothing to vote against it.
+
+So each label's extent after fusion (from its first slice to its last) may be at most the longest
+extent of that label among the atlases used, converted to the query's slices, plus ``slack`` of it
+(at least one slice: the through-plane uncertainty the slice-shifted votes already allow). A longer
+label keeps the window of that length whose per-slice areas best follow the atlases' own area
+profiles (mean correlation; each profile in the query's slice order, stretched to the window): a
+heart tapers to its apex and ends broad at its base, a liver tapers at its tip. Slices inside the
+window are never touched, so an organ longer than every atlas's keeps that much of itself.
+
+Profiles are measured once per atlas content (``Atlas.key``) and kept for later queries.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fewshot.decision import LabelDecision
+from fewshot.types import Atlas
+
+METHODS = ("profile", "none")
+
+
+@dataclass(frozen=True)
+class ExtentSettings:
+    method: str  # "profile" (limit and place each label's extent as above) or "none"
+    slack: float  # extent allowed beyond the longest atlas's, as a fraction of it (at least one slice)
+
+    @classmethod
+    def from_settings(cls, raw: Mapping | None) -> "ExtentSettings":
+        raw = raw or {}
+        return cls(method=str(raw.get("method", "none")), slack=float(raw.get("slack", 0.1)))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One atlas's label along its slices: pixel counts from its first labelled slice to its last."""
+
+    areas: np.ndarray  # (n,) float
+    slice_mm: float  # the atlas's slice spacing
+
+    @property
+    def length_mm(self) -> float:
+        return len(self.areas) * self.slice_mm
+
+
+def label_profile(mask: np.ndarray, value: int, slice_mm: float) -> Profile | None:
+    """``value``'s per-slice pixel counts in ``mask`` (z, y, x) over its extent; None when absent."""
+    areas = (np.asarray(mask) == value).sum(axis=(1, 2)).astype(np.float64)
+    present = np.nonzero(areas)[0]
+    if not len(present):
+        return None
+    return Profile(areas=areas[present[0]:present[-1] + 1], slice_mm=float(slice_mm))
+
+
+class ProfileCache:
+    """Per-atlas label profiles, measured once per atlas content (``Atlas.key``)."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, int], Profile | None] = {}
+        self._lock = threading.Lock()
+
+    def of(self, atlas: Atlas, value: int) -> Profile | None:
+        key = (atlas.key, int(value))
+        with self._lock:
+            if key in self._items:
+                return self._items[key]
+        found = label_profile(atlas.mask, int(value), float(atlas.spacing[0]))
+        with self._lock:
+            self._items[key] = found
+            while len(self._items) > 65536:
+                self._items.pop(next(iter(self._items)))
+        return found
+
+
+def _stretched(areas: np.ndarray, n: int) -> np.ndarray:
+    return np.interp(np.linspace(0.0, len(areas) - 1.0, n), np.arange(len(areas)), areas)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def best_window(areas: np.ndarray, profiles: Sequence[np.ndarray], length: int) -> int:
+    """Start of the ``length``-slice window of ``areas`` (a label's per-slice area in the query)
+    whose areas correlate best, on average, with ``profiles`` (the atlases', in the query's slice
+    order); the earliest of equals."""
+    shapes = [_stretched(p, length) for p in profiles]
+    scores = [np.mean([_correlation(areas[s:s + length], shape) for shape in shapes])
+              for s in range(len(areas) - length + 1)]
+    return int(np.argmax(scores))
+
+
+def allowed_slices(profiles: Sequence[Profile], query_slice_mm: float, slack: float) -> int:
+    """How many query slices a label may span: the longest atlas extent plus ``slack`` of it, at
+    least one slice more."""
+    longest = max(p.length_mm for p in profiles) / query_slice_mm
+    return int(np.floor(longest + max(1.0, slack * longest) + 1e-6))
+
+
+def limit_extent(probabilities: np.ndarray, labels: Sequence[int], profiles: Mapping[int, Sequence[tuple[Profile, bool]]],
+                 query_slice_mm: float, decision: LabelDecision, slack: float) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
+    """probabilities (L, z, y, x) -> the same with each label cleared on the slices outside the
+    window it may span, and label value -> (first, last) slice kept, for the labels cut.
+
+    ``profiles``: label value -> (profile, reversed) per atlas used for it; ``reversed`` when that
+    atlas's slices run opposite to the query's (``GlobalAlignment.reversed_slices``)."""
+    decided = decision.decide(probabilities)
+    out, cut = probabilities, {}
+    for c, value in enumerate(labels):
+        found = [(p, rev) for p, rev in profiles.get(int(value), ()) if p is not None]
+        present = np.nonzero((decided == c).any(axis=(1, 2)))[0]
+        if not found or not len(present):
+            continue
+        first, last = int(present[0]), int(present[-1])
+        allowed = allowed_slices([p for p, _ in found], query_slice_mm, slack)
+        if last - first + 1 <= allowed:
+            continue
+        areas = (decided[first:last + 1] == c).sum(axis=(1, 2)).astype(np.float64)
+        shapes = [p.areas[::-1] if rev else p.areas for p, rev in found]
+        start = first + best_window(areas, shapes, allowed)
+        if out is probabilities:
+            out = probabilities.copy()
+        out[c, :start] = 0.0
+        out[c, start + allowed:] = 0.0
+        cut[int(value)] = (start, start + allowed - 1)
+    return out, cut

@@ -1,0 +1,111 @@
+"""The extent step of `classic`: a label runs along the slices no further than its atlases allow."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fewshot.config import ConfigError, load_preset
+from fewshot.decision import LabelDecision
+from fewshot.transfer.extent import ProfileCache, allowed_slices, best_window, label_profile, limit_extent
+from fewshot.types import Atlas
+
+SIZE = 48
+
+
+def disc(radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    return (yy - SIZE / 2) ** 2 + (xx - SIZE / 2) ** 2 <= radius ** 2
+
+
+def heart(slices: int, first: int, radii) -> np.ndarray:
+    """A label (1) over ``len(radii)`` slices from ``first``, one disc per slice: an apex to base profile."""
+    mask = np.zeros((slices, SIZE, SIZE), np.uint16)
+    for z, r in enumerate(radii):
+        mask[first + z][disc(r)] = 1
+    return mask
+
+
+APEX_TO_BASE = [3, 6, 8, 10, 11, 12, 13, 14, 15, 15]  # ten slices, broadest at the base
+ATRIA = [12, 10, 9, 8, 7]  # what a stretched atlas draws past the base: shrinking again
+
+
+def decided(probabilities: np.ndarray) -> np.ndarray:
+    return np.where(probabilities.max(0) > 0.5, probabilities.argmax(0) + 1, 0)
+
+
+def test_a_label_stretched_past_the_base_is_cut_back_to_where_the_atlas_profile_fits():
+    atlas = label_profile(heart(13, 1, APEX_TO_BASE), 1, slice_mm=8.0)
+    assert len(atlas.areas) == 10 and atlas.length_mm == 80.0
+    truth = heart(19, 2, APEX_TO_BASE)  # the query's heart: slices 2-11
+    predicted = heart(19, 2, APEX_TO_BASE + ATRIA)  # and five slices over the atria (12-16)
+    probabilities = predicted[None].astype(np.float32)
+    out, cut = limit_extent(probabilities, [1], {1: [(atlas, False)]}, 8.0, LabelDecision(), slack=0.1)
+    assert allowed_slices([atlas], 8.0, 0.1) == 11  # ten slices, one more of slack
+    first, last = cut[1]
+    assert last - first + 1 == 11 and first <= 2 and last >= 11  # the heart whole, one slice to spare
+    kept = decided(out) == 1
+    assert not kept[last + 1:].any() and not kept[:first].any()
+    assert (kept == (predicted == 1))[first:last + 1].all()  # nothing inside the window was touched
+    assert kept[truth == 1].all()  # no slice of the organ is cut short
+    assert out is not probabilities and probabilities[0, 16].any()  # the input is left as it was
+
+
+def test_the_profile_is_read_in_the_query_slice_order():
+    """An atlas whose slices run the other way: its profile reversed, the extra slices at the other end go."""
+    atlas = label_profile(heart(13, 1, APEX_TO_BASE[::-1]), 1, slice_mm=8.0)  # base first in its own order
+    predicted = heart(19, 2, APEX_TO_BASE + ATRIA)
+    out, cut = limit_extent(predicted[None].astype(np.float32), [1], {1: [(atlas, True)]}, 8.0, LabelDecision(), 0.1)
+    assert cut[1][0] <= 2 and cut[1][1] >= 11
+    wrong, _ = limit_extent(predicted[None].astype(np.float32), [1], {1: [(atlas, False)]}, 8.0, LabelDecision(), 0.1)
+    assert not np.array_equal(decided(wrong), decided(out))  # read the wrong way round, it would cut elsewhere
+
+
+def test_a_label_within_its_allowed_extent_is_untouched_and_thin_atlases_allow_more_slices():
+    atlas = label_profile(heart(13, 1, APEX_TO_BASE), 1, slice_mm=8.0)
+    predicted = heart(19, 3, APEX_TO_BASE + [12])  # eleven slices: within ten + one
+    probabilities = predicted[None].astype(np.float32)
+    out, cut = limit_extent(probabilities, [1], {1: [(atlas, False)]}, 8.0, LabelDecision(), 0.1)
+    assert out is probabilities and cut == {}
+    assert allowed_slices([atlas], 4.0, 0.1) == 22  # 80 mm is twenty 4 mm slices, + 10 %
+    assert allowed_slices([atlas, label_profile(heart(20, 0, [5] * 14), 1, 8.0)], 8.0, 0.1) == 15  # the longest atlas
+    out, cut = limit_extent(probabilities, [1], {1: []}, 8.0, LabelDecision(), 0.1)  # no atlas holds it
+    assert out is probabilities and cut == {}
+
+
+def test_several_labels_are_cut_each_to_its_own_atlases():
+    ring, cavity = heart(19, 2, APEX_TO_BASE + ATRIA), heart(19, 4, [4, 6, 8, 9])
+    mask = np.where(cavity == 1, 2, ring).astype(np.uint16)
+    probabilities = np.stack([(mask == v).astype(np.float32) for v in (1, 2)])
+    profiles = {1: [(label_profile(heart(13, 1, APEX_TO_BASE), 1, 8.0), False)],
+                2: [(label_profile(heart(13, 1, [4, 6, 8, 9]), 1, 8.0), False)]}
+    out, cut = limit_extent(probabilities, [1, 2], profiles, 8.0, LabelDecision(), 0.1)
+    assert set(cut) == {1}  # the cavity spans its four slices: left alone
+    assert np.array_equal(out[1], probabilities[1])
+
+
+def test_best_window_follows_the_profile_and_prefers_the_earliest_of_equals():
+    areas = np.array([1, 2, 3, 4, 5, 4, 3, 2, 1], float)
+    assert best_window(areas, [np.array([1.0, 2, 3, 4, 5])], 5) == 0
+    assert best_window(areas, [np.array([5.0, 4, 3, 2, 1])], 5) == 4
+    assert best_window(np.ones(6), [np.array([1.0, 2, 3])], 3) == 0  # no shape to follow: the first window
+
+
+def test_profiles_are_measured_once_per_atlas_content():
+    mask = heart(13, 1, APEX_TO_BASE)
+    atlas = Atlas(image_id="a", image=np.zeros(mask.shape, np.float32), mask=mask, spacing=(8.0, 1.25, 1.25),
+                  components={1: 1}, key="k1")
+    cache = ProfileCache()
+    first = cache.of(atlas, 1)
+    assert cache.of(atlas, 1) is first and cache.of(atlas, 2) is None
+    changed = Atlas(image_id="a", image=atlas.image, mask=heart(13, 0, APEX_TO_BASE[:5]), spacing=atlas.spacing,
+                    components={1: 1}, key="k2")
+    assert len(cache.of(changed, 1).areas) == 5
+
+
+def test_extent_settings_reject_what_they_cannot_run():
+    from fewshot.transfer.atlas import AtlasTransfer
+
+    good = load_preset("classic")["transfer"]
+    for extent in ({"method": "oracle"}, {"method": "profile", "slack": -1}):
+        with pytest.raises(ConfigError, match="extent"):
+            AtlasTransfer({**good, "extent": extent})
