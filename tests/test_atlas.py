@@ -490,6 +490,38 @@ def test_a_new_label_registers_only_its_own_atlas_and_progress_is_reported(cross
     assert seen and seen[-1][0] == seen[-1][1] and len(seen) >= 3
 
 
+def test_a_stretched_cardiac_atlas_stops_at_the_base_with_the_extent_step():
+    """MS-CMRSeg scan 1 (19 slices, ventricles labelled on 1-11, atria above) from scan 5 (13 slices):
+    the affine stages stretch the atlas about 2x along z and its ventricles run over the atria, five
+    slices and more past the base. With ``extent.method: profile`` every label keeps at most the atlas's
+    extent + a slice, no further than two slices past the reference, and overlaps it better."""
+    from fewshot.transfer.atlas import AtlasTransfer
+    from fewshot.transfer.extent import ExtentSettings
+
+    root = shared_dataset("cmr-bssfp")
+    atlas, _, _ = _atlas(str(root / "image_5.nii.gz"), str(root / "label_5.nii.gz"))
+    scan, query, spacing = _atlas(str(root / "image_1.nii.gz"), str(root / "label_1.nii.gz"))
+    labels = (200, 500, 600)
+    transfer = AtlasTransfer(dict(load_preset("classic")["transfer"], extent={"method": "none"}))
+    transfer.forget_caches()
+    try:
+        results = {}
+        for method in ("none", "profile"):  # one registration: the step comes after fusion
+            transfer.settings = replace(transfer.settings, extent=ExtentSettings(method=method, slack=0.1))
+            result = transfer.segment_with_atlases(query, spacing, [atlas], labels, keep=8, directions=scan.directions)
+            results[method] = transfer.label_decision.decide(np.stack([s.probabilities for s in result.slices], axis=1))
+    finally:
+        transfer.close()
+    for c, value in enumerate(labels):
+        truth = scan.mask == value
+        last = int(np.flatnonzero(truth.any(axis=(1, 2)))[-1])
+        extents = {m: np.flatnonzero((d == c).any(axis=(1, 2))) for m, d in results.items()}
+        assert extents["none"][-1] >= last + 4, value  # the stretch this test is about
+        assert extents["profile"][-1] <= last + 2 and len(extents["profile"]) <= len(np.flatnonzero(
+            (atlas.mask == value).any(axis=(1, 2)))) + 1, value
+        assert dice(results["profile"] == c, truth) > dice(results["none"] == c, truth), value
+
+
 def test_a_real_cardiac_scan_is_its_own_atlas():
     """Thick short-axis slices (8 mm): the 2.5D path, on real data."""
     root = shared_dataset("cmr-bssfp")

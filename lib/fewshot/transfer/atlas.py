@@ -462,7 +462,7 @@ class AtlasTransfer:
             shaped = make_convex(kept, labels, convex, self.label_decision, float(spacing[1] * spacing[2]))
             seconds["shape"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            probs[(slice(None),) + box] = self._limit_extent(shaped, labels, holders, candidates, float(spacing[0]))
+            probs[(slice(None),) + box] = self._limit_extent(shaped, labels, holders, candidates, float(spacing[0]), box[0].start)
             seconds["extent"] = time.perf_counter() - t0
         tick()
         uses = []
@@ -476,8 +476,9 @@ class AtlasTransfer:
         return VolumeResult(labels=labels, slices=slices, seconds=seconds, atlases=uses)
 
     def _limit_extent(self, probabilities: np.ndarray, labels: Sequence[int], holders: Sequence[Atlas],
-                      candidates: Mapping[str, "reg.Candidate | None"], query_slice_mm: float) -> np.ndarray:
-        """Each label cut to the extent its atlases allow (transfer/extent.py), when the step is on."""
+                      candidates: Mapping[str, "reg.Candidate | None"], query_slice_mm: float, first_slice: int) -> np.ndarray:
+        """Each label cut to the extent its atlases allow (transfer/extent.py), when the step is on
+        (``probabilities``: the fused box, whose first slice is the query's ``first_slice``)."""
         if self.settings.extent.method == "none":
             return probabilities
         profiles = {int(v): [(self._profiles.of(a, v), candidates[a.image_id].alignment.reversed_slices)
@@ -485,7 +486,8 @@ class AtlasTransfer:
         out, cut = limit_extent(probabilities, labels, profiles, query_slice_mm, self.label_decision,
                                 self.settings.extent.slack)
         for value, (first, last) in cut.items():
-            logger.info("label %s ran past the extent its atlases allow: kept its slices %d-%d of the box", value, first, last)
+            logger.info("label %s ran past the extent its atlases allow: kept to slices %d-%d",
+                        value, first + first_slice, last + first_slice)
         return out
 
     def _merged(self, query: np.ndarray, c: reg.Candidate) -> tuple[np.ndarray, np.ndarray]:
