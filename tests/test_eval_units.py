@@ -404,6 +404,46 @@ def test_implied_extent_inverts_the_support_slice_rule():
     assert p.implied_extent([7], 20) == (7, 7) and p.implied_extent([5, 5, 5], 20) == (5, 5)
     with pytest.raises(ValueError):
         p.implied_extent([], 10)
+    # Of several extents the rule maps onto the same slices, the middle length's (found by brute force).
+    several = 0
+    for zs in ([3, 9, 15], [10, 14, 18], [4, 11], [2, 5, 8, 11]):
+        fits = []
+        for lo in range(0, 40):
+            for length in range(1, 41 - lo):
+                presence = np.zeros(40, bool)
+                presence[lo:lo + length] = True
+                if p.support_slice_per_chunk(p.organ_chunks(presence, len(zs))) == zs:
+                    fits.append((lo, lo + length - 1))
+        fits.sort(key=lambda e: e[1] - e[0])  # one extent per length at most: the middle length's
+        assert fits and p.implied_extent(zs, 40) == fits[len(fits) // 2], (zs, fits)
+        several += len(fits) >= 3
+    assert several >= 2  # the choice among candidates is exercised
+    # An organ with a gap (slices 10-13 and 20-31): no gap-free extent yields its slices; the linear
+    # estimate, half a chunk beyond the outer slices (17 * 3 / 2 / 6 = 4.25 slices), clipped to the scan.
+    gapped = np.zeros(40, bool)
+    gapped[10:14] = gapped[20:32] = True
+    zs = p.support_slice_per_chunk(p.organ_chunks(gapped, 3))
+    assert zs == [12, 24, 29] and p.implied_extent(zs, 40) == (8, 33) and p.implied_extent(zs, 32) == (8, 31)
+
+
+def test_a_support_slice_given_mask_beats_another_organ_carried_onto_it():
+    """Two organs carried through one scan: on a slice where the protocol gives organ 500, organ 200's
+    carried mask reaches probability 1 too; the given mask must keep its voxels (a tie's argmax would
+    hand them to the lower label value), and off the given slices the carried organs are untouched."""
+    from fewshot.decision import LabelDecision
+    from fewshot.eval.alpnet import given_masks_win
+
+    probs = np.zeros((5, 2, 8, 8), np.float32)
+    given_500 = np.zeros((8, 8), bool)
+    given_500[2:6, 2:6] = True
+    probs[2, 1][given_500] = 1.0  # organ 500 given on slice 2
+    probs[:, 0, 1:5, 1:5] = 1.0  # organ 200 carried over slices 0-4, overlapping it
+    out = given_masks_win(probs, [{}, {2: given_500}])
+    decided = LabelDecision().decide(out.transpose(1, 0, 2, 3))  # (organ, z, y, x) -> channel per voxel
+    assert (decided[2][given_500] == 1).all()
+    assert (decided[2][1:5, 1:5][~given_500[1:5, 1:5]] == 0).all()  # organ 200 keeps the rest of slice 2
+    assert np.array_equal(out[[0, 1, 3, 4]], probs[[0, 1, 3, 4]]) and out is not probs
+    assert (LabelDecision().decide(probs.transpose(1, 0, 2, 3))[2][given_500] == 0).any()  # the tie it fixes
 
 
 def test_propagated_alpnet_support_needs_a_registration_preset():

@@ -60,6 +60,19 @@ def carrier(transfer):
     return registration
 
 
+def given_masks_win(probabilities: np.ndarray, given: Sequence[Mapping[int, np.ndarray]]) -> np.ndarray:
+    """probabilities (z, organ, y, x) of the organs carried through a support scan -> the same, where
+    no organ keeps any probability on the voxels another organ's support slice gives (``given``: per
+    organ, slice -> its boolean mask). A given mask is the protocol's label, a carried one a guess;
+    both are exactly 1 there, and a tie would go to the lower label value (LV-MYO over the blood pool)."""
+    out = probabilities.copy()
+    for i, slices in enumerate(given):
+        for z, mask in slices.items():
+            others = [j for j in range(out.shape[1]) if j != i]
+            out[z, others] *= ~mask
+    return out
+
+
 @dataclass(frozen=True)
 class AlpnetProtocol:
     """``chunks`` of each organ's extent, whose folds (``convention``: SSL-ALPNet's or ADNet's rule),
@@ -150,7 +163,10 @@ class AlpnetProtocol:
         (``protocols.implied_extent``), the masks of the nearest support slice on either side
         registered within the scan and fused locally (``RegistrationTransfer.carry``: a few slices of
         one patient apart, where the protocol's pairing registers another patient's slice). No other
-        voxel of the support's label is read; where organs' carried masks overlap, the more probable wins."""
+        voxel of the support's label is read (but the slices' positions are the protocol's, which it
+        chose from the support's whole extent: ``implied_extent`` recovers that extent when the organ
+        has no gaps). Where a support slice gives an organ, that mask stands (``given_masks_win``);
+        elsewhere, where organs' carried masks overlap, the more probable wins."""
         from fewshot.volume import canvas_to_label, write_label
 
         registration = carrier(run.engine.transfer)
@@ -159,13 +175,15 @@ class AlpnetProtocol:
         prepared = run.engine.prepare(run.cases[support_id].image)
         organs = sorted(supports)
         probs = np.zeros((len(prepared.canvas), len(organs)) + prepared.canvas.shape[1:], np.float32)
+        given_by_organ = []
         for i, organ in enumerate(organs):
             # The slice itself, not its augmented copies: within one scan nothing needs augmenting.
             given = {z: next(c for c in candidates if not c.ref.augmentation).mask
                      for z, candidates in zip(slices[organ], supports[organ])}
             span = protocols.implied_extent(list(given), len(prepared.canvas))
             probs[:, i] = registration.carry(prepared.canvas, given, organ, span)
-        label = canvas_to_label(probs, organs, prepared.geometry)
+            given_by_organ.append({z: m == organ for z, m in given.items()})
+        label = canvas_to_label(given_masks_win(probs, given_by_organ), organs, prepared.geometry)
         path = scratch / f"label_{support_id}_propagated.nii.gz"
         write_label(path, label, prepared.volume)
         logger.info("support scan %s: its %d support slices carried through the scan in %.1f s", support_id,
