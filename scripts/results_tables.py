@@ -3,6 +3,7 @@
     python scripts/results_tables.py out/chaos-alpnet out/cmr-alpnet ...
     python scripts/results_tables.py --growth out/cmr-growth out/chaos-growth
     python scripts/results_tables.py --compare OLD_RUN NEW_RUN [OLD_RUN NEW_RUN ...]   # on the queries both scored
+    python scripts/results_tables.py --points out/cmr1-sel-extent ...   # each --select grid point, and what nesting chose
 
 Per label: Dice mean ± std over query scans, and in brackets HD95 mean in mm.
 
@@ -117,7 +118,29 @@ def compare(old: Path, new: Path) -> str:
     return f"| `{old.name}` vs `{new.name}` | {', '.join(cases)} | {mean(a):.1f} | {mean(b):.1f} | {mean(b) - mean(a):+.1f} |"
 
 
+def points_table(folders: list[Path]) -> str:
+    """One row per grid point of each nested-selection run: its mean Dice and per-label Dice (every point
+    a full run on the same scans), then the nested figure and how many groups chose each point."""
+    rows = ["| run | point | mean Dice | per label | nested | chosen by groups | mean HD95 (mm), nested |", "|---|---|---|---|---|---|---|"]
+    for folder in folders:
+        m = json.loads((folder / "metrics.json").read_text())
+        selection = m.get("selection")
+        if not selection:
+            raise SystemExit(f"{folder}: not a --select run")
+        chosen = [g["chosen_point"] for g in selection["per_group"]]
+        for p in selection["points"]:
+            point = ", ".join(f"{k.split('.')[-2]}.{k.split('.')[-1]}={v}" if k.count(".") else f"{k}={v}"
+                              for k, v in p["overrides"].items())
+            labels = ", ".join(f"{k} {_pct(v)}" for k, v in p["per_label_dice"].items())
+            rows.append(f"| `{folder.name}` | {point} | {_pct(p['mean_dice'])} | {labels} | {_pct(m['mean_dice'])} | "
+                        f"{chosen.count(p['point'])}/{len(chosen)} | {_mm(m.get('mean_hd95'))} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--points":
+        print(points_table([Path(a) for a in argv[1:]]))
+        return 0
     if argv and argv[0] == "--compare":
         print("| runs (old vs new) | query scans | old mean Dice | new mean Dice | change |")
         print("|---|---|---|---|---|")

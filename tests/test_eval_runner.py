@@ -325,6 +325,17 @@ def test_classic_slices_preset_segments_hippocampus_meaningfully(tmp_path, model
                 assert float(r["dice"]) == pytest.approx(by_point[(str(group["chosen_point"]), str(fold), r["label"])])
     assert m["mean_dice"] == pytest.approx(np.mean([np.mean([float(r["dice"]) for r in rows if r["label"] == lb])
                                                     for lb in ("1", "2")]))
+    # scripts/results_tables.py --points: a row per grid point, its own figure and the groups that chose it.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_tables", Path(__file__).resolve().parents[1] / "scripts" / "results_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    lines = tables.points_table([out]).splitlines()[2:]
+    assert len(lines) == 2 and [line.split(" | ")[1] for line in lines] == ["fusion.h=0.005", "fusion.h=0.5"]
+    for line, point in zip(lines, sel["points"]):
+        assert f"| {100 * point['mean_dice']:.1f} |" in line
+    assert sum(int(line.split(" | ")[5].split("/")[0]) for line in lines) == len(sel["per_group"])
 
 
 def test_alpnet_folds_with_whole_support_volumes_for_multi_atlas_classic(tmp_path):
