@@ -524,3 +524,26 @@ def test_largest_component_keeps_the_main_chain():
     assert (out[:, 0, 2:8, 2:8] == 0.9).all()
     assert not out[1, 0, 12:14, 12:14].any()
     assert out[1, 0, 10, 10] == pytest.approx(0.3)
+
+
+def test_carry_takes_a_label_from_its_given_slices_through_its_own_scan(transfer):
+    """`carry` (the propagated alpnet support): the blood pool of CMR scan 2 (label 500) given on the
+    protocol's three slices, carried over the extent those imply. The given slices keep their masks
+    exactly, slices outside the span stay empty, and the carried slices overlap the reference
+    (measured: 0.915 mean Dice over its 8 carried slices; 0.75 leaves room for registration's spread)."""
+    from fewshot.eval import protocols
+
+    image, masks = canvas_volume("cmr-bssfp", 2)
+    truth = masks == 500
+    zs = protocols.support_slice_per_chunk(protocols.organ_chunks(truth.any(axis=(1, 2)), 3))
+    span = protocols.implied_extent(zs, len(image))
+    given = {z: np.where(truth[z], 500, 0).astype(np.uint16) for z in zs}
+    probs = transfer.carry(image, given, 500, span)
+    assert probs.shape == image.shape
+    for z in zs:
+        assert np.array_equal(probs[z] > 0.5, truth[z])
+    outside = [z for z in range(len(image)) if not span[0] <= z <= span[1]]
+    assert outside and not probs[outside].any()
+    carried = [z for z in range(span[0], span[1] + 1) if z not in zs and truth[z].any()]
+    assert len(carried) >= 5
+    assert np.mean([dice(probs[z] > 0.5, truth[z]) for z in carried]) >= 0.75
