@@ -19,14 +19,14 @@ Profiles are measured once per atlas content (``Atlas.key``) and kept for later 
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from fewshot.decision import LabelDecision
-from fewshot.types import Atlas
+from fewshot.transfer.atlas_measures import AtlasLabelCache
+from fewshot.transfer.atlas_registration import correlation
 
 METHODS = ("profile", "none")
 
@@ -63,34 +63,15 @@ def label_profile(mask: np.ndarray, value: int, slice_mm: float) -> Profile | No
     return Profile(areas=areas[present[0]:present[-1] + 1], slice_mm=float(slice_mm))
 
 
-class ProfileCache:
+class ProfileCache(AtlasLabelCache[Profile | None]):
     """Per-atlas label profiles, measured once per atlas content (``Atlas.key``)."""
 
     def __init__(self) -> None:
-        self._items: dict[tuple[str, int], Profile | None] = {}
-        self._lock = threading.Lock()
-
-    def of(self, atlas: Atlas, value: int) -> Profile | None:
-        key = (atlas.key, int(value))
-        with self._lock:
-            if key in self._items:
-                return self._items[key]
-        found = label_profile(atlas.mask, int(value), float(atlas.spacing[0]))
-        with self._lock:
-            self._items[key] = found
-            while len(self._items) > 65536:
-                self._items.pop(next(iter(self._items)))
-        return found
+        super().__init__(lambda atlas, value: label_profile(atlas.mask, value, float(atlas.spacing[0])))
 
 
 def _stretched(areas: np.ndarray, n: int) -> np.ndarray:
     return np.interp(np.linspace(0.0, len(areas) - 1.0, n), np.arange(len(areas)), areas)
-
-
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
 def best_window(areas: np.ndarray, profiles: Sequence[np.ndarray], length: int) -> int:
@@ -98,7 +79,7 @@ def best_window(areas: np.ndarray, profiles: Sequence[np.ndarray], length: int) 
     whose areas correlate best, on average, with ``profiles`` (the atlases', in the query's slice
     order); the earliest of equals."""
     shapes = [_stretched(p, length) for p in profiles]
-    scores = [np.mean([_correlation(areas[s:s + length], shape) for shape in shapes])
+    scores = [np.mean([correlation(areas[s:s + length], shape) for shape in shapes])
               for s in range(len(areas) - length + 1)]
     return int(np.argmax(scores))
 

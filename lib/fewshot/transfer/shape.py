@@ -21,7 +21,6 @@ Solidities are measured once per atlas (keyed by its content hash) and kept for 
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -30,6 +29,7 @@ from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
 from fewshot.decision import LabelDecision
+from fewshot.transfer.atlas_measures import AtlasLabelCache
 from fewshot.types import Atlas
 
 MIN_AREA_MM2 = 50.0  # pieces smaller than this in a slice (specks, an organ's tip) have no telling shape
@@ -67,24 +67,12 @@ def solidity(mask: np.ndarray, value: int, pixel_area_mm2: float) -> float | Non
     return float(np.mean(found)) if found else None
 
 
-class SolidityCache:
+class SolidityCache(AtlasLabelCache[float | None]):
     """Per-atlas label solidities, measured once per atlas content (``Atlas.key``)."""
 
     def __init__(self) -> None:
-        self._items: dict[tuple[str, int], float | None] = {}
-        self._lock = threading.Lock()
-
-    def of(self, atlas: Atlas, value: int) -> float | None:
-        key = (atlas.key, int(value))
-        with self._lock:
-            if key in self._items:
-                return self._items[key]
-        found = solidity(np.asarray(atlas.mask), int(value), float(atlas.spacing[1] * atlas.spacing[2]))
-        with self._lock:
-            self._items[key] = found
-            while len(self._items) > 65536:  # a few hundred thousand atlas-label pairs at most
-                self._items.pop(next(iter(self._items)))
-        return found
+        super().__init__(lambda atlas, value: solidity(np.asarray(atlas.mask), value,
+                                                       float(atlas.spacing[1] * atlas.spacing[2])))
 
     def convex_labels(self, atlases: Sequence[Atlas], labels: Sequence[int], min_solidity: float | None) -> list[int]:
         """The labels whose median solidity over the atlases holding them reaches ``min_solidity``."""
