@@ -72,6 +72,27 @@ def test_a_label_within_its_allowed_extent_is_untouched_and_thin_atlases_allow_m
     assert out is probabilities and cut == {}
 
 
+def test_the_mean_length_allows_the_atlases_mean_extent_and_cuts_where_the_longest_would_not():
+    """Atlases of 8, 10 and 12 slices: the longest allows 12 + 1 slices, their mean 10 + 1."""
+    atlases = [label_profile(heart(14, 1, APEX_TO_BASE[-n:] if n <= 10 else [2, 2] + APEX_TO_BASE), 1, 8.0)
+               for n in (8, 10, 12)]
+    assert [len(a.areas) for a in atlases] == [8, 10, 12]
+    assert allowed_slices(atlases, 8.0, 0.1, "longest") == 13
+    assert allowed_slices(atlases, 8.0, 0.1, "mean") == 11
+    assert allowed_slices(atlases[:1], 8.0, 0.1, "mean") == allowed_slices(atlases[:1], 8.0, 0.1, "longest") == 9
+    assert allowed_slices(atlases, 4.0, 0.1, "mean") == 22  # 80 mm on average is twenty 4 mm slices, + 10 %
+    with pytest.raises(ValueError, match="length"):
+        allowed_slices(atlases, 8.0, 0.1, "median")
+    predicted = heart(19, 2, APEX_TO_BASE + ATRIA[:2])  # twelve slices: two over the atria
+    probabilities = predicted[None].astype(np.float32)
+    profiles = {1: [(a, False) for a in atlases]}
+    out, cut = limit_extent(probabilities, [1], profiles, 8.0, LabelDecision(), 0.1, "longest")
+    assert out is probabilities and cut == {}  # within the longest atlas's thirteen
+    out, cut = limit_extent(probabilities, [1], profiles, 8.0, LabelDecision(), 0.1, "mean")
+    assert cut[1] == (2, 12)  # the heart (2-11) whole and one slice of atria: the other gone
+    assert not (decided(out) == 1)[13:].any()
+
+
 def test_several_labels_are_cut_each_to_its_own_atlases():
     ring, cavity = heart(19, 2, APEX_TO_BASE + ATRIA), heart(19, 4, [4, 6, 8, 9])
     mask = np.where(cavity == 1, 2, ring).astype(np.uint16)
@@ -106,6 +127,6 @@ def test_extent_settings_reject_what_they_cannot_run():
     from fewshot.transfer.atlas import AtlasTransfer
 
     good = load_preset("classic")["transfer"]
-    for extent in ({"method": "oracle"}, {"method": "profile", "slack": -1}):
+    for extent in ({"method": "oracle"}, {"method": "profile", "slack": -1}, {"method": "profile", "length": "median"}):
         with pytest.raises(ConfigError, match="extent"):
             AtlasTransfer({**good, "extent": extent})

@@ -41,7 +41,7 @@ import SimpleITK as sitk
 from fewshot.config import ConfigError
 from fewshot.decision import LabelDecision
 from fewshot.transfer import atlas_registration as reg
-from fewshot.transfer.extent import METHODS as EXTENT_METHODS, ExtentSettings, ProfileCache, limit_extent
+from fewshot.transfer.extent import LENGTHS as EXTENT_LENGTHS, METHODS as EXTENT_METHODS, ExtentSettings, ProfileCache, limit_extent
 from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
@@ -154,8 +154,9 @@ class AtlasSettings:
             problems.append(str(exc))
         if self.shape.min_solidity is not None and not 0 < self.shape.min_solidity <= 1:
             problems.append("shape.min_solidity must lie in (0, 1], or be none")
-        if self.extent.method not in EXTENT_METHODS or self.extent.slack < 0:
-            problems.append(f"extent.method must be one of {list(EXTENT_METHODS)} and extent.slack >= 0")
+        if self.extent.method not in EXTENT_METHODS or self.extent.length not in EXTENT_LENGTHS or self.extent.slack < 0:
+            problems.append(f"extent.method must be one of {list(EXTENT_METHODS)}, extent.length one of "
+                            f"{list(EXTENT_LENGTHS)} and extent.slack >= 0")
         if problems:
             raise ConfigError("transfer atlas settings: " + "; ".join(problems))
 
@@ -484,7 +485,7 @@ class AtlasTransfer:
         profiles = {int(v): [(self._profiles.of(a, v), candidates[a.image_id].alignment.reversed_slices)
                              for a in holders if v in a.components] for v in labels}
         out, cut = limit_extent(probabilities, labels, profiles, query_slice_mm, self.label_decision,
-                                self.settings.extent.slack)
+                                self.settings.extent.slack, self.settings.extent.length)
         for value, (first, last) in cut.items():
             logger.info("label %s ran past the extent its atlases allow: kept to slices %d-%d",
                         value, first + first_slice, last + first_slice)

@@ -8,12 +8,15 @@ ten labelled slices come out over seventeen: its ventricles drawn over the query
 six slices past the base. When every atlas is stretched alike, fusion has nothing to vote against it.
 
 So each label's extent after fusion (from its first slice to its last) may be at most the longest
-extent of that label among the atlases used, converted to the query's slices, plus ``slack`` of it
-(at least one slice: the through-plane uncertainty the slice-shifted votes already allow). A longer
+extent of that label among the atlases used (``length: longest``), or their mean (``length: mean``),
+converted to the query's slices, plus ``slack`` of it (at least one slice: the through-plane
+uncertainty the slice-shifted votes already allow). The longest atlas bounds what any atlas has
+seen; the mean is the better guess of the query's own extent once there are several, and cuts
+where the longest lets a stretched label keep two or three slices of atria. A longer
 label keeps the window of that length whose per-slice areas best follow the atlases' own area
 profiles (mean correlation; each profile in the query's slice order, stretched to the window): a
 heart tapers to its apex and ends broad at its base, a liver tapers at its tip. Slices inside the
-window are never touched, so an organ longer than every atlas's keeps that much of itself.
+window are never touched, so an organ longer than the allowance keeps that much of itself.
 
 Profiles are measured once per atlas content (``Atlas.key``) and kept for later queries.
 """
@@ -29,17 +32,20 @@ from fewshot.transfer.atlas_measures import AtlasLabelCache
 from fewshot.transfer.atlas_registration import correlation
 
 METHODS = ("profile", "none")
+LENGTHS = ("longest", "mean")
 
 
 @dataclass(frozen=True)
 class ExtentSettings:
     method: str  # "profile" (limit and place each label's extent as above) or "none"
-    slack: float  # extent allowed beyond the longest atlas's, as a fraction of it (at least one slice)
+    slack: float  # extent allowed beyond the atlases', as a fraction of it (at least one slice)
+    length: str = "longest"  # the atlases' extent: their "longest" or their "mean"
 
     @classmethod
     def from_settings(cls, raw: Mapping | None) -> "ExtentSettings":
         raw = raw or {}
-        return cls(method=str(raw.get("method", "none")), slack=float(raw.get("slack", 0.1)))
+        return cls(method=str(raw.get("method", "none")), slack=float(raw.get("slack", 0.1)),
+                   length=str(raw.get("length", "longest")))
 
 
 @dataclass(frozen=True)
@@ -84,15 +90,19 @@ def best_window(areas: np.ndarray, profiles: Sequence[np.ndarray], length: int) 
     return int(np.argmax(scores))
 
 
-def allowed_slices(profiles: Sequence[Profile], query_slice_mm: float, slack: float) -> int:
-    """How many query slices a label may span: the longest atlas extent plus ``slack`` of it, at
-    least one slice more."""
-    longest = max(p.length_mm for p in profiles) / query_slice_mm
-    return int(np.floor(longest + max(1.0, slack * longest) + 1e-6))
+def allowed_slices(profiles: Sequence[Profile], query_slice_mm: float, slack: float, length: str = "longest") -> int:
+    """How many query slices a label may span: the atlases' extent (their longest, or their mean)
+    plus ``slack`` of it, at least one slice more."""
+    lengths = [p.length_mm / query_slice_mm for p in profiles]
+    if length not in LENGTHS:
+        raise ValueError(f"extent length must be one of {list(LENGTHS)}, not {length!r}")
+    extent = max(lengths) if length == "longest" else float(np.mean(lengths))
+    return int(np.floor(extent + max(1.0, slack * extent) + 1e-6))
 
 
 def limit_extent(probabilities: np.ndarray, labels: Sequence[int], profiles: Mapping[int, Sequence[tuple[Profile, bool]]],
-                 query_slice_mm: float, decision: LabelDecision, slack: float) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
+                 query_slice_mm: float, decision: LabelDecision, slack: float,
+                 length: str = "longest") -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
     """probabilities (L, z, y, x) -> the same with each label cleared on the slices outside the
     window it may span, and label value -> (first, last) slice kept, for the labels cut.
 
@@ -106,7 +116,7 @@ def limit_extent(probabilities: np.ndarray, labels: Sequence[int], profiles: Map
         if not found or not len(present):
             continue
         first, last = int(present[0]), int(present[-1])
-        allowed = allowed_slices([p for p, _ in found], query_slice_mm, slack)
+        allowed = allowed_slices([p for p, _ in found], query_slice_mm, slack, length)
         if last - first + 1 <= allowed:
             continue
         areas = (decided[first:last + 1] == c).sum(axis=(1, 2)).astype(np.float64)
