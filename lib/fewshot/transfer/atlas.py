@@ -43,6 +43,7 @@ from fewshot.decision import LabelDecision
 from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.extent import LENGTHS as EXTENT_LENGTHS, METHODS as EXTENT_METHODS, ExtentSettings, ProfileCache, limit_extent
 from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
+from fewshot.transfer.mind import MindLevels
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
 from fewshot.transfer.shape import ShapeSettings, SolidityCache, make_convex
@@ -92,6 +93,7 @@ class AtlasSettings:
             local_affine=section(settings.get("local_affine"), reg.AffineLevels, "local_affine"),
             deformable=section(settings.get("deformable"), reg.DemonsLevels, "deformable"),
             in_plane=section(settings.get("in_plane"), reg.InPlaneLevels, "in_plane"),
+            mind=section(settings.get("mind"), MindLevels, "mind"),
             margin_mm=float(settings["margin_mm"]),
             slice_order=str(settings["slice_order"]),
             slice_order_margin=float(settings["slice_order_margin"]),
@@ -120,12 +122,15 @@ class AtlasSettings:
             levels = getattr(p, name)
             if not levels.shrink_factors or min(levels.shrink_factors) < 1 or not 0 < levels.sampling <= 1:
                 problems.append(f"{name}: shrink_factors must be >= 1 and sampling in (0, 1]")
-        for name in ("deformable", "in_plane"):
+        for name, methods in (("deformable", ("demons", "mind", "none")), ("in_plane", ("demons", "none"))):
             levels = getattr(p, name)
-            if levels.method not in ("demons", "none"):
-                problems.append(f"{name}.method {levels.method!r} must be demons or none")
+            if levels.method not in methods:
+                problems.append(f"{name}.method {levels.method!r} must be {' or '.join(methods)}")
             if levels.method == "demons" and (len(levels.shrink_factors) != len(levels.iterations) or not levels.iterations):
                 problems.append(f"{name}: shrink_factors and iterations need the same, non-zero length")
+        m = p.mind
+        if not (m.spacing_mm > 0 and m.grid >= 1 and m.search >= 1 and m.iterations >= 1 and m.smoothness >= 0):
+            problems.append("mind: spacing_mm > 0, grid >= 1, search >= 1, iterations >= 1 and smoothness >= 0")
         if 0 not in p.in_plane.slice_shifts or len(set(p.in_plane.slice_shifts)) != len(p.in_plane.slice_shifts):
             problems.append("in_plane.slice_shifts must hold 0 (the registered result) and no repeats, e.g. [-1, 0, 1]")
         if p.in_plane.affine not in ("none", "rigid", "similarity"):

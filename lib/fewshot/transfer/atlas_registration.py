@@ -15,7 +15,9 @@ previous one's transform:
 2. **region**: the atlas's structures, carried by the global affine onto the query and dilated by
    ``region.margin_mm``. Everything after this works inside that box, so registration spends its
    effort on the anatomy to segment and not on the rest of the field of view.
-3. **local affine** on the region (metric restricted to it), then **3D demons** inside its box.
+3. **local affine** on the region (metric restricted to it), then a **3D deformable** stage inside its
+   box: demons on intensities, or MIND-SSC features searched by convexAdam (``deformable.method:
+   mind``, transfer/mind.py), which matches structure where the two patients' intensities differ.
 4. **in-plane refinement** ("2.5D") for thick-slice stacks: each slice of the registered atlas is
    refined by 2D demons on the query slice. Between slices 8 mm apart a 3D field is interpolated
    over 8 mm; in plane it has 1.25 mm pixels to follow. Used when the query's slices are at least
@@ -40,6 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from fewshot.transfer.mind import MindLevels, mind_field
 from fewshot.types import Atlas
 
 # antspyx is imported where it is used (2-3 s): worker processes pay it once, on their first atlas.
@@ -59,7 +62,7 @@ class AffineLevels:
 
 @dataclass(frozen=True)
 class DemonsLevels:
-    method: str  # "demons" or "none"
+    method: str  # "demons" or "none" ("mind" too for the 3D stage: ``RegistrationPlan.mind``)
     shrink_factors: tuple[int, ...]  # coarse to fine (in-plane pixels)
     iterations: tuple[int, ...]  # demons iterations per level
     field_sigma: float  # Gaussian smoothing of the displacement field (voxels): its stiffness
@@ -90,6 +93,7 @@ class RegistrationPlan:
     local_affine: AffineLevels
     deformable: DemonsLevels
     in_plane: InPlaneLevels
+    mind: MindLevels  # the 3D stage's settings when ``deformable.method`` is "mind"
     margin_mm: float  # dilation of the atlas's structures that bounds the region registered
     slice_order: str  # "geometry", "search" or "header"
     slice_order_margin: float  # correlation a reversed slice order must win by
@@ -457,9 +461,12 @@ def place_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence
     reference = _crop(fixed, box)
     lap("local_affine")
 
-    # 3D demons inside the box, on the atlas resampled there by the local affine.
+    # The 3D deformable stage inside the box, on the atlas resampled there by the local affine.
     moved = sitk.Resample(moving, reference, local, sitk.sitkLinear, 0.0)
-    field = demons(reference, _match(moved, reference), plan.deformable)
+    if plan.deformable.method == "mind":
+        field = mind_field(reference, moved, plan.mind)
+    else:
+        field = demons(reference, _match(moved, reference), plan.deformable)
     transform = local if field is None else sitk.CompositeTransform([local, field])  # field first, then affine
     # The result covers a margin more than the box registered (the field is zero there: the local
     # affine alone), so that fusion sees each atlas's own intensities around every atlas's region.
