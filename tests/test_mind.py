@@ -9,10 +9,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from fewshot.config import ConfigError, load_preset
-from fewshot.transfer.mind import MindLevels, isotropic_grid, mind_field
+from fewshot.transfer.mind import MindLevels, grid_spacing, isotropic_grid, mind_field
 
 SPACING = (1.25, 1.25, 8.0)  # (x, y, z) mm: a short-axis cardiac stack
-LEVELS = MindLevels(spacing_mm=2.0, grid=4, search=4, iterations=40, smoothness=1.25)
+LEVELS = MindLevels(spacing_mm=2.0, grid=4, search=4, iterations=40, smoothness=1.25, max_voxels=1_000_000)
 
 
 def image(array: np.ndarray) -> sitk.Image:
@@ -41,8 +41,8 @@ def moved(array: np.ndarray, transform: sitk.Transform, interpolator=sitk.sitkLi
     return sitk.GetArrayFromImage(sitk.Resample(grid, grid, transform, interpolator, 0.0))
 
 
-def shift_and_shrink() -> sitk.Transform:
-    """The moving scan's heart 7.5 mm off in plane and a fifth larger, sampled from the fixed one."""
+def shift_and_swell() -> sitk.Transform:
+    """The moving scan's heart 7.5 mm off in plane and a quarter larger, sampled from the fixed one."""
     t = sitk.AffineTransform(3)
     t.SetCenter((-40.0 + 46 * 1.25, 12.0 + 50 * 1.25, 3.0 + 5.5 * 8.0))
     t.SetMatrix((0.8, 0, 0, 0, 0.8, 0, 0, 0, 1.0))
@@ -56,8 +56,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_a_known_shift_and_swelling_is_recovered_through_thick_slices():
     fixed, fixed_disc = scene()
-    moving = moved(fixed, shift_and_shrink())
-    moving_disc = moved(fixed_disc.astype(np.float32), shift_and_shrink()) > 0.5
+    moving = moved(fixed, shift_and_swell())
+    moving_disc = moved(fixed_disc.astype(np.float32), shift_and_swell()) > 0.5
     before = dice(fixed_disc, moving_disc)
     transform = mind_field(image(fixed), image(moving), LEVELS)
     warped = sitk.Resample(image(moving_disc.astype(np.float32)), image(fixed), transform, sitk.sitkLinear, 0.0)
@@ -69,7 +69,7 @@ def test_a_known_shift_and_swelling_is_recovered_through_thick_slices():
 
 def test_the_field_repeats_exactly_and_leaves_the_process_warning_filters_alone():
     fixed, _ = scene()
-    moving = moved(fixed, shift_and_shrink())
+    moving = moved(fixed, shift_and_swell())
     filters = list(warnings.filters)
     first = sitk.GetArrayFromImage(mind_field(image(fixed), image(moving), LEVELS).GetDisplacementField())
     assert list(warnings.filters) == filters  # convexAdam silences every warning when imported
@@ -83,13 +83,21 @@ def test_the_isotropic_grid_covers_the_image_in_whole_pooling_cells():
     assert grid.GetSize() == (64, 64, 48)  # 112.5, 120 and 96 mm in whole 16 mm cells
 
 
+def test_a_large_region_gets_a_coarser_grid_that_holds_the_voxel_budget():
+    heart = image(np.zeros((12, 96, 96)))  # 120 x 120 x 96 mm: 172,800 voxels at 2 mm
+    assert grid_spacing(heart, LEVELS) == 2.0
+    abdomen = image(np.zeros((30, 256, 256)))  # 320 x 320 x 240 mm
+    spacing = grid_spacing(abdomen, LEVELS)
+    assert 2.0 < spacing and abs(320 * 320 * 240 / spacing ** 3 - 1_000_000) < 1.0
+
+
 def test_mind_settings_reject_what_they_cannot_run():
     from fewshot.transfer.atlas import AtlasTransfer
 
     good = load_preset("classic")["transfer"]
     assert AtlasTransfer({**good, "deformable": {**good["deformable"], "method": "mind"}}).settings.registration.mind == \
         MindLevels(**good["mind"])
-    for mind in ({**good["mind"], "grid": 0}, {**good["mind"], "spacing_mm": -1}):
+    for mind in ({**good["mind"], "grid": 0}, {**good["mind"], "spacing_mm": -1}, {**good["mind"], "max_voxels": 10}):
         with pytest.raises(ConfigError, match="mind"):
             AtlasTransfer({**good, "mind": mind})
     with pytest.raises(ConfigError, match="in_plane.method 'mind'"):
