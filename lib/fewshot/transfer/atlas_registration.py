@@ -28,8 +28,8 @@ coarsens every axis towards the same spacing (as ANTs does for its affine levels
 slices stay whole while the 1.25 mm pixels are pooled 4 x 4.
 
 Arrays are in canvas order (slice, row, column); SimpleITK images are (x, y, z) = (column, row,
-slice), so spacings are reversed on the way in. Nothing here imports torch: these functions run
-in worker processes started with ``spawn``.
+slice), so spacings are reversed on the way in. Nothing here imports torch at import time (only the
+MIND stage does, on first use): these functions run in worker processes started with ``spawn``.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ class MindLevels:
 
     spacing_mm: float  # the isotropic grid the field is estimated on
     grid: int  # control-point spacing of the discrete search, in voxels of that grid
-    search: int  # displacements tried each way per axis, in those voxels (a cube of (2 search + 1)^3)
+    search: int  # displacements tried each way per axis, in control-point spacings: a cube of (2 search + 1)^3
     iterations: int  # Adam iterations refining the field
     smoothness: float  # weight of the field's diffusion penalty during the Adam refinement
     max_voxels: int  # a larger region is estimated on a coarser grid that holds this many voxels
