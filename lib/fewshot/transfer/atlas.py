@@ -167,11 +167,6 @@ class AtlasSettings:
         if problems:
             raise ConfigError("transfer atlas settings: " + "; ".join(problems))
 
-    def result_affecting(self) -> dict:
-        return {"threshold": self.threshold, "decision": self.decision, "registration": asdict(self.registration), "fusion":
-                {k: v for k, v in asdict(self.fusion).items() if k != "threads"}, "shape": asdict(self.shape),
-                "extent": asdict(self.extent)}
-
 
 def _has_default(kind, name: str) -> bool:
     from dataclasses import MISSING

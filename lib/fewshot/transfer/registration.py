@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -141,13 +141,6 @@ class RegistrationSettings:
             problems.append(f"start_method {self.start_method!r} is not available here")
         if problems:
             raise ConfigError("transfer registration settings: " + "; ".join(problems))
-
-    def result_affecting(self) -> dict:
-        """Settings that change the masks (not how the work is spread over processes)."""
-        d = asdict(self)
-        for key in ("workers", "threads_per_worker", "start_method", "log_every"):
-            d.pop(key)
-        return d
 
 
 # ---------------------------------------------------------------------------------- registration
