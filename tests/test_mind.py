@@ -1,6 +1,7 @@
 """The MIND-SSC deformable stage of `classic` (transfer/mind.py: convexAdam on an isotropic grid)."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ from fewshot.config import ConfigError, load_preset
 from fewshot.transfer.mind import MindLevels, grid_spacing, isotropic_grid, mind_field
 
 SPACING = (1.25, 1.25, 8.0)  # (x, y, z) mm: a short-axis cardiac stack
-LEVELS = MindLevels(spacing_mm=2.0, grid=4, search=4, iterations=40, smoothness=1.25, max_voxels=1_000_000)
+LEVELS = MindLevels(spacing_mm=2.0, grid=4, search=4, iterations=40, adam_grid=2, smoothness=1.25, max_voxels=1_000_000)
 
 
 def image(array: np.ndarray) -> sitk.Image:
@@ -54,12 +55,13 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
 
 
-def test_a_known_shift_and_swelling_is_recovered_through_thick_slices():
+@pytest.mark.parametrize("adam_grid", [2, 3])  # 3: Adam refines a coarser field, and the grid is no multiple of it
+def test_a_known_shift_and_swelling_is_recovered_through_thick_slices(adam_grid):
     fixed, fixed_disc = scene()
     moving = moved(fixed, shift_and_swell())
     moving_disc = moved(fixed_disc.astype(np.float32), shift_and_swell()) > 0.5
     before = dice(fixed_disc, moving_disc)
-    transform = mind_field(image(fixed), image(moving), LEVELS)
+    transform = mind_field(image(fixed), image(moving), dataclasses.replace(LEVELS, adam_grid=adam_grid))
     warped = sitk.Resample(image(moving_disc.astype(np.float32)), image(fixed), transform, sitk.sitkLinear, 0.0)
     after = dice(fixed_disc, sitk.GetArrayFromImage(warped) > 0.5)
     assert before < 0.7 and after >= 0.9, (before, after)
@@ -97,7 +99,8 @@ def test_mind_settings_reject_what_they_cannot_run():
     good = load_preset("classic")["transfer"]
     assert AtlasTransfer({**good, "deformable": {**good["deformable"], "method": "mind"}}).settings.registration.mind == \
         MindLevels(**good["mind"])
-    for mind in ({**good["mind"], "grid": 0}, {**good["mind"], "spacing_mm": -1}, {**good["mind"], "max_voxels": 10}):
+    for mind in ({**good["mind"], "grid": 0}, {**good["mind"], "spacing_mm": -1}, {**good["mind"], "max_voxels": 10},
+                 {**good["mind"], "adam_grid": 0}):
         with pytest.raises(ConfigError, match="mind"):
             AtlasTransfer({**good, "mind": mind})
     with pytest.raises(ConfigError, match="in_plane.method 'mind'"):

@@ -129,9 +129,9 @@ class AtlasSettings:
             if levels.method == "demons" and (len(levels.shrink_factors) != len(levels.iterations) or not levels.iterations):
                 problems.append(f"{name}: shrink_factors and iterations need the same, non-zero length")
         m = p.mind
-        if not (m.spacing_mm > 0 and m.grid >= 1 and m.search >= 1 and m.iterations >= 1 and m.smoothness >= 0
-                and m.max_voxels >= 1000):
-            problems.append("mind: spacing_mm > 0, grid >= 1, search >= 1, iterations >= 1, smoothness >= 0 "
+        if not (m.spacing_mm > 0 and m.grid >= 1 and m.search >= 1 and m.iterations >= 1 and m.adam_grid >= 1
+                and m.smoothness >= 0 and m.max_voxels >= 1000):
+            problems.append("mind: spacing_mm > 0, grid >= 1, search >= 1, iterations >= 1, adam_grid >= 1, smoothness >= 0 "
                             "and max_voxels >= 1000")
         if 0 not in p.in_plane.slice_shifts or len(set(p.in_plane.slice_shifts)) != len(p.in_plane.slice_shifts):
             problems.append("in_plane.slice_shifts must hold 0 (the registered result) and no repeats, e.g. [-1, 0, 1]")
