@@ -16,8 +16,9 @@ previous one's transform:
    ``region.margin_mm``. Everything after this works inside that box, so registration spends its
    effort on the anatomy to segment and not on the rest of the field of view.
 3. **local affine** on the region (metric restricted to it), then a **3D deformable** stage inside its
-   box: demons on intensities, or MIND-SSC features searched by convexAdam (``deformable.method:
-   mind``, transfer/mind.py), which matches structure where the two patients' intensities differ.
+   box: MIND-SSC features searched by convexAdam (``deformable.method: mind``, the preset's default,
+   transfer/mind.py), which matches structure where the two patients' intensities differ, or demons
+   on intensities (``demons``).
 4. **in-plane refinement** ("2.5D") for thick-slice stacks: each slice of the registered atlas is
    refined by 2D demons on the query slice. Between slices 8 mm apart a 3D field is interpolated
    over 8 mm; in plane it has 1.25 mm pixels to follow. Used when the query's slices are at least
