@@ -7,12 +7,12 @@ label was saved. For a query scan (``segment_with_atlases``):
    aligned image correlates best with the query are kept (all of them while the bank holds fewer:
    every labelled scan counts). The engine offers at most ``selection.candidates`` atlases, the
    ones whose slices its descriptor index finds closest to the query's.
-2. **register** each kept atlas (``atlas_registration``: local affine and a 3D deformable stage (MIND-SSC by
-   convexAdam, or demons) on the region of its structures, plus in-plane 2D demons per slice for thick-slice stacks), in ``workers``
-   single-threaded processes: an atlas's 3D stages are one job, each slice shift of its in-plane
-   step another, queued as its 3D stages end. Always in the workers, even for a lone atlas: ANTs'
-   affine repeats exactly only single-threaded. Results are cached per (query, atlas, labels): a
-   re-run after one new label registers only that atlas.
+2. **register** each kept atlas (``atlas_registration``: local affine and a 3D deformable stage,
+   MIND-SSC by convexAdam or demons, on the region of its structures, plus in-plane 2D demons per
+   slice for thick-slice stacks), in ``workers`` single-threaded processes: an atlas's 3D stages
+   are one job, each slice shift of its in-plane step another, queued as its 3D stages end. Always
+   in the workers, even for a lone atlas: ANTs' affine repeats exactly only single-threaded. Results
+   are cached per (query, atlas, labels): a re-run after one new label registers only that atlas.
 3. **fuse** their labels by joint label fusion (``fusion``), and
 4. **keep the pieces** the atlases say each label has (``pieces``): both kidneys under one label
    survive, specks elsewhere do not; labels every atlas draws convex in plane come out convex
