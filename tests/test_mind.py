@@ -13,8 +13,9 @@ from fewshot.config import ConfigError, load_preset
 from fewshot.transfer.mind import MindLevels, grid_spacing, isotropic_grid, mind_field
 
 SPACING = (1.25, 1.25, 8.0)  # (x, y, z) mm: a short-axis cardiac stack
-# The preset's MIND settings, but a round voxel budget for the grid tests.
-LEVELS = MindLevels(spacing_mm=2.0, grid=4, search=4, iterations=40, adam_grid=2, smoothness=0.75, max_voxels=1_000_000)
+# The preset's MIND settings, read from it so that a change of the default is what these tests run, but a
+# round voxel budget for the grid tests.
+LEVELS = dataclasses.replace(MindLevels(**load_preset("classic")["transfer"]["mind"]), max_voxels=1_000_000)
 
 
 def image(array: np.ndarray) -> sitk.Image:
