@@ -244,6 +244,16 @@ def test_box_sums():
     assert torch.equal(BoxSums((5, 12, 13), (1, 2, 3), torch.float32)(single), box_sum(single, (1, 2, 3)))
 
 
+def test_hard_labels_are_argmax_with_ties_to_the_first_label():
+    """``_hard`` takes its argmax one label at a time (for speed): the same labels as numpy's argmax, equal
+    maxima going to the first label, and nothing where no label passes 0.5."""
+    rng = np.random.default_rng(5)
+    p = np.round(rng.random((4, 3, 5, 6, 7)) * 4).astype(np.float32) / 4  # quarters: many exact ties
+    expected = np.where(p.max(axis=1) > 0.5, p.argmax(axis=1) + 1, 0)
+    assert ((p.max(axis=1) > 0.5) & (np.sort(p, axis=1)[:, -1] == np.sort(p, axis=1)[:, -2])).any()  # tied winners
+    assert np.array_equal(_hard(p), expected) and _hard(p).dtype == np.float32
+
+
 def test_search_order_and_bad_input():
     offsets = search_offsets((1, 1, 1), (3.0, 1.0, 1.0))
     assert len(offsets) == 27 and tuple(offsets[0]) == (0, 0, 0)

@@ -529,13 +529,15 @@ class AtlasTransfer:
         everywhere = covered.all(axis=0)
         for who, channels in groups.items():
             index = np.asarray(who)
-            mine = votes[index][:, channels]
-            reach = covered[index]
-            count = reach.sum(axis=0)
-            partial = np.where(count > 0, mine.sum(axis=0) / np.maximum(count, 1), 0.0)  # mean of those that reach
-            fused = fuse(query[box], images[index], mine, spacing, self.settings.fusion)
-            inside = reach.all(axis=0)
-            out[channels] = np.where(inside, fused, partial)
+            every = len(who) == len(entries)  # no copies of the (large) votes then: the usual case
+            mine = votes if every and len(channels) == len(labels) else votes[np.ix_(index, channels)]
+            reach = covered if every else covered[index]
+            fused = fuse(query[box], images if every else images[index], mine, spacing, self.settings.fusion)
+            outside = ~reach.all(axis=0)
+            if outside.any():  # the mean of the atlases that reach there
+                count = reach[:, outside].sum(axis=0)
+                fused[:, outside] = np.where(count > 0, mine[:, :, outside].sum(axis=0) / np.maximum(count, 1), 0.0)
+            out[channels] = fused
         if not everywhere.all():
             logger.debug("fusion: %.1f%% of the union box is outside some atlas's region (mean vote there)",
                          100 * (1 - everywhere.mean()))

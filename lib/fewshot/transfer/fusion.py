@@ -91,8 +91,14 @@ def majority(probabilities: np.ndarray) -> np.ndarray:
 def _hard(probabilities: np.ndarray) -> np.ndarray:
     """(K, L, ...) -> (K, ...) label index + 1 where an atlas's most likely label exceeds 0.5, else 0."""
     p = np.asarray(probabilities, np.float32)
-    best = p.max(axis=1)
-    return np.where(best > 0.5, p.argmax(axis=1) + 1, 0).astype(np.float32)
+    # argmax over the label axis, one label at a time: the first of equal maxima wins, as in argmax, which over
+    # a middle axis of large arrays takes 5x as long
+    best, index = p[:, 0].copy(), np.zeros(p.shape[:1] + p.shape[2:], np.float32)
+    for channel in range(1, p.shape[1]):
+        higher = p[:, channel] > best
+        index[higher] = channel
+        np.maximum(best, p[:, channel], out=best)
+    return np.where(best > 0.5, index + 1, 0).astype(np.float32)
 
 
 def disagreement(hard: np.ndarray) -> np.ndarray:

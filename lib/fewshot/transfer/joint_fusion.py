@@ -226,23 +226,27 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
         n.clamp_(min=1)
     if correlation:
         landed[1:] &= ~flat_t
-    missed = landed.logical_not_()
+    # Where a searched patch is missing, per offset, as flat indices: few voxels (near the image's edges), so
+    # filling them costs less than a pass over the box
+    missed = [m.logical_not_().view(-1).nonzero().view(-1) for m in landed]
     size = tuple(int(c) for c in cut.size)
     best = torch.zeros((cut.k,) + size, dtype=torch.int64)
     # Buffers reused for every atlas and offset (see BoxSums)
     if not correlation:
         boxes = BoxSums(tuple(int(e) for e in extent), pr)
         diff = torch.empty(tuple(int(e) for e in extent), dtype=torch.float64)
-    spare, bar, better = torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.bool)
+    bar, better = torch.empty(size, dtype=torch.float64), torch.empty(size, dtype=torch.bool)
 
-    def tolerance(score):  # TIE * (|score| + scale), into ``spare``
-        return torch.abs(score, out=spare).add_(scale).mul_(TIE)
+    def less_tolerance(score):  # score - TIE * (|score| + scale), in place
+        return score.sub_(torch.abs(score).add_(scale).mul_(TIE))
 
     for i in range(cut.k):
         # Offsets in order, nearest first; one replaces the best so far only when it is better by more than
         # rounding (box sums by cumulative sums round apart scores that ANTs' loops find equal, as in flat
         # regions, where the unshifted patch must win). ``bar`` is what a later score must beat: the best
-        # score so far less that tolerance.
+        # score so far less that tolerance. Past the first offsets few centres improve: only theirs are
+        # updated, by index, rather than every centre by a pass over the box.
+        flat_best, flat_bar = best[i].view(-1), bar.view(-1)
         for j, s in enumerate(cut.offsets):
             ta = window(cut.images[i], cut.pad - pr + s, extent)
             pair = None if pairs is None else pairs[j]  # bool and int16 counts: exact in float64 arithmetic
@@ -256,14 +260,14 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
             else:
                 torch.sub(tq, ta, out=diff).square_()
                 score = boxes(diff if pair is None else diff.mul_(pair)).div_(n_patch if n is None else n[j])
-            score.masked_fill_(missed[j], torch.inf)
+            score.view(-1).index_fill_(0, missed[j], torch.inf)
             if j == 0:
                 scale = float(torch.nan_to_num(score, posinf=0.0).abs().max())
-                torch.sub(score, tolerance(score), out=bar)
+                bar.copy_(less_tolerance(score))
                 continue
-            torch.lt(score, bar, out=better)
-            best[i].masked_fill_(better, j)
-            torch.where(better, score.sub_(tolerance(score)), bar, out=bar)
+            improved = torch.lt(score, bar, out=better).view(-1).nonzero().view(-1)
+            flat_best.index_fill_(0, improved, j)
+            flat_bar.index_copy_(0, improved, less_tolerance(score.view(-1).index_select(0, improved)))
     return best
 
 
