@@ -6,7 +6,7 @@ import pytest
 
 from fewshot.config import ConfigError, load_preset
 from fewshot.decision import LabelDecision
-from fewshot.transfer.extent import ProfileCache, allowed_slices, best_window, label_profile, limit_extent
+from fewshot.transfer.extent import LONGEST, MEAN, ProfileCache, allowed_slices, best_window, label_profile, limit_extent
 from fewshot.types import Atlas
 
 SIZE = 48
@@ -39,8 +39,8 @@ def test_a_label_stretched_past_the_base_is_cut_back_to_where_the_atlas_profile_
     truth = heart(19, 2, APEX_TO_BASE)  # the query's heart: slices 2-11
     predicted = heart(19, 2, APEX_TO_BASE + ATRIA)  # and five slices over the atria (12-16)
     probabilities = predicted[None].astype(np.float32)
-    out, cut = limit_extent(probabilities, [1], {1: [(atlas, False)]}, 8.0, LabelDecision(), slack=0.1)
-    assert allowed_slices([atlas], 8.0, 0.1) == 11  # ten slices, one more of slack
+    out, cut = limit_extent(probabilities, [1], {1: [(atlas, False)]}, 8.0, LabelDecision(), slack=0.1, length=LONGEST)
+    assert allowed_slices([atlas], 8.0, 0.1, LONGEST) == 11  # ten slices, one more of slack
     first, last = cut[1]
     assert last - first + 1 == 11 and first <= 2 and last >= 11  # the heart whole, one slice to spare
     kept = decided(out) == 1
@@ -54,9 +54,9 @@ def test_the_profile_is_read_in_the_query_slice_order():
     """An atlas whose slices run the other way: its profile reversed, the extra slices at the other end go."""
     atlas = label_profile(heart(13, 1, APEX_TO_BASE[::-1]), 1, slice_mm=8.0)  # base first in its own order
     predicted = heart(19, 2, APEX_TO_BASE + ATRIA)
-    out, cut = limit_extent(predicted[None].astype(np.float32), [1], {1: [(atlas, True)]}, 8.0, LabelDecision(), 0.1)
+    out, cut = limit_extent(predicted[None].astype(np.float32), [1], {1: [(atlas, True)]}, 8.0, LabelDecision(), 0.1, LONGEST)
     assert cut[1][0] <= 2 and cut[1][1] >= 11
-    wrong, _ = limit_extent(predicted[None].astype(np.float32), [1], {1: [(atlas, False)]}, 8.0, LabelDecision(), 0.1)
+    wrong, _ = limit_extent(predicted[None].astype(np.float32), [1], {1: [(atlas, False)]}, 8.0, LabelDecision(), 0.1, LONGEST)
     assert not np.array_equal(decided(wrong), decided(out))  # read the wrong way round, it would cut elsewhere
 
 
@@ -64,11 +64,11 @@ def test_a_label_within_its_allowed_extent_is_untouched_and_thin_atlases_allow_m
     atlas = label_profile(heart(13, 1, APEX_TO_BASE), 1, slice_mm=8.0)
     predicted = heart(19, 3, APEX_TO_BASE + [12])  # eleven slices: within ten + one
     probabilities = predicted[None].astype(np.float32)
-    out, cut = limit_extent(probabilities, [1], {1: [(atlas, False)]}, 8.0, LabelDecision(), 0.1)
+    out, cut = limit_extent(probabilities, [1], {1: [(atlas, False)]}, 8.0, LabelDecision(), 0.1, LONGEST)
     assert out is probabilities and cut == {}
-    assert allowed_slices([atlas], 4.0, 0.1) == 22  # 80 mm is twenty 4 mm slices, + 10 %
-    assert allowed_slices([atlas, label_profile(heart(20, 0, [5] * 14), 1, 8.0)], 8.0, 0.1) == 15  # the longest atlas
-    out, cut = limit_extent(probabilities, [1], {1: []}, 8.0, LabelDecision(), 0.1)  # no atlas holds it
+    assert allowed_slices([atlas], 4.0, 0.1, LONGEST) == 22  # 80 mm is twenty 4 mm slices, + 10 %
+    assert allowed_slices([atlas, label_profile(heart(20, 0, [5] * 14), 1, 8.0)], 8.0, 0.1, LONGEST) == 15  # the longest atlas
+    out, cut = limit_extent(probabilities, [1], {1: []}, 8.0, LabelDecision(), 0.1, LONGEST)  # no atlas holds it
     assert out is probabilities and cut == {}
 
 
@@ -77,18 +77,18 @@ def test_the_mean_length_allows_the_atlases_mean_extent_and_cuts_where_the_longe
     atlases = [label_profile(heart(14, 1, APEX_TO_BASE[-n:] if n <= 10 else [2, 2] + APEX_TO_BASE), 1, 8.0)
                for n in (8, 10, 12)]
     assert [len(a.areas) for a in atlases] == [8, 10, 12]
-    assert allowed_slices(atlases, 8.0, 0.1, "longest") == 13
-    assert allowed_slices(atlases, 8.0, 0.1, "mean") == 11
-    assert allowed_slices(atlases[:1], 8.0, 0.1, "mean") == allowed_slices(atlases[:1], 8.0, 0.1, "longest") == 9
-    assert allowed_slices(atlases, 4.0, 0.1, "mean") == 22  # 80 mm on average is twenty 4 mm slices, + 10 %
+    assert allowed_slices(atlases, 8.0, 0.1, LONGEST) == 13
+    assert allowed_slices(atlases, 8.0, 0.1, MEAN) == 11
+    assert allowed_slices(atlases[:1], 8.0, 0.1, MEAN) == allowed_slices(atlases[:1], 8.0, 0.1, LONGEST) == 9
+    assert allowed_slices(atlases, 4.0, 0.1, MEAN) == 22  # 80 mm on average is twenty 4 mm slices, + 10 %
     with pytest.raises(ValueError, match="length"):
         allowed_slices(atlases, 8.0, 0.1, "median")
     predicted = heart(19, 2, APEX_TO_BASE + ATRIA[:2])  # twelve slices: two over the atria
     probabilities = predicted[None].astype(np.float32)
     profiles = {1: [(a, False) for a in atlases]}
-    out, cut = limit_extent(probabilities, [1], profiles, 8.0, LabelDecision(), 0.1, "longest")
+    out, cut = limit_extent(probabilities, [1], profiles, 8.0, LabelDecision(), 0.1, LONGEST)
     assert out is probabilities and cut == {}  # within the longest atlas's thirteen
-    out, cut = limit_extent(probabilities, [1], profiles, 8.0, LabelDecision(), 0.1, "mean")
+    out, cut = limit_extent(probabilities, [1], profiles, 8.0, LabelDecision(), 0.1, MEAN)
     assert cut[1] == (2, 12)  # the heart (2-11) whole and one slice of atria: the other gone
     assert not (decided(out) == 1)[13:].any()
 
@@ -99,7 +99,7 @@ def test_several_labels_are_cut_each_to_its_own_atlases():
     probabilities = np.stack([(mask == v).astype(np.float32) for v in (1, 2)])
     profiles = {1: [(label_profile(heart(13, 1, APEX_TO_BASE), 1, 8.0), False)],
                 2: [(label_profile(heart(13, 1, [4, 6, 8, 9]), 1, 8.0), False)]}
-    out, cut = limit_extent(probabilities, [1, 2], profiles, 8.0, LabelDecision(), 0.1)
+    out, cut = limit_extent(probabilities, [1, 2], profiles, 8.0, LabelDecision(), 0.1, LONGEST)
     assert set(cut) == {1}  # the cavity spans its four slices: left alone
     assert np.array_equal(out[1], probabilities[1])
 

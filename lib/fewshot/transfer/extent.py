@@ -32,20 +32,21 @@ from fewshot.transfer.atlas_measures import AtlasLabelCache
 from fewshot.transfer.atlas_registration import correlation
 
 METHODS = ("profile", "none")
-LENGTHS = ("longest", "mean")
+LONGEST, MEAN = "longest", "mean"  # the atlases' extent a label may span: their longest, or their mean
+LENGTHS = (LONGEST, MEAN)
 
 
 @dataclass(frozen=True)
 class ExtentSettings:
     method: str  # "profile" (limit and place each label's extent as above) or "none"
     slack: float  # extent allowed beyond the atlases', as a fraction of it (at least one slice)
-    length: str = "longest"  # the atlases' extent: their "longest" or their "mean"
+    length: str = MEAN  # LONGEST or MEAN of the atlases' extents (MEAN won nested selection: docs/results.md)
 
     @classmethod
     def from_settings(cls, raw: Mapping | None) -> "ExtentSettings":
         raw = raw or {}
         return cls(method=str(raw.get("method", "none")), slack=float(raw.get("slack", 0.1)),
-                   length=str(raw.get("length", "longest")))
+                   length=str(raw.get("length", MEAN)))
 
 
 @dataclass(frozen=True)
@@ -90,19 +91,19 @@ def best_window(areas: np.ndarray, profiles: Sequence[np.ndarray], length: int) 
     return int(np.argmax(scores))
 
 
-def allowed_slices(profiles: Sequence[Profile], query_slice_mm: float, slack: float, length: str = "longest") -> int:
+def allowed_slices(profiles: Sequence[Profile], query_slice_mm: float, slack: float, length: str) -> int:
     """How many query slices a label may span: the atlases' extent (their longest, or their mean)
     plus ``slack`` of it, at least one slice more."""
     lengths = [p.length_mm / query_slice_mm for p in profiles]
     if length not in LENGTHS:
         raise ValueError(f"extent length must be one of {list(LENGTHS)}, not {length!r}")
-    extent = max(lengths) if length == "longest" else float(np.mean(lengths))
+    extent = max(lengths) if length == LONGEST else float(np.mean(lengths))
     return int(np.floor(extent + max(1.0, slack * extent) + 1e-6))
 
 
 def limit_extent(probabilities: np.ndarray, labels: Sequence[int], profiles: Mapping[int, Sequence[tuple[Profile, bool]]],
                  query_slice_mm: float, decision: LabelDecision, slack: float,
-                 length: str = "longest") -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
+                 length: str) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
     """probabilities (L, z, y, x) -> the same with each label cleared on the slices outside the
     window it may span, and label value -> (first, last) slice kept, for the labels cut.
 
