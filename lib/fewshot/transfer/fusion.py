@@ -92,7 +92,7 @@ def _hard(probabilities: np.ndarray) -> np.ndarray:
     """(K, L, ...) -> (K, ...) label index + 1 where an atlas's most likely label exceeds 0.5, else 0."""
     p = np.asarray(probabilities, np.float32)
     # argmax over the label axis, one label at a time: the first of equal maxima wins, as in argmax, which over
-    # a middle axis of large arrays takes 5x as long
+    # a middle axis of large arrays took 1.8-3.7x as long (15 x 4 x 31 x 256 x 229 votes: 1.0-2.2 s against 0.6 s)
     best, index = p[:, 0].copy(), np.zeros(p.shape[:1] + p.shape[2:], np.float32)
     for channel in range(1, p.shape[1]):
         higher = p[:, channel] > best
