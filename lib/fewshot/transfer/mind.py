@@ -15,7 +15,7 @@ first (thick slices interpolated along z) and the field comes back to the query'
 displacements. Its time grows with that grid's voxels (the Adam refinement dominates), so a region
 larger than ``max_voxels`` at ``spacing_mm`` gets a coarser grid that holds ``max_voxels`` (a heart's
 region keeps 2 mm: the two CMR design pairs' hold 0.28 and 0.42 million voxels; a CHAOS abdomen's about
-2 million, so it gets about 2.7 mm under the preset's 0.8 million). It runs on the CPU in the
+2 million, so it gets about 3 mm under the preset's 0.6 million). It runs on the CPU in the
 worker's thread budget; torch is imported on first use.
 """
 from __future__ import annotations
