@@ -174,21 +174,35 @@ def plain_search(cut, query_stats):
     return best
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("patch", [(0, 2, 2), (1, 2, 2)], ids=["compiled", "torch"])
 @pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
-def test_the_search_chooses_what_the_plain_search_chooses(whole):
-    """Buffers and the kept bar change the search's cost, not its choices: the same offsets, bit for bit."""
+def test_the_search_chooses_what_the_plain_search_chooses(whole, patch, threads, monkeypatch):
+    """Buffers, the kept bar, the compiled kernel (patches one slice thick; transfer/search_kernel.py) and its split
+    of the slices among threads change the search's cost, not its choices: the same offsets, bit for bit."""
+    from fewshot.transfer import search_kernel
     from fewshot.transfer.joint_fusion import Cut, search
 
     query, images, labels, region = problem(5, whole=whole)
     if not whole:
         region[:] = False
         region[2:4, 8:20, 8:22] = True  # far enough from every edge that no patch leaves the image
-    cut = Cut.around(query.astype(np.float64), images, labels, region, (0, 2, 2), (1, 2, 2), SPACING)
-    assert bool(cut.inside.all()) is not whole  # both of the search's paths
+    cut = Cut.around(query.astype(np.float64), images, labels, region, patch, (1, 2, 2), SPACING)
+    assert bool(cut.inside.all()) is not whole  # both of the search's paths: with and without missing pairs
     stats = cut.statistics(cut.query, cut.pad, cut.size)
+    calls = []
+    monkeypatch.setattr(search_kernel, "_slices", lambda *a, kernel=search_kernel._slices: calls.append(a[-2:]) or kernel(*a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     chosen = search(cut, stats, correlation=False)
     assert torch.equal(chosen, plain_search(cut, stats))
-    assert len(torch.unique(chosen)) > 3  # the search moves patches
+    assert len(torch.unique(chosen)) > 2  # the search moves patches
+    # the kernel ran for patches one slice thick only, over every slice, split among the threads
+    if patch[0]:
+        assert calls == []
+    else:
+        spans, slices = sorted(set(calls)), len(chosen[0])
+        assert len(spans) == min(threads, slices) and spans[0][0] == 0 and spans[-1][1] == slices
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
 
 
 @pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
