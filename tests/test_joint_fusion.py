@@ -178,9 +178,9 @@ def plain_search(cut, query_stats):
 @pytest.mark.parametrize("patch", [(0, 2, 2), (1, 2, 2)], ids=["compiled", "torch"])
 @pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
 def test_the_search_chooses_what_the_plain_search_chooses(whole, patch, threads, monkeypatch):
-    """Buffers, the kept bar, the compiled kernel (patches one slice thick; transfer/search_kernel.py) and its split
+    """Buffers, the kept bar, the compiled kernel (patches one slice thick; transfer/joint_kernels.py) and its split
     of the slices among threads change the search's cost, not its choices: the same offsets, bit for bit."""
-    from fewshot.transfer import search_kernel
+    from fewshot.transfer import joint_kernels
     from fewshot.transfer.joint_fusion import Cut, search
 
     query, images, labels, region = problem(5, whole=whole)
@@ -191,7 +191,7 @@ def test_the_search_chooses_what_the_plain_search_chooses(whole, patch, threads,
     assert bool(cut.inside.all()) is not whole  # both of the search's paths: with and without missing pairs
     stats = cut.statistics(cut.query, cut.pad, cut.size)
     calls = []
-    monkeypatch.setattr(search_kernel, "_slices", lambda *a, kernel=search_kernel._slices: calls.append(a[-2:]) or kernel(*a))
+    monkeypatch.setattr(joint_kernels, "_slices", lambda *a, kernel=joint_kernels._slices: calls.append(a[-2:]) or kernel(*a))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     chosen = search(cut, stats, correlation=False)
     assert torch.equal(chosen, plain_search(cut, stats))
@@ -205,15 +205,17 @@ def test_the_search_chooses_what_the_plain_search_chooses(whole, patch, threads,
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
 
 
+@pytest.mark.parametrize("patch", [(1, 2, 2), (0, 2, 2)], ids=["torch", "compiled"])
 @pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
-def test_votes_scattered_per_centre_are_the_box_sums_votes(whole):
+def test_votes_scattered_per_centre_are_the_box_sums_votes(whole, patch):
     """The two ways a group of centres votes (a box sum over their box, or each centre onto its own patch)
     give the same posteriors, to float32 rounding: all groups one way, all the other, and the default mix.
-    With a wide search some offsets are chosen by few centres, which is where the mix matters."""
+    With a wide search some offsets are chosen by few centres, which is where the mix matters. With patches one
+    slice thick the votes run compiled: the same bits as torch's, every way, in 1 and 3 threads."""
     from fewshot.transfer.joint_fusion import DIRECT, Cut, search, vote, weigh
 
     query, images, labels, region = problem(4, whole=whole)
-    cut = Cut.around(query, images, labels, region, (1, 2, 2), (1, 2, 2), SPACING)
+    cut = Cut.around(query, images, labels, region, patch, (1, 2, 2), SPACING)
     stats = cut.statistics(cut.query, cut.pad, cut.size)
     chosen, weights = weigh(cut, stats, search(cut, stats, correlation=False), 2.0, 0.01, chunk=97)
     values = np.unique(labels[:, region])
@@ -227,6 +229,70 @@ def test_votes_scattered_per_centre_are_the_box_sums_votes(whole):
     assert by_box.shape == (len(values), int(region.sum()))
     assert np.abs(by_centre - by_box).max() < 1e-5 and np.abs(mixed - by_box).max() < 1e-5
     assert np.allclose(by_box.sum(0), 1.0, atol=1e-5)  # every region voxel is voted on
+    if patch[0] == 0:
+        threads = torch.get_num_threads()
+        try:
+            for way in (float("inf"), 0.0, None):
+                in_torch = vote(cut, values, chosen, weights, direct=way, compiled=False)
+                for n in (1, 3):  # the compiled votes split the slices among this many threads
+                    torch.set_num_threads(n)
+                    assert np.array_equal(vote(cut, values, chosen, weights, direct=way), in_torch)
+                torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def plain_differences(cut, query_stats, chosen, centres):
+    """The weights' patch differences (|normalised atlas patch - query's|) and unusable patches of some centres,
+    gathered plainly in torch by coordinates: what ``joint_kernels.differences`` must give to the bit."""
+    n_t, mean_t, std_t = query_stats
+    landing = cut.size + 2 * cut.reach
+    n_landing = cut.count(cut.pad - cut.reach, landing)
+
+    def normalised(values, start, centre, mean, std):  # float32, as the weights compute it
+        scale = torch.where(std > cut.flat, 1.0 / torch.clamp(std, min=cut.flat), 0.0).float()
+        patch = window(values, start + centre - cut.patch, 2 * cut.patch + 1).reshape(-1).float()
+        return (patch - mean.float()) * scale
+
+    d = torch.empty((len(centres), cut.k, cut.patch_size), dtype=torch.float32)
+    missing = torch.empty((len(centres), cut.k), dtype=torch.bool)
+    for row, c in enumerate(centres.numpy()):
+        q = normalised(cut.query, cut.pad, c, mean_t[tuple(c)], std_t[tuple(c)])
+        for i in range(cut.k):
+            s = cut.offsets[int(chosen[i, row])]
+            at = tuple(c + cut.reach + s)
+            _, mean_a, std_a = cut.statistics(cut.images[i], cut.pad - cut.reach, landing, n_landing)
+            d[row, i] = torch.abs(normalised(cut.images[i], cut.pad + s, c, mean_a[at], std_a[at]) - q)
+            missing[row, i] = not (n_t[tuple(c)] >= cut.patch_size and std_t[tuple(c)] > cut.flat) or \
+                n_landing[at] < cut.patch_size
+    return d, missing
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
+def test_the_weights_patch_differences_are_gathered_to_the_bit(whole, monkeypatch):
+    """The compiled gather of the weights' patch differences gives what a plain gather by coordinates gives."""
+    from fewshot.transfer import joint_fusion
+    from fewshot.transfer.joint_fusion import Cut, search, weigh
+
+    query, images, labels, region = problem(6, whole=whole)
+    cut = Cut.around(query, images, labels, region, (0, 2, 2), (1, 2, 2), SPACING)
+    stats = cut.statistics(cut.query, cut.pad, cut.size)
+    seen = []
+
+    def spy(*args):
+        out = compiled(*args)
+        seen.append((args[-4], torch.from_numpy(args[-2].copy()), torch.from_numpy(args[-1].copy())))
+        return out
+
+    compiled = joint_fusion.differences
+    monkeypatch.setattr(joint_fusion, "differences", spy)
+    chosen, _ = weigh(cut, stats, search(cut, stats, correlation=False), 2.0, 0.01, chunk=97)
+    assert len(seen) == -(-len(cut.centres) // 97)
+    start, d, missing = seen[-1]
+    centres = cut.centres[start:start + len(d)]
+    plain_d, plain_missing = plain_differences(cut, stats, chosen[:, start:start + len(d)], centres)
+    assert torch.equal(d, plain_d) and torch.equal(missing, plain_missing)
+    assert bool(missing.any()) and not bool(missing.all())  # the region reaches the image's edge: both kinds
 
 
 def test_an_atlas_identical_to_the_query_takes_the_vote():

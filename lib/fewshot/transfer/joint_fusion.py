@@ -9,17 +9,19 @@ torch on the CPU (the tests compare it with antspyx's ANTs):
    raw patches (ANTs' MSQ), or, with ``correlation``, the signed squared correlation of the raw atlas
    patch with the normalised query patch (ANTs' PC). One box sum per atlas and offset scores all
    centres. The best offset ``s_i(x)`` is kept per atlas. By mean squares with patches one slice
-   thick (the default) the same arithmetic runs compiled (``search_kernel``), slice by slice: 3.6x
+   thick (the default) the same arithmetic runs compiled (``joint_kernels``), slice by slice: 3.6x
    faster, the same offsets to the bit.
 2. **Weights.** Patches are normalised (mean removed, divided by their standard deviation: what
    antspyx's build of ANTs does; ANTs' published source floors the deviation at 1).
    ``M_ij = (sum_k |d_ik| |d_jk| / (P - 1)) ** beta`` from the absolute differences to the query's patch; ``(M + alpha I) w = 1`` by Cholesky (a pseudo-inverse where it fails); negative
-   weights are set to 0 and the rest normalised to sum 1.
+   weights are set to 0 and the rest normalised to sum 1. The patches are gathered compiled
+   (``joint_kernels.differences``), the same float32 bits.
 3. **Votes.** Like ANTs, a centre votes for every voxel of its patch: voxel ``z`` receives ``w_i(x)`` for
    the label atlas ``i`` has at ``z + s_i(x)``. Summed over centres, that is a box sum per atlas and
    offset of the weights of the centres that chose it; an offset that few centres chose is cheaper
    scattered centre by centre onto their patches (``DIRECT``). Posteriors are divided by the votes' total
-   where it is at least 0.1.
+   where it is at least 0.1. With patches one slice thick both ways run compiled
+   (``joint_kernels.votes``), each voxel's additions in torch's order: the same bits.
 
 Patch voxels outside the image are missing, as in ANTs: a patch that has any makes its atlas's row of
 ``M`` zero. Where this differs from ANTs:
@@ -41,11 +43,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from fewshot.transfer.joint_kernels import differences, search_atlas, votes
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +238,6 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
     if correlation:
         landed[1:] &= ~flat_t
     if not correlation and pr[0] == 0:  # the same arithmetic compiled, one pass per slice and offset
-        from fewshot.transfer.search_kernel import search_atlas
-
         best = np.zeros((cut.k,) + tuple(int(c) for c in cut.size), np.int64)
         pairs_np = None if pairs is None else pairs.numpy()
         counts_np = None if n is None else n.numpy()
@@ -319,20 +322,19 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
     chosen = best.reshape(k, -1).index_select(1, in_box)
     weights = torch.empty((k, len(cut.centres)), dtype=torch.float64)
     eye = torch.eye(k, dtype=torch.float64)
+    # The patches are gathered and normalised compiled (joint_kernels.differences: torch's float32 arithmetic, the
+    # same bits; tests/test_joint_fusion.py), a chunk of centres at a time; M and its solve stay in torch
+    means_a = torch.stack([mean for mean, _ in atlas_stats]).numpy()
+    scales_a = torch.stack([scale_a for _, scale_a in atlas_stats]).numpy()
+    arrays = [t.numpy() for t in (q_flat, a_flat, mean_t, scale_t, usable_t, chosen, in_cut, in_landing, step_cut,
+                                  step_landing, patch_cut)] + [means_a, scales_a, whole_landing.numpy()]
+    d_buffer = torch.empty((min(chunk, len(cut.centres)), k, n_patch), dtype=torch.float32)
+    missing_buffer = torch.empty((min(chunk, len(cut.centres)), k), dtype=torch.bool)
     for start in range(0, len(cut.centres), chunk):
         part = slice(start, start + chunk)
-        base = in_cut[part]
-        tp = torch.take(q_flat, base[:, None] + patch_cut[None])
-        tp.sub_(mean_t[part, None]).mul_(scale_t[part, None])
-        d = torch.empty((len(base), k, n_patch), dtype=torch.float32)  # |normalised atlas patch - query's|
-        missing = (~usable_t[part])[:, None].repeat(1, k)
-        for i in range(k):
-            s = chosen[i, part]
-            landed = in_landing[part] + step_landing[s]
-            mean_a, scale_a = (t.index_select(0, landed) for t in atlas_stats[i])
-            ap = torch.take(a_flat[i], (base + step_cut[s])[:, None] + patch_cut[None])
-            d[:, i] = ap.sub_(mean_a[:, None]).mul_(scale_a[:, None]).sub_(tp).abs_()
-            missing[:, i] |= ~whole_landing.index_select(0, landed)
+        n = len(cut.centres[part])
+        d, missing = d_buffer[:n], missing_buffer[:n]  # |normalised atlas patch - query's|; a patch unusable
+        differences(*arrays, start, start + n, d.numpy(), missing.numpy())
         m = (torch.bmm(d, d.transpose(1, 2)) / (n_patch - 1)).double()
         m = m * m if beta == 2 else m ** beta
         m = torch.where(missing[:, :, None] | missing[:, None, :] | ~torch.isfinite(m), 0.0, m)
@@ -341,7 +343,7 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
 
 
 def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tensor,
-         direct: float | None = None) -> np.ndarray:
+         direct: float | None = None, compiled: bool | None = None) -> np.ndarray:
     """Voxel z gets w_i(x) for the label atlas i has at z + s_i(x), from every centre x whose patch holds z.
     Returns the posteriors (n values, R) at the region's centres.
 
@@ -349,7 +351,8 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
     their weights over the box that holds them (a few passes over that box), or, when they are few, each
     centre scattering its weight onto its own patch (``direct`` x their patch voxels against the box's
     voxels). The nearest offsets are chosen by most centres; a wider search adds many offsets that few choose,
-    each of which would otherwise cost a box sum over nearly the whole region."""
+    each of which would otherwise cost a box sum over nearly the whole region. With patches one slice thick both
+    ways run compiled, slice by slice in torch's thread count (``joint_kernels.votes``), to the same bits."""
     direct = DIRECT if direct is None else direct
     pr, n_patch = cut.patch, cut.patch_size
     extent = tuple(int(e) for e in cut.size + 2 * pr)  # every voxel a centre's patch holds
@@ -372,18 +375,31 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
     step_cut = torch.from_numpy(cut.offsets) @ strides(cut.query.shape)
     per_chunk = max(1, (1 << 20) // n_patch)
     boxes = BoxSums(mass_size, pr, torch.float32)
+    # Patches one slice thick: the same sums compiled (joint_kernels.votes), the same bits; ``compiled`` False
+    # keeps them in torch (the tests compare the two)
+    compiled = bool(pr[0] == 0) if compiled is None else bool(compiled and pr[0] == 0)
+    if compiled:
+        spans = np.array_split(np.arange(extent[0]), max(1, min(torch.get_num_threads(), extent[0])))
+        spans = [(int(p[0]), int(p[-1]) + 1) for p in spans if len(p)]
+        centres_np, pool = cut.centres.numpy(), ThreadPoolExecutor(len(spans)) if len(spans) > 1 else None
     for i in range(cut.k):
         channel = lookup[torch.clamp(cut.labels[i], min=-1)]  # label -1 (outside) -> lookup[-1], the discard channel
         flat_channel, w = channel.reshape(-1), weights[i].float()
         order = torch.argsort(chosen[i], stable=True)
         counts = torch.bincount(chosen[i], minlength=len(cut.offsets)).tolist()
         starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        boxes_of = np.zeros((len(counts), 2, 3), np.int64)  # per offset: the box its centres' patches cover
+        scattered = np.zeros(len(counts), bool)  # per offset: its centres vote one by one
         for j in (j for j, n in enumerate(counts) if n):
             chose = order[starts[j]:starts[j + 1]]
             sel = margin.index_select(0, chose)  # only the box of these centres' patches receives their votes
             first = (sel.min(0).values - torch.from_numpy(pr)).numpy()
             last = (sel.max(0).values + 1 + torch.from_numpy(pr)).numpy()
-            if direct * counts[j] * n_patch < float(np.prod(last - first)):
+            boxes_of[j] = first, last
+            scattered[j] = direct * counts[j] * n_patch < float(np.prod(last - first))
+            if compiled:
+                continue
+            if scattered[j]:
                 for part in torch.split(chose, per_chunk):  # each centre onto its own patch
                     target = in_extent.index_select(0, part)[:, None] + patch_extent[None]
                     voted = flat_channel.take(in_cut.index_select(0, part)[:, None] + (patch_cut + step_cut[j])[None])
@@ -396,6 +412,17 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
             mass.index_fill_(0, where, 0.0)
             voted = window(channel, cut.pad - pr + cut.offsets[j] + first - pr, last - first)
             window(posterior, first - pr, last - first).scatter_add_(0, voted[None], spread[None])
+        if compiled:
+            args = (channel.to(torch.int8 if len(values) < 127 else torch.int64).numpy(), w.numpy(), centres_np,
+                    order.numpy(), np.asarray(starts, np.int64), scattered, boxes_of[:, 0], boxes_of[:, 1], cut.offsets,
+                    (cut.pad - pr).astype(np.int64), int(pr[1]), int(pr[2]), posterior.numpy())
+            if pool is None:
+                votes(*args, *spans[0])
+            else:
+                for done in [pool.submit(votes, *args, z0, z1) for z0, z1 in spans]:
+                    done.result()
+    if compiled and pool is not None:
+        pool.shutdown()
     posterior = posterior[:-1]
     total = posterior.sum(0)
     keep = total >= 0.1
