@@ -40,10 +40,11 @@ def _compiled(function):
 
 
 @_compiled
-def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, landed, pairs, counts,
+def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, landed, masked, pairs, counts,
             n_patch, tie, scale, best, bar, z0, z1):  # pragma: no cover - compiled
     """Offsets first..last-1 of one atlas, for the centres of slices z0..z1-1 of the box (``best``, ``bar``:
-    (Z, Y, X)). ``first == 0`` stores offset 0's scores in ``bar`` (the caller makes them the bar); otherwise a
+    (Z, Y, X)); ``masked``: some voxel pairs are missing (``pairs``) and patches count only the others
+    (``counts``). ``first == 0`` stores offset 0's scores in ``bar`` (the caller makes them the bar); otherwise a
     score below the bar makes its offset the best there and its tolerance-lowered score the new bar."""
     size_y, size_x = bar.shape[1], bar.shape[2]
     extent_y, extent_x = size_y + 2 * radius_y, size_x + 2 * radius_x
@@ -51,7 +52,6 @@ def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, lande
     running = np.empty((extent_y, extent_x))
     down = np.empty((size_y, extent_x))
     along = np.empty(extent_x)
-    masked = pairs.shape[0] > 1
     for z in range(z0, z1):
         for j in range(first, last):
             dz, dy, dx = offsets[j, 0], offsets[j, 1], offsets[j, 2]
@@ -98,13 +98,13 @@ def search_atlas(query: np.ndarray, atlas: np.ndarray, offsets: np.ndarray, star
     start = np.asarray(start, np.int64)
     bar = np.empty(best.shape, np.float64)
     masked = pairs is not None
-    if not masked:  # typed stand-ins: the kernel tests their length
+    if not masked:  # typed stand-ins, never read
         pairs, counts = np.ones((1, 1, 1, 1), bool), np.ones((1, 1, 1, 1), np.int16)
     parts = np.array_split(np.arange(best.shape[0]), max(1, min(int(threads), best.shape[0])))
     spans = [(int(p[0]), int(p[-1]) + 1) for p in parts if len(p)]
 
     def run(first, last, scale):
-        args = (query, atlas, offsets, first, last, start, int(radius_y), int(radius_x), landed, pairs, counts,
+        args = (query, atlas, offsets, first, last, start, int(radius_y), int(radius_x), landed, masked, pairs, counts,
                 int(n_patch), float(tie), float(scale), best, bar)
         if len(spans) == 1:
             _slices(*args, *spans[0])
