@@ -31,8 +31,8 @@ import numpy as np
 
 def _compiled(function):
     """Compiled, its machine code cached on disk (numba's cache: next to this file, else the user's cache
-    directory) so that a new process does not compile it again (about a second); compiled per process where
-    neither can be written (a read-only install)."""
+    directory) so that a new process does not compile it again (the three: about 5 s, cold); compiled per
+    process where neither can be written (a read-only install)."""
     try:
         return numba.njit(nogil=True, cache=True)(function)
     except RuntimeError:  # numba: "cannot cache function ...: no locator available"
