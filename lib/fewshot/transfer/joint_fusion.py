@@ -43,14 +43,13 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from fewshot.transfer.joint_kernels import differences, search_atlas, votes
+from fewshot.transfer.joint_kernels import differences, on_slices, search_atlas, votes
 
 logger = logging.getLogger(__name__)
 
@@ -362,26 +361,23 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
     flat_posterior, n_extent = posterior.view(-1), int(np.prod(extent))
     lookup = torch.full((int(max(int(cut.labels.max()), 0)) + 2,), len(values), dtype=torch.int64)
     lookup[torch.from_numpy(values.astype(np.int64))] = torch.arange(len(values))
-    mass_size = cut.size + 4 * pr  # the centres' weights, with room for a patch's box sum around each
-    mass = torch.zeros(int(np.prod(mass_size)), dtype=torch.float32)
-    mass3 = mass.view(tuple(int(e) for e in mass_size))
-    margin = cut.centres + torch.from_numpy(2 * pr)
-    in_mass = margin @ strides(mass_size)
-    # For the direct votes: a centre's patch in the posterior's and in the cut's flat indices
-    patch = cut.patch_voxels
-    in_extent = (cut.centres + torch.from_numpy(pr)) @ strides(extent)
-    in_cut = (cut.centres + torch.from_numpy(cut.pad)) @ strides(cut.query.shape)
-    patch_extent, patch_cut = patch @ strides(extent), patch @ strides(cut.query.shape)
-    step_cut = torch.from_numpy(cut.offsets) @ strides(cut.query.shape)
-    per_chunk = max(1, (1 << 20) // n_patch)
-    boxes = BoxSums(mass_size, pr, torch.float32)
+    margin = cut.centres + torch.from_numpy(2 * pr)  # centres in the mass's coordinates (room for a patch's box sum)
     # Patches one slice thick: the same sums compiled (joint_kernels.votes), the same bits; ``compiled`` False
     # keeps them in torch (the tests compare the two)
     compiled = bool(pr[0] == 0) if compiled is None else bool(compiled and pr[0] == 0)
-    if compiled:
-        spans = np.array_split(np.arange(extent[0]), max(1, min(torch.get_num_threads(), extent[0])))
-        spans = [(int(p[0]), int(p[-1]) + 1) for p in spans if len(p)]
-        centres_np, pool = cut.centres.numpy(), ThreadPoolExecutor(len(spans)) if len(spans) > 1 else None
+    if not compiled:  # the torch votes' buffers and flat indices
+        mass_size = cut.size + 4 * pr  # the centres' weights, with room for a patch's box sum around each
+        mass = torch.zeros(int(np.prod(mass_size)), dtype=torch.float32)
+        mass3 = mass.view(tuple(int(e) for e in mass_size))
+        in_mass = margin @ strides(mass_size)
+        # For the direct votes: a centre's patch in the posterior's and in the cut's flat indices
+        patch = cut.patch_voxels
+        in_extent = (cut.centres + torch.from_numpy(pr)) @ strides(extent)
+        in_cut = (cut.centres + torch.from_numpy(cut.pad)) @ strides(cut.query.shape)
+        patch_extent, patch_cut = patch @ strides(extent), patch @ strides(cut.query.shape)
+        step_cut = torch.from_numpy(cut.offsets) @ strides(cut.query.shape)
+        per_chunk = max(1, (1 << 20) // n_patch)
+        boxes = BoxSums(mass_size, pr, torch.float32)
     for i in range(cut.k):
         channel = lookup[torch.clamp(cut.labels[i], min=-1)]  # label -1 (outside) -> lookup[-1], the discard channel
         flat_channel, w = channel.reshape(-1), weights[i].float()
@@ -413,16 +409,10 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
             voted = window(channel, cut.pad - pr + cut.offsets[j] + first - pr, last - first)
             window(posterior, first - pr, last - first).scatter_add_(0, voted[None], spread[None])
         if compiled:
-            args = (channel.to(torch.int8 if len(values) < 127 else torch.int64).numpy(), w.numpy(), centres_np,
-                    order.numpy(), np.asarray(starts, np.int64), scattered, boxes_of[:, 0], boxes_of[:, 1], cut.offsets,
-                    (cut.pad - pr).astype(np.int64), int(pr[1]), int(pr[2]), posterior.numpy())
-            if pool is None:
-                votes(*args, *spans[0])
-            else:
-                for done in [pool.submit(votes, *args, z0, z1) for z0, z1 in spans]:
-                    done.result()
-    if compiled and pool is not None:
-        pool.shutdown()
+            on_slices(votes, (channel.to(torch.int8 if len(values) < 127 else torch.int64).numpy(), w.numpy(),
+                              cut.centres.numpy(), order.numpy(), np.asarray(starts, np.int64), scattered, boxes_of[:, 0],
+                              boxes_of[:, 1], cut.offsets, (cut.pad - pr).astype(np.int64), int(pr[1]), int(pr[2]),
+                              posterior.numpy()), extent[0], torch.get_num_threads())
     posterior = posterior[:-1]
     total = posterior.sum(0)
     keep = total >= 0.1

@@ -29,6 +29,21 @@ import numba
 import numpy as np
 
 
+def on_slices(kernel, args: tuple, slices: int, threads: int) -> None:
+    """``kernel(*args, z0, z1)`` over slices 0..slices-1, split into contiguous spans among up to ``threads``
+    threads (the kernels release the GIL). The search's and the votes' slices are independent, so each voxel's
+    arithmetic, and its order, stays within one call."""
+    parts = np.array_split(np.arange(slices), max(1, min(int(threads), int(slices))))
+    spans = [(int(p[0]), int(p[-1]) + 1) for p in parts if len(p)]
+    if len(spans) <= 1:
+        for z0, z1 in spans:
+            kernel(*args, z0, z1)
+        return
+    with ThreadPoolExecutor(len(spans)) as pool:
+        for done in [pool.submit(kernel, *args, z0, z1) for z0, z1 in spans]:
+            done.result()
+
+
 def _compiled(function):
     """Compiled, its machine code cached on disk (numba's cache: next to this file, else the user's cache
     directory) so that a new process does not compile it again (the three: about 5 s, cold); compiled per
@@ -100,18 +115,10 @@ def search_atlas(query: np.ndarray, atlas: np.ndarray, offsets: np.ndarray, star
     masked = pairs is not None
     if not masked:  # typed stand-ins, never read
         pairs, counts = np.ones((1, 1, 1, 1), bool), np.ones((1, 1, 1, 1), np.int16)
-    parts = np.array_split(np.arange(best.shape[0]), max(1, min(int(threads), best.shape[0])))
-    spans = [(int(p[0]), int(p[-1]) + 1) for p in parts if len(p)]
 
     def run(first, last, scale):
-        args = (query, atlas, offsets, first, last, start, int(radius_y), int(radius_x), landed, masked, pairs, counts,
-                int(n_patch), float(tie), float(scale), best, bar)
-        if len(spans) == 1:
-            _slices(*args, *spans[0])
-            return
-        with ThreadPoolExecutor(len(spans)) as pool:
-            for done in [pool.submit(_slices, *args, z0, z1) for z0, z1 in spans]:
-                done.result()
+        on_slices(_slices, (query, atlas, offsets, first, last, start, int(radius_y), int(radius_x), landed, masked,
+                            pairs, counts, int(n_patch), float(tie), float(scale), best, bar), best.shape[0], threads)
 
     run(0, 1, 0.0)
     finite = bar[np.isfinite(bar)]
@@ -196,8 +203,7 @@ def votes(channel, weight, centres, order, starts, direct, first, last, offsets,
                 total = 0.0
                 for y in range(width_y + 1):
                     total += mass[y, x]
-                low = np.float32(total)
-                down[0, x] = low
+                down[0, x] = np.float32(total)
                 before = 0.0
                 for y in range(1, rows):
                     before += mass[y - 1, x]
