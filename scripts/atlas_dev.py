@@ -54,6 +54,8 @@ def main() -> None:
     values = sorted(ds.labels.values())
     for a in args.atlases.split(","):
         engine.ingest(a, root / f"image_{a}.nii.gz", root / f"label_{a}.nii.gz")
+    start = engine.warm()  # as the server and eval do before the first scan
+    print(f"engine started in {sum(start.values()):.1f} s {({k: round(v, 1) for k, v in start.items()})}", flush=True)
     variants = json.loads(args.fusion) if args.fusion else {"preset": {}}
     base = engine.transfer.settings
     means: dict[str, list[float]] = {}

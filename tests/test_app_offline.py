@@ -7,6 +7,7 @@ Needs nothing outside the repository (sample-datastore is committed), so it also
 from __future__ import annotations
 
 import shutil
+import time
 
 import nibabel as nib
 import numpy as np
@@ -39,6 +40,12 @@ def test_readme_command_serves_the_sample_datastore_offline_with_classic(tmp_pat
         assert {k: v for k, v in model["labels"].items() if k != "background"} == LABELS
         bank = server.wait_bank_idle()
         assert bank["images"] == len(labelled) and not bank["ingestion"]["failed"]
+
+        # The registration workers and fusion's compiled loops start with the server, not with the first Run.
+        deadline = time.time() + 120
+        while "engine started in" not in server.log() and time.time() < deadline:
+            time.sleep(0.5)
+        assert "engine started in" in server.log()
 
         case = unlabelled[0].removesuffix(".nii.gz")
         label_file, result = server.client().infer("fewshot", case, {})

@@ -351,6 +351,45 @@ def test_a_lone_atlas_registers_in_the_workers_the_same_as_in_one_piece(monkeypa
 # ------------------------------------------------------------------------------------ the engine, end to end
 
 
+def _loaded(modules: tuple[str, ...]) -> tuple[int, list[bool]]:
+    """In a worker: its process id, and which of ``modules`` it has imported."""
+    import os
+
+    return os.getpid(), [m in sys.modules for m in modules]
+
+
+def test_a_warm_engine_segments_with_the_workers_and_loops_it_started(tmp_path):
+    """``Engine.warm`` (the server at start-up, eval before its first scan) starts both registration workers
+    with what their jobs import, and loads joint fusion's compiled loops. The first segmentation then runs
+    in those very processes and compiles nothing more: the warm-up fused arrays of a real fusion's types."""
+    from fewshot.transfer import joint_kernels
+
+    quick = {"transfer.global_affine.iterations": 5, "transfer.local_affine.iterations": 5,
+             "transfer.deformable.method": "mind", "transfer.mind.iterations": 2, "transfer.in_plane.method": "none"}
+    engine = engine_for(tmp_path / "bank", **quick)
+    kernels = lambda: {n: len(getattr(joint_kernels, n).signatures) for n in ("_slices", "differences", "votes")}  # noqa: E731
+    try:
+        for case in (1, 3):
+            engine.ingest(f"p{case}", *phantom(case))
+        assert not engine.transfer.pool.processes()  # building and ingesting start nothing
+        start = engine.warm()
+        assert set(start) == {"workers", "fusion"} and all(s > 0 for s in start.values())
+        workers = engine.transfer.pool.processes()
+        assert len(workers) == 2
+        compiled = kernels()
+        assert all(n >= 1 for n in compiled.values()), compiled
+        answers = {}
+        engine.transfer.pool.run(_loaded, {i: (("ants", "convexAdam"),) for i in range(4)}, answers.__setitem__)
+        assert {pid for pid, _ in answers.values()} <= workers
+        assert all(all(found) for _, found in answers.values()), answers
+        result = engine.segment(phantom(2)[0])
+        assert (result.label == LABELS["liver"]).any()
+        assert engine.transfer.pool.processes() == workers and kernels() == compiled
+        assert engine.warm()["workers"] < start["workers"]  # warm already: nothing to start
+    finally:
+        engine.transfer.close()
+
+
 def test_a_scan_is_its_own_atlas(self_segmented):
     image, label = phantom(1)
     seg = self_segmented[0]

@@ -227,6 +227,7 @@ def test_alpnet_protocol_end_to_end_with_random_tiny(tmp_path, models_dir):
             assert len(zs) == 3 and zs == sorted(zs)
     t = m["timing"]
     assert t["wall_seconds_per_query_slice"] > 0 and t["cpu_seconds_per_query_slice"] > 0
+    assert t["start_seconds"] == [0]  # SAM 2 starts nothing ahead (its networks load with the engine)
     # 1-way runs: two organs whose extents overlap make more organ-slices than distinct query slices.
     assert t["organ_slices"] > t["query_slices"] > 0
     assert t["wall_seconds_per_organ_slice"] < t["wall_seconds_per_query_slice"]
@@ -350,6 +351,7 @@ def test_alpnet_folds_with_whole_support_volumes_for_multi_atlas_classic(tmp_pat
     assert m["mean_dice"] > 0.5, m["per_label"]
     assert all(f["support_slices"] == {"anterior": "whole volume", "posterior": "whole volume"} for f in m["folds"])
     assert m["timing"]["wall_seconds_per_volume"] > 0
+    assert len(m["timing"]["start_seconds"]) == 1 and m["timing"]["start_seconds"][0] > 0  # fusion's loops, before scan 1
     with pytest.raises(ValueError, match="alpnet-support"):
         runner.run_eval(data, "alpnet", "classic", tmp_path / "x", alpnet_support="atlas")
 

@@ -184,6 +184,8 @@ class FewshotApp(MONAILabelApp):
             self.worker.add_idle_task(lambda: strategy.warm_step(self.datastore()))
         self.worker.resync("start-up")
         self.worker.start()
+        # Its own thread, not an idle task: waiting on busy workers must not hold up a saved label.
+        threading.Thread(target=self.host.warm, name="fewshot-warm", daemon=True).start()
         if isinstance(self._datastore, FewshotDicomWebDatastore):
             # The PACS is the truth for final labels; the worker hears of each change the sync brings.
             # After the start-up sync, the PACS is polled: SEGs stored by any tool are picked up.

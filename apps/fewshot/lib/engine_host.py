@@ -236,6 +236,18 @@ class EngineHost:
                 f"; {len(r.dropped)} damaged, to rebuild: {sorted(r.dropped)}" if r.dropped else "",
             )
 
+    def warm(self) -> None:
+        """The engine's start (registration workers, compiled loops), run in the background at start-up so
+        that the first Run does not wait for it. A failure is only logged: the first Run starts them then."""
+        try:
+            seconds = self.engine.warm()
+        except Exception:  # noqa: BLE001 - an optimisation, never an error of its own
+            logger.exception("engine warm-up failed; the first segmentation starts what it needs")
+            return
+        if seconds:
+            logger.info("engine started in %.1f s (%s): the first segmentation need not", sum(seconds.values()),
+                        ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+
     def transfer_summary(self) -> dict:
         """The transfer step as it runs on this device (e.g. SAM 2's input size, resolved from ``auto``)."""
         transfer = self.engine.transfer

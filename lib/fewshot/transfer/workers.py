@@ -117,6 +117,27 @@ class WorkerPool:
                 _POOLS.add(self)
             return self._pool
 
+    def warm(self, function: Callable, args: tuple = ()) -> set[int]:
+        """Start every worker process now and run ``function(*args)`` there (the imports its jobs need), so
+        that the first real call does not pay for spawning and importing (a few seconds per worker).
+        ``function`` returns its process id. The pool spawns a process for each job submitted while none
+        is idle, so ``workers`` jobs submitted at once start them all. -> the ids that answered (empty
+        when the pool cannot start: the first call then finds out, as without a warm-up)."""
+        pool = self.executor()
+        if pool is None:
+            return set()
+        try:
+            with _without_main():
+                futures = [pool.submit(function, *args) for _ in range(self.workers)]
+            return {future.result() for future in futures}
+        except BrokenProcessPool:
+            return set()
+
+    def processes(self) -> set[int]:
+        """Ids of the worker processes running now."""
+        pool = self._pool
+        return {p.pid for p in (getattr(pool, "_processes", None) or {}).values() if p.is_alive()} if pool else set()
+
     def terminate(self) -> int:
         """Kill the worker processes now (SIGTERM), without waiting for their jobs; a later call
         starts new ones. Returns how many were running. Safe in a signal handler."""
