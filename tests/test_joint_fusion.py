@@ -242,6 +242,16 @@ def test_votes_scattered_per_centre_are_the_box_sums_votes(whole, patch):
             torch.set_num_threads(threads)
 
 
+def test_the_label_values_counted_are_numpys_unique():
+    from fewshot.transfer.joint_fusion import label_values
+
+    rng = np.random.default_rng(3)
+    for votes in (rng.integers(-1, 5, (3, 1000)), np.array([[7, 7, 300]]), np.zeros((1, 4), np.int64),
+                  rng.integers(-1, 1 << 30, (2, 50)), rng.integers(0, 4, (2, 9)).astype(np.int16)):
+        got, want = label_values(votes), np.unique(votes)
+        assert np.array_equal(got, want) and got.dtype == want.dtype, (got, want)
+
+
 def plain_differences(cut, query_stats, chosen, centres):
     """The weights' patch differences (|normalised atlas patch - query's|) and unusable patches of some centres,
     gathered plainly in torch by coordinates: what ``joint_kernels.differences`` must give to the bit."""

@@ -136,7 +136,7 @@ def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, regi
     if not region.any():
         return np.zeros(0, np.int64), np.zeros((0, 0))
     cut = Cut.around(query, images, labels, region, patch_radius, search_radius, spacing)
-    values = np.unique(labels[:, region])
+    values = label_values(labels[:, region])
     clock = time.perf_counter()
     query_stats = cut.statistics(cut.query, cut.pad, cut.size)
     best = search(cut, query_stats, correlation)
@@ -147,6 +147,15 @@ def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, regi
     logger.debug("joint fusion of %d voxels, %d votes: search %.2f s, weights %.2f s, votes %.2f s", len(cut.centres),
                  cut.k, searched - clock, weighed - searched, time.perf_counter() - weighed)
     return values, posteriors
+
+
+def label_values(votes: np.ndarray) -> np.ndarray:
+    """``np.unique(votes)`` for integer label numbers, by counting rather than sorting: a CHAOS query's 15
+    votes over half a million voxels took 2.2 s to sort."""
+    low, high = int(votes.min()), int(votes.max())
+    if high - low > 1 << 20:  # not a label map's numbers: sort them after all
+        return np.unique(votes)
+    return (np.flatnonzero(np.bincount((votes - low).ravel(), minlength=high - low + 1)) + low).astype(votes.dtype)
 
 
 @dataclass
@@ -384,17 +393,19 @@ def vote(cut: Cut, values: np.ndarray, chosen: torch.Tensor, weights: torch.Tens
         order = torch.argsort(chosen[i], stable=True)
         counts = torch.bincount(chosen[i], minlength=len(cut.offsets)).tolist()
         starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        boxes_of = np.zeros((len(counts), 2, 3), np.int64)  # per offset: the box its centres' patches cover
-        scattered = np.zeros(len(counts), bool)  # per offset: its centres vote one by one
-        for j in (j for j, n in enumerate(counts) if n):
+        # Per offset, the box its centres' patches cover (only that box receives their votes), for all offsets at
+        # once: the centres sorted by offset, each offset's run reduced (its first index in ``starts``).
+        used = np.flatnonzero(counts)
+        boxes_of = np.zeros((len(counts), 2, 3), np.int64)
+        if len(used):
+            by_offset = margin.index_select(0, order).numpy()
+            boxes_of[used, 0] = np.minimum.reduceat(by_offset, np.asarray(starts)[used], axis=0) - pr
+            boxes_of[used, 1] = np.maximum.reduceat(by_offset, np.asarray(starts)[used], axis=0) + 1 + pr
+        # per offset: its centres vote one by one
+        scattered = direct * np.asarray(counts) * n_patch < np.prod(boxes_of[:, 1] - boxes_of[:, 0], axis=1).astype(np.float64)
+        for j in used if not compiled else ():
             chose = order[starts[j]:starts[j + 1]]
-            sel = margin.index_select(0, chose)  # only the box of these centres' patches receives their votes
-            first = (sel.min(0).values - torch.from_numpy(pr)).numpy()
-            last = (sel.max(0).values + 1 + torch.from_numpy(pr)).numpy()
-            boxes_of[j] = first, last
-            scattered[j] = direct * counts[j] * n_patch < float(np.prod(last - first))
-            if compiled:
-                continue
+            first, last = boxes_of[j]
             if scattered[j]:
                 for part in torch.split(chose, per_chunk):  # each centre onto its own patch
                     target = in_extent.index_select(0, part)[:, None] + patch_extent[None]
