@@ -390,6 +390,41 @@ def test_a_warm_engine_segments_with_the_workers_and_loops_it_started(tmp_path):
         engine.transfer.close()
 
 
+def test_engines_that_register_differently_after_the_global_affine_share_it(monkeypatch):
+    """The global affine depends on its own settings (and the slice order) only: an engine with another
+    in-plane or deformable setting (a point of an eval --select grid) starts from the one already computed,
+    while one with other global-affine settings computes its own. Settings of a deformable method the plan
+    does not run do not key its registrations."""
+    from fewshot.transfer import atlas as step
+
+    calls = []
+    real = reg.align_globally
+    monkeypatch.setattr(reg, "align_globally", lambda *a, **k: calls.append(a[2].image_id) or real(*a, **k))
+    quick = {"transfer.workers": 1, "transfer.global_affine.iterations": 5, "transfer.local_affine.iterations": 5,
+             "transfer.deformable.method": "none", "transfer.in_plane.method": "none"}
+    image = phantom(2)[0]
+
+    def segment(**more):
+        engine = engine_for(**{**quick, **more})
+        for case in (1, 3):
+            engine.ingest(f"p{case}", *phantom(case))
+        try:
+            return engine.segment(image)
+        finally:
+            engine.transfer.close()
+
+    step.AtlasTransfer(load_preset("classic")["transfer"]).forget_caches()  # the process's caches: other tests'
+    segment()
+    assert sorted(calls) == ["p1", "p3"]
+    other = segment(**{"transfer.in_plane.method": "demons", "transfer.in_plane.iterations": [5, 5]})
+    assert sorted(calls) == ["p1", "p3"]  # registered again (another plan), from the same global affines
+    assert not any(a["reused"] for a in other.provenance["liver"]["atlases"])
+    segment(**{"transfer.global_affine.iterations": 6})
+    assert sorted(calls) == ["p1", "p1", "p3", "p3"]
+    unused = segment(**{"transfer.global_affine.iterations": 6, "transfer.mind.iterations": 3})  # mind does not run
+    assert all(a["reused"] for a in unused.provenance["liver"]["atlases"]) and len(calls) == 4
+
+
 def test_a_scan_is_its_own_atlas(self_segmented):
     image, label = phantom(1)
     seg = self_segmented[0]

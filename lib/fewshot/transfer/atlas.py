@@ -214,6 +214,21 @@ def _digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def registration_key(plan: reg.RegistrationPlan) -> str:
+    """What decides an atlas's registration: the plan, less the settings of a deformable method it does not run."""
+    used = asdict(plan)
+    if plan.deformable.method != "mind":
+        used.pop("mind")
+    if plan.deformable.method != "demons":
+        used["deformable"] = {"method": plan.deformable.method}
+    return _digest(used)
+
+
+def alignment_key(plan: reg.RegistrationPlan) -> str:
+    """What decides an atlas's global affine, for a given slice order (``align_globally``)."""
+    return _digest([asdict(plan.global_affine), plan.slice_order_margin])
+
+
 class _CandidateCache:
     """Registered atlases by (query, atlas key, labels, plan), least recently used first out, bounded in bytes."""
 
@@ -271,7 +286,8 @@ class AtlasTransfer:
         if not isinstance(settings.get("slices"), Mapping):
             raise ConfigError(f"transfer type atlas needs a 'slices' section: the 2D registration for slice supports ({_PRESET})")
         self.slices = RegistrationTransfer(settings["slices"])
-        self._plan_key = _digest(asdict(self.settings.registration))
+        self._plan_key = registration_key(self.settings.registration)
+        self._alignment_key = alignment_key(self.settings.registration)
         _REGISTERED.grow_to(self.settings.cache_mb)
         self._cache = _REGISTERED
         self._alignments = _ALIGNED
@@ -372,7 +388,15 @@ class AtlasTransfer:
                                                           "its axes do not line up with the query's") for a in unread))
 
         def aligned_key(a: Atlas) -> tuple:  # what an atlas's global affine depends on
-            return (query_key, a.key, self._plan_key, orders[a.image_id])
+            return (query_key, a.key, self._alignment_key, orders[a.image_id])
+
+        def registered_key(a: Atlas) -> tuple:  # what its whole registration depends on
+            return (query_key, a.key, self._plan_key, orders[a.image_id], labels)
+
+        def remember(a: Atlas, alignment: reg.GlobalAlignment) -> None:
+            self._alignments[aligned_key(a)] = alignment
+            while len(self._alignments) > MAX_ALIGNMENTS:  # oldest first: dicts keep insertion order
+                self._alignments.pop(next(iter(self._alignments)))
 
         seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0, "shape": 0.0, "extent": 0.0}
         steps = len(atlases) + min(keep, len(atlases)) if len(atlases) > keep else len(atlases)
@@ -394,9 +418,7 @@ class AtlasTransfer:
 
             def aligned(image_id, alignment):
                 if alignment is not None:
-                    self._alignments[aligned_key(by_id[image_id])] = alignment
-                    while len(self._alignments) > MAX_ALIGNMENTS:  # oldest first: dicts keep insertion order
-                        self._alignments.pop(next(iter(self._alignments)))
+                    remember(by_id[image_id], alignment)
                 tick()
 
             def not_aligned(image_id, exc: BaseException) -> None:
@@ -420,7 +442,7 @@ class AtlasTransfer:
         candidates: dict[str, reg.Candidate | None] = {}
         todo, reused = {}, set()
         for a in chosen:
-            key = aligned_key(a) + (labels,)
+            key = registered_key(a)
             hit, candidate = self._cache.get(key)
             if hit:
                 candidates[a.image_id] = candidate
@@ -430,12 +452,16 @@ class AtlasTransfer:
                 todo[a.image_id] = (query, spacing, a, labels, plan, self._alignments.get(aligned_key(a)), orders[a.image_id])
         logger.info("atlas transfer: %d atlas(es) to register, %d reused, %d worker(s); query %s at %s mm",
                     len(todo), len(reused), self.settings.workers, query.shape, tuple(round(s, 2) for s in spacing))
-        keys = {a.image_id: aligned_key(a) + (labels,) for a in chosen}
+        keys = {a.image_id: registered_key(a) for a in chosen}
+        chosen_by_id = {a.image_id: a for a in chosen}
 
         def registered(image_id, candidate, why: str = "none of its labels reaches this scan"):
             candidates[image_id] = candidate
             if candidate is not None:  # a failure is retried next time (and "reaches nothing" is cheap to redo)
                 self._cache.put(keys[image_id], candidate)
+                # Its global affine too: an engine that registers differently after it (another deformable or
+                # in-plane setting, as the points of an eval --select grid) starts from it.
+                remember(chosen_by_id[image_id], candidate.alignment)
             tick()
             if candidate is None:
                 logger.info("atlas %s left out (%d/%d): %s", image_id, done, steps, why)
