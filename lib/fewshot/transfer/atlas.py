@@ -41,6 +41,7 @@ import SimpleITK as sitk
 from fewshot.config import ConfigError
 from fewshot.decision import LabelDecision
 from fewshot.transfer import atlas_registration as reg
+from fewshot.transfer.atlas_start import warm_fusion, warm_worker
 from fewshot.transfer.extent import LENGTHS as EXTENT_LENGTHS, METHODS as EXTENT_METHODS, ExtentSettings, ProfileCache, limit_extent
 from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
 from fewshot.transfer.mind import MindLevels
@@ -182,34 +183,6 @@ def _init_worker(threads: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
-def _warm_worker(deformable: str) -> int:
-    """A worker's imports before its first job (``AtlasTransfer.warm``): ANTs for every affine, convexAdam
-    and torch for the MIND stage (about 1.3 s each). -> the process id."""
-    import os
-
-    import ants  # noqa: F401 - loaded after _init_worker set its thread count, as a job would load it
-
-    if deformable == "mind":
-        from fewshot.transfer.mind import _convex_adam
-
-        _convex_adam()
-    return os.getpid()
-
-
-def _warm_fusion(settings: FusionSettings) -> None:
-    """Joint fusion once on a tiny made-up scan (three slices, two votes that disagree), through the same
-    calls and array types as a real one, so that its compiled loops are loaded (or compiled, once per
-    installation: about 5 s) before the first real fusion needs them."""
-    rng = np.random.default_rng(0)
-    shape = (3, 24, 24)
-    query = rng.random(shape, dtype=np.float32)
-    images = np.stack([query + 0.1 * rng.random(shape, dtype=np.float32) for _ in range(2)])
-    probabilities = np.zeros((2, 1) + shape, np.float32)
-    probabilities[0, 0, :, 4:14, 4:14] = 1.0
-    probabilities[1, 0, :, 7:17, 7:17] = 1.0
-    fuse(query, images, probabilities, (1.0, 1.0, 1.0), settings)
-
-
 def _digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -332,11 +305,11 @@ class AtlasTransfer:
         seconds = {}
         clock = time.perf_counter()
         if self.settings.workers > 1:  # with one, registrations run here and load ANTs when they first need it
-            self.pool.warm(_warm_worker, (self.settings.registration.deformable.method,))
+            self.pool.warm(warm_worker, (self.settings.registration.deformable.method,))
             seconds["workers"] = time.perf_counter() - clock
         clock = time.perf_counter()
         if self.settings.fusion.method == "joint" and self.settings.fusion.implementation == "vectorised":
-            _warm_fusion(self.settings.fusion)
+            warm_fusion(self.settings.fusion)
             seconds["fusion"] = time.perf_counter() - clock
         return seconds
 
