@@ -205,6 +205,34 @@ def test_the_search_chooses_what_the_plain_search_chooses(whole, patch, threads,
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
+def test_the_search_by_correlation_compiled_chooses_what_torch_chooses(whole, threads, monkeypatch):
+    """The search by correlation (ANTs' PC), patches one slice thick, compiled (joint_kernels._slices_correlation):
+    the same offsets as torch's passes, bit for bit, with and without missing voxel pairs, in 1 and 3 threads;
+    and not the offsets mean squares choose (it is the other measure)."""
+    from fewshot.transfer import joint_kernels
+    from fewshot.transfer.joint_fusion import Cut, search
+
+    query, images, labels, region = problem(5, whole=whole)
+    images = images * np.linspace(0.6, 1.4, images.shape[-1])  # a local intensity scale correlation is blind to
+    if not whole:
+        region[:] = False
+        region[2:4, 8:20, 8:22] = True
+    cut = Cut.around(query.astype(np.float64), images, labels, region, (0, 2, 2), (1, 2, 2), SPACING)
+    assert bool(cut.inside.all()) is not whole
+    stats = cut.statistics(cut.query, cut.pad, cut.size)
+    calls = []
+    kernel = joint_kernels._slices_correlation
+    monkeypatch.setattr(joint_kernels, "_slices_correlation", lambda *a: calls.append(a[-2:]) or kernel(*a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    chosen = search(cut, stats, correlation=True)
+    assert len(set(calls)) == min(threads, len(chosen[0]))  # compiled, split among the threads
+    assert torch.equal(chosen, search(cut, stats, correlation=True, compiled=False))
+    assert len(torch.unique(chosen)) > 2
+    assert not torch.equal(chosen, search(cut, stats, correlation=False))
+
+
 @pytest.mark.parametrize("patch", [(1, 2, 2), (0, 2, 2)], ids=["torch", "compiled"])
 @pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
 def test_votes_scattered_per_centre_are_the_box_sums_votes(whole, patch):

@@ -8,9 +8,9 @@ torch on the CPU (the tests compare it with antspyx's ANTs):
    nearest first; ties keep the first) is scored at every centre ``x``: mean squared difference of the
    raw patches (ANTs' MSQ), or, with ``correlation``, the signed squared correlation of the raw atlas
    patch with the normalised query patch (ANTs' PC). One box sum per atlas and offset scores all
-   centres. The best offset ``s_i(x)`` is kept per atlas. By mean squares with patches one slice
-   thick (the default) the same arithmetic runs compiled (``joint_kernels``), slice by slice: 3.6x
-   faster, the same offsets to the bit.
+   centres. The best offset ``s_i(x)`` is kept per atlas. With patches one slice thick (the default)
+   the same arithmetic runs compiled (``joint_kernels``), slice by slice, by either measure: 3.6x
+   faster by mean squares, the same offsets to the bit.
 2. **Weights.** Patches are normalised (mean removed, divided by their standard deviation: what
    antspyx's build of ANTs does; ANTs' published source floors the deviation at 1).
    ``M_ij = (sum_k |d_ik| |d_jk| / (P - 1)) ** beta`` from the absolute differences to the query's patch; ``(M + alpha I) w = 1`` by Cholesky (a pseudo-inverse where it fails); negative
@@ -226,8 +226,10 @@ def window(t: torch.Tensor, start, extent) -> torch.Tensor:
     return t[(...,) + tuple(slice(int(s), int(s + e)) for s, e in zip(start, extent))]
 
 
-def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
-    """The best offset (index into ``cut.offsets``) per atlas and centre of the centres' box: (K, z, y, x)."""
+def search(cut: Cut, query_stats, correlation: bool, compiled: bool | None = None) -> torch.Tensor:
+    """The best offset (index into ``cut.offsets``) per atlas and centre of the centres' box: (K, z, y, x).
+    With patches one slice thick it runs compiled (``joint_kernels.search_atlas``), by either measure, to the
+    same offsets; ``compiled`` False keeps it in torch (the tests compare the two)."""
     pr, n_patch = cut.patch, cut.patch_size
     extent = cut.size + 2 * pr  # the patches of the centres' box
     tq = window(cut.query, cut.pad - pr, extent)
@@ -245,13 +247,14 @@ def search(cut: Cut, query_stats, correlation: bool) -> torch.Tensor:
         n.clamp_(min=1)
     if correlation:
         landed[1:] &= ~flat_t
-    if not correlation and pr[0] == 0:  # the same arithmetic compiled, one pass per slice and offset
+    if pr[0] == 0 and compiled is not False:  # the same arithmetic compiled, one pass per slice and offset
         best = np.zeros((cut.k,) + tuple(int(c) for c in cut.size), np.int64)
         pairs_np = None if pairs is None else pairs.numpy()
         counts_np = None if n is None else n.numpy()
+        stats = (mean_t.numpy(), std_t.numpy()) if correlation else None
         for i in range(cut.k):
             search_atlas(cut.query.numpy(), cut.images[i].numpy(), cut.offsets, cut.pad - pr, int(pr[1]), int(pr[2]),
-                         landed.numpy(), pairs_np, counts_np, n_patch, TIE, best[i], torch.get_num_threads())
+                         landed.numpy(), pairs_np, counts_np, n_patch, TIE, best[i], torch.get_num_threads(), stats)
         return torch.from_numpy(best)
     # Where a searched patch is missing, per offset, as flat indices: few voxels (near the image's edges), so
     # filling them costs less than a pass over the box

@@ -102,13 +102,90 @@ def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, lande
     return 0
 
 
+@_compiled
+def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, radius_x, landed, masked, pairs, counts,
+                        n_patch, mean_q, std_q, tie, scale, best, bar, z0, z1):  # pragma: no cover - compiled
+    """``_slices`` by correlation (ANTs' PC; ``joint_fusion.search`` with ``correlation``): three box sums per
+    offset (the atlas patch, its square, its product with the query's), then the signed squared correlation
+    ``-+ sxy^2 / var_x`` with ``sxy = (box(a q) - mean_q box(a)) / std_q``, ``var_x = max(box(a a) - box(a)^2 / n,
+    1e-6)``: torch's operations in torch's order."""
+    size_y, size_x = bar.shape[1], bar.shape[2]
+    extent_y, extent_x = size_y + 2 * radius_y, size_x + 2 * radius_x
+    width_y, width_x = 2 * radius_y, 2 * radius_x
+    run_a = np.empty((extent_y, extent_x))
+    run_aa = np.empty((extent_y, extent_x))
+    run_aq = np.empty((extent_y, extent_x))
+    down_a = np.empty((size_y, extent_x))
+    down_aa = np.empty((size_y, extent_x))
+    down_aq = np.empty((size_y, extent_x))
+    along_a = np.empty(extent_x)
+    along_aa = np.empty(extent_x)
+    along_aq = np.empty(extent_x)
+    for z in range(z0, z1):
+        for j in range(first, last):
+            dz, dy, dx = offsets[j, 0], offsets[j, 1], offsets[j, 2]
+            qz, qy, qx = start[0] + z, start[1], start[2]
+            for y in range(extent_y):  # running sums down the rows
+                for x in range(extent_x):
+                    a = atlas[qz + dz, qy + y + dy, qx + x + dx]
+                    q = query[qz, qy + y, qx + x]
+                    if masked:  # torch multiplies by the pair mask (1 or 0)
+                        keep = 1.0 if pairs[j, z, y, x] else 0.0
+                        a = a * keep
+                        q = q * keep
+                    aa, aq = a * a, a * q
+                    if y == 0:
+                        run_a[y, x], run_aa[y, x], run_aq[y, x] = a, aa, aq
+                    else:
+                        run_a[y, x] = run_a[y - 1, x] + a
+                        run_aa[y, x] = run_aa[y - 1, x] + aa
+                        run_aq[y, x] = run_aq[y - 1, x] + aq
+            for x in range(extent_x):
+                down_a[0, x], down_aa[0, x], down_aq[0, x] = run_a[width_y, x], run_aa[width_y, x], run_aq[width_y, x]
+            for y in range(1, size_y):
+                for x in range(extent_x):
+                    down_a[y, x] = run_a[y + width_y, x] - run_a[y - 1, x]
+                    down_aa[y, x] = run_aa[y + width_y, x] - run_aa[y - 1, x]
+                    down_aq[y, x] = run_aq[y + width_y, x] - run_aq[y - 1, x]
+            for y in range(size_y):
+                t_a, t_aa, t_aq = 0.0, 0.0, 0.0
+                for x in range(extent_x):  # running sums along the row
+                    t_a = t_a + down_a[y, x]
+                    t_aa = t_aa + down_aa[y, x]
+                    t_aq = t_aq + down_aq[y, x]
+                    along_a[x], along_aa[x], along_aq[x] = t_a, t_aa, t_aq
+                for x in range(size_x):
+                    if x == 0:
+                        sx, sxx, saq = along_a[width_x], along_aa[width_x], along_aq[width_x]
+                    else:
+                        sx = along_a[x + width_x] - along_a[x - 1]
+                        sxx = along_aa[x + width_x] - along_aa[x - 1]
+                        saq = along_aq[x + width_x] - along_aq[x - 1]
+                    n = np.float64(counts[j, z, y, x]) if masked else np.float64(n_patch)
+                    sxy = (saq - mean_q[z, y, x] * sx) / std_q[z, y, x]
+                    var_x = sxx - sx * sx / n
+                    if var_x < 1e-6:
+                        var_x = 1e-6
+                    measure = sxy * sxy / var_x
+                    score = -measure if sxy > 0 else measure
+                    if not landed[j, z, y, x]:
+                        score = np.inf
+                    if first == 0:
+                        bar[z, y, x] = score
+                    elif score < bar[z, y, x]:
+                        best[z, y, x] = j
+                        bar[z, y, x] = score - (abs(score) + scale) * tie
+    return 0
+
+
 def search_atlas(query: np.ndarray, atlas: np.ndarray, offsets: np.ndarray, start, radius_y: int, radius_x: int,
                  landed: np.ndarray, pairs: np.ndarray | None, counts: np.ndarray | None, n_patch: int, tie: float,
-                 best: np.ndarray, threads: int) -> None:
+                 best: np.ndarray, threads: int, query_stats: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """One atlas's best offsets into ``best`` (Z, Y, X) int64, in place. query, atlas: the cut arrays (float64);
     start: where the patches of the box's first centre begin in them; landed (S, Z, Y, X): the searched patch
     exists; pairs (S, Z, extent y, extent x) and counts (S, Z, Y, X): the voxel pairs inside the image and their
-    number per patch, or None when every voxel is inside."""
+    number per patch, or None when every voxel is inside. ``query_stats``: by mean squares when None, else by
+    correlation, with the query's patch means and standard deviations (floored) at the box's centres."""
     offsets = np.ascontiguousarray(offsets, np.int64)
     start = np.asarray(start, np.int64)
     bar = np.empty(best.shape, np.float64)
@@ -117,8 +194,13 @@ def search_atlas(query: np.ndarray, atlas: np.ndarray, offsets: np.ndarray, star
         pairs, counts = np.ones((1, 1, 1, 1), bool), np.ones((1, 1, 1, 1), np.int16)
 
     def run(first, last, scale):
-        on_slices(_slices, (query, atlas, offsets, first, last, start, int(radius_y), int(radius_x), landed, masked,
-                            pairs, counts, int(n_patch), float(tie), float(scale), best, bar), best.shape[0], threads)
+        common = (query, atlas, offsets, first, last, start, int(radius_y), int(radius_x), landed, masked, pairs, counts,
+                  int(n_patch))
+        if query_stats is None:
+            on_slices(_slices, common + (float(tie), float(scale), best, bar), best.shape[0], threads)
+        else:
+            on_slices(_slices_correlation, common + tuple(query_stats) + (float(tie), float(scale), best, bar),
+                      best.shape[0], threads)
 
     run(0, 1, 0.0)
     finite = bar[np.isfinite(bar)]
