@@ -108,16 +108,15 @@ def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, rad
     """``_slices`` by correlation (ANTs' PC; ``joint_fusion.search`` with ``correlation``): three box sums per
     offset (the atlas patch, its square, its product with the query's), then the signed squared correlation
     ``-+ sxy^2 / var_x`` with ``sxy = (box(a q) - mean_q box(a)) / std_q``, ``var_x = max(box(a a) - box(a)^2 / n,
-    1e-6)``: torch's operations in torch's order."""
+    1e-6)``: torch's operations in torch's order. Row by row: the running sums down the rows are kept for the
+    last 2 r + 2 rows only, which is all a box needs, so the three sums stay in the core's cache."""
     size_y, size_x = bar.shape[1], bar.shape[2]
-    extent_y, extent_x = size_y + 2 * radius_y, size_x + 2 * radius_x
+    extent_x = size_x + 2 * radius_x
     width_y, width_x = 2 * radius_y, 2 * radius_x
-    run_a = np.empty((extent_y, extent_x))
-    run_aa = np.empty((extent_y, extent_x))
-    run_aq = np.empty((extent_y, extent_x))
-    down_a = np.empty((size_y, extent_x))
-    down_aa = np.empty((size_y, extent_x))
-    down_aq = np.empty((size_y, extent_x))
+    rows = width_y + 2  # ring of running sums: rows y - 1 .. y + 2 r
+    run_a = np.empty((rows, extent_x))
+    run_aa = np.empty((rows, extent_x))
+    run_aq = np.empty((rows, extent_x))
     along_a = np.empty(extent_x)
     along_aa = np.empty(extent_x)
     along_aq = np.empty(extent_x)
@@ -125,34 +124,37 @@ def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, rad
         for j in range(first, last):
             dz, dy, dx = offsets[j, 0], offsets[j, 1], offsets[j, 2]
             qz, qy, qx = start[0] + z, start[1], start[2]
-            for y in range(extent_y):  # running sums down the rows
+            for e in range(size_y + width_y):  # running sums down the rows, one extent row at a time
+                r, previous = e % rows, (e - 1) % rows
                 for x in range(extent_x):
-                    a = atlas[qz + dz, qy + y + dy, qx + x + dx]
-                    q = query[qz, qy + y, qx + x]
+                    a = atlas[qz + dz, qy + e + dy, qx + x + dx]
+                    q = query[qz, qy + e, qx + x]
                     if masked:  # torch multiplies by the pair mask (1 or 0)
-                        keep = 1.0 if pairs[j, z, y, x] else 0.0
+                        keep = 1.0 if pairs[j, z, e, x] else 0.0
                         a = a * keep
                         q = q * keep
                     aa, aq = a * a, a * q
-                    if y == 0:
-                        run_a[y, x], run_aa[y, x], run_aq[y, x] = a, aa, aq
+                    if e == 0:
+                        run_a[r, x], run_aa[r, x], run_aq[r, x] = a, aa, aq
                     else:
-                        run_a[y, x] = run_a[y - 1, x] + a
-                        run_aa[y, x] = run_aa[y - 1, x] + aa
-                        run_aq[y, x] = run_aq[y - 1, x] + aq
-            for x in range(extent_x):
-                down_a[0, x], down_aa[0, x], down_aq[0, x] = run_a[width_y, x], run_aa[width_y, x], run_aq[width_y, x]
-            for y in range(1, size_y):
-                for x in range(extent_x):
-                    down_a[y, x] = run_a[y + width_y, x] - run_a[y - 1, x]
-                    down_aa[y, x] = run_aa[y + width_y, x] - run_aa[y - 1, x]
-                    down_aq[y, x] = run_aq[y + width_y, x] - run_aq[y - 1, x]
-            for y in range(size_y):
+                        run_a[r, x] = run_a[previous, x] + a
+                        run_aa[r, x] = run_aa[previous, x] + aa
+                        run_aq[r, x] = run_aq[previous, x] + aq
+                y = e - width_y  # the centres' row whose box this extent row completes
+                if y < 0:
+                    continue
+                below = (y - 1) % rows
                 t_a, t_aa, t_aq = 0.0, 0.0, 0.0
-                for x in range(extent_x):  # running sums along the row
-                    t_a = t_a + down_a[y, x]
-                    t_aa = t_aa + down_aa[y, x]
-                    t_aq = t_aq + down_aq[y, x]
+                for x in range(extent_x):  # the box down the rows, then running sums along the row
+                    if y == 0:
+                        d_a, d_aa, d_aq = run_a[r, x], run_aa[r, x], run_aq[r, x]
+                    else:
+                        d_a = run_a[r, x] - run_a[below, x]
+                        d_aa = run_aa[r, x] - run_aa[below, x]
+                        d_aq = run_aq[r, x] - run_aq[below, x]
+                    t_a = t_a + d_a
+                    t_aa = t_aa + d_aa
+                    t_aq = t_aq + d_aq
                     along_a[x], along_aa[x], along_aq[x] = t_a, t_aa, t_aq
                 for x in range(size_x):
                     if x == 0:
