@@ -425,6 +425,54 @@ def test_engines_that_register_differently_after_the_global_affine_share_it(monk
     assert all(a["reused"] for a in unused.provenance["liver"]["atlases"]) and len(calls) == 4
 
 
+def test_the_bank_chooses_the_fusion_measure_by_leaving_each_atlas_out(caplog):
+    """fusion.correlation: bank. With two atlases each is segmented by the other, both ways; the query is
+    then fused by the measure chosen, exactly as an engine set to that measure fuses it; the time is reported
+    (choose_fusion) and a second query of the same bank does not choose again. A lone atlas fuses by mean
+    squares without leaving anything out."""
+    from fewshot.transfer import atlas as step
+
+    quick = {"transfer.workers": 1, "transfer.global_affine.iterations": 5, "transfer.local_affine.iterations": 5,
+             "transfer.deformable.method": "none", "transfer.in_plane.method": "none"}
+    step.AtlasTransfer(load_preset("classic")["transfer"]).forget_caches()
+
+    def engine(cases, measure):
+        e = engine_for(**{**quick, "transfer.fusion.correlation": measure})
+        for case in cases:
+            e.ingest(f"p{case}", *phantom(case))
+        return e
+
+    chooser = engine((1, 3), "bank")
+    try:
+        with caplog.at_level("INFO", logger="fewshot.transfer.fusion_choice"):
+            first = chooser.segment(phantom(2)[0])
+        chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fusion measure for this bank")]
+        left_out = [r for r in caplog.records if "left out (" in r.getMessage()]
+        assert len(chosen) == 1 and len(left_out) == 2, chosen
+        correlation = chosen[0].startswith("fusion measure for this bank: correlation")
+        assert first.timings["choose_fusion"] > 0
+        caplog.clear()
+        with caplog.at_level("INFO", logger="fewshot.transfer.fusion_choice"):
+            second = chooser.segment(phantom(4)[0])
+        assert not [r for r in caplog.records if r.name == "fewshot.transfer.fusion_choice"]  # remembered
+        assert second.timings.get("choose_fusion", 0.0) == 0.0
+    finally:
+        chooser.transfer.close()
+    fixed = engine((1, 3), correlation)
+    try:
+        assert np.array_equal(fixed.segment(phantom(2)[0]).label, first.label)
+    finally:
+        fixed.transfer.close()
+    lone, squares = engine((1,), "bank"), engine((1,), False)
+    try:
+        alone = lone.segment(phantom(2)[0])
+        assert alone.timings["choose_fusion"] == 0.0
+        assert np.array_equal(alone.label, squares.segment(phantom(2)[0]).label)
+    finally:
+        lone.transfer.close()
+        squares.transfer.close()
+
+
 def test_a_scan_is_its_own_atlas(self_segmented):
     image, label = phantom(1)
     seg = self_segmented[0]

@@ -13,7 +13,8 @@ label was saved. For a query scan (``segment_with_atlases``):
    are one job, each slice shift of its in-plane step another, queued as its 3D stages end. Always
    in the workers, even for a lone atlas: ANTs' affine repeats exactly only single-threaded. Results
    are cached per (query, atlas, labels): a re-run after one new label registers only that atlas.
-3. **fuse** their labels by joint label fusion (``fusion``), and
+3. **fuse** their labels by joint label fusion (``fusion``; with ``correlation: bank`` its search measure is
+   the one the bank's own atlases, each left out in turn, segment best: ``fusion_choice``), and
 4. **keep the pieces** the atlases say each label has (``pieces``): both kidneys under one label
    survive, specks elsewhere do not; labels every atlas draws convex in plane come out convex
    (``shape``); and, with ``extent.method: profile``, no label runs along the slices further than
@@ -28,11 +29,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, replace
 from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -41,13 +41,14 @@ import SimpleITK as sitk
 from fewshot.config import ConfigError
 from fewshot.decision import LabelDecision
 from fewshot.transfer import atlas_registration as reg
+from fewshot.transfer.atlas_settings import _PRESET, AtlasSettings
 from fewshot.transfer.atlas_start import warm_fusion, warm_worker
-from fewshot.transfer.extent import LENGTHS as EXTENT_LENGTHS, METHODS as EXTENT_METHODS, ExtentSettings, ProfileCache, limit_extent
+from fewshot.transfer.extent import ProfileCache, limit_extent
 from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
-from fewshot.transfer.mind import MindLevels
+from fewshot.transfer.fusion_choice import FusionChoices
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
-from fewshot.transfer.shape import ShapeSettings, SolidityCache, make_convex
+from fewshot.transfer.shape import SolidityCache, make_convex
 from fewshot.transfer.workers import Job, WorkerPool, run_inline, sitk_threads
 from fewshot.types import Atlas, AtlasUse, SlicePlan, SliceResult, VolumeResult
 
@@ -55,125 +56,6 @@ logger = logging.getLogger(__name__)
 
 FINGERPRINT_VERSION = "atlas-v1"
 MAX_ALIGNMENTS = 4096  # global affines kept (a few hundred bytes each) for re-runs on the same queries
-_PRESET = "configs/presets/classic.yaml"
-
-
-@dataclass(frozen=True)
-class AtlasSettings:
-    workers: int  # processes registering atlases in parallel; 1 = in the calling process (see _run)
-    threads_per_worker: int  # SimpleITK and ANTs threads inside each worker: 1 for registrations that repeat
-    start_method: str  # multiprocessing start method ("spawn" is safe in threaded servers)
-    cache_mb: int  # registered atlases kept for re-runs on the same query (LRU, by size)
-    threshold: float  # probability above which a voxel takes its most probable label (rule threshold)
-    registration: reg.RegistrationPlan
-    fusion: FusionSettings
-    shape: ShapeSettings
-    extent: ExtentSettings
-    # How fused probabilities become labels (fewshot.decision): "threshold", "distribution" (the
-    # votes are one distribution, background their remainder) or "foreground" (sum, then argmax)
-    decision: str
-
-    @classmethod
-    def from_settings(cls, settings: Mapping) -> "AtlasSettings":
-        def section(raw, kind, where: str):
-            if not isinstance(raw, Mapping):
-                raise ConfigError(f"transfer type atlas needs a {where!r} section ({_PRESET})")
-            names = [f.name for f in fields(kind)]
-            missing = [k for k in names if k not in raw and not _has_default(kind, k)]
-            if missing:
-                raise ConfigError(f"transfer.{where} needs settings {missing} ({_PRESET})")
-            return kind(**{k: tuple(raw[k]) if isinstance(raw[k], (list, tuple)) else raw[k] for k in names if k in raw})
-
-        top = ("workers", "threads_per_worker", "start_method", "cache_mb", "threshold", "decision", "margin_mm",
-               "slice_order", "slice_order_margin")
-        missing = [k for k in top if k not in settings]
-        if missing:
-            raise ConfigError(f"transfer type atlas needs settings {missing} ({_PRESET})")
-        plan = reg.RegistrationPlan(
-            global_affine=section(settings.get("global_affine"), reg.AffineLevels, "global_affine"),
-            local_affine=section(settings.get("local_affine"), reg.AffineLevels, "local_affine"),
-            deformable=section(settings.get("deformable"), reg.DemonsLevels, "deformable"),
-            in_plane=section(settings.get("in_plane"), reg.InPlaneLevels, "in_plane"),
-            mind=section(settings.get("mind"), MindLevels, "mind"),
-            margin_mm=float(settings["margin_mm"]),
-            slice_order=str(settings["slice_order"]),
-            slice_order_margin=float(settings["slice_order_margin"]),
-        )
-        out = cls(
-            workers=int(settings["workers"]), threads_per_worker=int(settings["threads_per_worker"]),
-            start_method=str(settings["start_method"]), cache_mb=int(settings["cache_mb"]),
-            threshold=float(settings["threshold"]), registration=plan,
-            fusion=section(settings.get("fusion"), FusionSettings, "fusion"),
-            shape=ShapeSettings.from_settings(settings.get("shape")),
-            extent=ExtentSettings.from_settings(settings.get("extent")),
-            decision=str(settings["decision"]),
-        )
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        p, problems = self.registration, []
-        if self.workers < 1 or self.threads_per_worker < 1:
-            problems.append("workers and threads_per_worker must be >= 1")
-        if self.start_method not in multiprocessing.get_all_start_methods():
-            problems.append(f"start_method {self.start_method!r} is not available here")
-        if p.slice_order not in ("header", "search", "geometry"):
-            problems.append(f"slice_order {p.slice_order!r} must be header, search or geometry")
-        for name in ("global_affine", "local_affine"):
-            levels = getattr(p, name)
-            if not levels.shrink_factors or min(levels.shrink_factors) < 1 or not 0 < levels.sampling <= 1:
-                problems.append(f"{name}: shrink_factors must be >= 1 and sampling in (0, 1]")
-        for name, methods in (("deformable", ("demons", "mind", "none")), ("in_plane", ("demons", "none"))):
-            levels = getattr(p, name)
-            if levels.method not in methods:
-                problems.append(f"{name}.method {levels.method!r} must be {' or '.join(methods)}")
-            if levels.method == "demons" and (len(levels.shrink_factors) != len(levels.iterations) or not levels.iterations):
-                problems.append(f"{name}: shrink_factors and iterations need the same, non-zero length")
-        m = p.mind
-        if not (m.spacing_mm > 0 and m.grid >= 1 and m.search >= 1 and m.iterations >= 1 and m.adam_grid >= 1
-                and m.smoothness >= 0 and m.max_voxels >= 1000):
-            problems.append("mind: spacing_mm > 0, grid >= 1, search >= 1, iterations >= 1, adam_grid >= 1, smoothness >= 0 "
-                            "and max_voxels >= 1000")
-        if 0 not in p.in_plane.slice_shifts or len(set(p.in_plane.slice_shifts)) != len(p.in_plane.slice_shifts):
-            problems.append("in_plane.slice_shifts must hold 0 (the registered result) and no repeats, e.g. [-1, 0, 1]")
-        if p.in_plane.affine not in ("none", "rigid", "similarity"):
-            problems.append(f"in_plane.affine {p.in_plane.affine!r} must be none, rigid or similarity")
-        if self.fusion.shifted_votes not in ("joint", "local"):
-            problems.append(f"fusion.shifted_votes {self.fusion.shifted_votes!r} must be joint or local")
-        if self.fusion.method not in ("joint", "majority"):
-            problems.append(f"fusion.method {self.fusion.method!r} must be joint or majority")
-        if len(self.fusion.patch_radius) != 3 or min(self.fusion.patch_radius) < 0:
-            problems.append("fusion.patch_radius needs three non-negative voxel counts (slice, row, column)")
-        if not (isinstance(self.fusion.nonnegative, bool) and isinstance(self.fusion.correlation, bool)):
-            problems.append("fusion.nonnegative and fusion.correlation must be true or false")
-        if len(self.fusion.patch_radius) == 3 and int(np.prod([2 * int(r) + 1 for r in self.fusion.patch_radius])) < 3:
-            problems.append("fusion.patch_radius needs a patch of at least 3 voxels (ANTs compares no smaller patch)")
-        if self.fusion.implementation not in ("vectorised", "ants"):
-            problems.append(f"fusion.implementation {self.fusion.implementation!r} must be vectorised or ants")
-        elif self.fusion.implementation == "vectorised" and self.fusion.nonnegative is True:
-            problems.append("fusion.nonnegative needs fusion.implementation: ants (the vectorised fusion solves "
-                            "without the constraint)")
-        search = self.fusion.search_radius
-        if (len(search) != 3 or min(search) < 0) if isinstance(search, tuple) else int(search) < 0:
-            problems.append("fusion.search_radius needs one or three (slice, row, column) non-negative voxel counts")
-        try:  # the rule and its threshold are checked where they are defined
-            LabelDecision(self.threshold, self.decision)
-        except ValueError as exc:
-            problems.append(str(exc))
-        if self.shape.min_solidity is not None and not 0 < self.shape.min_solidity <= 1:
-            problems.append("shape.min_solidity must lie in (0, 1], or be none")
-        if self.extent.method not in EXTENT_METHODS or self.extent.length not in EXTENT_LENGTHS or self.extent.slack < 0:
-            problems.append(f"extent.method must be one of {list(EXTENT_METHODS)}, extent.length one of "
-                            f"{list(EXTENT_LENGTHS)} and extent.slack >= 0")
-        if problems:
-            raise ConfigError("transfer atlas settings: " + "; ".join(problems))
-
-
-def _has_default(kind, name: str) -> bool:
-    from dataclasses import MISSING
-
-    f = next(f for f in fields(kind) if f.name == name)
-    return f.default is not MISSING
 
 
 def _init_worker(threads: int) -> None:
@@ -266,6 +148,8 @@ class AtlasTransfer:
         self._alignments = _ALIGNED
         self._solidities = SolidityCache()
         self._profiles = ProfileCache()
+        self._choices = FusionChoices()  # fusion.correlation: bank
+        self._choice_key = _digest(asdict(replace(self.settings, fusion=replace(self.settings.fusion, correlation=None))))
         s = self.settings
         self.pool = WorkerPool(s.workers, s.threads_per_worker, s.start_method, _init_worker, "atlas registration",
                                "registration jobs")
@@ -297,6 +181,7 @@ class AtlasTransfer:
         next query registers its atlases cold, as timing runs need."""
         self._cache.clear()
         self._alignments.clear()
+        self._choices.clear()
 
     def warm(self) -> dict[str, float]:
         """Start now what a first segmentation would otherwise start on its own clock: the worker processes
@@ -308,8 +193,10 @@ class AtlasTransfer:
             self.pool.warm(warm_worker, (self.settings.registration.deformable.method,))
             seconds["workers"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        if self.settings.fusion.method == "joint" and self.settings.fusion.implementation == "vectorised":
-            warm_fusion(self.settings.fusion)
+        fusion = self.settings.fusion
+        if fusion.method == "joint" and fusion.implementation == "vectorised":
+            for measure in (False, True) if fusion.correlation == "bank" else (fusion.correlation,):
+                warm_fusion(replace(fusion, correlation=measure))
             seconds["fusion"] = time.perf_counter() - clock
         return seconds
 
@@ -344,7 +231,9 @@ class AtlasTransfer:
         cache_key: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         directions: tuple[tuple[float, float, float], ...] = (),
+        fusion: FusionSettings | None = None,
     ) -> VolumeResult:
+        """``fusion``: this segmentation's (the preset's, with ``correlation: bank`` resolved for these atlases)."""
         labels = tuple(int(v) for v in labels)
         query = np.asarray(query, np.float32)
         spacing = tuple(float(s) for s in spacing)
@@ -372,6 +261,8 @@ class AtlasTransfer:
                 self._alignments.pop(next(iter(self._alignments)))
 
         seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0, "shape": 0.0, "extent": 0.0}
+        if fusion is None:
+            fusion, seconds["choose_fusion"] = self._fusion_for(atlases, labels, keep)
         steps = len(atlases) + min(keep, len(atlases)) if len(atlases) > keep else len(atlases)
         done = 0
 
@@ -493,7 +384,7 @@ class AtlasTransfer:
         if used:
             t0 = time.perf_counter()
             box = tuple(slice(min(c.box[d].start for c in used), max(c.box[d].stop for c in used)) for d in range(3))
-            fused = self._fuse(query, spacing, box, used, holders, labels)
+            fused = self._fuse(query, spacing, box, used, holders, labels, fusion)
             seconds["fuse"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             counts = [a.components for a in holders]
@@ -535,22 +426,41 @@ class AtlasTransfer:
                         value, first + first_slice, last + first_slice)
         return out
 
-    def _merged(self, query: np.ndarray, c: reg.Candidate) -> tuple[np.ndarray, np.ndarray]:
+    def _fusion_for(self, atlases: Sequence[Atlas], labels: tuple[int, ...], keep: int) -> tuple[FusionSettings, float]:
+        """The preset's fusion, its search measure chosen by these atlases when it says ``bank``
+        (transfer/fusion_choice.py). -> (fusion, seconds the choice took)."""
+        preset = self.settings.fusion
+        if preset.correlation != "bank":
+            return preset, 0.0
+        if preset.method != "joint":
+            return replace(preset, correlation=False), 0.0
+
+        def segment(atlas: Atlas, others: list[Atlas], correlation: bool) -> np.ndarray:
+            result = self.segment_with_atlases(atlas.image, atlas.spacing, others, labels, keep, f"atlas-{atlas.key}",
+                                               directions=atlas.directions, fusion=replace(preset, correlation=correlation))
+            values = np.asarray((0,) + tuple(result.labels), np.int64)
+            return values[self.label_decision.decide(np.stack([s.probabilities for s in result.slices], axis=1)) + 1]
+
+        choice = self._choices.choose(atlases, labels, self._choice_key, keep, segment)
+        return replace(preset, correlation=choice.correlation), choice.seconds
+
+    def _merged(self, query: np.ndarray, c: reg.Candidate, fusion: FusionSettings) -> tuple[np.ndarray, np.ndarray]:
         votes = c.votes()
         return merge_variants(query[c.box], np.stack([i for i, _ in votes]), np.stack([p for _, p in votes]),
-                              self.settings.fusion.patch_radius, self.settings.fusion.beta)
+                              fusion.patch_radius, fusion.beta)
 
     def _fuse(self, query: np.ndarray, spacing, box, used: Sequence[reg.Candidate], holders: Sequence[Atlas],
-              labels: tuple[int, ...]) -> np.ndarray:
+              labels: tuple[int, ...], fusion: FusionSettings | None = None) -> np.ndarray:
         """(L, box) fused probabilities. Each label is fused over the atlases that hold it (an atlas
         without a label abstains on it rather than voting background), labels held by the same atlases
         together; where some atlas's registered region does not reach, the atlases that do reach it
         vote by their mean (joint fusion needs every atlas's patch, and a missing one cannot be faked)."""
+        fusion = fusion or self.settings.fusion
         shape = tuple(s.stop - s.start for s in box)
         # Every vote: an atlas's registered result and its slice-shifted variants (in_plane.slice_shifts),
         # or with fusion.shifted_votes local one vote per atlas, its variants merged first.
-        if self.settings.fusion.shifted_votes == "local":
-            entries = [(c, *self._merged(query, c), atlas) for c, atlas in zip(used, holders)]
+        if fusion.shifted_votes == "local":
+            entries = [(c, *self._merged(query, c, fusion), atlas) for c, atlas in zip(used, holders)]
         else:
             entries = [(c, image, p, atlas) for c, atlas in zip(used, holders) for image, p in c.votes()]
         holders = [atlas for *_, atlas in entries]
@@ -574,7 +484,7 @@ class AtlasTransfer:
             every = len(who) == len(entries)  # no copies of the (large) votes then: the usual case
             mine = votes if every and len(channels) == len(labels) else votes[np.ix_(index, channels)]
             reach = covered if every else covered[index]
-            fused = fuse(query[box], images if every else images[index], mine, spacing, self.settings.fusion)
+            fused = fuse(query[box], images if every else images[index], mine, spacing, fusion)
             outside = ~reach.all(axis=0)
             if outside.any():  # the mean of the atlases that reach there
                 count = reach[:, outside].sum(axis=0)

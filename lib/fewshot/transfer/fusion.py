@@ -69,7 +69,8 @@ class FusionSettings:
     # picks each atlas's best-matching nearby patch by Pearson correlation, ANTs' own default, instead
     # of mean squares, antspyx's default; the weights themselves are computed the same way)
     nonnegative: bool = False
-    correlation: bool = False
+    # true, false, or "bank": chosen per bank by leaving each atlas out in turn (transfer/fusion_choice.py)
+    correlation: bool | str = False
     # joint: who computes it. "vectorised" (transfer/joint_fusion.py: ANTs' algorithm on whole arrays in torch,
     # 4-5.6x faster) or "ants" (antsJointFusion through antspyx, the reference; the only one
     # with `nonnegative`)
@@ -180,6 +181,9 @@ def _vectorised(query, images, hard, region, spacing, settings: FusionSettings):
 
 def fuse(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spacing: Sequence[float],
          settings: FusionSettings) -> np.ndarray:
+    if settings.correlation not in (True, False):
+        raise ValueError(f"fusion.correlation {settings.correlation!r}: 'bank' is resolved per bank before fusing "
+                         "(transfer/fusion_choice.py)")
     if settings.method == "majority":
         return majority(probabilities)
     return joint(query, images, probabilities, spacing, settings)
