@@ -428,8 +428,8 @@ def test_engines_that_register_differently_after_the_global_affine_share_it(monk
 def test_the_bank_chooses_the_fusion_measure_by_leaving_each_atlas_out(caplog):
     """fusion.correlation: bank. With two atlases each is segmented by the other, both ways; the query is
     then fused by the measure chosen, exactly as an engine set to that measure fuses it; the time is reported
-    (choose_fusion) and a second query of the same bank does not choose again. A lone atlas fuses by mean
-    squares without leaving anything out."""
+    (choose_fusion) and a second query of the same bank does not choose again. A lone atlas fuses by
+    correlation (fusion_choice.ALONE) without leaving anything out."""
     from fewshot.transfer import atlas as step
 
     quick = {"transfer.workers": 1, "transfer.global_affine.iterations": 5, "transfer.local_affine.iterations": 5,
@@ -463,7 +463,7 @@ def test_the_bank_chooses_the_fusion_measure_by_leaving_each_atlas_out(caplog):
         assert np.array_equal(fixed.segment(phantom(2)[0]).label, first.label)
     finally:
         fixed.transfer.close()
-    lone, squares = engine((1,), "bank"), engine((1,), False)
+    lone, squares = engine((1,), "bank"), engine((1,), True)
     try:
         alone = lone.segment(phantom(2)[0])
         assert alone.timings["choose_fusion"] == 0.0

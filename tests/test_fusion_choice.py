@@ -51,13 +51,16 @@ def test_the_measure_that_segments_the_left_out_atlases_better_is_chosen_and_rem
     assert len(segment.calls) == 30
 
 
-def test_a_lone_atlas_or_a_tie_keeps_mean_squares_and_at_most_limit_atlases_are_left_out():
+def test_a_lone_atlas_or_a_tie_takes_the_lone_measure_and_at_most_limit_atlases_are_left_out():
     choices = FusionChoices()
     lone = Segmenter()
     choice = choices.choose([atlas("a")], (1,), "s", limit=8, segment=lone)
-    assert choice.correlation is ALONE is False and lone.calls == [] and choice.dice == {}
+    assert choice.correlation is ALONE is True and lone.calls == [] and choice.dice == {}
     tie = Segmenter(equal=True)
-    assert choices.choose([atlas("a"), atlas("b")], (1,), "s", limit=8, segment=tie).correlation is False
+    assert choices.choose([atlas("a"), atlas("b")], (1,), "s", limit=8, segment=tie).correlation is ALONE
+    better = FusionChoices().choose([atlas("a"), atlas("b")], (1,), "s", limit=8,
+                                    segment=lambda a, others, correlation: Segmenter()(a, others, not correlation))
+    assert better.correlation is False  # mean squares segments better here: it is chosen and better.dice[False] == 1.0
     limited = Segmenter()
     choice = FusionChoices().choose([atlas(x) for x in "dcba"], (1,), "s", limit=2, segment=limited)
     assert choice.atlases == ("a", "b") and {c[0] for c in limited.calls} == {"a", "b"}

@@ -9,9 +9,10 @@ own (mean Dice over the left-out atlases and their labels) serves the bank's que
 run by the app on the user's labels. The two ways share every registration (only the fusion differs), and
 the registrations are cached like a query's, so a new label registers only its own pairs.
 
-A bank of one atlas has nothing to leave out: it uses mean squares, the measure that did not lose on
-either kind of scan at one labelled scan by more than it gained on the other... (see ``ALONE``). The choice
-is kept per bank content (the atlases' keys), labels and settings.
+A bank of one atlas has nothing to leave out: it fuses by correlation (``ALONE``), which nested selection
+chose at one labelled scan on cardiac MRI in every group (80.5 against 78.8) and which tied on the abdomen
+(73.5 against 73.6 on five scans). On a tie the same measure wins. The choice is kept per bank content (the
+atlases' keys), labels and settings.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from fewshot.types import Atlas
 
 logger = logging.getLogger(__name__)
 
-ALONE = False  # the measure of a bank too small to choose (False: mean squares)
+ALONE = True  # the measure of a bank too small to choose, and of a tie (True: correlation)
 MEASURES = (False, True)  # correlation off (mean squares), on
 KEPT = 64  # choices remembered (banks x label sets x settings)
 
@@ -88,8 +89,9 @@ class FusionChoices:
                 logger.info("fusion measure: atlas %s left out (%d/%d): Dice %.3f by mean squares, %.3f by correlation",
                             atlas.image_id, n, len(left_out), scores[False][-1], scores[True][-1])
             means = {m: float(np.nanmean(s)) if np.isfinite(s).any() else float("nan") for m, s in scores.items()}
-            # correlation must win outright: on a tie (or no score) the measure of a lone atlas stays
-            correlation = bool(means[True] > means[False]) if all(np.isfinite(list(means.values()))) else ALONE
+            # on a tie (or nothing scored) the measure of a lone atlas
+            decided = all(np.isfinite(list(means.values()))) and means[True] != means[False]
+            correlation = bool(means[True] > means[False]) if decided else ALONE
             choice = MeasureChoice(correlation, means, tuple(a.image_id for a in left_out), time.perf_counter() - clock)
             logger.info("fusion measure for this bank: %s (atlases %s left out in turn: mean Dice %.3f by mean squares, "
                         "%.3f by correlation; %.1f s)", choice.name, list(choice.atlases), means[False], means[True],
