@@ -428,7 +428,8 @@ def test_engines_that_register_differently_after_the_global_affine_share_it(monk
 def test_the_bank_chooses_the_fusion_measure_by_leaving_each_atlas_out(caplog):
     """fusion.correlation: bank. With two atlases each is segmented by the other, both ways; the query is
     then fused by the measure chosen, exactly as an engine set to that measure fuses it; the time is reported
-    (choose_fusion) and a second query of the same bank does not choose again. A lone atlas fuses by
+    (choose_fusion) and a second query of the same bank does not choose again, nor one whose bank was prepared
+    ahead (Engine.prepare_bank, what the app's bank worker runs after a change). A lone atlas fuses by
     correlation (fusion_choice.ALONE) without leaving anything out."""
     from fewshot.transfer import atlas as step
 
@@ -458,6 +459,17 @@ def test_the_bank_chooses_the_fusion_measure_by_leaving_each_atlas_out(caplog):
         assert second.timings.get("choose_fusion", 0.0) == 0.0
     finally:
         chooser.transfer.close()
+    ahead = engine((1, 3), "bank")  # the app's bank worker chooses after a change, before the next Run
+    try:
+        assert ahead.prepare_bank()["choose_fusion"] > 0
+        caplog.clear()
+        with caplog.at_level("INFO", logger="fewshot.transfer.fusion_choice"):
+            run = ahead.segment(phantom(2)[0])
+        assert run.timings["choose_fusion"] == 0.0 and np.array_equal(run.label, first.label)
+        assert not [r for r in caplog.records if r.name == "fewshot.transfer.fusion_choice"]
+    finally:
+        ahead.transfer.close()
+    assert engine_for(**quick).prepare_bank() == {}  # nothing to prepare with a fixed measure
     fixed = engine((1, 3), correlation)
     try:
         assert np.array_equal(fixed.segment(phantom(2)[0]).label, first.label)

@@ -182,6 +182,7 @@ class FewshotApp(MONAILabelApp):
         if self.app_config.warm_embeddings and "bank_coverage" in self._strategies:
             strategy: BankCoverage = self._strategies["bank_coverage"]
             self.worker.add_idle_task(lambda: strategy.warm_step(self.datastore()))
+        self.worker.add_idle_task(self.host.prepare_bank)
         self.worker.resync("start-up")
         self.worker.start()
         # Its own thread, not an idle task: waiting on busy workers must not hold up a saved label.

@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fewshot.annotation import Annotation
+from fewshot.atlas_offer import choice_atlases, offered_atlases
 from fewshot.bank import SupportBank
 from fewshot.bank_index import IndexSettings
 from fewshot.bank_shards import SliceBatch
@@ -517,6 +518,7 @@ class Engine:
                 prepared.canvas, prepared.geometry.spacing, atlases, values,
                 keep=config.selection.keep,
                 cache_key=prepared.key, progress=progress, directions=prepared.geometry.directions,
+                **({"choice_atlases": self.choice_atlases(values)} if getattr(self.transfer, "chooses_by_bank", False) else {}),
             )
         else:
             plans, plan_timings = self.plan(prepared, embeddings, values, options)
@@ -549,36 +551,21 @@ class Engine:
         return self.config.selection.keep
 
     def atlases_for(self, embeddings: np.ndarray, labels: Sequence[int] = (), axis: int | None = None) -> list[Atlas]:
-        """The bank's atlases holding any of ``labels`` (all when empty), offered to a scan-level
-        transfer: all of them up to ``selection.candidates``; beyond, those whose slices are closest
-        to the query's in the bank's own index (per atlas, the mean over query slices of its best
-        entry's similarity). Filtered by label first, so a label only some scans hold is not crowded
-        out by scans that lack it."""
-        wanted = {int(v) for v in labels}
-        records = {i: self.bank.record(i) for i in self.bank.atlas_ids()}
-        # A scan annotated on some slices only is no atlas: its other slices would vote "no organ".
-        records = {i: r for i, r in records.items() if (r["source"].get("annotation") or {}).get("slices") is None}
-        ids = [i for i, r in records.items() if not wanted or wanted & set(r["labels"])]
-        if axis is not None:
-            # Told, not filtered: headers of preprocessed data often name another RAS axis for the same
-            # cut (half the CMR files here), and the global affine ranks a truly foreign atlas last.
-            other = [i for i in ids if int(records[i]["atlas"].get("axis", -1)) not in (-1, int(axis))]
-            if other:
-                logger.info("atlases %s were sliced along another RAS axis than this scan (%d) by their headers",
-                            other, axis)
-        limit = self.config.selection.candidates
-        if len(ids) > limit:
-            depth = min(self.bank.num_entries, max(64, 8 * limit))
-            scores, rows = self.bank.search(embeddings, depth)
-            floor = scores[:, -1:] if scores.shape[1] else np.zeros((len(embeddings), 1), np.float32)
-            best = {i: floor[:, 0].copy() for i in ids}
-            for z, line in enumerate(rows):
-                for s, (image_id, _) in zip(scores[z], line):
-                    if image_id in best and s > best[image_id][z]:
-                        best[image_id][z] = s
-            ids = sorted(ids, key=lambda i: (-float(best[i].mean()), i))[:limit]
-            logger.info("atlas candidates by descriptor similarity: %s", ids)
-        return [self.bank.atlas(i) for i in ids]
+        """The bank's atlases offered to a scan-level transfer for one query (atlas_offer.offered_atlases)."""
+        return offered_atlases(self.bank, embeddings, labels, axis, self.config.selection.candidates)
+
+    def choice_atlases(self, labels: Sequence[int]) -> list[Atlas]:
+        """The atlases a bank's choices are made by (atlas_offer.choice_atlases)."""
+        return choice_atlases(self.bank, labels, self.config.selection.keep)
+
+    def prepare_bank(self) -> dict[str, float]:
+        """Work that depends on the bank and on no query, done ahead of the next query (the app's bank worker
+        runs it after each change): ``classic``'s fusion measure, with ``fusion.correlation: bank``. -> seconds."""
+        prepare = getattr(self.transfer, "prepare_bank", None)
+        if prepare is None or not getattr(self.transfer, "chooses_by_bank", False):
+            return {}
+        values = sorted(self.resolve_labels(None)[0].values())
+        return prepare(self.choice_atlases(values), values, self.config.selection.keep)
 
     @property
     def label_decision(self) -> LabelDecision:

@@ -248,6 +248,21 @@ class EngineHost:
             logger.info("engine started in %.1f s (%s): the first segmentation need not", sum(seconds.values()),
                         ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
 
+    def prepare_bank(self) -> bool:
+        """An idle task of the bank worker, after each change: what the engine can do for the bank ahead of the
+        next Run (``classic``'s fusion measure with ``fusion.correlation: bank``), so that no Run waits for it.
+        Not under the lock: Runs go on meanwhile (one that needs the choice waits for it rather than redo it).
+        -> False: nothing more until the next change."""
+        try:
+            seconds = self.engine.prepare_bank()
+        except Exception:  # noqa: BLE001 - an optimisation: the next Run does it itself
+            logger.exception("preparing the bank ahead of the next Run failed; the next Run does it")
+            return False
+        if sum(seconds.values()) > 0:
+            logger.info("bank prepared for the next Run in %.1f s (%s)", sum(seconds.values()),
+                        ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+        return False
+
     def transfer_summary(self) -> dict:
         """The transfer step as it runs on this device (e.g. SAM 2's input size, resolved from ``auto``)."""
         transfer = self.engine.transfer

@@ -232,8 +232,10 @@ class AtlasTransfer:
         progress: Callable[[int, int], None] | None = None,
         directions: tuple[tuple[float, float, float], ...] = (),
         fusion: FusionSettings | None = None,
+        choice_atlases: Sequence[Atlas] | None = None,
     ) -> VolumeResult:
-        """``fusion``: this segmentation's (the preset's, with ``correlation: bank`` resolved for these atlases)."""
+        """``fusion``: this segmentation's (default: the preset's, ``correlation: bank`` resolved by
+        ``choice_atlases``, the bank's atlases left out in turn; by ``atlases`` when not given)."""
         labels = tuple(int(v) for v in labels)
         query = np.asarray(query, np.float32)
         spacing = tuple(float(s) for s in spacing)
@@ -262,7 +264,8 @@ class AtlasTransfer:
 
         seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0, "shape": 0.0, "extent": 0.0}
         if fusion is None:
-            fusion, seconds["choose_fusion"] = self._fusion_for(atlases, labels, keep)
+            chooser = [a for a in (atlases if choice_atlases is None else choice_atlases) if set(a.labels) & set(labels)]
+            fusion, seconds["choose_fusion"] = self._fusion_for(chooser, labels, keep)
         steps = len(atlases) + min(keep, len(atlases)) if len(atlases) > keep else len(atlases)
         done = 0
 
@@ -425,6 +428,15 @@ class AtlasTransfer:
             logger.info("label %s ran past the extent its atlases allow: kept to slices %d-%d",
                         value, first + first_slice, last + first_slice)
         return out
+
+    @property
+    def chooses_by_bank(self) -> bool:
+        return self.settings.fusion.correlation == "bank"
+
+    def prepare_bank(self, atlases: Sequence[Atlas], labels: Sequence[int], keep: int) -> dict[str, float]:
+        """The fusion measure of this bank chosen ahead of its next query (``Engine.prepare_bank``). -> seconds."""
+        labels = tuple(int(v) for v in labels)
+        return {"choose_fusion": self._fusion_for([a for a in atlases if set(a.labels) & set(labels)], labels, keep)[1]}
 
     def _fusion_for(self, atlases: Sequence[Atlas], labels: tuple[int, ...], keep: int) -> tuple[FusionSettings, float]:
         """The preset's fusion, its search measure chosen by these atlases when it says ``bank``

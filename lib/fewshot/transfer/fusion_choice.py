@@ -72,7 +72,7 @@ class FusionChoices:
                segment: Callable[[Atlas, list[Atlas], bool], np.ndarray]) -> MeasureChoice:
         """``segment(atlas, others, correlation)``: the atlas's label map (its canvas) fused from the others."""
         left_out = sorted(atlases, key=lambda a: a.image_id)[:max(2, int(limit))]
-        labels = tuple(int(v) for v in labels)
+        labels = tuple(sorted(int(v) for v in labels))
         if len(left_out) < 2:
             return MeasureChoice(ALONE, {}, (), 0.0)
         key = hashlib.sha256(json.dumps([sorted(a.key for a in left_out), labels, settings_key]).encode()).hexdigest()
