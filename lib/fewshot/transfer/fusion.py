@@ -24,7 +24,10 @@ local search compares patches by Pearson correlation, ANTs' own default, where a
 squares) and ``nonnegative`` (``-c 1``: non-negative joint weights). Nested selection chose both in
 most groups, but what that choice is worth was mixed across runs (+0.5 to −0.3 Dice) and the
 constraint costs 30–50 % more fusion time (docs/results.md, "Joint fusion's patch search by
-correlation").
+correlation"). With today's patches and registration, correlation won nested selection on CMR in every
+group and lost on CHAOS in every group: it stays off, and ``correlation: bank`` lets the bank's own atlases
+choose (``fusion_choice.py``; docs/results.md, "Joint fusion's search by correlation, and the measure
+chosen by the bank").
 
 An atlas refined in plane with slice offsets (``in_plane.slice_shifts``) casts several variants.
 ``shifted_votes: joint`` hands every variant to joint fusion as a vote of its own (K atlases x S
