@@ -54,6 +54,20 @@ def _compiled(function):
         return numba.njit(nogil=True)(function)
 
 
+@numba.njit(inline="always")
+def _keep(score, j, z, y, x, landed, first, best, bar, scale, tie):  # pragma: no cover - compiled
+    """Offset ``j``'s score at centre (z, y, x), either search's: infinite where its patch did not land; with
+    ``first == 0`` stored as the bar (the caller lowers it); otherwise, below the bar, the best offset there,
+    its tolerance-lowered score the new bar."""
+    if not landed[j, z, y, x]:
+        score = np.inf
+    if first == 0:
+        bar[z, y, x] = score
+    elif score < bar[z, y, x]:
+        best[z, y, x] = j
+        bar[z, y, x] = score - (abs(score) + scale) * tie
+
+
 @_compiled
 def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, landed, masked, pairs, counts,
             n_patch, tie, scale, best, bar, z0, z1):  # pragma: no cover - compiled
@@ -91,14 +105,7 @@ def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, lande
                 for x in range(size_x):
                     box = along[width_x] if x == 0 else along[x + width_x] - along[x - 1]
                     n = np.float64(counts[j, z, y, x]) if masked else np.float64(n_patch)
-                    score = box / n
-                    if not landed[j, z, y, x]:
-                        score = np.inf
-                    if first == 0:
-                        bar[z, y, x] = score
-                    elif score < bar[z, y, x]:
-                        best[z, y, x] = j
-                        bar[z, y, x] = score - (abs(score) + scale) * tie
+                    _keep(box / n, j, z, y, x, landed, first, best, bar, scale, tie)
     return 0
 
 
@@ -169,14 +176,7 @@ def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, rad
                     if var_x < 1e-6:
                         var_x = 1e-6
                     measure = sxy * sxy / var_x
-                    score = -measure if sxy > 0 else measure
-                    if not landed[j, z, y, x]:
-                        score = np.inf
-                    if first == 0:
-                        bar[z, y, x] = score
-                    elif score < bar[z, y, x]:
-                        best[z, y, x] = j
-                        bar[z, y, x] = score - (abs(score) + scale) * tie
+                    _keep(-measure if sxy > 0 else measure, j, z, y, x, landed, first, best, bar, scale, tie)
     return 0
 
 
