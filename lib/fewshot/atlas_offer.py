@@ -51,8 +51,10 @@ def offered_atlases(bank: SupportBank, embeddings: np.ndarray, labels: Sequence[
     return [bank.atlas(i) for i in ids]
 
 
-def choice_atlases(bank: SupportBank, labels: Sequence[int], keep: int) -> list[Atlas]:
+def choice_atlases(bank: SupportBank, labels: Sequence[int], keep: int, loaded: Sequence[Atlas] = ()) -> list[Atlas]:
     """The atlases a transfer that chooses by its bank (``classic``'s ``fusion.correlation: bank``) leaves out in
     turn: whole labelled scans holding any of ``labels``, the first ``keep`` by image id. The same for every
-    query of a bank, so a choice made ahead (``Engine.prepare_bank``) is the one each query needs."""
-    return [bank.atlas(i) for i in sorted(atlas_records(bank, labels))[:int(keep)]]
+    query of a bank, so a choice made ahead (``Engine.prepare_bank``) is the one each query needs. Atlases in
+    ``loaded`` (a query's offered ones) are not read again."""
+    read = {a.image_id: a for a in loaded}
+    return [read.get(i) or bank.atlas(i) for i in sorted(atlas_records(bank, labels))[:int(keep)]]

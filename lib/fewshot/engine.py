@@ -518,7 +518,8 @@ class Engine:
                 prepared.canvas, prepared.geometry.spacing, atlases, values,
                 keep=config.selection.keep,
                 cache_key=prepared.key, progress=progress, directions=prepared.geometry.directions,
-                **({"choice_atlases": self.choice_atlases(values)} if getattr(self.transfer, "chooses_by_bank", False) else {}),
+                **({"choice_atlases": self.choice_atlases(values, atlases)}
+                   if getattr(self.transfer, "chooses_by_bank", False) else {}),
             )
         else:
             plans, plan_timings = self.plan(prepared, embeddings, values, options)
@@ -554,9 +555,9 @@ class Engine:
         """The bank's atlases offered to a scan-level transfer for one query (atlas_offer.offered_atlases)."""
         return offered_atlases(self.bank, embeddings, labels, axis, self.config.selection.candidates)
 
-    def choice_atlases(self, labels: Sequence[int]) -> list[Atlas]:
+    def choice_atlases(self, labels: Sequence[int], loaded: Sequence[Atlas] = ()) -> list[Atlas]:
         """The atlases a bank's choices are made by (atlas_offer.choice_atlases)."""
-        return choice_atlases(self.bank, labels, self.config.selection.keep)
+        return choice_atlases(self.bank, labels, self.config.selection.keep, loaded)
 
     def prepare_bank(self) -> dict[str, float]:
         """Work that depends on the bank and on no query, done ahead of the next query (the app's bank worker

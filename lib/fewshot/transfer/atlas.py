@@ -264,8 +264,8 @@ class AtlasTransfer:
 
         seconds = {"select": 0.0, "register": 0.0, "fuse": 0.0, "pieces": 0.0, "shape": 0.0, "extent": 0.0}
         if fusion is None:
-            chooser = [a for a in (atlases if choice_atlases is None else choice_atlases) if set(a.labels) & set(labels)]
-            fusion, seconds["choose_fusion"] = self._fusion_for(chooser, labels, keep)
+            fusion, seconds["choose_fusion"] = self._fusion_for(atlases if choice_atlases is None else choice_atlases,
+                                                                labels, keep)
         steps = len(atlases) + min(keep, len(atlases)) if len(atlases) > keep else len(atlases)
         done = 0
 
@@ -436,11 +436,11 @@ class AtlasTransfer:
     def prepare_bank(self, atlases: Sequence[Atlas], labels: Sequence[int], keep: int) -> dict[str, float]:
         """The fusion measure of this bank chosen ahead of its next query (``Engine.prepare_bank``). -> seconds."""
         labels = tuple(int(v) for v in labels)
-        return {"choose_fusion": self._fusion_for([a for a in atlases if set(a.labels) & set(labels)], labels, keep)[1]}
+        return {"choose_fusion": self._fusion_for(atlases, labels, keep)[1]}
 
     def _fusion_for(self, atlases: Sequence[Atlas], labels: tuple[int, ...], keep: int) -> tuple[FusionSettings, float]:
-        """The preset's fusion, its search measure chosen by these atlases when it says ``bank``
-        (transfer/fusion_choice.py). -> (fusion, seconds the choice took)."""
+        """The preset's fusion, its search measure chosen by those of these atlases that hold any of ``labels``
+        when it says ``bank`` (transfer/fusion_choice.py). -> (fusion, seconds the choice took)."""
         preset = self.settings.fusion
         if preset.correlation != "bank":
             return preset, 0.0
@@ -453,7 +453,8 @@ class AtlasTransfer:
             values = np.asarray((0,) + tuple(result.labels), np.int64)
             return values[self.label_decision.decide(np.stack([s.probabilities for s in result.slices], axis=1)) + 1]
 
-        choice = self._choices.choose(atlases, labels, self._choice_key, keep, segment)
+        holding = [a for a in atlases if set(a.labels) & set(labels)]
+        choice = self._choices.choose(holding, labels, self._choice_key, keep, segment)
         return replace(preset, correlation=choice.correlation), choice.seconds
 
     def _merged(self, query: np.ndarray, c: reg.Candidate, fusion: FusionSettings) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,8 @@
 The search can compare patches by mean squares or by correlation (ANTs' PC, blind to a local intensity
 scale). Nested selection chose correlation on cardiac bSSFP in every group (CMR 3 / 5 shots) and mean
 squares on abdominal T2 in every group (CHAOS 3 shots): neither is right for every kind of scan, and a
-clinic's scans are its own (docs/results.md, "The search measure chosen by the bank"). So each atlas in
+clinic's scans are its own (docs/results.md, "Joint fusion's search by correlation, and the measure chosen
+by the bank"). So each atlas in
 turn is segmented by the others, both ways, and the measure whose labels agree better with the atlases'
 own (mean Dice over the left-out atlases and their labels) serves the bank's queries: nested selection,
 run by the app on the user's labels. The two ways share every registration (only the fusion differs), and
@@ -26,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from fewshot.eval.metrics import dice as overlap
 from fewshot.types import Atlas
 
 logger = logging.getLogger(__name__)
@@ -49,11 +51,7 @@ class MeasureChoice:
 
 def dice(predicted: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> float:
     """Mean Dice over ``labels`` the truth holds (a label neither holds is not scored)."""
-    scores = []
-    for v in labels:
-        p, t = predicted == v, truth == v
-        if t.any():
-            scores.append(2.0 * float((p & t).sum()) / float(p.sum() + t.sum()))
+    scores = [overlap(predicted == v, truth == v) for v in labels if (truth == v).any()]
     return float(np.mean(scores)) if scores else float("nan")
 
 
