@@ -46,6 +46,8 @@ STEP_PAUSE_ENV, STEP_PAUSE = "FEWSHOT_APP_TEST_INFER_STEP_PAUSE", 0.1
 PROGRESS_SHOWN = re.compile(r"^Running fewshot… \d+ s \([a-z][a-z_ ]* \d+/\d+")
 PAGE_TIMEOUT = 120
 INFER_TIMEOUT = 300
+# A stroke's paint reaches the labelmap within a frame or two; a loaded machine can take seconds.
+STROKE_TIMEOUT = 30
 
 # Console errors that say nothing about the app: web fonts from the internet (none in CI), and the
 # stock build's manifest naming its icons under /assets/ instead of /ohif/assets/.
@@ -90,6 +92,17 @@ const c = vp.canvas, d = c.getContext('2d').getImageData(0, 0, c.width, c.height
 let lit = 0;
 for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i + 1] + d[i + 2] > 30) lit++; }
 return {index: vp.getCurrentImageIdIndex(), count: vp.getImageIds().length, lit: lit / (d.length / 4)};
+"""
+
+
+# How much of a viewport's canvas (arguments[0]) is not black: the image is on it.
+LIT_JS = """
+const g = arguments[0].getContext('2d');
+if (!g) return 0;
+const d = g.getImageData(0, 0, arguments[0].width, arguments[0].height).data;
+let lit = 0;
+for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i + 1] + d[i + 2] > 30) lit++; }
+return lit / (d.length / 4);
 """
 
 
@@ -153,14 +166,29 @@ class Page:
         self.d.save_screenshot(str(ARTIFACTS / f"{self.step:02d}-{name}.png"))
 
     def wait(self, condition, timeout: float, what: str):
+        """Polls ``condition`` until it is true. A page that is still loading or changing views can fail a
+        poll (a script reading a view not set up yet, an element replaced as it is read): that is "not yet",
+        and the last such failure is named if the time runs out."""
+        from selenium.common.exceptions import (JavascriptException, NoSuchElementException,
+                                                StaleElementReferenceException, TimeoutException)
         from selenium.webdriver.support.ui import WebDriverWait
 
+        last: list[Exception] = []
+
+        def poll(_driver):
+            try:
+                return condition()
+            except (JavascriptException, NoSuchElementException, StaleElementReferenceException) as exc:
+                last[:] = [exc]
+                return False
+
         try:
-            return WebDriverWait(self.d, timeout, poll_frequency=0.25).until(lambda d: condition())
-        except Exception:
+            return WebDriverWait(self.d, timeout, poll_frequency=0.25).until(poll)
+        except TimeoutException:
             self.shot(f"timeout-{re.sub(r'[^a-z]+', '-', what.lower())}")
             self.drain()
-            raise AssertionError(f"{what}: not after {timeout} s; console: {self.unexpected_errors()[-5:]}") from None
+            failed = f"; the last poll failed: {str(last[0]).splitlines()[0]}" if last else ""
+            raise AssertionError(f"{what}: not after {timeout} s{failed}; console: {self.unexpected_errors()[-5:]}") from None
 
     def drain(self) -> None:
         self.console += self.d.get_log("browser")
@@ -332,14 +360,14 @@ def test_ohif_annotation_loop_in_headless_chromium(server, pacs, orthanc, browse
     axial = browser.find_elements(By.CSS_SELECTOR, ".cornerstone-viewport-element canvas, canvas")[0]
     ActionChains(browser).move_to_element_with_offset(axial, -60, -20).click_and_hold().move_by_offset(30, 0) \
         .move_by_offset(30, 10).move_by_offset(30, 10).release().perform()
-    page.wait(lambda: (page.labelmap() or {}).get("counts", {}).get(str(liver), 0) > shown["counts"].get(str(liver), 0), 10, "the brush stroke")
+    page.wait(lambda: (page.labelmap() or {}).get("counts", {}).get(str(liver), 0) > shown["counts"].get(str(liver), 0), STROKE_TIMEOUT, "the brush stroke")
     brushed = page.labelmap(data=True)
     painted = (brushed["array"] == liver) & (shown["array"] != liver)
     assert painted.any() and np.array_equal(brushed["array"][~painted], shown["array"][~painted])
     page.shot("brush")
     page.click(By.ID, "fewshot-eraser")
     ActionChains(browser).move_to_element_with_offset(axial, 30, 40).click_and_hold().move_by_offset(25, 0).release().perform()
-    page.wait(lambda: sum((page.labelmap() or {}).get("counts", {}).values()) < sum(brushed["counts"].values()), 10, "the eraser stroke")
+    page.wait(lambda: sum((page.labelmap() or {}).get("counts", {}).values()) < sum(brushed["counts"].values()), STROKE_TIMEOUT, "the eraser stroke")
     corrected = page.labelmap(data=True)
     erased = (corrected["array"] == 0) & (brushed["array"] != 0)
     assert erased.any() and np.array_equal(corrected["array"][~erased], brushed["array"][~erased])
@@ -401,8 +429,10 @@ def test_ohif_annotation_loop_in_headless_chromium(server, pacs, orthanc, browse
     Select(browser.find_element(By.ID, "fewshot-label")).select_by_value(str(liver))
     page.click(By.ID, "fewshot-brush")
     axial = browser.find_elements(By.CSS_SELECTOR, ".cornerstone-viewport-element canvas, canvas")[0]
+    # reloaded, the viewport may still be drawing the series: the stroke goes on the image, as a user's would
+    page.wait(lambda: browser.execute_script(LIT_JS, axial) > 0.05, PAGE_TIMEOUT, "the reloaded study's image")
     ActionChains(browser).move_to_element_with_offset(axial, -30, 0).click_and_hold().move_by_offset(40, 0).release().perform()
-    page.wait(lambda: (page.labelmap() or {}).get("counts", {}).get(str(liver), 0) > 0, 10, "a stroke on an empty labelmap")
+    page.wait(lambda: (page.labelmap() or {}).get("counts", {}).get(str(liver), 0) > 0, STROKE_TIMEOUT, "a stroke on an empty labelmap")
     drawn = page.labelmap(data=True)
     slices = np.nonzero(drawn["array"].any(axis=(0, 1)))[0].tolist()
     assert 0 < len(slices) < drawn["array"].shape[2]
