@@ -547,22 +547,3 @@ def test_carry_takes_a_label_from_its_given_slices_through_its_own_scan(transfer
     carried = [z for z in range(span[0], span[1] + 1) if z not in zs and truth[z].any()]
     assert len(carried) >= 5
     assert np.mean([dice(probs[z] > 0.5, truth[z]) for z in carried]) >= 0.75
-
-
-def test_carry_waves_start_each_run_at_its_middle_and_step_outwards():
-    """`within_run: carried`: slices with the same supports and labels, consecutive, form a run; its
-    middle slice comes from the supports (wave 0), every other slice from its neighbour towards it."""
-    from fewshot.transfer.registration import carry_waves
-
-    blank = np.zeros((4, 4), np.float32)
-
-    def plan(z: int, source_slice: int, labels=(1,)) -> SlicePlan:
-        return SlicePlan(z, [Support(SupportRef("s", source_slice), blank, blank.astype(np.uint16), (1,))], labels)
-
-    # slices 0-4 share support slice 10; 5-6 support slice 20; 7 a different label set; 9 after a gap
-    plans = [plan(z, 10) for z in range(5)] + [plan(5, 20), plan(6, 20), plan(7, 20, (1, 2)), plan(8, 20), plan(9, 20)]
-    waves = carry_waves(plans, [0, 1, 2, 3, 4, 5, 6, 7, 9])
-    assert waves[0] == {2: None, 5: None, 7: None, 9: None}
-    assert waves[1] == {1: 2, 3: 2, 6: 5}
-    assert waves[2] == {0: 1, 4: 3}
-    assert len(waves) == 3

@@ -104,12 +104,6 @@ class RegistrationSettings:
     deformable: DeformableStage
     fusion: FusionStage
     consistency: ConsistencyStage
-    # Slices that share their supports (a protocol's chunk, e.g. alpnet's: one support slice for a third
-    # of the organ) are segmented "independently" (each from the supports) or "carried": the run's middle
-    # slice from the supports, every other slice from its neighbour towards the middle, already segmented,
-    # in the query itself ("carried+supports": from both, fused locally). A support slice matches one
-    # level of the organ; the query's own neighbour is the same patient one slice away.
-    within_run: str = "independent"
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "RegistrationSettings":
@@ -145,13 +139,8 @@ class RegistrationSettings:
             problems.append("consistency.z_weights must have odd length, non-negative weights and a positive centre")
         if self.start_method not in multiprocessing.get_all_start_methods():
             problems.append(f"start_method {self.start_method!r} is not available here")
-        if self.within_run not in WITHIN_RUN:
-            problems.append(f"within_run {self.within_run!r} must be one of {', '.join(WITHIN_RUN)}")
         if problems:
             raise ConfigError("transfer registration settings: " + "; ".join(problems))
-
-
-WITHIN_RUN = ("independent", "carried", "carried+supports")
 
 
 # ---------------------------------------------------------------------------------- registration
@@ -337,39 +326,6 @@ def carry_slice(target: np.ndarray, neighbours: Sequence[tuple[np.ndarray, np.nd
     return fuse_votes(target, np.stack([w[0] for w in warped]), np.stack([w[1] for w in warped]), settings.fusion)[0]
 
 
-def carry_waves(plans: Sequence[SlicePlan], work: Sequence[int]) -> list[dict[int, int | None]]:
-    """The order in which slices that share their supports are segmented when carried (``within_run``):
-    wave 0 holds each run's middle slice (source None: from its supports), wave d the slices d away from
-    it, each with its source, the slice next to it towards the middle. A run is consecutive slices with
-    the same supports and allowed labels."""
-    def key(z: int) -> tuple:
-        return tuple((s.ref.image_id, s.ref.slice_index, s.ref.augmentation) for s in plans[z].supports), plans[z].labels
-
-    runs: list[list[int]] = []
-    for z in sorted(work):
-        if runs and runs[-1][-1] == z - 1 and key(runs[-1][-1]) == key(z):
-            runs[-1].append(z)
-        else:
-            runs.append([z])
-    waves: list[dict[int, int | None]] = []
-    for run in runs:
-        middle = run[(len(run) - 1) // 2]
-        for z in run:
-            d = abs(z - middle)
-            while len(waves) <= d:
-                waves.append({})
-            waves[d][z] = None if d == 0 else z + (1 if z < middle else -1)
-    return waves
-
-
-def label_map(probs: np.ndarray, labels: Sequence[int], threshold: float) -> np.ndarray:
-    """(L, S, S) probabilities -> (S, S) label map: the most probable label where it exceeds ``threshold``."""
-    if not len(labels):
-        return np.zeros(probs.shape[1:], np.uint16)
-    values = np.asarray(labels, np.uint16)[probs.argmax(0)]
-    return np.where(probs.max(0) > threshold, values, 0).astype(np.uint16)
-
-
 # ---------------------------------------------------------------------------------- 3D consistency
 
 
@@ -506,23 +462,18 @@ class RegistrationTransfer:
             if done % s.log_every == 0 or done == n:
                 logger.info("registration transfer: %d/%d slices", done, n)
 
-        def job(z: int, source: int | None) -> tuple:
+        def job(z: int) -> tuple:
             supports = [(sup.image, sup.mask) for sup in plans[z].supports]
-            if source is not None:  # carried: the neighbour towards the run's middle, as segmented
-                neighbour = (query[source], label_map(probs[source], labels, s.consistency.threshold))
-                supports = [neighbour] + (supports if s.within_run == "carried+supports" else [])
             return (query[z], supports, labels, plans[z].labels, s)
 
-        waves = [dict.fromkeys(work)] if s.within_run == "independent" else carry_waves(plans, work)
-        for wave in waves:  # each wave's slices are independent of each other: the pool runs them together
-            remaining = list(wave)
-            if s.workers > 1 and len(wave) > 1:
-                left = self.pool.run(segment_slice, {z: job(z, source) for z, source in wave.items()}, record)
-                remaining = [z for z in wave if z in left]
-            if remaining:
-                with sitk_threads(s.threads_per_worker):
-                    for z in remaining:
-                        record(z, segment_slice(*job(z, wave[z])))
+        remaining = work
+        if s.workers > 1 and len(work) > 1:
+            left = self.pool.run(segment_slice, {z: job(z) for z in work}, record)
+            remaining = [z for z in work if z in left]
+        if remaining:
+            with sitk_threads(s.threads_per_worker):
+                for z in remaining:
+                    record(z, segment_slice(*job(z)))
 
         t0 = time.perf_counter()
         c = s.consistency
