@@ -82,28 +82,29 @@ return {dimensions: Array.from(v.dimensions), spacing: Array.from(v.spacing), or
         direction: Array.from(v.direction)};
 """
 
-# The stack viewport of the Basic Viewer and Segmentation modes: which slice it shows, and how much
-# of its canvas is not black (cornerstone draws each viewport on a 2D canvas).
-STACK_JS = """
+# How much of a viewport's 2D canvas is not black, i.e. shows the image (cornerstone copies each
+# viewport's rendering onto a 2D canvas of its own).
+LIT_FUNCTION = """
+function litFraction(c) {
+  const g = c.getContext('2d');
+  if (!g) return 0;
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  let lit = 0;
+  for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i + 1] + d[i + 2] > 30) lit++; }
+  return lit / (d.length / 4);
+}
+"""
+
+# The stack viewport of the Basic Viewer and Segmentation modes: which slice it shows, and how lit it is.
+STACK_JS = LIT_FUNCTION + """
 const engine = window.cornerstone && window.cornerstone.getRenderingEngines()[0];
 const vp = engine && engine.getViewports().find(v => v.type === 'stack' && v.getImageIds().length);
 if (!vp || !vp.getCurrentImageId()) return null;
-const c = vp.canvas, d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-let lit = 0;
-for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i + 1] + d[i + 2] > 30) lit++; }
-return {index: vp.getCurrentImageIdIndex(), count: vp.getImageIds().length, lit: lit / (d.length / 4)};
+return {index: vp.getCurrentImageIdIndex(), count: vp.getImageIds().length, lit: litFraction(vp.canvas)};
 """
 
-
-# How much of a viewport's canvas (arguments[0]) is not black: the image is on it.
-LIT_JS = """
-const g = arguments[0].getContext('2d');
-if (!g) return 0;
-const d = g.getImageData(0, 0, arguments[0].width, arguments[0].height).data;
-let lit = 0;
-for (let i = 0; i < d.length; i += 4) { if (d[i] + d[i + 1] + d[i + 2] > 30) lit++; }
-return lit / (d.length / 4);
-"""
+# How lit the canvas passed as arguments[0] is.
+LIT_JS = LIT_FUNCTION + "return litFraction(arguments[0]);"
 
 
 # What a user's scrolling does: the stack viewport to its middle slice.
