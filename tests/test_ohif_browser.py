@@ -188,7 +188,8 @@ class Page:
         except TimeoutException:
             self.shot(f"timeout-{re.sub(r'[^a-z]+', '-', what.lower())}")
             self.drain()
-            failed = f"; the last poll failed: {str(last[0]).splitlines()[0]}" if last else ""
+            # the type, and the first line of selenium's message (the rest is a stack trace)
+            failed = f"; the last poll failed: {type(last[0]).__name__}: {(str(last[0]).splitlines() or [''])[0]}" if last else ""
             raise AssertionError(f"{what}: not after {timeout} s{failed}; console: {self.unexpected_errors()[-5:]}") from None
 
     def drain(self) -> None:
