@@ -44,13 +44,14 @@ default and ``local`` an option for speed (docs/results.md, "Faster fusion of th
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from fewshot.transfer.workers import pin_ants_threads
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def joint(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spac
         if settings.nonnegative:
             raise ValueError("fusion.nonnegative needs fusion.implementation: ants")
         return _placed(out, region, zip(*_vectorised(query, images, hard, region, spacing, settings)))
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(settings.threads)
+    pin_ants_threads(settings.threads)
     import ants  # heavy (2-3 s): only where fusion runs
 
     def image(array):

@@ -261,3 +261,28 @@ def sitk_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
+# ANTs' ITK reads ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS once, when ANTs first runs a filter in the process
+# (not when it is imported), and keeps that count: the count pinned here by the first call, if any.
+_ants_threads: int | None = None
+_ants_warned = False
+_ants_lock = threading.Lock()
+
+
+def pin_ants_threads(threads: int) -> int:
+    """Have ANTs run with ``threads`` ITK threads in this process, if nothing has pinned a count yet; call
+    it before any ANTs call. ANTs' Mattes affine and antsJointFusion repeat exactly only with one thread
+    (measured: with two, the same affine differs from run to run), so a caller asking for one thread when
+    another count was pinned first is warned that its results will not repeat. -> the count in force."""
+    global _ants_threads, _ants_warned
+    with _ants_lock:
+        if _ants_threads is None:
+            os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
+            _ants_threads = int(threads)
+        elif _ants_threads != threads and threads == 1 and not _ants_warned:
+            _ants_warned = True
+            logger.warning("ANTs already runs with %d ITK threads in this process, not 1: its registrations and "
+                           "fusions here will not repeat exactly from run to run", _ants_threads)
+        return _ants_threads
+
