@@ -91,6 +91,10 @@ def test_atlas_settings_reject_what_they_cannot_run():
         with pytest.raises(ConfigError, match=problem):
             AtlasTransfer({**good, "fusion": {**good["fusion"], **fusion}})
     AtlasTransfer({**good, "fusion": {**good["fusion"], "nonnegative": True, "implementation": "ants"}}).close()
+    for correlation in (1, 0, -3, "4", 2.5, "always"):  # a count of atlases is a whole number from 2
+        with pytest.raises(ConfigError, match="fusion.correlation"):
+            AtlasTransfer({**good, "fusion": {**good["fusion"], "correlation": correlation}})
+    AtlasTransfer({**good, "fusion": {**good["fusion"], "correlation": 2}}).close()
     with pytest.raises(ConfigError, match="deformable"):
         AtlasTransfer({k: v for k, v in good.items() if k != "deformable"})
     with pytest.raises(ConfigError, match="slice_shifts"):
@@ -483,6 +487,40 @@ def test_the_bank_chooses_the_fusion_measure_by_leaving_each_atlas_out(caplog):
     finally:
         lone.transfer.close()
         squares.transfer.close()
+
+
+def test_a_number_of_atlases_switches_the_fusion_to_correlation_from_that_count_on(monkeypatch):
+    """fusion.correlation: N. A query fused from fewer than N atlases is fused by mean squares, from N on by
+    correlation: the measure joint fusion is handed, and labels identical to an engine fixed to that measure."""
+    from fewshot.transfer import atlas as step
+
+    quick = {"transfer.workers": 1, "transfer.global_affine.iterations": 5, "transfer.local_affine.iterations": 5,
+             "transfer.deformable.method": "none", "transfer.in_plane.method": "none"}
+    measures = []
+    real_fuse = step.fuse
+
+    def fuse(query, images, probabilities, spacing, settings):
+        measures.append(settings.correlation)
+        return real_fuse(query, images, probabilities, spacing, settings)
+
+    monkeypatch.setattr(step, "fuse", fuse)
+
+    def segment(cases, measure) -> np.ndarray:
+        engine = engine_for(**{**quick, "transfer.fusion.correlation": measure})
+        try:
+            for case in cases:
+                engine.ingest(f"p{case}", *phantom(case))
+            measures.clear()
+            return engine.segment(phantom(2)[0]).label
+        finally:
+            engine.transfer.close()
+
+    for cases, expected in (((1,), False), ((1, 3), True)):
+        by_rule = segment(cases, 2)
+        assert measures and set(measures) == {expected}, (cases, measures)
+        assert np.array_equal(by_rule, segment(cases, expected))
+    segment((1, 3), 3)  # two atlases, short of three
+    assert measures and set(measures) == {False}
 
 
 def test_a_scan_is_its_own_atlas(self_segmented):

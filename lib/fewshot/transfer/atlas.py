@@ -44,7 +44,7 @@ from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.atlas_settings import _PRESET, AtlasSettings
 from fewshot.transfer.atlas_start import warm_fusion, warm_worker
 from fewshot.transfer.extent import ProfileCache, limit_extent
-from fewshot.transfer.fusion import FusionSettings, fuse, merge_variants
+from fewshot.transfer.fusion import FusionSettings, fuse, fusion_rule, merge_variants
 from fewshot.transfer.fusion_choice import FusionChoices
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
@@ -193,7 +193,8 @@ class AtlasTransfer:
         clock = time.perf_counter()
         fusion = self.settings.fusion
         if fusion.method == "joint" and fusion.implementation == "vectorised":
-            for measure in (False, True) if fusion.correlation == "bank" else (fusion.correlation,):
+            both = fusion.correlation == "bank" or fusion_rule(fusion.correlation) is not None
+            for measure in (False, True) if both else (fusion.correlation,):
                 warm_fusion(replace(fusion, correlation=measure))
             seconds["fusion"] = time.perf_counter() - clock
         return seconds
@@ -235,7 +236,8 @@ class AtlasTransfer:
         choice_atlases: Sequence[Atlas] | None = None,
     ) -> VolumeResult:
         """``fusion``: this segmentation's (default: the preset's, ``correlation: bank`` resolved by
-        ``choice_atlases``, the bank's atlases left out in turn; by ``atlases`` when not given)."""
+        ``choice_atlases``, the bank's atlases left out in turn, and a number by how many atlases are fused;
+        by ``atlases`` when not given)."""
         labels = tuple(int(v) for v in labels)
         query = np.asarray(query, np.float32)
         spacing = tuple(float(s) for s in spacing)
@@ -442,6 +444,9 @@ class AtlasTransfer:
         """The preset's fusion, its search measure chosen by those of these atlases that hold any of ``labels``
         when it says ``bank`` (transfer/fusion_choice.py). -> (fusion, seconds the choice took)."""
         preset = self.settings.fusion
+        if fusion_rule(preset.correlation) is not None:  # a number: correlation from that many atlases fused on
+            holding = sum(1 for a in atlases if set(a.labels) & set(labels))
+            return replace(preset, correlation=min(keep, holding) >= preset.correlation), 0.0
         if preset.correlation != "bank":
             return preset, 0.0
         if preset.method != "joint":

@@ -11,7 +11,7 @@ from fewshot.config import ConfigError
 from fewshot.decision import LabelDecision
 from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.extent import LENGTHS as EXTENT_LENGTHS, METHODS as EXTENT_METHODS, ExtentSettings
-from fewshot.transfer.fusion import FusionSettings
+from fewshot.transfer.fusion import FusionSettings, fusion_rule
 from fewshot.transfer.mind import MindLevels
 from fewshot.transfer.shape import ShapeSettings
 
@@ -104,8 +104,11 @@ class AtlasSettings:
             problems.append(f"fusion.method {self.fusion.method!r} must be joint or majority")
         if len(self.fusion.patch_radius) != 3 or min(self.fusion.patch_radius) < 0:
             problems.append("fusion.patch_radius needs three non-negative voxel counts (slice, row, column)")
-        if not isinstance(self.fusion.nonnegative, bool) or self.fusion.correlation not in (True, False, "bank"):
-            problems.append("fusion.nonnegative must be true or false, fusion.correlation true, false or bank")
+        correlation, rule = self.fusion.correlation, fusion_rule(self.fusion.correlation)
+        if not isinstance(self.fusion.nonnegative, bool) or not (  # 1 == True: types, not values, tell them apart
+                isinstance(correlation, bool) or correlation == "bank" or (rule is not None and rule >= 2)):
+            problems.append("fusion.nonnegative must be true or false, fusion.correlation true, false, bank or a "
+                            "number of atlases >= 2 (correlation from that many fused atlases on)")
         if len(self.fusion.patch_radius) == 3 and int(np.prod([2 * int(r) + 1 for r in self.fusion.patch_radius])) < 3:
             problems.append("fusion.patch_radius needs a patch of at least 3 voxels (ANTs compares no smaller patch)")
         if self.fusion.implementation not in ("vectorised", "ants"):
