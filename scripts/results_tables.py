@@ -92,8 +92,18 @@ def growth_table(folder: Path) -> str:
         cells = [f"{_pct(p['dice_mean'])} ± {_pct(p['dice_std'])}" for p in points]
         gain = 100 * (points[-1]["dice_mean"] - points[0]["dice_mean"])
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {gain:+.1f} |")
-    order = strategies.get("bank_coverage", {}).get("runs", [{}])[0].get("order", [])
+    order = strategies.get("bank_coverage", {}).get("runs", [{}])[0].get("order") or ["differs by grid point"]
     rows += ["", f"Query scans: {', '.join(m['growth']['query_ids'])}; bank_coverage order: {', '.join(order)}."]
+    selection = m["growth"].get("selection")
+    if selection:  # --select with --growth: the rows above are nested; each point's own curve, for inspection
+        rows += ["", "| grid point | " + " | ".join(f"{n} labelled" for n in steps) + " | last - first | chosen by |",
+                 "|---" * (len(steps) + 3) + "|"]
+        for point in selection["points"]:
+            curve = [point["curve"][str(n)] if str(n) in point["curve"] else point["curve"][n] for n in steps]
+            groups = [g for g in selection["per_group"] if g["chosen_point"] == point["point"]]
+            name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point["overrides"].items())
+            rows.append(f"| {name} | " + " | ".join(_pct(d) for d in curve) + f" | {100 * (curve[-1] - curve[0]):+.1f} | "
+                        f"{len(groups)}/{len(selection['per_group'])} |")
     return "\n".join(rows)
 
 

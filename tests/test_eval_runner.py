@@ -291,6 +291,50 @@ def test_clinical_protocol_and_growth_curve_with_random_tiny(tmp_path, models_di
         assert_png(out / png)
 
 
+def test_growth_curve_with_nested_selection_chooses_each_group_on_the_others_whole_curve(tmp_path):
+    """--select with --growth: each query scan's group gets the point whose bank_coverage curve (mean over the
+    steps) is best on the other groups' scans, and its rows at every step are that point's. The fusion
+    measure is the grid: it leaves every registration and the scans' order as they are."""
+    import importlib.util
+
+    data = shared_dataset("msd-hippocampus")
+    out = tmp_path / "growth"
+    quick = ["transfer.workers=1", "transfer.deformable.method=none", "transfer.global_affine.iterations=20",
+             "transfer.local_affine.iterations=20"]
+    runner.run_eval(data, "clinical", "classic", out, shots=1, growth=True, growth_steps=(1, 2), growth_random=0,
+                    max_queries=2, overrides=quick, select=["transfer.fusion.correlation=false,true"])
+    g = read_metrics(out)["growth"]
+    sel = g["selection"]
+    assert sel["grid"] == {"transfer.fusion.correlation": [False, True]} and len(sel["per_group"]) == 2
+    grid = read_rows(out / "growth_grid.csv")
+    assert len(grid) == 2 * 2 * 2  # points x steps x queries (bank_coverage only)
+    dice = {(int(r["point"]), r["case_id"], int(r["n_labelled"])): float(r["dice"]) for r in grid}
+    nested = read_rows(out / "growth.csv")
+    assert len(nested) == 2 * 2
+    for group in sel["per_group"]:
+        (mine,) = group["case_ids"]
+        (other,) = [q for q in g["query_ids"] if q != mine]
+        curves = [np.mean([dice[(p, other, n)] for n in (1, 2)]) for p in (0, 1)]
+        assert group["chosen_point"] == int(np.argmax(curves))  # ties: the earlier point, as argmax
+        assert group["mean_dice_other_groups"] == pytest.approx(max(curves))
+        for r in nested:
+            if r["case_id"] == mine:
+                assert int(r["selected_point"]) == group["chosen_point"]
+                assert float(r["dice"]) == pytest.approx(dice[(group["chosen_point"], mine, int(r["n_labelled"]))])
+    for point in g["strategies"]["bank_coverage"]["points"]:
+        n = point["n_labelled"]
+        assert point["dice_mean"] == pytest.approx(np.mean([float(r["dice"]) for r in nested if int(r["n_labelled"]) == n]))
+    (run,) = g["strategies"]["bank_coverage"]["runs"]
+    assert len(run["order"]) == 2  # the measure does not change the order the bank proposes
+    for p, point in enumerate(sel["points"]):
+        assert point["curve"]["1"] == pytest.approx(np.mean([dice[(p, q, 1)] for q in g["query_ids"]]))
+    spec = importlib.util.spec_from_file_location("results_tables", Path(__file__).resolve().parents[1] / "scripts" / "results_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    text = tables.growth_table(out)
+    assert "| correlation=False |" in text and "| correlation=True |" in text
+
+
 def test_classic_slices_preset_segments_hippocampus_meaningfully(tmp_path, models_dir):
     """Weights-free 2D registration gives real masks: a sanity floor, not a benchmark.
 

@@ -56,8 +56,6 @@ class EvalPlan:
             raise ValueError(f"unknown --alpnet-support {self.alpnet_support!r}; use one of {', '.join(ALPNET_SUPPORTS)}")
         if self.hd95_empty not in HD95_EMPTY:
             raise ValueError(f"unknown --hd95-empty {self.hd95_empty!r}; use one of {', '.join(HD95_EMPTY)}")
-        if self.grid() and self.growth:
-            raise ValueError("--select and --growth cannot be combined: run the growth curve separately")
 
     def grid(self) -> dict[str, list]:
         return dict(self.select) if isinstance(self.select, Mapping) else parse_select(self.select)

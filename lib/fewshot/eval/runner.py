@@ -28,7 +28,7 @@ from fewshot.eval.plan import EvalPlan
 from fewshot.eval.report import fold_table, write_csv, write_fold_table, write_plots
 from fewshot.eval.results import case_rows, fold_summaries, json_safe, summarise, timing_summary
 from fewshot.eval.run import EvalRun
-from fewshot.eval.selection import grid_points, nested_results
+from fewshot.eval.selection import grid_points, nested_growth, nested_results
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,13 @@ def evaluate(plan: EvalPlan) -> EvalReport:
         runs.append(run_protocol(point_settings, cases, label_map, plan, n_folds))
     results, fold_info, growth_out, engine_settings, _ = runs[0]
     selection = None
+    growth_grid_rows = []
     if grid:
         results, selection = nested_results([run[0] for run in runs], points, grid, protocol, name_of)
         engine_settings = load_preset(preset, merged)  # the preset before the grid's overrides
+        if plan.growth:
+            growth_grid_rows = [{"point": p, **row} for p, run in enumerate(runs) for row in run[2]["rows"]]
+            growth_out = nested_growth([run[2] for run in runs], points, grid)
 
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +150,8 @@ def evaluate(plan: EvalPlan) -> EvalReport:
                     row.get("support_slices", row.get("support_labelled_slices")))
     if growth_out is not None:
         files["growth_cases"] = write_csv(out / "growth.csv", growth_out.pop("rows"))
+    if growth_grid_rows:
+        files["growth_grid_cases"] = write_csv(out / "growth_grid.csv", growth_grid_rows)
     title = f"{Path(data_dir).name}, {preset}, {protocol.name}" + (" (nested selection)" if grid else "")
     files.update(write_plots(out, results, rows, growth_out, name_of, title))
 

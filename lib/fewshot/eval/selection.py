@@ -10,7 +10,7 @@ import numpy as np
 
 from fewshot.config import ConfigError
 from fewshot.eval import protocols
-from fewshot.eval.results import CaseResult, summarise
+from fewshot.eval.results import CaseResult, stats, summarise
 
 logger = logging.getLogger(__name__)
 
@@ -144,3 +144,67 @@ def nested_results(runs: Sequence[Sequence[CaseResult]], points: list[dict], gri
         "_point_of": point_of,
     }
     return nested, selection
+
+
+GROWTH_STRATEGY = "bank_coverage"  # the order the product follows: the one a growth selection is made on
+
+
+def _orders(orders: list[list[str]]) -> dict:
+    """The scans' order of one growth run at every grid point: one ``order`` when the points agree (settings
+    of the transfer leave bank_coverage's proposals as they are), else each point's."""
+    if all(order == orders[0] for order in orders):
+        return {"order": orders[0]}
+    return {"order": None, "orders_by_point": orders}
+
+
+def nested_growth(growths: Sequence[dict], points: list[dict], grid: Mapping) -> dict:
+    """``--select`` with ``--growth``: each group of query scans (round-robin, as ``round_robin_groups``) gets
+    the grid point whose ``bank_coverage`` curve is best on the OTHER groups' scans (mean over the steps of
+    the per-step mean Dice, so every bank size counts alike), and its rows at every step and in every order
+    are that point's. A setting that helps small banks and hurts large ones, or the reverse, is judged on
+    the whole curve. ``growths``: each point's ``run_growth`` result, rows included. -> the nested growth
+    result (the same keys; its rows say which point they come from) with the choice under ``selection``."""
+    queries = sorted(growths[0]["query_ids"], key=protocols.scan_sort_key)
+    n_groups = min(SELECTION_GROUPS, len(queries))
+    group_of = {q: i % n_groups for i, q in enumerate(queries)}
+    rows = [(p, group_of[r["case_id"]], r["case_id"], r["n_labelled"], r["dice"])
+            for p, growth in enumerate(growths) for r in growth["rows"] if r["strategy"] == GROWTH_STRATEGY]
+    choice = nested_select(rows)
+    point_of = {q: choice[group_of[q]]["point"] for q in queries}
+    nested_rows = [{**r, "selected_point": p} for p, growth in enumerate(growths) for r in growth["rows"]
+                   if point_of[r["case_id"]] == p]
+    out = {k: v for k, v in growths[0].items() if k not in ("rows", "strategies")}
+    out["strategies"] = {}
+    for strategy, data in growths[0]["strategies"].items():
+        mine = [r for r in nested_rows if r["strategy"] == strategy]
+        out["strategies"][strategy] = {
+            "runs": [{"seed": run["seed"], **_orders([g["strategies"][strategy]["runs"][i]["order"] for g in growths]),
+                      "dice_by_step": {n: float(np.nanmean([r["dice"] for r in mine if r["seed"] == run["seed"]
+                                                            and r["n_labelled"] == n] or [math.nan]))
+                                       for n in out["steps"]}}
+                     for i, run in enumerate(data["runs"])],
+            "points": [dict(zip(("n_labelled", "dice_mean", "dice_std", "n"),
+                                (n, *stats([r["dice"] for r in mine if r["n_labelled"] == n])))) for n in out["steps"]],
+        }
+    per_group = [{"group": g, "case_ids": [q for q in queries if group_of[q] == g], "chosen_point": c["point"],
+                  "chosen": points[c["point"]], "mean_dice_other_groups": c["score_other_groups"],
+                  "mean_dice_this_group": c["score_this_group"]} for g, c in sorted(choice.items())]
+    for group in per_group:
+        logger.info("growth selection group %d (%s): chose %s (mean Dice over the curve %.3f on the other groups, "
+                    "%.3f here)", group["group"], ", ".join(group["case_ids"]), group["chosen"],
+                    group["mean_dice_other_groups"], group["mean_dice_this_group"])
+    out["selection"] = {
+        "grid": dict(grid),
+        "groups": f"growth query scans sorted by id, dealt round-robin into {n_groups} groups",
+        "rule": f"for each group, the point whose {GROWTH_STRATEGY} curve (mean over steps of the mean Dice over "
+                "scans) is best on the OTHER groups' query scans; the group is reported at that point at every "
+                "step and in every order (ties: the earlier point)",
+        "per_group": per_group,
+        "points": [{"point": p, "overrides": points[p],
+                    "curve": {pt["n_labelled"]: pt["dice_mean"] for pt in g["strategies"][GROWTH_STRATEGY]["points"]}}
+                   for p, g in enumerate(growths)],
+        "points_note": "each point's curve over ALL query scans: picking the best of these would tune on the scored "
+                       "scans, so they are shown for inspection only, never as a result",
+    }
+    out["rows"] = nested_rows
+    return out
