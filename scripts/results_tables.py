@@ -99,7 +99,7 @@ def growth_table(folder: Path) -> str:
         rows += ["", "| grid point | " + " | ".join(f"{n} labelled" for n in steps) + " | last - first | chosen by |",
                  "|---" * (len(steps) + 3) + "|"]
         for point in selection["points"]:
-            curve = [point["curve"][str(n)] if str(n) in point["curve"] else point["curve"][n] for n in steps]
+            curve = [point["curve"][str(n)] for n in steps]  # JSON keys are strings
             groups = [g for g in selection["per_group"] if g["chosen_point"] == point["point"]]
             name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point["overrides"].items())
             rows.append(f"| {name} | " + " | ".join(_pct(d) for d in curve) + f" | {100 * (curve[-1] - curve[0]):+.1f} | "

@@ -96,12 +96,16 @@ def nested_select(rows: Sequence[tuple[int, int, str, int, float]]) -> dict[int,
     return out
 
 
-def round_robin_groups(results: Sequence[CaseResult]) -> dict[tuple[int, str], int]:
-    """(fold, case id) -> selection group: the query scans sorted by id and dealt round-robin into
-    ``SELECTION_GROUPS`` groups (a scan is in one group in every split)."""
-    ids = sorted({r.case_id for r in results}, key=protocols.scan_sort_key)
+def round_robin(case_ids) -> dict[str, int]:
+    """case id -> selection group: the scans sorted by id and dealt round-robin into ``SELECTION_GROUPS`` groups."""
+    ids = sorted(set(case_ids), key=protocols.scan_sort_key)
     n = min(SELECTION_GROUPS, len(ids))
-    rank = {cid: i % n for i, cid in enumerate(ids)}
+    return {cid: i % n for i, cid in enumerate(ids)}
+
+
+def round_robin_groups(results: Sequence[CaseResult]) -> dict[tuple[int, str], int]:
+    """(fold, case id) -> selection group, by ``round_robin`` (a scan is in one group in every split)."""
+    rank = round_robin(r.case_id for r in results)
     return {(r.fold, r.case_id): rank[r.case_id] for r in results}
 
 
@@ -158,15 +162,15 @@ def _orders(orders: list[list[str]]) -> dict:
 
 
 def nested_growth(growths: Sequence[dict], points: list[dict], grid: Mapping) -> dict:
-    """``--select`` with ``--growth``: each group of query scans (round-robin, as ``round_robin_groups``) gets
+    """``--select`` with ``--growth``: each group of query scans (``round_robin``) gets
     the grid point whose ``bank_coverage`` curve is best on the OTHER groups' scans (mean over the steps of
     the per-step mean Dice, so every bank size counts alike), and its rows at every step and in every order
     are that point's. A setting that helps small banks and hurts large ones, or the reverse, is judged on
     the whole curve. ``growths``: each point's ``run_growth`` result, rows included. -> the nested growth
     result (the same keys; its rows say which point they come from) with the choice under ``selection``."""
     queries = sorted(growths[0]["query_ids"], key=protocols.scan_sort_key)
-    n_groups = min(SELECTION_GROUPS, len(queries))
-    group_of = {q: i % n_groups for i, q in enumerate(queries)}
+    group_of = round_robin(queries)
+    n_groups = len(set(group_of.values()))
     rows = [(p, group_of[r["case_id"]], r["case_id"], r["n_labelled"], r["dice"])
             for p, growth in enumerate(growths) for r in growth["rows"] if r["strategy"] == GROWTH_STRATEGY]
     choice = nested_select(rows)
