@@ -198,6 +198,13 @@ class Cut:
         return len(self.images)
 
     @property
+    def region(self) -> torch.Tensor:
+        """(z, y, x) bool over the centres' box: the region's voxels, the centres fused."""
+        mask = torch.zeros(tuple(int(c) for c in self.size), dtype=torch.bool)
+        mask[self.centres[:, 0], self.centres[:, 1], self.centres[:, 2]] = True
+        return mask
+
+    @property
     def patch_size(self) -> int:
         return int(np.prod(2 * self.patch + 1))
 
@@ -227,7 +234,9 @@ def window(t: torch.Tensor, start, extent) -> torch.Tensor:
 
 
 def search(cut: Cut, query_stats, correlation: bool, compiled: bool | None = None) -> torch.Tensor:
-    """The best offset (index into ``cut.offsets``) per atlas and centre of the centres' box: (K, z, y, x).
+    """The best offset (index into ``cut.offsets``) per atlas and centre of the centres' box: (K, z, y, x), 0 at
+    the box's centres outside the region (the compiled search scores only the region's rows' spans; the tie
+    tolerance still comes from offset 0's scores over the whole box, so the region's offsets do not change).
     With patches one slice thick it runs compiled (``joint_kernels.search_atlas``), by either measure, to the
     same offsets; ``compiled`` False keeps it in torch (the tests compare the two)."""
     pr, n_patch = cut.patch, cut.patch_size
@@ -252,9 +261,12 @@ def search(cut: Cut, query_stats, correlation: bool, compiled: bool | None = Non
         pairs_np = None if pairs is None else pairs.numpy()
         counts_np = None if n is None else n.numpy()
         stats = (mean_t.numpy(), std_t.numpy()) if correlation else None
+        region = cut.region.numpy()
         for i in range(cut.k):
             search_atlas(cut.query.numpy(), cut.images[i].numpy(), cut.offsets, cut.pad - pr, int(pr[1]), int(pr[2]),
-                         landed.numpy(), pairs_np, counts_np, n_patch, TIE, best[i], torch.get_num_threads(), stats)
+                         landed.numpy(), pairs_np, counts_np, n_patch, TIE, best[i], torch.get_num_threads(), stats,
+                         region)
+        best[:, ~region] = 0
         return torch.from_numpy(best)
     # Where a searched patch is missing, per offset, as flat indices: few voxels (near the image's edges), so
     # filling them costs less than a pass over the box
@@ -298,6 +310,7 @@ def search(cut: Cut, query_stats, correlation: bool, compiled: bool | None = Non
             improved = torch.lt(score, bar, out=better).view(-1).nonzero().view(-1)
             flat_best.index_fill_(0, improved, j)
             flat_bar.index_copy_(0, improved, less_tolerance(score.view(-1).index_select(0, improved)))
+    best[:, ~cut.region] = 0
     return best
 
 

@@ -68,13 +68,28 @@ def _keep(score, j, z, y, x, landed, first, best, bar, scale, tie):  # pragma: n
         bar[z, y, x] = score - (abs(score) + scale) * tie
 
 
+@numba.njit(inline="always")
+def _reach(spans, z, width_x):  # pragma: no cover - compiled
+    """Slice z's rows of centres up to its last span (0 when none) and the extent's columns the spans' sums read
+    (up to the widest span's end + 2 r): the running sums need no more, and they start at the first row and
+    column whatever the spans, so the sums they give are the same bits."""
+    rows_y, end = 0, 0
+    for y in range(spans.shape[1]):
+        if spans[z, y, 0] < spans[z, y, 1]:
+            rows_y = y + 1
+            end = max(end, spans[z, y, 1])
+    return rows_y, end + width_x
+
+
 @_compiled
 def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, landed, masked, pairs, counts,
-            n_patch, tie, scale, best, bar, z0, z1):  # pragma: no cover - compiled
+            n_patch, spans, tie, scale, best, bar, z0, z1):  # pragma: no cover - compiled
     """Offsets first..last-1 of one atlas, for the centres of slices z0..z1-1 of the box (``best``, ``bar``:
     (Z, Y, X)); ``masked``: some voxel pairs are missing (``pairs``) and patches count only the others
     (``counts``). ``first == 0`` stores offset 0's scores in ``bar`` (the caller makes them the bar); otherwise a
-    score below the bar makes its offset the best there and its tolerance-lowered score the new bar."""
+    score below the bar makes its offset the best there and its tolerance-lowered score the new bar. Only the
+    centres of each row's span are scored (``spans`` (Z, Y, 2): columns lo..hi-1; lo == hi for none): the sums
+    along a row still start at its first column, so a scored centre's score is the same bits."""
     size_y, size_x = bar.shape[1], bar.shape[2]
     extent_y, extent_x = size_y + 2 * radius_y, size_x + 2 * radius_x
     width_y, width_x = 2 * radius_y, 2 * radius_x
@@ -82,27 +97,31 @@ def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, lande
     down = np.empty((size_y, extent_x))
     along = np.empty(extent_x)
     for z in range(z0, z1):
+        rows_y, columns = _reach(spans, z, width_x)  # the sums stop where the slice's spans stop needing them
         for j in range(first, last):
             dz, dy, dx = offsets[j, 0], offsets[j, 1], offsets[j, 2]
             qz, qy, qx = start[0] + z, start[1], start[2]
-            for y in range(extent_y):  # running sums down the rows of the squared differences
-                for x in range(extent_x):
+            for y in range(rows_y + width_y):  # running sums down the rows of the squared differences
+                for x in range(columns):
                     d = query[qz, qy + y, qx + x] - atlas[qz + dz, qy + y + dy, qx + x + dx]
                     d = d * d
                     if masked and not pairs[j, z, y, x]:
                         d = 0.0
                     running[y, x] = d if y == 0 else running[y - 1, x] + d
-            for x in range(extent_x):
+            for x in range(columns):
                 down[0, x] = running[width_y, x]
-            for y in range(1, size_y):
-                for x in range(extent_x):
+            for y in range(1, rows_y):
+                for x in range(columns):
                     down[y, x] = running[y + width_y, x] - running[y - 1, x]
-            for y in range(size_y):
+            for y in range(rows_y):
+                lo, hi = spans[z, y, 0], spans[z, y, 1]
+                if lo >= hi:
+                    continue
                 total = 0.0
-                for x in range(extent_x):  # running sum along the row
+                for x in range(hi + width_x):  # running sum along the row, as far as its span needs
                     total = total + down[y, x]
                     along[x] = total
-                for x in range(size_x):
+                for x in range(lo, hi):
                     box = along[width_x] if x == 0 else along[x + width_x] - along[x - 1]
                     n = np.float64(counts[j, z, y, x]) if masked else np.float64(n_patch)
                     _keep(box / n, j, z, y, x, landed, first, best, bar, scale, tie)
@@ -111,7 +130,7 @@ def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, lande
 
 @_compiled
 def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, radius_x, landed, masked, pairs, counts,
-                        n_patch, mean_q, std_q, tie, scale, best, bar, z0, z1):  # pragma: no cover - compiled
+                        n_patch, spans, mean_q, std_q, tie, scale, best, bar, z0, z1):  # pragma: no cover - compiled
     """``_slices`` by correlation (ANTs' PC; ``joint_fusion.search`` with ``correlation``): three box sums per
     offset (the atlas patch, its square, its product with the query's), then the signed squared correlation
     ``-+ sxy^2 / var_x`` with ``sxy = (box(a q) - mean_q box(a)) / std_q``, ``var_x = max(box(a a) - box(a)^2 / n,
@@ -128,12 +147,13 @@ def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, rad
     along_aa = np.empty(extent_x)
     along_aq = np.empty(extent_x)
     for z in range(z0, z1):
+        rows_y, columns = _reach(spans, z, width_x)  # the sums stop where the slice's spans stop needing them
         for j in range(first, last):
             dz, dy, dx = offsets[j, 0], offsets[j, 1], offsets[j, 2]
             qz, qy, qx = start[0] + z, start[1], start[2]
-            for e in range(size_y + width_y):  # running sums down the rows, one extent row at a time
+            for e in range(rows_y + width_y):  # running sums down the rows, one extent row at a time
                 r, previous = e % rows, (e - 1) % rows
-                for x in range(extent_x):
+                for x in range(columns):
                     a = atlas[qz + dz, qy + e + dy, qx + x + dx]
                     q = query[qz, qy + e, qx + x]
                     if masked:  # torch multiplies by the pair mask (1 or 0)
@@ -150,9 +170,12 @@ def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, rad
                 y = e - width_y  # the centres' row whose box this extent row completes
                 if y < 0:
                     continue
+                lo, hi = spans[z, y, 0], spans[z, y, 1]
+                if lo >= hi:  # no centre of this row is scored (``_slices``' spans)
+                    continue
                 below = (y - 1) % rows
                 t_a, t_aa, t_aq = 0.0, 0.0, 0.0
-                for x in range(extent_x):  # the box down the rows, then running sums along the row
+                for x in range(hi + width_x):  # the box down the rows, then running sums along the row
                     if y == 0:
                         d_a, d_aa, d_aq = run_a[r, x], run_aa[r, x], run_aq[r, x]
                     else:
@@ -163,7 +186,7 @@ def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, rad
                     t_aa = t_aa + d_aa
                     t_aq = t_aq + d_aq
                     along_a[x], along_aa[x], along_aq[x] = t_a, t_aa, t_aq
-                for x in range(size_x):
+                for x in range(lo, hi):
                     if x == 0:
                         sx, sxx, saq = along_a[width_x], along_aa[width_x], along_aq[width_x]
                     else:
@@ -182,12 +205,15 @@ def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, rad
 
 def search_atlas(query: np.ndarray, atlas: np.ndarray, offsets: np.ndarray, start, radius_y: int, radius_x: int,
                  landed: np.ndarray, pairs: np.ndarray | None, counts: np.ndarray | None, n_patch: int, tie: float,
-                 best: np.ndarray, threads: int, query_stats: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 best: np.ndarray, threads: int, query_stats: tuple[np.ndarray, np.ndarray] | None = None,
+                 region: np.ndarray | None = None) -> None:
     """One atlas's best offsets into ``best`` (Z, Y, X) int64, in place. query, atlas: the cut arrays (float64);
     start: where the patches of the box's first centre begin in them; landed (S, Z, Y, X): the searched patch
     exists; pairs (S, Z, extent y, extent x) and counts (S, Z, Y, X): the voxel pairs inside the image and their
     number per patch, or None when every voxel is inside. ``query_stats``: by mean squares when None, else by
-    correlation, with the query's patch means and standard deviations (floored) at the box's centres."""
+    correlation, with the query's patch means and standard deviations (floored) at the box's centres. ``region``
+    (Z, Y, X) bool: only these centres' offsets are wanted; past offset 0 (whose scores over the whole box set the
+    tie tolerance) only each row's span of them is scored, and ``best`` elsewhere is left as it is."""
     offsets = np.ascontiguousarray(offsets, np.int64)
     start = np.asarray(start, np.int64)
     bar = np.empty(best.shape, np.float64)
@@ -195,9 +221,13 @@ def search_atlas(query: np.ndarray, atlas: np.ndarray, offsets: np.ndarray, star
     if not masked:  # typed stand-ins, never read
         pairs, counts = np.ones((1, 1, 1, 1), bool), np.ones((1, 1, 1, 1), np.int16)
 
+    every = np.zeros(best.shape[:2] + (2,), np.int64)
+    every[..., 1] = best.shape[2]
+    wanted = every if region is None else row_spans(region)
+
     def run(first, last, scale):
         common = (query, atlas, offsets, first, last, start, int(radius_y), int(radius_x), landed, masked, pairs, counts,
-                  int(n_patch))
+                  int(n_patch), every if first == 0 else wanted)
         if query_stats is None:
             on_slices(_slices, common + (float(tie), float(scale), best, bar), best.shape[0], threads)
         else:
@@ -209,6 +239,15 @@ def search_atlas(query: np.ndarray, atlas: np.ndarray, offsets: np.ndarray, star
     scale = float(np.abs(finite).max()) if finite.size else 0.0  # what torch.nan_to_num(posinf=0).abs().max() gives
     bar -= (np.abs(bar) + scale) * tie  # offset 0's scores, lowered by the tolerance: the bar
     run(1, len(offsets), scale)
+
+
+def row_spans(region: np.ndarray) -> np.ndarray:
+    """(Z, Y, 2): per row of a (Z, Y, X) mask, the columns from its first True to its last (lo, hi + 1); 0, 0 for
+    a row without one."""
+    anywhere = region.any(axis=2)
+    lo = np.argmax(region, axis=2)
+    hi = region.shape[2] - np.argmax(region[..., ::-1], axis=2)
+    return np.stack([np.where(anywhere, lo, 0), np.where(anywhere, hi, 0)], -1).astype(np.int64)
 
 
 @_compiled
