@@ -64,13 +64,19 @@ def timed(args) -> None:
     region = fusion.disagreement(hard)
     spacing = tuple(float(s) for s in saved["spacing"])
     values = np.unique(hard[:, region])
+    # The preset's rule (false, true, a number of atlases, or bank) resolved as for this many votes' atlases;
+    # --correlation overrides it
+    rule, preset_measure = fusion.fusion_rule(preset.get("correlation", False)), preset.get("correlation", False)
+    by_rule = args.atlases >= rule if rule is not None else preset_measure is True  # bank: mean squares here
+    correlation = args.correlation if args.correlation is not None else by_rule
+    print(f"search by {'correlation' if correlation else 'mean squares'}")
     print(f"{args.inputs}: {len(hard)} votes, {int(region.sum())} voxels where they disagree, patch {patch}")
     for search in args.search:
         for run in range(args.repeat):
             cut = joint_fusion.Cut.around(saved["query"], saved["images"], hard, region, patch, radius(search), spacing)
             clock = time.perf_counter()
             stats = cut.statistics(cut.query, cut.pad, cut.size)
-            best = joint_fusion.search(cut, stats, bool(preset.get("correlation", False)))
+            best = joint_fusion.search(cut, stats, correlation)
             searched = time.perf_counter()
             chosen, weights = joint_fusion.weigh(cut, stats, best, float(preset["beta"]), float(preset["rho"]), 4096)
             weighed = time.perf_counter()
@@ -98,6 +104,9 @@ def main() -> None:
     t.add_argument("inputs")
     t.add_argument("--search", nargs="+", default=["[1,2,2]"], help="search radii: N or [S,R,C]")
     t.add_argument("--repeat", type=int, default=1)
+    t.add_argument("--correlation", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                   help="search by correlation (true) or mean squares (false); default: the preset's rule")
+    t.add_argument("--atlases", type=int, default=5, help="atlases the votes come from, for the preset's rule")
     t.add_argument("--direct", nargs="*", default=None, help="values of joint_fusion.DIRECT for the votes")
     args = p.parse_args()
     dump(args) if args.command == "dump" else timed(args)

@@ -233,6 +233,31 @@ def test_the_search_by_correlation_compiled_chooses_what_torch_chooses(whole, th
     assert not torch.equal(chosen, search(cut, stats, correlation=False))
 
 
+@pytest.mark.parametrize("correlation", [False, True], ids=["mean-squares", "correlation"])
+def test_the_compiled_search_scores_only_the_regions_rows_and_chooses_the_same_there(correlation):
+    """A region that is not its box (rows of different spans, rows and a slice without any): the compiled search
+    scores each row's span only, past offset 0, and its offsets at the region's voxels are those of a search over
+    every centre of the box (torch's; and for mean squares the plain reference's); 0 elsewhere."""
+    from fewshot.transfer.joint_fusion import Cut, search
+
+    query, images, labels, region = problem(7)
+    images = images * np.linspace(0.6, 1.4, images.shape[-1])
+    z, y, x = np.ogrid[:6, :28, :30]
+    region = ((y - 13) ** 2 / 90 + (x - 14) ** 2 / 60 <= 1) & (z != 3)  # an ellipse on slices 0-2 and 4-5
+    region[1, 10:13] = False  # and a band of empty rows in one slice
+    region[5, :, :16] = False  # and rows cut short on one side
+    cut = Cut.around(query.astype(np.float64), images, labels, region, (0, 2, 2), (1, 2, 2), SPACING)
+    mask = cut.region
+    assert not bool(mask.all()) and not bool(mask[3].any())
+    stats = cut.statistics(cut.query, cut.pad, cut.size)
+    chosen = search(cut, stats, correlation=correlation)
+    everywhere = search(cut, stats, correlation=correlation, compiled=False)
+    assert torch.equal(chosen, everywhere)
+    assert bool((chosen[:, ~mask] == 0).all()) and len(torch.unique(chosen[:, mask])) > 2
+    if not correlation:
+        assert torch.equal(chosen[:, mask], plain_search(cut, stats)[:, mask])
+
+
 @pytest.mark.parametrize("patch", [(1, 2, 2), (0, 2, 2)], ids=["torch", "compiled"])
 @pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
 def test_votes_scattered_per_centre_are_the_box_sums_votes(whole, patch):
