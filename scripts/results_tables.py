@@ -4,6 +4,7 @@
     python scripts/results_tables.py --growth out/cmr-growth out/chaos-growth
     python scripts/results_tables.py --compare OLD_RUN NEW_RUN [OLD_RUN NEW_RUN ...]   # on the queries both scored
     python scripts/results_tables.py --points out/cmr1-sel-extent ...   # each --select grid point, and what nesting chose
+    python scripts/results_tables.py --pooled out/cmr-growth-sel out/chaos-growth-sel   # one setting for all datasets
 
 Per label: Dice mean ± std over query scans, and in brackets HD95 mean in mm.
 
@@ -12,12 +13,21 @@ Every figure printed comes from a run's metrics.json, so the document cannot dri
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 
 def _pct(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _gain(first, last) -> str:
+    """The change from the curve's first point to its last, in points; "–" when either is missing (null in
+    metrics.json: no scan scored there)."""
+    if first is None or last is None or not math.isfinite(first) or not math.isfinite(last):
+        return "–"
+    return f"{100 * (last - first):+.1f}"
 
 
 def _mm(value) -> str:
@@ -90,8 +100,7 @@ def growth_table(folder: Path) -> str:
     for name, data in strategies.items():
         points = data["points"]
         cells = [f"{_pct(p['dice_mean'])} ± {_pct(p['dice_std'])}" for p in points]
-        gain = 100 * (points[-1]["dice_mean"] - points[0]["dice_mean"])
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {gain:+.1f} |")
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {_gain(points[0]['dice_mean'], points[-1]['dice_mean'])} |")
     order = strategies.get("bank_coverage", {}).get("runs", [{}])[0].get("order") or ["differs by grid point"]
     rows += ["", f"Query scans: {', '.join(m['growth']['query_ids'])}; bank_coverage order: {', '.join(order)}."]
     selection = m["growth"].get("selection")
@@ -102,8 +111,40 @@ def growth_table(folder: Path) -> str:
             curve = [point["curve"][str(n)] for n in steps]  # JSON keys are strings
             groups = [g for g in selection["per_group"] if g["chosen_point"] == point["point"]]
             name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point["overrides"].items())
-            rows.append(f"| {name} | " + " | ".join(_pct(d) for d in curve) + f" | {100 * (curve[-1] - curve[0]):+.1f} | "
+            rows.append(f"| {name} | " + " | ".join(_pct(d) for d in curve) + f" | {_gain(curve[0], curve[-1])} | "
                         f"{len(groups)}/{len(selection['per_group'])} |")
+    return "\n".join(rows)
+
+
+def pooled_table(folders: list[Path]) -> str:
+    """``--select`` with ``--growth`` runs of one grid on several datasets: the setting chosen for each group of
+    query scans on ALL the other groups, every dataset's (``selection.pooled_growth_selection``), and the nested
+    curve per dataset."""
+    import csv
+
+    from fewshot.eval.selection import pooled_growth_selection
+
+    grids, names = {}, None
+    for folder in folders:
+        selection = json.loads((folder / "metrics.json").read_text())["growth"]["selection"]
+        these = [", ".join(f"{k.split('.')[-1]}={v}" for k, v in p["overrides"].items()) for p in selection["points"]]
+        if names is not None and these != names:
+            raise SystemExit(f"{folder}: another grid ({these} against {names}); pooling needs the same grid")
+        names = these
+        with open(folder / "growth_grid.csv") as f:
+            grids[folder.name] = list(csv.DictReader(f))
+    pooled = pooled_growth_selection(grids)
+    steps = sorted(next(iter(pooled["nested"].values())))
+    rows = ["| held-out group | query scans | chosen | mean Dice over the curve, other groups | this group |",
+            "|---|---|---|---|---|"]
+    for g in pooled["per_group"]:
+        rows.append(f"| `{g['dataset']}` {g['group']} | {', '.join(g['case_ids'])} | {names[g['chosen_point']]} | "
+                    f"{_pct(g['mean_dice_other_groups'])} | {_pct(g['mean_dice_this_group'])} |")
+    rows += ["", "| run | " + " | ".join(f"{n} labelled" for n in steps) + " | last - first |",
+             "|---" * (len(steps) + 2) + "|"]
+    for name, curve in pooled["nested"].items():
+        points = [curve[n] for n in steps]
+        rows.append(f"| `{name}`, pooled nested | " + " | ".join(_pct(d) for d in points) + f" | {_gain(points[0], points[-1])} |")
     return "\n".join(rows)
 
 
@@ -150,6 +191,9 @@ def points_table(folders: list[Path]) -> str:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--points":
         print(points_table([Path(a) for a in argv[1:]]))
+        return 0
+    if argv and argv[0] == "--pooled":
+        print(pooled_table([Path(a) for a in argv[1:]]))
         return 0
     if argv and argv[0] == "--compare":
         print("| runs (old vs new) | query scans | old mean Dice | new mean Dice | change |")

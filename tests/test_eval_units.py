@@ -454,3 +454,44 @@ def test_propagated_alpnet_support_needs_a_registration_preset():
 
     with pytest.raises(ValueError, match="registration preset"):
         carrier(Sam2Like())
+
+
+def test_select_refuses_too_few_query_scans_before_anything_runs():
+    """Nested selection needs two groups of query scans: a request that leaves one fails at once, not after every
+    grid point has run (a 47-minute growth grid used to fail only at its end)."""
+    from fewshot.eval.plan import EvalPlan
+
+    grid = ["transfer.fusion.correlation=false,true"]
+    with pytest.raises(ValueError, match="--max-queries 1"):
+        EvalPlan("data", "clinical", "classic", "out", select=grid, max_queries=1).check()
+    EvalPlan("data", "alpnet", "classic", "out", select=grid, max_queries=1).check()  # alpnet selects on folds
+    EvalPlan("data", "clinical", "classic", "out", select=grid, max_queries=2).check()
+    nine = [str(i) for i in range(1, 10)]  # 9 scans, steps up to 8: one growth query beside a pool of 8
+    with pytest.raises(ValueError, match="leave 1 beside the labelled pool"):
+        EvalPlan("data", "clinical", "classic", "out", growth=True, select=grid).check_growth(nine)
+    EvalPlan("data", "clinical", "classic", "out", growth=True).check_growth(nine)  # without --select: fine
+    twenty = [str(i) for i in range(1, 21)]
+    with pytest.raises(ValueError, match="--max-queries 1 scores 1"):
+        EvalPlan("data", "clinical", "classic", "out", growth=True, select=grid, max_queries=1).check_growth(twenty)
+    EvalPlan("data", "clinical", "classic", "out", growth=True, select=grid, max_queries=2).check_growth(twenty)
+
+
+def test_pooled_growth_selection_chooses_each_group_on_every_other_group_of_every_dataset():
+    """One default for several datasets: each group is reported at the point best on all the OTHER groups, its own
+    dataset's and the other dataset's; a group's own scores never choose its setting."""
+    from fewshot.eval.selection import pooled_growth_selection
+
+    def grid(dice_of):  # dice_of(point, case) -> rows at steps 1 and 2 (the same Dice at both)
+        return [{"point": str(p), "strategy": s, "n_labelled": str(n), "case_id": str(c), "dice": str(dice_of(p, c))}
+                for p in (0, 1) for c in (1, 2) for n in (1, 2) for s in ("bank_coverage", "random")]
+
+    # cardiac: point 1 better by 0.10 on both scans; abdomen: point 0 better by 0.02 on scan 1 and by 0.50 on scan 2
+    cardiac = grid(lambda p, c: 0.7 + 0.1 * p)
+    abdomen = grid(lambda p, c: 0.8 - (0.02 if c == 1 else 0.5) * p)
+    pooled = pooled_growth_selection({"cardiac": cardiac, "abdomen": abdomen})
+    chosen = {(g["dataset"], tuple(g["case_ids"])): g["chosen_point"] for g in pooled["per_group"]}
+    # abdomen scan 2's large preference for point 0 outweighs the cardiac scans' for point 1 wherever it counts
+    # (other groups' means 0.733 against 0.633); held out itself, the others choose point 1 (0.793 against 0.733)
+    assert chosen == {("cardiac", ("1",)): 0, ("cardiac", ("2",)): 0, ("abdomen", ("1",)): 0, ("abdomen", ("2",)): 1}
+    assert pooled["nested"]["abdomen"] == {1: pytest.approx((0.8 + 0.3) / 2), 2: pytest.approx((0.8 + 0.3) / 2)}
+    assert pooled["curves"]["cardiac"][1] == {1: pytest.approx(0.8), 2: pytest.approx(0.8)}

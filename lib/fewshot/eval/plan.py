@@ -56,6 +56,21 @@ class EvalPlan:
             raise ValueError(f"unknown --alpnet-support {self.alpnet_support!r}; use one of {', '.join(ALPNET_SUPPORTS)}")
         if self.hd95_empty not in HD95_EMPTY:
             raise ValueError(f"unknown --hd95-empty {self.hd95_empty!r}; use one of {', '.join(HD95_EMPTY)}")
+        if self.select and self.max_queries == 1 and self.protocol == "clinical":  # alpnet's groups are its folds
+            raise ValueError("--select with --protocol clinical needs at least 2 query scans (it selects on the "
+                             "other scans): --max-queries 1 scores one")
+
+    def check_growth(self, case_ids: Sequence[str]) -> None:
+        """The growth split is possible, and, with ``--select``, scores at least two query scans: nested
+        selection chooses each group's setting on the others, and otherwise would fail only after every grid
+        point has run."""
+        splits = protocols.growth_splits(list(case_ids), self.seed, self.growth_steps)
+        queries = len(splits[0].query_ids) if splits else 0
+        scored = min(queries, self.max_queries) if self.max_queries else queries
+        if self.select and scored < 2:
+            raise ValueError(f"--select with --growth needs at least 2 growth query scans; {len(case_ids)} scans "
+                             f"leave {queries} beside the labelled pool"
+                             + (f", and --max-queries {self.max_queries} scores {scored}" if scored < queries else ""))
 
     def grid(self) -> dict[str, list]:
         return dict(self.select) if isinstance(self.select, Mapping) else parse_select(self.select)

@@ -110,7 +110,7 @@ def evaluate(plan: EvalPlan) -> EvalReport:
     n_folds = plan.n_folds()
     protocol.check([c.case_id for c in cases], n_folds, bool(grid))
     if plan.growth:
-        protocols.growth_splits([c.case_id for c in cases], plan.seed, plan.growth_steps)
+        plan.check_growth([c.case_id for c in cases])
     name_of = {v: n for n, v in label_map.items()}
 
     runs = []

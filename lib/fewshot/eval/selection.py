@@ -212,3 +212,38 @@ def nested_growth(growths: Sequence[dict], points: list[dict], grid: Mapping) ->
     }
     out["rows"] = nested_rows
     return out
+
+
+def pooled_growth_selection(grids: Mapping[str, Sequence[Mapping]]) -> dict:
+    """Nested selection of one setting for several datasets: every dataset's growth query scans dealt into its
+    ``round_robin`` groups, and each group reported at the grid point whose ``bank_coverage`` curve (mean over
+    steps of the per-step mean Dice) is best on ALL the other groups, its own dataset's and the others'. A default
+    serves every dataset, so it is chosen on all of them, and no group's scores choose its own setting.
+    ``grids``: dataset name -> its run's ``growth_grid.csv`` rows (point, strategy, n_labelled, case_id, dice),
+    the same grid in each. -> {"per_group": [{dataset, group, case_ids, chosen_point, mean_dice_other_groups,
+    mean_dice_this_group}], "curves": {dataset: {point: {n_labelled: mean Dice}}}, "nested": {dataset:
+    {n_labelled: mean Dice}}}."""
+    rows, groups, curves, cases_of = [], {}, {}, {}
+    for name, grid in grids.items():
+        mine = [r for r in grid if r["strategy"] == GROWTH_STRATEGY]
+        group_of = round_robin(r["case_id"] for r in mine)
+        for r in mine:
+            g = groups.setdefault((name, group_of[r["case_id"]]), len(groups))
+            cases_of.setdefault(g, set()).add(r["case_id"])
+            rows.append((int(r["point"]), g, f"{name}/{r['case_id']}", int(r["n_labelled"]), float(r["dice"])))
+        steps = sorted({int(r["n_labelled"]) for r in mine})
+        curves[name] = {p: {n: float(np.nanmean([float(r["dice"]) for r in mine
+                                                  if int(r["point"]) == p and int(r["n_labelled"]) == n]))
+                            for n in steps} for p in sorted({int(r["point"]) for r in mine})}
+    choice = nested_select(rows)
+    name_of = {g: key for key, g in groups.items()}
+    per_group = [{"dataset": name_of[g][0], "group": name_of[g][1],
+                  "case_ids": sorted(cases_of[g], key=protocols.scan_sort_key), "chosen_point": c["point"],
+                  "mean_dice_other_groups": c["score_other_groups"], "mean_dice_this_group": c["score_this_group"]}
+                 for g, c in sorted(choice.items())]
+    nested = {}
+    for name in grids:
+        chosen = {f"{name}/{q}": c["point"] for g, c in choice.items() if name_of[g][0] == name for q in cases_of[g]}
+        mine = [r for r in rows if r[2] in chosen and r[0] == chosen[r[2]]]
+        nested[name] = {n: float(np.nanmean([r[4] for r in mine if r[3] == n])) for n in sorted({r[3] for r in mine})}
+    return {"per_group": per_group, "curves": curves, "nested": nested}
