@@ -131,8 +131,9 @@ def pooled_table(folders: list[Path]) -> str:
         if names is not None and these != names:
             raise SystemExit(f"{folder}: another grid ({these} against {names}); pooling needs the same grid")
         names = these
+        name = folder.name if sum(f.name == folder.name for f in folders) == 1 else str(folder)  # runs kept apart
         with open(folder / "growth_grid.csv") as f:
-            grids[folder.name] = list(csv.DictReader(f))
+            grids[name] = list(csv.DictReader(f))
     pooled = pooled_growth_selection(grids)
     steps = sorted(next(iter(pooled["nested"].values())))
     rows = ["| held-out group | query scans | chosen | mean Dice over the curve, other groups | this group |",

@@ -371,7 +371,8 @@ def test_a_warm_engine_segments_with_the_workers_and_loops_it_started(tmp_path):
     quick = {"transfer.global_affine.iterations": 5, "transfer.local_affine.iterations": 5,
              "transfer.deformable.method": "mind", "transfer.mind.iterations": 2, "transfer.in_plane.method": "none"}
     engine = engine_for(tmp_path / "bank", **quick)
-    kernels = lambda: {n: len(getattr(joint_kernels, n).signatures) for n in ("_slices", "differences", "votes")}  # noqa: E731
+    search = "_slices_correlation" if engine.transfer.settings.fusion.correlation is True else "_slices"  # the preset's measure
+    kernels = lambda: {n: len(getattr(joint_kernels, n).signatures) for n in (search, "differences", "votes")}  # noqa: E731
     try:
         for case in (1, 3):
             engine.ingest(f"p{case}", *phantom(case))

@@ -462,10 +462,18 @@ def test_select_refuses_too_few_query_scans_before_anything_runs():
     from fewshot.eval.plan import EvalPlan
 
     grid = ["transfer.fusion.correlation=false,true"]
-    with pytest.raises(ValueError, match="--max-queries 1"):
-        EvalPlan("data", "clinical", "classic", "out", select=grid, max_queries=1).check()
+    ten = [str(i) for i in range(1, 11)]
+
+    def clinical(max_queries, folds=1):
+        plan = EvalPlan("data", "clinical", "classic", "out", select=grid, max_queries=max_queries, folds=folds)
+        plan.check()
+        plan.protocol_rules().check(ten, plan.n_folds(), True)
+
+    with pytest.raises(ValueError, match="--max-queries 1 scores 1"):
+        clinical(1)
+    clinical(2)
+    clinical(1, folds=9)  # one scan scored per split, but not the same scan in every split: two groups
     EvalPlan("data", "alpnet", "classic", "out", select=grid, max_queries=1).check()  # alpnet selects on folds
-    EvalPlan("data", "clinical", "classic", "out", select=grid, max_queries=2).check()
     nine = [str(i) for i in range(1, 10)]  # 9 scans, steps up to 8: one growth query beside a pool of 8
     with pytest.raises(ValueError, match="leave 1 beside the labelled pool"):
         EvalPlan("data", "clinical", "classic", "out", growth=True, select=grid).check_growth(nine)
@@ -495,3 +503,5 @@ def test_pooled_growth_selection_chooses_each_group_on_every_other_group_of_ever
     assert chosen == {("cardiac", ("1",)): 0, ("cardiac", ("2",)): 0, ("abdomen", ("1",)): 0, ("abdomen", ("2",)): 1}
     assert pooled["nested"]["abdomen"] == {1: pytest.approx((0.8 + 0.3) / 2), 2: pytest.approx((0.8 + 0.3) / 2)}
     assert pooled["curves"]["cardiac"][1] == {1: pytest.approx(0.8), 2: pytest.approx(0.8)}
+    with pytest.raises(ValueError, match="same growth steps"):
+        pooled_growth_selection({"cardiac": cardiac, "abdomen": [r for r in abdomen if r["n_labelled"] == "1"]})

@@ -25,6 +25,7 @@ class ClinicalProtocol:
 
     shots: int = 1
     seed: int = 0
+    max_queries: int | None = None  # scored per split (``--max-queries``): the first ones of each split's queries
 
     name = "clinical"
     default_folds = 1
@@ -34,9 +35,11 @@ class ClinicalProtocol:
 
     def check(self, case_ids: Sequence[str], n_folds: int, selecting: bool) -> None:
         """Fails at once on an impossible split, before any network loads."""
-        _, query_ids = protocols.clinical_split(list(case_ids), self.shots, self.seed)
-        if selecting and len(query_ids) < 2:
-            raise ValueError("--select needs at least 2 query scans (it selects on the other scans)")
+        splits = [protocols.clinical_split(list(case_ids), self.shots, self.seed + i) for i in range(max(1, n_folds))]
+        scored = {q for _, query_ids in splits for q in query_ids[: self.max_queries or None]}
+        if selecting and len(scored) < 2:  # the groups are scans: one scan scored, in every split, is one group
+            raise ValueError("--select needs at least 2 query scans (it selects on the other scans)"
+                             + (f"; --max-queries {self.max_queries} scores {len(scored)}" if self.max_queries else ""))
 
     def info(self, n_folds: int, dataset: DatasetConfig | None) -> dict:
         """metrics.json's ``protocol_settings``."""

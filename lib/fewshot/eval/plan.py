@@ -56,9 +56,6 @@ class EvalPlan:
             raise ValueError(f"unknown --alpnet-support {self.alpnet_support!r}; use one of {', '.join(ALPNET_SUPPORTS)}")
         if self.hd95_empty not in HD95_EMPTY:
             raise ValueError(f"unknown --hd95-empty {self.hd95_empty!r}; use one of {', '.join(HD95_EMPTY)}")
-        if self.select and self.max_queries == 1 and self.protocol == "clinical":  # alpnet's groups are its folds
-            raise ValueError("--select with --protocol clinical needs at least 2 query scans (it selects on the "
-                             "other scans): --max-queries 1 scores one")
 
     def check_growth(self, case_ids: Sequence[str]) -> None:
         """The growth split is possible, and, with ``--select``, scores at least two query scans: nested
@@ -79,7 +76,7 @@ class EvalPlan:
         """The protocol as an object: how it splits, runs, groups for selection and describes itself."""
         if self.protocol == "alpnet":
             return AlpnetProtocol(chunks=self.chunks, convention=self.fold_convention, support=self.alpnet_support)
-        return ClinicalProtocol(shots=self.shots, seed=self.seed)
+        return ClinicalProtocol(shots=self.shots, seed=self.seed, max_queries=self.max_queries)
 
     def n_folds(self) -> int:
         return self.protocol_rules().default_folds if self.folds is None else self.folds

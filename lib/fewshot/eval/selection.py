@@ -224,6 +224,10 @@ def pooled_growth_selection(grids: Mapping[str, Sequence[Mapping]]) -> dict:
     mean_dice_this_group}], "curves": {dataset: {point: {n_labelled: mean Dice}}}, "nested": {dataset:
     {n_labelled: mean Dice}}}."""
     rows, groups, curves, cases_of = [], {}, {}, {}
+    steps_of = {name: sorted({int(r["n_labelled"]) for r in grid if r["strategy"] == GROWTH_STRATEGY})
+                for name, grid in grids.items()}
+    if len({tuple(steps) for steps in steps_of.values()}) > 1:  # a step only some have would weigh as a whole step
+        raise ValueError(f"pooled selection needs the same growth steps in every run: {steps_of}")
     for name, grid in grids.items():
         mine = [r for r in grid if r["strategy"] == GROWTH_STRATEGY]
         group_of = round_robin(r["case_id"] for r in mine)
