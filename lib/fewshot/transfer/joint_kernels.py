@@ -68,19 +68,6 @@ def _keep(score, j, z, y, x, landed, first, best, bar, scale, tie):  # pragma: n
         bar[z, y, x] = score - (abs(score) + scale) * tie
 
 
-@numba.njit(inline="always")
-def _reach(spans, z, width_x):  # pragma: no cover - compiled
-    """Slice z's rows of centres up to its last span (0 when none) and the extent's columns the spans' sums read
-    (up to the widest span's end + 2 r): the running sums need no more, and they start at the first row and
-    column whatever the spans, so the sums they give are the same bits."""
-    rows_y, end = 0, 0
-    for y in range(spans.shape[1]):
-        if spans[z, y, 0] < spans[z, y, 1]:
-            rows_y = y + 1
-            end = max(end, spans[z, y, 1])
-    return rows_y, end + width_x
-
-
 @_compiled
 def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, landed, masked, pairs, counts,
             n_patch, spans, tie, scale, best, bar, z0, z1):  # pragma: no cover - compiled
@@ -97,23 +84,22 @@ def _slices(query, atlas, offsets, first, last, start, radius_y, radius_x, lande
     down = np.empty((size_y, extent_x))
     along = np.empty(extent_x)
     for z in range(z0, z1):
-        rows_y, columns = _reach(spans, z, width_x)  # the sums stop where the slice's spans stop needing them
         for j in range(first, last):
             dz, dy, dx = offsets[j, 0], offsets[j, 1], offsets[j, 2]
             qz, qy, qx = start[0] + z, start[1], start[2]
-            for y in range(rows_y + width_y):  # running sums down the rows of the squared differences
-                for x in range(columns):
+            for y in range(extent_y):  # running sums down the rows of the squared differences
+                for x in range(extent_x):
                     d = query[qz, qy + y, qx + x] - atlas[qz + dz, qy + y + dy, qx + x + dx]
                     d = d * d
                     if masked and not pairs[j, z, y, x]:
                         d = 0.0
                     running[y, x] = d if y == 0 else running[y - 1, x] + d
-            for x in range(columns):
+            for x in range(extent_x):
                 down[0, x] = running[width_y, x]
-            for y in range(1, rows_y):
-                for x in range(columns):
+            for y in range(1, size_y):
+                for x in range(extent_x):
                     down[y, x] = running[y + width_y, x] - running[y - 1, x]
-            for y in range(rows_y):
+            for y in range(size_y):
                 lo, hi = spans[z, y, 0], spans[z, y, 1]
                 if lo >= hi:
                     continue
@@ -147,13 +133,12 @@ def _slices_correlation(query, atlas, offsets, first, last, start, radius_y, rad
     along_aa = np.empty(extent_x)
     along_aq = np.empty(extent_x)
     for z in range(z0, z1):
-        rows_y, columns = _reach(spans, z, width_x)  # the sums stop where the slice's spans stop needing them
         for j in range(first, last):
             dz, dy, dx = offsets[j, 0], offsets[j, 1], offsets[j, 2]
             qz, qy, qx = start[0] + z, start[1], start[2]
-            for e in range(rows_y + width_y):  # running sums down the rows, one extent row at a time
+            for e in range(size_y + width_y):  # running sums down the rows, one extent row at a time
                 r, previous = e % rows, (e - 1) % rows
-                for x in range(columns):
+                for x in range(extent_x):
                     a = atlas[qz + dz, qy + e + dy, qx + x + dx]
                     q = query[qz, qy + e, qx + x]
                     if masked:  # torch multiplies by the pair mask (1 or 0)
