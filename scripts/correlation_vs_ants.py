@@ -30,12 +30,12 @@ from scipy import ndimage
 
 from fewshot.config import load_preset
 from fewshot.transfer import joint_fusion
+from fewshot.transfer.atlas_settings import AtlasSettings
 from fewshot.transfer.fusion import FusionSettings, _hard, disagreement, joint
 
 
 def preset_fusion() -> FusionSettings:
-    section = load_preset("classic", {})["transfer"]["fusion"]
-    return FusionSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+    return AtlasSettings.from_settings(load_preset("classic", {})["transfer"]).fusion
 
 
 def labels_of(posteriors: np.ndarray) -> np.ndarray:

@@ -30,6 +30,11 @@ def _gain(first, last) -> str:
     return f"{100 * (last - first):+.1f}"
 
 
+def _point_name(overrides) -> str:
+    """A grid point by its overrides' last key parts: ``correlation=True``."""
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+
+
 def _mm(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
@@ -110,7 +115,7 @@ def growth_table(folder: Path) -> str:
         for point in selection["points"]:
             curve = [point["curve"][str(n)] for n in steps]  # JSON keys are strings
             groups = [g for g in selection["per_group"] if g["chosen_point"] == point["point"]]
-            name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point["overrides"].items())
+            name = _point_name(point["overrides"])
             rows.append(f"| {name} | " + " | ".join(_pct(d) for d in curve) + f" | {_gain(curve[0], curve[-1])} | "
                         f"{len(groups)}/{len(selection['per_group'])} |")
     return "\n".join(rows)
@@ -127,7 +132,7 @@ def pooled_table(folders: list[Path]) -> str:
     grids, names = {}, None
     for folder in folders:
         selection = json.loads((folder / "metrics.json").read_text())["growth"]["selection"]
-        these = [", ".join(f"{k.split('.')[-1]}={v}" for k, v in p["overrides"].items()) for p in selection["points"]]
+        these = [_point_name(p["overrides"]) for p in selection["points"]]
         if names is not None and these != names:
             raise SystemExit(f"{folder}: another grid ({these} against {names}); pooling needs the same grid")
         names = these

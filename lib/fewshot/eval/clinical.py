@@ -35,11 +35,16 @@ class ClinicalProtocol:
 
     def check(self, case_ids: Sequence[str], n_folds: int, selecting: bool) -> None:
         """Fails at once on an impossible split, before any network loads."""
-        splits = [protocols.clinical_split(list(case_ids), self.shots, self.seed + i) for i in range(max(1, n_folds))]
+        splits = self.splits(case_ids, self.seed, max(1, n_folds))
         scored = {q for _, query_ids in splits for q in query_ids[: self.max_queries or None]}
         if selecting and len(scored) < 2:  # the groups are scans: one scan scored, in every split, is one group
             raise ValueError("--select needs at least 2 query scans (it selects on the other scans)"
                              + (f"; --max-queries {self.max_queries} scores {len(scored)}" if self.max_queries else ""))
+
+    def splits(self, case_ids, seed: int, n: int) -> list[tuple[list[str], list[str]]]:
+        """The ``n`` random support draws, (support ids, query ids) each: seed, seed + 1, ...; the check counts the
+        same queries the run scores."""
+        return [protocols.clinical_split(list(case_ids), self.shots, seed + i) for i in range(n)]
 
     def info(self, n_folds: int, dataset: DatasetConfig | None) -> dict:
         """metrics.json's ``protocol_settings``."""
@@ -53,7 +58,7 @@ class ClinicalProtocol:
 
     def run(self, run: EvalRun, n_splits: int) -> tuple[list[CaseResult], list[dict]]:
         """Every split's queries, scored; and the fold table's rows."""
-        splits = [protocols.clinical_split(list(run.cases), self.shots, run.seed + i) for i in range(n_splits)]
+        splits = self.splits(run.cases, run.seed, n_splits)
         results, fold_info = [], []
         jobs = sum(len(run.queries(q)) for _, q in splits)
         with progress(jobs, "clinical queries") as bar:

@@ -224,21 +224,19 @@ def pooled_growth_selection(grids: Mapping[str, Sequence[Mapping]]) -> dict:
     mean_dice_this_group}], "curves": {dataset: {point: {n_labelled: mean Dice}}}, "nested": {dataset:
     {n_labelled: mean Dice}}}."""
     rows, groups, curves, cases_of = [], {}, {}, {}
-    steps_of = {name: sorted({int(r["n_labelled"]) for r in grid if r["strategy"] == GROWTH_STRATEGY})
-                for name, grid in grids.items()}
+    ordered = {name: [r for r in grid if r["strategy"] == GROWTH_STRATEGY] for name, grid in grids.items()}
+    steps_of = {name: sorted({int(r["n_labelled"]) for r in mine}) for name, mine in ordered.items()}
     if len({tuple(steps) for steps in steps_of.values()}) > 1:  # a step only some have would weigh as a whole step
         raise ValueError(f"pooled selection needs the same growth steps in every run: {steps_of}")
-    for name, grid in grids.items():
-        mine = [r for r in grid if r["strategy"] == GROWTH_STRATEGY]
+    for name, mine in ordered.items():
         group_of = round_robin(r["case_id"] for r in mine)
         for r in mine:
             g = groups.setdefault((name, group_of[r["case_id"]]), len(groups))
             cases_of.setdefault(g, set()).add(r["case_id"])
             rows.append((int(r["point"]), g, f"{name}/{r['case_id']}", int(r["n_labelled"]), float(r["dice"])))
-        steps = sorted({int(r["n_labelled"]) for r in mine})
         curves[name] = {p: {n: float(np.nanmean([float(r["dice"]) for r in mine
                                                   if int(r["point"]) == p and int(r["n_labelled"]) == n]))
-                            for n in steps} for p in sorted({int(r["point"]) for r in mine})}
+                            for n in steps_of[name]} for p in sorted({int(r["point"]) for r in mine})}
     choice = nested_select(rows)
     name_of = {g: key for key, g in groups.items()}
     per_group = [{"dataset": name_of[g][0], "group": name_of[g][1],
