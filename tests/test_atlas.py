@@ -87,7 +87,8 @@ def test_atlas_settings_reject_what_they_cannot_run():
         AtlasTransfer({**good, "fusion": {**good["fusion"], "nonnegative": "yes"}})
     for fusion, problem in (({"implementation": "itk"}, "implementation"),
                             ({"nonnegative": True}, "nonnegative needs fusion.implementation: ants"),
-                            ({"patch_radius": [0, 0, 0]}, "at least 3 voxels")):
+                            ({"patch_radius": [0, 0, 0]}, "at least 3 voxels"),
+                            ({"flat_atlas_patches": "nan"}, "flat_atlas_patches 'nan' must be centred or ants")):
         with pytest.raises(ConfigError, match=problem):
             AtlasTransfer({**good, "fusion": {**good["fusion"], **fusion}})
     AtlasTransfer({**good, "fusion": {**good["fusion"], "nonnegative": True, "implementation": "ants"}}).close()

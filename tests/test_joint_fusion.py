@@ -438,14 +438,19 @@ def test_on_registered_cardiac_atlases_the_labels_are_ants_labels():
         fusion.joint = original
         engine.transfer.close()
     query, images, probabilities, spacing = captured[0]
-    settings = engine.transfer.settings.fusion
-    ants = joint(query, images, probabilities, spacing, replace(settings, implementation="ants"))
-    ours = joint(query, images, probabilities, spacing, replace(settings, implementation="vectorised"))
     region = disagreement(_hard(probabilities))
     assert region.sum() > 1000
-    assert np.abs(ours - ants)[:, region].mean() < 2e-3
     label = lambda p: np.where(p.max(0) > 0.5, p.argmax(0) + 1, 0)  # noqa: E731
-    assert (label(ours)[region] == label(ants)[region]).mean() > 0.999
+    # By either measure, with ANTs' rule for flat atlas patches: antsJointFusion's labels at every fused voxel
+    # (measured: all 78.6 thousand, mean posterior difference 5e-7 / 8e-6). With the default rule the search by
+    # correlation, which lands on this pair's zero fill more often, differs at 0.44 % (docs/results.md).
+    for correlation in (False, True):
+        settings = replace(engine.transfer.settings.fusion, correlation=correlation)
+        ants = joint(query, images, probabilities, spacing, replace(settings, implementation="ants"))
+        ours = joint(query, images, probabilities, spacing,
+                     replace(settings, implementation="vectorised", flat_atlas_patches="ants"))
+        assert np.abs(ours - ants)[:, region].mean() < 1e-4, correlation
+        assert (label(ours)[region] == label(ants)[region]).mean() > 0.9999, correlation
 
 
 def test_an_atlas_with_no_data_in_a_patch_does_not_take_the_vote():
@@ -465,3 +470,10 @@ def test_an_atlas_with_no_data_in_a_patch_does_not_take_the_vote():
     assert (fused[inner[region]] == 1).mean() > 0.95
     reference = ants_fusion(query, images, labels, region, (0, 2, 2), (0, 0, 0))
     assert (reference[2][inner[region]] > 0.5).mean() > 0.5  # ANTs hands the empty atlas the vote
+    # ... and so does ANTs' rule here, to the same posteriors
+    values, as_ants = fuse_jointly(query, images, labels, region, SPACING, (0, 2, 2), (0, 0, 0), 2.0, 0.01,
+                                   flat_atlas_patches="ants")
+    as_ants = dict(zip(values.tolist(), as_ants))
+    assert (as_ants[2][inner[region]] > 0.5).mean() > 0.5
+    for value, posterior in reference.items():
+        np.testing.assert_allclose(as_ants[value], posterior, atol=1e-4)

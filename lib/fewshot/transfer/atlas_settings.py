@@ -116,6 +116,8 @@ class AtlasSettings:
         elif self.fusion.implementation == "vectorised" and self.fusion.nonnegative is True:
             problems.append("fusion.nonnegative needs fusion.implementation: ants (the vectorised fusion solves "
                             "without the constraint)")
+        if self.fusion.flat_atlas_patches not in ("centred", "ants"):
+            problems.append(f"fusion.flat_atlas_patches {self.fusion.flat_atlas_patches!r} must be centred or ants")
         search = self.fusion.search_radius
         if (len(search) != 3 or min(search) < 0) if isinstance(search, tuple) else int(search) < 0:
             problems.append("fusion.search_radius needs one or three (slice, row, column) non-negative voxel counts")

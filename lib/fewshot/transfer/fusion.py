@@ -80,6 +80,12 @@ class FusionSettings:
     # 4-5.6x faster) or "ants" (antsJointFusion through antspyx, the reference; the only one
     # with `nonnegative`)
     implementation: str = "vectorised"
+    # joint, vectorised: how an atlas patch with no contrast (zero fill where a registered atlas has no data) enters
+    # the weights. "centred": all zeros after normalising, so it differs from any query patch with contrast and
+    # weighs little; "ants": as antsJointFusion, whose normalisation divides it by its zero deviation, zeroes its
+    # row of M and so gives the empty atlas the largest weight (joint_fusion.py). antsJointFusion itself
+    # (implementation: ants) always does the latter.
+    flat_atlas_patches: str = "centred"
 
 
 def fusion_rule(correlation) -> int | None:
@@ -188,7 +194,8 @@ def _vectorised(query, images, hard, region, spacing, settings: FusionSettings):
     radius = settings.search_radius
     radius = tuple(int(r) for r in radius) if isinstance(radius, (tuple, list)) else (int(radius),) * 3
     return fuse_jointly(query, images, hard.astype(np.int64), region, spacing, settings.patch_radius, radius,
-                        beta=float(settings.beta), alpha=float(settings.rho), correlation=bool(settings.correlation))
+                        beta=float(settings.beta), alpha=float(settings.rho), correlation=bool(settings.correlation),
+                        flat_atlas_patches=settings.flat_atlas_patches)
 
 
 def fuse(query: np.ndarray, images: np.ndarray, probabilities: np.ndarray, spacing: Sequence[float],

@@ -33,8 +33,11 @@ Patch voxels outside the image are missing, as in ANTs: a patch that has any mak
   it, where a registered atlas has no data), into amplified rounding. Here a flat query patch gives equal
   weights and keeps its unshifted patch, which is what ANTs' NaN does, and a flat atlas patch is centred
   (all zeros), so it differs from any query patch with contrast. ANTs' NaN would instead zero that
-  atlas's row of ``M`` and hand the empty atlas the largest weight. On real registered atlases the labels
-  agree (CMR 3-shot queries: 1-22 of 62-94 thousand voxels differ; docs/results.md).
+  atlas's row of ``M`` and hand the empty atlas the largest weight (``flat_atlas_patches="ants"`` does
+  that, for the comparison). The search by correlation lands on flat patches more often than by mean
+  squares (a flat patch scores 0, which beats every anticorrelated one): with ANTs' rule the labels of
+  real registered cardiac atlases are antsJointFusion's at every fused voxel by either measure; with
+  this rule they differ at 0.44 % by correlation and none by mean squares (docs/results.md).
 
 Non-negative least squares (``antsJointFusion -c``) is not implemented here.
 """
@@ -123,10 +126,13 @@ class BoxSums:
 
 def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, region: np.ndarray,
                  spacing: Sequence[float], patch_radius: Sequence[int], search_radius: Sequence[int],
-                 beta: float, alpha: float, correlation: bool = False,
+                 beta: float, alpha: float, correlation: bool = False, flat_atlas_patches: str = "centred",
                  chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """query (Z, Y, X), images (K, Z, Y, X), labels (K, Z, Y, X) integers, region (Z, Y, X) bool, the voxels
     to fuse. Returns (label values, posteriors (n labels, n region voxels), in ``region``'s C order).
+
+    ``flat_atlas_patches``: "centred" (this module's rule for an atlas patch with no contrast) or "ants"
+    (antsJointFusion's: its atlas's row of M zero); see the module's docstring.
 
     ``chunk`` centres have their weights solved together: 1024 keeps their patch differences (chunk x K x patch
     voxels) nearer the cache than 4096 did (a CHAOS query's weights, 15 votes of 169-voxel patches: 6.1 s
@@ -141,7 +147,7 @@ def fuse_jointly(query: np.ndarray, images: np.ndarray, labels: np.ndarray, regi
     query_stats = cut.statistics(cut.query, cut.pad, cut.size)
     best = search(cut, query_stats, correlation)
     searched = time.perf_counter()
-    chosen, weights = weigh(cut, query_stats, best, beta, alpha, chunk)
+    chosen, weights = weigh(cut, query_stats, best, beta, alpha, chunk, flat_atlas_patches)
     weighed = time.perf_counter()
     posteriors = vote(cut, values, chosen, weights)
     logger.debug("joint fusion of %d voxels, %d votes: search %.2f s, weights %.2f s, votes %.2f s", len(cut.centres),
@@ -315,11 +321,14 @@ def search(cut: Cut, query_stats, correlation: bool, compiled: bool | None = Non
 
 
 def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
-          chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+          chunk: int, flat_atlas_patches: str = "centred") -> tuple[torch.Tensor, torch.Tensor]:
     """Each atlas's weight at each centre of the region, from its chosen patch: (chosen offsets, weights), both
     (K, R). A patch with a voxel outside the image makes its atlas's row of M zero (ANTs' NaN sums); a flat
     query patch makes every row zero (equal weights, as ANTs' NaN patch does); a flat atlas patch is centred
-    (all zeros), where ANTs' NaN would make its row zero and so give it the largest weight."""
+    (all zeros), where ANTs' NaN makes its row zero and so gives it the largest weight: ``flat_atlas_patches``
+    "ants" does that instead."""
+    if flat_atlas_patches not in ("centred", "ants"):
+        raise ValueError(f"flat_atlas_patches {flat_atlas_patches!r} must be centred or ants")
     sr, k, n_patch = cut.reach, cut.k, cut.patch_size
 
     def scale(std):  # 1 / standard deviation; 0 for a flat patch, which so comes out centred, all zeros
@@ -359,6 +368,10 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
         n = len(cut.centres[part])
         d, missing = d_buffer[:n], missing_buffer[:n]  # |normalised atlas patch - query's|; a patch unusable
         differences(*arrays, start, start + n, d.numpy(), missing.numpy())
+        if flat_atlas_patches == "ants":  # a flat chosen patch (scale 0) is missing, as ANTs' NaN patch
+            for i in range(k):
+                landed = in_landing[part] + step_landing[chosen[i, part]]
+                missing[:, i] |= torch.from_numpy(scales_a[i]).index_select(0, landed) == 0
         m = (torch.bmm(d, d.transpose(1, 2)) / (n_patch - 1)).double()
         m = m * m if beta == 2 else m ** beta
         m = torch.where(missing[:, :, None] | missing[:, None, :] | ~torch.isfinite(m), 0.0, m)
