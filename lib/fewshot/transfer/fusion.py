@@ -19,15 +19,15 @@ reference the tests compare with.
 
 ``majority`` (the mean of the atlases' soft votes) is kept for the ablation.
 
-Two switches of ``antsJointFusion`` are settings, off by default. ``correlation`` (``-m PC``: the local
+Two switches of ``antsJointFusion`` are settings. ``correlation`` (``-m PC``, on in the preset: the local
 search compares patches by Pearson correlation, ANTs' own default, where antspyx uses mean squares): with
 today's patches and registration it won nested selection on CMR in every group and lost on CHAOS at 1 and 3
-shots, and one setting chosen over both datasets' growth curves at once chose it in every group; it stays off
-until its deviation from antsJointFusion on real atlases is explained (docs/results.md, "Joint fusion's search by
-correlation", 26th session). ``correlation: N`` switches it on from N atlases, and ``correlation: bank`` lets the
-bank's own atlases choose (``fusion_choice.py``). ``nonnegative`` (``-c 1``: non-negative joint weights): what
-nested selection's choice of it was worth was mixed across runs (+0.5 to −0.3 Dice) and the constraint costs
-30–50 % more fusion time (docs/results.md, "Joint fusion's patch search by correlation").
+shots, and one setting chosen over both datasets' growth curves at once chose it in every group. Its labels
+are antsJointFusion's but where an atlas's chosen patch is flat (``flat_atlas_patches``; docs/results.md,
+"Joint fusion's search by correlation", 27th session). ``correlation: N`` switches it on from N atlases, and
+``correlation: bank`` lets the bank's own atlases choose (``fusion_choice.py``). ``nonnegative`` (``-c 1``,
+off: non-negative joint weights): what nested selection's choice of it was worth was mixed across runs (+0.5
+to −0.3 Dice) and the constraint costs 30–50 % more fusion time (docs/results.md, "Joint fusion's patch search by correlation").
 
 An atlas refined in plane with slice offsets (``in_plane.slice_shifts``) casts several variants.
 ``shifted_votes: joint`` hands every variant to joint fusion as a vote of its own (K atlases x S
