@@ -66,8 +66,8 @@ def timed(args) -> None:
     values = np.unique(hard[:, region])
     # The preset's rule (false, true, a number of atlases, or bank) resolved as for this many votes' atlases;
     # --correlation overrides it
-    rule, preset_measure = fusion.fusion_rule(preset.get("correlation", False)), preset.get("correlation", False)
-    by_rule = args.atlases >= rule if rule is not None else preset_measure is True  # bank: mean squares here
+    preset_measure = preset.get("correlation", False)
+    by_rule = False if preset_measure == "bank" else fusion.measure_for(preset_measure, args.atlases)  # bank: mean squares
     correlation = args.correlation if args.correlation is not None else by_rule
     print(f"search by {'correlation' if correlation else 'mean squares'}")
     print(f"{args.inputs}: {len(hard)} votes, {int(region.sum())} voxels where they disagree, patch {patch}")

@@ -73,6 +73,39 @@ def test_classic_is_weights_free_multi_atlas():
     assert load_preset("classic-slices")["transfer"]["type"] == "registration"  # the previous method, kept
 
 
+def test_correlation_from_n_atlases_counts_those_holding_the_labels_up_to_keep():
+    from types import SimpleNamespace
+
+    from fewshot.transfer.atlas import AtlasTransfer
+    from fewshot.transfer.fusion import measure_for
+
+    assert [measure_for(4, n) for n in (1, 3, 4, 8)] == [False, False, True, True]
+    assert measure_for(True, 1) is True and measure_for(False, 8) is False
+    with pytest.raises(ValueError, match="per bank"):
+        measure_for("bank", 5)
+    good = load_preset("classic")["transfer"]
+    transfer = AtlasTransfer({**good, "fusion": {**good["fusion"], "correlation": 3}})
+    try:
+        heart, liver = SimpleNamespace(labels=(200, 500)), SimpleNamespace(labels=(1,))
+        chosen = lambda atlases, keep: transfer._fusion_for(atlases, (200,), keep)[0].correlation  # noqa: E731
+        assert chosen([heart, heart, liver, liver], keep=8) is False  # two hold the labels asked for
+        assert chosen([heart] * 3, keep=8) is True
+        assert chosen([heart] * 5, keep=2) is False  # no more than keep are fused
+    finally:
+        transfer.close()
+
+
+def test_more_than_one_thread_per_worker_is_said_not_to_repeat(caplog):
+    from fewshot.transfer.atlas import AtlasTransfer
+
+    good = load_preset("classic")["transfer"]
+    for settings, warned in ((good, False), ({**good, "workers": 1, "threads_per_worker": 2}, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fewshot.transfer.atlas"):
+            AtlasTransfer(settings).close()
+        assert any("do not repeat exactly" in r.getMessage() for r in caplog.records) is warned
+
+
 def test_atlas_settings_reject_what_they_cannot_run():
     from fewshot.config import ConfigError
     from fewshot.transfer.atlas import AtlasTransfer

@@ -44,7 +44,7 @@ from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.atlas_settings import _PRESET, AtlasSettings
 from fewshot.transfer.atlas_start import warm_fusion, warm_worker
 from fewshot.transfer.extent import ProfileCache, limit_extent
-from fewshot.transfer.fusion import FusionSettings, fuse, fusion_rule, merge_variants
+from fewshot.transfer.fusion import FusionSettings, fuse, fusion_rule, measure_for, merge_variants
 from fewshot.transfer.fusion_choice import FusionChoices
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
@@ -149,6 +149,9 @@ class AtlasTransfer:
         self._choices = FusionChoices()  # fusion.correlation: bank
         self._choice_key = _digest(asdict(replace(self.settings, fusion=replace(self.settings.fusion, correlation=None))))
         s = self.settings
+        if s.threads_per_worker > 1:  # valid (faster per atlas), but a choice a user should make knowingly
+            logger.warning("transfer.threads_per_worker %d: ANTs' affine and joint fusion do not repeat exactly on more "
+                           "than one thread, so the same scan can come out differently from run to run", s.threads_per_worker)
         self.pool = WorkerPool(s.workers, s.threads_per_worker, s.start_method, _init_worker, "atlas registration",
                                "registration jobs")
         self._inline_lock = threading.Lock()  # SimpleITK's thread count is process-wide
@@ -446,7 +449,7 @@ class AtlasTransfer:
         preset = self.settings.fusion
         if fusion_rule(preset.correlation) is not None:  # a number: correlation from that many atlases fused on
             holding = sum(1 for a in atlases if set(a.labels) & set(labels))
-            return replace(preset, correlation=min(keep, holding) >= preset.correlation), 0.0
+            return replace(preset, correlation=measure_for(preset.correlation, min(keep, holding))), 0.0
         if preset.correlation != "bank":
             return preset, 0.0
         if preset.method != "joint":

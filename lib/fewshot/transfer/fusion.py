@@ -95,6 +95,17 @@ def fusion_rule(correlation) -> int | None:
     return correlation if isinstance(correlation, int) and not isinstance(correlation, bool) else None
 
 
+def measure_for(correlation, atlases: int) -> bool:
+    """Whether ``correlation`` (true, false or a number N of atlases) searches by correlation for a query offered
+    ``atlases`` atlases: from N atlases on for a number. ``bank`` is chosen per bank (fusion_choice.py), not here."""
+    rule = fusion_rule(correlation)
+    if rule is not None:
+        return atlases >= rule
+    if not isinstance(correlation, bool):
+        raise ValueError(f"fusion.correlation {correlation!r} is chosen per bank, not by a count of atlases")
+    return correlation
+
+
 def search_radius(radius) -> int | str:
     """antsJointFusion's ``-s``: one radius, or ``RxRxR`` along the image's axes (slice, row, column here)."""
     if isinstance(radius, (tuple, list)):
