@@ -78,7 +78,8 @@ def timed(args) -> None:
             stats = cut.statistics(cut.query, cut.pad, cut.size)
             best = joint_fusion.search(cut, stats, correlation)
             searched = time.perf_counter()
-            chosen, weights = joint_fusion.weigh(cut, stats, best, float(preset["beta"]), float(preset["rho"]), 4096)
+            chosen, weights = joint_fusion.weigh(cut, stats, best, float(preset["beta"]), float(preset["rho"]), 4096,
+                                                 preset.get("flat_atlas_patches", "centred"))
             weighed = time.perf_counter()
             first = None
             for direct in args.direct or [joint_fusion.DIRECT]:

@@ -74,7 +74,8 @@ class FusionSettings:
     # of mean squares, antspyx's default; the weights themselves are computed the same way)
     nonnegative: bool = False
     # true, false, "bank" (chosen per bank by leaving each atlas out in turn: transfer/fusion_choice.py), or
-    # a number N >= 2: correlation when a query fuses N atlases or more, mean squares below (``fusion_rule``)
+    # a number N >= 2: correlation when a query fuses N atlases or more, mean squares below (``fusion_rule``).
+    # False here, as in antspyx; the classic preset sets true
     correlation: bool | str | int = False
     # joint: who computes it. "vectorised" (transfer/joint_fusion.py: ANTs' algorithm on whole arrays in torch,
     # 4-5.6x faster) or "ants" (antsJointFusion through antspyx, the reference; the only one
@@ -82,9 +83,10 @@ class FusionSettings:
     implementation: str = "vectorised"
     # joint, vectorised: how an atlas patch with no contrast (zero fill where a registered atlas has no data) enters
     # the weights. "centred": all zeros after normalising, so it differs from any query patch with contrast and
-    # weighs little; "ants": as antsJointFusion, whose normalisation divides it by its zero deviation, zeroes its
-    # row of M and so gives the empty atlas the largest weight (joint_fusion.py). antsJointFusion itself
-    # (implementation: ants) always does the latter.
+    # weighs little; "ants": its row of M zero, as antsJointFusion's normalisation leaves an exactly flat patch
+    # (it divides by zero), which gives the empty atlas the largest weight (joint_fusion.py; a nearly flat one
+    # antsJointFusion divides by its tiny deviation instead). antsJointFusion itself (implementation: ants)
+    # always does the latter.
     flat_atlas_patches: str = "centred"
 
 

@@ -11,8 +11,8 @@ torch on the CPU (the tests compare it with antspyx's ANTs):
    centres. The best offset ``s_i(x)`` is kept per atlas. With patches one slice thick (the default)
    the same arithmetic runs compiled (``joint_kernels``), slice by slice, by either measure: 3.6x
    faster by mean squares, the same offsets to the bit.
-2. **Weights.** Patches are normalised (mean removed, divided by their standard deviation: what
-   antspyx's build of ANTs does; ANTs' published source floors the deviation at 1).
+2. **Weights.** Patches are normalised (mean removed, divided by their standard deviation, as ANTs has
+   done since 2022, ITKAdaptiveDenoising 4b6b444; before, it floored the deviation at 1).
    ``M_ij = (sum_k |d_ik| |d_jk| / (P - 1)) ** beta`` from the absolute differences to the query's patch; ``(M + alpha I) w = 1`` by Cholesky (a pseudo-inverse where it fails); negative
    weights are set to 0 and the rest normalised to sum 1. The patches are gathered compiled
    (``joint_kernels.differences``), the same float32 bits.
@@ -34,8 +34,9 @@ Patch voxels outside the image are missing, as in ANTs: a patch that has any mak
   weights and keeps its unshifted patch, which is what ANTs' NaN does, and a flat atlas patch is centred
   (all zeros), so it differs from any query patch with contrast. ANTs' NaN would instead zero that
   atlas's row of ``M`` and hand the empty atlas the largest weight (``flat_atlas_patches="ants"`` does
-  that, for the comparison). The search by correlation lands on flat patches more often than by mean
-  squares (a flat patch scores 0, which beats every anticorrelated one): with ANTs' rule the labels of
+  that for every flat chosen patch, for the comparison; ANTs amplifies a nearly flat one instead). The
+  search by correlation lands on flat patches more often than by mean squares (a flat patch scores 0,
+  which beats every anticorrelated one): with ANTs' rule the labels of
   real registered cardiac atlases are antsJointFusion's at every fused voxel by either measure; with
   this rule they differ at 0.44 % by correlation and none by mean squares (docs/results.md).
 
@@ -361,6 +362,7 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
     scales_a = torch.stack([scale_a for _, scale_a in atlas_stats]).numpy()
     arrays = [t.numpy() for t in (q_flat, a_flat, mean_t, scale_t, usable_t, chosen, in_cut, in_landing, step_cut,
                                   step_landing, patch_cut)] + [means_a, scales_a, whole_landing.numpy()]
+    flat_a = torch.from_numpy(scales_a == 0)  # (K, landing voxels): the atlases' flat patches (scale 0)
     d_buffer = torch.empty((min(chunk, len(cut.centres)), k, n_patch), dtype=torch.float32)
     missing_buffer = torch.empty((min(chunk, len(cut.centres)), k), dtype=torch.bool)
     for start in range(0, len(cut.centres), chunk):
@@ -368,10 +370,10 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
         n = len(cut.centres[part])
         d, missing = d_buffer[:n], missing_buffer[:n]  # |normalised atlas patch - query's|; a patch unusable
         differences(*arrays, start, start + n, d.numpy(), missing.numpy())
-        if flat_atlas_patches == "ants":  # a flat chosen patch (scale 0) is missing, as ANTs' NaN patch
+        if flat_atlas_patches == "ants":  # a flat chosen patch is missing, as ANTs' NaN patch
             for i in range(k):
                 landed = in_landing[part] + step_landing[chosen[i, part]]
-                missing[:, i] |= torch.from_numpy(scales_a[i]).index_select(0, landed) == 0
+                missing[:, i] |= flat_a[i].index_select(0, landed)
         m = (torch.bmm(d, d.transpose(1, 2)) / (n_patch - 1)).double()
         m = m * m if beta == 2 else m ** beta
         m = torch.where(missing[:, :, None] | missing[:, None, :] | ~torch.isfinite(m), 0.0, m)
