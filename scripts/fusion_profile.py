@@ -24,6 +24,7 @@ import numpy as np
 from fewshot.config import load_preset, parse_overrides
 from fewshot.eval.datasets import load_dataset_config
 from fewshot.engine import Engine
+from fewshot.transfer.atlas_settings import AtlasSettings
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -58,16 +59,15 @@ def radius(text: str) -> tuple[int, int, int]:
 def timed(args) -> None:
     from fewshot.transfer import fusion, joint_fusion
     saved = np.load(args.inputs)
-    preset = load_preset("classic", {}).get("transfer", {}).get("fusion", {})
-    patch = tuple(int(r) for r in preset["patch_radius"])
+    preset = AtlasSettings.from_settings(load_preset("classic", {})["transfer"]).fusion  # validated, as the app reads it
+    patch = tuple(int(r) for r in preset.patch_radius)
     hard = fusion._hard(saved["probabilities"]).astype(np.int64)
     region = fusion.disagreement(hard)
     spacing = tuple(float(s) for s in saved["spacing"])
     values = np.unique(hard[:, region])
     # The preset's rule (false, true, a number of atlases, or bank) resolved as for this many votes' atlases;
     # --correlation overrides it
-    preset_measure = preset.get("correlation", False)
-    by_rule = False if preset_measure == "bank" else fusion.measure_for(preset_measure, args.atlases)  # bank: mean squares
+    by_rule = False if preset.correlation == "bank" else fusion.measure_for(preset.correlation, args.atlases)  # bank: MSQ
     correlation = args.correlation if args.correlation is not None else by_rule
     print(f"search by {'correlation' if correlation else 'mean squares'}")
     print(f"{args.inputs}: {len(hard)} votes, {int(region.sum())} voxels where they disagree, patch {patch}")
@@ -78,8 +78,8 @@ def timed(args) -> None:
             stats = cut.statistics(cut.query, cut.pad, cut.size)
             best = joint_fusion.search(cut, stats, correlation)
             searched = time.perf_counter()
-            chosen, weights = joint_fusion.weigh(cut, stats, best, float(preset["beta"]), float(preset["rho"]), 4096,
-                                                 preset.get("flat_atlas_patches", "centred"))
+            chosen, weights = joint_fusion.weigh(cut, stats, best, float(preset.beta), float(preset.rho), 4096,
+                                                 preset.flat_atlas_patches)
             weighed = time.perf_counter()
             first = None
             for direct in args.direct or [joint_fusion.DIRECT]:

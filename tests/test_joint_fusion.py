@@ -305,9 +305,10 @@ def test_the_label_values_counted_are_numpys_unique():
         assert np.array_equal(got, want) and got.dtype == want.dtype, (got, want)
 
 
-def plain_differences(cut, query_stats, chosen, centres):
+def plain_differences(cut, query_stats, chosen, centres, flat_atlas_patches="centred"):
     """The weights' patch differences (|normalised atlas patch - query's|) and unusable patches of some centres,
-    gathered plainly in torch by coordinates: what ``joint_kernels.differences`` must give to the bit."""
+    gathered plainly in torch by coordinates: what ``joint_kernels.differences`` must give to the bit. By ANTs'
+    rule a flat atlas patch is unusable too."""
     n_t, mean_t, std_t = query_stats
     landing = cut.size + 2 * cut.reach
     n_landing = cut.count(cut.pad - cut.reach, landing)
@@ -327,17 +328,20 @@ def plain_differences(cut, query_stats, chosen, centres):
             _, mean_a, std_a = cut.statistics(cut.images[i], cut.pad - cut.reach, landing, n_landing)
             d[row, i] = torch.abs(normalised(cut.images[i], cut.pad + s, c, mean_a[at], std_a[at]) - q)
             missing[row, i] = not (n_t[tuple(c)] >= cut.patch_size and std_t[tuple(c)] > cut.flat) or \
-                n_landing[at] < cut.patch_size
+                n_landing[at] < cut.patch_size or (flat_atlas_patches == "ants" and not std_a[at] > cut.flat)
     return d, missing
 
 
-@pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
-def test_the_weights_patch_differences_are_gathered_to_the_bit(whole, monkeypatch):
-    """The compiled gather of the weights' patch differences gives what a plain gather by coordinates gives."""
+@pytest.mark.parametrize("whole,flat_atlas_patches", [(False, "centred"), (True, "centred"), (True, "ants")],
+                         ids=["inner-region", "every-edge", "every-edge-ants-rule"])
+def test_the_weights_patch_differences_are_gathered_to_the_bit(whole, flat_atlas_patches, monkeypatch):
+    """The compiled gather of the weights' patch differences gives what a plain gather by coordinates gives,
+    with either rule for a flat atlas patch (one atlas has no data in a corner of every slice: the last chunk's)."""
     from fewshot.transfer import joint_fusion
     from fewshot.transfer.joint_fusion import Cut, search, weigh
 
     query, images, labels, region = problem(6, whole=whole)
+    images[0, :, -12:, -12:] = 0.0
     cut = Cut.around(query, images, labels, region, (0, 2, 2), (1, 2, 2), SPACING)
     stats = cut.statistics(cut.query, cut.pad, cut.size)
     seen = []
@@ -349,13 +353,16 @@ def test_the_weights_patch_differences_are_gathered_to_the_bit(whole, monkeypatc
 
     compiled = joint_fusion.differences
     monkeypatch.setattr(joint_fusion, "differences", spy)
-    chosen, _ = weigh(cut, stats, search(cut, stats, correlation=False), 2.0, 0.01, chunk=97)
+    chosen, _ = weigh(cut, stats, search(cut, stats, correlation=False), 2.0, 0.01, chunk=97,
+                      flat_atlas_patches=flat_atlas_patches)
     assert len(seen) == -(-len(cut.centres) // 97)
     start, d, missing = seen[-1]
-    centres = cut.centres[start:start + len(d)]
-    plain_d, plain_missing = plain_differences(cut, stats, chosen[:, start:start + len(d)], centres)
+    centres, mine = cut.centres[start:start + len(d)], chosen[:, start:start + len(d)]
+    plain_d, plain_missing = plain_differences(cut, stats, mine, centres, flat_atlas_patches)
     assert torch.equal(d, plain_d) and torch.equal(missing, plain_missing)
     assert bool(missing.any()) and not bool(missing.all())  # the region reaches the image's edge: both kinds
+    _, whole_or_query = plain_differences(cut, stats, mine, centres)  # missing by the default rule
+    assert bool((missing & ~whole_or_query).any()) == (flat_atlas_patches == "ants")  # the fill's flat patches
 
 
 def test_an_atlas_identical_to_the_query_takes_the_vote():

@@ -360,9 +360,13 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
     # same bits; tests/test_joint_fusion.py), a chunk of centres at a time; M and its solve stay in torch
     means_a = torch.stack([mean for mean, _ in atlas_stats]).numpy()
     scales_a = torch.stack([scale_a for _, scale_a in atlas_stats]).numpy()
+    # An atlas's patch where the search lands is usable when whole (else ANTs' sums are NaN) and, by ANTs' rule,
+    # not flat (ANTs' normalisation is NaN then): an unusable one makes its atlas's row of M zero
+    usable_a = whole_landing.expand(k, -1)
+    if flat_atlas_patches == "ants":
+        usable_a = usable_a & torch.from_numpy(scales_a != 0)
     arrays = [t.numpy() for t in (q_flat, a_flat, mean_t, scale_t, usable_t, chosen, in_cut, in_landing, step_cut,
-                                  step_landing, patch_cut)] + [means_a, scales_a, whole_landing.numpy()]
-    flat_a = torch.from_numpy(scales_a == 0)  # (K, landing voxels): the atlases' flat patches (scale 0)
+                                  step_landing, patch_cut)] + [means_a, scales_a, usable_a.contiguous().numpy()]
     d_buffer = torch.empty((min(chunk, len(cut.centres)), k, n_patch), dtype=torch.float32)
     missing_buffer = torch.empty((min(chunk, len(cut.centres)), k), dtype=torch.bool)
     for start in range(0, len(cut.centres), chunk):
@@ -370,10 +374,6 @@ def weigh(cut: Cut, query_stats, best: torch.Tensor, beta: float, alpha: float,
         n = len(cut.centres[part])
         d, missing = d_buffer[:n], missing_buffer[:n]  # |normalised atlas patch - query's|; a patch unusable
         differences(*arrays, start, start + n, d.numpy(), missing.numpy())
-        if flat_atlas_patches == "ants":  # a flat chosen patch is missing, as ANTs' NaN patch
-            for i in range(k):
-                landed = in_landing[part] + step_landing[chosen[i, part]]
-                missing[:, i] |= flat_a[i].index_select(0, landed)
         m = (torch.bmm(d, d.transpose(1, 2)) / (n_patch - 1)).double()
         m = m * m if beta == 2 else m ** beta
         m = torch.where(missing[:, :, None] | missing[:, None, :] | ~torch.isfinite(m), 0.0, m)

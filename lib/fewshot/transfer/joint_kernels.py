@@ -237,12 +237,12 @@ def row_spans(region: np.ndarray) -> np.ndarray:
 
 @_compiled
 def differences(query, atlases, mean_q, scale_q, usable_q, chosen, in_cut, in_landing, step_cut, step_landing,
-                patch_cut, mean_a, scale_a, whole_landing, start, stop, d, missing):  # pragma: no cover - compiled
+                patch_cut, mean_a, scale_a, usable_a, start, stop, d, missing):  # pragma: no cover - compiled
     """Joint fusion's weights, the patch differences of centres start..stop-1 (``joint_fusion.weigh``): into
     ``d`` (n, K, P), ``|(a - mean_a) * scale_a - (q - mean_q) * scale_q|`` over each patch, in float32 as torch
     computes it there, and into ``missing`` (n, K) whether the query's or the atlas's patch is unusable.
     Gathered by flat index from the cut (``query``, ``atlases[i]``) and from the atlases' patch statistics where
-    the search landed (``mean_a``, ``scale_a``, ``whole_landing``)."""
+    the search landed (``mean_a``, ``scale_a``, ``usable_a``)."""
     n_patch = patch_cut.shape[0]
     normalised = np.empty(n_patch, np.float32)
     for c in range(start, stop):
@@ -257,7 +257,7 @@ def differences(query, atlases, mean_q, scale_q, usable_q, chosen, in_cut, in_la
             at = base + step_cut[s]
             for p in range(n_patch):
                 d[row, i, p] = abs((atlases[i, at + patch_cut[p]] - mean) * scale - normalised[p])
-            missing[row, i] = not usable_q[c] or not whole_landing[landed]
+            missing[row, i] = not usable_q[c] or not usable_a[i, landed]
     return 0
 
 
