@@ -5,12 +5,16 @@
     python scripts/atlas_dev.py cmr-bssfp 2,6,12 3,5,7,9,4 transfer.global_affine.iterations=50
     python scripts/atlas_dev.py chaos-t2 2,3 1,8,10,13,15 --fusion '{"j222s1": {}, "maj": {"method": "majority"}}'
     python scripts/atlas_dev.py chaos-t2 2 8 --repeat 3
+    python scripts/atlas_dev.py cmr-bssfp 1,2,10,18 12,31,27,22,19,7,20,29 --oracle-extent
 
 Prints Dice per label, seconds per volume and stage timers for each query. With ``--fusion`` every
 query is registered once and fused with each named variant of ``transfer.fusion`` (and decided by
 each variant's ``decision`` / ``threshold``, when it names them; the registrations are cached),
 which is how the fusion settings in docs/results.md were compared. ``--repeat`` segments each query
-again with every registration forgotten: a registration must come out the same each time. These pairs were the
+again with every registration forgotten: a registration must come out the same each time. ``--oracle-extent``
+also prints the Dice each label would have if cut to the slices its reference spans, and how many slices each
+label starts and ends from its reference's (negative: before it, along the file's slice axis): what the extent
+still costs. These pairs were the
 design set (docs/results.md, "How classic was designed"): they are also among the scored scans, so
 figures from here are indicative, never results.
 """
@@ -43,6 +47,8 @@ def main() -> None:
                    "(and transfer.decision / transfer.threshold)")
     p.add_argument("--repeat", type=int, default=1, help="segment each query this many times, registering "
                    "its atlases afresh each time (does a query come out the same every time?)")
+    p.add_argument("--oracle-extent", action="store_true", help="also the Dice with each label cut to its "
+                   "reference's slices, and where each label starts and ends against its reference")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in ("fewshot.bank", "fewshot.engine", "monai"):
@@ -75,13 +81,37 @@ def main() -> None:
                 dice = {v: 2 * float(((seg.label == v) & (truth == v)).sum())
                         / max(1.0, float((seg.label == v).sum() + (truth == v).sum())) for v in values}
                 means.setdefault(name, []).append(float(np.mean(list(dice.values()))))
+                if args.oracle_extent:
+                    oracle, ends = extent_oracle(seg.label, truth, values, int(np.argmax(seg.volume.spacing)))
+                    means.setdefault(f"{name} (oracle extent)", []).append(float(np.mean(list(oracle.values()))))
                 stages = {k: round(v, 1) for k, v in seg.timings.items() if isinstance(v, float) and v >= 0.5}
                 print(f"query {q}{f' (run {run + 1})' if args.repeat > 1 else ''} {name}: Dice {({k: round(v, 3) for k, v in dice.items()})} "
                       f"mean {means[name][-1]:.3f}, {seconds:.1f} s {stages}", flush=True)
+                if args.oracle_extent:
+                    print(f"query {q} {name}, each label cut to its reference's slices: "
+                          f"Dice {({k: round(v, 3) for k, v in oracle.items()})} mean {np.mean(list(oracle.values())):.3f}; "
+                          f"(first, last) slice against the reference's {ends}", flush=True)
     finally:
         engine.transfer.close()
     for name, values_ in means.items():
         print(f"MEAN {name}: {np.mean(values_):.3f} over {len(values_)} queries")
+
+
+def extent_oracle(label: np.ndarray, truth: np.ndarray, values, axis: int) -> tuple[dict, dict]:
+    """Dice per label with the prediction cut to the slices (along ``axis``) its reference spans, and per
+    label (first, last) predicted slice minus the reference's (None when either is empty)."""
+    label, truth = np.moveaxis(label, axis, 0), np.moveaxis(truth, axis, 0)
+    dice, ends = {}, {}
+    for v in values:
+        pred, ref = label == v, truth == v
+        ref_z, pred_z = np.nonzero(ref.any(axis=(1, 2)))[0], np.nonzero(pred.any(axis=(1, 2)))[0]
+        if len(ref_z):
+            pred = pred.copy()
+            pred[:ref_z[0]] = False
+            pred[ref_z[-1] + 1:] = False
+        dice[v] = 2 * float((pred & ref).sum()) / max(1.0, float(pred.sum() + ref.sum()))
+        ends[v] = ((int(pred_z[0] - ref_z[0]), int(pred_z[-1] - ref_z[-1])) if len(ref_z) and len(pred_z) else None)
+    return dice, ends
 
 
 if __name__ == "__main__":  # the registration workers are spawned processes: they re-import this file

@@ -1,6 +1,8 @@
 """The extent step of `classic`: a label runs along the slices no further than its atlases allow."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -130,3 +132,25 @@ def test_extent_settings_reject_what_they_cannot_run():
     for extent in ({"method": "oracle"}, {"method": "profile", "slack": -1}, {"method": "profile", "length": "median"}):
         with pytest.raises(ConfigError, match="extent"):
             AtlasTransfer({**good, "extent": extent})
+
+
+def test_the_dev_scripts_extent_oracle_cuts_each_label_to_its_reference_slices():
+    """scripts/atlas_dev.py --oracle-extent: what a perfect extent would give, and where each label runs past."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("atlas_dev", Path(__file__).resolve().parents[1] / "scripts" / "atlas_dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = dev
+    spec.loader.exec_module(dev)
+    truth = np.zeros((6, 6, 8), np.uint8)  # file order: the slices are the last axis here
+    truth[1:4, 1:4, 3:6] = 1
+    truth[1:3, 4:6, 2:5] = 2
+    label = truth.copy()
+    label[1:4, 1:4, 1:3] = 1  # label 1 starts two slices early
+    label[1:3, 4:6, 5] = 2  # label 2 ends one slice late
+    dice, ends = dev.extent_oracle(label, truth, [1, 2, 3], axis=2)
+    assert dice[1] == dice[2] == 1.0 and dice[3] == 0.0
+    assert ends == {1: (-2, 0), 2: (0, 1), 3: None}
+    label[2, 2, 4] = 0  # a miss inside the reference's slices stays a miss
+    assert dev.extent_oracle(label, truth, [1], axis=2)[0][1] < 1.0
