@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from fewshot.config import load_preset, parse_overrides
+from fewshot.eval import metrics
 from fewshot.eval.datasets import load_dataset_config
 from fewshot.engine import Engine
-from fewshot.volume import read_label
+from fewshot.volume import choose_axis, read_label
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -78,18 +79,18 @@ def main() -> None:
                 seg = engine.segment(root / f"image_{q}.nii.gz", labels=values)
                 seconds = time.perf_counter() - start
                 truth = read_label(root / f"label_{q}.nii.gz", seg.volume)
-                dice = {v: 2 * float(((seg.label == v) & (truth == v)).sum())
-                        / max(1.0, float((seg.label == v).sum() + (truth == v).sum())) for v in values}
+                dice = {v: metrics.dice(seg.label == v, truth == v, both_empty=0.0) for v in values}
                 means.setdefault(name, []).append(float(np.mean(list(dice.values()))))
                 if args.oracle_extent:
-                    oracle, ends = extent_oracle(seg.label, truth, values, int(np.argmax(seg.volume.spacing)))
+                    # the engine's rule for the slice axis (the coarsest), on the file's own axes
+                    oracle, ends = extent_oracle(seg.label, truth, values, choose_axis(seg.volume.spacing, "auto"))
                     means.setdefault(f"{name} (oracle extent)", []).append(float(np.mean(list(oracle.values()))))
                 stages = {k: round(v, 1) for k, v in seg.timings.items() if isinstance(v, float) and v >= 0.5}
                 print(f"query {q}{f' (run {run + 1})' if args.repeat > 1 else ''} {name}: Dice {({k: round(v, 3) for k, v in dice.items()})} "
                       f"mean {means[name][-1]:.3f}, {seconds:.1f} s {stages}", flush=True)
                 if args.oracle_extent:
                     print(f"query {q} {name}, each label cut to its reference's slices: "
-                          f"Dice {({k: round(v, 3) for k, v in oracle.items()})} mean {np.mean(list(oracle.values())):.3f}; "
+                          f"Dice {({k: round(v, 3) for k, v in oracle.items()})} mean {means[f'{name} (oracle extent)'][-1]:.3f}; "
                           f"(first, last) slice against the reference's {ends}", flush=True)
     finally:
         engine.transfer.close()
@@ -109,7 +110,7 @@ def extent_oracle(label: np.ndarray, truth: np.ndarray, values, axis: int) -> tu
             pred = pred.copy()
             pred[:ref_z[0]] = False
             pred[ref_z[-1] + 1:] = False
-        dice[v] = 2 * float((pred & ref).sum()) / max(1.0, float(pred.sum() + ref.sum()))
+        dice[v] = metrics.dice(pred, ref, both_empty=0.0)
         ends[v] = ((int(pred_z[0] - ref_z[0]), int(pred_z[-1] - ref_z[-1])) if len(ref_z) and len(pred_z) else None)
     return dice, ends
 

@@ -11,7 +11,6 @@ checks the next start-up repairs the bank while reloading, not rebuilding, every
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 
 from app_harness import APP, INGEST_TIMEOUT, PROJECT, STARTUP_TIMEOUT, Server, expect, tree_digest
+from project_scripts import load_script
 
 SHARED_DATA = Path(os.environ.get("FEWSHOT_SHARED_DATA", PROJECT.parent / "shared" / "data"))
 CHAOS = SHARED_DATA / "chaos-t2"
@@ -760,11 +760,7 @@ def test_kill9_during_ingestion_then_restart_reloads_and_repairs(server, datasto
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("make_sample_datastore", PROJECT / "scripts" / "make_sample_datastore.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_sample_datastore")
 
 
 def _decoded(path: Path):

@@ -24,6 +24,7 @@ from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.fusion import FusionSettings, joint, majority
 from fewshot.transfer.pieces import count_pieces, expected_pieces, keep_pieces
 from fewshot.types import Atlas
+from project_scripts import load_script
 
 SAMPLE = PROJECT / "sample-datastore"
 LABELS = {"liver": 1, "spleen": 2, "kidney": 3}
@@ -614,12 +615,7 @@ def test_a_known_3d_affine_is_recovered(inline_engine, tmp_path):
 
 def extra_phantom(folder, case: int) -> tuple[str, str]:
     """Another phantom from the sample datastore's own generator (the datastore labels three)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_sample_datastore", PROJECT / "scripts" / "make_sample_datastore.py")
-    maker = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = maker  # its dataclasses look their module up
-    spec.loader.exec_module(maker)
+    maker = load_script("make_sample_datastore")
     image, label, affine = maker.make_case(0, case)
     paths = (folder / "image.nii.gz", folder / "label.nii.gz")
     maker.save(image, affine, paths[0])

@@ -20,6 +20,7 @@ from fewshot.eval import results as res
 from fewshot.eval.alpnet import AlpnetProtocol
 from fewshot.eval.run import EvalRun
 from fewshot.eval.metrics import LabelScore
+from project_scripts import load_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HIPPOCAMPUS_IDS = ["015", "184", "195", "199", "216"]
@@ -295,8 +296,6 @@ def test_growth_curve_with_nested_selection_chooses_each_group_on_the_others_who
     """--select with --growth: each query scan's group gets the point whose bank_coverage curve (mean over the
     steps) is best on the other groups' scans, and its rows at every step are that point's. The fusion
     measure is the grid: it leaves every registration and the scans' order as they are."""
-    import importlib.util
-
     data = shared_dataset("msd-hippocampus")
     out = tmp_path / "growth"
     quick = ["transfer.workers=1", "transfer.deformable.method=none", "transfer.global_affine.iterations=20",
@@ -328,9 +327,7 @@ def test_growth_curve_with_nested_selection_chooses_each_group_on_the_others_who
     assert len(run["order"]) == 2  # the measure does not change the order the bank proposes
     for p, point in enumerate(sel["points"]):
         assert point["curve"]["1"] == pytest.approx(np.mean([dice[(p, q, 1)] for q in g["query_ids"]]))
-    spec = importlib.util.spec_from_file_location("results_tables", Path(__file__).resolve().parents[1] / "scripts" / "results_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
+    tables = load_script("results_tables")
     text = tables.growth_table(out)
     assert "| correlation=False |" in text and "| correlation=True |" in text
 
@@ -371,11 +368,7 @@ def test_classic_slices_preset_segments_hippocampus_meaningfully(tmp_path, model
     assert m["mean_dice"] == pytest.approx(np.mean([np.mean([float(r["dice"]) for r in rows if r["label"] == lb])
                                                     for lb in ("1", "2")]))
     # scripts/results_tables.py --points: a row per grid point, its own figure and the groups that chose it.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("results_tables", Path(__file__).resolve().parents[1] / "scripts" / "results_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
+    tables = load_script("results_tables")
     lines = tables.points_table([out]).splitlines()[2:]
     assert len(lines) == 2 and [line.split(" | ")[1] for line in lines] == ["fusion.h=0.005", "fusion.h=0.5"]
     for line, point in zip(lines, sel["points"]):

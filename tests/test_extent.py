@@ -1,8 +1,6 @@
 """The extent step of `classic`: a label runs along the slices no further than its atlases allow."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -10,6 +8,7 @@ from fewshot.config import ConfigError, load_preset
 from fewshot.decision import LabelDecision
 from fewshot.transfer.extent import LONGEST, MEAN, ProfileCache, allowed_slices, best_window, label_profile, limit_extent
 from fewshot.types import Atlas
+from project_scripts import load_script
 
 SIZE = 48
 
@@ -136,13 +135,7 @@ def test_extent_settings_reject_what_they_cannot_run():
 
 def test_the_dev_scripts_extent_oracle_cuts_each_label_to_its_reference_slices():
     """scripts/atlas_dev.py --oracle-extent: what a perfect extent would give, and where each label runs past."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("atlas_dev", Path(__file__).resolve().parents[1] / "scripts" / "atlas_dev.py")
-    dev = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = dev
-    spec.loader.exec_module(dev)
+    dev = load_script("atlas_dev")
     truth = np.zeros((6, 6, 8), np.uint8)  # file order: the slices are the last axis here
     truth[1:4, 1:4, 3:6] = 1
     truth[1:3, 4:6, 2:5] = 2

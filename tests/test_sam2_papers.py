@@ -3,22 +3,18 @@ and that its table puts each run's own figure in its cell beside the published o
 themselves are `fewshot eval`, tested in test_eval_runner; a whole pass takes hours on this CPU.)"""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
+from project_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def papers():
-    spec = importlib.util.spec_from_file_location("sam2_papers", PROJECT / "scripts" / "sam2_papers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sam2_papers")
 
 
 def finish(folder: Path, dice: float) -> None:
