@@ -6,7 +6,8 @@ import pytest
 
 from fewshot.config import ConfigError, load_preset
 from fewshot.decision import LabelDecision
-from fewshot.transfer.extent import LONGEST, MEAN, ProfileCache, allowed_slices, best_window, label_profile, limit_extent
+from fewshot.transfer.extent import (LONGEST, MEAN, AtlasProfiles, ProfileCache, allowed_slices, best_window, end_offsets_mm,
+                                     label_profile, limit_extent, relative_ends)
 from fewshot.types import Atlas
 from project_scripts import load_script
 
@@ -128,7 +129,8 @@ def test_extent_settings_reject_what_they_cannot_run():
     from fewshot.transfer.atlas import AtlasTransfer
 
     good = load_preset("classic")["transfer"]
-    for extent in ({"method": "oracle"}, {"method": "profile", "slack": -1}, {"method": "profile", "length": "median"}):
+    for extent in ({"method": "oracle"}, {"method": "profile", "slack": -1}, {"method": "profile", "length": "median"},
+                   {"method": "profile", "relative": "yes"}):
         with pytest.raises(ConfigError, match="extent"):
             AtlasTransfer({**good, "extent": extent})
 
@@ -147,3 +149,52 @@ def test_the_dev_scripts_extent_oracle_cuts_each_label_to_its_reference_slices()
     assert ends == {1: (-2, 0), 2: (0, 1), 3: None}
     label[2, 2, 4] = 0  # a miss inside the reference's slices stays a miss
     assert dev.extent_oracle(label, truth, [1], axis=2)[0][1] < 1.0
+
+
+def ventricles(slices: int, wall: tuple[int, int], cavity: tuple[int, int]) -> np.ndarray:
+    """A myocardium-like label (1) on slices wall[0]..wall[1] and a right-ventricle-like label (2) beside it
+    on cavity[0]..cavity[1] (each (first, last), inclusive)."""
+    mask = np.zeros((slices, SIZE, SIZE), np.uint16)
+    mask[wall[0]:wall[1] + 1, 10:20, 10:20] = 1
+    mask[cavity[0]:cavity[1] + 1, 25:40, 10:30] = 2
+    return mask
+
+
+def profiles_of(mask: np.ndarray, reversed_: bool = False, slice_mm: float = 8.0) -> AtlasProfiles:
+    return AtlasProfiles({v: label_profile(mask, v, slice_mm) for v in (1, 2)}, reversed_)
+
+
+def test_relative_ends_hold_a_label_where_the_atlases_end_it_against_another():
+    """Atlases whose second label starts two slices (16 mm) after the first and ends on its last slice (a
+    right ventricle against the myocardium): fused, it runs past both ends, and is held to them."""
+    atlas = ventricles(14, (1, 10), (3, 10))
+    assert end_offsets_mm(profiles_of(atlas), 2, 1) == (16.0, 0.0) and end_offsets_mm(profiles_of(atlas), 1, 2) == (-16.0, 0.0)
+    assert end_offsets_mm(profiles_of(atlas, reversed_=True), 2, 1) == (0.0, 16.0)  # the query's ends, swapped
+    fused = ventricles(16, (2, 11), (2, 13))  # two slices early at the apex, two late at the base
+    probabilities = np.stack([(fused == v).astype(np.float32) for v in (1, 2)])
+    out, cut = relative_ends(probabilities, [1, 2], [profiles_of(atlas)] * 3, 8.0, LabelDecision())
+    assert cut == {2: (4, 11)}  # label 1 is left alone: the atlases end it past label 2 at the apex
+    kept = decided(out)
+    assert np.array_equal(np.nonzero((kept == 2).any(axis=(1, 2)))[0], np.arange(4, 12))
+    assert np.array_equal(out[0], probabilities[0]) and (kept[4:12] == decided(probabilities)[4:12]).all()
+    # The same atlases stored the other way round, and a query stack of 4 mm slices (16 mm: four slices)
+    flipped = [profiles_of(atlas[::-1], reversed_=True)] * 3
+    assert relative_ends(probabilities, [1, 2], flipped, 8.0, LabelDecision())[1] == {2: (4, 11)}
+    assert relative_ends(probabilities, [1, 2], [profiles_of(atlas)], 4.0, LabelDecision())[1] == {2: (6, 11)}
+
+
+def test_relative_ends_bound_only_where_most_atlases_agree_and_never_through_a_chain():
+    """Label 2 ends past label 1 at the base in two of three atlases: no bound there (the apex still holds);
+    label 1 is bounded by label 2 as it came in, not by label 2's cut."""
+    past = ventricles(14, (1, 10), (3, 12))
+    atlases = [profiles_of(past), profiles_of(past), profiles_of(ventricles(14, (1, 10), (3, 10)))]
+    fused = ventricles(16, (2, 11), (2, 13))
+    probabilities = np.stack([(fused == v).astype(np.float32) for v in (1, 2)])
+    assert relative_ends(probabilities, [1, 2], atlases, 8.0, LabelDecision())[1] == {2: (4, 13)}
+    level = [profiles_of(ventricles(14, (1, 10), (1, 10)))] * 2  # both labels span the same slices
+    fused = ventricles(16, (2, 11), (4, 9))  # label 2 came out short: label 1 is held to it, label 2 is not moved
+    probabilities = np.stack([(fused == v).astype(np.float32) for v in (1, 2)])
+    out, cut = relative_ends(probabilities, [1, 2], level, 8.0, LabelDecision())
+    assert cut == {1: (4, 9)} and np.array_equal(out[1], probabilities[1])
+    lone = [AtlasProfiles({1: label_profile(fused, 1, 8.0), 2: None}, False)]  # no atlas holds both: nothing to hold
+    assert relative_ends(probabilities, [1, 2], lone, 8.0, LabelDecision())[0] is probabilities

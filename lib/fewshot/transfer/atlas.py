@@ -43,7 +43,7 @@ from fewshot.decision import LabelDecision
 from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.atlas_settings import _PRESET, AtlasSettings
 from fewshot.transfer.atlas_start import warm_fusion, warm_worker
-from fewshot.transfer.extent import ProfileCache, limit_extent
+from fewshot.transfer.extent import AtlasProfiles, ProfileCache, limit_extent, relative_ends
 from fewshot.transfer.fusion import FusionSettings, fuse, fusion_rule, measure_for, merge_variants
 from fewshot.transfer.fusion_choice import FusionChoices
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
@@ -432,6 +432,13 @@ class AtlasTransfer:
         for value, (first, last) in cut.items():
             logger.info("label %s ran past the extent its atlases allow: kept to slices %d-%d",
                         value, first + first_slice, last + first_slice)
+        if self.settings.extent.relative:
+            atlases = [AtlasProfiles({int(v): self._profiles.of(a, v) for v in labels if v in a.components},
+                                     candidates[a.image_id].alignment.reversed_slices) for a in holders]
+            out, cut = relative_ends(out, labels, atlases, query_slice_mm, self.label_decision)
+            for value, (first, last) in cut.items():
+                logger.info("label %s ran past where its atlases end it against the other labels: kept to slices %d-%d",
+                            value, first + first_slice, last + first_slice)
         return out
 
     @property

@@ -130,6 +130,8 @@ class AtlasSettings:
         if self.extent.method not in EXTENT_METHODS or self.extent.length not in EXTENT_LENGTHS or self.extent.slack < 0:
             problems.append(f"extent.method must be one of {list(EXTENT_METHODS)}, extent.length one of "
                             f"{list(EXTENT_LENGTHS)} and extent.slack >= 0")
+        if not isinstance(self.extent.relative, bool):
+            problems.append(f"extent.relative must be true or false, not {self.extent.relative!r}")
         if problems:
             raise ConfigError("transfer atlas settings: " + "; ".join(problems))
 

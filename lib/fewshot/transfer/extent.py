@@ -18,6 +18,15 @@ profiles (mean correlation; each profile in the query's slice order, stretched t
 heart tapers to its apex and ends broad at its base, a liver tapers at its tip. Slices inside the
 window are never touched, so an organ longer than the allowance keeps that much of itself.
 
+With ``relative: true`` each label's ends are also held where the atlases place them against the other
+labels' ends (``relative_ends``). On short-axis stacks the labels end on the same base slice (the
+convention of who drew them), and the right ventricle stops before the myocardium's apex; after
+registration and the slice-shifted votes the fused right ventricle runs a slice or two past both. So at
+an end where most atlases end label A level with or inside label B, A may not end further out than the
+fused B, less the atlases' mean distance between the two ends (rounded to query slices). Bounds are
+taken from the labels as they come in, never from each other's cuts, so one label's error does not
+travel through a chain of them.
+
 Profiles are measured once per atlas content (``Atlas.key``) and kept for later queries.
 """
 from __future__ import annotations
@@ -41,12 +50,13 @@ class ExtentSettings:
     method: str  # "profile" (limit and place each label's extent as above) or "none"
     slack: float  # extent allowed beyond the atlases', as a fraction of it (at least one slice)
     length: str = MEAN  # LONGEST or MEAN of the atlases' extents (MEAN won nested selection: docs/results.md)
+    relative: bool = False  # also hold each label's ends against the other labels' (``relative_ends``)
 
     @classmethod
     def from_settings(cls, raw: Mapping | None) -> "ExtentSettings":
         raw = raw or {}
         return cls(method=str(raw.get("method", "none")), slack=float(raw.get("slack", 0.1)),
-                   length=str(raw.get("length", MEAN)))
+                   length=str(raw.get("length", MEAN)), relative=raw.get("relative", False))  # checked by AtlasSettings
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,11 @@ class Profile:
 
     areas: np.ndarray  # (n,) float
     slice_mm: float  # the atlas's slice spacing
+    first: int = 0  # the atlas's slice the areas start on (its own order)
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.areas) - 1
 
     @property
     def length_mm(self) -> float:
@@ -67,7 +82,7 @@ def label_profile(mask: np.ndarray, value: int, slice_mm: float) -> Profile | No
     present = np.nonzero(areas)[0]
     if not len(present):
         return None
-    return Profile(areas=areas[present[0]:present[-1] + 1], slice_mm=float(slice_mm))
+    return Profile(areas=areas[present[0]:present[-1] + 1], slice_mm=float(slice_mm), first=int(present[0]))
 
 
 class ProfileCache(AtlasLabelCache[Profile | None]):
@@ -128,4 +143,65 @@ def limit_extent(probabilities: np.ndarray, labels: Sequence[int], profiles: Map
         out[c, :start] = 0.0
         out[c, start + allowed:] = 0.0
         cut[int(value)] = (start, start + allowed - 1)
+    return out, cut
+
+
+@dataclass(frozen=True)
+class AtlasProfiles:
+    """One atlas's profiles, label value -> Profile (None: absent), and whether its slices run opposite
+    to the query's."""
+
+    profiles: Mapping[int, Profile | None]
+    reversed: bool
+
+
+def end_offsets_mm(atlas: AtlasProfiles, a: int, b: int) -> tuple[float, float] | None:
+    """How far label ``a`` ends inside label ``b`` in this atlas, in mm, at the query's (first, last)
+    end: positive inside, negative past it; None when the atlas lacks either."""
+    pa, pb = atlas.profiles.get(a), atlas.profiles.get(b)
+    if pa is None or pb is None:
+        return None
+    low, high = (pa.first - pb.first) * pa.slice_mm, (pb.last - pa.last) * pa.slice_mm
+    return (high, low) if atlas.reversed else (low, high)
+
+
+def relative_ends(probabilities: np.ndarray, labels: Sequence[int], atlases: Sequence[AtlasProfiles],
+                  query_slice_mm: float, decision: LabelDecision) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
+    """probabilities (L, z, y, x) -> the same with each label cleared beyond the ends the other labels
+    allow it (module docstring), and label value -> (first, last) slice kept, for the labels cut.
+
+    At its first (last) end label A may start no earlier (end no later) than label B's fused end moved
+    inwards by the atlases' mean offset between the two ends, where more than half of the atlases
+    holding both put A's end level with B's or inside it."""
+    decided = decision.decide(probabilities)
+    present = {}
+    for c, value in enumerate(labels):
+        z = np.nonzero((decided == c).any(axis=(1, 2)))[0]
+        if len(z):
+            present[int(value)] = (int(z[0]), int(z[-1]))
+    out, cut = probabilities, {}
+    for c, value in enumerate(labels):
+        a = int(value)
+        if a not in present:
+            continue
+        first, last = present[a]
+        for b, (b_first, b_last) in present.items():
+            offsets = [o for o in (end_offsets_mm(atlas, a, b) for atlas in atlases) if o is not None] if b != a else []
+            if not offsets:
+                continue
+            for end, mm in enumerate(np.asarray(offsets, np.float64).T):
+                if (mm >= 0).mean() <= 0.5:
+                    continue
+                inwards = int(np.floor(max(0.0, float(mm.mean())) / query_slice_mm + 0.5))
+                if end == 0:
+                    first = max(first, b_first + inwards)
+                else:
+                    last = min(last, b_last - inwards)
+        if (first, last) == present[a]:
+            continue
+        if out is probabilities:
+            out = probabilities.copy()
+        out[c, :max(first, 0)] = 0.0
+        out[c, max(last + 1, 0):] = 0.0
+        cut[a] = (first, last)
     return out, cut
