@@ -60,6 +60,21 @@ def inline_engine():
     engine.transfer.close()
 
 
+# Every stage of the preset's plan with few iterations, for tests about where and whether a stage runs,
+# not how well it registers (the preset's own iterations are what the accuracy tests use).
+QUICK_STAGES = {"transfer.global_affine.iterations": 10, "transfer.local_affine.iterations": 10,
+                "transfer.mind.iterations": 5, "transfer.mind.spacing_mm": 4.0, "transfer.mind.search": 2,
+                "transfer.in_plane.iterations": [10, 5]}
+
+
+@pytest.fixture(scope="module")
+def quick_inline_engine():
+    """As ``inline_engine``, registering with ``QUICK_STAGES``."""
+    engine = engine_for(**{"transfer.workers": 1, **QUICK_STAGES})
+    yield engine
+    engine.transfer.close()
+
+
 # ------------------------------------------------------------------------------------ settings
 
 
@@ -368,7 +383,8 @@ def test_a_lone_atlas_registers_in_the_workers_the_same_as_in_one_piece(monkeypa
     labels = (200, 500, 600)
     finish, staged = atlas_step.reg.finish_atlas, []
     monkeypatch.setattr(atlas_step.reg, "finish_atlas", lambda *a: staged.append(finish(*a)) or staged[-1])  # runs here
-    transfer = atlas_step.AtlasTransfer(dict(load_preset("classic")["transfer"], workers=2))
+    # What is compared is where each stage ran: every stage of the preset's plan, with few iterations.
+    transfer = atlas_step.AtlasTransfer(dict(load_preset("classic", QUICK_STAGES)["transfer"], workers=2))
     transfer.forget_caches()
     try:
         result = transfer.segment_with_atlases(query, spacing, [atlas], labels, keep=8, directions=query_scan.directions)
@@ -377,6 +393,7 @@ def test_a_lone_atlas_registers_in_the_workers_the_same_as_in_one_piece(monkeypa
         transfer.close()
     [candidate] = staged
     assert candidate.in_plane and [s for s, _, _ in candidate.shifted] == [-1, 1]
+    assert set(candidate.stages) == {"global_affine", "local_affine", "deformable", "in_plane"}
     orders = reg.slice_orders(transfer.settings.registration, query_scan.directions, atlas.directions)
     assert orders == (False,)  # both stored P,S,R
     whole = in_workers(reg.register_atlas, {0: (query, spacing, atlas, labels, transfer.settings.registration, None, orders)})[0]
@@ -787,7 +804,7 @@ def test_an_atlas_without_a_label_abstains_and_regions_it_does_not_reach_are_not
 
 
 @pytest.mark.parametrize("stage", ["3D", "in-plane"])
-def test_an_atlas_that_fails_to_register_costs_the_scan_only_its_vote(inline_engine, monkeypatch, caplog, stage):
+def test_an_atlas_that_fails_to_register_costs_the_scan_only_its_vote(quick_inline_engine, monkeypatch, caplog, stage):
     """In its 3D stages, or in one slice shift of its in-plane step: that atlas is left out, the scan goes on."""
     from fewshot.transfer import atlas
 
@@ -808,15 +825,15 @@ def test_an_atlas_that_fails_to_register_costs_the_scan_only_its_vote(inline_eng
 
     monkeypatch.setattr(atlas.reg, "place_atlas", flaky_place)
     monkeypatch.setattr(atlas.reg, "refine_shift", flaky_refine)
-    inline_engine.transfer.forget_caches()  # "broken" must really register, not come from the cache
+    quick_inline_engine.transfer.forget_caches()  # "broken" must really register, not come from the cache
     image, label = phantom(1)
-    inline_engine.ingest("self", image, label)
-    inline_engine.ingest("broken", *phantom(3))
+    quick_inline_engine.ingest("self", image, label)
+    quick_inline_engine.ingest("broken", *phantom(3))
     try:
-        seg = inline_engine.segment(image)
+        seg = quick_inline_engine.segment(image)
     finally:
-        inline_engine.remove("self")
-        inline_engine.remove("broken")
+        quick_inline_engine.remove("self")
+        quick_inline_engine.remove("broken")
     truth = np.asarray(nib.load(label).dataobj)
     assert dice(seg.label == LABELS["liver"], truth == LABELS["liver"]) >= 0.95
     assert f"broken: RuntimeError(ITK ran out of memory) in its {stage} stage" in caplog.text

@@ -445,12 +445,16 @@ def test_on_registered_cardiac_atlases_the_labels_are_ants_labels():
         fusion.joint = original
         engine.transfer.close()
     query, images, probabilities, spacing = captured[0]
+    # The middle third of the slices (5 of 13): antsJointFusion's time goes with the voxels it fuses (38 s for
+    # the whole box, most of this test), and both implementations treat the crop's edges alike (the edge test).
+    middle = slice(len(query) // 3, 2 * len(query) // 3 + 1)
+    query, images, probabilities = query[middle], images[:, middle], probabilities[:, :, middle]
     region = disagreement(_hard(probabilities))
     assert region.sum() > 1000
     label = lambda p: np.where(p.max(0) > 0.5, p.argmax(0) + 1, 0)  # noqa: E731
     # By either measure, with ANTs' rule for flat atlas patches: antsJointFusion's labels at every fused voxel
-    # (measured: all 78.6 thousand, mean posterior difference 5e-7 / 8e-6). With the default rule the search by
-    # correlation, which lands on this pair's zero fill more often, differs at 0.44 % (docs/results.md).
+    # (measured on the whole box: all 78.6 thousand, mean posterior difference 5e-7 / 8e-6). With the default rule
+    # the search by correlation, which lands on this pair's zero fill more often, differs at 0.44 % (docs/results.md).
     for correlation in (False, True):
         settings = replace(engine.transfer.settings.fusion, correlation=correlation)
         ants = joint(query, images, probabilities, spacing, replace(settings, implementation="ants"))
