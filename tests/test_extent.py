@@ -180,7 +180,19 @@ def test_relative_ends_hold_a_label_where_the_atlases_end_it_against_another():
     # The same atlases stored the other way round, and a query stack of 4 mm slices (16 mm: four slices)
     flipped = [profiles_of(atlas[::-1], reversed_=True)] * 3
     assert relative_ends(probabilities, [1, 2], flipped, 8.0, LabelDecision())[1] == {2: (4, 11)}
-    assert relative_ends(probabilities, [1, 2], [profiles_of(atlas)], 4.0, LabelDecision())[1] == {2: (6, 11)}
+    assert relative_ends(probabilities, [1, 2], [profiles_of(atlas)] * 2, 4.0, LabelDecision())[1] == {2: (6, 11)}
+    # One atlas cannot say how much the distance varies between patients: nothing is held
+    assert relative_ends(probabilities, [1, 2], [profiles_of(atlas)], 8.0, LabelDecision())[0] is probabilities
+
+
+def test_relative_ends_leave_alone_what_the_atlases_disagree_on_by_more_than_a_slice():
+    """Organs apart (an abdomen's kidney against the liver's top): label 2 starts 2, 5 and 8 slices after label 1
+    (16-64 mm, a standard deviation of 24 mm against 8 mm slices): no bound at that end, though every atlas
+    starts it inside; at the other end they agree to the slice and it is held."""
+    atlases = [profiles_of(ventricles(16, (1, 12), (1 + k, 12))) for k in (2, 5, 8)]
+    fused = ventricles(16, (2, 13), (2, 15))
+    probabilities = np.stack([(fused == v).astype(np.float32) for v in (1, 2)])
+    assert relative_ends(probabilities, [1, 2], atlases, 8.0, LabelDecision())[1] == {2: (2, 13)}
 
 
 def test_relative_ends_bound_only_where_most_atlases_agree_and_never_through_a_chain():

@@ -22,10 +22,13 @@ With ``relative: true`` each label's ends are also held where the atlases place 
 labels' ends (``relative_ends``). On short-axis stacks the labels end on the same base slice (the
 convention of who drew them), and the right ventricle stops before the myocardium's apex; after
 registration and the slice-shifted votes the fused right ventricle runs a slice or two past both. So at
-an end where most atlases end label A level with or inside label B, A may not end further out than the
-fused B, less the atlases' mean distance between the two ends (rounded to query slices). Bounds are
-taken from the labels as they come in, never from each other's cuts, so one label's error does not
-travel through a chain of them.
+an end where most atlases end label A level with or inside label B, and at least two atlases agree on
+the distance to within a query slice (its standard deviation), A may not end further out than the fused
+B, less the atlases' mean distance between the two ends (rounded to query slices). Separate organs are
+left alone: between an abdomen's liver, kidneys and spleen the distances vary by 14-33 mm (2-4 slices)
+between patients, and holding them cost CHAOS 6-14 Dice points (docs/results.md). Bounds are taken from
+the labels as they come in, never from each other's cuts, so one label's error does not travel through
+a chain of them.
 
 Profiles are measured once per atlas content (``Atlas.key``) and kept for later queries.
 """
@@ -172,7 +175,8 @@ def relative_ends(probabilities: np.ndarray, labels: Sequence[int], atlases: Seq
 
     At its first (last) end label A may start no earlier (end no later) than label B's fused end moved
     inwards by the atlases' mean offset between the two ends, where more than half of the atlases
-    holding both put A's end level with B's or inside it."""
+    holding both put A's end level with B's or inside it and at least two of them agree on that offset
+    to within a query slice (standard deviation)."""
     decided = decision.decide(probabilities)
     present = {}
     for c, value in enumerate(labels):
@@ -190,7 +194,7 @@ def relative_ends(probabilities: np.ndarray, labels: Sequence[int], atlases: Seq
             if not offsets:
                 continue
             for end, mm in enumerate(np.asarray(offsets, np.float64).T):
-                if (mm >= 0).mean() <= 0.5:
+                if (mm >= 0).mean() <= 0.5 or len(mm) < 2 or float(np.std(mm, ddof=1)) > query_slice_mm:
                     continue
                 inwards = int(np.floor(max(0.0, float(mm.mean())) / query_slice_mm + 0.5))
                 if end == 0:
