@@ -208,5 +208,10 @@ def test_relative_ends_bound_only_where_most_atlases_agree_and_never_through_a_c
     probabilities = np.stack([(fused == v).astype(np.float32) for v in (1, 2)])
     out, cut = relative_ends(probabilities, [1, 2], level, 8.0, LabelDecision())
     assert cut == {1: (4, 9)} and np.array_equal(out[1], probabilities[1])
+    apart = [profiles_of(ventricles(14, (1, 10), (3, 10)))] * 2  # label 2 starts two slices inside label 1 ...
+    fused = ventricles(16, (8, 11), (2, 9))  # ... but label 1 came out starting at 8: label 2 would keep 10-9, nothing
+    probabilities = np.stack([(fused == v).astype(np.float32) for v in (1, 2)])
+    out, cut = relative_ends(probabilities, [1, 2], apart, 8.0, LabelDecision())
+    assert 2 not in cut and np.array_equal(out[1], probabilities[1])  # a label is never emptied by another's end
     lone = [AtlasProfiles({1: label_profile(fused, 1, 8.0), 2: None}, False)]  # no atlas holds both: nothing to hold
     assert relative_ends(probabilities, [1, 2], lone, 8.0, LabelDecision())[0] is probabilities

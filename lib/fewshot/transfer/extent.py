@@ -201,7 +201,7 @@ def relative_ends(probabilities: np.ndarray, labels: Sequence[int], atlases: Seq
                     first = max(first, b_first + inwards)
                 else:
                     last = min(last, b_last - inwards)
-        if (first, last) == present[a]:
+        if (first, last) == present[a] or first > last:  # bounds that would leave nothing are not trusted
             continue
         if out is probabilities:
             out = probabilities.copy()
