@@ -5,6 +5,7 @@
     python scripts/results_tables.py --compare OLD_RUN NEW_RUN [OLD_RUN NEW_RUN ...]   # on the queries both scored
     python scripts/results_tables.py --points out/cmr1-sel-extent ...   # each --select grid point, and what nesting chose
     python scripts/results_tables.py --pooled out/cmr-growth-sel out/chaos-growth-sel   # one setting for all datasets
+    python scripts/results_tables.py --ablation REFERENCE_RUN RUN [RUN ...]   # each row named by its settings' difference
 
 Per label: Dice mean ± std over query scans, and in brackets HD95 mean in mm.
 
@@ -194,7 +195,50 @@ def points_table(folders: list[Path]) -> str:
     return "\n".join(rows)
 
 
+def _flat(settings, prefix: str = "") -> dict[str, object]:
+    """Nested settings -> {"transfer.fusion.method": "joint", ...}."""
+    if not isinstance(settings, dict):
+        return {prefix: settings}
+    out = {}
+    for key, value in settings.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def settings_difference(reference: dict, other: dict) -> str:
+    """The settings ``other`` ran with that ``reference`` did not, from both runs' metrics.json: what an
+    ablation row turned off is read from the run itself, not from its folder's name."""
+    a, b = _flat(reference), _flat(other)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "name")
+    return ", ".join(f"`{k.removeprefix('transfer.')}={b.get(k)}`" for k in keys) or "the reference's settings"
+
+
+def ablation_table(reference: Path, folders: list[Path]) -> str:
+    """The reference run, then one row per run: its settings that differ, per-label Dice, mean Dice and its
+    change from the reference. Every run must have scored the same query scans with the same supports."""
+    ref, ref_cases = json.loads((reference / "metrics.json").read_text()), _case_dice(reference)
+    r0 = describe(reference)
+    labels = r0["labels"]
+    rows = ["| variant | " + " | ".join(labels) + " | mean Dice | change | s / volume |", "|---" * (len(labels) + 4) + "|"]
+
+    def row(name: str, r: dict, change: str) -> str:
+        per_volume = "–" if r["s_per_volume"] is None else f"{r['s_per_volume']:.1f}"
+        return (f"| {name} | " + " | ".join(_pct(r["dice"][lab]) for lab in labels)
+                + f" | **{_pct(r['mean'])}** | {change} | {per_volume} |")
+
+    rows.append(row(f"the reference, `{reference.name}`", r0, ""))
+    for folder in folders:
+        m, r = json.loads((folder / "metrics.json").read_text()), describe(folder)
+        if set(_case_dice(folder)) != set(ref_cases) or r["supports"] != r0["supports"]:
+            raise SystemExit(f"{folder}: other query scans or supports than {reference}; not an ablation of it")
+        rows.append(row(settings_difference(ref["settings"], m["settings"]), r, f"{100 * (r['mean'] - r0['mean']):+.1f}"))
+    return "\n".join(rows)
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--ablation":
+        print(ablation_table(Path(argv[1]), [Path(a) for a in argv[2:]]))
+        return 0
     if argv and argv[0] == "--points":
         print(points_table([Path(a) for a in argv[1:]]))
         return 0

@@ -505,3 +505,39 @@ def test_pooled_growth_selection_chooses_each_group_on_every_other_group_of_ever
     assert pooled["curves"]["cardiac"][1] == {1: pytest.approx(0.8), 2: pytest.approx(0.8)}
     with pytest.raises(ValueError, match="same growth steps"):
         pooled_growth_selection({"cardiac": cardiac, "abdomen": [r for r in abdomen if r["n_labelled"] == "1"]})
+
+
+def _write_run(folder, settings, dice_by_case, supports=("5",)):
+    """A minimal eval run folder: metrics.json and cases.csv, as results_tables reads them."""
+    import json
+
+    folder.mkdir()
+    labels = sorted({lab for per_case in dice_by_case.values() for lab in per_case})
+    per_label = {lab: {"dice_mean": float(np.mean([d[lab] for d in dice_by_case.values()])), "dice_std": 0.0,
+                       "n": len(dice_by_case), "hd95_mean": 1.0} for lab in labels}
+    metrics_json = {"protocol": "clinical", "preset": "classic", "dataset": {"name": "toy"}, "per_label": per_label,
+                    "mean_dice": float(np.mean([v["dice_mean"] for v in per_label.values()])), "mean_hd95": 1.0,
+                    "folds": [{"support_ids": list(supports)}], "timing": {"wall_seconds_per_query_slice": 0.1,
+                                                                           "wall_seconds_per_volume": 2.0},
+                    "max_queries": len(dice_by_case), "settings": settings, "selection": None}
+    (folder / "metrics.json").write_text(json.dumps(metrics_json))
+    rows = ["case_id,label_name,dice"] + [f"{c},{lab},{d}" for c, per_case in dice_by_case.items() for lab, d in per_case.items()]
+    (folder / "cases.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_ablation_rows_are_named_by_the_settings_the_runs_recorded(tmp_path):
+    """results_tables --ablation: each row says what its run's own metrics.json changed against the reference's,
+    whatever its folder is called, and refuses a run on other scans."""
+    from project_scripts import load_script
+
+    tables = load_script("results_tables")
+    base = {"name": "classic", "transfer": {"fusion": {"method": "joint", "beta": 2}, "extent": {"method": "profile"}}}
+    _write_run(tmp_path / "ref", base, {"1": {"a": 0.8, "b": 0.9}, "2": {"a": 0.6, "b": 0.7}})
+    majority = {**base, "transfer": {**base["transfer"], "fusion": {"method": "majority", "beta": 2}}}
+    _write_run(tmp_path / "misleading-name", majority, {"1": {"a": 0.7, "b": 0.9}, "2": {"a": 0.5, "b": 0.7}})
+    _write_run(tmp_path / "other-scans", majority, {"1": {"a": 0.7, "b": 0.9}, "3": {"a": 0.5, "b": 0.7}})
+    lines = tables.ablation_table(tmp_path / "ref", [tmp_path / "misleading-name"]).splitlines()
+    assert lines[2].startswith("| the reference, `ref` | 70.0 | 80.0 | **75.0** |  |")
+    assert lines[3] == "| `fusion.method=majority` | 60.0 | 80.0 | **70.0** | -5.0 | 2.0 |"
+    with pytest.raises(SystemExit, match="other query scans"):
+        tables.ablation_table(tmp_path / "ref", [tmp_path / "other-scans"])
