@@ -61,6 +61,7 @@ def describe(folder: Path) -> dict:
         "s_per_slice": timing.get("wall_seconds_per_query_slice"),
         "s_per_volume": timing.get("wall_seconds_per_volume"),
         "support": (m.get("protocol_settings") or {}).get("support", "slices"),
+        "pairing": (m.get("protocol_settings") or {}).get("pairing", "chunk"),
         "max_queries": m.get("max_queries"),
         "preset": m.get("preset"),
         "supports": supports,
@@ -84,6 +85,8 @@ def table(runs: list[dict]) -> str:
         what = f"`{r['preset']}`, {r['protocol']}" + (f", {r['shots']} shot{'s' if r['shots'] != 1 else ''}" if r["shots"] else "")
         if r["protocol"] == "alpnet":
             what += ALPNET_SUPPORT_NOTES.get(r["support"], "")
+            if r["pairing"] == "all":
+                what += ", **every support slice offered to every query slice** (the protocol's labels, not its pairing)"
         if r["max_queries"]:
             what += f", first {r['max_queries']} query scans"
         if r["selection"]:

@@ -495,3 +495,24 @@ def test_alpnet_folds_with_propagated_support_slices_for_multi_atlas_classic(tmp
         assert sorted(fold["support_slices"]) == ["anterior", "posterior"]
         assert all(len(zs) == 3 and all(isinstance(z, int) for z in zs) for zs in fold["support_slices"].values())
     assert m["mean_dice"] > 0.5, m["per_label"]
+
+
+def test_alpnet_pairing_all_offers_every_support_slice_to_every_query_slice(tmp_path, monkeypatch):
+    """--alpnet-pairing all, through the real run: every query slice of an organ's extent is planned with the
+    support slices of all its chunks (not only its own chunk's), and metrics.json records the pairing."""
+    from fewshot.transfer.registration import RegistrationTransfer
+
+    planned = []
+    original = RegistrationTransfer.segment_volume
+
+    def spy(self, query, plans, labels, **kwargs):
+        planned.extend({c.ref.slice_index for c in p.supports} for p in plans if p.supports)
+        return original(self, query, plans, labels, **kwargs)
+
+    monkeypatch.setattr(RegistrationTransfer, "segment_volume", spy)
+    data = shared_dataset("msd-hippocampus")
+    report = runner.run_eval(data, "alpnet", "classic-slices", tmp_path / "all", folds=2, max_queries=1,
+                             overrides=["volume.canvas=128", "transfer.workers=1"], alpnet_pairing="all")
+    assert report.metrics["protocol_settings"]["pairing"] == "all"
+    assert planned and all(len(zs) == 3 for zs in planned)  # the three chunks' slices, for every query slice
+    assert report.metrics["mean_dice"] > 0.3

@@ -541,3 +541,26 @@ def test_ablation_rows_are_named_by_the_settings_the_runs_recorded(tmp_path):
     assert lines[3] == "| `fusion.method=majority` | 60.0 | 80.0 | **70.0** | -5.0 | 2.0 |"
     with pytest.raises(SystemExit, match="other query scans"):
         tables.ablation_table(tmp_path / "ref", [tmp_path / "other-scans"])
+
+
+def test_alpnet_pairing_offers_the_chunk_or_every_support_slice_and_is_recorded():
+    """--alpnet-pairing: "chunk" is the protocol's rule (a query slice gets its chunk's support slice), "all"
+    offers every chunk's; metrics.json says which, and "all" is refused where there are no support slices to pair."""
+    from fewshot.eval.alpnet import offered_supports
+    from fewshot.eval.plan import EvalPlan
+
+    chunks = [["a0", "a0-copy"], ["b0"], ["c0"]]
+    assert offered_supports(chunks, 1, "chunk") == ["b0"]
+    assert offered_supports(chunks, 1, "all") == ["a0", "a0-copy", "b0", "c0"]
+    with pytest.raises(ValueError, match="pairing"):
+        offered_supports(chunks, 0, "nearest")
+
+    plan = EvalPlan("data", "alpnet", "classic", "out", alpnet_pairing="all")
+    plan.check()
+    info = plan.protocol_rules().info(5, None)
+    assert info["pairing"] == "all" and "NOT the protocol's pairing" in info["pairing_note"]
+    assert EvalPlan("data", "alpnet", "classic", "out").protocol_rules().info(5, None)["pairing"] == "chunk"
+    with pytest.raises(ValueError, match="--alpnet-support slices"):
+        EvalPlan("data", "alpnet", "classic", "out", alpnet_support="volume", alpnet_pairing="all").check()
+    with pytest.raises(ValueError, match="unknown --alpnet-pairing"):
+        EvalPlan("data", "alpnet", "classic", "out", alpnet_pairing="nearest").check()

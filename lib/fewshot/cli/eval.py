@@ -9,7 +9,9 @@ Two protocols (rules in ``protocols.py``):
   keeps its own binary prediction and is scored on it alone, on its extent's slices (as
   SSL-ALPNet scores each 1-way run); Dice per scan, averaged over scans and folds. The CMR folds
   are ADNet's (SSL-ALPNet's code has none), and settings 1 and 2 coincide for an engine that is
-  not trained (see ``protocols``); metrics.json says both.
+  not trained (see ``protocols``); metrics.json says both. ``--alpnet-pairing all`` offers every
+  support slice of the organ to every query slice instead (the same labels, not the protocol's
+  pairing: its own row).
 * ``clinical``: the tool's real use. ``--shots`` scans are ingested into an in-memory bank and
   every other scan is segmented whole with all labels through ``Engine.segment``; every slice is
   scored, so false positives on organ-free slices count. Dice and HD95 per label per scan.
@@ -40,7 +42,7 @@ import json
 
 from fewshot.cli.common import add_common_options
 from fewshot.eval import protocols
-from fewshot.eval.alpnet import ALPNET_SUPPORTS
+from fewshot.eval.alpnet import ALPNET_PAIRINGS, ALPNET_SUPPORTS
 from fewshot.eval.growth import RANDOM_SEEDS
 from fewshot.eval.plan import PROTOCOLS
 from fewshot.eval.results import HD95_EMPTY, json_safe
@@ -53,7 +55,7 @@ def main(args) -> int:
         growth=args.growth, growth_steps=args.growth_steps, models_dir=args.models_dir, overrides=args.overrides,
         max_queries=args.max_queries, dataset=args.dataset, seed=args.seed, device=args.device, chunks=args.chunks,
         fold_convention=args.fold_convention, select=args.select, hd95_empty=args.hd95_empty,
-        alpnet_support=args.alpnet_support, growth_random=args.growth_random,
+        alpnet_support=args.alpnet_support, alpnet_pairing=args.alpnet_pairing, growth_random=args.growth_random,
     )
     m = report.metrics
     summary = {
@@ -108,6 +110,10 @@ def add_eval_command(subparsers) -> argparse.ArgumentParser:
                         "support scan's own unlabelled slices, which then serves as one atlas (propagated: no "
                         "other label is read); or the support scan's whole labelled volume (not the protocol: "
                         "report it as its own row)")
+    p.add_argument("--alpnet-pairing", default="chunk", choices=tuple(ALPNET_PAIRINGS),
+                   help="alpnet with the fixed support slices: each query slice with its chunk's support slice (the "
+                        "protocol's rule, default), or with every support slice of the organ (all: the same labels, "
+                        "not the protocol's pairing; report it as its own row)")
     p.add_argument("--fold-convention", default="alpnet", choices=("alpnet", "adnet"),
                    help="alpnet: which scan supports each fold (SSL-ALPNet's or ADNet's rule)")
     p.add_argument("--select", action="append", default=[], metavar="KEY=V1,V2,...",

@@ -8,9 +8,11 @@ slices (as SSL-ALPNet scores each 1-way run); Dice per scan, averaged over scans
 folds are ADNet's (SSL-ALPNet's code has none), and settings 1 and 2 coincide for an engine that is
 not trained (see ``protocols``, which holds the rules as data); metrics.json says both.
 
-``support`` "propagated" uses the same support slices and no other label, for methods that need a
-whole atlas: the slices are carried through their own scan first (``propagated_label``), which is
-then segmented against as one atlas. "volume" uses the support's whole label: not the protocol.
+``pairing`` "all" offers every support slice of the organ to every query slice of its extent: the same
+labels, not the protocol's pairing, so reported as its own row. ``support`` "propagated" uses the same
+support slices and no other label, for methods that need a whole atlas: the slices are carried through
+their own scan first (``propagated_label``), which is then segmented against as one atlas. "volume" uses
+the support's whole label: not the protocol.
 """
 from __future__ import annotations
 
@@ -41,6 +43,14 @@ ALPNET_SUPPORTS = {
                   "transfer, and that scan is then the bank's one atlas; the query's extent is not used",
 }
 
+ALPNET_PAIRINGS = {
+    "chunk": "the protocol's pairing (SSL-ALPNet's, after Roy et al.): each query slice is segmented with the support "
+             "slice of its own chunk",
+    "all": "NOT the protocol's pairing, the same labels: every support slice of the organ (one per chunk) is offered "
+           "to every query slice of its extent, and the preset's transfer weighs them (the query's chunks are not "
+           "used; its extent still decides which slices are segmented, as the protocol grants); reported as its own row",
+}
+
 ALPNET_SETTINGS_NOTE = (
     "SSL-ALPNet's setting 1 and setting 2 differ only in the slices a model may be trained on (setting 2 "
     "removes every training slice holding a test organ). This engine is not trained on these scans, so for "
@@ -58,6 +68,17 @@ def carrier(transfer):
         raise ValueError("--alpnet-support propagated carries the support slices by 2D registration: it needs "
                          "a registration preset (classic, classic-slices)")
     return registration
+
+
+def offered_supports(organ_supports: Sequence[list], chunk: int, pairing: str) -> list:
+    """The candidate Supports a query slice of ``chunk`` is offered: its chunk's (``pairing`` "chunk", the
+    protocol's rule) or every chunk's ("all": at a chunk's ends another chunk's slice may show the query's level of
+    the organ better, and a transfer that fuses several supports can weigh them)."""
+    if pairing == "chunk":
+        return organ_supports[chunk]
+    if pairing == "all":
+        return [c for candidates in organ_supports for c in candidates]
+    raise ValueError(f"unknown alpnet pairing {pairing!r}; use one of {', '.join(ALPNET_PAIRINGS)}")
 
 
 def given_masks_win(probabilities: np.ndarray, given: Sequence[Mapping[int, np.ndarray]]) -> np.ndarray:
@@ -78,11 +99,14 @@ class AlpnetProtocol:
     """``chunks`` of each organ's extent, whose folds (``convention``: SSL-ALPNet's or ADNet's rule),
     and which ``support``: "slices" (the protocol: one support slice per chunk of each organ),
     "propagated" (those slices carried through their own scan, which is then one atlas) or "volume"
-    (the support scan's whole labelled volume, for methods that need it; reported apart)."""
+    (the support scan's whole labelled volume, for methods that need it; reported apart). With "slices",
+    ``pairing``: "chunk" (the protocol's rule) or "all" (every support slice offered to every query slice;
+    reported apart)."""
 
     chunks: int = 3
     convention: str = "alpnet"
     support: str = "slices"
+    pairing: str = "chunk"
 
     name = "alpnet"
     default_folds = 5
@@ -100,6 +124,7 @@ class AlpnetProtocol:
         """metrics.json's ``protocol_settings``."""
         return {"folds": n_folds, "chunks": self.chunks, "fold_convention": self.convention,
                 "support": self.support, "support_note": ALPNET_SUPPORTS[self.support],
+                "pairing": self.pairing, "pairing_note": ALPNET_PAIRINGS[self.pairing],
                 "fold_source": (dataset.folds if dataset and dataset.folds else
                                 "SSL-ALPNet's rule over the numerically sorted scans (protocols.alpnet_folds)"),
                 "settings_1_and_2": ALPNET_SETTINGS_NOTE,
@@ -220,7 +245,8 @@ class AlpnetProtocol:
                 continue
             # The query's own reference extent decides the chunks (an oracle the protocol grants).
             chunk_of = protocols.query_chunk_assignment(presence, self.chunks)
-            plans = [SlicePlan(z, self.chosen(run, prepared.canvas[z], organ_supports[chunk_of[z]]), (organ,))
+            offered = {chunk: offered_supports(organ_supports, chunk, self.pairing) for chunk in set(chunk_of.values())}
+            plans = [SlicePlan(z, self.chosen(run, prepared.canvas[z], offered[chunk_of[z]]), (organ,))
                      if z in chunk_of else SlicePlan(z, [], ()) for z in range(n)]
             result = run.engine.transfer.segment_volume(prepared.canvas, plans, [organ], cache_key=prepared.key)
             probs = np.stack([s.probabilities for s in result.slices])

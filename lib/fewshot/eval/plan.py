@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from fewshot.eval import protocols
-from fewshot.eval.alpnet import ALPNET_SUPPORTS, AlpnetProtocol
+from fewshot.eval.alpnet import ALPNET_PAIRINGS, ALPNET_SUPPORTS, AlpnetProtocol
 from fewshot.eval.clinical import ClinicalProtocol
 from fewshot.eval.growth import RANDOM_SEEDS
 from fewshot.eval.results import HD95_EMPTY
@@ -42,6 +42,7 @@ class EvalPlan:
     select: Mapping[str, Sequence] | Sequence[str] | None = field(default=None)
     hd95_empty: str = "exclude"
     alpnet_support: str = "slices"
+    alpnet_pairing: str = "chunk"
     growth_random: int = RANDOM_SEEDS
 
     def check(self) -> None:
@@ -54,6 +55,11 @@ class EvalPlan:
             raise ValueError("--growth-random must be 0 or more")
         if self.alpnet_support not in ALPNET_SUPPORTS:
             raise ValueError(f"unknown --alpnet-support {self.alpnet_support!r}; use one of {', '.join(ALPNET_SUPPORTS)}")
+        if self.alpnet_pairing not in ALPNET_PAIRINGS:
+            raise ValueError(f"unknown --alpnet-pairing {self.alpnet_pairing!r}; use one of {', '.join(ALPNET_PAIRINGS)}")
+        if self.alpnet_pairing != "chunk" and self.alpnet_support != "slices":
+            raise ValueError("--alpnet-pairing pairs the protocol's support slices with query slices: it needs "
+                             "--alpnet-support slices")
         if self.hd95_empty not in HD95_EMPTY:
             raise ValueError(f"unknown --hd95-empty {self.hd95_empty!r}; use one of {', '.join(HD95_EMPTY)}")
 
@@ -75,7 +81,8 @@ class EvalPlan:
     def protocol_rules(self) -> AlpnetProtocol | ClinicalProtocol:
         """The protocol as an object: how it splits, runs, groups for selection and describes itself."""
         if self.protocol == "alpnet":
-            return AlpnetProtocol(chunks=self.chunks, convention=self.fold_convention, support=self.alpnet_support)
+            return AlpnetProtocol(chunks=self.chunks, convention=self.fold_convention, support=self.alpnet_support,
+                                  pairing=self.alpnet_pairing)
         return ClinicalProtocol(shots=self.shots, seed=self.seed, max_queries=self.max_queries)
 
     def n_folds(self) -> int:
