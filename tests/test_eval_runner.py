@@ -497,9 +497,11 @@ def test_alpnet_folds_with_propagated_support_slices_for_multi_atlas_classic(tmp
     assert m["mean_dice"] > 0.5, m["per_label"]
 
 
-def test_alpnet_pairing_all_offers_every_support_slice_to_every_query_slice(tmp_path, monkeypatch):
-    """--alpnet-pairing all, through the real run: every query slice of an organ's extent is planned with the
-    support slices of all its chunks (not only its own chunk's), and metrics.json records the pairing."""
+@pytest.mark.parametrize("pairing", ["chunk", "all"])
+def test_alpnet_pairing_plans_the_chunk_or_every_support_slice(tmp_path, monkeypatch, pairing):
+    """--alpnet-pairing, through the real run: by default (the protocol's "chunk") every query slice of an organ's
+    extent is planned with one support slice, its chunk's, and the organ's three slices each serve a run of slices;
+    with "all" every query slice gets all three. metrics.json records the pairing."""
     from fewshot.transfer.registration import RegistrationTransfer
 
     planned = []
@@ -511,8 +513,11 @@ def test_alpnet_pairing_all_offers_every_support_slice_to_every_query_slice(tmp_
 
     monkeypatch.setattr(RegistrationTransfer, "segment_volume", spy)
     data = shared_dataset("msd-hippocampus")
-    report = runner.run_eval(data, "alpnet", "classic-slices", tmp_path / "all", folds=2, max_queries=1,
-                             overrides=["volume.canvas=128", "transfer.workers=1"], alpnet_pairing="all")
-    assert report.metrics["protocol_settings"]["pairing"] == "all"
-    assert planned and all(len(zs) == 3 for zs in planned)  # the three chunks' slices, for every query slice
+    report = runner.run_eval(data, "alpnet", "classic-slices", tmp_path / pairing, folds=2, max_queries=1,
+                             overrides=["volume.canvas=128", "transfer.workers=1"], alpnet_pairing=pairing)
+    assert report.metrics["protocol_settings"]["pairing"] == pairing
+    assert planned and all(len(zs) == (1 if pairing == "chunk" else 3) for zs in planned)
+    if pairing == "chunk":  # each organ's query slices, in order, go through its three support slices in runs
+        runs = [planned[0]] + [zs for prev, zs in zip(planned, planned[1:]) if zs != prev]
+        assert len(runs) >= 3 and len({z for zs in planned for z in zs}) >= 3
     assert report.metrics["mean_dice"] > 0.3

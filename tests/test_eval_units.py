@@ -536,11 +536,14 @@ def test_ablation_rows_are_named_by_the_settings_the_runs_recorded(tmp_path):
     majority = {**base, "transfer": {**base["transfer"], "fusion": {"method": "majority", "beta": 2}}}
     _write_run(tmp_path / "misleading-name", majority, {"1": {"a": 0.7, "b": 0.9}, "2": {"a": 0.5, "b": 0.7}})
     _write_run(tmp_path / "other-scans", majority, {"1": {"a": 0.7, "b": 0.9}, "3": {"a": 0.5, "b": 0.7}})
+    _write_run(tmp_path / "other-supports", majority, {"1": {"a": 0.7, "b": 0.9}, "2": {"a": 0.5, "b": 0.7}}, supports=("6",))
     lines = tables.ablation_table(tmp_path / "ref", [tmp_path / "misleading-name"]).splitlines()
     assert lines[2].startswith("| the reference, `ref` | 70.0 | 80.0 | **75.0** |  |")
     assert lines[3] == "| `fusion.method=majority` | 60.0 | 80.0 | **70.0** | -5.0 | 2.0 |"
     with pytest.raises(SystemExit, match="other query scans"):
         tables.ablation_table(tmp_path / "ref", [tmp_path / "other-scans"])
+    with pytest.raises(SystemExit, match="other query scans or supports"):
+        tables.ablation_table(tmp_path / "ref", [tmp_path / "other-supports"])
 
 
 def test_alpnet_pairing_offers_the_chunk_or_every_support_slice_and_is_recorded():
@@ -562,5 +565,7 @@ def test_alpnet_pairing_offers_the_chunk_or_every_support_slice_and_is_recorded(
     assert EvalPlan("data", "alpnet", "classic", "out").protocol_rules().info(5, None)["pairing"] == "chunk"
     with pytest.raises(ValueError, match="--alpnet-support slices"):
         EvalPlan("data", "alpnet", "classic", "out", alpnet_support="volume", alpnet_pairing="all").check()
+    with pytest.raises(ValueError, match="--protocol alpnet"):
+        EvalPlan("data", "clinical", "classic", "out", alpnet_pairing="all").check()
     with pytest.raises(ValueError, match="unknown --alpnet-pairing"):
         EvalPlan("data", "alpnet", "classic", "out", alpnet_pairing="nearest").check()

@@ -57,9 +57,9 @@ class EvalPlan:
             raise ValueError(f"unknown --alpnet-support {self.alpnet_support!r}; use one of {', '.join(ALPNET_SUPPORTS)}")
         if self.alpnet_pairing not in ALPNET_PAIRINGS:
             raise ValueError(f"unknown --alpnet-pairing {self.alpnet_pairing!r}; use one of {', '.join(ALPNET_PAIRINGS)}")
-        if self.alpnet_pairing != "chunk" and self.alpnet_support != "slices":
+        if self.alpnet_pairing != "chunk" and (self.protocol != "alpnet" or self.alpnet_support != "slices"):
             raise ValueError("--alpnet-pairing pairs the protocol's support slices with query slices: it needs "
-                             "--alpnet-support slices")
+                             "--protocol alpnet and --alpnet-support slices")
         if self.hd95_empty not in HD95_EMPTY:
             raise ValueError(f"unknown --hd95-empty {self.hd95_empty!r}; use one of {', '.join(HD95_EMPTY)}")
 
