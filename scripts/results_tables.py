@@ -66,6 +66,7 @@ def describe(folder: Path) -> dict:
         "preset": m.get("preset"),
         "supports": supports,
         "selection": m.get("selection"),
+        "settings": m.get("settings") or {},
     }
 
 
@@ -219,8 +220,7 @@ def settings_difference(reference: dict, other: dict) -> str:
 def ablation_table(reference: Path, folders: list[Path]) -> str:
     """The reference run, then one row per run: its settings that differ, per-label Dice, mean Dice and its
     change from the reference. Every run must have scored the same query scans with the same supports."""
-    ref, ref_cases = json.loads((reference / "metrics.json").read_text()), _case_dice(reference)
-    r0 = describe(reference)
+    r0, ref_cases = describe(reference), _case_dice(reference)
     labels = r0["labels"]
     rows = ["| variant | " + " | ".join(labels) + " | mean Dice | change | s / volume |", "|---" * (len(labels) + 4) + "|"]
 
@@ -231,10 +231,10 @@ def ablation_table(reference: Path, folders: list[Path]) -> str:
 
     rows.append(row(f"the reference, `{reference.name}`", r0, ""))
     for folder in folders:
-        m, r = json.loads((folder / "metrics.json").read_text()), describe(folder)
+        r = describe(folder)
         if set(_case_dice(folder)) != set(ref_cases) or r["supports"] != r0["supports"]:
             raise SystemExit(f"{folder}: other query scans or supports than {reference}; not an ablation of it")
-        rows.append(row(settings_difference(ref["settings"], m["settings"]), r, f"{100 * (r['mean'] - r0['mean']):+.1f}"))
+        rows.append(row(settings_difference(r0["settings"], r["settings"]), r, f"{100 * (r['mean'] - r0['mean']):+.1f}"))
     return "\n".join(rows)
 
 
