@@ -369,6 +369,43 @@ def test_reversed_slice_order_is_found_only_when_searched():
     assert not got["kept"].reversed_slices and got["kept"].similarity < got["found"].similarity
 
 
+def _body_and_organ(texture_seed: int, organ_sign: int) -> tuple[np.ndarray, np.ndarray]:
+    """(8, 96, 96) at 6 x 2 x 2 mm: a body (an ellipse of broad texture, ``texture_seed``) holding a 32 mm organ
+    on slices 2-5, bright on its first two slices and dark on the others (``organ_sign`` 1), or the other way
+    round (-1), and the organ's label. Broad features, so that they survive the global affine's coarse grid."""
+    z, y, x = np.mgrid[:8, :96, :96]
+    body = ((y - 48) / 44.0) ** 2 + ((x - 48) / 40.0) ** 2 < 1
+    texture = ndimage.gaussian_filter(np.random.default_rng(texture_seed).standard_normal((8, 96, 96)), (0, 6, 6))
+    image = np.where(body, 0.45 + 0.16 * texture / texture.std(), 0.0)
+    mask = np.zeros((8, 96, 96), np.uint16)
+    mask[2:6, 40:56, 50:66] = 1
+    image[mask > 0] = np.where(z[mask > 0] < 4, 0.5 + 0.45 * organ_sign, 0.5 - 0.45 * organ_sign)
+    return image.astype(np.float32), mask
+
+
+def test_selection_by_the_region_of_the_structures_prefers_the_atlas_whose_organ_matches():
+    """Two atlases on the query's body outline: one with the query's own body and its organ mirrored, one
+    with another body's texture and the query's organ. Over whole images the first correlates better (the
+    outline and body dominate); over the region its labels come from, the second does, and ``rank_by:
+    region`` ranks it first."""
+    from fewshot.config import ConfigError
+    from fewshot.transfer.atlas import AtlasTransfer
+
+    query, _ = _body_and_organ(1, 1)
+    spacing = (6.0, 2.0, 2.0)
+    outline = Atlas("outline", *_body_and_organ(1, -1), spacing, {1: 1}, "outline")
+    organ = Atlas("organ", *_body_and_organ(2, 1), spacing, {1: 1}, "organ")
+    plan = load_transfer_plan()
+    got = in_workers(reg.align_globally, {a.image_id: (query, spacing, a, plan, (False,)) for a in (outline, organ)})
+    assert got["outline"].rank("image") > got["organ"].rank("image")
+    assert got["organ"].rank("region") > got["outline"].rank("region")
+    # an alignment whose region missed the query ranks by the whole images
+    assert replace(got["organ"], region_similarity=None).rank("region") == got["organ"].similarity
+    good = load_preset("classic")["transfer"]
+    with pytest.raises(ConfigError, match="rank_by 'labels' must be one of image, region"):
+        AtlasTransfer({**good, "rank_by": "labels"})
+
+
 def test_a_lone_atlas_registers_in_the_workers_the_same_as_in_one_piece(monkeypatch):
     """A bank of one scan: its registration runs in the single-threaded workers like any other, split
     into jobs (the 3D stages, then one per slice shift of the in-plane step, side by side), and gives

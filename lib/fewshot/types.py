@@ -115,7 +115,7 @@ class AtlasUse:
     """Provenance of one atlas in a scan-level segmentation."""
 
     image_id: str
-    similarity: float | None  # correlation with the query after the global affine (what chose it); None: not aligned
+    similarity: float | None  # correlation with the query after the global affine, as selection ranks it (transfer.rank_by); None: not aligned
     reversed_slices: bool = False  # registered with its slice order reversed (see ``slice_order``)
     seconds: float = 0.0  # registration time (0 when reused from the cache)
     reused: bool = False

@@ -301,12 +301,13 @@ class AtlasTransfer:
             for a in atlases:
                 if a.image_id not in todo:
                     tick()
+            by = self.settings.rank_by
             ranked = sorted((a for a in atlases if aligned_key(a) in self._alignments),
-                            key=lambda a: -self._alignments[aligned_key(a)].similarity)
+                            key=lambda a: -self._alignments[aligned_key(a)].rank(by))
             chosen = ranked[:keep]
-            logger.info("atlas selection: kept %s of %d atlases (correlation after the global affine %s)",
-                        [a.image_id for a in chosen], len(atlases),
-                        [round(self._alignments[aligned_key(a)].similarity, 3) for a in chosen])
+            logger.info("atlas selection: kept %s of %d atlases (correlation after the global affine, %s: %s)",
+                        [a.image_id for a in chosen], len(atlases), "whole images" if by == "image" else
+                        "the region of their structures", [round(self._alignments[aligned_key(a)].rank(by), 3) for a in chosen])
         seconds["select"] = time.perf_counter() - t0
 
         # 2. register the chosen atlases (cached per query, atlas, labels and plan).
@@ -413,7 +414,7 @@ class AtlasTransfer:
         for a in chosen:
             c = candidates.get(a.image_id)
             alignment = c.alignment if c is not None else self._alignments.get(aligned_key(a))
-            uses.append(AtlasUse(image_id=a.image_id, similarity=alignment.similarity if alignment else None,
+            uses.append(AtlasUse(image_id=a.image_id, similarity=alignment.rank(self.settings.rank_by) if alignment else None,
                                  reversed_slices=bool(alignment and alignment.reversed_slices),
                                  seconds=0.0 if a.image_id in reused or c is None else c.seconds, reused=a.image_id in reused))
         slices = [SliceResult(probabilities=probs[:, z], object_scores=object_scores(probs[:, z])) for z in range(len(query))]

@@ -50,6 +50,8 @@ from fewshot.types import Atlas
 
 logger = logging.getLogger(__name__)
 
+RANKINGS = ("image", "region")  # what atlas selection ranks the globally aligned atlases by (GlobalAlignment.rank)
+
 
 # ---------------------------------------------------------------------------------- settings
 
@@ -104,12 +106,22 @@ class RegistrationPlan:
 class GlobalAlignment:
     """The global affine of one atlas onto the query, as plain numbers (picklable)."""
 
-    similarity: float  # correlation of the aligned atlas with the query (what selection ranks)
+    similarity: float  # correlation of the aligned atlas with the query, whole images (decides the slice order)
     reversed_slices: bool
     matrix: tuple[float, ...]  # 9 values, SimpleITK AffineTransform (x, y, z)
     translation: tuple[float, ...]
     center: tuple[float, ...]
     seconds: float = 0.0
+    # The same correlation within the region of the atlas's structures (its labels + the plan's margin), where
+    # the labels will come from; None when that region misses the query (or an alignment from before it existed).
+    region_similarity: float | None = None
+
+    def rank(self, by: str) -> float:
+        """What atlas selection ranks by (``RANKINGS``): ``image`` the whole images' correlation, ``region``
+        the correlation within the atlas's structures (the whole images' where that region misses the query)."""
+        if by == "region" and self.region_similarity is not None:
+            return self.region_similarity
+        return self.similarity
 
     def transform(self) -> sitk.AffineTransform:
         t = sitk.AffineTransform(3)
@@ -301,8 +313,30 @@ def align_globally(query: np.ndarray, query_spacing, atlas: Atlas, plan: Registr
     if len(tried) > 1 and tried[1][0] > tried[0][0] + plan.slice_order_margin:  # (False, True): a reversal must win clearly
         best = tried[1]
     similarity, reverse, t = best
+    region = region_correlation(coarse, atlas, reverse, t, plan.margin_mm)
     return GlobalAlignment(similarity, reverse, tuple(t.GetMatrix()), tuple(t.GetTranslation()), tuple(t.GetCenter()),
-                           seconds=time.perf_counter() - start)
+                           seconds=time.perf_counter() - start, region_similarity=region)
+
+
+def region_correlation(coarse: sitk.Image, atlas: Atlas, reverse: bool, transform: sitk.Transform,
+                       margin_mm: float) -> float | None:
+    """Correlation of the aligned atlas with the query (``coarse``: the query on the global affine's finest grid)
+    over the atlas's structures moved onto it, dilated by ``margin_mm``: the region its labels will come from.
+    A short-axis cardiac slice is mostly body and background, so the whole images' correlation says more about
+    the outline than about the heart. None when the region holds fewer than 27 voxels of the query."""
+    labelled = np.asarray(atlas.mask[::-1] if reverse else atlas.mask) > 0
+    image = np.asarray(atlas.image[::-1] if reverse else atlas.image, np.float32)
+    moving = sitk.Compose(_image(image, atlas.spacing), _image(labelled.astype(np.float32), atlas.spacing))
+    warped = sitk.GetArrayFromImage(sitk.Resample(moving, coarse, transform, sitk.sitkLinear, 0.0))
+    spacing = tuple(reversed(coarse.GetSpacing()))  # (z, y, x)
+    region = region_box(warped[None, ..., 1], spacing, margin_mm)
+    if region is None:
+        return None
+    inside = np.zeros(warped.shape[:3], bool)
+    inside[region] = True
+    if inside.sum() < 27:
+        return None
+    return correlation(sitk.GetArrayViewFromImage(coarse)[inside], warped[..., 0][inside])
 
 
 # ---------------------------------------------------------------------------------- deformable

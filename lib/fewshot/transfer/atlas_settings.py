@@ -32,6 +32,9 @@ class AtlasSettings:
     # How fused probabilities become labels (fewshot.decision): "threshold", "distribution" (the
     # votes are one distribution, background their remainder) or "foreground" (sum, then argmax)
     decision: str
+    # What selection ranks atlases by when the query is offered more than selection.keep (reg.RANKINGS):
+    # the correlation after the global affine of the whole images, or within the region of the atlas's structures
+    rank_by: str = "image"
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "AtlasSettings":
@@ -66,7 +69,7 @@ class AtlasSettings:
             fusion=section(settings.get("fusion"), FusionSettings, "fusion"),
             shape=ShapeSettings.from_settings(settings.get("shape")),
             extent=ExtentSettings.from_settings(settings.get("extent")),
-            decision=str(settings["decision"]),
+            decision=str(settings["decision"]), rank_by=str(settings.get("rank_by", "image")),
         )
         out.validate()
         return out
@@ -132,6 +135,8 @@ class AtlasSettings:
                             f"{list(EXTENT_LENGTHS)} and extent.slack >= 0")
         if not isinstance(self.extent.relative, bool):
             problems.append(f"extent.relative must be true or false, not {self.extent.relative!r}")
+        if self.rank_by not in reg.RANKINGS:
+            problems.append(f"rank_by {self.rank_by!r} must be one of {', '.join(reg.RANKINGS)}")
         if problems:
             raise ConfigError("transfer atlas settings: " + "; ".join(problems))
 
