@@ -383,7 +383,7 @@ def _body_and_organ(texture_seed: int, organ_sign: int) -> tuple[np.ndarray, np.
     return image.astype(np.float32), mask
 
 
-def test_selection_by_the_region_of_the_structures_prefers_the_atlas_whose_organ_matches():
+def test_selection_by_the_region_of_the_structures_prefers_the_atlas_whose_organ_matches(quick_inline_engine):
     """Two atlases on the query's body outline: one with the query's own body and its organ mirrored, one
     with another body's texture and the query's organ. Over whole images the first correlates better (the
     outline and body dominate); over the region its labels come from, the second does, and ``rank_by:
@@ -401,6 +401,11 @@ def test_selection_by_the_region_of_the_structures_prefers_the_atlas_whose_organ
     assert got["organ"].rank("region") > got["outline"].rank("region")
     # an alignment whose region missed the query ranks by the whole images
     assert replace(got["organ"], region_similarity=None).rank("region") == got["organ"].similarity
+    # the preset's selection, one atlas kept of the two: the one whose organ matches
+    transfer = quick_inline_engine.transfer
+    assert transfer.settings.rank_by == "region"
+    result = transfer.segment_with_atlases(query, spacing, [outline, organ], [1], keep=1, cache_key="rank-by-region")
+    assert [u.image_id for u in result.atlases] == ["organ"]
     good = load_preset("classic")["transfer"]
     with pytest.raises(ConfigError, match="rank_by 'labels' must be one of image, region"):
         AtlasTransfer({**good, "rank_by": "labels"})

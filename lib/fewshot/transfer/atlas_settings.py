@@ -34,7 +34,7 @@ class AtlasSettings:
     decision: str
     # What selection ranks atlases by when the query is offered more than selection.keep (reg.RANKINGS):
     # the correlation after the global affine of the whole images, or within the region of the atlas's structures
-    rank_by: str = "image"
+    rank_by: str
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "AtlasSettings":
@@ -48,7 +48,7 @@ class AtlasSettings:
             return kind(**{k: tuple(raw[k]) if isinstance(raw[k], (list, tuple)) else raw[k] for k in names if k in raw})
 
         top = ("workers", "threads_per_worker", "start_method", "cache_mb", "threshold", "decision", "margin_mm",
-               "slice_order", "slice_order_margin")
+               "slice_order", "slice_order_margin", "rank_by")
         missing = [k for k in top if k not in settings]
         if missing:
             raise ConfigError(f"transfer type atlas needs settings {missing} ({_PRESET})")
@@ -69,7 +69,7 @@ class AtlasSettings:
             fusion=section(settings.get("fusion"), FusionSettings, "fusion"),
             shape=ShapeSettings.from_settings(settings.get("shape")),
             extent=ExtentSettings.from_settings(settings.get("extent")),
-            decision=str(settings["decision"]), rank_by=str(settings.get("rank_by", "image")),
+            decision=str(settings["decision"]), rank_by=str(settings["rank_by"]),
         )
         out.validate()
         return out
