@@ -383,6 +383,27 @@ def _body_and_organ(texture_seed: int, organ_sign: int) -> tuple[np.ndarray, np.
     return image.astype(np.float32), mask
 
 
+def test_the_region_correlation_follows_the_slice_order_and_misses_cleanly():
+    """``region_correlation`` without a registration: a scan against itself scores near 1 over its organ's region,
+    and the same when stored with its slices reversed and read in the reversed order; an atlas whose
+    structures the transform moves out of the query, or one with no structures, has no region score."""
+    image, mask = _body_and_organ(1, 1)
+    spacing = (6.0, 2.0, 2.0)
+    coarse = reg.downsample(reg._image(image, spacing), 4)
+    identity = sitk.AffineTransform(3)
+    own = Atlas("own", image, mask, spacing, {1: 1}, "own")
+    itself = reg.region_correlation(coarse, own, False, identity, 20.0)
+    assert itself > 0.95  # not 1: the query's grid is smoothed as it is shrunk, the atlas is sampled on it
+    stored_reversed = Atlas("reversed", image[::-1].copy(), mask[::-1].copy(), spacing, {1: 1}, "reversed")
+    assert reg.region_correlation(coarse, stored_reversed, True, identity, 20.0) == pytest.approx(itself)
+    assert reg.region_correlation(coarse, stored_reversed, False, identity, 20.0) < 0.5
+    away = sitk.AffineTransform(3)
+    away.SetTranslation((1000.0, 0.0, 0.0))  # the query's point x is read from the atlas 1 m away
+    assert reg.region_correlation(coarse, own, False, away, 20.0) is None
+    empty = Atlas("empty", image, np.zeros_like(mask), spacing, {}, "empty")
+    assert reg.region_correlation(coarse, empty, False, identity, 20.0) is None
+
+
 def test_selection_by_the_region_of_the_structures_prefers_the_atlas_whose_organ_matches(quick_inline_engine):
     """Two atlases on the query's body outline: one with the query's own body and its organ mirrored, one
     with another body's texture and the query's organ. Over whole images the first correlates better (the
@@ -399,8 +420,9 @@ def test_selection_by_the_region_of_the_structures_prefers_the_atlas_whose_organ
     got = in_workers(reg.align_globally, {a.image_id: (query, spacing, a, plan, (False,)) for a in (outline, organ)})
     assert got["outline"].rank("image") > got["organ"].rank("image")
     assert got["organ"].rank("region") > got["outline"].rank("region")
-    # an alignment whose region missed the query ranks by the whole images
-    assert replace(got["organ"], region_similarity=None).rank("region") == got["organ"].similarity
+    # an atlas whose structures missed the query ranks last by region, and as before by the whole images
+    missed = replace(got["organ"], region_similarity=None)
+    assert missed.rank("region") == float("-inf") and missed.rank("image") == got["organ"].similarity
     # the preset's selection, one atlas kept of the two: the one whose organ matches
     transfer = quick_inline_engine.transfer
     assert transfer.settings.rank_by == "region"

@@ -78,8 +78,9 @@ def registration_key(plan: reg.RegistrationPlan) -> str:
 
 
 def alignment_key(plan: reg.RegistrationPlan) -> str:
-    """What decides an atlas's global affine, for a given slice order (``align_globally``)."""
-    return _digest([asdict(plan.global_affine), plan.slice_order_margin])
+    """What decides an atlas's global affine and its scores, for a given slice order (``align_globally``; the
+    margin widens the region its ``region_similarity`` is taken over)."""
+    return _digest([asdict(plan.global_affine), plan.slice_order_margin, plan.margin_mm])
 
 
 class _CandidateCache:

@@ -118,9 +118,10 @@ class GlobalAlignment:
 
     def rank(self, by: str) -> float:
         """What atlas selection ranks by (``RANKINGS``): ``image`` the whole images' correlation, ``region``
-        the correlation within the atlas's structures (the whole images' where that region misses the query)."""
-        if by == "region" and self.region_similarity is not None:
-            return self.region_similarity
+        the correlation within the atlas's structures; an atlas whose structures miss the query ranks last
+        (its labels would not reach the query; a whole-image score is on another scale)."""
+        if by == "region":
+            return self.region_similarity if self.region_similarity is not None else float("-inf")
         return self.similarity
 
     def transform(self) -> sitk.AffineTransform:
@@ -299,13 +300,13 @@ def align_globally(query: np.ndarray, query_spacing, atlas: Atlas, plan: Registr
     start = time.perf_counter()
     fixed = _image(query, query_spacing)
     orders = tuple(orders) if orders is not None else slice_orders(plan, (), ())
+    # Correlations on the finest grid the affine ran on: cheap, and what selection needs.
+    coarse = downsample(fixed, plan.global_affine.shrink_factors[-1])
     tried = []
     for reverse in orders:
         image = np.asarray(atlas.image[::-1] if reverse else atlas.image, np.float32)
         moving = _image(image, atlas.spacing)
         transform = affine(query, query_spacing, image, atlas.spacing, plan.global_affine)
-        # Correlation on the finest grid the affine ran on: cheap, and what selection needs.
-        coarse = downsample(fixed, plan.global_affine.shrink_factors[-1])
         warped = sitk.Resample(moving, coarse, transform, sitk.sitkLinear, 0.0)
         similarity = correlation(sitk.GetArrayViewFromImage(coarse), sitk.GetArrayViewFromImage(warped))
         tried.append((similarity, reverse, transform))
@@ -321,7 +322,8 @@ def align_globally(query: np.ndarray, query_spacing, atlas: Atlas, plan: Registr
 def region_correlation(coarse: sitk.Image, atlas: Atlas, reverse: bool, transform: sitk.Transform,
                        margin_mm: float) -> float | None:
     """Correlation of the aligned atlas with the query (``coarse``: the query on the global affine's finest grid)
-    over the atlas's structures moved onto it, dilated by ``margin_mm``: the region its labels will come from.
+    over the box of the atlas's structures (all its labels) moved onto it, widened by ``margin_mm``: where its
+    labels will come from.
     A short-axis cardiac slice is mostly body and background, so the whole images' correlation says more about
     the outline than about the heart. None when the region holds fewer than 27 voxels of the query."""
     labelled = np.asarray(atlas.mask[::-1] if reverse else atlas.mask) > 0
