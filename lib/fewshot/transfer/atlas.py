@@ -415,7 +415,9 @@ class AtlasTransfer:
         for a in chosen:
             c = candidates.get(a.image_id)
             alignment = c.alignment if c is not None else self._alignments.get(aligned_key(a))
-            uses.append(AtlasUse(image_id=a.image_id, similarity=alignment.rank(self.settings.rank_by) if alignment else None,
+            score = alignment.rank(self.settings.rank_by) if alignment else None
+            # None, not -inf, for an atlas whose structures missed the query: the provenance sidecar is strict JSON
+            uses.append(AtlasUse(image_id=a.image_id, similarity=score if score is not None and np.isfinite(score) else None,
                                  reversed_slices=bool(alignment and alignment.reversed_slices),
                                  seconds=0.0 if a.image_id in reused or c is None else c.seconds, reused=a.image_id in reused))
         slices = [SliceResult(probabilities=probs[:, z], object_scores=object_scores(probs[:, z])) for z in range(len(query))]
