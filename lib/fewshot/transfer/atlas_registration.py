@@ -332,13 +332,9 @@ def region_correlation(coarse: sitk.Image, atlas: Atlas, reverse: bool, transfor
     warped = sitk.GetArrayFromImage(sitk.Resample(moving, coarse, transform, sitk.sitkLinear, 0.0))
     spacing = tuple(reversed(coarse.GetSpacing()))  # (z, y, x)
     region = region_box(warped[None, ..., 1], spacing, margin_mm)
-    if region is None:
+    if region is None or np.prod([r.stop - r.start for r in region]) < 27:
         return None
-    inside = np.zeros(warped.shape[:3], bool)
-    inside[region] = True
-    if inside.sum() < 27:
-        return None
-    return correlation(sitk.GetArrayViewFromImage(coarse)[inside], warped[..., 0][inside])
+    return correlation(sitk.GetArrayViewFromImage(coarse)[region], warped[region + (0,)])
 
 
 # ---------------------------------------------------------------------------------- deformable
