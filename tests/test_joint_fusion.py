@@ -300,9 +300,34 @@ def test_the_label_values_counted_are_numpys_unique():
 
     rng = np.random.default_rng(3)
     for votes in (rng.integers(-1, 5, (3, 1000)), np.array([[7, 7, 300]]), np.zeros((1, 4), np.int64),
-                  rng.integers(-1, 1 << 30, (2, 50)), rng.integers(0, 4, (2, 9)).astype(np.int16)):
+                  rng.integers(-1, 1 << 30, (2, 50)), rng.integers(0, 4, (2, 9)).astype(np.int16),
+                  rng.integers(0, 4, (2, 9)).astype(np.uint8)):
         got, want = label_values(votes), np.unique(votes)
-        assert np.array_equal(got, want) and got.dtype == want.dtype, (got, want)
+        assert np.array_equal(got, want) and got.dtype == np.int64, (got, want)  # int64 from any integers
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["inner-region", "every-edge"])
+def test_the_cut_is_the_inputs_padded_then_cropped_around_the_region(whole):
+    """``Cut.around`` casts the crop straight into its padded place: the same arrays, types and fill as padding
+    the whole inputs by a patch and a search and cropping around the region's box (patches read past the image
+    find intensity 0, label -1 and no image), from the hard labels' small unsigned integers too."""
+    from fewshot.transfer.joint_fusion import Cut
+
+    query, images, labels, region = problem(2, whole=whole)
+    patch, reach = (0, 2, 2), (1, 2, 2)
+    cut = Cut.around(query, images, labels.astype(np.uint8), region, patch, reach, SPACING)
+    pad = np.add(patch, reach)
+    centres = np.argwhere(region)
+    lo, hi = centres.min(0), centres.max(0) + 1
+
+    def expected(array, dtype, fill):
+        padded = np.pad(array.astype(dtype), [(0, 0)] * (array.ndim - 3) + [(p, p) for p in pad], constant_values=fill)
+        return torch.from_numpy(padded[(...,) + tuple(slice(a, b + 2 * p) for a, b, p in zip(lo, hi, pad))])
+
+    for got, want in ((cut.query, expected(query, np.float64, 0.0)), (cut.images, expected(images, np.float64, 0.0)),
+                      (cut.labels, expected(labels, np.int64, -1)), (cut.inside, expected(np.ones(query.shape, bool), bool, False))):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert (cut.labels == -1).any() and not cut.inside.all()  # the region reaches the image's edge
 
 
 def plain_differences(cut, query_stats, chosen, centres, flat_atlas_patches="centred"):
@@ -401,7 +426,7 @@ def test_hard_labels_are_argmax_with_ties_to_the_first_label():
     p = np.round(rng.random((4, 3, 5, 6, 7)) * 4).astype(np.float32) / 4  # quarters: many exact ties
     expected = np.where(p.max(axis=1) > 0.5, p.argmax(axis=1) + 1, 0)
     assert ((p.max(axis=1) > 0.5) & (np.sort(p, axis=1)[:, -1] == np.sort(p, axis=1)[:, -2])).any()  # tied winners
-    assert np.array_equal(_hard(p), expected) and _hard(p).dtype == np.float32
+    assert np.array_equal(_hard(p), expected) and _hard(p).dtype == np.uint8
 
 
 def test_search_order_and_bad_input():

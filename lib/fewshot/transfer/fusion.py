@@ -121,16 +121,21 @@ def majority(probabilities: np.ndarray) -> np.ndarray:
 
 
 def _hard(probabilities: np.ndarray) -> np.ndarray:
-    """(K, L, ...) -> (K, ...) label index + 1 where an atlas's most likely label exceeds 0.5, else 0."""
+    """(K, L, ...) -> (K, ...) label index + 1 where an atlas's most likely label exceeds 0.5, else 0, in the
+    smallest unsigned integers that hold L + 1. Small, because every array the fusion makes is fresh memory:
+    on a CHAOS query the float32 labels, their int64 copy and the cut's intermediate copies cost 4-5 s of page
+    faults on a cold process (docs/results.md, "Fewer fresh arrays before the fusion's search")."""
     p = np.asarray(probabilities, np.float32)
     # argmax over the label axis, one label at a time: the first of equal maxima wins, as in argmax, which over
     # a middle axis of large arrays took 1.8-3.7x as long (15 x 4 x 31 x 256 x 229 votes: 1.0-2.2 s against 0.6 s)
-    best, index = p[:, 0].copy(), np.zeros(p.shape[:1] + p.shape[2:], np.float32)
+    best = p[:, 0].copy()
+    index = np.zeros(p.shape[:1] + p.shape[2:], np.min_scalar_type(p.shape[1]))
     for channel in range(1, p.shape[1]):
-        higher = p[:, channel] > best
-        index[higher] = channel
+        np.copyto(index, channel, where=p[:, channel] > best)
         np.maximum(best, p[:, channel], out=best)
-    return np.where(best > 0.5, index + 1, 0).astype(np.float32)
+    index += 1
+    index *= best > 0.5  # 0 where no label passes 0.5 (and where the best is NaN, as `best > 0.5` was before)
+    return index
 
 
 def disagreement(hard: np.ndarray) -> np.ndarray:
@@ -206,7 +211,7 @@ def _vectorised(query, images, hard, region, spacing, settings: FusionSettings):
     from fewshot.transfer.joint_fusion import fuse_jointly
     radius = settings.search_radius
     radius = tuple(int(r) for r in radius) if isinstance(radius, (tuple, list)) else (int(radius),) * 3
-    return fuse_jointly(query, images, hard.astype(np.int64), region, spacing, settings.patch_radius, radius,
+    return fuse_jointly(query, images, hard, region, spacing, settings.patch_radius, radius,
                         beta=float(settings.beta), alpha=float(settings.rho), correlation=bool(settings.correlation),
                         flat_atlas_patches=settings.flat_atlas_patches)
 
