@@ -325,9 +325,11 @@ def test_the_cut_is_the_inputs_padded_then_cropped_around_the_region(whole):
         return torch.from_numpy(padded[(...,) + tuple(slice(a, b + 2 * p) for a, b, p in zip(lo, hi, pad))])
 
     for got, want in ((cut.query, expected(query, np.float64, 0.0)), (cut.images, expected(images, np.float64, 0.0)),
-                      (cut.labels, expected(labels, np.int64, -1)), (cut.inside, expected(np.ones(query.shape, bool), bool, False))):
+                      (cut.labels, expected(labels, np.int16, -1)), (cut.inside, expected(np.ones(query.shape, bool), bool, False))):
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert (cut.labels == -1).any() and not cut.inside.all()  # the region reaches the image's edge
+    wide = Cut.around(query, images, labels + 40000, region, patch, reach, SPACING).labels  # past int16: int64
+    assert wide.dtype == torch.int64 and torch.equal(wide, expected(labels + 40000, np.int64, -1))
 
 
 def plain_differences(cut, query_stats, chosen, centres, flat_atlas_patches="centred"):
