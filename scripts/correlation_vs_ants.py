@@ -100,7 +100,7 @@ def brute_force(cut: joint_fusion.Cut, centres: np.ndarray, correlation: bool, s
 
 
 def search_alone(saved, settings: FusionSettings, region: np.ndarray, n_centres: int, seed: int) -> None:
-    hard = _hard(saved["probabilities"]).astype(np.int64)
+    hard = _hard(saved["probabilities"])
     cut = joint_fusion.Cut.around(saved["query"].astype(np.float32), saved["images"].astype(np.float32), hard, region,
                                   settings.patch_radius, settings.search_radius, tuple(saved["spacing"]))
     if cut.patch[0] != 0:

@@ -61,7 +61,7 @@ def timed(args) -> None:
     saved = np.load(args.inputs)
     preset = AtlasSettings.from_settings(load_preset("classic", {})["transfer"]).fusion  # validated, as the app reads it
     patch = tuple(int(r) for r in preset.patch_radius)
-    hard = fusion._hard(saved["probabilities"]).astype(np.int64)
+    hard = fusion._hard(saved["probabilities"])
     region = fusion.disagreement(hard)
     spacing = tuple(float(s) for s in saved["spacing"])
     values = np.unique(hard[:, region])

@@ -301,7 +301,7 @@ def test_the_label_values_counted_are_numpys_unique():
     rng = np.random.default_rng(3)
     for votes in (rng.integers(-1, 5, (3, 1000)), np.array([[7, 7, 300]]), np.zeros((1, 4), np.int64),
                   rng.integers(-1, 1 << 30, (2, 50)), rng.integers(0, 4, (2, 9)).astype(np.int16),
-                  rng.integers(0, 4, (2, 9)).astype(np.uint8)):
+                  rng.integers(0, 4, (2, 9)).astype(np.uint8), np.array([[-1, 32767]], np.int16)):
         got, want = label_values(votes), np.unique(votes)
         assert np.array_equal(got, want) and got.dtype == np.int64, (got, want)  # int64 from any integers
 
@@ -328,8 +328,9 @@ def test_the_cut_is_the_inputs_padded_then_cropped_around_the_region(whole):
                       (cut.labels, expected(labels, np.int16, -1)), (cut.inside, expected(np.ones(query.shape, bool), bool, False))):
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert (cut.labels == -1).any() and not cut.inside.all()  # the region reaches the image's edge
-    wide = Cut.around(query, images, labels + 40000, region, patch, reach, SPACING).labels  # past int16: int64
-    assert wide.dtype == torch.int64 and torch.equal(wide, expected(labels + 40000, np.int64, -1))
+    for other in (labels + 40000, labels - 2):  # numbers int16 does not hold, or below -1 (outside's mark): int64
+        wide = Cut.around(query, images, other, region, patch, reach, SPACING).labels
+        assert wide.dtype == torch.int64 and torch.equal(wide, expected(other, np.int64, -1))
 
 
 def plain_differences(cut, query_stats, chosen, centres, flat_atlas_patches="centred"):
@@ -429,6 +430,9 @@ def test_hard_labels_are_argmax_with_ties_to_the_first_label():
     expected = np.where(p.max(axis=1) > 0.5, p.argmax(axis=1) + 1, 0)
     assert ((p.max(axis=1) > 0.5) & (np.sort(p, axis=1)[:, -1] == np.sort(p, axis=1)[:, -2])).any()  # tied winners
     assert np.array_equal(_hard(p), expected) and _hard(p).dtype == np.uint8
+    many = np.zeros((1, 256, 2), np.float32)  # 256 labels: the last one's number needs more than a byte
+    many[0, 255, 0], many[0, 3, 1] = 0.9, 0.7
+    assert _hard(many).tolist() == [[256, 4]] and _hard(many).dtype == np.uint16
 
 
 def test_search_order_and_bad_input():

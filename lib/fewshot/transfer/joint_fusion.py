@@ -164,12 +164,14 @@ def _label_type(labels: np.ndarray) -> type:
 
 
 def label_values(votes: np.ndarray) -> np.ndarray:
-    """``np.unique(votes)`` in int64 (the votes may come in any integer type) for integer label numbers, by
-    counting rather than sorting: a CHAOS query's 15 votes over half a million voxels took 2.2 s to sort."""
+    """``np.unique(votes)`` in int64 for integer label numbers that int64 holds (the hard labels come as small unsigned
+    integers), by counting rather than sorting: a CHAOS query's 15 votes over half a million voxels took 2.2 s to sort."""
     low, high = int(votes.min()), int(votes.max())
     if high - low > 1 << 20:  # not a label map's numbers: sort them after all
         return np.unique(votes).astype(np.int64)
-    return np.flatnonzero(np.bincount((votes - low).ravel(), minlength=high - low + 1)).astype(np.int64) + low
+    # Unsigned votes less their minimum stay in their type; signed ones could wrap there (int16's -1 and 32767)
+    shifted = votes - low if votes.dtype.kind == "u" else votes.astype(np.int64, copy=False) - low
+    return np.flatnonzero(np.bincount(shifted.ravel(), minlength=high - low + 1)).astype(np.int64) + low
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Cut:
     read without bounds checks (intensity 0 and label -1 where that lies outside the image)."""
     query: torch.Tensor  # (z, y, x) float64
     images: torch.Tensor  # (K, z, y, x) float64
-    labels: torch.Tensor  # (K, z, y, x) int16 (int64 for label numbers past int16's): only the votes read them
+    labels: torch.Tensor  # (K, z, y, x) int16 (int64 for numbers int16 does not hold, or below -1): only the votes read them
     inside: torch.Tensor  # (z, y, x) bool: voxels of the image
     pad: np.ndarray  # where the centres' box starts in the cut arrays
     size: np.ndarray  # the centres' box
@@ -198,7 +200,7 @@ class Cut:
         inner = (...,) + tuple(slice(int(max(a, 0)), int(min(b, n))) for a, b, n in zip(start, stop, region.shape))
         widths = [(int(max(-a, 0)), int(max(b - n, 0))) for a, b, n in zip(start, stop, region.shape)]
 
-        def cut(array, dtype, fill):  # the crop cast straight into its padded place: one fresh array, not three
+        def cut(array, dtype, fill):  # the crop cast straight into its padded place: one fresh array, not two
             part = array[inner]
             shape = part.shape[:-3] + tuple(n + a + b for n, (a, b) in zip(part.shape[-3:], widths))
             out = np.empty(shape, dtype)
