@@ -123,7 +123,7 @@ def majority(probabilities: np.ndarray) -> np.ndarray:
 def _hard(probabilities: np.ndarray) -> np.ndarray:
     """(K, L, ...) -> (K, ...) label index + 1 where an atlas's most likely label exceeds 0.5, else 0 (values 0..L),
     in the smallest unsigned integers that hold L. Small, because every array the fusion makes is fresh memory:
-    on a CHAOS query the float32 labels, their int64 copy and the cut's intermediate copies cost 4-5 s of page
+    on a CHAOS query the float32 labels, their int64 copy and the cut's intermediate copies cost 5-7 s of page
     faults on a cold process (docs/results.md, "Fewer fresh arrays before the fusion's search")."""
     p = np.asarray(probabilities, np.float32)
     # argmax over the label axis, one label at a time: the first of equal maxima wins, as in argmax, which over
