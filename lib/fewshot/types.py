@@ -119,10 +119,18 @@ class AtlasUse:
     reversed_slices: bool = False  # registered with its slice order reversed (see ``slice_order``)
     seconds: float = 0.0  # registration time (0 when reused from the cache)
     reused: bool = False
+    # Correlation with the query within its structures after the whole registration (transfer/screen.py); None: not
+    # registered, or its structures left the query
+    registered_similarity: float | None = None
+    fused: bool = True  # False: registered, but left out of the fusion by transfer.screen (or its registration failed)
 
     def as_dict(self) -> dict:
-        return {"image_id": self.image_id, "similarity": None if self.similarity is None else round(self.similarity, 4),
-                "reversed_slices": self.reversed_slices, "seconds": round(self.seconds, 2), "reused": self.reused}
+        def rounded(value):
+            return None if value is None else round(value, 4)
+
+        return {"image_id": self.image_id, "similarity": rounded(self.similarity), "reversed_slices": self.reversed_slices,
+                "seconds": round(self.seconds, 2), "reused": self.reused,
+                "registered_similarity": rounded(self.registered_similarity), "fused": self.fused}
 
 
 @runtime_checkable

@@ -13,9 +13,12 @@ label was saved. For a query scan (``segment_with_atlases``):
    are one job, each slice shift of its in-plane step another, queued as its 3D stages end. Always
    in the workers, even for a lone atlas: ANTs' affine repeats exactly only single-threaded. Results
    are cached per (query, atlas, labels): a re-run after one new label registers only that atlas.
-3. **fuse** their labels by joint label fusion (``fusion``; with ``correlation: bank`` its search measure is
+3. **screen** them (``screen``): with ``screen.margin`` set, an atlas whose registered intensities
+   correlate with the query's within its structures more than that below the best atlas's is left
+   out of the fusion (with two atlases, one that failed to register halves every vote);
+4. **fuse** their labels by joint label fusion (``fusion``; with ``correlation: bank`` its search measure is
    the one the bank's own atlases, each left out in turn, segment best: ``fusion_choice``), and
-4. **keep the pieces** the atlases say each label has (``pieces``): both kidneys under one label
+5. **keep the pieces** the atlases say each label has (``pieces``): both kidneys under one label
    survive, specks elsewhere do not; labels every atlas draws convex in plane come out convex
    (``shape``); and, with ``extent.method: profile``, no label runs along the slices further than
    its atlases allow (``extent``: an atlas stretched along z draws the ventricles over the atria).
@@ -48,6 +51,7 @@ from fewshot.transfer.fusion import FusionSettings, fuse, fusion_rule, measure_f
 from fewshot.transfer.fusion_choice import FusionChoices
 from fewshot.transfer.pieces import expected_pieces, keep_pieces
 from fewshot.transfer.registration import RegistrationTransfer, object_scores
+from fewshot.transfer.screen import registered_similarity, screened
 from fewshot.transfer.shape import SolidityCache, make_convex
 from fewshot.transfer.workers import Job, WorkerPool, pin_ants_threads, run_inline, sitk_threads
 from fewshot.types import Atlas, AtlasUse, SlicePlan, SliceResult, VolumeResult
@@ -332,6 +336,8 @@ class AtlasTransfer:
         def registered(image_id, candidate, why: str = "none of its labels reaches this scan"):
             candidates[image_id] = candidate
             if candidate is not None:  # a failure is retried next time (and "reaches nothing" is cheap to redo)
+                candidate.similarity = registered_similarity(query[candidate.box], candidate.image, candidate.probabilities,
+                                                             spacing)
                 self._cache.put(keys[image_id], candidate)
                 # Its global affine too: an engine that registers differently after it (another deformable or
                 # in-plane setting, as the points of an eval --select grid) starts from it.
@@ -383,11 +389,22 @@ class AtlasTransfer:
         for image_id in list(placed):  # cannot happen unless a job went missing: say so rather than drop it silently
             stage_failed(("refine", image_id), RuntimeError("its in-plane jobs did not all come back"))
         seconds["register"] = time.perf_counter() - t0
-        used = [candidates[a.image_id] for a in chosen if candidates.get(a.image_id) is not None]
 
-        # 3. fuse, 4. keep the atlases' pieces.
+        # 3. screen: an atlas that registered far worse than the best is left out (transfer/screen.py).
+        registered_atlases = [a for a in chosen if candidates.get(a.image_id) is not None]
+        left_out = screened({a.image_id: candidates[a.image_id].similarity for a in registered_atlases},
+                            {a.image_id: {v for v in labels if v in a.components} for a in registered_atlases},
+                            self.settings.screen.margin)
+        if left_out:
+            logger.info("atlas screen: left %s out of the fusion (correlation within their structures after registration "
+                        "%s, more than %.3g below the best, %.3f)", sorted(left_out),
+                        [round(candidates[i].similarity, 3) for i in sorted(left_out)], self.settings.screen.margin,
+                        max(c.similarity for c in candidates.values() if c is not None and c.similarity is not None))
+        holders = [a for a in registered_atlases if a.image_id not in left_out]
+        used = [candidates[a.image_id] for a in holders]
+
+        # 4. fuse, 5. keep the atlases' pieces.
         probs = np.zeros((len(labels),) + query.shape, np.float32)
-        holders = [a for a in chosen if candidates.get(a.image_id) is not None]
         for v in labels:
             if not any(v in a.components for a in holders):
                 logger.warning("label %s: none of the atlases used holds it, so it is not segmented", v)
@@ -419,7 +436,9 @@ class AtlasTransfer:
             # None, not -inf, for an atlas whose structures missed the query: the provenance sidecar is strict JSON
             uses.append(AtlasUse(image_id=a.image_id, similarity=score if score is not None and np.isfinite(score) else None,
                                  reversed_slices=bool(alignment and alignment.reversed_slices),
-                                 seconds=0.0 if a.image_id in reused or c is None else c.seconds, reused=a.image_id in reused))
+                                 seconds=0.0 if a.image_id in reused or c is None else c.seconds, reused=a.image_id in reused,
+                                 registered_similarity=None if c is None else c.similarity,
+                                 fused=c is not None and a.image_id not in left_out))
         slices = [SliceResult(probabilities=probs[:, z], object_scores=object_scores(probs[:, z])) for z in range(len(query))]
         return VolumeResult(labels=labels, slices=slices, seconds=seconds, atlases=uses)
 

@@ -147,6 +147,8 @@ class Candidate:
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (logged, and in bench)
     # (shift, image, probabilities) of the in_plane.slice_shifts variants, same box; fused as more atlases
     shifted: tuple[tuple[int, np.ndarray, np.ndarray], ...] = ()
+    # Correlation with the query within its registered structures (transfer/screen.py), set once it is registered
+    similarity: float | None = None
 
     @property
     def nbytes(self) -> int:

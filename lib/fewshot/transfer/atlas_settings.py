@@ -13,6 +13,7 @@ from fewshot.transfer import atlas_registration as reg
 from fewshot.transfer.extent import LENGTHS as EXTENT_LENGTHS, METHODS as EXTENT_METHODS, ExtentSettings
 from fewshot.transfer.fusion import FusionSettings, fusion_rule
 from fewshot.transfer.mind import MindLevels
+from fewshot.transfer.screen import ScreenSettings
 from fewshot.transfer.shape import ShapeSettings
 
 _PRESET = "configs/presets/classic.yaml"
@@ -35,6 +36,7 @@ class AtlasSettings:
     # What selection ranks atlases by when the query is offered more than selection.keep (reg.RANKINGS):
     # the correlation after the global affine of the whole images, or within the region of the atlas's structures
     rank_by: str
+    screen: ScreenSettings  # after registration: atlases that registered far worse than the best are not fused
 
     @classmethod
     def from_settings(cls, settings: Mapping) -> "AtlasSettings":
@@ -70,6 +72,7 @@ class AtlasSettings:
             shape=ShapeSettings.from_settings(settings.get("shape")),
             extent=ExtentSettings.from_settings(settings.get("extent")),
             decision=str(settings["decision"]), rank_by=str(settings["rank_by"]),
+            screen=ScreenSettings.from_settings(settings.get("screen")),
         )
         out.validate()
         return out
@@ -135,6 +138,8 @@ class AtlasSettings:
                             f"{list(EXTENT_LENGTHS)} and extent.slack >= 0")
         if not isinstance(self.extent.relative, bool):
             problems.append(f"extent.relative must be true or false, not {self.extent.relative!r}")
+        if self.screen.margin is not None and not 0 <= self.screen.margin <= 2:
+            problems.append(f"screen.margin must lie in [0, 2] (a correlation's range), or be none, not {self.screen.margin}")
         if self.rank_by not in reg.RANKINGS:
             problems.append(f"rank_by {self.rank_by!r} must be one of {', '.join(reg.RANKINGS)}")
         if problems:

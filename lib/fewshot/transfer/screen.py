@@ -1,0 +1,76 @@
+"""Atlases that registered badly are left out of the fusion: a check after registration.
+
+Atlas selection ranks atlases after a global affine, before the costly stages; everything the bank
+holds is registered while it holds ``selection.keep`` or fewer. But an atlas can look as good as
+another after a global affine and still fail to register: on CHAOS, scan 22 and scan 19 correlate
+alike with query 1 after the affine (0.647 against 0.642 within their structures), yet scan 22
+alone segments it at 0.513 Dice and scan 19 at 0.825, and fused together they give 0.652 (the
+random order that added 22 second fell 7.3 points, docs/results.md, "Past eight labelled scans").
+With two atlases joint fusion cannot out-vote the bad one: each atlas is half of every local
+weight's evidence.
+
+After the whole registration the two separate: the registered atlas's intensities correlate with
+the query's within its structures (dilated by ``RIM_MM``, where a misplaced boundary shows) at 0.758
+for scan 22 against 0.871 for scan 19. So, with ``margin`` set, an atlas whose correlation falls
+more than ``margin`` below the best atlas's is left out of the fusion (Aljabar et al. 2009 select
+after non-rigid registration for the same reason). An atlas that is the last holder of a label is
+never left out, and one whose structures vanished (no score) is kept: nothing says it failed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from fewshot.config import ConfigError
+
+RIM_MM = 5.0  # the structures' surroundings the correlation is taken over: about 4 pixels in plane, one thick slice
+
+
+@dataclass(frozen=True)
+class ScreenSettings:
+    # An atlas whose registered correlation with the query falls more than this below the best atlas's
+    # is left out of the fusion; None: every registered atlas is fused.
+    margin: float | None
+
+    @classmethod
+    def from_settings(cls, raw: Mapping | None) -> "ScreenSettings":
+        value = (raw or {}).get("margin")
+        try:
+            return cls(margin=None if value in (None, "none") else float(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"transfer.screen.margin must be a number or none, not {value!r}") from None
+
+
+def registered_similarity(query_box: np.ndarray, image: np.ndarray, probabilities: np.ndarray,
+                          spacing: Sequence[float]) -> float | None:
+    """Pearson correlation of a registered atlas's intensities (``image``, z, y, x) with the query's
+    (``query_box``, the same box) over its structures (``probabilities`` (L, z, y, x) above 0.5 for
+    any label) dilated by ``RIM_MM``; None when its structures left the box or a side is flat there."""
+    structures = np.asarray(probabilities).max(axis=0) > 0.5
+    if not structures.any():
+        return None
+    size = [2 * max(1, int(np.ceil(RIM_MM / float(s)))) + 1 for s in spacing]
+    inside = ndimage.maximum_filter(structures, size=size)
+    q = np.asarray(query_box, np.float64)[inside]
+    a = np.asarray(image, np.float64)[inside]
+    q, a = q - q.mean(), a - a.mean()
+    norm = float(np.sqrt((q * q).sum() * (a * a).sum()))
+    return float((q * a).sum() / norm) if norm > 0 else None
+
+
+def screened(scores: Mapping[str, float | None], holds: Mapping[str, set[int]], margin: float | None) -> set[str]:
+    """The atlases (by id) left out: their ``scores`` more than ``margin`` below the best, unless one
+    is the last holder of a label (``holds``: id -> labels it holds) or has no score."""
+    known = {i: s for i, s in scores.items() if s is not None}
+    if margin is None or len(known) < 2:
+        return set()
+    best = max(known.values())
+    out = {i for i, s in known.items() if s < best - margin}
+    for i in sorted(out, key=lambda i: -known[i]):  # the better of two failing holders returns first
+        kept_labels = set().union(*(holds[j] for j in scores if j not in out))
+        if holds[i] - kept_labels:
+            out.discard(i)
+    return out
