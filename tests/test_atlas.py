@@ -153,6 +153,8 @@ def test_atlas_settings_reject_what_they_cannot_run():
         AtlasTransfer({**good, "in_plane": {**good["in_plane"], "affine": "bspline"}})
     with pytest.raises(ConfigError, match="screen.margin must lie in"):
         AtlasTransfer({**good, "screen": {"margin": -0.1}})
+    with pytest.raises(ConfigError, match="screen.max_atlases must be 2 or more"):
+        AtlasTransfer({**good, "screen": {"margin": 0.05, "max_atlases": 1}})
 
 
 # ------------------------------------------------------------------------------------ pieces and fusion

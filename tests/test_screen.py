@@ -37,28 +37,44 @@ def test_no_score_without_structures_or_contrast():
     assert registered_similarity(query, np.zeros_like(query), organ, SPACING) is None  # outside the atlas's data
 
 
+def _margin(margin, max_atlases=None) -> ScreenSettings:
+    return ScreenSettings(margin, max_atlases)
+
+
 def test_the_screen_leaves_out_only_atlases_far_below_the_best():
     holds = {"a": {1, 2}, "b": {1, 2}, "c": {1, 2}}
     scores = {"a": 0.87, "b": 0.84, "c": 0.76}
-    assert screened(scores, holds, None) == set()
-    assert screened(scores, holds, 0.05) == {"c"}
-    assert screened(scores, holds, 0.2) == set()
-    assert screened(scores, holds, 0.0) == {"b", "c"}
-    assert screened({"a": 0.9, "b": None, "c": 0.5}, holds, 0.05) == {"c"}  # no score: nothing says it failed
-    assert screened({"a": 0.9, "b": None}, holds, 0.05) == set()  # one score is no comparison
+    assert screened(scores, holds, _margin(None)) == set()
+    assert screened(scores, holds, _margin(0.05)) == {"c"}
+    assert screened(scores, holds, _margin(0.2)) == set()
+    assert screened(scores, holds, _margin(0.0)) == {"b", "c"}
+    assert screened({"a": 0.9, "b": None, "c": 0.5}, holds, _margin(0.05)) == {"c"}  # no score: nothing says it failed
+    assert screened({"a": 0.9, "b": None}, holds, _margin(0.05)) == set()  # one score is no comparison
+
+
+def test_the_screen_runs_only_on_as_few_atlases_as_it_is_told():
+    holds = {"a": {1}, "b": {1}, "c": {1}}
+    assert screened({"a": 0.9, "b": 0.6}, holds, _margin(0.05, 2)) == {"b"}
+    assert screened({"a": 0.9, "b": 0.6, "c": 0.8}, holds, _margin(0.05, 2)) == set()  # three registered
+    assert screened({"a": 0.9, "b": 0.6, "c": None}, holds, _margin(0.05, 2)) == set()  # unscored ones count too
+    assert screened({"a": 0.9, "b": 0.6, "c": 0.8}, holds, _margin(0.05, 3)) == {"b", "c"}
 
 
 def test_the_last_holder_of_a_label_is_never_left_out():
     holds = {"a": {1}, "b": {1, 2}, "c": {2}}
     # b and c both fail, c's label 2 needs one of them back: the better, b
-    assert screened({"a": 0.9, "b": 0.7, "c": 0.6}, holds, 0.05) == {"c"}
-    assert screened({"a": 0.9, "b": 0.6, "c": 0.7}, holds, 0.05) == {"b"}
-    assert screened({"a": 0.9, "c": 0.1}, {"a": {1}, "c": {2}}, 0.05) == set()
+    assert screened({"a": 0.9, "b": 0.7, "c": 0.6}, holds, _margin(0.05)) == {"c"}
+    assert screened({"a": 0.9, "b": 0.6, "c": 0.7}, holds, _margin(0.05)) == {"b"}
+    assert screened({"a": 0.9, "c": 0.1}, {"a": {1}, "c": {2}}, _margin(0.05)) == set()
 
 
 def test_the_margin_is_read_and_checked():
     assert ScreenSettings.from_settings(None).margin is None
     assert ScreenSettings.from_settings({"margin": "none"}).margin is None
-    assert ScreenSettings.from_settings({"margin": 0.05}).margin == 0.05
+    assert ScreenSettings.from_settings({"margin": 0.05}) == ScreenSettings(0.05, None)
+    assert ScreenSettings.from_settings({"margin": 0.05, "max_atlases": 2}) == ScreenSettings(0.05, 2)
     with pytest.raises(ConfigError, match="transfer.screen.margin must be a number or none"):
         ScreenSettings.from_settings({"margin": "small"})
+    for count in (2.5, "two", True):
+        with pytest.raises(ConfigError, match="transfer.screen.max_atlases must be a whole number or none"):
+            ScreenSettings.from_settings({"margin": 0.05, "max_atlases": count})

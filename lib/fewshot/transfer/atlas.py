@@ -394,7 +394,7 @@ class AtlasTransfer:
         registered_atlases = [a for a in chosen if candidates.get(a.image_id) is not None]
         left_out = screened({a.image_id: candidates[a.image_id].similarity for a in registered_atlases},
                             {a.image_id: {v for v in labels if v in a.components} for a in registered_atlases},
-                            self.settings.screen.margin)
+                            self.settings.screen)
         if left_out:
             logger.info("atlas screen: left %s out of the fusion (correlation within their structures after registration "
                         "%s, more than %.3g below the best, %.3f)", sorted(left_out),

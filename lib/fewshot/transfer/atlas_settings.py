@@ -140,6 +140,8 @@ class AtlasSettings:
             problems.append(f"extent.relative must be true or false, not {self.extent.relative!r}")
         if self.screen.margin is not None and not 0 <= self.screen.margin <= 2:
             problems.append(f"screen.margin must lie in [0, 2] (a correlation's range), or be none, not {self.screen.margin}")
+        if self.screen.max_atlases is not None and self.screen.max_atlases < 2:
+            problems.append("screen.max_atlases must be 2 or more (one atlas has none to compare with), or none")
         if self.rank_by not in reg.RANKINGS:
             problems.append(f"rank_by {self.rank_by!r} must be one of {', '.join(reg.RANKINGS)}")
         if problems:

@@ -34,14 +34,25 @@ class ScreenSettings:
     # An atlas whose registered correlation with the query falls more than this below the best atlas's
     # is left out of the fusion; None: every registered atlas is fused.
     margin: float | None
+    # The screen runs only when at most this many atlases were registered for the query (None: however many).
+    # Joint fusion weighs a badly registered atlas down locally, and with many atlases that outvotes it; with
+    # two it is half of every vote. On CMR's growth curves the screen at every bank size cost 1.3 points at 4
+    # atlases and 0.6 at 8, where it left out up to 7 of 8 (docs/results.md, "A screen after registration").
+    max_atlases: int | None = None
 
     @classmethod
     def from_settings(cls, raw: Mapping | None) -> "ScreenSettings":
-        value = (raw or {}).get("margin")
-        try:
-            return cls(margin=None if value in (None, "none") else float(value))
-        except (TypeError, ValueError):
-            raise ConfigError(f"transfer.screen.margin must be a number or none, not {value!r}") from None
+        raw = raw or {}
+        values = {}
+        for key, kind, what in (("margin", float, "a number"), ("max_atlases", int, "a whole number")):
+            value = raw.get(key)
+            try:
+                values[key] = None if value in (None, "none") else kind(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"transfer.screen.{key} must be {what} or none, not {value!r}") from None
+            if kind is int and values[key] is not None and (isinstance(value, bool) or values[key] != value):
+                raise ConfigError(f"transfer.screen.{key} must be {what} or none, not {value!r}")
+        return cls(**values)
 
 
 def registered_similarity(query_box: np.ndarray, image: np.ndarray, probabilities: np.ndarray,
@@ -61,11 +72,13 @@ def registered_similarity(query_box: np.ndarray, image: np.ndarray, probabilitie
     return float((q * a).sum() / norm) if norm > 0 else None
 
 
-def screened(scores: Mapping[str, float | None], holds: Mapping[str, set[int]], margin: float | None) -> set[str]:
-    """The atlases (by id) left out: their ``scores`` more than ``margin`` below the best, unless one
-    is the last holder of a label (``holds``: id -> labels it holds) or has no score."""
+def screened(scores: Mapping[str, float | None], holds: Mapping[str, set[int]], settings: ScreenSettings) -> set[str]:
+    """The atlases (by id) left out: their ``scores`` (one per registered atlas) more than ``settings.margin``
+    below the best, unless one is the last holder of a label (``holds``: id -> labels it holds) or has no
+    score; none when more than ``settings.max_atlases`` were registered."""
     known = {i: s for i, s in scores.items() if s is not None}
-    if margin is None or len(known) < 2:
+    margin = settings.margin
+    if margin is None or len(known) < 2 or (settings.max_atlases is not None and len(scores) > settings.max_atlases):
         return set()
     best = max(known.values())
     out = {i for i, s in known.items() if s < best - margin}
