@@ -75,6 +75,14 @@ def test_the_margin_is_read_and_checked():
     assert ScreenSettings.from_settings({"margin": 0.05, "max_atlases": 2}) == ScreenSettings(0.05, 2)
     with pytest.raises(ConfigError, match="transfer.screen.margin must be a number or none"):
         ScreenSettings.from_settings({"margin": "small"})
-    for count in (2.5, "two", True):
+    assert ScreenSettings.from_settings({"margin": "0.05", "max_atlases": "2"}) == ScreenSettings(0.05, 2)  # --set strings
+    for count in (2.5, "two", True, "2.5"):
         with pytest.raises(ConfigError, match="transfer.screen.max_atlases must be a whole number or none"):
             ScreenSettings.from_settings({"margin": 0.05, "max_atlases": count})
+    for off in (False, True):  # yaml's false / off / no: float() would make false the harshest screen, 0
+        with pytest.raises(ConfigError, match="transfer.screen.margin must be a number or none"):
+            ScreenSettings.from_settings({"margin": off})
+    with pytest.raises(ConfigError, match=r"transfer.screen has no setting \['margn'\]"):
+        ScreenSettings.from_settings({"margn": 0.05})
+    with pytest.raises(ConfigError, match="transfer.screen must be a section"):
+        ScreenSettings.from_settings("none")

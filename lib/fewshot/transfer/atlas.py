@@ -5,7 +5,7 @@ label was saved. For a query scan (``segment_with_atlases``):
 
 1. **choose**: each atlas offered is aligned to the query by a global 3D affine; the ``keep`` whose
    aligned image correlates best with the query are kept (all of them while the bank holds fewer:
-   every labelled scan counts). The engine offers at most ``selection.candidates`` atlases, the
+   every labelled scan is registered). The engine offers at most ``selection.candidates`` atlases, the
    ones whose slices its descriptor index finds closest to the query's.
 2. **register** each kept atlas (``atlas_registration``: local affine and a 3D deformable stage,
    MIND-SSC by convexAdam or demons, on the region of its structures, plus in-plane 2D demons per
@@ -15,7 +15,8 @@ label was saved. For a query scan (``segment_with_atlases``):
    are cached per (query, atlas, labels): a re-run after one new label registers only that atlas.
 3. **screen** them (``screen``): with ``screen.margin`` set, an atlas whose registered intensities
    correlate with the query's within its structures more than that below the best atlas's is left
-   out of the fusion (with two atlases, one that failed to register halves every vote);
+   out of the fusion, when at most ``screen.max_atlases`` were registered (with two atlases, one that
+   failed to register is half of every vote);
 4. **fuse** their labels by joint label fusion (``fusion``; with ``correlation: bank`` its search measure is
    the one the bank's own atlases, each left out in turn, segment best: ``fusion_choice``), and
 5. **keep the pieces** the atlases say each label has (``pieces``): both kidneys under one label
@@ -336,8 +337,12 @@ class AtlasTransfer:
         def registered(image_id, candidate, why: str = "none of its labels reaches this scan"):
             candidates[image_id] = candidate
             if candidate is not None:  # a failure is retried next time (and "reaches nothing" is cheap to redo)
-                candidate.similarity = registered_similarity(query[candidate.box], candidate.image, candidate.probabilities,
-                                                             spacing)
+                try:
+                    candidate.similarity = registered_similarity(query[candidate.box], candidate.image,
+                                                                 candidate.probabilities, spacing)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of memory: unscored (kept), not the scan lost
+                    logger.warning("atlas %s: no registered similarity (%s: %s); it is fused unscreened",
+                                   image_id, type(exc).__name__, exc)
                 self._cache.put(keys[image_id], candidate)
                 # Its global affine too: an engine that registers differently after it (another deformable or
                 # in-plane setting, as the points of an eval --select grid) starts from it.
