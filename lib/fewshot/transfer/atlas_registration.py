@@ -366,6 +366,11 @@ def _match(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image:
                                   thresholdAtMeanIntensity=True)
 
 
+def margin_voxels(spacing: Sequence[float], margin_mm: float) -> list[int]:
+    """``margin_mm`` in voxels along each axis of ``spacing``, at least one (a thick slice's neighbour)."""
+    return [max(1, int(np.ceil(margin_mm / s))) for s in spacing]
+
+
 def region_box(probabilities: np.ndarray, spacing: Sequence[float], margin_mm: float) -> tuple[slice, slice, slice] | None:
     """Bounding box of the voxels any label covers (p > 0.5), dilated by ``margin_mm`` (at least a
     slice along z, so an organ's first and last slices have neighbours to register against)."""
@@ -373,7 +378,7 @@ def region_box(probabilities: np.ndarray, spacing: Sequence[float], margin_mm: f
     if not len(inside):
         return None
     shape = probabilities.shape[1:]
-    pad = [max(1, int(np.ceil(margin_mm / s))) for s in spacing]
+    pad = margin_voxels(spacing, margin_mm)
     lo = np.maximum(inside.min(axis=0) - pad, 0)
     hi = np.minimum(inside.max(axis=0) + pad + 1, shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
@@ -489,7 +494,7 @@ def place_atlas(query: np.ndarray, query_spacing, atlas: Atlas, labels: Sequence
     if box is None:
         return None
     # The metric looks at the structures and their surroundings (the dilated shape, not its box).
-    pad = [max(1, int(np.ceil(plan.margin_mm / s))) for s in query_spacing]
+    pad = margin_voxels(query_spacing, plan.margin_mm)
     region = ndimage.maximum_filter(carried[1:].max(axis=0) > 0.5, size=[2 * p + 1 for p in pad])
     local = affine(query, query_spacing, np.asarray(image, np.float32), atlas.spacing, plan.local_affine,
                    initial=global_t, mask=region)

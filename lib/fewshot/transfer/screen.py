@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from fewshot.config import ConfigError
+from fewshot.transfer.atlas_registration import correlation, margin_voxels
 
 RIM_MM = 5.0  # the structures' surroundings the correlation is taken over: about 4 pixels in plane, one thick slice
 
@@ -78,13 +79,11 @@ def registered_similarity(query_box: np.ndarray, image: np.ndarray, probabilitie
     structures = np.asarray(probabilities).max(axis=0) > 0.5
     if not structures.any():
         return None
-    size = [2 * max(1, int(np.ceil(RIM_MM / float(s)))) + 1 for s in spacing]
-    inside = ndimage.maximum_filter(structures, size=size)
-    q = np.asarray(query_box, np.float64)[inside]
-    a = np.asarray(image, np.float64)[inside]
-    q, a = q - q.mean(), a - a.mean()
-    norm = float(np.sqrt((q * q).sum() * (a * a).sum()))
-    return float((q * a).sum() / norm) if norm > 0 else None
+    inside = ndimage.maximum_filter(structures, size=[2 * p + 1 for p in margin_voxels(spacing, RIM_MM)])
+    q, a = np.asarray(query_box)[inside], np.asarray(image)[inside]
+    if q.min() == q.max() or a.min() == a.max():  # no contrast on a side: no score, rather than correlation's 0
+        return None
+    return correlation(q, a)
 
 
 def screened(scores: Mapping[str, float | None], holds: Mapping[str, set[int]], settings: ScreenSettings) -> set[str]:
