@@ -58,6 +58,22 @@ def make_datastore(tmp: Path, source: Path, labelled: list[str], unlabelled: lis
 # own, warm-up is off (nothing writes in the background), and labels/final sits on a tmpfs of its
 # own when the test may mount one (root with CAP_SYS_ADMIN; the read-only test skips otherwise).
 SAMPLE_SERVER_LIMITS = {"session_max_unpacked_mb": 1, "session_max_files": 20, "max_volume_mb": 256}
+SAMPLE_SERVER_MODULES = ("test_app_hostile.py", "test_app_reliability.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's workers (pyproject's addopts: two, one per core) each take whole modules, so that a
+    module's fixtures (servers, registrations) start once, and the modules sharing the sample server take it
+    together, so that it starts once too. (xdist's own ``loadgroup`` does not group under pytest 9.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "sample-server" if Path(module).name in SAMPLE_SERVER_MODULES else module
+
+    return ByModule(config, log)
 
 
 @pytest.fixture(scope="session")
