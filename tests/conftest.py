@@ -76,6 +76,13 @@ def pytest_xdist_make_scheduler(config, log):
     return ByModule(config, log)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The scheduler above must name every module that uses the sample server, or it would start twice."""
+    unnamed = {item.path.name for item in items if "sample_server" in item.fixturenames} - set(SAMPLE_SERVER_MODULES)
+    if unnamed:
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(unnamed)} to SAMPLE_SERVER_MODULES")
+
+
 @pytest.fixture(scope="session")
 def sample_server_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sample-server")
