@@ -27,10 +27,51 @@ class ServerFailed(AssertionError):
     pass
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+PORT_BLOCK = 1000  # ports each pytest-xdist worker searches
+
+
+def _ports():
+    """Candidate ports: a block of its own per pytest-xdist worker, below the kernel's ephemeral range.
+
+    bind(0) hands out a port from the ephemeral range, where any outgoing connection (the other worker's
+    requests to its own server) can take it between that check and the server's own bind. Below that range
+    only listeners take ports, and each worker looks in its own block; the start within the block follows
+    the process id, so two test runs on one machine rarely try the same ports first."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    base = _ephemeral_start() - PORT_BLOCK * (index + 1)
+    if base < 1024:  # an unusual ephemeral range: no room below it, so the kernel's choice
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                yield s.getsockname()[1]
+    offset = os.getpid() % PORT_BLOCK
+    while True:
+        for i in range(PORT_BLOCK):
+            yield base + (offset + i) % PORT_BLOCK
+
+
+_candidates = _ports()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now (checked by binding it), from this worker's own block."""
+    for _ in range(PORT_BLOCK):
+        port = next(_candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free loopback port in this worker's block of {PORT_BLOCK} below {_ephemeral_start()}")
 
 
 class Server:

@@ -260,3 +260,27 @@ def test_every_presets_step_sections_are_typed_and_a_typo_is_an_error():
         RegistrationSettings.from_settings(deep_merge(transfer, {"affine": {"shrink_factors": [16, "x"]}}))
     with pytest.raises(ConfigError, match=r"transfer.fusion is not set \(configs/presets/classic-slices.yaml"):
         RegistrationSettings.from_settings({k: v for k, v in transfer.items() if k != "fusion"})
+
+
+def test_each_test_worker_picks_loopback_ports_of_its_own_below_the_ephemeral_range(monkeypatch):
+    """Servers under test listen on ports no outgoing connection and no other pytest-xdist worker can take."""
+    import socket
+
+    import app_harness
+
+    ports = {}
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        monkeypatch.setattr(app_harness, "_candidates", app_harness._ports())
+        ports[worker] = [app_harness.free_port() for _ in range(5)]
+    ephemeral, block = app_harness._ephemeral_start(), app_harness.PORT_BLOCK
+    assert len(set(ports["gw0"])) == 5 and all(ephemeral - block <= p < ephemeral for p in ports["gw0"])
+    assert len(set(ports["gw1"])) == 5 and all(ephemeral - 2 * block <= p < ephemeral - block for p in ports["gw1"])
+    # a port something already listens on is passed over
+    monkeypatch.setattr(app_harness, "_candidates", app_harness._ports())
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", app_harness.free_port()))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        monkeypatch.setattr(app_harness, "_candidates", app_harness._ports())  # the same worker, the same start
+        assert app_harness.free_port() != taken
