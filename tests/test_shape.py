@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import shared_dataset
 from fewshot.decision import LabelDecision
@@ -125,3 +126,17 @@ def test_a_real_blood_pool_gets_its_papillary_muscles_back():
     after = 2 * ((out == 500) & pool).sum() / ((out == 500).sum() + pool.sum())
     assert before < 0.9 and after > 0.98, (before, after)
     assert ((out == 600) == (truth == 600)).all()  # the right ventricle is not touched
+
+
+def test_min_solidity_is_a_number_or_none_and_anything_else_is_a_clear_error():
+    """``--set transfer.shape.min_solidity=...``: a bad value names the setting (a ConfigError), never a bare ValueError."""
+    from fewshot.config import ConfigError
+    from fewshot.transfer.shape import ShapeSettings
+
+    assert ShapeSettings.from_settings({"min_solidity": "none"}).min_solidity is None
+    assert ShapeSettings.from_settings({"min_solidity": None}).min_solidity is None
+    assert ShapeSettings.from_settings({"min_solidity": "0.97"}).min_solidity == 0.97  # a --set string
+    assert ShapeSettings.from_settings({"min_solidity": 1}).min_solidity == 1.0
+    for bad in ("small", False, True, [0.9]):  # yaml's false / off / no would otherwise be 0: every label convex
+        with pytest.raises(ConfigError, match="transfer.shape.min_solidity must be a number or none"):
+            ShapeSettings.from_settings({"min_solidity": bad})

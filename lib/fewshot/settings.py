@@ -47,6 +47,25 @@ def typed_section(cls, values: Mapping | None, section: str, source: str = PRESE
     return cls(**out)
 
 
+def number_or_none(value, kind: type, where: str) -> float | int | None:
+    """A setting that is a number (``kind``: float or int) or none (None, "none"). A bool is an error, not 0 or 1:
+    YAML reads false / off / no as one, which float() would take as 0, the opposite of none. So are text that is no
+    number and a fraction where a whole number is asked for; the ConfigError names ``where``."""
+    wrong = ConfigError(f"{where} must be {'a whole number' if kind is int else 'a number'} or none, not {value!r}")
+    if value is None or value == "none":
+        return None
+    if isinstance(value, bool):
+        raise wrong
+    try:
+        number = kind(value)
+        fraction = kind is int and number != float(value)
+    except (TypeError, ValueError):
+        raise wrong from None
+    if fraction:
+        raise wrong
+    return number
+
+
 def _typed(value, kind, where: str, source: str, strict: bool):
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if dataclasses.is_dataclass(kind):

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from fewshot.config import ConfigError
+from fewshot.settings import number_or_none
 from fewshot.transfer.atlas_registration import correlation, margin_voxels
 
 RIM_MM = 5.0  # the structures' surroundings the correlation is taken over: about 4 pixels in plane, one thick slice
@@ -55,20 +56,8 @@ class ScreenSettings:
         unknown = sorted(set(raw) - {"margin", "max_atlases"})
         if unknown:
             raise ConfigError(f"transfer.screen has no setting {unknown}: margin, max_atlases")
-        values = {}
-        for key, kind, what in (("margin", float, "a number"), ("max_atlases", int, "a whole number")):
-            value = raw.get(key)
-            # yaml reads false / off / no as a bool, which float() would take as 0: the harshest screen, not none
-            wrong = ConfigError(f"transfer.screen.{key} must be {what} or none, not {value!r}")
-            if isinstance(value, bool):
-                raise wrong
-            try:
-                values[key] = None if value in (None, "none") else kind(value)
-            except (TypeError, ValueError):
-                raise wrong from None
-            if kind is int and values[key] is not None and values[key] != float(value):
-                raise wrong
-        return cls(**values)
+        return cls(margin=number_or_none(raw.get("margin"), float, "transfer.screen.margin"),
+                   max_atlases=number_or_none(raw.get("max_atlases"), int, "transfer.screen.max_atlases"))
 
 
 def registered_similarity(query_box: np.ndarray, image: np.ndarray, probabilities: np.ndarray,

@@ -29,6 +29,7 @@ from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
 from fewshot.decision import LabelDecision
+from fewshot.settings import number_or_none
 from fewshot.transfer.atlas_measures import AtlasLabelCache
 from fewshot.types import Atlas
 
@@ -44,8 +45,7 @@ class ShapeSettings:
 
     @classmethod
     def from_settings(cls, raw: Mapping | None) -> "ShapeSettings":
-        value = (raw or {}).get("min_solidity")
-        return cls(min_solidity=None if value in (None, "none") else float(value))
+        return cls(min_solidity=number_or_none((raw or {}).get("min_solidity"), float, "transfer.shape.min_solidity"))
 
 
 def _pieces(binary: np.ndarray, min_pixels: int):
