@@ -137,6 +137,6 @@ def test_min_solidity_is_a_number_or_none_and_anything_else_is_a_clear_error():
     assert ShapeSettings.from_settings({"min_solidity": None}).min_solidity is None
     assert ShapeSettings.from_settings({"min_solidity": "0.97"}).min_solidity == 0.97  # a --set string
     assert ShapeSettings.from_settings({"min_solidity": 1}).min_solidity == 1.0
-    for bad in ("small", False, True, [0.9]):  # yaml's false / off / no would otherwise be 0: every label convex
+    for bad in ("small", False, True, [0.9]):  # yaml reads false / off / no as a bool: an error, not 0
         with pytest.raises(ConfigError, match="transfer.shape.min_solidity must be a number or none"):
             ShapeSettings.from_settings({"min_solidity": bad})
