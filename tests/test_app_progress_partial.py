@@ -1,9 +1,10 @@
 """Issue 12 on a real server with a folder datastore: an inference's progress a client can poll,
 and partial annotations (a label saved for some slices only) that never put unannotated slices in
-the bank as organ-free negatives.
+the bank as organ-free negatives. Also the review of a served prediction against the final label
+saved after it (lib/reviews.py), which needs the same kind of server.
 
 One server (preset random-tiny, no augmented copies, a test-only pause after each inference step
-so that a poll sees the steps advance) on three CHAOS T2 volumes from ../shared/data, one labelled.
+so that a poll sees the steps advance) on five CHAOS T2 volumes from ../shared/data, one labelled.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import threading
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -34,7 +36,7 @@ def app_tmp(tmp_path_factory):
 def datastore(app_tmp):
     root = app_tmp / "datastore"
     (root / "labels" / "final").mkdir(parents=True)
-    for case in ("1", "3", "5"):
+    for case in ("1", "3", "5", "8", "10"):
         shutil.copyfile(CHAOS / f"image_{case}.nii.gz", root / f"image_{case}.nii.gz")
     shutil.copyfile(CHAOS / "label_1.nii.gz", root / "labels" / "final" / "image_1.nii.gz")
     (root / "labels.yaml").write_text("".join(f"{n}: {v}\n" for n, v in LABELS_YAML.items()))
@@ -196,6 +198,68 @@ def test_a_label_annotated_on_some_slices_puts_only_those_in_the_bank(server, da
     positives = int(((truth > 0).sum(axis=(0, 1)) > 0).sum())
     assert entry["entries"] == positives + NEGATIVES and "annotation" not in entry["source"], entry
     assert "image_3" not in bank["partial_annotations"]
+
+
+# ---------------------------------------------------------------------------------------------
+# reviews: a served prediction against the final label saved after it
+
+
+def expected_dice(predicted: np.ndarray, saved: np.ndarray, segmented: dict, slices=None) -> dict:
+    """What the review must say, computed here: Dice per segmented label over the annotated slices, a label
+    absent from both left out."""
+    if slices is not None:
+        predicted, saved = predicted[:, :, slices], saved[:, :, slices]
+    out = {}
+    for name, value in segmented.items():
+        p, t = predicted == value, saved == value
+        if p.any() or t.any():
+            out[name] = round(2.0 * int((p & t).sum()) / (int(p.sum()) + int(t.sum())), 4)
+    return out
+
+
+def reviews(server: Server) -> dict:
+    return server.client().info()["models"]["fewshot"]["reviews"]
+
+
+@server_test
+def test_a_saved_label_reviews_the_prediction_served_before_it(server, datastore, app_tmp):
+    bank = server.wait_bank_idle()
+    result_file, result = server.client().infer("fewshot", "image_8", {})
+    predicted = np.asarray(nib.load(result_file).dataobj)
+    segmented = result["segmented"]
+    assert segmented and predicted.shape == chaos_label("8").shape
+    # A client naming another image for the review is overruled: image_10's result must not replace image_8's.
+    server.client().infer("fewshot", "image_10", {"fewshot_image_id": "image_8"})
+
+    # Saved for two slices: judged on those two only.
+    truth = chaos_label("8")
+    slices = busiest_slices(truth, 2)
+    path = save_nifti(only_slices(truth, slices), "8", app_tmp / "review_partial_8.nii.gz")
+    server.client().save_label("image_8", str(path), params={"annotated_slices": slices})
+    server.wait_bank_idle()
+    latest = reviews(server)["recent"][0]
+    assert latest["image_id"] == "image_8" and latest["partial"] is True, latest
+    assert latest["bank_images"] == bank["images"] and latest["preset"] == "random-tiny"
+    assert latest["dice"] == expected_dice(predicted, truth, segmented, slices) != {}, latest
+    assert latest["mean"] == round(float(np.mean(list(latest["dice"].values()))), 4)
+
+    # Saved again, whole: the same prediction judged on every slice; still one review of image_8.
+    server.client().save_label("image_8", str(save_nifti(truth, "8", app_tmp / "review_full_8.nii.gz")))
+    server.wait_bank_idle()
+    summary = reviews(server)
+    latest = summary["recent"][0]
+    assert latest["image_id"] == "image_8" and latest["partial"] is False
+    assert latest["dice"] == expected_dice(predicted, truth, segmented), latest
+    assert [r["image_id"] for r in summary["recent"]].count("image_8") == 1
+    at_size = [r["mean"] for r in summary["recent"] if r["bank_images"] == bank["images"]]
+    assert {"bank_images": bank["images"], "reviews": len(at_size), "mean_dice": round(float(np.mean(at_size)), 4)} \
+        in summary["by_bank_size"], summary
+
+    # An image whose own label is in the bank: its prediction could see that label, so no review follows.
+    server.client().infer("fewshot", "image_1", {})
+    server.client().save_label("image_1", str(save_nifti(chaos_label("1"), "1", app_tmp / "review_1.nii.gz")))
+    assert server.wait_bank_idle()["ingestion"]["last"]["image"] == "image_1"
+    assert all(r["image_id"] != "image_1" for r in reviews(server)["recent"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from lib.engine_host import EngineHost, StartupError
 from lib.infers.fewshot_infer import ALIASES, TASK, FewshotInfer
 from lib.ingest import IngestionWorker
 from lib.progress import PROGRESS_KEY, ProgressBoard
+from lib.reviews import IMAGE_KEY, Reviews
 from lib.sessions import SafeSessions
 from lib.validation import UploadValidator, check_id
 
@@ -154,9 +155,13 @@ class FewshotApp(MONAILabelApp):
             self.host = EngineHost.open(self.app_config, read_only=self.read_only)
         except (StartupError, ConfigError) as exc:
             self._fail(str(exc))
+        # Predictions served, each reviewed against the final label saved after it (lib/reviews.py).
+        self.reviews = None if self.read_only else Reviews(
+            self.app_config.predictions_dir, self.app_config.reviews_path, self.host.bank_ids, self.host.config.preset)
         self.worker = None if self.read_only else IngestionWorker(
             self.host, sources=self._final_labels, scratch_dir=self.app_config.scratch_dir,
             storage_retry_seconds=self.app_config.storage_retry_seconds, annotation_of=self._annotation_of,
+            after_ingest=self.reviews.label_ingested,
         )
         self.cache = EmbeddingCache(self.app_config.embeddings_dir, self.host.embedding_key(), self.host.embed_volume)
         super().__init__(
@@ -262,7 +267,7 @@ class FewshotApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
-        task = FewshotInfer(self.host, self.bank_status, self.progress)
+        task = FewshotInfer(self.host, self.bank_status, self.progress, self.reviews)
         # One task under its name and its old ones: every route (/infer, /batch/infer) takes either.
         return {TASK: task, **{alias: task for alias in ALIASES}}
 
@@ -317,6 +322,8 @@ class FewshotApp(MONAILabelApp):
         if rebuilding:
             raise HTTPException(503, f"the support bank was replaced on disk by another process ({rebuilding}); it is being "
                                      "rebuilt from the datastore's final labels: try again in a moment (/info shows the progress)")
+        # The datastore image inferred, for the review of its prediction; always set here, so a client cannot name one.
+        request = dict(request, **{IMAGE_KEY: image if isinstance(image, str) and not os.path.isabs(image) else None})
         tracker = self._track(request)
         if tracker is None:
             return super().infer(request, datastore)

@@ -67,7 +67,7 @@ JSON_BODY_LIMIT = 16 << 20
 MONAI_KEYS = ("server_mode",)
 DEFAULT_PRESET = "foundation"
 DATASTORE_LABELS_FILE = "labels.yaml"
-STATE_DIR = ".fewshot"  # inside the datastore: bank(s) and cached embeddings
+STATE_DIR = ".fewshot"  # inside the datastore: bank(s), cached embeddings, predictions kept for review, the reviews
 
 
 def _http_url(conf: Mapping[str, str], key: str) -> str:
@@ -217,3 +217,13 @@ class AppConfig:
     @property
     def embeddings_dir(self) -> Path:
         return self.state_dir / "embeddings"
+
+    @property
+    def predictions_dir(self) -> Path:
+        """The latest prediction served for each image, until its final label is saved (fewshot.review)."""
+        return self.state_dir / "predictions"
+
+    @property
+    def reviews_path(self) -> Path:
+        """Each reviewed prediction against the final label saved after it (fewshot.review)."""
+        return self.state_dir / "reviews.json"

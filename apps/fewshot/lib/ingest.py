@@ -81,9 +81,12 @@ class IngestionWorker:
     def __init__(
         self, host, sources: Sources, scratch_dir: Path | None = None, on_change: Callable[[], None] | None = None,
         storage_retry_seconds: float = 60.0, annotation_of: Callable[[str], Annotation] | None = None,
+        after_ingest: Callable[[str, str, Path, Annotation], None] | None = None,
     ):
         """``scratch_dir``: where label snapshots are made; emptied at start (a killed ingestion leaves one).
-        ``storage_retry_seconds``: the wait between attempts once the first quick retries failed."""
+        ``storage_retry_seconds``: the wait between attempts once the first quick retries failed.
+        ``after_ingest(image id, label path, snapshot, annotation)``: told of each label ingested, while its
+        snapshot (the bytes the bank took) still exists; what it raises is logged, never the ingestion's failure."""
         self.host = host
         self.retry_delays = (*RETRY_DELAYS, storage_retry_seconds)
         self.scratch_dir = Path(scratch_dir) if scratch_dir else None
@@ -91,6 +94,7 @@ class IngestionWorker:
         # What part of an image's final label was annotated (lib.annotations): only that enters the bank.
         self.annotation_of = annotation_of or (lambda image_id: Annotation())
         self.on_change = on_change or (lambda: None)
+        self.after_ingest = after_ingest
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._resync_reason: str | None = None
         self._resync_after = 0.0  # not before this time (file events come in bursts while a file is written)
@@ -312,9 +316,15 @@ class IngestionWorker:
         tmp = tempfile.mkdtemp(prefix="snapshot-", dir=self.scratch_dir)
         snapshot = Path(tmp) / Path(label_path).name
         try:
+            annotation = self.annotation_of(image_id)
             shutil.copyfile(label_path, snapshot)
             report = self.host.ingest(image_id, image_path, str(snapshot), source={"label": label_path},
-                                      annotation=self.annotation_of(image_id))
+                                      annotation=annotation)
+            if self.after_ingest is not None:
+                try:
+                    self.after_ingest(image_id, label_path, snapshot, annotation)
+                except Exception:
+                    logger.exception("bank: %r ingested; what follows an ingestion failed", image_id)
         except Exception as exc:  # one bad label must not stop the others
             message = str(exc).replace(str(snapshot), label_path)
             if isinstance(exc, (VolumeError, BankError, OSError)):

@@ -31,6 +31,7 @@ from lib.engine_host import EngineHost, InferOptions
 from lib.labels import BACKGROUND, result_label_names, with_background
 from lib.ohif_label import ViewerGrid
 from lib.progress import PROGRESS_KEY, ProgressBoard
+from lib.reviews import IMAGE_KEY, Reviews
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +107,11 @@ def _as_int(value: Any, name: str, bounds: tuple[int, int]) -> int:
 
 
 class FewshotInfer(InferTask):
-    def __init__(self, host: EngineHost, bank_status: Callable[[], dict], progress: ProgressBoard | None = None):
+    def __init__(self, host: EngineHost, bank_status: Callable[[], dict], progress: ProgressBoard | None = None,
+                 reviews: Reviews | None = None):
         self.host = host
         self.progress = progress or ProgressBoard()
+        self.reviews = reviews  # None in a background task's copy of the app: the live server keeps predictions
         self.bank_status = bank_status
         # Seconds per volume of the recent inferences, for /info: how long the next one will take.
         self._recent: deque[dict] = deque(maxlen=RECENT_INFERENCES)
@@ -134,6 +137,8 @@ class FewshotInfer(InferTask):
         info["preset"] = self.host.config.preset
         info["transfer"] = self.host.transfer_summary()
         info["seconds_per_volume"] = self.recent_seconds()
+        if self.reviews is not None:
+            info["reviews"] = self.reviews.summary()
         return info
 
     def recent_seconds(self) -> dict:
@@ -243,6 +248,8 @@ class FewshotInfer(InferTask):
         t_write = time.perf_counter()
         if tracker is not None:
             tracker.stage_to("writing")
+        if self.reviews is not None:
+            self.reviews.served(request.get(IMAGE_KEY), seg)
         out = self.write(seg, fmt)
         write = time.perf_counter() - t_write
         summary = seg.summary()
