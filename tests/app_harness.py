@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 PROJECT = Path(__file__).resolve().parents[1]
 APP = PROJECT / "apps" / "fewshot"
 STARTUP_TIMEOUT = 240
@@ -237,3 +239,16 @@ def expect(server: Server, cases, hide_temp_path: bool = False) -> None:
         if got != status or words not in body or (tmp is not None and tmp in body):
             failures.append(f"{method} {selector[:80]}: {got} {body[:300]} (expected {status} with {words!r})")
     assert not failures, "\n".join(failures)
+
+
+def expected_dice(predicted: np.ndarray, saved: np.ndarray, segmented: dict, slices=None) -> dict:
+    """What a review (/info's ``reviews``) must say, computed here: Dice per segmented label over the annotated
+    slices (along the third axis), a label absent from both left out, to 4 decimals."""
+    if slices is not None:
+        predicted, saved = predicted[:, :, slices], saved[:, :, slices]
+    out = {}
+    for name, value in segmented.items():
+        p, t = predicted == value, saved == value
+        if p.any() or t.any():
+            out[name] = round(2.0 * int((p & t).sum()) / (int(p.sum()) + int(t.sum())), 4)
+    return out

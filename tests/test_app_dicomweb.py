@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_harness import Server, tree_digest
+from app_harness import Server, expected_dice, tree_digest
 from orthanc_harness import Orthanc, dicom_series, orthanc_or_skip, right_handed
 from test_app_server import CHAOS
 
@@ -391,6 +391,8 @@ def test_saving_a_final_label_stores_a_seg_on_the_pacs_and_grows_the_bank(server
     truth, affine = chaos(INFERRED, "label")
     path = dw_tmp / "label_3.nii.gz"
     nib.save(nib.Nifti1Image(truth.astype(np.uint8), affine), path)
+    result_file, result = server.client().infer("fewshot", series_uid, {})  # the prediction its save will review
+    predicted = np.asarray(nib.load(result_file).dataobj)
     start = time.perf_counter()
     response = server.client().save_label(series_uid, str(path))
     seconds = time.perf_counter() - start
@@ -413,6 +415,10 @@ def test_saving_a_final_label_stores_a_seg_on_the_pacs_and_grows_the_bank(server
     assert np.array_equal(values(cached_label(server, pacs, INFERRED)), truth.astype(np.uint8))
     info = server.client().info()
     assert info["datastore"]["completed"] == 2
+    # The series' prediction, reviewed against the label stored on the PACS (lib/reviews.py).
+    review = info["models"]["fewshot"]["reviews"]["recent"][0]
+    assert review["image_id"] == series_uid and review["bank_images"] == before["images"], review
+    assert review["dice"] == expected_dice(predicted, truth.astype(np.uint8), result["segmented"]) != {}, review
 
 
 @dicomweb_test

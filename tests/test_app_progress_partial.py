@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app_harness import Server
+from app_harness import Server, expected_dice
 from test_app_server import CHAOS, LABELS_YAML, chaos_label, save_nifti, server_test
 
 STEP_PAUSE = 0.1  # seconds each inference step waits (FEWSHOT_APP_TEST_INFER_STEP_PAUSE): 3.6 s over 36 slices, polled every 0.05 s
@@ -202,19 +202,6 @@ def test_a_label_annotated_on_some_slices_puts_only_those_in_the_bank(server, da
 
 # ---------------------------------------------------------------------------------------------
 # reviews: a served prediction against the final label saved after it
-
-
-def expected_dice(predicted: np.ndarray, saved: np.ndarray, segmented: dict, slices=None) -> dict:
-    """What the review must say, computed here: Dice per segmented label over the annotated slices, a label
-    absent from both left out."""
-    if slices is not None:
-        predicted, saved = predicted[:, :, slices], saved[:, :, slices]
-    out = {}
-    for name, value in segmented.items():
-        p, t = predicted == value, saved == value
-        if p.any() or t.any():
-            out[name] = round(2.0 * int((p & t).sum()) / (int(p.sum()) + int(t.sum())), 4)
-    return out
 
 
 def reviews(server: Server) -> dict:
