@@ -220,7 +220,7 @@ class AppConfig:
 
     @property
     def predictions_dir(self) -> Path:
-        """The latest prediction served for each image, until its final label is saved (fewshot.review)."""
+        """The latest prediction served for each image, kept to be reviewed against its final label (fewshot.review)."""
         return self.state_dir / "predictions"
 
     @property
