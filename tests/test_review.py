@@ -144,6 +144,10 @@ def test_the_journal_keeps_the_latest_review_of_each_image_across_restarts(tmp_p
     half[2:10, 3:8] = 0
     journal.record(review(Prediction("case 2", half, AFFINE, LABELS, 2, "classic", 100.0), truth, AFFINE, 300.0))
     journal.record(review(Prediction("case 3", truth, AFFINE, LABELS, 2, "classic", 100.0), truth, AFFINE, 300.0))
+    written = path.stat().st_ino
+    journal.record(review(Prediction("case 2", half, AFFINE, LABELS, 2, "classic", 100.0), truth, AFFINE, 300.0))
+    assert path.stat().st_ino == written  # the same review again (a bank rebuilt ingests every label again): no rewrite
+    assert [r["image_id"] for r in ReviewJournal(path).reviews()] == ["case 1", "case 2", "case 3"]  # nor a new order
     again = review(prediction(half, bank_images=1), truth, AFFINE, 400.0)  # case 1 saved again, corrected further
     journal.record(again)
     reviews = ReviewJournal(path).reviews()  # read back from disk

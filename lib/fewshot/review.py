@@ -182,8 +182,13 @@ class ReviewJournal:
         return reviews[-KEPT_REVIEWS:]
 
     def record(self, item: Review) -> None:
+        """A review the journal holds already is left where it is: a bank rebuilt from the final labels ingests
+        every label again, and must neither reorder the journal nor rewrite it once per image."""
+        entry = item.as_dict()
         with self._lock:
-            kept = [r for r in self._reviews if r["image_id"] != item.image_id] + [item.as_dict()]
+            if entry in self._reviews:
+                return
+            kept = [r for r in self._reviews if r["image_id"] != item.image_id] + [entry]
             kept = kept[-KEPT_REVIEWS:]
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, {"reviews": kept})
